@@ -1,0 +1,285 @@
+"""The conversion, end to end: resolve inputs, map keys, check shapes, resize, stream the repo out atomically.
+
+The steps are small pure functions (``convert.mapping``, ``convert.config``, ``convert.resize``,
+``convert.processor``); this module is the I/O edge that calls them in order and writes ``conversion.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import build_config, generation_config, load_vipllava_config, padded_rows, vision_tower_config
+from .errors import ConversionError
+from .layout import expected_shapes
+from .mapping import EMBED_KEY, LM_HEAD_KEY, KeyMapping, map_keys
+from .processor import build_tokenizer, write_processor_files, write_tokenizer_files
+from .resize import SCALE, resize
+from .sources import Checkpoint, ResolvedInput, open_checkpoint, resolve, sha256_file
+from .writer import OutTensor, atomic_directory, check_output, index_json, parse_size, plan_shards, shard_names, write_json, write_shard
+
+DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14-336"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPE_NAME = {v: k for k, v in DTYPES.items()}
+MANIFEST = "conversion.json"
+ORIGINAL_EMBED = "model.embed_tokens.weight"
+ORIGINAL_LM_HEAD = "lm_head.weight"
+
+
+@dataclass
+class Options:
+    original: str
+    output: Path
+    text_model: str | None = None
+    vision_model: str | None = None
+    seed: int = 0
+    dtype: str = "auto"
+    max_shard_size: str | int = "5GB"
+    force: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Summary:
+    output: Path
+    mapped: int
+    dropped: int
+    rows_added: int
+    rows: int
+    original_rows: int
+    shards: int
+    output_bytes: int
+    seconds: float
+    dtype: str
+    files: dict[str, str] = field(default_factory=dict)
+
+    def table(self) -> str:
+        rows = [
+            ("output", str(self.output)),
+            ("tensors mapped", str(self.mapped)),
+            ("keys dropped (named rules)", str(self.dropped)),
+            ("embedding rows", f"{self.original_rows} -> {self.rows} (+{self.rows_added})"),
+            ("dtype", self.dtype),
+            ("weight shards", str(self.shards)),
+            ("output size", f"{self.output_bytes / 1e6:.1f} MB"),
+            ("time", f"{self.seconds:.1f} s"),
+        ]
+        w = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ConversionError(f"{path}: missing; {what} needs a config.json")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return obj
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer.model").is_file() or (directory / "tokenizer.json").is_file()
+
+
+def _refuse_converted(original_cfg: dict, keys: list[str], where: Path) -> None:
+    if original_cfg.get("model_type") == "vipllava" or any(k.startswith(("language_model.", "multi_modal_projector.")) for k in keys):
+        raise ConversionError(
+            f"{where}: this is already a converted HF VipLlava repo (model_type {original_cfg.get('model_type')!r}); "
+            "pass the ORIGINAL ViP-LLaVA checkpoint, or run `python -m verify` on this folder"
+        )
+
+
+def _check_shapes(ckpt: Checkpoint, mapping: KeyMapping, expected: dict[str, tuple[int, ...]], vocab: int) -> None:
+    produced = set(mapping.mapped.values())
+    missing = sorted(set(expected) - produced)
+    if missing:
+        sources = []
+        from .mapping import inverse_key
+
+        for t in missing[:5]:
+            try:
+                sources.append(inverse_key(t))
+            except ConversionError:
+                sources.append(t)
+        raise ConversionError(
+            f"original checkpoint lacks {len(missing)} tensor(s) the config needs: {', '.join(sources)}"
+            + (" ..." if len(missing) > 5 else "")
+            + "; the checkpoint is incomplete or its config.json does not match it"
+        )
+    extra = sorted(produced - set(expected))
+    if extra:
+        src = mapping.inverse()[extra[0]]
+        raise ConversionError(
+            f"{src}: not expected for this config (maps to {extra[0]}, which the model does not have); "
+            "config.json (num_hidden_layers?) and the weights disagree"
+        )
+    for src, tgt in mapping.mapped.items():
+        want = expected[tgt]
+        if tgt in (EMBED_KEY, LM_HEAD_KEY):
+            want = (vocab,) + want[1:]
+        got = ckpt.info(src).shape
+        if tuple(got) != tuple(want):
+            raise ConversionError(f"{src}: shape {tuple(got)} but the config implies {tuple(want)}; the checkpoint and its config.json disagree")
+
+
+def _input_record(inp: ResolvedInput, files: list[Path]) -> dict:
+    rec = inp.describe()
+    rec["files"] = {str(p.relative_to(inp.directory)): sha256_file(p) for p in sorted(files)}
+    return rec
+
+
+def convert(opts: Options) -> Summary:
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    if opts.dtype != "auto" and opts.dtype not in DTYPES:
+        raise ConversionError(f"--dtype {opts.dtype!r}: expected one of auto, {', '.join(DTYPES)}")
+    max_bytes = parse_size(opts.max_shard_size)
+    output = Path(opts.output).expanduser().absolute()
+    check_output(output, opts.force)
+
+    orig = resolve(opts.original, "--original", allow_patterns=["*.json", "*.bin", "*.safetensors", "*.model"])
+    orig_dir = orig.directory
+    original_cfg = _read_json(orig_dir / "config.json", "the original checkpoint")
+    ckpt = open_checkpoint(orig.path)
+    keys = ckpt.keys()
+    _refuse_converted(original_cfg, keys, orig.path)
+    mapping = map_keys(keys)
+    if ORIGINAL_EMBED not in ckpt.weight_map or ORIGINAL_LM_HEAD not in ckpt.weight_map:
+        raise ConversionError(f"{orig.path}: lacks {ORIGINAL_EMBED} or {ORIGINAL_LM_HEAD}; the checkpoint is incomplete")
+    vocab, hidden = ckpt.info(ORIGINAL_EMBED).shape
+    if original_cfg.get("vocab_size") != vocab:
+        raise ConversionError(
+            f"{orig_dir / 'config.json'}: vocab_size {original_cfg.get('vocab_size')} but {ORIGINAL_EMBED} has {vocab} rows"
+        )
+
+    if opts.text_model is None:
+        if not _has_tokenizer(orig_dir):
+            raise ConversionError(f"{orig_dir}: holds no tokenizer; pass --text-model (the base model with the tokenizer)")
+        text = orig
+    else:
+        text = resolve(opts.text_model, "--text-model", allow_patterns=["*.json", "*.model", "*.txt"])
+    vision = resolve(opts.vision_model or DEFAULT_VISION_MODEL, "--vision-model", allow_patterns=["*.json"])
+
+    tok, tinfo = build_tokenizer(text.directory, vocab, str(text.directory))
+    vision_file = vision.directory / "config.json"
+    vision_cfg = vision_tower_config(_read_json(vision_file, "--vision-model"), str(vision_file))
+    preprocessor = _read_json(vision.directory / "preprocessor_config.json", "--vision-model (image preprocessing)")
+
+    embed_dtype = ckpt.info(ORIGINAL_EMBED).dtype
+    out_dtype = embed_dtype if opts.dtype == "auto" else DTYPES[opts.dtype]
+    if out_dtype not in _DTYPE_NAME:
+        raise ConversionError(f"{ORIGINAL_EMBED}: stored as {embed_dtype}; pass --dtype bfloat16, float16 or float32")
+    cfg = build_config(original_cfg, vision_cfg, tinfo.ids, _DTYPE_NAME[out_dtype], str(orig_dir / "config.json"))
+    expected = expected_shapes(load_vipllava_config(cfg))
+    _check_shapes(ckpt, mapping, expected, vocab)
+
+    rows = padded_rows(vocab)
+    resized = resize(ckpt.get(ORIGINAL_EMBED), ckpt.get(ORIGINAL_LM_HEAD), rows, opts.seed, out_dtype)
+
+    def out_dtype_for(src: str) -> torch.dtype:
+        d = ckpt.info(src).dtype
+        return d if opts.dtype == "auto" or not d.is_floating_point else DTYPES[opts.dtype]
+
+    tensors: list[OutTensor] = []
+    for src, tgt in mapping.mapped.items():
+        if tgt == EMBED_KEY:
+            tensors.append(OutTensor(tgt, out_dtype, (rows, hidden), lambda: resized.embed))
+        elif tgt == LM_HEAD_KEY:
+            tensors.append(OutTensor(tgt, out_dtype, (rows, hidden), lambda: resized.lm_head))
+        else:
+            tensors.append(OutTensor(tgt, out_dtype_for(src), tuple(ckpt.info(src).shape), lambda s=src: ckpt.get(s)))
+    shards = plan_shards(tensors, max_bytes)
+    names = shard_names(len(shards))
+    total = sum(t.nbytes for t in tensors)
+
+    inputs = {
+        "original": _input_record(orig, [orig_dir / "config.json", *ckpt.files, *_index_files(orig_dir)]),
+        "text_model": _input_record(text, _tokenizer_files(text.directory)),
+        "vision_model": _input_record(vision, [vision.directory / "config.json", vision.directory / "preprocessor_config.json"]),
+    }
+
+    with atomic_directory(output, opts.force) as tmp:
+        outputs: dict[str, str] = {}
+        with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not opts.progress) as bar:
+            for shard, name in zip(shards, names):
+                outputs[name] = write_shard(tmp / name, shard, on_bytes=bar.update)
+        if len(shards) > 1:
+            write_json(tmp / "model.safetensors.index.json", index_json(shards, names))
+        write_json(tmp / "config.json", {**cfg, "transformers_version": _transformers_version()})
+        write_json(tmp / "generation_config.json", {**generation_config(tinfo.ids, original_cfg), "transformers_version": _transformers_version()})
+        max_len = original_cfg.get("tokenizer_model_max_length", original_cfg.get("max_position_embeddings", 2048))
+        write_tokenizer_files(tmp, tok, tinfo, text.directory, max_len)
+        write_processor_files(tmp, preprocessor, vision_cfg["patch_size"], str(vision.directory / "preprocessor_config.json"))
+        for p in sorted(tmp.iterdir()):
+            if p.name not in outputs:
+                outputs[p.name] = sha256_file(p)
+        manifest = {
+            "format": 1,
+            "tool": {"name": "vipllava-harness", "version": __version__},
+            "environment": {"torch": torch.__version__.split("+")[0], "transformers": _transformers_version(), "python": platform.python_version()},
+            "inputs": inputs,
+            "settings": {
+                "seed": opts.seed,
+                "dtype": opts.dtype,
+                "output_dtype": _DTYPE_NAME[out_dtype],
+                "source_dtype": _DTYPE_NAME.get(embed_dtype, str(embed_dtype)),
+                "max_shard_size": max_bytes,
+                "format": ckpt.format,
+            },
+            "mapping": {
+                "mapped": len(mapping.mapped),
+                "dropped": dict(sorted(mapping.dropped.items())),
+            },
+            "resize": {
+                "original_rows": vocab,
+                "rows": rows,
+                "hidden_size": hidden,
+                "image_token_index": tinfo.ids.image,
+                "pad_token_id": tinfo.ids.pad,
+                "scale": SCALE,
+                "seed": opts.seed,
+                "method": "mu + sqrt(scale/n) * (E - mu)^T g, g ~ N(0, I_n); float64; one generator, embed rows then lm_head rows",
+                "resized": [EMBED_KEY, LM_HEAD_KEY],
+            },
+            "outputs": dict(sorted(outputs.items())),
+        }
+        write_json(tmp / MANIFEST, manifest)
+    size = sum(p.stat().st_size for p in output.iterdir())
+    return Summary(
+        output=output,
+        mapped=len(mapping.mapped),
+        dropped=len(mapping.dropped),
+        rows_added=rows - vocab,
+        rows=rows,
+        original_rows=vocab,
+        shards=len(shards),
+        output_bytes=size,
+        seconds=time.perf_counter() - start,
+        dtype=_DTYPE_NAME[out_dtype],
+        files=outputs,
+    )
+
+
+def _index_files(directory: Path) -> list[Path]:
+    return [p for p in (directory / "model.safetensors.index.json", directory / "pytorch_model.bin.index.json") if p.is_file()]
+
+
+def _tokenizer_files(directory: Path) -> list[Path]:
+    names = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+    return [directory / n for n in names if (directory / n).is_file()]
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__

@@ -1,0 +1,319 @@
+"""Inputs: resolve a local path or a Hub id, then open an original checkpoint lazily.
+
+Tensors are never loaded into anonymous memory here: pickles go through ``torch.load(mmap=True,
+weights_only=True)`` and safetensors are parsed from their header and viewed through a read-only memory map,
+so a 14 GB checkpoint costs page cache, not RAM. Every inconsistency between an index and its shards is an
+error that names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ConversionError
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_SINGLE = "pytorch_model.bin"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_./-]+)?$")
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class ResolvedInput:
+    """Where an input came from and where it is on disk."""
+
+    source: str  # what the user passed
+    path: Path  # local directory or file
+    repo_id: str | None = None
+    revision: str | None = None  # resolved commit for hub inputs
+
+    @property
+    def directory(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def describe(self) -> dict:
+        return {"source": self.source, "path": str(self.path), "repo_id": self.repo_id, "revision": self.revision}
+
+
+def resolve(source: str | os.PathLike, what: str, allow_patterns: list[str] | None = None) -> ResolvedInput:
+    """A local file or folder as is; otherwise ``owner/name[@revision]`` through huggingface_hub (its cache and
+    ``HF_HUB_OFFLINE`` are honoured)."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        return ResolvedInput(source=text, path=path.resolve())
+    if not _HUB_ID.match(text):
+        raise ConversionError(f"{what} {text!r}: no such file or folder, and not a Hub id (owner/name[@revision])")
+    repo_id, _, revision = text.partition("@")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        local = snapshot_download(repo_id, revision=revision or None, allow_patterns=allow_patterns)
+    except LocalEntryNotFoundError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+        hint = "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else str(e).splitlines()[0]
+        raise ConversionError(
+            f"{what} {text!r}: Hub repo unavailable ({hint}); download it once with network access, "
+            "or pass a local folder"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ConversionError(f"{what} {text!r}: could not fetch from the Hub ({str(e).splitlines()[0]})") from None
+    local_path = Path(local).resolve()
+    commit = local_path.name if re.fullmatch(r"[0-9a-f]{40}", local_path.name) else None
+    return ResolvedInput(source=text, path=local_path, repo_id=repo_id, revision=commit)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# safetensors, parsed by hand so that tensors stay file-backed
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The parsed header (tensor entries only) and the byte offset where the data starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ConversionError(f"{path}: truncated safetensors file ({size} bytes); re-download it")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100_000_000):
+            raise ConversionError(f"{path}: corrupt safetensors header (claims {n} bytes); re-download it")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: corrupt safetensors header ({e.__class__.__name__}); re-download it") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: corrupt safetensors header (not a JSON object); re-download it")
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    end = 0
+    for name, entry in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, stop = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ConversionError(f"{path}: corrupt safetensors header entry for {name!r}; re-download it") from None
+        expected = TensorInfo(dtype, shape).nbytes
+        if stop - begin != expected or begin < 0:
+            raise ConversionError(
+                f"{path}: tensor {name} spans {stop - begin} bytes but its dtype and shape need {expected}; "
+                "the file is corrupt, re-download it"
+            )
+        end = max(end, stop)
+    if data_start + end > size:
+        raise ConversionError(
+            f"{path}: truncated (header needs {data_start + end} bytes, file has {size}); re-download it"
+        )
+    return header, data_start
+
+
+class _SafetensorsShard:
+    def __init__(self, path: Path):
+        self.path = path
+        self.header, self.data_start = read_safetensors_header(path)
+        self._map: mmap.mmap | None = None
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def info(self, key: str) -> TensorInfo:
+        e = self.header[key]
+        return TensorInfo(_SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]))
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        info = self.info(key)
+        begin, stop = self.header[key]["data_offsets"]
+        if stop == begin:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buf = memoryview(self._map)[self.data_start + begin : self.data_start + stop]
+        import warnings
+
+        with warnings.catch_warnings():  # read-only buffer: we never write through it
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(buf, dtype=torch.uint8)
+        return flat.view(info.dtype).reshape(info.shape)
+
+
+class _PickleShard:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            msg = str(e).splitlines()[0]
+            if "zip archive" in msg or "central directory" in msg or "PytorchStreamReader" in msg:
+                raise ConversionError(f"{path}: truncated or corrupt checkpoint file ({msg}); re-download it") from None
+            raise ConversionError(f"{path}: cannot be read as a weights-only checkpoint ({msg})") from None
+        except Exception as e:  # the unpickler's refusals (foreign globals) arrive as UnpicklingError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise ConversionError(
+                f"{path}: refused by the weights-only unpickler ({first}); the file holds more than tensors, "
+                "do not load it with weights_only=False"
+            ) from None
+        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            raise ConversionError(f"{path}: expected a flat dict of name -> tensor, found {type(obj).__name__}")
+        self.tensors: dict[str, torch.Tensor] = obj
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, key: str) -> TensorInfo:
+        t = self.tensors[key]
+        return TensorInfo(t.dtype, tuple(t.shape))
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+
+@dataclass
+class Checkpoint:
+    """An original checkpoint opened lazily: its files, its key -> file map and per-key tensor access."""
+
+    directory: Path
+    files: list[Path]
+    weight_map: dict[str, Path]
+    format: str  # "safetensors" | "bin"
+    _shards: dict[Path, object] = field(default_factory=dict, repr=False)
+
+    def _shard(self, path: Path):
+        if path not in self._shards:
+            self._shards[path] = _SafetensorsShard(path) if self.format == "safetensors" else _PickleShard(path)
+        return self._shards[path]
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def info(self, key: str) -> TensorInfo:
+        return self._shard(self.weight_map[key]).info(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._shard(self.weight_map[key]).get(key)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in self.weight_map:
+            yield key, self.get(key)
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """Open a single weights file or a folder (single file or sharded with an index). Safetensors are preferred
+    when both formats are present."""
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            files, fmt = [path], "safetensors"
+        elif path.suffix in (".bin", ".pt", ".pth"):
+            files, fmt = [path], "bin"
+        elif path.name.endswith(".index.json"):
+            return _open_indexed(path)
+        else:
+            raise ConversionError(f"{path}: expected a .safetensors or .bin weights file or an index .json")
+        return _open_files(path.parent, files, fmt)
+    directory = path
+    for index in (SAFE_INDEX, BIN_INDEX):
+        if (directory / index).is_file():
+            return _open_indexed(directory / index)
+    for single, fmt in ((SAFE_SINGLE, "safetensors"), (BIN_SINGLE, "bin")):
+        if (directory / single).is_file():
+            return _open_files(directory, [directory / single], fmt)
+    found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    raise ConversionError(
+        f"{directory}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}; "
+        f"found {found[:8] or 'nothing'}); pass the folder of an original ViP-LLaVA checkpoint"
+    )
+
+
+def _open_files(directory: Path, files: list[Path], fmt: str) -> Checkpoint:
+    ckpt = Checkpoint(directory=directory, files=files, weight_map={}, format=fmt)
+    for f in files:
+        for key in ckpt._shard(f).keys():
+            ckpt.weight_map[key] = f
+    return ckpt
+
+
+def _open_indexed(index_path: Path) -> Checkpoint:
+    directory = index_path.parent
+    fmt = "safetensors" if index_path.name == SAFE_INDEX or ".safetensors" in index_path.name else "bin"
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        index = None
+    raw_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(raw_map, dict):
+        raise ConversionError(f"{index_path}: not a valid index (expected a JSON object with a weight_map)")
+    names = sorted(set(raw_map.values()))
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        raise ConversionError(
+            f"{index_path}: names shard {missing[0]} which is missing from {directory}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; re-download the checkpoint"
+        )
+    files = [directory / n for n in names]
+    ckpt = Checkpoint(directory=directory, files=files, weight_map={}, format=fmt)
+    seen: dict[str, Path] = {}
+    for f in files:
+        for key in ckpt._shard(f).keys():
+            if key in seen:
+                raise ConversionError(f"{key}: present in two shards, {seen[key].name} and {f.name}; the checkpoint is inconsistent")
+            seen[key] = f
+    for key, name in raw_map.items():
+        if key not in seen:
+            raise ConversionError(f"{index_path}: names {key} in {name} but no shard holds it; re-download {name}")
+        if seen[key].name != name:
+            raise ConversionError(f"{index_path}: places {key} in {name} but it is in {seen[key].name}")
+    extra = sorted(set(seen) - set(raw_map))
+    if extra:
+        raise ConversionError(f"{seen[extra[0]]}: holds {extra[0]} which the index {index_path.name} does not list")
+    ckpt.weight_map = {k: seen[k] for k in raw_map}
+    return ckpt

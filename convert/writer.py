@@ -1,0 +1,194 @@
+"""Output: streamed safetensors shards, a sorted index, JSON files, and an output folder that appears atomically.
+
+A shard is written tensor by tensor: the header first (from known names, dtypes and shapes), then each tensor's
+bytes straight from its (possibly memory-mapped) source, hashing as it goes. The files hold exactly what
+``safetensors.torch.save_file`` writes for the same dict (same names, dtypes, shapes, bytes and metadata); the
+tensors are laid out in sorted-name order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConversionError
+
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5 * 10**9 (decimal units as transformers uses them; KiB/MiB/GiB are binary)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not m or m.group(2) not in _UNITS:
+        raise ConversionError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
+    size = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if size <= 0:
+        raise ConversionError(f"--max-shard-size {text!r}: must be positive")
+    return size
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor to write: its name, output dtype and shape, and how to get its values (called once)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    """Sorted by name, filled greedily; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in sorted(tensors, key=lambda t: t.name):
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _header(tensors: list[OutTensor]) -> bytes:
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        entries[t.name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)  # data starts 8-byte aligned, padded with spaces as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def write_shard(path: Path, tensors: list[OutTensor], on_bytes: Callable[[int], None] | None = None) -> str:
+    """Write one safetensors file; returns its sha256."""
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        head = _header(tensors)
+        f.write(head)
+        h.update(head)
+        for spec in tensors:
+            value = spec.produce()
+            if value.dtype != spec.dtype:
+                value = value.to(spec.dtype)
+            if tuple(value.shape) != spec.shape:
+                raise ConversionError(f"{spec.name}: produced shape {tuple(value.shape)}, planned {spec.shape}")
+            buf = _tensor_bytes(value)
+            f.write(buf)
+            h.update(buf)
+            if on_bytes:
+                on_bytes(spec.nbytes)
+            del value, buf
+        f.flush()
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def index_json(shards: list[list[OutTensor]], names: list[str]) -> dict:
+    weight_map = {t.name: name for shard, name in zip(shards, names) for t in shard}
+    total = sum(t.nbytes for shard in shards for t in shard)
+    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+TMP_PREFIX = ".vipllava-tmp-"
+OLD_PREFIX = ".vipllava-old-"
+
+
+def check_output(output: Path, force: bool) -> None:
+    """Refuse an output that is a file or a non-empty folder (unless ``force``), or whose parent is unwritable."""
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"{output}: exists and is a file; pass a folder path for --output")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise ConversionError(f"{output}: exists and is not empty; pass --force to replace it")
+    parent = output.parent
+    if not parent.is_dir():
+        raise ConversionError(f"{parent}: the parent folder of --output does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"{parent}: not writable; choose another --output")
+
+
+@contextmanager
+def atomic_directory(output: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``output`` in one rename (the old output, with
+    ``force``, is moved aside first and deleted only after the new one is in place). On any failure the temporary
+    folder is removed and ``output`` is untouched."""
+    check_output(output, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{output.name}-", dir=output.parent))
+    try:
+        yield tmp
+        for p in tmp.iterdir():
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if output.exists():
+            if any(output.iterdir()) and not force:  # appeared while we were writing
+                raise ConversionError(f"{output}: appeared while converting; pass --force to replace it")
+            old = output.parent / f"{OLD_PREFIX}{output.name}-{os.getpid()}"
+            os.rename(output, old)
+        os.rename(tmp, output)
+        _fsync_dir(output.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,515 @@
+"""Tiny ORIGINAL-format ViP-LLaVA checkpoints, built deterministically from a seed.
+
+The original checkpoint (``mucai/vip-llava-7b``) is a ``LlavaLlamaForCausalLM`` state dict saved by
+transformers 4.x: a Llama decoder under ``model.*`` / ``lm_head.weight``, the frozen CLIP vision tower
+under ``model.vision_tower.vision_tower.vision_model.*`` and the ViP-LLaVA projector under
+``model.mm_projector.{clip_layernorm,final_linear.0,final_linear.2}.*`` (see /work/shared/ORIGINAL.md).
+This module produces the same layout at toy sizes, plus the configs that go with it, and the
+``VipLlavaConfig`` a correct conversion should target.
+
+Nothing here touches the network or the disk; ``fixtures.build`` writes the files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = [
+    "TinySpec",
+    "FEATURE_LAYERS",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "TEXT_PREFIX",
+    "VISION_PREFIX",
+    "PROJECTOR_PREFIX",
+    "original_config",
+    "base_text_config",
+    "clip_config",
+    "clip_vision_config_dict",
+    "clip_preprocessor_config",
+    "vipllava_config",
+    "padded_vocab_size",
+    "original_state_dict",
+    "original_key_shapes",
+    "is_legacy_buffer",
+    "text_state_dict",
+    "vision_state_dict",
+    "build_reference_modules",
+    "sanity_report",
+]
+
+FEATURE_LAYERS = (-2, -5, -8, -11, 6)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: prefix of the CLIP tower inside the original state dict (4.x CLIPVisionModel names follow it)
+VISION_PREFIX = "model.vision_tower.vision_tower."
+PROJECTOR_PREFIX = "model.mm_projector."
+TEXT_PREFIX = "model."
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    vocab_size: int = 997  # ORIGINAL vocab = embedding rows in the original checkpoint
+    text_hidden: int = 64
+    text_intermediate: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 4
+    vision_hidden: int = 32
+    vision_intermediate: int = 64
+    vision_layers: int = 12  # hidden_states has layers+1 entries; [-2,-5,-8,-11,6] must be valid
+    vision_heads: int = 4
+    image_size: int = 42
+    patch_size: int = 14  # -> (42/14)^2 = 9 image tokens
+    legacy_buffers: bool = True  # include rotary inv_freq and CLIP position_ids buffers like old saves
+    max_position_embeddings: int = 512
+
+    def __post_init__(self) -> None:
+        if self.text_hidden % self.text_heads:
+            raise ValueError("text_hidden must be divisible by text_heads")
+        if self.text_heads % self.text_kv_heads:
+            raise ValueError("text_heads must be divisible by text_kv_heads")
+        if (self.text_hidden // self.text_heads) % 2:
+            raise ValueError("text head_dim must be even (rotary embeddings)")
+        if self.vision_hidden % self.vision_heads:
+            raise ValueError("vision_hidden must be divisible by vision_heads")
+        if self.image_size % self.patch_size:
+            raise ValueError("image_size must be a multiple of patch_size")
+        n = self.vision_layers + 1  # number of hidden states
+        if any(not (-n <= i < n) for i in FEATURE_LAYERS):
+            raise ValueError(f"vision_layers={self.vision_layers} too small for feature layers {FEATURE_LAYERS}")
+
+    @property
+    def text_head_dim(self) -> int:
+        return self.text_hidden // self.text_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def mm_hidden(self) -> int:
+        return len(FEATURE_LAYERS) * self.vision_hidden
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------------
+
+def original_config(spec: TinySpec = TinySpec()) -> dict:
+    """The ORIGINAL ``config.json`` (``llava_llama``), as saved next to the original weights."""
+    return {
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava_llama",
+        "hidden_size": spec.text_hidden,
+        "intermediate_size": spec.text_intermediate,
+        "num_hidden_layers": spec.text_layers,
+        "num_attention_heads": spec.text_heads,
+        "num_key_value_heads": spec.text_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "vocab_size": spec.vocab_size,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        # multimodal fields
+        "mm_vision_tower": "clip_4layers_336",
+        "mm_hidden_size": spec.mm_hidden,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "image_aspect_ratio": "pad",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "mm_patch_merge_type": "flat",
+        "tokenizer_model_max_length": 2048,
+        "tokenizer_padding_side": "right",
+        "freeze_mm_mlp_adapter": False,
+        "tune_mm_mlp_adapter": False,
+        "use_mm_proj": True,
+    }
+
+
+def base_text_config(spec: TinySpec = TinySpec()) -> dict:
+    """``config.json`` of the base text model directory (a plain Llama config, 4.x style).
+
+    ``rms_norm_eps`` is deliberately 1e-6 here while the ORIGINAL config says 1e-5: a converter must
+    take the text hyper-parameters from the original checkpoint, and this difference shows if not.
+    """
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": spec.text_hidden,
+        "intermediate_size": spec.text_intermediate,
+        "num_hidden_layers": spec.text_layers,
+        "num_attention_heads": spec.text_heads,
+        "num_key_value_heads": spec.text_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "vocab_size": spec.vocab_size,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "use_cache": True,
+    }
+
+
+def clip_vision_config_dict(spec: TinySpec = TinySpec()) -> dict:
+    """The vision tower settings (the ``vision_config`` of the full CLIP config)."""
+    return {
+        "model_type": "clip_vision_model",
+        "hidden_size": spec.vision_hidden,
+        "intermediate_size": spec.vision_intermediate,
+        "num_hidden_layers": spec.vision_layers,
+        "num_attention_heads": spec.vision_heads,
+        "image_size": spec.image_size,
+        "patch_size": spec.patch_size,
+        "num_channels": 3,
+        "projection_dim": 16,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "attention_dropout": 0.0,
+        "dropout": 0.0,
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+    }
+
+
+def clip_config(spec: TinySpec = TinySpec()) -> dict:
+    """A FULL CLIP config like ``openai/clip-vit-large-patch14-336``'s: text + vision towers."""
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": 16,
+        "logit_scale_init_value": 2.6592,
+        "initializer_factor": 1.0,
+        "torch_dtype": "float32",
+        "text_config": {
+            "model_type": "clip_text_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 16,
+            "vocab_size": 128,
+            "bos_token_id": 126,
+            "eos_token_id": 127,
+            "pad_token_id": 1,
+            "projection_dim": 16,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "attention_dropout": 0.0,
+            "dropout": 0.0,
+            "initializer_range": 0.02,
+            "initializer_factor": 1.0,
+        },
+        "vision_config": clip_vision_config_dict(spec),
+    }
+
+
+def clip_preprocessor_config(spec: TinySpec = TinySpec()) -> dict:
+    """``preprocessor_config.json`` of the vision model directory (a CLIPImageProcessor)."""
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": spec.image_size},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": spec.image_size, "width": spec.image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+    }
+
+
+def padded_vocab_size(original_vocab: int, multiple: int = 64) -> int:
+    """Rows of the converted embedding / lm_head: original vocab + <image> + <pad>, rounded up."""
+    return -(-(original_vocab + 2) // multiple) * multiple
+
+
+def vipllava_config(spec: TinySpec = TinySpec(), image_token_index: int | None = None,
+                    pad_token_id: int | None = None):
+    """The ``VipLlavaConfig`` a correct conversion of the tiny original targets.
+
+    Text vocab = round_up(vocab + 2, 64); ``<image>`` = vocab, ``<pad>`` = vocab + 1 (by default);
+    ``rms_norm_eps`` 1e-5 (from the ORIGINAL config); feature layers [-2, -5, -8, -11, 6].
+    (transformers 5.x names the field ``vision_feature_layer``.)
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, VipLlavaConfig
+
+    image_token_index = spec.vocab_size if image_token_index is None else image_token_index
+    pad_token_id = spec.vocab_size + 1 if pad_token_id is None else pad_token_id
+    text = LlamaConfig(
+        vocab_size=padded_vocab_size(spec.vocab_size),
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_intermediate,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads,
+        hidden_act="silu",
+        max_position_embeddings=spec.max_position_embeddings,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=False,
+    )
+    vision_kwargs = {k: v for k, v in clip_vision_config_dict(spec).items() if k != "model_type"}
+    vision = CLIPVisionConfig(**vision_kwargs)
+    cfg = VipLlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=image_token_index,
+        projector_hidden_act="gelu",
+        projector_layernorm_eps=1e-5,
+        vision_feature_layer=list(FEATURE_LAYERS),
+        image_seq_length=spec.num_patches,
+        tie_word_embeddings=False,
+    )
+    cfg.architectures = ["VipLlavaForConditionalGeneration"]
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# key layout
+# --------------------------------------------------------------------------------------------
+
+def _llama_config(spec: TinySpec, layers: int, rms_norm_eps: float = 1e-5):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads,
+        hidden_act="silu",
+        max_position_embeddings=spec.max_position_embeddings,
+        rms_norm_eps=rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+
+
+def _clip_vision_config(spec: TinySpec, layers: int):
+    from transformers import CLIPVisionConfig
+
+    kw = {k: v for k, v in clip_vision_config_dict(spec).items() if k != "model_type"}
+    kw["num_hidden_layers"] = layers
+    return CLIPVisionConfig(**kw)
+
+
+def _expand_layers(shapes: list[tuple[str, tuple[int, ...]]], marker: str, n: int):
+    """Replace every ``{marker}0.`` entry by n copies (``{marker}{i}.``), keeping module order."""
+    out: list[tuple[str, tuple[int, ...]]] = []
+    block: list[tuple[str, tuple[int, ...]]] = []
+    for name, shape in shapes:
+        if name.startswith(marker + "0."):
+            block.append((name[len(marker) + 2:], shape))
+            continue
+        if block:
+            out += [(f"{marker}{i}.{rest}", s) for i in range(n) for rest, s in block]
+            block = []
+        out.append((name, shape))
+    if block:
+        out += [(f"{marker}{i}.{rest}", s) for i in range(n) for rest, s in block]
+    return out
+
+
+def _meta_shapes(module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(k, tuple(v.shape)) for k, v in module.state_dict().items()]
+
+
+def original_key_shapes(spec: TinySpec = TinySpec()) -> dict[str, tuple[int, ...]]:
+    """Every key of the ORIGINAL state dict with its shape, in module (= save) order.
+
+    Names are derived from the installed transformers modules, instantiated on the meta device with
+    ONE layer each (so any size is free) and replicated per layer. transformers 5.x flattened
+    ``CLIPVisionModel`` (no ``vision_model.`` level); the original checkpoint was saved by 4.x, so
+    ``vision_model.`` is put back here.
+    """
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    with torch.device("meta"):
+        llama = LlamaForCausalLM(_llama_config(spec, layers=1))
+        clip = CLIPVisionModel(_clip_vision_config(spec, layers=1))
+
+    text = _expand_layers(_meta_shapes(llama), "model.layers.", spec.text_layers)
+    if spec.legacy_buffers:  # 4.x LlamaAttention had rotary_emb (inv_freq) after o_proj
+        with_buf = []
+        for name, shape in text:
+            with_buf.append((name, shape))
+            if name.endswith(".self_attn.o_proj.weight"):
+                layer = name[: -len("o_proj.weight")]
+                with_buf.append((layer + "rotary_emb.inv_freq", (spec.text_head_dim // 2,)))
+        text = with_buf
+    lm_head = [(k, s) for k, s in text if not k.startswith("model.")]
+    text = [(k, s) for k, s in text if k.startswith("model.")]
+
+    vision = _expand_layers(_meta_shapes(clip), "encoder.layers.", spec.vision_layers)
+    if spec.legacy_buffers:  # 4.x CLIPVisionEmbeddings: class_embedding, position_ids, submodules
+        i = [k for k, _ in vision].index("embeddings.class_embedding")
+        vision.insert(i + 1, ("embeddings.position_ids", (1, spec.num_patches + 1)))
+    vision = [(VISION_PREFIX + "vision_model." + k, s) for k, s in vision]
+
+    m = spec.mm_hidden
+    projector = [
+        (PROJECTOR_PREFIX + "clip_layernorm.weight", (m,)),
+        (PROJECTOR_PREFIX + "clip_layernorm.bias", (m,)),
+        (PROJECTOR_PREFIX + "final_linear.0.weight", (spec.text_hidden, m)),
+        (PROJECTOR_PREFIX + "final_linear.0.bias", (spec.text_hidden,)),
+        (PROJECTOR_PREFIX + "final_linear.2.weight", (spec.text_hidden, spec.text_hidden)),
+        (PROJECTOR_PREFIX + "final_linear.2.bias", (spec.text_hidden,)),
+    ]
+    ordered = text + vision + projector + lm_head
+    out = dict(ordered)
+    assert len(out) == len(ordered), "duplicate keys"
+    return out
+
+
+def is_legacy_buffer(key: str) -> bool:
+    """True for the buffers old transformers saved and that are dropped on conversion."""
+    return key.endswith(".rotary_emb.inv_freq") or key.endswith(".embeddings.position_ids")
+
+
+# --------------------------------------------------------------------------------------------
+# values
+# --------------------------------------------------------------------------------------------
+
+def _init_kind(key: str, shape: tuple[int, ...]) -> tuple[str, float]:
+    """(kind, scale) of the deterministic initialisation for one key."""
+    if key.endswith(".bias"):
+        return "normal", 0.2
+    if key.endswith("embed_tokens.weight"):
+        return "normal", 0.5
+    if key.endswith("class_embedding") or key.endswith("position_embedding.weight"):
+        return "normal", 0.5
+    if key.endswith(".weight") and "norm" in key.rsplit(".", 2)[-2]:
+        # RMSNorm / LayerNorm weights: input_layernorm, post_attention_layernorm, model.norm,
+        # pre_layrnorm, post_layernorm, layer_norm1/2, clip_layernorm
+        return "one_plus", 0.2
+    if len(shape) >= 2:
+        fan_in = math.prod(shape[1:])
+        return "normal", 1.0 / math.sqrt(fan_in)
+    raise ValueError(f"no initialisation rule for {key} {shape}")
+
+
+def _buffer_value(spec: TinySpec, key: str) -> torch.Tensor:
+    if key.endswith(".rotary_emb.inv_freq"):
+        d = spec.text_head_dim
+        return 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if key.endswith(".embeddings.position_ids"):
+        return torch.arange(spec.num_patches + 1, dtype=torch.int64).unsqueeze(0)
+    raise KeyError(key)
+
+
+def original_state_dict(spec: TinySpec = TinySpec(), seed: int = 0,
+                        dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """A full ORIGINAL-layout state dict with deterministic, seeded, non-trivial values.
+
+    ONE ``torch.Generator`` seeded with ``seed``; keys are drawn in sorted order (so the values do
+    not depend on the module order), in fp32, then cast to ``dtype``. Legacy buffers keep their
+    own dtypes (inv_freq fp32, position_ids int64) and real values; they consume no random numbers.
+    Every tensor matters: weights ~ N(0, 1/fan_in), norm weights 1 + N(0, 0.2), every bias
+    N(0, 0.2), token embeddings N(0, 0.5^2), CLIP class/position embeddings N(0, 0.5^2).
+    The returned dict is in module (save) order; every tensor owns its own contiguous storage.
+    """
+    shapes = original_key_shapes(spec)
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed)
+    values: dict[str, torch.Tensor] = {}
+    for key in sorted(shapes):
+        if is_legacy_buffer(key):
+            values[key] = _buffer_value(spec, key)
+            continue
+        shape = shapes[key]
+        kind, scale = _init_kind(key, shape)
+        x = torch.randn(shape, generator=g, dtype=torch.float32) * scale
+        if kind == "one_plus":
+            x = x + 1.0
+        values[key] = x.to(dtype).contiguous()
+    return {k: values[k] for k in shapes}
+
+
+# --------------------------------------------------------------------------------------------
+# reference modules (sanity checks; NOT the original forward pass)
+# --------------------------------------------------------------------------------------------
+
+def text_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Llama part of an original state dict, in ``LlamaForCausalLM`` names (no buffers)."""
+    return {k: v for k, v in sd.items()
+            if (k.startswith(TEXT_PREFIX) and not k.startswith(VISION_PREFIX)
+                and not k.startswith(PROJECTOR_PREFIX) and not is_legacy_buffer(k))
+            or k == "lm_head.weight"}
+
+
+def vision_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The CLIP tower of an original state dict, in transformers-5 ``CLIPVisionModel`` names."""
+    p = VISION_PREFIX + "vision_model."
+    return {k[len(p):]: v for k, v in sd.items() if k.startswith(p) and not is_legacy_buffer(k)}
+
+
+def build_reference_modules(spec: TinySpec, sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    """(LlamaForCausalLM, CLIPVisionModel) carrying the text / vision weights of ``sd`` (strict load)."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(_llama_config(spec, layers=spec.text_layers))
+    llama.load_state_dict({k: v.to(dtype) for k, v in text_state_dict(sd).items()}, strict=True)
+    clip = CLIPVisionModel(_clip_vision_config(spec, layers=spec.vision_layers))
+    clip.load_state_dict({k: v.to(dtype) for k, v in vision_state_dict(sd).items()}, strict=True)
+    return llama.to(dtype).eval(), clip.to(dtype).eval()
+
+
+@torch.no_grad()
+def sanity_report(spec: TinySpec = TinySpec(), sd: dict[str, torch.Tensor] | None = None,
+                  seed: int = 0) -> dict:
+    """Forward the tiny towers once (fp32) and report the statistics the fixtures promise.
+
+    Returns ``finite`` (no NaN/Inf anywhere), ``logits_std``, ``feature_min_pairwise_diff``
+    (smallest max-abs difference between the 5 feature hidden states) and ``hidden_states``.
+    """
+    if sd is None:
+        sd = original_state_dict(spec, seed=seed)
+    llama, clip = build_reference_modules(spec, sd)
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(3, spec.vocab_size, (1, 12), generator=g)
+    logits = llama(input_ids=ids).logits
+    pixels = torch.randn(1, 3, spec.image_size, spec.image_size, generator=g)
+    hs = clip(pixel_values=pixels, output_hidden_states=True).hidden_states
+    feats = [hs[i] for i in FEATURE_LAYERS]
+    diffs = [(a - b).abs().max().item() for i, a in enumerate(feats) for b in feats[i + 1:]]
+    proj_keys = [k for k in sd if k.startswith(PROJECTOR_PREFIX)]
+    finite = bool(torch.isfinite(logits).all()) and all(bool(torch.isfinite(h).all()) for h in hs)
+    finite = finite and all(bool(torch.isfinite(sd[k].float()).all()) for k in proj_keys)
+    return {
+        "finite": finite,
+        "logits_std": logits.float().std().item(),
+        "feature_min_pairwise_diff": min(diffs),
+        "hidden_states": len(hs),
+    }

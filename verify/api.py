@@ -1,0 +1,42 @@
+"""The library entry point: :func:`verify_repo` runs every check and returns a :class:`~verify.report.Report`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .checks import ALL_CHECKS
+from .context import Context
+from .report import FAIL, Check, Report
+
+
+def verify_repo(
+    repo: str | Path,
+    original: str | None = None,
+    text_model: str | None = None,
+    vision_model: str | None = None,
+    prompts: list[dict] | None = None,
+    images: dict | None = None,
+    dtype: str = "float32",
+    max_new_tokens: int = 8,
+    only: list[str] | None = None,
+    progress: bool = True,
+) -> Report:
+    """Verify a converted repo against the independent reference of the original. Raises
+    :class:`~verify.context.VerifyUsageError` for bad usage or unreadable input."""
+    from tqdm.auto import tqdm
+
+    ctx = Context(Path(repo), original=original, text_model=text_model, vision_model=vision_model,
+                  prompts=prompts, images=images, dtype=dtype, max_new_tokens=max_new_tokens)
+    report = Report(repo=str(repo), settings={"dtype": dtype, "inputs": {k: str(v) for k, v in vars(ctx.inputs).items()},
+                                              "prompts": [p["name"] for p in ctx.prompts], "max_new_tokens": max_new_tokens})
+    selected = [(n, f) for n, f in ALL_CHECKS if only is None or n in only]
+    for name, fn in tqdm(selected, desc="verifying", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        try:
+            result = fn(ctx)
+        except Exception as e:  # a check that cannot even run has failed; say why
+            result = Check(name, FAIL, f"could not run: {e.__class__.__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        result.seconds = time.perf_counter() - t0
+        report.checks.append(result)
+    return report

@@ -1,0 +1,468 @@
+"""The checks. Each takes the shared :class:`~verify.context.Context` and returns a :class:`~verify.report.Check`.
+
+Every check here has a test in ``tests/test_verify_mutations.py`` that plants the defect it looks for and sees
+it FAIL. Tolerances and bounds are stated in the check's summary line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from statistics import NormalDist
+
+import torch
+
+from .context import MANIFEST, Context
+from .report import FAIL, PASS, WARN, Check
+
+LOGITS_TOL = {"float32": 1e-4, "bfloat16": 5e-2}
+PIXEL_TOL = 1e-5
+RESIZE_SCALE = 1e-5
+FAMILY_FALSE_ALARM = 1e-6  # probability that a correct conversion fails a resize bound
+
+# An independent statement of where original tensors live in the canonical layout: prefix substitutions,
+# not the converter's exact-key table. A bug in one is caught by the other.
+_PREFIXES = (
+    ("model.vision_tower.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.mm_projector.clip_layernorm.", "multi_modal_projector.projector_layernorm."),
+    ("model.mm_projector.final_linear.0.", "multi_modal_projector.linear_1."),
+    ("model.mm_projector.final_linear.2.", "multi_modal_projector.linear_2."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.", "language_model.model."),
+)
+_LEGACY_BUFFERS = re.compile(r"(rotary_emb\.inv_freq|embeddings\.position_ids)$")
+EMBED, HEAD = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
+
+
+def canonical(original_key: str) -> str | None:
+    if _LEGACY_BUFFERS.search(original_key):
+        return None
+    for old, new in _PREFIXES:
+        if original_key.startswith(old):
+            return new + original_key[len(old) :]
+    return "?" + original_key
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same bytes (so -0.0 != 0.0 and a NaN equals the same NaN), for tensors of one dtype and shape."""
+    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 24):
+            h.update(b)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------------
+def check_files(ctx: Context) -> Check:
+    """Every output file's sha256 matches the manifest; the safetensors index covers every tensor exactly once."""
+    problems: list[str] = []
+    if ctx.manifest is None:
+        return Check("files", FAIL, f"no {MANIFEST}: nothing to check the files against")
+    outputs: dict = ctx.manifest.get("outputs", {})
+    present = {p.name for p in ctx.repo.iterdir() if p.is_file()} - {MANIFEST}
+    for name, digest in sorted(outputs.items()):
+        p = ctx.repo / name
+        if not p.is_file():
+            problems.append(f"{name}: listed in {MANIFEST} but missing")
+        elif _sha256(p) != digest:
+            problems.append(f"{name}: sha256 differs from {MANIFEST} (file changed or corrupt)")
+    for name in sorted(present - set(outputs)):
+        problems.append(f"{name}: in the repo but not in {MANIFEST}")
+    shards = sorted(p.name for p in ctx.repo.glob("*.safetensors"))
+    headers: dict[str, list[str]] = {}
+    from safetensors import safe_open
+
+    for s in shards:
+        try:
+            with safe_open(str(ctx.repo / s), "pt") as h:
+                for k in h.keys():
+                    headers.setdefault(k, []).append(s)
+        except Exception as e:  # a corrupt header: safetensors' own error types
+            problems.append(f"{s}: unreadable safetensors header ({str(e).splitlines()[0]})")
+    dup = sorted(k for k, v in headers.items() if len(v) > 1)
+    problems += [f"{k}: stored in {len(headers[k])} shards ({', '.join(headers[k])})" for k in dup[:5]]
+    index_path = ctx.repo / "model.safetensors.index.json"
+    n_indexed = 0
+    if index_path.is_file():
+        wm = json.loads(index_path.read_text()).get("weight_map", {})
+        n_indexed = len(wm)
+        for s in sorted(set(wm.values()) - set(shards)):
+            problems.append(f"{s}: named in the index but missing")
+        unindexed = sorted(set(headers) - set(wm))
+        problems += [f"{k}: in {headers[k][0]} but not in the index" for k in unindexed[:5]]
+        phantom = sorted(set(wm) - set(headers))
+        problems += [f"{k}: in the index but in no shard" for k in phantom[:5]]
+        misplaced = sorted(k for k in set(wm) & set(headers) if wm[k] not in headers[k])
+        problems += [f"{k}: index says {wm[k]}, stored in {headers[k][0]}" for k in misplaced[:5]]
+    elif len(shards) > 1:
+        problems.append(f"{len(shards)} shards but no model.safetensors.index.json")
+    elif not shards:
+        problems.append("no safetensors weights in the repo")
+    numbers = {"files_hashed": len(outputs), "shards": len(shards), "tensors": len(headers), "indexed": n_indexed}
+    summary = f"{len(outputs)} files hashed, {len(shards)} shard(s), {len(headers)} tensors, index entries {n_indexed or 'n/a (single file)'}"
+    return Check("files", FAIL if problems else PASS, summary if not problems else f"{len(problems)} problem(s); {summary}", numbers, problems)
+
+
+# ------------------------------------------------------------------------------------------------------------
+def check_mapping(ctx: Context) -> Check:
+    """Every original tensor is present exactly once under its canonical name and bit-identical (after the
+    recorded dtype cast); the resized matrices' original rows too; no extra tensors."""
+    orig, conv = ctx.original_tensors, ctx.converted_tensors
+    out_dtype = (ctx.manifest or {}).get("settings", {}).get("output_dtype")
+    problems, identical, expected_names = [], 0, set()
+    dropped = 0
+    for key in orig.keys():
+        name = canonical(key)
+        if name is None:
+            dropped += 1
+            continue
+        if name.startswith("?"):
+            problems.append(f"{key}: not an original ViP-LLaVA key")
+            continue
+        expected_names.add(name)
+        if name not in conv.where:
+            problems.append(f"{key}: missing from the repo (expected as {name})")
+            continue
+        if len(conv.where[name]) > 1:
+            problems.append(f"{name}: stored {len(conv.where[name])} times")
+        a, b = orig.get(key), conv.get(name)
+        if out_dtype and str(b.dtype).removeprefix("torch.") != out_dtype and b.dtype.is_floating_point:
+            problems.append(f"{name}: stored as {b.dtype}, manifest says {out_dtype}")
+        if b.dtype != a.dtype:
+            a = a.to(b.dtype)
+        if name in (EMBED, HEAD):
+            if b.shape[1:] != a.shape[1:] or b.shape[0] < a.shape[0]:
+                problems.append(f"{name}: shape {tuple(b.shape)} cannot hold the original {tuple(a.shape)}")
+                continue
+            b = b[: a.shape[0]]
+        if a.shape != b.shape:
+            problems.append(f"{name}: shape {tuple(b.shape)}, original {key} has {tuple(a.shape)}")
+        elif not _bits_equal(a, b):
+            diff = (a.float() - b.float()).abs().max().item()
+            problems.append(f"{name}: values differ from {key} (max abs diff {diff:.3g})")
+        else:
+            identical += 1
+    extra = sorted(set(conv.keys()) - expected_names)
+    problems += [f"{k}: extra tensor with no original counterpart" for k in extra[:10]]
+    numbers = {"original_tensors": len(orig.keys()), "dropped_buffers": dropped, "bit_identical": identical, "extra": len(extra), "output_dtype": out_dtype}
+    summary = f"{identical}/{len(expected_names)} tensors bit-identical{f' (as {out_dtype})' if out_dtype else ''}, {dropped} legacy buffers dropped, {len(extra)} extra"
+    return Check("mapping", FAIL if problems else PASS, summary, numbers, problems)
+
+
+# ------------------------------------------------------------------------------------------------------------
+def check_strict_load(ctx: Context) -> Check:
+    """``from_pretrained`` reports 0 missing / unexpected / mismatched keys; config, tokenizer and generation
+    config agree on the special ids; rows >= len(tokenizer)."""
+    problems = []
+    try:
+        model, info = ctx.loaded
+    except Exception as e:  # any load error is the finding
+        return Check("strict_load", FAIL, f"from_pretrained raised {e.__class__.__name__}: {str(e).splitlines()[0][:200]}")
+    counts = {k: len(info.get(k, [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    for k, n in counts.items():
+        if n:
+            problems.append(f"{k}: {n} ({', '.join(sorted(map(str, info[k]))[:3])})")
+    cfg = model.config
+    tok = ctx.tokenizer
+    gen = ctx.generation_config
+    image_tok = tok.convert_tokens_to_ids("<image>")
+    if image_tok != cfg.image_token_index:
+        problems.append(f"tokenizer maps <image> to {image_tok}, config image_token_index is {cfg.image_token_index}")
+    pads = {
+        "tokenizer.pad_token_id": tok.pad_token_id,
+        "config.pad_token_id": ctx.config_dict.get("pad_token_id"),
+        "text_config.pad_token_id": ctx.config_dict.get("text_config", {}).get("pad_token_id"),
+        "generation_config.pad_token_id": gen.get("pad_token_id"),
+    }
+    if len({v for v in pads.values()}) != 1:
+        problems.append("pad ids disagree: " + ", ".join(f"{k}={v}" for k, v in pads.items()))
+    for what in ("bos", "eos"):
+        vals = {
+            "tokenizer": getattr(tok, f"{what}_token_id"),
+            "generation_config": gen.get(f"{what}_token_id"),
+            "text_config": ctx.config_dict.get("text_config", {}).get(f"{what}_token_id"),
+        }
+        norm = {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in vals.items()}
+        if len({json.dumps(v) for v in norm.values()}) != 1:
+            problems.append(f"{what} ids disagree: " + ", ".join(f"{k}={v}" for k, v in vals.items()))
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows != cfg.text_config.vocab_size:
+        problems.append(f"embedding rows {rows} != text_config.vocab_size {cfg.text_config.vocab_size}")
+    if rows < len(tok):
+        problems.append(f"embedding rows {rows} < len(tokenizer) {len(tok)}")
+    numbers = {**counts, "image_token_index": cfg.image_token_index, "tokenizer_image_id": image_tok, "pad": pads, "rows": rows, "len_tokenizer": len(tok)}
+    summary = f"missing {counts['missing_keys']}, unexpected {counts['unexpected_keys']}, mismatched {counts['mismatched_keys']}; <image>={image_tok}, pad={tok.pad_token_id}, rows {rows} >= len(tokenizer) {len(tok)}"
+    return Check("strict_load", FAIL if problems else PASS, summary, numbers, problems)
+
+
+# ------------------------------------------------------------------------------------------------------------
+def _chi2_upper(k: int, p: float) -> float:
+    """Upper p-quantile of chi-square with k dof (Wilson-Hilferty; exact via the normal for k == 1)."""
+    z = NormalDist().inv_cdf(1 - p)
+    if k == 1:
+        z = NormalDist().inv_cdf(1 - p / 2)
+        return z * z
+    a = 2 / (9 * k)
+    return k * (1 - a + z * math.sqrt(a)) ** 3
+
+
+def _chi2_lower(k: int, p: float) -> float:
+    z = NormalDist().inv_cdf(p)
+    a = 2 / (9 * k)
+    return max(0.0, k * (1 - a + z * math.sqrt(a)) ** 3)
+
+
+def resize_bounds(added: int) -> dict:
+    """Bounds on d = ||row - mu||^2 / (1e-5 tr Sigma) for ``added`` new rows of one matrix.
+
+    d = sum_j w_j chi2_1 with w_j >= 0, sum w_j = 1 (w = eigenvalues of Sigma / tr Sigma): mean 1 whatever Sigma
+    is. Its tails are widest when one eigenvalue dominates (d ~ chi2_1), so bounds from chi2_1 hold for every
+    Sigma: each row's d below the chi2_1 quantile at FAMILY_FALSE_ALARM / added, and the mean of the rows'
+    d (then chi2_k / k at worst) between the chi2_k quantiles at FAMILY_FALSE_ALARM.
+    """
+    p = FAMILY_FALSE_ALARM
+    return {
+        "row_max": _chi2_upper(1, p / max(added, 1)),
+        "mean_low": _chi2_lower(added, p) / added if added > 1 else 0.0,
+        "mean_high": _chi2_upper(added, p) / added if added > 1 else _chi2_upper(1, p),
+    }
+
+
+def check_resize(ctx: Context) -> Check:
+    """Rows are a multiple of 64; original rows identical; new rows near the mean (chi-square bounds stated);
+    probability mass on the added tokens reported, WARN when above an average original token's."""
+    problems, warnings = [], []
+    conv = ctx.converted_tensors
+    E = ctx.original_tensors.get("model.embed_tokens.weight").to(torch.float64)
+    n, h = E.shape
+    mu = E.mean(0)
+    trace = ((E - mu) ** 2).sum(1).mean().item()  # tr(Sigma) with the population covariance
+    numbers: dict = {"original_rows": n, "hidden": h, "trace_sigma": trace}
+    for name in (EMBED, HEAD):
+        if name not in conv.where:
+            problems.append(f"{name}: missing")
+            continue
+        W = conv.get(name)
+        rows = W.shape[0]
+        short = "embed_tokens" if name == EMBED else "lm_head"
+        numbers[f"{short}_rows"] = rows
+        if rows % 64:
+            problems.append(f"{short}: {rows} rows, not a multiple of 64")
+        if rows < n + 2:
+            problems.append(f"{short}: {rows} rows, fewer than original {n} + <image> + <pad>")
+            continue
+        new = W[n:].to(torch.float64)
+        d = ((new - mu) ** 2).sum(1) / (RESIZE_SCALE * trace)
+        b = resize_bounds(rows - n)
+        numbers[short] = {"added": rows - n, "d_mean": d.mean().item(), "d_max": d.max().item(), **b}
+        if d.max().item() > b["row_max"]:
+            problems.append(f"{short}: a new row lies at d={d.max().item():.3g} (bound {b['row_max']:.3g})")
+        if not b["mean_low"] <= d.mean().item() <= b["mean_high"]:
+            problems.append(f"{short}: mean d={d.mean().item():.3g} outside [{b['mean_low']:.3g}, {b['mean_high']:.3g}]")
+    # probability mass on the added tokens (the lm_head rows come from the EMBEDDING statistics)
+    masses = []
+    for logits in ctx.converted_logits:
+        p = torch.softmax(logits.double(), -1)
+        masses.append(p[:, n:].sum(-1))
+    if masses:
+        per_pos = torch.cat(masses)
+        rows_total = ctx.converted_logits[0].shape[-1]
+        added = rows_total - n
+        per_added_token = per_pos.mean().item() / added
+        average_original = (1 - per_pos.mean().item()) / n
+        numbers["added_mass_mean"] = per_pos.mean().item()
+        numbers["added_mass_max"] = per_pos.max().item()
+        numbers["mass_per_added_token"] = per_added_token
+        numbers["mass_per_original_token"] = average_original
+        if per_added_token > average_original:
+            warnings.append(
+                f"the added tokens get {per_added_token:.3g} probability each on average, more than an average original token ({average_original:.3g})"
+            )
+    e = numbers.get("embed_tokens", {})
+    hd = numbers.get("lm_head", {})
+    summary = (
+        f"rows {numbers.get('embed_tokens_rows')} (x64), d_max {e.get('d_max', float('nan')):.3g}/{hd.get('d_max', float('nan')):.3g} "
+        f"<= {e.get('row_max', float('nan')):.3g}, d_mean {e.get('d_mean', float('nan')):.3g}/{hd.get('d_mean', float('nan')):.3g} "
+        f"in [{e.get('mean_low', float('nan')):.3g}, {e.get('mean_high', float('nan')):.3g}] (p_false={FAMILY_FALSE_ALARM:g}); "
+        f"mass on added {numbers.get('added_mass_mean', float('nan')):.3g}"
+    )
+    status = FAIL if problems else (WARN if warnings else PASS)
+    return Check("resize", status, summary, numbers, problems + warnings)
+
+
+# ------------------------------------------------------------------------------------------------------------
+def check_processor(ctx: Context) -> Check:
+    """input_ids from the converted processor equal the original tokenization with each sentinel expanded;
+    pixel_values equal the original preprocessing."""
+    problems = []
+    proc = ctx.processor
+    n_ids = 0
+    for x, p in zip(ctx.parity_inputs, ctx.prompts):
+        kw = {"images": x["images"]} if x["images"] else {}
+        got = proc(text=p["prompt"], return_tensors="pt", **kw)["input_ids"][0].tolist()
+        n_ids += 1
+        if got != x["expanded"]:
+            i = next((i for i, (a, b) in enumerate(zip(got, x["expanded"])) if a != b), min(len(got), len(x["expanded"])))
+            problems.append(
+                f"prompt {x['name']}: ids differ at position {i} (converted {got[i:i + 4]}, original {x['expanded'][i:i + 4]}; lengths {len(got)} vs {len(x['expanded'])})"
+            )
+    worst = 0.0
+    for name, img in sorted(ctx.images.items()):
+        ref = ctx.reference.preprocess(img)
+        got = proc.image_processor(images=img, return_tensors="pt")["pixel_values"][0]
+        if got.shape != ref.shape:
+            problems.append(f"image {name}: pixel_values shape {tuple(got.shape)}, original {tuple(ref.shape)}")
+            continue
+        diff = (got.float() - ref.float()).abs().max().item()
+        worst = max(worst, diff)
+        if diff > PIXEL_TOL:
+            problems.append(f"image {name} ({img.size[0]}x{img.size[1]}): pixel_values differ by up to {diff:.3g} (tol {PIXEL_TOL:g})")
+    numbers = {"prompts": n_ids, "images": len(ctx.images), "pixel_max_abs_diff": worst, "pixel_tol": PIXEL_TOL}
+    summary = f"{n_ids} prompts' ids, {len(ctx.images)} images; pixel max |diff| {worst:.3g} (tol {PIXEL_TOL:g})"
+    return Check("processor", FAIL if problems else PASS, summary, numbers, problems)
+
+
+# ------------------------------------------------------------------------------------------------------------
+def _module_map(model) -> dict[str, torch.nn.Module]:
+    """Trace name -> module of the converted model, across transformers' module layouts."""
+    pats = (
+        (re.compile(r"vision_tower\.(?:vision_model\.)?pre_layrnorm$"), lambda m: "vision.embeddings"),
+        (re.compile(r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)$"), lambda m: f"vision.layer.{m.group(1)}"),
+        (re.compile(r"multi_modal_projector$"), lambda m: "projector"),
+        (re.compile(r"language_model\.(?:model\.)?layers\.(\d+)$"), lambda m: f"decoder.layer.{m.group(1)}"),
+        (re.compile(r"language_model\.(?:model\.)?norm$"), lambda m: "decoder.norm"),
+    )
+    out = {}
+    for name, mod in model.named_modules():
+        for pat, label in pats:
+            m = pat.search(name)
+            if m:
+                out[label(m)] = mod
+    return out
+
+
+def _trace_order(names) -> list[str]:
+    def key(n: str):
+        parts = n.split(".")
+        stage = {"vision": 0, "projector": 1, "decoder": 2, "logits": 3}[parts[0]]
+        sub = 0 if parts[-1] == "embeddings" else (10**6 if parts[-1] == "norm" else int(parts[-1]) + 1 if parts[-1].isdigit() else 0)
+        return (stage, sub)
+
+    return sorted(names, key=key)
+
+
+def first_divergence(ctx: Context, index: int, tol: float) -> tuple[str, float] | None:
+    """Run both models with capture on prompt ``index``; the first module (in forward order) whose output differs."""
+    x = ctx.parity_inputs[index]
+    ref = ctx.reference.forward(x["ids"], x["images"] or None, capture=True)
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    for label, mod in _module_map(ctx.model).items():
+        def hook(_m, _i, out, label=label):
+            t = out[0] if isinstance(out, tuple) else out
+            t = getattr(t, "last_hidden_state", t)
+            captured[label] = t.detach().float()
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            kw = {"pixel_values": x["pixels"].to(ctx.dtype)} if x["pixels"] is not None else {}
+            captured["logits"] = ctx.model(input_ids=torch.tensor([x["expanded"]]), **kw).logits[0, :, : ctx.original_vocab].float()
+    finally:
+        for hk in hooks:
+            hk.remove()
+    for name in _trace_order(set(ref.trace) & set(captured)):
+        a, b = ref.trace[name].float().squeeze(), captured[name].squeeze()
+        if a.shape != b.shape:
+            return name, float("inf")
+        scale = max(1.0, a.abs().max().item())
+        diff = (a - b).abs().max().item()
+        if diff > tol * scale:
+            return name, diff
+    return None
+
+
+def check_logits(ctx: Context) -> Check:
+    """Max |logits diff| over the original vocabulary on every sample prompt within the dtype's tolerance, and
+    100% top-1 agreement at every position whose reference top-2 margin exceeds the tolerance."""
+    tol = LOGITS_TOL[ctx.dtype_name]
+    V = ctx.original_vocab
+    problems, worst, agree, decided, ties = [], 0.0, 0, 0, 0
+    first_bad = None
+    for i, (x, ref, got) in enumerate(zip(ctx.parity_inputs, ctx.reference_outputs, ctx.converted_logits)):
+        a, b = ref.logits.float(), got[:, :V]
+        if a.shape != b.shape:
+            problems.append(f"prompt {x['name']}: logits shape {tuple(b.shape)} vs original {tuple(a.shape)}")
+            first_bad = first_bad if first_bad is not None else i
+            continue
+        diff = (a - b).abs().max().item()
+        worst = max(worst, diff)
+        top2 = a.topk(2, -1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * tol
+        same = a.argmax(-1) == b.argmax(-1)
+        decided += int(clear.sum())
+        agree += int((same & clear).sum())
+        ties += int((~clear).sum())
+        if diff > tol or not bool(same[clear].all()):
+            problems.append(f"prompt {x['name']}: max |diff| {diff:.3g} (tol {tol:g}), top-1 agree {int((same & clear).sum())}/{int(clear.sum())}")
+            first_bad = first_bad if first_bad is not None else i
+    if first_bad is not None:
+        where = first_divergence(ctx, first_bad, tol)
+        if where:
+            problems.insert(0, f"first divergence: {where[0]} (max |diff| {where[1]:.3g}) on prompt {ctx.parity_inputs[first_bad]['name']}")
+    numbers = {"max_abs_diff": worst, "tolerance": tol, "dtype": ctx.dtype_name, "top1_agree": agree, "top1_decided": decided, "near_ties": ties, "prompts": len(ctx.prompts)}
+    summary = f"max |diff| {worst:.3g} <= {tol:g} ({ctx.dtype_name}) over {len(ctx.prompts)} prompts; top-1 {agree}/{decided} ({ties} near-ties excluded)"
+    if problems:
+        summary = f"max |diff| {worst:.3g} (tol {tol:g}); top-1 {agree}/{decided}"
+    return Check("logits", FAIL if problems else PASS, summary, numbers, problems)
+
+
+# ------------------------------------------------------------------------------------------------------------
+def check_generation(ctx: Context) -> Check:
+    """Greedy generation of N tokens is identical (the converted model's added rows are masked: the original
+    has no such tokens)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    V = ctx.original_vocab
+
+    class _OnlyOriginal(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, V:] = -float("inf")
+            return scores
+
+    problems, total = [], 0
+    n = ctx.max_new_tokens
+    gen = ctx.generation_config
+    for x in ctx.parity_inputs:
+        ref = ctx.reference.generate_greedy(x["ids"], x["images"] or None, max_new_tokens=n)
+        kw = {"pixel_values": x["pixels"].to(ctx.dtype)} if x["pixels"] is not None else {}
+        ids = torch.tensor([x["expanded"]])
+        with torch.no_grad():
+            out = ctx.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                logits_processor=LogitsProcessorList([_OnlyOriginal()]), pad_token_id=gen.get("pad_token_id"),
+                eos_token_id=gen.get("eos_token_id"), **kw,
+            )
+        got = out[0, ids.shape[1]:].tolist()
+        total += len(ref)
+        if got != list(ref):
+            problems.append(f"prompt {x['name']}: converted {got} vs original {list(ref)}")
+    numbers = {"prompts": len(ctx.parity_inputs), "max_new_tokens": n, "tokens_compared": total}
+    summary = f"{len(ctx.parity_inputs) - len(problems)}/{len(ctx.parity_inputs)} prompts identical over {n} greedy tokens ({total} tokens)"
+    return Check("generation", FAIL if problems else PASS, summary, numbers, problems)
+
+
+ALL_CHECKS = (
+    ("files", check_files),
+    ("mapping", check_mapping),
+    ("strict_load", check_strict_load),
+    ("resize", check_resize),
+    ("processor", check_processor),
+    ("logits", check_logits),
+    ("generation", check_generation),
+)

@@ -248,6 +248,8 @@ def test_configs(built):
     cfg = tiny.vipllava_config(spec)
     assert cfg.text_config.vocab_size == 1024 and cfg.image_token_index == 997
     assert cfg.text_config.pad_token_id == 998 and cfg.text_config.rms_norm_eps == 1e-5
+    assert cfg.pad_token_id == 998
+    assert tiny.vipllava_config(spec, image_token_index=5, pad_token_id=7).text_config.pad_token_id == 7
     assert list(cfg.vision_feature_layer) == [-2, -5, -8, -11, 6]
     assert cfg.image_seq_length == 9 and cfg.projector_layernorm_eps == 1e-5
     assert tiny.padded_vocab_size(32000) == 32064 and tiny.padded_vocab_size(62) == 64

@@ -289,6 +289,9 @@ def vipllava_config(spec: TinySpec = TinySpec(), image_token_index: int | None =
         tie_word_embeddings=False,
     )
     cfg.architectures = ["VipLlavaForConditionalGeneration"]
+    # VipLlavaConfig (5.x) has no pad_token_id of its own; the 4.x Hub config (llava-hf/vip-llava-7b-hf)
+    # carries one at the top level, so set it there too (it round-trips through save/from_pretrained).
+    cfg.pad_token_id = pad_token_id
     return cfg
 
 

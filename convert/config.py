@@ -142,13 +142,8 @@ def build_config(original: dict, vision: dict, ids: TokenIds, dtype: str, where:
     }
 
 
-def generation_config(ids: TokenIds, original: dict) -> dict:
-    return {
-        "bos_token_id": ids.bos,
-        "eos_token_id": ids.eos,
-        "pad_token_id": ids.pad,
-        "max_length": original.get("tokenizer_model_max_length", original.get("max_position_embeddings", 2048)),
-    }
+def generation_config(ids: TokenIds) -> dict:
+    return {"bos_token_id": ids.bos, "eos_token_id": ids.eos, "pad_token_id": ids.pad}
 
 
 def load_vipllava_config(config_dict: dict):

@@ -216,7 +216,7 @@ def convert(opts: Options) -> Summary:
         if len(shards) > 1:
             write_json(tmp / "model.safetensors.index.json", index_json(shards, names))
         write_json(tmp / "config.json", {**cfg, "transformers_version": _transformers_version()})
-        write_json(tmp / "generation_config.json", {**generation_config(tinfo.ids, original_cfg), "transformers_version": _transformers_version()})
+        write_json(tmp / "generation_config.json", {**generation_config(tinfo.ids), "transformers_version": _transformers_version()})
         max_len = original_cfg.get("tokenizer_model_max_length", original_cfg.get("max_position_embeddings", 2048))
         write_tokenizer_files(tmp, tok, tinfo, text.directory, max_len)
         write_processor_files(tmp, preprocessor, vision_cfg["patch_size"], str(vision.directory / "preprocessor_config.json"))

@@ -4,7 +4,7 @@ Tokenization must match the original: it tokenized each chunk between ``<image>`
 slow sentencepiece tokenizer, so every chunk got sentencepiece's dummy-prefix piece, including the text right
 after an image (``<image>\\nWhat`` -> [image] ``▁`` ``<0x0A>`` ...). A fast tokenizer whose Metaspace prepends
 only to the first segment drops that piece; ours prepends to every segment between special tokens
-(``prepend_scheme="always"``), which is what the chunked original did.
+(a ``Prepend("▁")`` normalizer, as the legacy Llama fast tokenizer had), which is what the chunked original did.
 
 The JSON files are written by hand: transformers 5.x's own ``save_pretrained`` writes a tokenizer config that 4.x
 cannot read (``extra_special_tokens`` as a list) and keeps the image-processor settings only in
@@ -61,7 +61,6 @@ class TokenizerInfo:
     bos_token: str
     eos_token: str
     unk_token: str | None
-    model_max_length: int
 
 
 def _added_entry(content: str, special: bool = True, normalized: bool = False) -> dict:
@@ -71,8 +70,7 @@ def _added_entry(content: str, special: bool = True, normalized: bool = False) -
 def build_tokenizer(text_dir: Path, vocab: int, where: str):
     """The text model's tokenizer with ``<image>`` at ``vocab`` and ``<pad>`` at ``vocab + 1``, every chunk
     between special tokens getting the dummy prefix. Returns (tokenizer, TokenizerInfo)."""
-    from tokenizers import AddedToken
-    from tokenizers.pre_tokenizers import Metaspace
+    from tokenizers import AddedToken, normalizers
     from transformers import AutoTokenizer
 
     if not ((text_dir / "tokenizer.model").is_file() or (text_dir / "tokenizer.json").is_file()):
@@ -90,9 +88,12 @@ def build_tokenizer(text_dir: Path, vocab: int, where: str):
     for t in (IMAGE_TOKEN, PAD_TOKEN):
         if t in existing:
             raise ConversionError(f"{text_dir}: tokenizer already has {t} (id {existing[t]}); expected a base text tokenizer")
+    # Every segment between special tokens gets the dummy prefix, unconditionally, as sentencepiece gives each
+    # chunk (" What" -> "▁▁What"). Metaspace(prepend_scheme="always") is NOT the same: it skips the prefix when
+    # the segment already starts with a space.
     backend = tok.backend_tokenizer
-    backend.normalizer = None
-    backend.pre_tokenizer = Metaspace(replacement="\u2581", prepend_scheme="always", split=False)
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.pre_tokenizer = None
     tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     tok.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
     got = (tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.convert_tokens_to_ids(PAD_TOKEN))
@@ -104,7 +105,6 @@ def build_tokenizer(text_dir: Path, vocab: int, where: str):
         bos_token=tok.bos_token,
         eos_token=tok.eos_token,
         unk_token=tok.unk_token,
-        model_max_length=0,
     )
     return tok, info
 

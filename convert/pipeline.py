@@ -6,10 +6,11 @@ The steps are small pure functions (``convert.mapping``, ``convert.config``, ``c
 
 from __future__ import annotations
 
+import errno
 import json
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from .layout import expected_shapes
 from .mapping import EMBED_KEY, LM_HEAD_KEY, KeyMapping, map_keys
 from .processor import build_tokenizer, write_processor_files, write_tokenizer_files
 from .resize import SCALE, resize
-from .sources import Checkpoint, ResolvedInput, open_checkpoint, resolve, sha256_file
+from .sources import Checkpoint, ResolvedInput, checked_sha256, open_checkpoint, resolve, sha256_file
 from .writer import OutTensor, atomic_directory, check_output, index_json, parse_size, plan_shards, shard_names, write_json, write_shard
 
 DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14-336"
@@ -57,7 +58,6 @@ class Summary:
     output_bytes: int
     seconds: float
     dtype: str
-    files: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> str:
         rows = [
@@ -133,13 +133,11 @@ def _check_shapes(ckpt: Checkpoint, mapping: KeyMapping, expected: dict[str, tup
 
 def _input_record(inp: ResolvedInput, files: list[Path]) -> dict:
     rec = inp.describe()
-    rec["files"] = {str(p.relative_to(inp.directory)): sha256_file(p) for p in sorted(files)}
+    rec["files"] = {str(p.relative_to(inp.directory)): checked_sha256(p) for p in sorted(files)}
     return rec
 
 
 def convert(opts: Options) -> Summary:
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
         raise ConversionError(f"--dtype {opts.dtype!r}: expected one of auto, {', '.join(DTYPES)}")
@@ -199,62 +197,52 @@ def convert(opts: Options) -> Summary:
         else:
             tensors.append(OutTensor(tgt, out_dtype_for(src), tuple(ckpt.info(src).shape), lambda s=src: ckpt.get(s)))
     shards = plan_shards(tensors, max_bytes)
-    names = shard_names(len(shards))
-    total = sum(t.nbytes for t in tensors)
 
     inputs = {
         "original": _input_record(orig, [orig_dir / "config.json", *ckpt.files, *_index_files(orig_dir)]),
         "text_model": _input_record(text, _tokenizer_files(text.directory)),
         "vision_model": _input_record(vision, [vision.directory / "config.json", vision.directory / "preprocessor_config.json"]),
     }
+    manifest = {
+        "format": 1,
+        "tool": {"name": "vipllava-harness", "version": __version__},
+        "environment": {"torch": torch.__version__.split("+")[0], "transformers": _transformers_version(), "python": platform.python_version()},
+        "inputs": inputs,
+        "settings": {
+            "seed": opts.seed,
+            "dtype": opts.dtype,
+            "output_dtype": _DTYPE_NAME[out_dtype],
+            "source_dtype": _DTYPE_NAME.get(embed_dtype, str(embed_dtype)),
+            "max_shard_size": max_bytes,
+            "format": ckpt.format,
+        },
+        "mapping": {"mapped": len(mapping.mapped), "dropped": dict(sorted(mapping.dropped.items()))},
+        "resize": {
+            "original_rows": vocab,
+            "rows": rows,
+            "hidden_size": hidden,
+            "image_token_index": tinfo.ids.image,
+            "pad_token_id": tinfo.ids.pad,
+            "scale": SCALE,
+            "seed": opts.seed,
+            "method": "mu + sqrt(scale/n) * (E - mu)^T g, g ~ N(0, I_n); float64; one generator, embed rows then lm_head rows",
+            "resized": [EMBED_KEY, LM_HEAD_KEY],
+        },
+    }
+    max_len = original_cfg.get("tokenizer_model_max_length", original_cfg.get("max_position_embeddings", 2048))
 
-    with atomic_directory(output, opts.force) as tmp:
-        outputs: dict[str, str] = {}
-        with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not opts.progress) as bar:
-            for shard, name in zip(shards, names):
-                outputs[name] = write_shard(tmp / name, shard, on_bytes=bar.update)
-        if len(shards) > 1:
-            write_json(tmp / "model.safetensors.index.json", index_json(shards, names))
-        write_json(tmp / "config.json", {**cfg, "transformers_version": _transformers_version()})
-        write_json(tmp / "generation_config.json", {**generation_config(tinfo.ids), "transformers_version": _transformers_version()})
-        max_len = original_cfg.get("tokenizer_model_max_length", original_cfg.get("max_position_embeddings", 2048))
-        write_tokenizer_files(tmp, tok, tinfo, text.directory, max_len)
-        write_processor_files(tmp, preprocessor, vision_cfg["patch_size"], str(vision.directory / "preprocessor_config.json"))
-        for p in sorted(tmp.iterdir()):
-            if p.name not in outputs:
-                outputs[p.name] = sha256_file(p)
-        manifest = {
-            "format": 1,
-            "tool": {"name": "vipllava-harness", "version": __version__},
-            "environment": {"torch": torch.__version__.split("+")[0], "transformers": _transformers_version(), "python": platform.python_version()},
-            "inputs": inputs,
-            "settings": {
-                "seed": opts.seed,
-                "dtype": opts.dtype,
-                "output_dtype": _DTYPE_NAME[out_dtype],
-                "source_dtype": _DTYPE_NAME.get(embed_dtype, str(embed_dtype)),
-                "max_shard_size": max_bytes,
-                "format": ckpt.format,
-            },
-            "mapping": {
-                "mapped": len(mapping.mapped),
-                "dropped": dict(sorted(mapping.dropped.items())),
-            },
-            "resize": {
-                "original_rows": vocab,
-                "rows": rows,
-                "hidden_size": hidden,
-                "image_token_index": tinfo.ids.image,
-                "pad_token_id": tinfo.ids.pad,
-                "scale": SCALE,
-                "seed": opts.seed,
-                "method": "mu + sqrt(scale/n) * (E - mu)^T g, g ~ N(0, I_n); float64; one generator, embed rows then lm_head rows",
-                "resized": [EMBED_KEY, LM_HEAD_KEY],
-            },
-            "outputs": dict(sorted(outputs.items())),
-        }
-        write_json(tmp / MANIFEST, manifest)
-    size = sum(p.stat().st_size for p in output.iterdir())
+    def write_text_files(folder: Path) -> None:
+        write_json(folder / "config.json", {**cfg, "transformers_version": _transformers_version()})
+        write_json(folder / "generation_config.json", {**generation_config(tinfo.ids), "transformers_version": _transformers_version()})
+        write_tokenizer_files(folder, tok, tinfo, text.directory, max_len)
+        write_processor_files(folder, preprocessor, vision_cfg["patch_size"], str(vision.directory / "preprocessor_config.json"))
+
+    try:
+        _write_repo(output, opts, shards, write_text_files, manifest)
+    except OSError as e:
+        where = e.filename or output
+        hint = "free some space or choose another --output" if e.errno == errno.ENOSPC else "check the --output location"
+        raise ConversionError(f"{where}: writing failed ({e.strerror or e}); {hint}; no output was left behind") from None
     return Summary(
         output=output,
         mapped=len(mapping.mapped),
@@ -263,11 +251,30 @@ def convert(opts: Options) -> Summary:
         rows=rows,
         original_rows=vocab,
         shards=len(shards),
-        output_bytes=size,
+        output_bytes=sum(p.stat().st_size for p in output.iterdir()),
         seconds=time.perf_counter() - start,
         dtype=_DTYPE_NAME[out_dtype],
-        files=outputs,
     )
+
+
+def _write_repo(output: Path, opts: Options, shards: list[list[OutTensor]], write_text_files, manifest: dict) -> None:
+    """The only place that writes: shards (streamed), index, text files, then the manifest with every hash."""
+    from tqdm.auto import tqdm
+
+    names = shard_names(len(shards))
+    total = sum(t.nbytes for shard in shards for t in shard)
+    with atomic_directory(output, opts.force) as tmp:
+        outputs: dict[str, str] = {}
+        with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not opts.progress) as bar:
+            for shard, name in zip(shards, names):
+                outputs[name] = write_shard(tmp / name, shard, on_bytes=bar.update)
+        if len(shards) > 1:
+            write_json(tmp / "model.safetensors.index.json", index_json(shards, names))
+        write_text_files(tmp)
+        for p in sorted(tmp.iterdir()):
+            if p.name not in outputs:
+                outputs[p.name] = sha256_file(p)
+        write_json(tmp / MANIFEST, {**manifest, "outputs": dict(sorted(outputs.items()))})
 
 
 def _index_files(directory: Path) -> list[Path]:

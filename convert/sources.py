@@ -12,8 +12,10 @@ import hashlib
 import json
 import mmap
 import os
+import pickletools
 import re
 import struct
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +97,26 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def hub_sha256(path: Path) -> str | None:
+    """The sha256 the Hub published for a cached file: LFS blobs are stored under their sha256."""
+    if not path.is_symlink():
+        return None
+    name = Path(os.readlink(path)).name
+    return name if re.fullmatch(r"[0-9a-f]{64}", name) else None
+
+
+def checked_sha256(path: Path) -> str:
+    """sha256 of a file; for a Hub LFS file, also compared with the sha256 the Hub published."""
+    digest = sha256_file(path)
+    expected = hub_sha256(path)
+    if expected is not None and digest != expected:
+        raise ConversionError(
+            f"{path}: sha256 {digest[:12]}... but the Hub published {expected[:12]}...; the download is corrupt, "
+            "delete it from the Hugging Face cache and download it again"
+        )
+    return digest
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,9 +208,81 @@ class _SafetensorsShard:
         return flat.view(info.dtype).reshape(info.shape)
 
 
+# What a state-dict pickle written by torch.save may reference: plain containers, tensor rebuilders, storages.
+_STORAGES = ("BFloat16", "Float", "Half", "Double", "Long", "Int", "Short", "Char", "Byte", "Bool")
+ALLOWED_GLOBALS = frozenset(
+    {
+        "collections.OrderedDict",
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_parameter",
+        *(f"torch.{t}Storage" for t in _STORAGES),
+    }
+)
+_MIN_TORCH_FOR_PICKLES = (2, 6)  # weights_only=True had a bypass before 2.6 (CVE-2025-32434)
+
+
+def _torch_version() -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def scan_pickle(path: Path) -> None:
+    """Refuse a torch.save zip whose pickle names any global outside :data:`ALLOWED_GLOBALS`, before anything
+    is unpickled, naming the global. (``weights_only=True`` still guards the actual load.)"""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            if len(names) != 1:
+                raise ConversionError(f"{path}: not a torch.save checkpoint (no single data.pkl inside); re-download it")
+            data = z.read(names[0])
+    except zipfile.BadZipFile:
+        raise ConversionError(
+            f"{path}: truncated or corrupt (not a readable zip-format torch checkpoint; a legacy pre-1.6 file must be "
+            "re-saved with a current torch); re-download it"
+        ) from None
+    strings: list[str | None] = []
+    memo: dict[int, str | None] = {}
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            found = None
+            if name in ("GLOBAL", "INST"):
+                found = str(arg).replace(" ", ".")
+            elif name == "STACK_GLOBAL":
+                if len(strings) < 2 or strings[-1] is None or strings[-2] is None:
+                    raise ConversionError(f"{path}: pickle builds a global it does not name plainly; refusing to load it")
+                found = f"{strings[-2]}.{strings[-1]}"
+            if found is not None and found not in ALLOWED_GLOBALS:
+                raise ConversionError(
+                    f"{path}: pickle references {found}, which is not a tensor, storage or plain container; "
+                    "refusing to load it (it could run code); get the checkpoint from a trusted source or as safetensors"
+                )
+            if "UNICODE" in name or name.endswith("STRING"):
+                strings.append(str(arg))
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[int(arg)] = strings[-1] if strings else None
+            elif name == "MEMOIZE":
+                memo[len(memo)] = strings[-1] if strings else None
+            elif name in ("BINGET", "LONG_BINGET", "GET"):
+                strings.append(memo.get(int(arg)))
+            else:
+                strings.append(None)
+    except ConversionError:
+        raise
+    except Exception as e:  # pickletools raises ValueError and friends on malformed streams
+        raise ConversionError(f"{path}: corrupt pickle ({e.__class__.__name__}); re-download it") from None
+
+
 class _PickleShard:
     def __init__(self, path: Path):
         self.path = path
+        if _torch_version() < _MIN_TORCH_FOR_PICKLES:
+            raise ConversionError(
+                f"{path}: refusing .bin input on torch {torch.__version__}: weights_only=True could be bypassed before "
+                "torch 2.6 (CVE-2025-32434); upgrade torch or use safetensors input"
+            )
+        scan_pickle(path)
         try:
             obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError as e:
@@ -260,12 +354,12 @@ def open_checkpoint(path: Path) -> Checkpoint:
             raise ConversionError(f"{path}: expected a .safetensors or .bin weights file or an index .json")
         return _open_files(path.parent, files, fmt)
     directory = path
-    for index in (SAFE_INDEX, BIN_INDEX):
-        if (directory / index).is_file():
-            return _open_indexed(directory / index)
-    for single, fmt in ((SAFE_SINGLE, "safetensors"), (BIN_SINGLE, "bin")):
-        if (directory / single).is_file():
-            return _open_files(directory, [directory / single], fmt)
+    # safetensors first: it never executes code
+    for name, fmt in ((SAFE_INDEX, "safetensors"), (SAFE_SINGLE, "safetensors"), (BIN_INDEX, "bin"), (BIN_SINGLE, "bin")):
+        if (directory / name).is_file():
+            if name.endswith(".index.json"):
+                return _open_indexed(directory / name)
+            return _open_files(directory, [directory / name], fmt)
     found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
     raise ConversionError(
         f"{directory}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}; "

@@ -8,11 +8,14 @@ tensors are laid out in sorted-name order.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
@@ -120,6 +123,7 @@ def write_shard(path: Path, tensors: list[OutTensor], on_bytes: Callable[[int], 
             if tuple(value.shape) != spec.shape:
                 raise ConversionError(f"{spec.name}: produced shape {tuple(value.shape)}, planned {spec.shape}")
             buf = _tensor_bytes(value)
+            fault("tensor_write")
             f.write(buf)
             h.update(buf)
             if on_bytes:
@@ -149,7 +153,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 TMP_PREFIX = ".vipllava-tmp-"
-OLD_PREFIX = ".vipllava-old-"
+FAULT_ENV = "VIPLLAVA_FAULT"  # test hook: "<point>" SIGKILLs the process there, "<point>:enospc" raises ENOSPC
+
+
+def fault(point: str) -> None:
+    """A named point where the kill and out-of-space tests inject faults (a no-op unless FAULT_ENV names it)."""
+    want = os.environ.get(FAULT_ENV)
+    if not want or want.split(":")[0] != point:
+        return
+    if want.endswith(":enospc"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), point)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def check_output(output: Path, force: bool) -> None:
@@ -165,30 +179,90 @@ def check_output(output: Path, force: bool) -> None:
         raise ConversionError(f"{parent}: not writable; choose another --output")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(output: Path) -> list[Path]:
+    """Delete temporary folders that earlier, killed runs left beside ``output`` (their process is gone)."""
+    removed = []
+    for p in sorted(output.parent.glob(f"{TMP_PREFIX}{output.name}-*")):
+        m = re.fullmatch(re.escape(f"{TMP_PREFIX}{output.name}-") + r"(\d+)-.*", p.name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        if p.name.endswith("-old") and not output.exists():
+            os.rename(p, output)  # killed between the two renames of the fallback: put the old output back
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextmanager
 def atomic_directory(output: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``output`` in one rename (the old output, with
-    ``force``, is moved aside first and deleted only after the new one is in place). On any failure the temporary
-    folder is removed and ``output`` is untouched."""
+    """Yield a temporary sibling folder; on success it takes ``output``'s place in one atomic step.
+
+    New output: one rename. Replacing (``force``): the new folder and the old output are swapped atomically
+    (``renameat2(RENAME_EXCHANGE)``), then the old one, now at the temporary name, is deleted. A run killed at any
+    moment leaves either no output or the previous complete output at ``output``; its temporary folder carries
+    its pid and is deleted by the next run. On an error the temporary folder is removed and ``output`` untouched.
+    """
     check_output(output, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{output.name}-", dir=output.parent))
+    remove_stale_temporaries(output)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{output.name}-{os.getpid()}-", dir=output.parent))
     try:
         yield tmp
+        fault("before_fsync")
         for p in tmp.iterdir():
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
         _fsync_dir(tmp)
-        old = None
+        fault("before_rename")
         if output.exists():
             if any(output.iterdir()) and not force:  # appeared while we were writing
                 raise ConversionError(f"{output}: appeared while converting; pass --force to replace it")
-            old = output.parent / f"{OLD_PREFIX}{output.name}-{os.getpid()}"
-            os.rename(output, old)
-        os.rename(tmp, output)
-        _fsync_dir(output.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if not _exchange(tmp, output):  # no atomic swap here: move the old one aside, then the new one in
+                aside = output.parent / f"{tmp.name}-old"
+                os.rename(output, aside)
+                try:
+                    os.rename(tmp, output)
+                except BaseException:
+                    os.rename(aside, output)
+                    raise
+                tmp = aside
+            fault("after_exchange")
+            _fsync_dir(output.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # the old output
+        else:
+            os.rename(tmp, output)
+            _fsync_dir(output.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists() and tmp != output:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise

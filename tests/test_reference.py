@@ -1,0 +1,616 @@
+"""Tests of verify/original.py, the independent re-implementation of the ORIGINAL ViP-LLaVA.
+
+Everything is built here, from scratch, on tiny shapes: a sentencepiece model trained on an
+inline corpus with Llama-2 settings, a tiny Llama and a tiny 12-layer CLIP tower with random
+(seeded) weights and non-zero biases, written in the ORIGINAL checkpoint layout.  Expected values
+are derived by hand with plain torch / numpy / PIL, never through the class under test.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+from verify.original import (
+    FEATURE_LAYERS,
+    IMAGE_SENTINEL,
+    OriginalLoadError,
+    OriginalVipLlava,
+    ReferenceOutput,
+)
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+CORPUS = """A chat between a curious human and an artificial intelligence assistant.
+The assistant gives helpful, detailed, and polite answers to the human's questions.
+USER: What is shown in the image? ASSISTANT: A red circle on a blue square.
+USER: What colour is the arrow pointing at? ASSISTANT: The arrow points at a green box.
+What is the object inside the red rectangle? It is a small cat sitting on a mat.
+Describe the region marked by the yellow ellipse in detail, please.
+There are 3 dogs and 12 birds in the picture, near 2024 houses.
+Hello world! How are you today? I am fine, thank you very much.
+The quick brown fox jumps over the lazy dog while the cat watches.
+Visual prompts such as arrows, boxes, circles and scribbles guide the model.
+"""
+
+HIDDEN = 32
+VISION_HIDDEN = 16
+VISION_LAYERS = 12
+IMAGE_SIZE = 28
+PATCH = 14
+N_PATCHES = (IMAGE_SIZE // PATCH) ** 2
+
+
+# ------------------------------------------------------------------------------------------
+# fixture builders
+# ------------------------------------------------------------------------------------------
+
+
+def train_sentencepiece(path: Path, vocab_size: int = 400) -> None:
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.splitlines() * 20),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    path.write_bytes(buf.getvalue())
+
+
+def _added(content: str) -> dict:
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False,
+            "rstrip": False, "single_word": False}
+
+
+def write_text_model(folder: Path, sp_model: Path, **extra) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    cfg = {"add_bos_token": True, "add_eos_token": False, "bos_token": _added("<s>"),
+           "eos_token": _added("</s>"), "unk_token": _added("<unk>"), "clean_up_tokenization_spaces": False,
+           "model_max_length": 2048, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
+           "tokenizer_class": "LlamaTokenizer"}
+    cfg.update(extra)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def vision_config() -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=VISION_HIDDEN, intermediate_size=40, num_hidden_layers=VISION_LAYERS,
+                            num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH,
+                            hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=8)
+
+
+def write_vision_model(folder: Path, size=None, crop=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    vc = vision_config().to_dict()
+    full = {"model_type": "clip", "architectures": ["CLIPModel"], "projection_dim": 8,
+            "text_config": {"model_type": "clip_text_model", "hidden_size": 16},
+            "vision_config": {k: vc[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                  "num_attention_heads", "image_size", "patch_size",
+                                                  "hidden_act", "layer_norm_eps", "projection_dim")}}
+    full["vision_config"]["model_type"] = "clip_vision_model"
+    (folder / "config.json").write_text(json.dumps(full))
+    pre = {"crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE} if crop is None else crop,
+           "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
+           "do_resize": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "resample": 3,
+           "rescale_factor": 1 / 255, "size": {"shortest_edge": IMAGE_SIZE} if size is None else size,
+           "image_processor_type": "CLIPImageProcessor"}
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    return folder
+
+
+def llama_config(vocab: int) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def original_config(vocab: int) -> dict:
+    return {
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+        "vocab_size": vocab, "hidden_size": HIDDEN, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5, "hidden_act": "silu", "rope_theta": 10000.0, "rope_scaling": None,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+        "pretraining_tp": 1, "torch_dtype": "bfloat16", "transformers_version": "4.31.0", "use_cache": True,
+        "mm_vision_tower": "clip_4layers_336", "mm_hidden_size": 5 * VISION_HIDDEN,
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+        "mm_patch_merge_type": "flat", "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right",
+        "use_mm_proj": True, "freeze_mm_mlp_adapter": False, "tune_mm_mlp_adapter": False,
+    }
+
+
+def random_original_state(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Original-layout state dict, bf16, seeded; norm weights around 1, biases non-zero."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(shape, key):
+        if key.endswith("norm.weight") or "layer_norm" in key and key.endswith("weight") or key.endswith("layrnorm.weight"):
+            return 1.0 + 0.1 * torch.randn(shape, generator=g)
+        if key.endswith("bias"):
+            return 0.1 * torch.randn(shape, generator=g)
+        fan_in = shape[-1] if len(shape) > 1 else 1
+        std = 1.0 / math.sqrt(max(fan_in, 1)) if len(shape) > 1 else 0.5
+        if "embed" in key:
+            std = 0.5
+        return std * torch.randn(shape, generator=g)
+
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(llama_config(vocab))
+        vis = CLIPVisionModel(vision_config())
+    state: dict[str, torch.Tensor] = {}
+    for k, t in llm.state_dict().items():
+        state[k] = rnd(tuple(t.shape), k)
+    for k, t in vis.state_dict().items():
+        k = k[len("vision_model."):] if k.startswith("vision_model.") else k
+        state["model.vision_tower.vision_tower.vision_model." + k] = rnd(tuple(t.shape), k)
+    mm = 5 * VISION_HIDDEN
+    state["model.mm_projector.clip_layernorm.weight"] = 1.0 + 0.1 * torch.randn(mm, generator=g)
+    state["model.mm_projector.clip_layernorm.bias"] = 0.1 * torch.randn(mm, generator=g)
+    state["model.mm_projector.final_linear.0.weight"] = torch.randn(HIDDEN, mm, generator=g) / math.sqrt(mm)
+    state["model.mm_projector.final_linear.0.bias"] = 0.1 * torch.randn(HIDDEN, generator=g)
+    state["model.mm_projector.final_linear.2.weight"] = torch.randn(HIDDEN, HIDDEN, generator=g) / math.sqrt(HIDDEN)
+    state["model.mm_projector.final_linear.2.bias"] = 0.1 * torch.randn(HIDDEN, generator=g)
+    # legacy buffers older transformers saved; the loader must drop them
+    for i in range(2):
+        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(HIDDEN // 8, generator=g)
+    state["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"] = torch.arange(N_PATCHES + 1)[None]
+    return {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def write_original(folder: Path, state: dict[str, torch.Tensor], vocab: int, layout: str = "bin") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(original_config(vocab)))
+    if layout == "bin":
+        torch.save(state, folder / "pytorch_model.bin")
+    elif layout in ("bin-sharded", "safetensors-sharded"):
+        keys = sorted(state)
+        halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+        weight_map = {}
+        for n, part in enumerate(halves, start=1):
+            if layout == "bin-sharded":
+                name = f"pytorch_model-{n:05d}-of-00002.bin"
+                torch.save({k: state[k] for k in part}, folder / name)
+            else:
+                from safetensors.torch import save_file
+
+                name = f"model-{n:05d}-of-00002.safetensors"
+                save_file({k: state[k].contiguous() for k in part}, str(folder / name))
+            weight_map.update({k: name for k in part})
+        index = "pytorch_model.bin.index.json" if layout == "bin-sharded" else "model.safetensors.index.json"
+        (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    elif layout == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    else:
+        raise ValueError(layout)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vip_reference")
+    sp_path = root / "sp.model"
+    train_sentencepiece(sp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(sp_path))
+    vocab = sp.get_piece_size()
+    state = random_original_state(vocab)
+    original = write_original(root / "original", state, vocab)
+    text = write_text_model(root / "text_model", sp_path)
+    vision = write_vision_model(root / "vision_model")
+    model = OriginalVipLlava.from_dirs(original, text, vision)
+    return {"root": root, "sp_path": sp_path, "sp": sp, "vocab": vocab, "state": state, "original": original,
+            "text": text, "vision": vision, "model": model}
+
+
+def rand_image(w: int, h: int, seed: int) -> PIL.Image.Image:
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+
+
+# ------------------------------------------------------------------------------------------
+# 1. image features derived by hand
+# ------------------------------------------------------------------------------------------
+
+
+def hand_clip_hidden_states(sd: dict[str, torch.Tensor], pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """The CLIP ViT written out with plain torch ops from the raw original tensors."""
+    p = "model.vision_tower.vision_tower.vision_model."
+    w = lambda k: sd[p + k].float()  # noqa: E731
+    eps = 1e-5
+    x = F.conv2d(pixel_values, w("embeddings.patch_embedding.weight"), stride=PATCH)  # [B, C, g, g]
+    x = x.flatten(2).transpose(1, 2)
+    cls = w("embeddings.class_embedding").expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + w("embeddings.position_embedding.weight")[None]
+    x = F.layer_norm(x, (VISION_HIDDEN,), w("pre_layrnorm.weight"), w("pre_layrnorm.bias"), eps)
+    states = [x]
+    heads = 2
+    hd = VISION_HIDDEN // heads
+    for i in range(VISION_LAYERS):
+        lp = f"encoder.layers.{i}."
+        h = F.layer_norm(x, (VISION_HIDDEN,), w(lp + "layer_norm1.weight"), w(lp + "layer_norm1.bias"), eps)
+        q = F.linear(h, w(lp + "self_attn.q_proj.weight"), w(lp + "self_attn.q_proj.bias"))
+        k = F.linear(h, w(lp + "self_attn.k_proj.weight"), w(lp + "self_attn.k_proj.bias"))
+        v = F.linear(h, w(lp + "self_attn.v_proj.weight"), w(lp + "self_attn.v_proj.bias"))
+        B, S, _ = q.shape
+        q, k, v = (t.view(B, S, heads, hd).transpose(1, 2) for t in (q, k, v))
+        att = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(hd), dim=-1)
+        o = (att @ v).transpose(1, 2).reshape(B, S, VISION_HIDDEN)
+        x = x + F.linear(o, w(lp + "self_attn.out_proj.weight"), w(lp + "self_attn.out_proj.bias"))
+        h = F.layer_norm(x, (VISION_HIDDEN,), w(lp + "layer_norm2.weight"), w(lp + "layer_norm2.bias"), eps)
+        h = F.linear(h, w(lp + "mlp.fc1.weight"), w(lp + "mlp.fc1.bias"))
+        h = h * torch.sigmoid(1.702 * h)  # quick_gelu
+        x = x + F.linear(h, w(lp + "mlp.fc2.weight"), w(lp + "mlp.fc2.bias"))
+        states.append(x)
+    return states
+
+
+def test_image_features_match_hand_derivation(world):
+    model, sd = world["model"], world["state"]
+    g = torch.Generator().manual_seed(5)
+    pixel_values = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    states = hand_clip_hidden_states(sd, pixel_values)
+    assert len(states) == VISION_LAYERS + 1
+    feats = torch.cat([states[i][:, 1:] for i in (-2, -5, -8, -11, 6)], dim=-1)
+    assert feats.shape == (2, N_PATCHES, 5 * VISION_HIDDEN)
+    pp = "model.mm_projector."
+    x = F.layer_norm(feats, (feats.shape[-1],), sd[pp + "clip_layernorm.weight"].float(),
+                     sd[pp + "clip_layernorm.bias"].float(), 1e-5)
+    x = F.linear(x, sd[pp + "final_linear.0.weight"].float(), sd[pp + "final_linear.0.bias"].float())
+    x = 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    expected = F.linear(x, sd[pp + "final_linear.2.weight"].float(), sd[pp + "final_linear.2.bias"].float())
+
+    got = model.image_features(pixel_values)
+    assert got.dtype == torch.float32
+    assert got.shape == (2, N_PATCHES, HIDDEN)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert model.feature_layers == FEATURE_LAYERS == (-2, -5, -8, -11, 6)
+    # the per-image path equals the batched one
+    torch.testing.assert_close(model.image_features(pixel_values[1]), expected[1:], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# 2. tokenization
+# ------------------------------------------------------------------------------------------
+
+
+def test_tokenize_image_then_newline_keeps_dummy_prefix_piece(world):
+    model, sp = world["model"], world["sp"]
+    ids = model.tokenize("<image>\nWhat")
+    underline, newline = sp.piece_to_id("\u2581"), sp.piece_to_id("<0x0A>")
+    assert ids[:4] == [1, IMAGE_SENTINEL, underline, newline]
+    assert ids == [1, IMAGE_SENTINEL] + sp.encode("\nWhat")
+
+
+def test_tokenize_text_only_is_bos_plus_sentencepiece(world):
+    model, sp = world["model"], world["sp"]
+    for text in ["What is shown in the image?", "  two spaces", "", " ", "é漢字 USER: 2024"]:
+        assert model.tokenize(text) == [1] + sp.encode(text)
+
+
+def test_tokenize_two_images_and_edges(world):
+    model, sp = world["model"], world["sp"]
+    prompt = "USER: <image>\nLeft <image>\nRight ASSISTANT:"
+    a, b, c = prompt.split("<image>")
+    assert model.tokenize(prompt) == [1] + sp.encode(a) + [IMAGE_SENTINEL] + sp.encode(b) + [IMAGE_SENTINEL] + sp.encode(c)
+    # adjacent images, and a prompt ending with an image
+    assert model.tokenize("<image><image>") == [1, IMAGE_SENTINEL, IMAGE_SENTINEL]
+    assert model.tokenize("hi <image>") == [1] + sp.encode("hi ") + [IMAGE_SENTINEL]
+
+
+def test_tokenize_special_tokens_legacy(world):
+    model, sp = world["model"], world["sp"]
+    assert model.tokenizer.legacy is True
+    text = "ASSISTANT: ok</s>USER: next"
+    expected = [1] + sp.encode("ASSISTANT: ok") + [2] + sp.encode("USER: next")
+    assert model.tokenize(text) == expected
+    # Llama's special tokens are AddedToken(lstrip=False, rstrip=False): no whitespace stripping
+    assert model.tokenize("a </s> b") == [1] + sp.encode("a ") + [2] + sp.encode(" b")
+    assert model.tokenize("x<s><unk>") == [1] + sp.encode("x") + [1, 0]
+
+
+def test_tokenize_special_tokens_non_legacy(world, tmp_path):
+    sp = world["sp"]
+    text_dir = write_text_model(tmp_path / "text_nl", world["sp_path"], legacy=False)
+    from verify.original import LlamaSlowTokenizer
+
+    tok = LlamaSlowTokenizer(text_dir)
+    assert tok.legacy is False
+
+    def strip_first(pieces):
+        if pieces and pieces[0].startswith("\u2581"):
+            pieces = ([pieces[0][1:]] if len(pieces[0]) > 1 else []) + pieces[1:]
+        return [sp.piece_to_id(p) for p in pieces]
+
+    got = tok.encode_with_images("ASSISTANT: ok</s>USER: next")
+    assert got == [1] + sp.encode("ASSISTANT: ok") + [2] + strip_first(sp.encode("USER: next", out_type=str))
+    # text after a special token that starts with a space keeps its pieces
+    assert tok.encode("a </s> b") == [1] + sp.encode("a ") + [2] + sp.encode(" b")
+    # the chunk after <image> still begins with the dummy-prefix piece
+    assert tok.encode_with_images("<image>\nWhat") == [1, IMAGE_SENTINEL] + sp.encode("\nWhat")
+
+
+def test_plain_string_special_tokens_strip_whitespace(world, tmp_path):
+    sp = world["sp"]
+    text_dir = write_text_model(tmp_path / "text_map", world["sp_path"])
+    # special_tokens_map.json with plain strings: in transformers 4.31 such tokens strip both sides
+    (text_dir / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                                   "unk_token": _added("<unk>")}))
+    from verify.original import LlamaSlowTokenizer
+
+    tok = LlamaSlowTokenizer(text_dir)
+    assert tok.encode("a </s> b") == [1] + sp.encode("a") + [2] + sp.encode("b")
+    assert tok.encode("a <unk> b") == [1] + sp.encode("a ") + [0] + sp.encode(" b")
+
+
+# ------------------------------------------------------------------------------------------
+# 3. preprocessing
+# ------------------------------------------------------------------------------------------
+
+
+def test_preprocess_pads_non_square_with_mean_colour(world):
+    model = world["model"]
+    img = PIL.Image.new("RGB", (60, 30), (255, 0, 0))
+    out = model.preprocess(img)
+    assert out.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and out.dtype == torch.float32
+    pad = torch.tensor([(int(255 * m) / 255 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)])
+    red = torch.tensor([(1.0 - CLIP_MEAN[0]) / CLIP_STD[0], (0 - CLIP_MEAN[1]) / CLIP_STD[1],
+                        (0 - CLIP_MEAN[2]) / CLIP_STD[2]])
+    for y, x in [(0, 0), (0, IMAGE_SIZE - 1), (IMAGE_SIZE - 1, 0), (IMAGE_SIZE - 1, IMAGE_SIZE - 1)]:
+        torch.testing.assert_close(out[:, y, x], pad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[:, IMAGE_SIZE // 2, IMAGE_SIZE // 2], red, atol=1e-6, rtol=0)
+    # a plain CLIP processor would centre-crop instead: no mean-colour rows at all
+    assert model.image_settings.pad_color == (122, 116, 104)
+
+
+def test_preprocess_square_image_is_not_padded(world):
+    model = world["model"]
+    img = rand_image(56, 56, seed=1)
+    out = model.preprocess(img)
+    resized = np.asarray(img.resize((IMAGE_SIZE, IMAGE_SIZE), resample=PIL.Image.Resampling.BICUBIC))
+    expected = ((resized * (1 / 255)).astype(np.float32) - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    torch.testing.assert_close(out, torch.from_numpy(expected.transpose(2, 0, 1).copy()), atol=0, rtol=0)
+
+
+def test_preprocess_offsets_resize_and_crop(world, tmp_path):
+    """expand2square floors the offset; resize keeps int(N * long / short); crop floors too."""
+    vision_dir = write_vision_model(tmp_path / "vision_big", size=31, crop=31)
+    from verify.original import ClipPreprocessSettings
+
+    model = world["model"]
+    saved = model.image_settings
+    try:
+        model.image_settings = ClipPreprocessSettings.from_file(vision_dir / "preprocessor_config.json")
+        img = rand_image(31, 20, seed=2)  # pad 11 rows: 5 above, 6 below
+        out = model.preprocess(img)
+        assert out.shape == (3, 31, 31)
+        mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
+        arr = ((np.asarray(img) * (1 / 255)).astype(np.float32) - mean) / std
+        torch.testing.assert_close(out[:, 5:25, :], torch.from_numpy(arr.transpose(2, 0, 1).copy()), atol=0, rtol=0)
+        pad = torch.from_numpy(((np.array([122, 116, 104]) * (1 / 255)).astype(np.float32) - mean) / std)
+        for row in [0, 4, 25, 30]:
+            torch.testing.assert_close(out[:, row, 0], pad, atol=0, rtol=0)
+
+        # without padding (image_aspect_ratio != "pad"): shortest edge -> 31, long edge
+        # int(31 * 45 / 20) = 69, then a floored centre crop of 31 columns
+        model.image_aspect_ratio = "square"
+        img = rand_image(45, 20, seed=3)
+        out = model.preprocess(img)
+        resized = np.asarray(img.resize((69, 31), resample=PIL.Image.Resampling.BICUBIC))
+        left = (69 - 31) // 2
+        arr = ((resized[:, left:left + 31] * (1 / 255)).astype(np.float32) - mean) / std
+        torch.testing.assert_close(out, torch.from_numpy(arr.transpose(2, 0, 1).copy()), atol=0, rtol=0)
+    finally:
+        model.image_settings = saved
+        model.image_aspect_ratio = "pad"
+
+
+# ------------------------------------------------------------------------------------------
+# 4. splicing
+# ------------------------------------------------------------------------------------------
+
+
+def plain_llm(world) -> LlamaForCausalLM:
+    cfg = llama_config(world["vocab"])
+    cfg._attn_implementation = "eager"
+    llm = LlamaForCausalLM(cfg)
+    sd = {k: v.float() for k, v in world["state"].items()
+          if not k.startswith("model.vision_tower") and not k.startswith("model.mm_projector")
+          and "rotary_emb" not in k}
+    llm.load_state_dict(sd, strict=True)
+    return llm.eval()
+
+
+def test_splice_lengths_positions_and_prefix_logits(world):
+    model = world["model"]
+    ids = model.tokenize("A chat. USER: <image>\nWhat is it? <image>\nAnd this? ASSISTANT:")
+    images = [rand_image(40, 30, seed=10), rand_image(28, 28, seed=11)]
+    out = model.forward(ids, images, capture=True)
+    assert isinstance(out, ReferenceOutput)
+    n_img = ids.count(IMAGE_SENTINEL)
+    assert n_img == 2
+    T = len(ids) + n_img * (N_PATCHES - 1)
+    assert out.logits.shape == (T, world["vocab"]) and out.logits.dtype == torch.float32
+
+    expected_positions = []
+    for i, t in enumerate(ids):
+        expected_positions += [i] * (N_PATCHES if t == IMAGE_SENTINEL else 1)
+    assert out.input_positions == expected_positions
+
+    first = ids.index(IMAGE_SENTINEL)
+    with torch.no_grad():
+        ref = plain_llm(world)(input_ids=torch.tensor([ids[:first]])).logits[0]
+    torch.testing.assert_close(out.logits[:first], ref, atol=1e-5, rtol=1e-5)
+
+    # the spliced rows are the projected image features, text rows the embeddings
+    emb = out.trace["decoder.embeddings"]
+    feats = model.image_features(torch.stack([model.preprocess(im) for im in images]))
+    torch.testing.assert_close(emb[first:first + N_PATCHES], feats[0])
+    second = expected_positions.index(ids.index(IMAGE_SENTINEL, first + 1))
+    torch.testing.assert_close(emb[second:second + N_PATCHES], feats[1])
+    table = world["state"]["model.embed_tokens.weight"].float()
+    torch.testing.assert_close(emb[first + N_PATCHES], table[ids[first + 1]])
+
+    # trace keys and shapes
+    tr = out.trace
+    assert tr["vision.embeddings"].shape == (2, N_PATCHES + 1, VISION_HIDDEN)
+    assert all(f"vision.layer.{i}" in tr for i in range(VISION_LAYERS))
+    assert tr["projector"].shape == (2, N_PATCHES, HIDDEN)
+    assert tr["decoder.layer.0"].shape == (T, HIDDEN) and "decoder.layer.1" in tr
+    torch.testing.assert_close(tr["logits"], out.logits)
+    w = world["state"]["model.norm.weight"].float()
+    last = tr["decoder.layer.1"]
+    normed = last * torch.rsqrt(last.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(tr["decoder.norm"], normed, atol=1e-5, rtol=1e-5)
+    assert all(v.dtype == torch.float32 for v in tr.values())
+
+
+def test_text_only_forward_matches_plain_llama(world):
+    model = world["model"]
+    ids = model.tokenize("Hello world! How are you today?")
+    out = model.forward(ids)
+    with torch.no_grad():
+        ref = plain_llm(world)(input_ids=torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=1e-5)
+    assert out.input_positions == list(range(len(ids)))
+    assert out.trace == {}
+
+
+def test_image_count_mismatch_is_an_error(world):
+    model = world["model"]
+    ids = model.tokenize("<image>\nWhat")
+    with pytest.raises(ValueError, match="sentinel"):
+        model.forward(ids, [])
+    with pytest.raises(ValueError, match="sentinel"):
+        model.forward(model.tokenize("What"), [rand_image(28, 28, 0)])
+
+
+def test_fp32_runs_are_bitwise_repeatable_and_bf16_runs(world):
+    model = world["model"]
+    ids = model.tokenize("USER: <image>\nWhat is it? ASSISTANT:")
+    img = [rand_image(33, 21, seed=4)]
+    a, b = model.forward(ids, img).logits, model.forward(ids, img).logits
+    assert torch.equal(a, b)
+    bf = OriginalVipLlava.from_dirs(world["original"], world["text"], world["vision"], dtype=torch.bfloat16)
+    c = bf.forward(ids, img).logits
+    assert c.dtype == torch.float32 and c.shape == a.shape
+    assert bf.llm.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.isfinite(c).all()
+
+
+# ------------------------------------------------------------------------------------------
+# 5. loader
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["bin-sharded", "safetensors", "safetensors-sharded"])
+def test_other_layouts_load_identically(world, tmp_path, layout):
+    folder = write_original(tmp_path / layout, world["state"], world["vocab"], layout=layout)
+    other = OriginalVipLlava.from_dirs(folder, world["text"], world["vision"])
+    ids = world["model"].tokenize("<image>\nWhat")
+    img = [rand_image(30, 40, seed=6)]
+    assert torch.equal(other.forward(ids, img).logits, world["model"].forward(ids, img).logits)
+
+
+def test_loader_refuses_unknown_key(world, tmp_path):
+    state = dict(world["state"])
+    state["model.mm_projector.extra.weight"] = torch.zeros(3)
+    folder = write_original(tmp_path / "unknown", state, world["vocab"])
+    with pytest.raises(OriginalLoadError, match=r"model\.mm_projector\.extra\.weight"):
+        OriginalVipLlava.from_dirs(folder, world["text"], world["vision"])
+    state = dict(world["state"])
+    state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(HIDDEN)
+    folder = write_original(tmp_path / "unknown2", state, world["vocab"])
+    with pytest.raises(OriginalLoadError, match=r"model\.layers\.0\.self_attn\.q_proj\.bias"):
+        OriginalVipLlava.from_dirs(folder, world["text"], world["vision"])
+
+
+@pytest.mark.parametrize("key", ["model.mm_projector.final_linear.2.bias",
+                                 "model.vision_tower.vision_tower.vision_model.encoder.layers.3.mlp.fc1.bias",
+                                 "lm_head.weight"])
+def test_loader_refuses_missing_key(world, tmp_path, key):
+    state = {k: v for k, v in world["state"].items() if k != key}
+    folder = write_original(tmp_path / "missing", state, world["vocab"])
+    short = key.split("vision_model.")[-1] if "vision_tower" in key else key
+    with pytest.raises(OriginalLoadError, match=short.replace(".", r"\.")):
+        OriginalVipLlava.from_dirs(folder, world["text"], world["vision"])
+
+
+def test_loader_refuses_wrong_shape(world, tmp_path):
+    state = dict(world["state"])
+    state["model.mm_projector.final_linear.0.bias"] = torch.zeros(HIDDEN + 1)
+    folder = write_original(tmp_path / "shape", state, world["vocab"])
+    with pytest.raises(OriginalLoadError, match="final_linear.0.bias"):
+        OriginalVipLlava.from_dirs(folder, world["text"], world["vision"])
+
+
+def test_config_comes_from_the_original(world):
+    model = world["model"]
+    assert model.llm.config.rms_norm_eps == 1e-5
+    assert model.llm.config.vocab_size == world["vocab"]
+    assert model.config["model_type"] == "llava_llama"
+    assert model.llm.config._attn_implementation == "eager"
+    assert model.vision.config._attn_implementation == "eager"
+    assert model.vision.config.num_hidden_layers == VISION_LAYERS
+
+
+# ------------------------------------------------------------------------------------------
+# 6. greedy generation
+# ------------------------------------------------------------------------------------------
+
+
+def test_greedy_generation_is_argmax_step_by_step(world):
+    model = world["model"]
+    ids = model.tokenize("USER: <image>\nWhat is shown? ASSISTANT:")
+    img = [rand_image(40, 28, seed=8)]
+    got = model.generate_greedy(ids, img, max_new_tokens=5)
+    assert got == model.generate_greedy(ids, img, max_new_tokens=5)
+    assert 1 <= len(got) <= 5
+    seq = list(ids)
+    for step, tok in enumerate(got):
+        logits = model.forward(seq, img).logits[-1]
+        assert tok == int(torch.argmax(logits))
+        seq.append(tok)
+    if len(got) < 5:
+        assert got[-1] == 2
+
+
+def test_spliced_sequence_is_truncated_to_tokenizer_model_max_length(world):
+    model = world["model"]
+    ids = model.tokenize("USER: <image>\nWhat is it? ASSISTANT:")
+    img = [rand_image(28, 28, seed=9)]
+    full = model.forward(ids, img)
+    saved = model.max_length
+    try:
+        model.max_length = len(full.input_positions) - 3
+        cut = model.forward(ids, img)
+    finally:
+        model.max_length = saved
+    assert cut.logits.shape[0] == len(full.input_positions) - 3
+    assert cut.input_positions == full.input_positions[:-3]
+    torch.testing.assert_close(cut.logits, full.logits[:-3], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,853 @@
+"""Independent reference implementation of the ORIGINAL ViP-LLaVA forward pass.
+
+This module is the yardstick the converted ``VipLlavaForConditionalGeneration`` repos are
+measured against.  It reads the original checkpoint layout directly and restates, in our own
+code, what the original ViP-LLaVA code base (github mu-cai/ViP-LLaVA, trained with
+transformers 4.31.0) did at inference time.  It deliberately shares nothing with ``convert``
+and uses none of transformers' Llava / VipLlava classes, processors or image processors: the
+only borrowed building blocks are the ones the original itself stood on
+(``LlamaForCausalLM``, ``CLIPVisionModel`` and their configs, ``sentencepiece``, PIL, numpy).
+
+What each part restates
+-----------------------
+* ``load_original_state_dict`` / ``OriginalVipLlava.from_dirs``: the checkpoint as saved by
+  ``LlavaLlamaForCausalLM`` (``llava/model/language_model/llava_llama.py`` +
+  ``llava/model/llava_arch.py``: ``model.vision_tower.vision_tower.*`` is the frozen CLIP tower,
+  ``model.mm_projector.*`` the projector, the rest a plain Llama).  Shards are read with our own
+  loader (``.bin`` only through ``torch.load(..., mmap=True, weights_only=True)``), and placement
+  is strict: an original key we cannot place, or a module parameter left unloaded, is an error.
+* ``OriginalVipLlava.preprocess``: ``llava/mm_utils.py`` ``process_images`` (``image_aspect_ratio``
+  "pad": ``expand2square`` with ``tuple(int(x * 255) for x in image_mean)``; "resize"), followed
+  by transformers 4.31's ``CLIPImageProcessor.preprocess`` (``image_processing_clip.py`` and
+  ``image_transforms.py``: ``get_resize_output_image_size(default_to_square=False)``, PIL resize,
+  ``center_crop``, ``rescale``, ``normalize``) done by hand with PIL + numpy.
+* ``LlamaSlowTokenizer`` / ``OriginalVipLlava.tokenize``: ``llava/mm_utils.py``
+  ``tokenizer_image_token`` on top of transformers 4.31's slow ``LlamaTokenizer``
+  (``tokenization_llama.py``: ``legacy`` and non-legacy ``tokenize`` / ``_tokenize``) and
+  ``PreTrainedTokenizer.tokenize`` (``tokenization_utils.py``: splitting on special tokens,
+  AddedToken ``lstrip`` / ``rstrip`` handling, plain-string special tokens strip both sides).
+* ``OriginalVipLlava.image_features``: ``llava/model/multimodal_encoder/clip_4layer_encoder.py``
+  (``CLIPVisionTowerMultilayer.feature_select``: hidden states [-2, -5, -8, -11, 6], CLS dropped,
+  concatenated on channels) and ``llava/model/multimodal_projector/builder.py``
+  (``SimpleFeatureSingleModel``: LayerNorm(eps 1e-5) -> ``mlp2x_gelu``), the projector written
+  with ``torch.nn.functional``.
+* ``OriginalVipLlava.forward``: ``llava/model/llava_arch.py``
+  ``prepare_inputs_labels_for_multimodal`` (embed the non-image ids, replace every -200 by the
+  next image's features, truncate to ``tokenizer_model_max_length``, positions 0..T-1 over the
+  spliced sequence) followed by ``LlamaForCausalLM``.
+* ``OriginalVipLlava.generate_greedy``: ``LlavaLlamaForCausalLM.generate`` with
+  ``do_sample=False`` (greedy), re-running the whole forward at each step instead of a KV cache.
+
+Both models run with ``attn_implementation="eager"``: plain matmul/softmax attention is
+deterministic on CPU and does not depend on which fused SDPA kernel a torch build selects.
+
+Cross-checked (during development, not in the test-suite) against transformers 4.31.0 itself:
+the tokenizer gives identical ids on 600+ random prompts for legacy, non-legacy, ``legacy: null``,
+plain-string ``special_tokens_map.json`` and lstrip/rstrip variants; the preprocessing is bitwise
+equal to 4.31's ``CLIPImageProcessor`` after ``expand2square``; the whole forward on a tiny
+checkpoint matches a 4.31 Llama + CLIP run of the original pipeline to ~3e-6 in fp32 logits.
+(transformers 4.37.2, pinned by later ViP-LLaVA commits, tokenizes differently in non-legacy mode
+after special tokens; the 7B/13B checkpoints were trained under 4.31.0.)
+
+Memory: with ``dtype=torch.bfloat16`` and bf16 storages, ``.bin`` tensors stay memory-mapped
+and are assigned without a copy; float32 needs 4 bytes per parameter in RAM.
+
+Deliberate deviations from the original (all make the reference stricter, not different):
+images whose count does not match the number of -200 sentinels raise (the original silently
+ignored surplus images); images are converted to RGB before padding (the original callers
+opened images with ``.convert("RGB")`` before ``process_images``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import PIL.Image
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+__all__ = [
+    "IMAGE_SENTINEL",
+    "FEATURE_LAYERS",
+    "ReferenceOutput",
+    "OriginalVipLlava",
+    "LlamaSlowTokenizer",
+    "ClipPreprocessSettings",
+    "load_original_state_dict",
+    "list_checkpoint_files",
+    "OriginalLoadError",
+]
+
+IMAGE_SENTINEL = -200
+FEATURE_LAYERS: tuple[int, ...] = (-2, -5, -8, -11, 6)
+SPIECE_UNDERLINE = "\u2581"
+
+VISION_PREFIX = "model.vision_tower.vision_tower."
+PROJECTOR_PREFIX = "model.mm_projector."
+PROJECTOR_KEYS = (
+    "clip_layernorm.weight",
+    "clip_layernorm.bias",
+    "final_linear.0.weight",
+    "final_linear.0.bias",
+    "final_linear.2.weight",
+    "final_linear.2.bias",
+)
+_LEGACY_ROTARY = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+_LEGACY_POSITION_IDS = re.compile(r"^model\.vision_tower\.vision_tower\.(vision_model\.)?embeddings\.position_ids$")
+
+
+class OriginalLoadError(ValueError):
+    """The original checkpoint does not match the model its config describes."""
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint files
+# --------------------------------------------------------------------------------------------
+
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def list_checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """Shard files of an original checkpoint folder, and the index's weight map if sharded.
+
+    Prefers safetensors over pickles and an index over a single file, like the original's
+    ``from_pretrained`` would have found them.
+    """
+    folder = Path(folder)
+    for name in _INDEX_FILES:
+        index_path = folder / name
+        if index_path.is_file():
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (folder / f).is_file()]
+            if missing:
+                raise OriginalLoadError(f"{index_path} names shard(s) that do not exist: {missing}")
+            return [folder / f for f in files], dict(weight_map)
+    for name in _SINGLE_FILES:
+        if (folder / name).is_file():
+            return [folder / name], None
+    raise OriginalLoadError(
+        f"no checkpoint in {folder}: expected one of {list(_INDEX_FILES) + list(_SINGLE_FILES)}"
+    )
+
+
+def _read_shard(path: Path) -> dict[str, torch.Tensor]:
+    if path.name.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        out = {}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+        return out
+    if path.name.endswith(".bin"):
+        # Never unpickle arbitrary objects: weights_only=True.
+        obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise OriginalLoadError(f"{path} is not a flat state dict of tensors")
+        return obj
+    raise OriginalLoadError(f"unsupported shard format: {path}")
+
+
+def load_original_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an original checkpoint folder, keys exactly as stored."""
+    files, weight_map = list_checkpoint_files(Path(folder))
+    state: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for path in files:
+        for key, tensor in _read_shard(path).items():
+            if key in state:
+                raise OriginalLoadError(f"key {key!r} appears in both {origin[key]} and {path.name}")
+            if weight_map is not None and weight_map.get(key) != path.name:
+                raise OriginalLoadError(
+                    f"key {key!r} found in {path.name} but the index puts it in {weight_map.get(key)!r}"
+                )
+            state[key] = tensor
+            origin[key] = path.name
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(state))
+        if absent:
+            raise OriginalLoadError(f"index names key(s) absent from the shards: {absent[:10]}")
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer: transformers 4.31 slow LlamaTokenizer, restated
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SpecialToken:
+    content: str
+    # None: a plain string special token (4.31 strips whitespace on both sides of those);
+    # otherwise the AddedToken's flags.
+    lstrip: bool | None
+    rstrip: bool | None
+
+
+def _as_special(value: Any, wrap_plain: bool) -> _SpecialToken | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return _SpecialToken(str(value["content"]), bool(value.get("lstrip", False)), bool(value.get("rstrip", False)))
+    if isinstance(value, str):
+        if wrap_plain:  # LlamaTokenizer.__init__ wraps bos/eos/unk/pad strings in AddedToken(lstrip=False, rstrip=False)
+            return _SpecialToken(value, False, False)
+        return _SpecialToken(value, None, None)
+    raise OriginalLoadError(f"unsupported special-token entry: {value!r}")
+
+
+class LlamaSlowTokenizer:
+    """The slow sentencepiece Llama tokenizer of transformers 4.31, as the original used it.
+
+    * The text is split on the special-token strings (leftmost, longest first).  Whitespace next
+      to a special token is stripped only where the token says so: bos/eos/unk/pad from
+      ``tokenizer_config.json`` are AddedTokens (flags as written, ``False`` for plain strings);
+      a plain-string special token coming from ``special_tokens_map.json`` or
+      ``additional_special_tokens`` strips both sides (4.31's default for non-AddedTokens).
+    * ``legacy`` (default True, read from ``tokenizer_config.json``): every non-special piece is
+      encoded with ``sp.encode``, so sentencepiece's dummy prefix adds a leading "\u2581" to every
+      piece.  Non-legacy (4.31 semantics): "\u2581" is prepended to the whole text once and
+      every piece that follows a special token has the leading "\u2581" of its first sentencepiece
+      piece removed (unless the piece starts with a space); the remainder is looked up as a
+      piece (which can give ``<unk>``, as in 4.31).
+    * BOS is prepended (``add_bos_token``, default True), EOS appended if ``add_eos_token``.
+    """
+
+    def __init__(self, text_model: Path):
+        text_model = Path(text_model)
+        model_file = text_model / "tokenizer.model"
+        if not model_file.is_file():
+            raise OriginalLoadError(f"{model_file} not found")
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        cfg_path = text_model / "tokenizer_config.json"
+        cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        added_path = text_model / "added_tokens.json"
+        if added_path.is_file() and json.loads(added_path.read_text() or "{}"):
+            raise OriginalLoadError(f"{added_path} adds tokens; the original ViP-LLaVA tokenizer had none")
+        # 4.31: LlamaTokenizer(legacy=True) by default; an explicit null is falsy -> non-legacy.
+        self.legacy = bool(cfg.get("legacy", True))
+        self.add_bos_token = bool(cfg.get("add_bos_token", True))
+        self.add_eos_token = bool(cfg.get("add_eos_token", False))
+
+        # Attribute order of transformers' SpecialTokensMixin.
+        attrs = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"]
+        defaults = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        wrapped = {"bos_token", "eos_token", "unk_token", "pad_token"}
+        specials: dict[str, Any] = {}
+        for a in attrs:
+            specials[a] = _as_special(cfg.get(a, defaults.get(a)), wrap_plain=a in wrapped)
+        specials["additional_special_tokens"] = [
+            _as_special(v, wrap_plain=False) for v in (cfg.get("additional_special_tokens") or [])
+        ]
+        # special_tokens_map.json is applied afterwards with setattr: it overrides, and plain
+        # strings there stay plain strings.
+        map_path = text_model / "special_tokens_map.json"
+        if map_path.is_file():
+            for key, value in json.loads(map_path.read_text()).items():
+                if key == "additional_special_tokens":
+                    specials[key] = [_as_special(v, wrap_plain=False) for v in (value or [])]
+                elif key in attrs:
+                    specials[key] = _as_special(value, wrap_plain=False)
+        ordered: list[_SpecialToken] = [specials[a] for a in attrs if specials[a] is not None]
+        ordered += [t for t in specials["additional_special_tokens"] if t is not None]
+
+        self.bos_id = self._special_id(specials["bos_token"])
+        self.eos_id = self._special_id(specials["eos_token"])
+        self.unk_id = self._special_id(specials["unk_token"])
+        # Flags per content: the first AddedToken with that content wins; a content that only
+        # ever appears as a plain string strips both sides.
+        self._strip: dict[str, tuple[bool, bool]] = {}
+        for tok in ordered:
+            self._special_id(tok)
+            if tok.lstrip is not None and tok.content not in self._strip:
+                self._strip[tok.content] = (tok.lstrip, tok.rstrip)
+        for tok in ordered:
+            self._strip.setdefault(tok.content, (True, True))
+        contents = sorted(self._strip, key=len, reverse=True)
+        self._split_re = re.compile("(" + "|".join(re.escape(c) for c in contents) + ")") if contents else None
+
+    def _special_id(self, tok: _SpecialToken | None) -> int | None:
+        if tok is None:
+            return None
+        pid = self.sp.piece_to_id(tok.content)
+        if pid == self.sp.unk_id() and tok.content != self.sp.id_to_piece(self.sp.unk_id()):
+            raise OriginalLoadError(
+                f"special token {tok.content!r} is not in the sentencepiece vocabulary; "
+                "the original ViP-LLaVA vocabulary had no added tokens"
+            )
+        return pid
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    # -- PreTrainedTokenizer.tokenize (4.31) ------------------------------------------------
+    def tokenize(self, text: str) -> list[str]:
+        if not self.legacy:
+            text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
+        parts = [p for p in self._split_re.split(text)] if self._split_re else [text]
+        # re.split with one capture group alternates text, special, text, ...; drop the empty
+        # text slots but remember which entries are special tokens.
+        segs: list[tuple[str, bool]] = []
+        for i, p in enumerate(parts):
+            is_special = i % 2 == 1
+            if p or is_special:
+                segs.append((p, is_special))
+        for i, (p, is_special) in enumerate(segs):
+            if not is_special:
+                continue
+            lstrip, rstrip = self._strip[p]
+            if rstrip and i + 1 < len(segs) and segs[i + 1][0]:
+                segs[i + 1] = (segs[i + 1][0].lstrip(), segs[i + 1][1])
+            if lstrip and i > 0 and segs[i - 1][0]:
+                segs[i - 1] = (segs[i - 1][0].rstrip(), segs[i - 1][1])
+        pieces: list[str] = []
+        for p, is_special in segs:
+            if not p:
+                continue
+            if is_special:
+                pieces.append(p)
+            else:
+                pieces.extend(self._tokenize(p))
+        return pieces
+
+    # -- LlamaTokenizer._tokenize (4.31) ----------------------------------------------------
+    def _tokenize(self, text: str) -> list[str]:
+        if self.legacy:
+            return self.sp.encode(text, out_type=str)
+        is_first = text.startswith(SPIECE_UNDERLINE)
+        if is_first:
+            text = text[1:]
+        pieces = self.sp.encode(text, out_type=str)
+        if not is_first and not text.startswith(" ") and pieces and pieces[0].startswith(SPIECE_UNDERLINE):
+            pieces = ([pieces[0][1:]] if len(pieces[0]) > 1 else []) + pieces[1:]
+        return pieces
+
+    def encode(self, text: str) -> list[int]:
+        """``tokenizer(text).input_ids`` of the original slow tokenizer."""
+        ids = [self.sp.piece_to_id(p) for p in self.tokenize(text)]
+        if self.add_bos_token:
+            ids = [self.bos_id] + ids
+        if self.add_eos_token:
+            ids = ids + [self.eos_id]
+        return ids
+
+    # -- llava/mm_utils.py tokenizer_image_token ---------------------------------------------
+    def encode_with_images(self, prompt: str, image_token: str = "<image>") -> list[int]:
+        chunks = [self.encode(c) for c in prompt.split(image_token)]
+        out: list[int] = []
+        offset = 0
+        if chunks and chunks[0] and chunks[0][0] == self.bos_id:
+            offset = 1
+            out.append(chunks[0][0])
+        for i, chunk in enumerate(chunks):
+            if i > 0:
+                out.append(IMAGE_SENTINEL)
+            out.extend(chunk[offset:])
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Image preprocessing: expand2square + transformers 4.31 CLIPImageProcessor, restated
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClipPreprocessSettings:
+    shortest_edge: int
+    crop_height: int
+    crop_width: int
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    resample: int = 3
+    rescale_factor: float = 1 / 255
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    do_convert_rgb: bool = True
+
+    @classmethod
+    def from_file(cls, path: Path) -> "ClipPreprocessSettings":
+        d = json.loads(Path(path).read_text())
+        size = d.get("size", 224)
+        if isinstance(size, int):
+            shortest = size  # get_size_dict(int, default_to_square=False)
+        elif isinstance(size, dict) and "shortest_edge" in size:
+            shortest = int(size["shortest_edge"])
+        else:
+            raise OriginalLoadError(f"CLIP resize needs size['shortest_edge'], got {size!r}")
+        crop = d.get("crop_size", 224)
+        if isinstance(crop, int):
+            ch = cw = crop  # get_size_dict(int, default_to_square=True)
+        elif isinstance(crop, dict) and "height" in crop and "width" in crop:
+            ch, cw = int(crop["height"]), int(crop["width"])
+        elif isinstance(crop, dict) and "shortest_edge" in crop:
+            ch = cw = int(crop["shortest_edge"])
+        else:
+            raise OriginalLoadError(f"unsupported crop_size {crop!r}")
+        mean = d.get("image_mean", [0.48145466, 0.4578275, 0.40821073])
+        std = d.get("image_std", [0.26862954, 0.26130258, 0.27577711])
+        return cls(
+            shortest_edge=shortest,
+            crop_height=ch,
+            crop_width=cw,
+            image_mean=tuple(float(m) for m in mean),
+            image_std=tuple(float(s) for s in std),
+            resample=int(d.get("resample", 3)),
+            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
+            do_resize=bool(d.get("do_resize", True)),
+            do_center_crop=bool(d.get("do_center_crop", True)),
+            do_rescale=bool(d.get("do_rescale", True)),
+            do_normalize=bool(d.get("do_normalize", True)),
+            do_convert_rgb=bool(d.get("do_convert_rgb", True)),
+        )
+
+    @property
+    def pad_color(self) -> tuple[int, ...]:
+        return tuple(int(x * 255) for x in self.image_mean)
+
+
+def expand_to_square(img: PIL.Image.Image, color: tuple[int, ...]) -> PIL.Image.Image:
+    """llava/mm_utils.py expand2square: centre on a max(w, h) square, offsets floored."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = PIL.Image.new(img.mode, (side, side), color)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def clip_preprocess(img: PIL.Image.Image, s: ClipPreprocessSettings) -> np.ndarray:
+    """transformers 4.31 CLIPImageProcessor.preprocess for one image, returning CHW."""
+    if s.do_convert_rgb:
+        img = img.convert("RGB")
+    arr = np.array(img)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if s.do_resize:
+        h, w = arr.shape[:2]
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = s.shortest_edge, int(s.shortest_edge * long / short)
+        out_h, out_w = (new_long, new_short) if w <= h else (new_short, new_long)
+        pil = PIL.Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+        arr = np.array(pil.resize((out_w, out_h), resample=PIL.Image.Resampling(s.resample), reducing_gap=None))
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+    if s.do_center_crop:
+        h, w = arr.shape[:2]
+        ch, cw = s.crop_height, s.crop_width
+        top, left = (h - ch) // 2, (w - cw) // 2
+        if top >= 0 and left >= 0 and top + ch <= h and left + cw <= w:
+            arr = arr[top : top + ch, left : left + cw]
+        else:  # smaller than the crop: zero-pad around it, then crop (4.31 center_crop)
+            nh, nw = max(ch, h), max(cw, w)
+            padded = np.zeros((nh, nw) + arr.shape[2:], dtype=arr.dtype)
+            tp, lp = (nh - h) // 2, (nw - w) // 2
+            padded[tp : tp + h, lp : lp + w] = arr
+            top, left = top + tp, left + lp
+            arr = padded[max(0, top) : min(nh, top + ch), max(0, left) : min(nw, left + cw)]
+    if s.do_rescale:
+        arr = (arr * s.rescale_factor).astype(np.float32)  # float64 product, then float32
+    if s.do_normalize:
+        mean = np.array(s.image_mean, dtype=arr.dtype)
+        std = np.array(s.image_std, dtype=arr.dtype)
+        arr = (arr - mean) / std
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+_LLAMA_KEYS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range",
+    "rms_norm_eps", "pad_token_id", "bos_token_id", "eos_token_id", "pretraining_tp",
+    "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
+    "attention_dropout", "mlp_bias", "head_dim",
+}
+_CLIP_VISION_KEYS = {
+    "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers", "num_attention_heads",
+    "num_channels", "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout",
+    "initializer_range", "initializer_factor",
+}
+
+
+def llama_config_from_original(cfg: dict[str, Any]) -> LlamaConfig:
+    mt = cfg.get("model_type")
+    if mt not in ("llava_llama", "llama"):
+        raise OriginalLoadError(f"original config.json has model_type {mt!r}; only Llama backbones are supported")
+    kwargs = {k: v for k, v in cfg.items() if k in _LLAMA_KEYS}
+    lc = LlamaConfig(**kwargs)
+    lc._attn_implementation = "eager"
+    return lc
+
+
+def clip_vision_config_from_dir(vision_model: Path) -> CLIPVisionConfig:
+    d = json.loads((Path(vision_model) / "config.json").read_text())
+    # 4.31 CLIPVisionConfig.from_pretrained: a full CLIP config contributes its "vision_config"
+    # (not "vision_config_dict").
+    if d.get("model_type") == "clip" or "vision_config" in d:
+        d = d["vision_config"]
+    elif d.get("model_type") not in (None, "clip_vision_model"):
+        raise OriginalLoadError(f"vision config has model_type {d.get('model_type')!r}")
+    vc = CLIPVisionConfig(**{k: v for k, v in d.items() if k in _CLIP_VISION_KEYS})
+    vc._attn_implementation = "eager"
+    return vc
+
+
+# --------------------------------------------------------------------------------------------
+# Placing the original tensors
+# --------------------------------------------------------------------------------------------
+
+
+def _materialize_meta_buffers(model: torch.nn.Module, name: str) -> None:
+    """Non-persistent buffers (rotary inv_freq, CLIP position_ids) of a meta-built model are
+    rebuilt by constructing their owning module again on CPU from the same config."""
+    todo = []
+    for mod_name, module in model.named_modules():
+        redo = [b for b, t in module.named_buffers(recurse=False) if t is not None and t.is_meta]
+        if redo:
+            todo.append((mod_name, module, redo))
+    for mod_name, module, redo in todo:
+        try:
+            fresh = type(module)(module.config if hasattr(module, "config") else model.config)
+        except Exception as exc:  # pragma: no cover - depends on transformers internals
+            raise OriginalLoadError(f"cannot rebuild buffers {redo} of {name}.{mod_name}: {exc}") from exc
+        if not any(True for _ in module.parameters()) and mod_name:
+            # A parameter-free module (the rotary embedding): replace it whole, so that any plain
+            # attribute its constructor derived alongside the buffers is rebuilt as well.
+            parent_name, _, child = mod_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, fresh)
+        else:
+            for b in redo:
+                setattr(module, b, getattr(fresh, b))
+    left = [n for n, t in model.named_buffers() if t.is_meta]
+    left += [n for n, t in model.named_parameters() if t.is_meta]
+    if left:
+        raise OriginalLoadError(f"{name}: tensors left unloaded: {left}")
+
+
+def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    expected = model.state_dict()
+    for k, t in state.items():
+        if k not in expected:
+            raise OriginalLoadError(f"{name}: unexpected key {k!r}")
+        if tuple(expected[k].shape) != tuple(t.shape):
+            raise OriginalLoadError(f"{name}: {k!r} has shape {tuple(t.shape)}, model wants {tuple(expected[k].shape)}")
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise OriginalLoadError(f"{name}: key(s) missing from the original checkpoint: {missing}")
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+@dataclass
+class ReferenceOutput:
+    logits: torch.Tensor
+    input_positions: list[int]
+    trace: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class OriginalVipLlava:
+    """The original ViP-LLaVA (Llama backbone, ``clip_4layers_336`` tower), restated."""
+
+    feature_layers: tuple[int, ...] = FEATURE_LAYERS
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        llm: LlamaForCausalLM,
+        vision: CLIPVisionModel,
+        projector: dict[str, torch.Tensor],
+        tokenizer: LlamaSlowTokenizer,
+        image_settings: ClipPreprocessSettings,
+        dtype: torch.dtype,
+    ):
+        self.config = config
+        self.llm = llm
+        self.vision = vision
+        self.projector = projector
+        self.tokenizer = tokenizer
+        self.sp = tokenizer.sp
+        self.image_settings = image_settings
+        self.dtype = dtype
+        self.image_aspect_ratio = config.get("image_aspect_ratio", "square")
+        self.max_length = config.get("tokenizer_model_max_length")
+        self.projector_eps = 1e-5  # nn.LayerNorm default in SimpleFeatureSingleModel
+        eos = config.get("eos_token_id", tokenizer.eos_id)
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
+
+    # ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_dirs(
+        cls, original: Path, text_model: Path, vision_model: Path, dtype: torch.dtype = torch.float32
+    ) -> "OriginalVipLlava":
+        original, text_model, vision_model = Path(original), Path(text_model), Path(vision_model)
+        config = json.loads((original / "config.json").read_text())
+        ptype = config.get("mm_projector_type")
+        if ptype != "mlp2x_gelu":
+            raise OriginalLoadError(f"mm_projector_type {ptype!r}: ViP-LLaVA uses 'mlp2x_gelu'")
+        tower = config.get("mm_vision_tower")
+        if tower is not None and tower != "clip_4layers_336":
+            raise OriginalLoadError(f"mm_vision_tower {tower!r}: ViP-LLaVA uses 'clip_4layers_336'")
+        if config.get("mm_use_im_start_end") or config.get("mm_use_im_patch_token"):
+            raise OriginalLoadError("mm_use_im_start_end / mm_use_im_patch_token are not supported")
+        merge = config.get("mm_patch_merge_type", "flat")
+        if merge != "flat":
+            raise OriginalLoadError(f"mm_patch_merge_type {merge!r} is not supported")
+
+        lcfg = llama_config_from_original(config)
+        vcfg = clip_vision_config_from_dir(vision_model)
+        n_layers = len(FEATURE_LAYERS)
+        mm_hidden = config.get("mm_hidden_size", n_layers * vcfg.hidden_size)
+        if mm_hidden != n_layers * vcfg.hidden_size:
+            raise OriginalLoadError(
+                f"mm_hidden_size {mm_hidden} != {n_layers} x vision hidden size {vcfg.hidden_size}"
+            )
+        for idx in FEATURE_LAYERS:
+            if not -(vcfg.num_hidden_layers + 1) <= idx <= vcfg.num_hidden_layers:
+                raise OriginalLoadError(f"feature layer {idx} out of range for {vcfg.num_hidden_layers} layers")
+
+        with torch.device("meta"):
+            llm = LlamaForCausalLM(lcfg)
+            vision = CLIPVisionModel(vcfg)
+        vision_keys = set(vision.state_dict())
+
+        raw = load_original_state_dict(original)
+        llm_sd: dict[str, torch.Tensor] = {}
+        vis_sd: dict[str, torch.Tensor] = {}
+        proj_sd: dict[str, torch.Tensor] = {}
+        for key, tensor in raw.items():
+            if _LEGACY_ROTARY.match(key) or _LEGACY_POSITION_IDS.match(key):
+                continue
+            if key.startswith(VISION_PREFIX):
+                sub = key[len(VISION_PREFIX):]
+                candidates = [sub]
+                if sub.startswith("vision_model."):
+                    candidates.append(sub[len("vision_model."):])
+                else:
+                    candidates.append("vision_model." + sub)
+                placed = next((c for c in candidates if c in vision_keys), None)
+                if placed is None:
+                    raise OriginalLoadError(f"vision tower: unexpected key {key!r}")
+                vis_sd[placed] = tensor.to(dtype)
+            elif key.startswith(PROJECTOR_PREFIX):
+                sub = key[len(PROJECTOR_PREFIX):]
+                if sub not in PROJECTOR_KEYS:
+                    raise OriginalLoadError(f"projector: unexpected key {key!r}")
+                proj_sd[sub] = tensor.to(dtype)
+            else:
+                llm_sd[key] = tensor.to(dtype)
+        del raw
+
+        tied = bool(getattr(lcfg, "tie_word_embeddings", False))
+        if tied and "lm_head.weight" not in llm_sd and "model.embed_tokens.weight" in llm_sd:
+            llm_sd["lm_head.weight"] = llm_sd["model.embed_tokens.weight"]
+        _assign(llm, llm_sd, "language model")
+        _assign(vision, vis_sd, "vision tower")
+        missing = [PROJECTOR_PREFIX + k for k in PROJECTOR_KEYS if k not in proj_sd]
+        if missing:
+            raise OriginalLoadError(f"projector: key(s) missing from the original checkpoint: {missing}")
+        hidden = lcfg.hidden_size
+        want = {
+            "clip_layernorm.weight": (mm_hidden,),
+            "clip_layernorm.bias": (mm_hidden,),
+            "final_linear.0.weight": (hidden, mm_hidden),
+            "final_linear.0.bias": (hidden,),
+            "final_linear.2.weight": (hidden, hidden),
+            "final_linear.2.bias": (hidden,),
+        }
+        for k, shape in want.items():
+            if tuple(proj_sd[k].shape) != shape:
+                raise OriginalLoadError(f"projector: {PROJECTOR_PREFIX + k!r} has shape {tuple(proj_sd[k].shape)}, want {shape}")
+        if tied:
+            llm.tie_weights()
+        _materialize_meta_buffers(llm, "language model")
+        _materialize_meta_buffers(vision, "vision tower")
+        for m in (llm, vision):
+            m.eval()
+            m.requires_grad_(False)
+        if llm.config.vocab_size != llm.get_input_embeddings().weight.shape[0]:
+            raise OriginalLoadError("embedding rows differ from vocab_size")
+
+        tokenizer = LlamaSlowTokenizer(text_model)
+        if tokenizer.vocab_size != lcfg.vocab_size:
+            raise OriginalLoadError(
+                f"tokenizer has {tokenizer.vocab_size} pieces, the original model {lcfg.vocab_size} rows"
+            )
+        settings = ClipPreprocessSettings.from_file(vision_model / "preprocessor_config.json")
+        return cls(config, llm, vision, proj_sd, tokenizer, settings, dtype)
+
+    # ---------------------------------------------------------------------------------------
+    @property
+    def num_patches(self) -> int:
+        c = self.vision.config
+        return (c.image_size // c.patch_size) ** 2
+
+    def preprocess(self, image: PIL.Image.Image) -> torch.Tensor:
+        """llava/mm_utils.py process_images for one image -> [3, crop_h, crop_w] float32."""
+        s = self.image_settings
+        img = image.convert("RGB")
+        if self.image_aspect_ratio == "pad":
+            img = expand_to_square(img, s.pad_color)
+        elif self.image_aspect_ratio == "resize":
+            img = img.resize((s.crop_height, s.crop_height))
+        arr = clip_preprocess(img, s)
+        return torch.from_numpy(arr).to(torch.float32)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """llava/mm_utils.py tokenizer_image_token: ids with IMAGE_SENTINEL for each <image>."""
+        return self.tokenizer.encode_with_images(prompt)
+
+    # ---------------------------------------------------------------------------------------
+    def _vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.vision(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
+        hs = out.hidden_states
+        if hs is None or len(hs) != self.vision.config.num_hidden_layers + 1:
+            raise RuntimeError("CLIPVisionModel did not return all hidden states")
+        return tuple(hs)
+
+    def _select_and_project(self, hs: Sequence[torch.Tensor]) -> torch.Tensor:
+        feats = torch.cat([hs[i][:, 1:] for i in FEATURE_LAYERS], dim=-1)
+        p = self.projector
+        x = F.layer_norm(feats, (feats.shape[-1],), p["clip_layernorm.weight"], p["clip_layernorm.bias"], self.projector_eps)
+        x = F.linear(x, p["final_linear.0.weight"], p["final_linear.0.bias"])
+        x = F.gelu(x)  # nn.GELU() default: exact erf form
+        return F.linear(x, p["final_linear.2.weight"], p["final_linear.2.bias"])
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> projected features [B, num_patches, text_hidden] (model dtype)."""
+        if pixel_values.ndim == 3:
+            pixel_values = pixel_values[None]
+        return self._select_and_project(self._vision_hidden_states(pixel_values))
+
+    # ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Sequence[int],
+        images: Sequence[PIL.Image.Image] | None = None,
+        capture: bool = False,
+    ) -> ReferenceOutput:
+        """Logits of the original model over the spliced sequence.
+
+        ``input_ids`` may hold ``IMAGE_SENTINEL``; ``images`` (PIL) are consumed in order, one per
+        sentinel.  Returns float32 logits ``[T, vocab]`` with ``T = len(input_ids) +
+        n_images * (num_patches - 1)`` (capped at ``tokenizer_model_max_length``) and, per spliced
+        position, the index into ``input_ids`` it came from.
+
+        ``capture=True`` also records float32 intermediates in ``trace``:
+        ``vision.embeddings`` (CLIP hidden state 0, after ``pre_layrnorm``) and
+        ``vision.layer.{i}`` (output of encoder layer i), both ``[n_images, 1 + num_patches,
+        vision_hidden]``; ``projector`` ``[n_images, num_patches, hidden]``;
+        ``decoder.embeddings`` (the spliced input embeddings) ``[T, hidden]``;
+        ``decoder.layer.{i}`` (output of decoder layer i; the last one before the final norm)
+        ``[T, hidden]``; ``decoder.norm`` ``[T, hidden]``; ``logits`` ``[T, vocab]``.
+        """
+        ids = [int(i) for i in input_ids]
+        images = list(images or [])
+        vocab = self.llm.config.vocab_size
+        bad = [i for i in ids if i != IMAGE_SENTINEL and not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"token ids outside [0, {vocab}) other than {IMAGE_SENTINEL}: {bad[:5]}")
+        n_sentinels = ids.count(IMAGE_SENTINEL)
+        if n_sentinels != len(images):
+            raise ValueError(f"{n_sentinels} image sentinel(s) in input_ids but {len(images)} image(s) given")
+        if not ids:
+            raise ValueError("empty input_ids")
+
+        trace: dict[str, torch.Tensor] = {}
+        features = None
+        if images:
+            pixel_values = torch.stack([self.preprocess(im) for im in images])
+            hs = self._vision_hidden_states(pixel_values)
+            features = self._select_and_project(hs)
+            if capture:
+                trace["vision.embeddings"] = hs[0].float().clone()
+                for i in range(1, len(hs)):
+                    trace[f"vision.layer.{i - 1}"] = hs[i].float().clone()
+                trace["projector"] = features.float().clone()
+
+        embed = self.llm.get_input_embeddings()
+        text_ids = torch.tensor([i for i in ids if i != IMAGE_SENTINEL], dtype=torch.long)
+        text_emb = embed(text_ids)
+        pieces: list[torch.Tensor] = []
+        positions: list[int] = []
+        t = 0
+        img = 0
+        for pos, tok in enumerate(ids):
+            if tok == IMAGE_SENTINEL:
+                feat = features[img]
+                pieces.append(feat)
+                positions.extend([pos] * feat.shape[0])
+                img += 1
+            else:
+                pieces.append(text_emb[t : t + 1])
+                positions.append(pos)
+                t += 1
+        inputs_embeds = torch.cat(pieces, dim=0)
+        if self.max_length is not None and inputs_embeds.shape[0] > self.max_length:
+            # prepare_inputs_labels_for_multimodal truncates to tokenizer_model_max_length.
+            inputs_embeds = inputs_embeds[: self.max_length]
+            positions = positions[: self.max_length]
+        T = inputs_embeds.shape[0]
+        if capture:
+            trace["decoder.embeddings"] = inputs_embeds.float().clone()
+
+        hooks = []
+        if capture:
+            def make_hook(name):
+                def hook(_module, _inputs, output):
+                    out = output[0] if isinstance(output, (tuple, list)) else output
+                    trace[name] = out[0].float().clone()
+                return hook
+
+            for i, layer in enumerate(self.llm.model.layers):
+                hooks.append(layer.register_forward_hook(make_hook(f"decoder.layer.{i}")))
+            hooks.append(self.llm.model.norm.register_forward_hook(make_hook("decoder.norm")))
+        try:
+            out = self.llm(
+                inputs_embeds=inputs_embeds[None],
+                position_ids=torch.arange(T, dtype=torch.long)[None],
+                use_cache=False,
+            )
+        finally:
+            for h in hooks:
+                h.remove()
+        logits = out.logits[0].float()
+        if capture:
+            trace["logits"] = logits.clone()
+        return ReferenceOutput(logits=logits, input_positions=positions, trace=trace)
+
+    __call__ = forward
+
+    @torch.no_grad()
+    def generate_greedy(
+        self,
+        input_ids: Sequence[int],
+        images: Sequence[PIL.Image.Image] | None = None,
+        max_new_tokens: int = 8,
+    ) -> list[int]:
+        """Greedy continuation (new ids only; the EOS id is included when it is produced)."""
+        ids = [int(i) for i in input_ids]
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = self.forward(ids + new, images).logits
+            nxt = int(torch.argmax(logits[-1]).item())
+            new.append(nxt)
+            if nxt in self.eos_token_ids:
+                break
+        return new

@@ -16,6 +16,7 @@ import pickletools
 import re
 import struct
 import zipfile
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,7 +249,9 @@ def scan_pickle(path: Path) -> None:
             name = op.name
             found = None
             if name in ("GLOBAL", "INST"):
-                found = str(arg).replace(" ", ".")
+                module, _, attr = str(arg).partition(" ")
+                module, attr = NAME_MAPPING.get((module, attr), (IMPORT_MAPPING.get(module, module), attr))
+                found = f"{module}.{attr}"  # as Python 3 resolves it (__builtin__.exec -> builtins.exec)
             elif name == "STACK_GLOBAL":
                 if len(strings) < 2 or strings[-1] is None or strings[-2] is None:
                     raise ConversionError(f"{path}: pickle builds a global it does not name plainly; refusing to load it")

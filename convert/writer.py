@@ -175,8 +175,10 @@ def check_output(output: Path, force: bool) -> None:
     parent = output.parent
     if not parent.is_dir():
         raise ConversionError(f"{parent}: the parent folder of --output does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConversionError(f"{parent}: not writable; choose another --output")
+    try:  # a real probe: os.access says yes to root even on a read-only mount
+        os.rmdir(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}probe-", dir=parent))
+    except OSError as e:
+        raise ConversionError(f"{parent}: not writable ({e.strerror}); choose another --output") from None
 
 
 def _pid_alive(pid: int) -> bool:

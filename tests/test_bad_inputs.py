@@ -1,5 +1,6 @@
-"""Bad input: one line on stderr naming the problem, exit 2, and nothing left behind (no output folder, no
-temporary folder beside it)."""
+"""Hostile and broken input, table-driven: each row is an input, exit code 2, a fragment of the one-line message,
+and the assertion that nothing was written (no output folder, no temporary folder beside it, nothing replaced).
+The malicious pickle must never run: its marker file must not exist afterwards."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import os
+import struct
+import subprocess
+import sys
 
 from fixtures.build import build, write_checkpoint
 from verify.tiny import TinySpec, original_config, original_state_dict
@@ -88,6 +94,105 @@ def _already_converted(fx, tmp):
     assert run_convert(fresh, fx.original) == 0
 
 
+MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / "vipllava-pwned-marker"
+
+
+class _Exploit:
+    """Unpickling this runs exec(): what a hostile checkpoint would do."""
+
+    def __reduce__(self):
+        return (exec, (f"open({str(MARKER)!r}, 'w').write('pwned')",))
+
+
+def _malicious_pickle(fx, tmp):
+    shard = fx.original / "pytorch_model-00001-of-00002.bin"
+    sd = torch.load(shard, weights_only=True)
+    sd["model.norm.weight"] = _Exploit()
+    torch.save(sd, shard)
+
+
+def _unexpected_global(fx, tmp):
+    import collections
+
+    shard = fx.original / "pytorch_model-00002-of-00002.bin"
+    sd = torch.load(shard, weights_only=True)
+    sd["lm_head.weight"] = collections.Counter(a=1)
+    torch.save(sd, shard)
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _truncated_bin(fx, tmp):
+    _truncate(fx.original / "pytorch_model-00002-of-00002.bin")
+
+
+def _as_safetensors(fx):
+    shutil.rmtree(fx.original)
+    fresh = build(fx.root.parent / "st", fmt="safetensors")
+    shutil.move(str(fresh.original), str(fx.original))
+
+
+def _truncated_safetensors(fx, tmp):
+    _as_safetensors(fx)
+    _truncate(fx.original / "model-00002-of-00002.safetensors", 0.9)
+
+
+def _flipped_header_byte(fx, tmp):
+    _as_safetensors(fx)
+    f = fx.original / "model-00001-of-00002.safetensors"
+    data = bytearray(f.read_bytes())
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    data[8 + n // 2] ^= 0x20  # inside the JSON header
+    f.write_bytes(bytes(data))
+
+
+def _key_in_two_shards(fx, tmp):
+    a, b = fx.original / "pytorch_model-00001-of-00002.bin", fx.original / "pytorch_model-00002-of-00002.bin"
+    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    k = next(iter(sa))
+    sb[k] = sa[k]
+    torch.save(sb, b)
+
+
+def _index_names_absent_key(fx, tmp):
+    p = fx.original / "pytorch_model.bin.index.json"
+    idx = json.loads(p.read_text())
+    idx["weight_map"]["model.layers.0.mlp.extra.weight"] = "pytorch_model-00001-of-00002.bin"
+    p.write_text(json.dumps(idx))
+
+
+def _empty_folder(fx, tmp):
+    for p in fx.original.iterdir():
+        p.unlink()
+
+
+def _inf_embedding(fx, tmp):
+    def m(sd):
+        sd["model.embed_tokens.weight"][0, 0] = float("inf")
+    _rewrite_original(fx, m)
+
+
+def _unwritable_parent(fx, tmp):
+    """A read-only file system as the output's parent (root ignores permission bits, so mount one)."""
+    ro = tmp / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0:
+        ro.chmod(0o500)
+        return
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
+
+
+def _unmount(tmp):
+    ro = tmp / "ro"
+    if ro.is_dir() and os.path.ismount(ro):
+        subprocess.run(["umount", str(ro)], check=False)
+
+
 CASES = [
     # (id, setup, extra CLI args, message fragment)
     ("unmapped-key", _unmapped, [], "model.foo.weight"),
@@ -101,6 +206,16 @@ CASES = [
     ("nan-embedding", _nan_embedding, [], "model.embed_tokens.weight: holds NaN or Inf"),
     ("already-converted", _already_converted, [], "already a converted HF VipLlava repo"),
     ("unknown-dtype", None, ["--dtype", "int4"], "--dtype 'int4'"),
+    ("malicious-pickle", _malicious_pickle, [], "pickle references builtins.exec"),
+    ("unexpected-global", _unexpected_global, [], "pickle references collections.Counter"),
+    ("truncated-bin", _truncated_bin, [], "pytorch_model-00002-of-00002.bin: truncated or corrupt"),
+    ("truncated-safetensors", _truncated_safetensors, [], "model-00002-of-00002.safetensors: truncated"),
+    ("flipped-header-byte", _flipped_header_byte, [], "model-00001-of-00002.safetensors"),
+    ("key-in-two-shards", _key_in_two_shards, [], "present in two shards"),
+    ("index-names-absent-key", _index_names_absent_key, [], "names model.layers.0.mlp.extra.weight in pytorch_model-00001-of-00002.bin but no shard holds it"),
+    ("empty-folder", _empty_folder, [], "config.json: missing"),
+    ("inf-embedding", _inf_embedding, [], "model.embed_tokens.weight: holds NaN or Inf (first at row 0, column 0)"),
+    ("unwritable-parent", _unwritable_parent, ["@ro/out"], "not writable"),
 ]
 
 
@@ -109,13 +224,22 @@ def test_bad_input_exits_2_with_one_line_and_leaves_nothing(case, tmp_path, caps
     from tests.conftest import run_convert
 
     name, setup, extra, fragment = case
+    MARKER.unlink(missing_ok=True)
     fx = build(tmp_path / "fx")
-    if setup:
-        setup(fx, tmp_path)
-    before = {p.name: (p.is_file() and p.read_bytes()) for p in tmp_path.iterdir()}
-    capsys.readouterr()
-    code = run_convert(fx, tmp_path / "out", *extra)
-    err = capsys.readouterr().err.strip()
+    output = tmp_path / "out"
+    if extra and extra[0].startswith("@"):
+        output, extra = tmp_path / extra[0][1:], extra[1:]
+    try:
+        if setup:
+            setup(fx, tmp_path)
+        before = {p.name: (p.is_file() and p.read_bytes()) for p in tmp_path.iterdir()}
+        capsys.readouterr()
+        code = run_convert(fx, output, *extra)
+        err = capsys.readouterr().err.strip()
+        assert not any(output.parent.glob(".vipllava-*"))
+    finally:
+        _unmount(tmp_path)
+    assert not MARKER.exists(), "the malicious pickle ran"
     assert code == 2, err
     assert err.startswith("error: ") and "\n" not in err, err
     assert fragment in err, err
@@ -138,3 +262,28 @@ def test_hub_id_unavailable_offline(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "mucai/vip-llava-7b" in err and "\n" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_exploit_is_real(tmp_path):
+    """The malicious row is only meaningful if unpickling the object really runs code."""
+    import pickle
+
+    MARKER.unlink(missing_ok=True)
+    pickle.loads(pickle.dumps(_Exploit()))
+    assert MARKER.read_text() == "pwned"
+    MARKER.unlink()
+
+
+def test_safetensors_preferred_when_both_formats_are_present(tmp_path):
+    """A folder holding both: the safetensors are read and the pickles never opened (a hostile .bin is ignored)."""
+    from tests.conftest import run_convert
+
+    fx = build(tmp_path / "fx")
+    st = build(tmp_path / "st", fmt="safetensors")
+    for p in st.original.glob("model*.safetensors*"):
+        shutil.copy(p, fx.original / p.name)
+    _malicious_pickle(fx, tmp_path)
+    MARKER.unlink(missing_ok=True)
+    assert run_convert(fx, tmp_path / "out") == 0
+    assert json.loads((tmp_path / "out" / "conversion.json").read_text())["settings"]["format"] == "safetensors"
+    assert not MARKER.exists()

@@ -58,6 +58,7 @@ class Summary:
     output_bytes: int
     seconds: float
     dtype: str
+    notes: list[str]
 
     def table(self) -> str:
         rows = [
@@ -71,7 +72,9 @@ class Summary:
             ("time", f"{self.seconds:.1f} s"),
         ]
         w = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+        lines = [f"{k:<{w}}  {v}" for k, v in rows]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -169,6 +172,7 @@ def convert(opts: Options) -> Summary:
     vision = resolve(opts.vision_model or DEFAULT_VISION_MODEL, "--vision-model", allow_patterns=["*.json"])
 
     tok, tinfo = build_tokenizer(text.directory, vocab, str(text.directory))
+    notes = _tokenizer_notes(text.directory)
     vision_file = vision.directory / "config.json"
     vision_cfg = vision_tower_config(_read_json(vision_file, "--vision-model"), str(vision_file))
     preprocessor = _read_json(vision.directory / "preprocessor_config.json", "--vision-model (image preprocessing)")
@@ -254,7 +258,27 @@ def convert(opts: Options) -> Summary:
         output_bytes=sum(p.stat().st_size for p in output.iterdir()),
         seconds=time.perf_counter() - start,
         dtype=_DTYPE_NAME[out_dtype],
+        notes=notes,
     )
+
+
+def _tokenizer_notes(text_dir: Path) -> list[str]:
+    """What the user should know about the tokenizer: the converted one has the LEGACY semantics (every segment
+    between special tokens gets the dummy prefix). The original (transformers 4.31, slow tokenizer) in non-legacy
+    mode instead strips the prefix of the first piece after a special token such as ``</s>``, which no fast
+    tokenizer can express; text after ``<image>`` is the same in both modes (each chunk is tokenized afresh)."""
+    p = text_dir / "tokenizer_config.json"
+    try:
+        legacy = json.loads(p.read_text()).get("legacy", True) if p.is_file() else True
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        legacy = True
+    if legacy is True:
+        return []
+    return [
+        f"{p}: legacy is {json.dumps(legacy)}; the original tokenized text right after a special token such as </s> "
+        "(multi-turn prompts) without sentencepiece's leading piece, the converted tokenizer keeps it. Single-turn "
+        "prompts and text after <image> are identical; run `python -m verify` with your prompts to see the difference"
+    ]
 
 
 def _write_repo(output: Path, opts: Options, shards: list[list[OutTensor]], write_text_files, manifest: dict) -> None:

@@ -166,3 +166,24 @@ def test_resize_new_rows_statistics(shape):
     tr = ((E.double() - mu) ** 2).sum(1).mean()
     d = ((r.embed[shape[0]:].double() - mu) ** 2).sum(1) / (1e-5 * tr)
     assert 0.3 < d.mean().item() < 3.0
+
+
+def test_non_legacy_base_tokenizer_is_flagged_and_verify_sees_only_the_multi_turn_difference(tmp_path, capsys):
+    """A base tokenizer with legacy: false (as Vicuna-derived configs have): the original (4.31 slow tokenizer)
+    drops the dummy prefix after a mid-prompt </s>; the converted fast tokenizer cannot. The converter says so, and
+    verify's processor check fails on exactly the two-turn prompt while single-turn prompts agree."""
+    from fixtures.build import build, sample_images, sample_prompts
+    from verify.api import verify_repo
+
+    fx = build(tmp_path / "fx")
+    cfg_path = fx.text_model / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["legacy"] = False
+    cfg_path.write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert run_convert(fx, tmp_path / "out") == 0
+    assert "legacy is false" in capsys.readouterr().out
+    prompts = [p for p in sample_prompts() if p["name"] in ("wide_colour", "image_then_space", "two_turn")]
+    report = verify_repo(tmp_path / "out", prompts=prompts, images=sample_images(), progress=False, only=["processor"])
+    details = report.get("processor").details
+    assert report.failed_checks == ["processor"] and len(details) == 1 and details[0].startswith("prompt two_turn:"), details

@@ -10,6 +10,7 @@ import errno
 import json
 import platform
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,16 +203,10 @@ def convert(opts: Options) -> Summary:
             tensors.append(OutTensor(tgt, out_dtype_for(src), tuple(ckpt.info(src).shape), lambda s=src: ckpt.get(s)))
     shards = plan_shards(tensors, max_bytes)
 
-    inputs = {
-        "original": _input_record(orig, [orig_dir / "config.json", *ckpt.files, *_index_files(orig_dir)]),
-        "text_model": _input_record(text, _tokenizer_files(text.directory)),
-        "vision_model": _input_record(vision, [vision.directory / "config.json", vision.directory / "preprocessor_config.json"]),
-    }
     manifest = {
         "format": 1,
         "tool": {"name": "vipllava-harness", "version": __version__},
         "environment": {"torch": torch.__version__.split("+")[0], "transformers": _transformers_version(), "python": platform.python_version()},
-        "inputs": inputs,
         "settings": {
             "seed": opts.seed,
             "dtype": opts.dtype,
@@ -241,8 +236,16 @@ def convert(opts: Options) -> Summary:
         write_tokenizer_files(folder, tok, tinfo, text.directory, max_len)
         write_processor_files(folder, preprocessor, vision_cfg["patch_size"], str(vision.directory / "preprocessor_config.json"))
 
+    input_files = {
+        "original": (orig, [orig_dir / "config.json", *ckpt.files, *_index_files(orig_dir)]),
+        "text_model": (text, _tokenizer_files(text.directory)),
+        "vision_model": (vision, [vision.directory / "config.json", vision.directory / "preprocessor_config.json"]),
+    }
     try:
-        _write_repo(output, opts, shards, write_text_files, manifest)
+        # the inputs are hashed (and checked against the Hub's sha256) on a thread while the shards are written
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inputs-sha256") as pool:
+            inputs = pool.submit(lambda: {k: _input_record(inp, files) for k, (inp, files) in input_files.items()})
+            _write_repo(output, opts, shards, write_text_files, manifest, inputs)
     except OSError as e:
         where = e.filename or output
         hint = "free some space or choose another --output" if e.errno == errno.ENOSPC else "check the --output location"
@@ -281,7 +284,7 @@ def _tokenizer_notes(text_dir: Path) -> list[str]:
     ]
 
 
-def _write_repo(output: Path, opts: Options, shards: list[list[OutTensor]], write_text_files, manifest: dict) -> None:
+def _write_repo(output: Path, opts: Options, shards: list[list[OutTensor]], write_text_files, manifest: dict, inputs: Future) -> None:
     """The only place that writes: shards (streamed), index, text files, then the manifest with every hash."""
     from tqdm.auto import tqdm
 
@@ -298,7 +301,7 @@ def _write_repo(output: Path, opts: Options, shards: list[list[OutTensor]], writ
         for p in sorted(tmp.iterdir()):
             if p.name not in outputs:
                 outputs[p.name] = sha256_file(p)
-        write_json(tmp / MANIFEST, {**manifest, "outputs": dict(sorted(outputs.items()))})
+        write_json(tmp / MANIFEST, {**manifest, "inputs": inputs.result(), "outputs": dict(sorted(outputs.items()))})
 
 
 def _index_files(directory: Path) -> list[Path]:

@@ -237,7 +237,7 @@ def scan_pickle(path: Path) -> None:
             if len(names) != 1:
                 raise ConversionError(f"{path}: not a torch.save checkpoint (no single data.pkl inside); re-download it")
             data = z.read(names[0])
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, UnicodeDecodeError, EOFError, ValueError, struct.error, OSError):
         raise ConversionError(
             f"{path}: truncated or corrupt (not a readable zip-format torch checkpoint; a legacy pre-1.6 file must be "
             "re-saved with a current torch); re-download it"

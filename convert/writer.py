@@ -19,6 +19,7 @@ import signal
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,9 +111,11 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def write_shard(path: Path, tensors: list[OutTensor], on_bytes: Callable[[int], None] | None = None) -> str:
-    """Write one safetensors file; returns its sha256."""
+    """Write one safetensors file; returns its sha256. The hash runs on a second thread, overlapping the writes
+    (hashlib and file writes release the GIL), in the order the bytes are written."""
     h = hashlib.sha256()
-    with open(path, "wb") as f:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher, open(path, "wb") as f:
+        pending = None
         head = _header(tensors)
         f.write(head)
         h.update(head)
@@ -124,11 +127,14 @@ def write_shard(path: Path, tensors: list[OutTensor], on_bytes: Callable[[int], 
                 raise ConversionError(f"{spec.name}: produced shape {tuple(value.shape)}, planned {spec.shape}")
             buf = _tensor_bytes(value)
             fault("tensor_write")
+            if pending is not None:
+                pending.result()  # at most one buffer in flight: bounded memory, ordered hashing
+            pending = hasher.submit(h.update, buf)
             f.write(buf)
-            h.update(buf)
             if on_bytes:
                 on_bytes(spec.nbytes)
-            del value, buf
+        if pending is not None:
+            pending.result()
         f.flush()
         os.fsync(f.fileno())
     return h.hexdigest()

@@ -125,6 +125,13 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+def _corrupt_zip_directory(fx, tmp):
+    f = fx.original / "pytorch_model-00001-of-00002.bin"
+    data = bytearray(f.read_bytes())
+    data[-60] ^= 0xFF  # inside the zip's central directory
+    f.write_bytes(bytes(data))
+
+
 def _truncated_bin(fx, tmp):
     _truncate(fx.original / "pytorch_model-00002-of-00002.bin")
 
@@ -209,6 +216,7 @@ CASES = [
     ("malicious-pickle", _malicious_pickle, [], "pickle references builtins.exec"),
     ("unexpected-global", _unexpected_global, [], "pickle references collections.Counter"),
     ("truncated-bin", _truncated_bin, [], "pytorch_model-00002-of-00002.bin: truncated or corrupt"),
+    ("corrupt-zip-directory", _corrupt_zip_directory, [], "pytorch_model-00001-of-00002.bin: truncated or corrupt"),
     ("truncated-safetensors", _truncated_safetensors, [], "model-00002-of-00002.safetensors: truncated"),
     ("flipped-header-byte", _flipped_header_byte, [], "model-00001-of-00002.safetensors"),
     ("key-in-two-shards", _key_in_two_shards, [], "present in two shards"),

@@ -205,3 +205,14 @@ def test_cli_exit_codes_and_json(repo, tmp_path, capsys):
     assert "mapping" in bad["failed_checks"] and "logits" in bad["failed_checks"]
     assert main([str(tmp_path / "nope")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_publication_files_are_allowed_but_other_unlisted_files_fail(repo):
+    (repo / "README.md").write_text("# model card\n")
+    (repo / "verification.json").write_text("{}\n")
+    report = verify_repo(repo, prompts=PROMPTS[:1], images=sample_images(), progress=False, only=["files"])
+    assert report.passed and report.get("files").numbers["publication_files"] == ["README.md", "verification.json"]
+    (repo / "stale-shard.safetensors.bak").write_bytes(b"x")
+    report = verify_repo(repo, prompts=PROMPTS[:1], images=sample_images(), progress=False, only=["files"])
+    assert report.failed_checks == ["files"]
+    assert any("stale-shard.safetensors.bak: in the repo but not in conversion.json" in d for d in report.get("files").details)

@@ -34,6 +34,9 @@ _PREFIXES = (
 )
 _LEGACY_BUFFERS = re.compile(r"(rotary_emb\.inv_freq|embeddings\.position_ids)$")
 EMBED, HEAD = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
+# Files a published repo carries beside what the converter wrote (model card, verification report, the Hub's
+# .gitattributes): not in the manifest, not weights, not read by from_pretrained.
+PUBLICATION_FILES = frozenset({"README.md", "verification.json", ".gitattributes"})
 
 
 def canonical(original_key: str) -> str | None:
@@ -66,6 +69,8 @@ def check_files(ctx: Context) -> Check:
         return Check("files", FAIL, f"no {MANIFEST}: nothing to check the files against")
     outputs: dict = ctx.manifest.get("outputs", {})
     present = {p.name for p in ctx.repo.iterdir() if p.is_file()} - {MANIFEST}
+    published = sorted(present & PUBLICATION_FILES)  # added when publishing, after the manifest was written
+    present -= PUBLICATION_FILES
     for name, digest in sorted(outputs.items()):
         p = ctx.repo / name
         if not p.is_file():
@@ -104,7 +109,7 @@ def check_files(ctx: Context) -> Check:
         problems.append(f"{len(shards)} shards but no model.safetensors.index.json")
     elif not shards:
         problems.append("no safetensors weights in the repo")
-    numbers = {"files_hashed": len(outputs), "shards": len(shards), "tensors": len(headers), "indexed": n_indexed}
+    numbers = {"files_hashed": len(outputs), "shards": len(shards), "tensors": len(headers), "indexed": n_indexed, "publication_files": published}
     summary = f"{len(outputs)} files hashed, {len(shards)} shard(s), {len(headers)} tensors, index entries {n_indexed or 'n/a (single file)'}"
     return Check("files", FAIL if problems else PASS, summary if not problems else f"{len(problems)} problem(s); {summary}", numbers, problems)
 

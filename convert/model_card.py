@@ -1,0 +1,220 @@
+"""The model card (``README.md``) of a published repo, as a pure function of the conversion manifest and the
+verification report: nothing is read from disk or the network here, so the card says exactly what the two JSON
+documents uploaded beside it (``conversion.json``, ``verification.json``) say."""
+
+from __future__ import annotations
+
+import json
+
+# The original ViP-LLaVA prompt format (llava_v1 conversation template, as in training and in the sample prompts
+# verify uses); the converted repo's chat template produces the same text.
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+LLAVA_V1_PROMPT = LLAVA_V1_SYSTEM + " USER: <image>\n{question} ASSISTANT:"
+
+LLAMA2_LICENSE_URL = "https://ai.meta.com/llama/license/"
+VIP_LLAVA_GITHUB = "https://github.com/WisconsinAIVision/ViP-LLaVA"
+
+_ROLES = (("original", "the original ViP-LLaVA checkpoint"), ("text_model", "the base text model, for the tokenizer"),
+          ("vision_model", "the CLIP vision model: config and image preprocessing"))
+
+# What each verify check establishes (qualitative; the thresholds are in each measured line and in verify's docs).
+_CHECK_MEANING = {
+    "files": "every file's sha256 matches conversion.json; the index covers every tensor once",
+    "mapping": "every original tensor present once under its canonical name, bit-identical",
+    "strict_load": "loads with 0 missing / unexpected / mismatched keys; special ids agree",
+    "resize": "new embedding rows drawn as documented (statistical bound)",
+    "processor": "token ids and pixel values equal the original preprocessing",
+    "logits": "logits equal the original model's within tolerance",
+    "generation": "greedy generation identical to the original model's",
+}
+
+
+def _ref(rec: dict) -> str:
+    """The repo id and resolved commit of a Hub input, the local path otherwise."""
+    if rec.get("repo_id"):
+        return f"`{rec['repo_id']}` at commit `{rec.get('revision') or 'unknown'}`"
+    return f"the local path `{rec.get('path') or rec.get('source')}`, no Hub revision"
+
+
+def _cell(text: object) -> str:
+    """Plain table-cell text: pipes escaped, one line."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _code_cell(text: object) -> str:
+    """A measured line as a code span (so ``<image>`` and ``*`` show as written); GFM tables still need ``\\|``."""
+    return "`" + _cell(str(text).replace("`", "'")) + "`"
+
+
+def _size(n: object) -> str:
+    if isinstance(n, int):
+        return f"{n} bytes ({n / 1e9:g} GB)"
+    return str(n)
+
+
+def license_of(manifest: dict) -> tuple[str, str]:
+    """(Hub license id, sentence) inherited from the base text model. ViP-LLaVA's released checkpoints are all
+    fine-tuned from Vicuna v1.5, itself fine-tuned from Llama 2: the Llama 2 Community License applies."""
+    text = manifest.get("inputs", {}).get("text_model", {})
+    repo_id = text.get("repo_id") or ""
+    low = repo_id.lower()
+    if not repo_id:
+        return "llama2", ("The base text model was given as a local path; ViP-LLaVA's released checkpoints are "
+                          "Vicuna v1.5 (Llama 2) based, so the Llama 2 Community License is assumed: check the base "
+                          "model you converted from.")
+    if "vicuna" in low or "llama-2" in low or "llama2" in low:
+        return "llama2", f"The base text model `{repo_id}` is Llama 2 based: the Llama 2 Community License applies."
+    return "other", f"The base text model `{repo_id}` is not a known Llama 2 derivative: its own license applies; check it."
+
+
+def _front_matter(manifest: dict, license_id: str) -> str:
+    original = manifest.get("inputs", {}).get("original", {})
+    lines = ["---", f"license: {license_id}"]
+    if original.get("repo_id"):
+        lines += ["base_model:", f"- {json.dumps(original['repo_id'])}"]
+    lines += ["pipeline_tag: image-text-to-text", "library_name: transformers", "tags:", "- vipllava", "- vip-llava", "---"]
+    return "\n".join(lines)
+
+
+def _usage(repo_id: str | None, dtype: str) -> str:
+    torch_dtype = {"bfloat16": "torch.bfloat16", "float16": "torch.float16", "float32": "torch.float32"}.get(dtype, "torch.float16")
+    repo = json.dumps(repo_id or "path/to/this/repo")
+    prompt = json.dumps(LLAVA_V1_PROMPT)
+    return f"""```python
+import torch
+from PIL import Image
+from transformers import AutoProcessor, VipLlavaForConditionalGeneration
+
+repo = {repo}
+device = "cuda" if torch.cuda.is_available() else "cpu"
+model = VipLlavaForConditionalGeneration.from_pretrained(repo, torch_dtype={torch_dtype}).to(device)
+processor = AutoProcessor.from_pretrained(repo)
+
+image = Image.open("image.png")  # draw your visual prompt (box, arrow, scribble) on the image itself
+question = "What is inside the red box?"
+
+# The original llava_v1 prompt format, written out:
+prompt = {prompt}.format(question=question)
+# ... or, equivalently, through the chat template stored in this repo (same text):
+conversation = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": question}}]}}]
+prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+inputs = processor(images=image, text=prompt, return_tensors="pt").to(device, {torch_dtype})
+output = model.generate(**inputs, max_new_tokens=200, do_sample=False)
+print(processor.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```"""
+
+
+def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | None = None, *, repo_id: str | None = None) -> str:
+    """The card for a converted repo: YAML front matter, then inputs, conversion settings, the verification table
+    (the report's own status and measured line per check), the proven transformers versions (``None``: say which
+    version verified it), usage with the exact prompt format, and the license note. ``repo_id`` only fills the
+    usage snippet."""
+    inputs = manifest.get("inputs", {})
+    settings = manifest.get("settings", {})
+    tool = manifest.get("tool", {})
+    env = manifest.get("environment", {})
+    original = inputs.get("original", {})
+    license_id, license_sentence = license_of(manifest)
+    name = (original.get("repo_id") or "ViP-LLaVA").split("/")[-1]
+    tool_line = f"{tool.get('name', 'vipllava-harness')} {tool.get('version', '?')}"
+    checks = report_json.get("checks", [])
+    n_ok = sum(1 for c in checks if c.get("status") != "FAIL")
+    out: list[str] = [_front_matter(manifest, license_id), ""]
+
+    out += [
+        f"# {name} (Hugging Face transformers format)",
+        "",
+        f"ViP-LLaVA from {_ref(original)}, converted to transformers' `VipLlavaForConditionalGeneration` by {tool_line}, "
+        "and verified against an independent re-implementation of the original model before upload: "
+        f"**{n_ok}/{len(checks)} checks passed**. `conversion.json` is the conversion manifest (inputs, settings, "
+        "sha256 of every file), `verification.json` the full verification report.",
+        "",
+        "## Inputs",
+        "",
+    ]
+    for role, what in _ROLES:
+        rec = inputs.get(role)
+        if not rec:
+            continue
+        out += [f"**{role}**, {what}: {_ref(rec)}", "", "| file | sha256 |", "| --- | --- |"]
+        out += [f"| `{_cell(f)}` | `{digest}` |" for f, digest in sorted(rec.get("files", {}).items())]
+        out.append("")
+
+    mapping = manifest.get("mapping", {})
+    resize = manifest.get("resize", {})
+    dropped = mapping.get("dropped", {})
+    out += [
+        "## Conversion",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        f"| tool | {_cell(tool_line)} |",
+        f"| transformers | {env.get('transformers', '?')} |",
+        f"| torch | {env.get('torch', '?')} |",
+        f"| python | {env.get('python', '?')} |",
+        f"| seed (new embedding rows) | {settings.get('seed', '?')} |",
+        f"| dtype | requested `{settings.get('dtype', '?')}`; source `{settings.get('source_dtype', '?')}`; written `{settings.get('output_dtype', '?')}` |",
+        f"| max shard size | {_size(settings.get('max_shard_size', '?'))} |",
+        f"| source format | {_cell(settings.get('format', '?'))} |",
+        f"| tensors mapped | {mapping.get('mapped', '?')} |",
+        f"| keys dropped | {len(dropped)} ({_cell(', '.join(sorted(set(map(str, dropped.values())))) or 'none')}) |",
+        f"| embedding rows | {resize.get('original_rows', '?')} -> {resize.get('rows', '?')}; `<image>` = {resize.get('image_token_index', '?')}, pad = {resize.get('pad_token_id', '?')} |",
+        f"| new rows | {_cell(resize.get('method', '?'))} (scale {resize.get('scale', '?')}) |",
+        "",
+        "Output files and their sha256:",
+        "",
+        "| file | sha256 |",
+        "| --- | --- |",
+    ]
+    out += [f"| `{_cell(f)}` | `{d}` |" for f, d in sorted(manifest.get("outputs", {}).items())]
+    out.append("")
+
+    vset = report_json.get("settings", {})
+    venv = report_json.get("environment", {})
+    verdict = "all checks passed" if report_json.get("passed") else f"FAILED: {', '.join(report_json.get('failed_checks', []))}"
+    out += [
+        "## Verification",
+        "",
+        f"`python -m verify` ({verdict}): dtype {vset.get('dtype', '?')}, {len(vset.get('prompts', []))} prompts "
+        f"({_cell(', '.join(vset.get('prompts', [])))}), {vset.get('max_new_tokens', '?')} greedy tokens each.",
+        "",
+        "| check | result | measured | what it establishes |",
+        "| --- | --- | --- | --- |",
+    ]
+    out += [f"| {_cell(c.get('name'))} | {_cell(c.get('status'))} | {_code_cell(c.get('summary', ''))} | {_cell(_CHECK_MEANING.get(c.get('name'), ''))} |"
+            for c in checks]
+    out.append("")
+
+    out += ["## Proven transformers versions", ""]
+    if proven_versions:
+        out.append(f"Proven to load and compute the same on transformers {', '.join(proven_versions)} "
+                   "(vipllava-harness's version matrix, `python -m verify.compat`).")
+    elif venv.get("transformers"):
+        out.append(f"Verified with transformers {venv['transformers']} (torch {venv.get('torch', '?')}); "
+                   "no other transformers version was checked for this upload.")
+    else:
+        out.append(f"Converted with transformers {env.get('transformers', '?')}; the verification report does not "
+                   "record its environment, and no other version was checked for this upload.")
+    out.append("")
+
+    out += [
+        "## Usage",
+        "",
+        "The prompt format is the original ViP-LLaVA one (llava_v1): a system sentence, then `USER: <image>\\n"
+        "{question} ASSISTANT:`. The visual prompt (a box, arrow or scribble) is drawn on the image itself.",
+        "",
+        _usage(repo_id, settings.get("output_dtype", "float16")),
+        "",
+        "## License",
+        "",
+        f"{license_sentence} See the [Llama 2 Community License]({LLAMA2_LICENSE_URL}). The conversion does not "
+        "change the weights' terms.",
+        "",
+    ]
+    orig_link = f"[`{original['repo_id']}`](https://huggingface.co/{original['repo_id']}) and " if original.get("repo_id") else ""
+    out += [f"ViP-LLaVA's own terms of use: see the original release, {orig_link}[ViP-LLaVA on GitHub]({VIP_LLAVA_GITHUB}).", ""]
+    return "\n".join(out)

@@ -29,12 +29,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", metavar="DIR", help="convert the bundled tiny fixture into DIR; no other argument needed")
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON to FILE")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    hub = p.add_argument_group("publishing (see README, Publishing)")
+    hub.add_argument("--push-to-hub", metavar="REPO_ID",
+                     help="after converting, run the full verification and, only if every check passes, upload the folder "
+                          "with a model card (README.md) and the report (verification.json) to REPO_ID in one commit; "
+                          "exit 1 and send nothing when a check fails")
+    hub.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    hub.add_argument("--revision", metavar="BRANCH", help="with --push-to-hub: push to this branch (created when missing)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (args.private or args.revision) and not args.push_to_hub:
+        parser.print_usage(sys.stderr)
+        print("error: --private and --revision only apply with --push-to-hub REPO_ID", file=sys.stderr)
+        return 2
+    if args.push_to_hub:
+        from .publish import preflight
+
+        problem = preflight(args.push_to_hub)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     from .pipeline import Options, convert
 
     try:
@@ -64,4 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         data = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(summary).items()}
         Path(args.json).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if args.push_to_hub:
+        from .publish import run
+
+        return run(summary.output, args.push_to_hub, private=args.private, revision=args.revision, progress=not args.quiet)
     return 0

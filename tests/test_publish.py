@@ -1,0 +1,360 @@
+"""Publishing (``python -m convert --push-to-hub``, ``convert.publish``): a repo that fails verification is never
+sent; a verified one goes up complete, in one commit, with its model card and report; Hub errors are one line.
+
+The ONLY thing replaced is the object that talks to the Hub: :class:`RecordingHubApi`, injected as ``api=`` or
+through the ``convert.publish.HUB_API_FACTORY`` hook. Conversions, verification, the commit's operations and the card are real.
+The CLI tests run the full default verification (as ``--push-to-hub`` does); the library tests pass the real
+``verify_repo`` with four of the sample prompts and 4 greedy tokens, to stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import json
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+from huggingface_hub.errors import HfHubHTTPError
+from safetensors.torch import load_file, save_file
+
+import convert
+import convert.publish as publish_mod
+from convert.model_card import model_card
+from convert.publish import PublishError, publish
+from fixtures.build import sample_images, sample_prompts
+from tests.conftest import run_convert
+from verify.api import verify_repo
+
+REPO_ID = "someone/vip-llava-tiny-hf"
+PROMPTS = [p for p in sample_prompts() if p["name"] in ("wide_colour", "text_only", "two_turn", "image_then_space")]
+fast_verify = functools.partial(verify_repo, prompts=PROMPTS, images=sample_images(), max_new_tokens=4, progress=False)
+# the original llava_v1 format, spelled out here independently of convert.model_card
+LLAVA_V1 = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+            "detailed, and polite answers to the human's questions. USER: <image>\n{question} ASSISTANT:")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _http_error(status: int, url: str) -> HfHubHTTPError:
+    # HfHubHTTPError needs a response of the HTTP library huggingface_hub uses (httpx2 for hub 2.x): find it from
+    # the error's own base class rather than naming the library
+    http = importlib.import_module(HfHubHTTPError.__mro__[1].__module__.split(".")[0])
+    response = http.Response(status, request=http.Request("POST", url))
+    return HfHubHTTPError(f"{status} Client Error: Unauthorized for url: {url}\nInvalid credentials in Authorization header",
+                          response=response)
+
+
+class RecordingHubApi:
+    """The network boundary's stand-in: the few ``HfApi`` methods publishing uses, recorded, never touching the
+    network. ``create_commit`` records, per operation, the path in the repo and the sha256 of its content AT CALL
+    TIME (read from the file it points to, or the bytes given), the deleted paths, and the text of the card and
+    the report. ``remote_files``: what the target branch already holds. ``fail_at``: the method that raises
+    ``HfHubHTTPError`` (401). ``existing_public``: the repo already exists as a public repo."""
+
+    def __init__(self, fail_at: str | None = None, existing_public: bool = False, remote_files: list[str] | None = None):
+        self.calls: list[tuple[str, dict]] = []
+        self.commits: list[dict] = []
+        self.fail_at = fail_at
+        self.existing_public = existing_public
+        self.remote_files = remote_files if remote_files is not None else [".gitattributes"]
+        self._private: bool | None = None
+
+    def _record(self, name: str, **kwargs) -> None:
+        self.calls.append((name, kwargs))
+        if name == self.fail_at:
+            raise _http_error(401, f"https://huggingface.co/api/{name}")
+
+    def create_repo(self, repo_id, *, private=None, exist_ok=False, **kw):
+        self._record("create_repo", repo_id=repo_id, private=private, exist_ok=exist_ok, **kw)
+        self._private = False if self.existing_public else bool(private)
+        return f"https://huggingface.co/{repo_id}"
+
+    def repo_info(self, repo_id, **kw):
+        self._record("repo_info", repo_id=repo_id, **kw)
+        return SimpleNamespace(id=repo_id, private=self._private)
+
+    def create_branch(self, repo_id, *, branch, exist_ok=False, **kw):
+        self._record("create_branch", repo_id=repo_id, branch=branch, exist_ok=exist_ok, **kw)
+
+    def list_repo_files(self, repo_id, *, revision=None, **kw):
+        self._record("list_repo_files", repo_id=repo_id, revision=revision, **kw)
+        return list(self.remote_files)
+
+    def create_commit(self, repo_id, operations, *, commit_message, commit_description=None, revision=None, **kw):
+        operations = list(operations)
+        self._record("create_commit", repo_id=repo_id, commit_message=commit_message,
+                     commit_description=commit_description, revision=revision, **kw)
+        added, texts, deleted = {}, {}, []
+        for op in operations:
+            if isinstance(op, CommitOperationDelete):
+                deleted.append(op.path_in_repo)
+                continue
+            assert isinstance(op, CommitOperationAdd), op
+            src = op.path_or_fileobj
+            data = src if isinstance(src, bytes) else Path(src).read_bytes()
+            assert op.path_in_repo not in added, f"{op.path_in_repo} added twice"
+            added[op.path_in_repo] = hashlib.sha256(data).hexdigest()
+            if op.path_in_repo in ("README.md", "verification.json"):
+                texts[op.path_in_repo] = data.decode()
+        self.commits.append({"files": added, "texts": texts, "deleted": deleted})
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{'f' * 40}", oid="f" * 40)
+
+    def __getattr__(self, name):  # any other Hub call is a test failure, not a silent no-op
+        raise AssertionError(f"unexpected Hub call: {name}")
+
+
+@pytest.fixture()
+def repo(converted, tmp_path) -> Path:
+    dst = tmp_path / "repo"
+    shutil.copytree(converted, dst)
+    return dst
+
+
+@pytest.fixture()
+def hub(monkeypatch) -> RecordingHubApi:
+    """The recording API, installed through the documented hook the CLI path uses."""
+    api = RecordingHubApi()
+    monkeypatch.setattr(publish_mod, "HUB_API_FACTORY", lambda: api)
+    return api
+
+
+def _local_state(folder: Path) -> dict[str, str]:
+    return {p.name: _sha(p) for p in sorted(folder.iterdir())}
+
+
+def _zero_projector_ln_bias(folder: Path) -> None:
+    """A defect a buggy converter could write, with a consistent (re-hashed) manifest, as in test_verify_mutations."""
+    for f in folder.glob("*.safetensors"):
+        sd = load_file(str(f))
+        sd["multi_modal_projector.projector_layernorm.bias"].zero_()
+        save_file(sd, str(f), metadata={"format": "pt"})
+    m = json.loads((folder / "conversion.json").read_text())
+    m["outputs"] = {p.name: _sha(p) for p in sorted(folder.iterdir()) if p.name != "conversion.json"}
+    (folder / "conversion.json").write_text(json.dumps(m, indent=2, sort_keys=True))
+
+
+# --- the library ------------------------------------------------------------------------------------------------
+def test_failing_verification_is_never_pushed(repo):
+    _zero_projector_ln_bias(repo)
+    before = _local_state(repo)
+    api = RecordingHubApi()
+    result = publish(repo, REPO_ID, api=api, verify=fast_verify)
+    assert result.refused and not result.pushed and "logits" in result.report.failed_checks
+    assert api.calls == [] and api.commits == []
+    assert _local_state(repo) == before
+
+
+def test_passing_conversion_is_pushed_in_one_complete_commit_with_card_and_report(repo):
+    before = _local_state(repo)
+    stale = ["model-00001-of-00002.safetensors", "old/notes.txt"]
+    api = RecordingHubApi(remote_files=[".gitattributes", "model.safetensors", *stale])
+    result = publish(repo, REPO_ID, api=api, verify=fast_verify)
+    assert result.pushed and [name for name, _ in api.calls] == ["create_repo", "list_repo_files", "create_commit"]
+    assert api.calls[0][1]["exist_ok"] is True and api.calls[0][1]["private"] is None
+    assert len(api.commits) == 1
+    commit, kw = api.commits[0], api.calls[2][1]
+    # every converted file, byte for byte, plus the card and the report; nothing else
+    assert set(commit["files"]) == set(before) | {"README.md", "verification.json"}
+    assert {n: d for n, d in commit["files"].items() if n in before} == before
+    # the branch ends up holding exactly the verified folder: leftovers deleted in the same commit, .gitattributes kept
+    assert commit["deleted"] == stale and result.deleted == stale
+    report_json = json.loads(commit["texts"]["verification.json"])
+    assert report_json["passed"] and [c["status"] for c in report_json["checks"]] == ["PASS"] * 7
+    assert report_json["environment"]["transformers"] and report_json["environment"]["tool"] == f"vipllava-harness {convert.__version__}"
+    manifest = json.loads((repo / "conversion.json").read_text())
+    assert commit["texts"]["README.md"] == model_card(manifest, report_json, None, repo_id=REPO_ID)
+    assert kw["commit_message"] == f"Convert ViP-LLaVA with vipllava-harness {convert.__version__}: verify 7/7 checks passed"
+    assert kw["revision"] is None and kw["repo_id"] == REPO_ID and "logits: PASS" in kw["commit_description"]
+    # the local output is untouched and still verifies (verify's files check rejects unlisted files)
+    assert _local_state(repo) == before
+    assert verify_repo(repo, only=["files"], progress=False).passed
+
+
+def test_private_on_an_existing_public_repo_is_refused_before_uploading(repo):
+    api = RecordingHubApi(existing_public=True)
+    with pytest.raises(PublishError, match="exists and is public") as e:
+        publish(repo, REPO_ID, private=True, api=api, verify=fast_verify)
+    assert "\n" not in str(e.value) and [name for name, _ in api.calls] == ["create_repo", "repo_info"] and not api.commits
+
+
+def test_http_error_exits_2_with_one_line(repo, hub, capsys):
+    hub.fail_at = "create_commit"
+    code = publish_mod.run(repo, REPO_ID, private=False, revision=None, progress=False, verify=fast_verify)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert err.startswith(f"error: pushing to {REPO_ID} failed at create_commit: 401 Client Error") and "HF_TOKEN" in err, err
+    assert err.endswith("no commit was made"), err
+    hub.calls.clear()
+    hub.fail_at = "create_repo"
+    with pytest.raises(PublishError, match="failed at create_repo: 401.*nothing was uploaded"):
+        publish(repo, REPO_ID, verify=fast_verify)
+    assert [name for name, _ in hub.calls] == ["create_repo"]
+
+
+# --- the command line (full default verification, as --push-to-hub runs it) ------------------------------------------
+def test_cli_refuses_to_push_a_conversion_that_fails_verification(hub, tmp_path, capsys):
+    """A real conversion that verification rejects: a base tokenizer with legacy: false (Vicuna-style), where the
+    converted tokenizer differs from the original on the two-turn prompt (see test_convert)."""
+    from fixtures.build import build
+
+    fx = build(tmp_path / "fx")
+    cfg_path = fx.text_model / "tokenizer_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "legacy": False}))
+    out = tmp_path / "out"
+    code = run_convert(fx, out, "--push-to-hub", REPO_ID)
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert hub.calls == [] and hub.commits == []
+    assert "not pushed to" in captured.err and "processor" in captured.err and "two_turn" in captured.err, captured.err
+    assert "FAILED: processor" in captured.out
+    assert (out / "conversion.json").is_file() and not (out / "README.md").exists()
+
+
+def test_cli_pushes_a_verified_conversion_to_a_new_private_branch(tiny, hub, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run_convert(tiny, out, "--push-to-hub", REPO_ID, "--private", "--revision", "conversion-v1")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert [name for name, _ in hub.calls] == ["create_repo", "repo_info", "create_branch", "list_repo_files", "create_commit"]
+    assert hub.calls[0][1]["private"] is True and hub.calls[2][1] == {"repo_id": REPO_ID, "branch": "conversion-v1", "exist_ok": True}
+    assert hub.calls[3][1]["revision"] == "conversion-v1"
+    kw = hub.calls[4][1]
+    assert kw["revision"] == "conversion-v1" and kw["commit_message"].endswith(f"{convert.__version__}: verify 7/7 checks passed")
+    local = _local_state(out)
+    assert set(hub.commits[0]["files"]) == set(local) | {"README.md", "verification.json"}
+    assert all(hub.commits[0]["files"][n] == d for n, d in local.items())
+    report_json = json.loads(hub.commits[0]["texts"]["verification.json"])
+    assert len(report_json["settings"]["prompts"]) == len(sample_prompts())  # the full default verification ran
+    assert f"pushed to {REPO_ID}@conversion-v1: Convert ViP-LLaVA with vipllava-harness" in captured.out
+    assert "Loading weights" not in captured.err  # --quiet holds for transformers' bars too
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--push-to-hub", "not a repo id"], "not a valid repo id"),
+        (["--private"], "only apply with --push-to-hub"),
+        (["--revision", "v1"], "only apply with --push-to-hub"),
+    ],
+)
+def test_cli_push_usage_errors_stop_before_converting(tiny, hub, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert run_convert(tiny, out, *extra) == 2
+    assert message in capsys.readouterr().err and not out.exists() and hub.calls == []
+
+
+def test_cli_push_while_offline_stops_before_converting(tiny, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(publish_mod, "HUB_API_FACTORY", None)  # the real HfApi would be used: it must not be reached
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "out"
+    assert run_convert(tiny, out, "--push-to-hub", REPO_ID) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err and not out.exists()
+
+
+# --- the model card -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def card_inputs(converted) -> tuple[dict, dict]:
+    """The converted fixture's manifest, as if its inputs had come from the Hub, and a real verification report."""
+    manifest = json.loads((converted / "conversion.json").read_text())
+    for key, repo_id, commit in (("original", "mucai/vip-llava-7b", "a" * 40), ("text_model", "lmsys/vicuna-7b-v1.5", "b" * 40),
+                                 ("vision_model", "openai/clip-vit-large-patch14-336", "c" * 40)):
+        manifest["inputs"][key].update(repo_id=repo_id, revision=commit, source=repo_id)
+    return manifest, json.loads(fast_verify(converted).to_json())
+
+
+def _front_matter(card: str) -> tuple[dict, str]:
+    m = re.fullmatch(r"---\n(.*?)\n---\n(.*)", card, re.S)
+    assert m, card[:200]
+    return yaml.safe_load(m.group(1)), m.group(2)
+
+
+def test_model_card_front_matter_and_sections(card_inputs):
+    manifest, report_json = card_inputs
+    card = model_card(manifest, report_json, None, repo_id=REPO_ID)
+    meta, body = _front_matter(card)
+    assert meta == {"license": "llama2", "base_model": ["mucai/vip-llava-7b"], "pipeline_tag": "image-text-to-text",
+                    "library_name": "transformers", "tags": ["vipllava", "vip-llava"]}
+    headings = re.findall(r"^## (.+)$", body, re.M)
+    assert headings == ["Inputs", "Conversion", "Verification", "Proven transformers versions", "Usage", "License"]
+    assert body.count("```python") == 1 and body.count("```") == 2
+
+
+def test_model_card_states_inputs_settings_and_measured_verification(card_inputs):
+    manifest, report_json = card_inputs
+    card = model_card(manifest, report_json, None)
+    for key, rec in manifest["inputs"].items():
+        assert f"`{rec['repo_id']}` at commit `{rec['revision']}`" in card, key
+        for name, digest in rec["files"].items():
+            assert f"| `{name}` | `{digest}` |" in card, (key, name)
+    for name, digest in manifest["outputs"].items():
+        assert f"| `{name}` | `{digest}` |" in card, name
+    s, env = manifest["settings"], manifest["environment"]
+    assert f"| seed (new embedding rows) | {s['seed']} |" in card and f"written `{s['output_dtype']}`" in card
+    assert f"| max shard size | {s['max_shard_size']} bytes" in card
+    assert f"vipllava-harness {convert.__version__}" in card
+    assert f"| transformers | {env['transformers']} |" in card and f"| torch | {env['torch']} |" in card
+    rows = {m.group(1): m for m in re.finditer(r"^\| (\w+) \| (PASS|WARN|FAIL) \| `(.*)` \| .* \|$", card, re.M)}
+    assert list(rows) == [c["name"] for c in report_json["checks"]]
+    for c in report_json["checks"]:
+        assert rows[c["name"]].group(2) == c["status"] and rows[c["name"]].group(3) == c["summary"].replace("|", "\\|")
+    logits = next(c for c in report_json["checks"] if c["name"] == "logits")["numbers"]
+    resize = next(c for c in report_json["checks"] if c["name"] == "resize")["numbers"]
+    assert f"max \\|diff\\| {logits['max_abs_diff']:.3g} <= {logits['tolerance']:g}" in rows["logits"].group(3)
+    assert f"d_max {resize['embed_tokens']['d_max']:.3g}/" in rows["resize"].group(3)
+    # which version verified it, or the proven versions when given
+    assert f"Converted with transformers {env['transformers']}" in card
+    with_env = {**report_json, "environment": {"transformers": "9.9.9", "torch": "8.8.8"}}
+    assert "Verified with transformers 9.9.9 (torch 8.8.8)" in model_card(manifest, with_env, None)
+    assert "transformers 4.51.3, 4.57.6, 5.24.0" in model_card(manifest, report_json, ["4.51.3", "4.57.6", "5.24.0"])
+
+
+def test_model_card_prompt_format_license_and_local_inputs(card_inputs, converted):
+    manifest, report_json = card_inputs
+    card = model_card(manifest, report_json, None)
+    assert json.dumps(LLAVA_V1) in card  # byte for byte, as the Python string literal in the snippet
+    # the same format verify used for its sample prompts
+    box = next(p for p in sample_prompts() if p["name"] == "box_inside")
+    assert box["prompt"] == LLAVA_V1.format(question="What is inside the red box?")
+    assert 'processor.apply_chat_template(conversation, add_generation_prompt=True)' in card
+    assert '[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]' in card
+    assert "VipLlavaForConditionalGeneration.from_pretrained(" in card and "AutoProcessor.from_pretrained(" in card
+    assert "Llama 2 Community License" in card and "https://ai.meta.com/llama/license/" in card
+    assert "https://huggingface.co/mucai/vip-llava-7b" in card and "https://github.com/WisconsinAIVision/ViP-LLaVA" in card
+    # local inputs: paths instead of revisions, no base_model, license assumed and said so
+    local = json.loads((converted / "conversion.json").read_text())
+    card = model_card(local, report_json, None)
+    meta, _ = _front_matter(card)
+    assert meta["license"] == "llama2" and "base_model" not in meta
+    assert f"the local path `{local['inputs']['original']['path']}`, no Hub revision" in card and "is assumed" in card
+
+
+def test_model_card_usage_snippet_runs_and_chat_template_matches(card_inputs, converted):
+    """The snippet, as printed, on the converted fixture: the chat template gives the llava_v1 text, and it runs."""
+    from transformers import AutoProcessor
+
+    question = "What is inside the red box?"
+    processor = AutoProcessor.from_pretrained(converted)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    assert processor.apply_chat_template(conversation, add_generation_prompt=True) == LLAVA_V1.format(question=question)
+
+    manifest, report_json = card_inputs
+    card = model_card(manifest, report_json, None, repo_id=REPO_ID)
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    image = Path(__file__).resolve().parents[1] / "fixtures" / "images" / "box.png"
+    code = (code.replace(json.dumps(REPO_ID), json.dumps(str(converted))).replace('"image.png"', json.dumps(str(image)))
+            .replace("max_new_tokens=200", "max_new_tokens=4"))
+    scope: dict = {}
+    exec(compile(code, "model-card-snippet", "exec"), scope)
+    assert scope["prompt"] == LLAVA_V1.format(question=question)
+    assert scope["output"].shape[1] == scope["inputs"]["input_ids"].shape[1] + 4

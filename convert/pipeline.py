@@ -22,7 +22,7 @@ from .errors import ConversionError
 from .layout import expected_shapes
 from .mapping import EMBED_KEY, LM_HEAD_KEY, KeyMapping, map_keys
 from .processor import build_tokenizer, write_processor_files, write_tokenizer_files
-from .resize import SCALE, resize
+from .resize import SCALE, check_seed, resize
 from .sources import Checkpoint, ResolvedInput, checked_sha256, open_checkpoint, resolve, sha256_file
 from .writer import OutTensor, atomic_directory, check_output, index_json, parse_size, plan_shards, shard_names, write_json, write_shard
 
@@ -145,6 +145,7 @@ def convert(opts: Options) -> Summary:
     start = time.perf_counter()
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
         raise ConversionError(f"--dtype {opts.dtype!r}: expected one of auto, {', '.join(DTYPES)}")
+    check_seed(opts.seed)
     max_bytes = parse_size(opts.max_shard_size)
     output = Path(opts.output).expanduser().absolute()
     check_output(output, opts.force)

@@ -69,6 +69,14 @@ def check_finite(name: str, t: torch.Tensor) -> None:
             )
 
 
+SEED_LIMIT = 2**32  # torch's CPU generator keeps 32 bits of the seed: s and s + 2**32 would give the same rows
+
+
+def check_seed(seed: int) -> None:
+    if not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ConversionError(f"--seed {seed!r}: expected an integer with 0 <= seed < 2**32 (torch's generator keeps 32 bits)")
+
+
 def resize(
     embed: torch.Tensor, lm_head: torch.Tensor, rows: int, seed: int, out_dtype: torch.dtype, scale: float = SCALE
 ) -> ResizeResult:
@@ -78,6 +86,7 @@ def resize(
         raise ConversionError(f"lm_head.weight has shape {tuple(lm_head.shape)} but embed_tokens has {tuple(embed.shape)}")
     if rows < n:
         raise ConversionError(f"cannot resize {n} embedding rows down to {rows}")
+    check_seed(seed)
     check_finite("model.embed_tokens.weight", embed)
     check_finite("lm_head.weight", lm_head)
     gen = torch.Generator().manual_seed(seed)

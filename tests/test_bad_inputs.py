@@ -213,6 +213,7 @@ CASES = [
     ("nan-embedding", _nan_embedding, [], "model.embed_tokens.weight: holds NaN or Inf"),
     ("already-converted", _already_converted, [], "already a converted HF VipLlava repo"),
     ("unknown-dtype", None, ["--dtype", "int4"], "--dtype 'int4'"),
+    ("seed-beyond-32-bits", None, ["--seed", str(2**32 + 5)], "--seed 4294967301: expected an integer with 0 <= seed < 2**32"),
     ("malicious-pickle", _malicious_pickle, [], "pickle references builtins.exec"),
     ("unexpected-global", _unexpected_global, [], "pickle references collections.Counter"),
     ("truncated-bin", _truncated_bin, [], "pytorch_model-00002-of-00002.bin: truncated or corrupt"),

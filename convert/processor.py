@@ -117,8 +117,12 @@ def write_tokenizer_files(out: Path, tok, info: TokenizerInfo, text_dir: Path, m
     decoder = {}
     for idx, added in sorted(tok.added_tokens_decoder.items()):
         decoder[str(idx)] = _added_entry(added.content, special=added.special, normalized=added.normalized)
+    # <image> is listed as an additional special token too: transformers 4.x's slow LlamaTokenizer
+    # (use_fast=False) skips only the tokens listed in the special-tokens map when decoding with
+    # skip_special_tokens=True; without the entry it printed "<image>" back (measured on 4.51.3 and 4.57.6).
     cfg = {
         "add_bos_token": True,
+        "additional_special_tokens": [IMAGE_TOKEN],
         "add_eos_token": False,
         "added_tokens_decoder": decoder,
         "bos_token": info.bos_token,
@@ -137,7 +141,8 @@ def write_tokenizer_files(out: Path, tok, info: TokenizerInfo, text_dir: Path, m
         "use_default_system_prompt": False,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    special = {"bos_token": info.bos_token, "eos_token": info.eos_token, "pad_token": PAD_TOKEN, "unk_token": info.unk_token}
+    special = {"additional_special_tokens": [IMAGE_TOKEN], "bos_token": info.bos_token, "eos_token": info.eos_token,
+               "pad_token": PAD_TOKEN, "unk_token": info.unk_token}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")
 
 

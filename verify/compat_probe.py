@@ -1,0 +1,290 @@
+"""The probe ``python -m verify.compat`` runs INSIDE each transformers version's virtual environment.
+
+Standalone on purpose: it imports only the standard library, numpy, torch, PIL and transformers (whatever
+version the interpreter running it has), never this project, so it runs under transformers 4.x as well as 5.x.
+
+    ENV/bin/python -I compat_probe.py JOB.json
+
+JOB.json: ``{"repo", "prompts": [{"name", "prompt", "image"}], "images": {name: png path},
+"token_probes": [str], "chat_probes": [[message, ...]], "inputs": NPZ or null, "out": DIR}``.
+
+It loads the repo as a user would (``from_pretrained(output_loading_info=True)`` in float32, ``AutoTokenizer``,
+``AutoProcessor``), records what this version actually read (config, generation config, tokenizer, processor and
+image-processor settings), runs its own processor on the prompts and images, and runs the model on the inputs in
+``inputs`` (the reference environment's processor output; its own when null). Every step is guarded: a failing
+step records its error and the others still run. Writes ``DIR/result.json`` and ``DIR/tensors.npz``
+(``own_ids_<i>``, ``own_pixels_<i>``, ``logits_<i>``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+
+
+def _err(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:500]
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def _jsonable(v):
+    """Settings as plain JSON: size objects as dicts without None, enums as ints, tuples as lists."""
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, float):
+        return float(v)
+    if hasattr(v, "value") and isinstance(getattr(v, "value"), int):  # PILImageResampling and friends
+        return int(v.value)
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items() if x is not None}
+    if hasattr(v, "__dataclass_fields__"):  # SizeDict in 5.x
+        return {k: _jsonable(getattr(v, k)) for k in v.__dataclass_fields__ if getattr(v, k) is not None}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    try:
+        import torch
+
+        if isinstance(v, torch.dtype):
+            return str(v).replace("torch.", "")
+    except ImportError:  # pragma: no cover
+        pass
+    return repr(v)
+
+
+def _keys(v) -> list[str]:
+    out = []
+    for k in v or []:
+        out.append(k if isinstance(k, str) else " ".join(str(x) for x in k) if isinstance(k, (tuple, list)) else str(k))
+    return sorted(out)
+
+
+def _model_settings(model) -> dict:
+    c = model.config
+    tc = getattr(c, "text_config", None)
+    vc = getattr(c, "vision_config", None)
+    rope = getattr(tc, "rope_theta", None)
+    if rope is None:
+        rope = (getattr(tc, "rope_parameters", None) or {}).get("rope_theta")
+    gc = getattr(model, "generation_config", None)
+    return {
+        "config.vision_feature_layers": _jsonable(getattr(c, "vision_feature_layers", None)),
+        "config.image_seq_length": _jsonable(getattr(c, "image_seq_length", None)),
+        "config.image_token_index": _jsonable(getattr(c, "image_token_index", getattr(c, "image_token_id", None))),
+        "config.pad_token_id": _jsonable(getattr(c, "pad_token_id", None)),
+        "config.projector_hidden_act": _jsonable(getattr(c, "projector_hidden_act", None)),
+        "config.projector_layernorm_eps": _jsonable(getattr(c, "projector_layernorm_eps", None)),
+        "text_config.pad_token_id": _jsonable(getattr(tc, "pad_token_id", None)),
+        "text_config.vocab_size": _jsonable(getattr(tc, "vocab_size", None)),
+        "text_config.rms_norm_eps": _jsonable(getattr(tc, "rms_norm_eps", None)),
+        "text_config.rope_theta": _jsonable(rope),
+        "text_config.max_position_embeddings": _jsonable(getattr(tc, "max_position_embeddings", None)),
+        "vision_config.image_size": _jsonable(getattr(vc, "image_size", None)),
+        "vision_config.patch_size": _jsonable(getattr(vc, "patch_size", None)),
+        "vision_config.hidden_act": _jsonable(getattr(vc, "hidden_act", None)),
+        "generation_config.bos_token_id": _jsonable(getattr(gc, "bos_token_id", None)),
+        "generation_config.eos_token_id": _jsonable(getattr(gc, "eos_token_id", None)),
+        "generation_config.pad_token_id": _jsonable(getattr(gc, "pad_token_id", None)),
+        "model.dtype": _jsonable(model.dtype),
+    }
+
+
+def _tokenizer_settings(tok) -> dict:
+    return {
+        "tokenizer.bos_token_id": tok.bos_token_id,
+        "tokenizer.eos_token_id": tok.eos_token_id,
+        "tokenizer.unk_token_id": tok.unk_token_id,
+        "tokenizer.pad_token_id": tok.pad_token_id,
+        "tokenizer.image_token_id": tok.convert_tokens_to_ids("<image>"),
+        "tokenizer.len": len(tok),
+        "tokenizer.padding_side": tok.padding_side,
+        "tokenizer.model_max_length": _jsonable(tok.model_max_length),
+    }
+
+
+_IMAGE_PROCESSOR_KEYS = ("do_pad", "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
+                         "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+
+
+def _processor_settings(proc) -> dict:
+    out = {f"processor.{k}": _jsonable(getattr(proc, k, "<absent>"))
+           for k in ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy", "image_token")}
+    ip = getattr(proc, "image_processor", None)
+    for k in _IMAGE_PROCESSOR_KEYS:
+        out[f"image_processor.{k}"] = _jsonable(getattr(ip, k, "<absent>"))
+    return out
+
+
+def _token_probe(tok, text: str) -> dict:
+    ids = [int(i) for i in tok(text)["input_ids"]]
+    return {
+        "text": text,
+        "ids": ids,
+        "tokens": tok.convert_ids_to_tokens(ids),
+        "decoded": tok.decode(ids, skip_special_tokens=True),
+    }
+
+
+def main(argv: list[str]) -> int:
+    warnings.filterwarnings("ignore")
+    job = json.loads(open(argv[0], encoding="utf-8").read())
+    out_dir = job["out"]
+    result: dict = {"steps": {}, "errors": {}}
+    tensors: dict = {}
+    t_all = time.perf_counter()
+
+    def step(name, fn):
+        t0 = time.perf_counter()
+        try:
+            value = fn()
+            ok = True
+        except Exception as e:  # every failure is data for the parent's table
+            value = None
+            ok = False
+            result["errors"][name] = _err(e)
+            result.setdefault("tracebacks", {})[name] = traceback.format_exc()[-4000:]
+        result["steps"][name] = {"ok": ok, "seconds": round(time.perf_counter() - t0, 3)}
+        return value
+
+    import numpy as np
+    import torch
+    import transformers
+
+    try:
+        transformers.logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - very old releases
+        pass
+    import importlib.metadata as md
+
+    def _v(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    result["versions"] = {
+        "transformers": transformers.__version__,
+        "transformers_path": os.path.dirname(transformers.__file__),
+        "torch": torch.__version__,
+        "tokenizers": _v("tokenizers"),
+        "huggingface_hub": _v("huggingface_hub"),
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+    }
+    repo = job["repo"]
+    tv = _version_tuple(transformers.__version__)
+    dtype_kw = "dtype" if tv >= (4, 56) else "torch_dtype"  # 4.56 renamed torch_dtype; 5.x deprecates the old name
+    result["dtype_kwarg"] = dtype_kw
+    settings: dict = {}
+
+    # --- model -------------------------------------------------------------------------------------------------
+    def load_model():
+        from transformers import VipLlavaForConditionalGeneration
+
+        model, info = VipLlavaForConditionalGeneration.from_pretrained(
+            repo, output_loading_info=True, attn_implementation="eager", **{dtype_kw: torch.float32}
+        )
+        model.eval()
+        result["loading_info"] = {
+            "missing_keys": _keys(info.get("missing_keys")),
+            "unexpected_keys": _keys(info.get("unexpected_keys")),
+            "mismatched_keys": _keys(info.get("mismatched_keys")),
+            "error_msgs": [str(m)[:300] for m in info.get("error_msgs") or []],
+        }
+        settings.update(_model_settings(model))
+        return model
+
+    model = step("model", load_model)
+
+    # --- tokenizer ---------------------------------------------------------------------------------------------
+    def load_tokenizer(**kw):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(repo, **kw)
+        probes = [_token_probe(tok, t) for t in job["token_probes"]]
+        chats = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in job.get("text_chat_probes", [])]
+        return {"class": type(tok).__name__, "settings": _tokenizer_settings(tok), "probes": probes, "chat": chats}
+
+    tok = step("tokenizer", load_tokenizer)
+    if tok is not None:
+        result["tokenizer"] = tok
+        settings.update(tok["settings"])
+    slow = step("tokenizer_slow", lambda: load_tokenizer(use_fast=False))
+    if slow is not None and (tok is None or slow["class"] != tok["class"]):
+        result["tokenizer_slow"] = slow  # only when use_fast=False gives a different implementation
+
+    # --- processor ---------------------------------------------------------------------------------------------
+    def load_processor():
+        from PIL import Image
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(repo)
+        info = {
+            "class": type(proc).__name__,
+            "image_processor_class": type(getattr(proc, "image_processor", None)).__name__,
+            "tokenizer_class": type(getattr(proc, "tokenizer", None)).__name__,
+        }
+        settings.update(_processor_settings(proc))
+        images = {}
+        for name, path in job["images"].items():
+            with Image.open(path) as im:
+                images[name] = im.convert("RGB")
+        per_prompt = []
+        for i, p in enumerate(job["prompts"]):
+            n = p["prompt"].count("<image>")
+            imgs = [images[p["image"]]] * n if p.get("image") and n else None
+            enc = proc(text=p["prompt"], images=imgs, return_tensors="pt")
+            tensors[f"own_ids_{i}"] = enc["input_ids"][0].numpy().astype(np.int64)
+            if imgs:
+                tensors[f"own_pixels_{i}"] = enc["pixel_values"].float().numpy()
+            per_prompt.append({"name": p["name"], "images": n if imgs else 0})
+        info["prompts"] = per_prompt
+        info["chat"] = [proc.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in job.get("chat_probes", [])]
+        return info
+
+    proc = step("processor", load_processor)
+    if proc is not None:
+        result["processor"] = proc
+
+    # --- forward -----------------------------------------------------------------------------------------------
+    if model is not None:
+        def forward():
+            feed = dict(np.load(job["inputs"])) if job.get("inputs") else tensors
+            n = 0
+            with torch.no_grad():
+                for i in range(len(job["prompts"])):
+                    if f"own_ids_{i}" not in feed:
+                        raise RuntimeError(f"no input_ids for prompt {i} (the processor step failed)")
+                    kw = {"input_ids": torch.from_numpy(feed[f"own_ids_{i}"]).unsqueeze(0)}
+                    if f"own_pixels_{i}" in feed:
+                        kw["pixel_values"] = torch.from_numpy(feed[f"own_pixels_{i}"]).float()
+                    logits = model(**kw, use_cache=False).logits[0].float()
+                    tensors[f"logits_{i}"] = logits.numpy()
+                    n += 1
+            return n
+
+        result["forward_prompts"] = step("forward", forward)
+
+    result["settings"] = settings
+    result["seconds"] = round(time.perf_counter() - t_all, 3)
+    np.savez(os.path.join(out_dir, "tensors.npz"), **tensors)
+    with open(os.path.join(out_dir, "result.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1, sort_keys=True, ensure_ascii=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

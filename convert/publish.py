@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-import platform
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -77,14 +76,8 @@ def commit_message(report) -> str:
 
 
 def _report_json(report) -> dict:
-    """The report's JSON, plus the environment that produced it (the report does not record it yet)."""
-    data = json.loads(report.to_json())
-    import torch
-    import transformers
-
-    data.setdefault("environment", {"tool": f"{TOOL} {__version__}", "transformers": transformers.__version__,
-                                    "torch": torch.__version__.split("+")[0], "python": platform.python_version()})
-    return data
+    """The report's JSON (it records the environment that produced it)."""
+    return json.loads(report.to_json())
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:

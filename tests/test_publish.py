@@ -313,7 +313,9 @@ def test_model_card_states_inputs_settings_and_measured_verification(card_inputs
     assert f"max \\|diff\\| {logits['max_abs_diff']:.3g} <= {logits['tolerance']:g}" in rows["logits"].group(3)
     assert f"d_max {resize['embed_tokens']['d_max']:.3g}/" in rows["resize"].group(3)
     # which version verified it, or the proven versions when given
-    assert f"Converted with transformers {env['transformers']}" in card
+    assert f"Verified with transformers {report_json['environment']['transformers']}" in card
+    bare = {k: v for k, v in report_json.items() if k != "environment"}
+    assert f"Converted with transformers {env['transformers']}" in model_card(manifest, bare, None)
     with_env = {**report_json, "environment": {"transformers": "9.9.9", "torch": "8.8.8"}}
     assert "Verified with transformers 9.9.9 (torch 8.8.8)" in model_card(manifest, with_env, None)
     assert "transformers 4.51.3, 4.57.6, 5.24.0" in model_card(manifest, report_json, ["4.51.3", "4.57.6", "5.24.0"])

@@ -30,7 +30,12 @@ def verify_repo(
                   prompts=prompts, images=images, dtype=dtype, max_new_tokens=max_new_tokens)
     report = Report(repo=str(repo), settings={"dtype": dtype, "inputs": {k: str(v) for k, v in vars(ctx.inputs).items()},
                                               "prompts": [p["name"] for p in ctx.prompts], "max_new_tokens": max_new_tokens})
+    report.environment = _environment()
     selected = [(n, f) for n, f in ALL_CHECKS if only is None or n in only]
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bar
     for name, fn in tqdm(selected, desc="verifying", disable=not progress, leave=False):
         t0 = time.perf_counter()
         try:
@@ -40,3 +45,15 @@ def verify_repo(
         result.seconds = time.perf_counter() - t0
         report.checks.append(result)
     return report
+
+
+def _environment() -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    from convert import __version__
+
+    return {"tool": f"vipllava-harness {__version__}", "transformers": transformers.__version__,
+            "torch": torch.__version__.split("+")[0], "python": platform.python_version()}

@@ -38,6 +38,7 @@ class Report:
     repo: str
     checks: list[Check] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)  # tool, transformers, torch, python that produced the report
 
     @property
     def passed(self) -> bool:
@@ -73,6 +74,7 @@ class Report:
             "passed": self.passed,
             "failed_checks": self.failed_checks,
             "settings": self.settings,
+            "environment": self.environment,
             "checks": [asdict(c) for c in self.checks],
         }
         return json.dumps(_clean(data), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,296 @@
+"""The transformers-version matrix (``python -m verify.compat``).
+
+Fast tests feed the verdict logic fake probe results. The others run the probe inside the per-version virtual
+environments; each takes well under a minute once the environments exist. In CI, ``.ci/run`` creates the
+environments (``python -m verify.compat --setup-only``) BEFORE pytest runs, so these tests run there on the cached
+environments. Elsewhere a missing environment is created on first use (about 20 s per version with a reachable
+package index); when it cannot be created (offline, or ``VIPLLAVA_COMPAT_CREATE=0``) the test is skipped and says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fixtures.build import sample_images, sample_prompts
+from verify import compat
+from verify.compat import Probe, judge
+
+IMAGE = 997
+SEQ = 9
+PROMPTS = [{"name": "p0", "prompt": "USER: <image>\nWhat? ASSISTANT:", "image": "box"},
+           {"name": "p1", "prompt": "USER: Hi? ASSISTANT:", "image": None}]
+EXPECTED = {"config.image_token_index": IMAGE, "config.image_seq_length": SEQ, "config.vision_feature_layers": [-2, -5, -8, -11, 6],
+            "processor.patch_size": 14, "image_processor.do_pad": True}
+
+
+def _reference() -> Probe:
+    rng = np.random.default_rng(0)
+    ids0 = np.array([1, 309, 940, 917] + [IMAGE] * SEQ + [917, 13, 958, 345, 311, 940], dtype=np.int64)
+    ids1 = np.array([1, 309, 940, 356, 311, 940], dtype=np.int64)
+    tok = {"class": "Fast", "chat": ["USER: <image>\nHi ASSISTANT:"], "probes": [
+        {"text": "<image>\nWhat", "ids": [1, IMAGE, 917, 13, 958, 345], "tokens": ["<s>", "<image>", "\u2581", "<0x0A>", "W", "hat"], "decoded": "\nWhat"},
+        {"text": "<image> What", "ids": [1, IMAGE, 917, 356], "tokens": ["<s>", "<image>", "\u2581", "\u2581What"], "decoded": " What"},
+    ]}
+    result = {
+        "steps": {n: {"ok": True, "seconds": 0.1} for n in ("model", "tokenizer", "tokenizer_slow", "processor", "forward")},
+        "errors": {},
+        "versions": {"transformers": "9.9.9"},
+        "loading_info": {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []},
+        "settings": {**EXPECTED, "tokenizer.padding_side": "left"},
+        "tokenizer": tok,
+        "processor": {"class": "LlavaProcessor", "chat": ["x"], "prompts": []},
+    }
+    tensors = {"own_ids_0": ids0, "own_ids_1": ids1, "own_pixels_0": rng.standard_normal((1, 3, 42, 42)).astype(np.float32),
+               "logits_0": rng.standard_normal((len(ids0), 64)).astype(np.float32),
+               "logits_1": rng.standard_normal((len(ids1), 64)).astype(np.float32)}
+    return Probe("current", result=result, tensors=tensors)
+
+
+def _row(edit) -> compat.Row:
+    ref = _reference()
+    p = Probe("4.57.6", result=copy.deepcopy(ref.result), tensors={k: v.copy() for k, v in ref.tensors.items()})
+    p.result["versions"]["transformers"] = "4.57.6"
+    edit(p)
+    return judge(p, ref, EXPECTED, PROMPTS)
+
+
+def _nothing(p):
+    p.tensors["logits_0"] = p.tensors["logits_0"] + np.float32(2e-6)  # kernel-order noise: inside 1e-5
+
+
+def _missing_keys(p):
+    p.result["loading_info"]["missing_keys"] = [f"vision_tower.vision_model.encoder.layers.{i}.mlp.fc1.weight" for i in range(3)]
+
+
+def _logits_off(p):
+    p.tensors["logits_1"] = p.tensors["logits_1"] + np.float32(1e-3)
+
+
+def _load_error(p):
+    p.result["steps"]["model"] = {"ok": False, "seconds": 0.1}
+    p.result["steps"]["forward"] = {"ok": False, "seconds": 0.0}
+    p.result["errors"]["model"] = "OSError: no file named model.safetensors"
+    p.result.pop("loading_info")
+    for i in (0, 1):
+        p.tensors.pop(f"logits_{i}")
+
+
+def _setting_ignored(p):
+    p.result["settings"]["config.vision_feature_layers"] = [-2]
+
+
+def _dummy_prefix_dropped(p):
+    t = p.result["tokenizer"]["probes"][0]
+    t["ids"], t["tokens"] = [1, IMAGE, 13, 958, 345], ["<s>", "<image>", "<0x0A>", "W", "hat"]
+
+
+def _image_tokens_short(p):
+    ids = p.tensors["own_ids_0"]
+    p.tensors["own_ids_0"] = np.delete(ids, np.where(ids == IMAGE)[0][0])
+
+
+def _tokenizer_fails(p):
+    p.result["steps"]["tokenizer"] = {"ok": False, "seconds": 0.0}
+    p.result["errors"]["tokenizer"] = "ValueError: Tokenizer class TokenizersBackend does not exist or is not currently imported."
+    p.result.pop("tokenizer")
+
+
+def _pixels_off(p):
+    p.tensors["own_pixels_0"] = p.tensors["own_pixels_0"] + np.float32(1e-3)
+
+
+def test_clean_row_passes():
+    row = _row(_nothing)
+    assert row.passed, row.details
+    assert (row.missing, row.unexpected, row.mismatched) == (0, 0, 0)
+    assert row.image_tokens == [SEQ] and row.logits_max_diff == pytest.approx(2e-6, rel=0.1)
+
+
+@pytest.mark.parametrize("edit, column, detail", [
+    (_missing_keys, "missing", "3 missing keys"),
+    (_logits_off, "logits_ok", "logits max |diff| 0.001"),
+    (_load_error, "load_ok", "model: OSError"),
+    (_setting_ignored, "settings_ok", "reads config.vision_feature_layers = [-2], the files say [-2, -5, -8, -11, 6]"),
+    (_dummy_prefix_dropped, "tokenizer_ok", "'<image>\\nWhat' gives ['<0x0A>', 'W'] after <image>"),
+    (_image_tokens_short, "image_tokens_ok", "runs of [8] image tokens, expected 1 x 9"),
+    (_tokenizer_fails, "tokenizer_ok", "TokenizersBackend does not exist"),
+    (_pixels_off, "processor_ok", "pixel_values max |diff| 0.001"),
+], ids=lambda x: x.__name__.strip("_") if callable(x) else None)
+def test_each_defect_fails_its_row(edit, column, detail):
+    row = _row(edit)
+    assert not row.passed and row.verdict == "FAIL"
+    if column == "missing":
+        assert row.missing == 3
+    else:
+        assert getattr(row, column) is False
+    assert any(detail in d for d in row.details), row.details
+
+
+def test_a_probe_that_could_not_run_fails():
+    row = judge(Probe("4.51.3", error="environment: pip install transformers==4.51.3 failed: no network"), _reference(), EXPECTED, PROMPTS)
+    assert not row.passed and not row.load_ok and row.logits_max_diff is None
+    assert "no network" in row.details[0]
+
+
+def test_same_compares_settings_numerically():
+    assert compat.same(1e-05, 1e-5 * (1 + 1e-9)) and compat.same(10000, 10000.0) and compat.same([1, 2], (1, 2))
+    assert not compat.same(True, 1) and not compat.same({"a": 1}, {"a": 1, "b": 2}) and not compat.same(1e-5, 1e-6)
+
+
+def test_usage_errors_exit_2(tmp_path, capsys):
+    assert compat.main([str(tmp_path / "nope")]) == 2
+    assert compat.main([str(tmp_path), "--versions", "latest"]) == 2
+    assert compat.main([]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_missing_env_without_create_fails(tmp_path, capsys):
+    """--no-create on an empty env dir: exit 1 and the reason, no environment made."""
+    assert compat.main(["--setup-only", "--no-create", "--envs", str(tmp_path), "--versions", "4.57.6"]) == 1
+    assert "no environment" in capsys.readouterr().out
+    with pytest.raises(compat.EnvError, match="no environment"):
+        compat.ensure_env("4.57.6", tmp_path, create=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# in the per-version environments
+# ---------------------------------------------------------------------------------------------------------------
+def _env(version: str) -> None:
+    """Make sure the environment for ``version`` exists (created when missing), or skip saying why."""
+    create = os.environ.get("VIPLLAVA_COMPAT_CREATE", "1") != "0"
+    try:
+        compat.ensure_env(version, create=create)
+    except compat.EnvError as e:
+        pytest.skip(f"no transformers {version} environment under {compat.default_envs_dir()} and it cannot be created "
+                    f"({e}); CI creates them with `python -m verify.compat --setup-only` before pytest")
+
+
+@pytest.fixture(scope="module")
+def all_envs():
+    for v in compat.VERSIONS:
+        _env(v)
+
+
+def _show(m) -> None:
+    print("\n" + m.table())
+
+
+def test_matrix_passes_on_the_converted_tiny_repo(converted, all_envs):
+    """Acceptance: every listed version loads the converted repo with 0 missing / unexpected / mismatched keys,
+    reads every setting, tokenizes and processes like this environment, expands <image> to image_seq_length (9)
+    tokens and gives the same logits within 1e-5 (fp32)."""
+    m = compat.run_matrix(converted)
+    _show(m)
+    assert [r.transformers for r in m.rows] == list(compat.VERSIONS)
+    for row in [m.reference, *m.rows]:
+        assert row.passed, (row.label, row.details)
+        assert (row.missing, row.unexpected, row.mismatched) == (0, 0, 0)
+        assert row.tokenizer_ok and row.processor_ok and row.settings_ok
+        assert row.image_tokens and set(row.image_tokens) == {SEQ}
+        assert row.logits_max_diff is not None and row.logits_max_diff <= 1e-5
+    assert m.passed
+
+
+def test_every_version_reads_non_default_settings(converted, tmp_path, all_envs):
+    """The settings are READ, not defaulted: with vision_feature_layers, the processor's strategy / extra-token count
+    and the image processor's do_pad changed away from their defaults (the expansion stays 9 tokens), the 4.x
+    versions read the new values and still give this environment's logits; and the changes did change pixels and
+    logits (so agreeing on them means something)."""
+    repo = tmp_path / "nondefault"
+    shutil.copytree(converted, repo)
+    edits = {"config.json": {"vision_feature_layers": [-3, -4, -7, -10, 5]},
+             "processor_config.json": {"vision_feature_select_strategy": "full", "num_additional_image_tokens": 0},
+             "preprocessor_config.json": {"do_pad": False}}
+    for name, change in edits.items():
+        obj = json.loads((repo / name).read_text())
+        obj.update(change)
+        (repo / name).write_text(json.dumps(obj, indent=2))
+    prompts = [p for p in sample_prompts() if p["name"] in ("wide_colour", "text_only")]
+    m = compat.run_matrix(repo, versions=[v for v in compat.VERSIONS if v.startswith("4.")], prompts=prompts, keep=tmp_path / "work")
+    _show(m)
+    assert m.passed, [(r.label, r.details) for r in m.rows if not r.passed]
+    for row in m.rows:  # each version's reading, seen in the JSON too
+        assert row.settings_ok and set(row.image_tokens) == {SEQ}
+
+    # ... and the changes matter: this environment, on the unchanged repo, gives other pixels and other logits
+    import torch
+    from transformers import AutoProcessor, VipLlavaForConditionalGeneration
+
+    feed = np.load(tmp_path / "work" / "current" / "tensors.npz")
+    base = VipLlavaForConditionalGeneration.from_pretrained(str(converted), dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = base(input_ids=torch.from_numpy(feed["own_ids_0"])[None], pixel_values=torch.from_numpy(feed["own_pixels_0"])).logits[0]
+    assert float(np.max(np.abs(logits.numpy() - feed["logits_0"]))) > 1e-3  # vision_feature_layers was read
+    pixels = AutoProcessor.from_pretrained(str(converted))(text=prompts[0]["prompt"], images=[sample_images()["wide"]],
+                                                           return_tensors="pt")["pixel_values"].numpy()
+    assert pixels.shape == feed["own_pixels_0"].shape and not np.allclose(pixels, feed["own_pixels_0"])  # do_pad was read
+
+
+def _saved_by_5x(converted: Path, out: Path, from_config: bool) -> None:
+    import torch
+    from transformers import AutoProcessor, VipLlavaConfig, VipLlavaForConditionalGeneration
+
+    loaded = VipLlavaForConditionalGeneration.from_pretrained(str(converted), dtype=torch.float32)
+    if from_config:  # what a converter written against 5.x does: build the model, fill it, save it
+        model = VipLlavaForConditionalGeneration(VipLlavaConfig.from_pretrained(str(converted)))
+        model.load_state_dict(loaded.state_dict())
+    else:
+        model = loaded
+    model.save_pretrained(str(out))
+    if from_config:  # our hand-written tokenizer and processor files, so only the weights' layout is on trial
+        for f in converted.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "preprocessor", "processor", "chat_template")):
+                shutil.copyfile(f, out / f.name)
+    else:
+        AutoProcessor.from_pretrained(str(converted)).save_pretrained(str(out))
+
+
+def _vision_keys(converted: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(converted / "model.safetensors"), "pt") as h:
+        return sum(k.startswith("vision_tower.") for k in h.keys())
+
+
+def test_matrix_catches_5x_save_pretrained_repo(converted, tmp_path):
+    """The measured trap. The converted repo loaded in this environment (transformers 5.x) and written back with
+    plain ``save_pretrained`` (model + processor) FAILS the 4.57.6 row: its tokenizer files name
+    ``TokenizersBackend``, which 4.x does not have."""
+    _env("4.57.6")
+    out = tmp_path / "saved-by-5x"
+    _saved_by_5x(converted, out, from_config=False)
+    report = tmp_path / "compat.json"
+    assert compat.main([str(out), "--versions", "4.57.6", "--json", str(report)]) == 1  # the CLI's verdict
+    data = json.loads(report.read_text())
+    row = data["rows"][0]
+    assert row["verdict"] == "FAIL" and not data["passed"] and data["reference"]["verdict"] == "PASS"
+    assert not row["tokenizer_ok"] and not row["processor_ok"]
+    assert any("TokenizersBackend" in d for d in row["details"]), row["details"]
+    # measured: after a load from the canonical layout, 5.x writes that layout back; the keys themselves load
+    assert (row["missing"], row["unexpected"], row["mismatched"]) == (0, 0, 0)
+
+
+def test_matrix_catches_5x_layout_from_a_fresh_model(converted, tmp_path):
+    """The 199-missing-keys trap: a model BUILT in 5.x (from the config, weights loaded in memory) is saved with the
+    vision tower as ``vision_tower.*`` (no ``vision_model.``); 4.57.6 then reports every vision key missing
+    (199 on the tiny fixture: 12 layers x 16 + 7) and runs a random vision tower."""
+    _env("4.57.6")
+    out = tmp_path / "fresh-5x"
+    _saved_by_5x(converted, out, from_config=True)
+    prompts = [p for p in sample_prompts() if p["name"] == "wide_colour"]
+    m = compat.run_matrix(out, versions=["4.57.6"], prompts=prompts)
+    _show(m)
+    row = m.rows[0]
+    n = _vision_keys(converted)
+    assert n == 12 * 16 + 7 == 199
+    assert not row.passed
+    assert row.missing == n and row.unexpected == n
+    assert row.logits_max_diff > 1e-2  # the random vision tower shows in the logits
+    assert m.reference.passed  # 5.x itself reads both layouts

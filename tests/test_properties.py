@@ -15,10 +15,9 @@ run them on the real table, the break tests run them on deliberately broken copi
 to fail. Limitation, stated once: two targets of the SAME shape swapped (e.g. ``gate_proj`` <-> ``up_proj``)
 keep every key and shape property true; only a value check (verify's logits comparison) sees that.
 
-Found: ``resize`` seeds its generator with ``manual_seed(seed)``, and torch's CPU generator keeps only the low 32
-bits, so seeds s and s + 2**32 (and -1 and 2**32 - 1) silently give the same rows; 2**64 raises a bare
-ValueError. ``test_seed_outside_32_bits_is_refused_or_distinct`` records it as a strict xfail until resize
-refuses seeds outside [0, 2**32) with a ConversionError; the seed properties draw seeds below 2**31.
+Found by these tests: ``resize`` seeded its generator with ``manual_seed(seed)`` and torch's CPU generator keeps only
+the low 32 bits, so seeds s and s + 2**32 (and -1 and 2**32 - 1) silently gave the same rows and 2**64 raised a
+bare ValueError; resize now refuses seeds outside [0, 2**32) (``test_seed_refused_or_its_own``).
 
 Tiers: each property runs in the default run under the "ci" hypothesis profile and again, marked ``slow``,
 under the "slow" profile (more examples; bigger matrices for the resize): ``pytest -m slow tests/test_properties.py``.
@@ -522,21 +521,30 @@ test_resize_keeps_rows_and_seeds, test_resize_keeps_rows_and_seeds_slow = tiers(
          seed=st.integers(0, 2**31 - 1)),
 )
 
-@pytest.mark.xfail(strict=True, reason="convert/resize.py: torch's CPU generator keeps only the low 32 bits of the "
-                   "seed, so seeds s, s + 2**32, s - 2**32 give the same rows, and 2**64 raises a bare ValueError; "
-                   "resize should refuse seeds outside [0, 2**32) with a ConversionError")
-@pytest.mark.parametrize("seed", [2**32, 2**32 + 7, -1, 2**64 - 1, 2**64])
-def test_seed_outside_32_bits_is_refused_or_distinct(seed):
-    """A seed either gives its own rows or is refused by name; never silently the rows of another seed."""
+@example(seed=2**32)
+@example(seed=2**32 - 1)
+@example(seed=2**32 + 7)
+@example(seed=-1)
+@example(seed=2**64 - 1)
+@example(seed=2**64)
+def _seed_refused_or_its_own(seed: int):
+    """A seed either gives its own rows or is refused by name; never silently the rows of another seed.
+    torch's CPU generator keeps the low 32 bits, so exactly the seeds in [0, 2**32) can be honoured."""
     e = _RESIZE_EXAMPLES[2].build(torch.float32)
     n, rows = e.shape[0], padded_rows(e.shape[0])
     try:
         r = resize(e, e.clone(), rows, seed, torch.float32)
     except ConversionError as err:
         assert str(seed) in str(err)
+        assert not 0 <= seed < 2**32, f"seed {seed} refused"
         return
-    alias = resize(e, e.clone(), rows, seed % 2**32, torch.float32)
-    assert not torch.equal(r.embed[n:], alias.embed[n:]), f"seed {seed} gives the rows of seed {seed % 2**32}"
+    assert 0 <= seed < 2**32, f"seed {seed} accepted, but it gives the rows of seed {seed % 2**32}"
+    assert torch.equal(r.embed[n:], resize(e, e.clone(), rows, seed, torch.float32).embed[n:])
+
+
+test_seed_refused_or_its_own, test_seed_refused_or_its_own_slow = tiers(
+    _seed_refused_or_its_own, dict(seed=st.one_of(st.integers(-(2**70), 2**70), st.integers(-3, 2**32 + 3)))
+)
 
 
 M = 1000  # new rows drawn for the statistics

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConversionError
+from .sources import TensorInfo
 
 _DTYPE_NAMES = {
     torch.float64: "F64",
@@ -67,10 +68,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return TensorInfo(self.dtype, self.shape).nbytes
 
 
 def plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:

@@ -1,0 +1,571 @@
+"""Time ``cp -r``, our converter, the upstream baseline and ``verify`` on the same synthetic checkpoint.
+
+    python -m bench.run --size mini|7b|13b [--workdir DIR] [--keep] [--write-md] [--json FILE]
+                        [--steps cp,baseline,ours,verify] [--mem-limit-gb 20] [--verify-timeout 1800] [--profile]
+                        [--verify-args '--dtype bfloat16'] [--section NAME] [--note TEXT]
+    python -m bench.run --md-from bench/results/7b.json     # re-render a BENCHMARKS.md section from a report
+
+One run, one input: the checkpoint is generated once into WORKDIR/input (``bench.make_checkpoint``; reused when
+WORKDIR/input/checkpoint.json says it is the same size and seed), then each step runs as a subprocess on it:
+
+    cp        cp -r input/original scratch (the I/O floor), then fsync of the copies (timed separately); deleted
+    baseline  python -m bench.baseline ... (the upstream one-shot script, restated); output deleted
+    ours      python -m convert --original ... --text-model ... --vision-model ... --output ... --quiet
+    verify    python -m verify <ours' output> (killed past --verify-timeout or the memory limit)
+
+Before each step dirty pages are synced and the page cache dropped (``echo 3 > /proc/sys/vm/drop_caches``, root
+only), so every step starts cold; where that is not possible, the table says so. For each step: wall time,
+ratio to ``cp -r``, PEAK ANONYMOUS memory (the sum of ``RssAnon`` over the process and all its descendants,
+sampled every 50 ms: file-backed mmap pages and page cache do not count), peak RSS of the tree (anon + file, for
+comparison), CPU seconds of the tree and of everything else on the machine during the step (concurrent load).
+A step whose tree exceeds --mem-limit-gb of anonymous memory is killed (SIGKILL to its process group) and
+recorded as such, so a step that cannot fit does not take the machine down.
+
+``--profile`` adds one more run of ``ours`` under ``py-spy record`` (not timed in the table) and summarises where
+its samples fall. ``--write-md`` puts the table, the machine, the command and notes into BENCHMARKS.md,
+replacing the section of the same size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+STEPS = ("cp", "baseline", "ours", "verify")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# process-tree memory sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses, so split after the last ')'
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        kids.setdefault(ppid, []).append(int(name))
+    return kids
+
+
+def tree(pid: int) -> list[int]:
+    kids = _children_map()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def _status_kb(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in fields:
+                    out[k] = int(v.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            parts = f.read().rsplit(b")", 1)[1].split()
+        return int(parts[11]) + int(parts[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class Sampler(threading.Thread):
+    """Every ``interval`` s: sum RssAnon (and RssFile) over the tree of ``pid``; remember the maxima; kill the
+    process group when anonymous memory passes ``limit`` bytes."""
+
+    def __init__(self, pid: int, limit: int | None, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.pid, self.limit, self.interval = pid, limit, interval
+        self.peak_anon = 0
+        self.peak_rss = 0
+        self.peak_procs = 0
+        self.killed = False
+        self.samples = 0
+        self.tree_ticks: dict[int, int] = {}  # last seen cpu ticks of every process of the tree
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            pids = tree(self.pid)
+            anon = rss = 0
+            for p in pids:
+                st = _status_kb(p, ("RssAnon", "RssFile", "RssShmem"))
+                anon += st.get("RssAnon", 0) * 1024
+                rss += (st.get("RssAnon", 0) + st.get("RssFile", 0) + st.get("RssShmem", 0)) * 1024
+                ticks = _cpu_ticks(p)
+                if ticks:
+                    self.tree_ticks[p] = ticks
+            self.samples += 1
+            self.peak_anon = max(self.peak_anon, anon)
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_procs = max(self.peak_procs, len(pids))
+            if self.limit and anon > self.limit and not self.killed:
+                self.killed = True
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)  # the step runs in its own session: its group is ours
+                except ProcessLookupError:
+                    pass
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def _machine_busy_ticks() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    idle = parts[3] + parts[4]  # idle + iowait
+    return sum(parts[:8]) - idle, sum(parts[:8])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# steps
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    step: str
+    command: str
+    seconds: float | None = None
+    returncode: int | None = None
+    peak_anon_bytes: int = 0
+    peak_rss_bytes: int = 0
+    cpu_seconds: float = 0.0  # of the step's process tree
+    other_cpu_seconds: float = 0.0  # everything else on the machine meanwhile
+    killed: str | None = None  # "memory" | "timeout"
+    cold_cache: bool = False
+    output_bytes: int | None = None
+    extra: dict = field(default_factory=dict)
+    tail: str = ""
+
+
+def drop_caches() -> bool:
+    subprocess.run(["sync"], check=False)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_step(name: str, argv: list[str], limit: int | None, timeout: float | None, drop: bool, log_path: Path,
+             env: dict | None = None) -> StepResult:
+    cold = drop_caches() if drop else False
+    res = StepResult(step=name, command=shlex.join(argv), cold_cache=cold)
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
+    busy0, _ = _machine_busy_ticks()
+    t0 = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+        sampler = Sampler(proc.pid, limit)
+        sampler.start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            res.killed = "timeout"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        res.seconds = round(time.perf_counter() - t0, 2)
+        sampler.stop()
+    busy1, _ = _machine_busy_ticks()
+    if sampler.killed:
+        res.killed = "memory"
+    res.returncode = proc.returncode
+    res.peak_anon_bytes, res.peak_rss_bytes = sampler.peak_anon, sampler.peak_rss
+    res.cpu_seconds = round(sum(sampler.tree_ticks.values()) / ticks_per_s, 1)
+    res.other_cpu_seconds = round(max(0.0, (busy1 - busy0) / ticks_per_s - res.cpu_seconds), 1)
+    res.extra["samples"] = sampler.samples
+    text = [l for l in re.split(r"[\r\n]+", log_path.read_text(errors="replace")) if l.strip()]
+    res.tail = "\n".join(text[-15:])
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# py-spy summary
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def summarize_collapsed(path: Path, top: int = 25) -> dict:
+    """From a py-spy ``--format raw`` (collapsed stacks) file: the inclusive share of samples of every frame in
+    this project's code (``convert/``, ``verify/``, ``bench/``; by line), and the self share by function (the
+    leaves: where the CPU or the wait actually is). Main thread only: idle helper threads (tqdm's monitor, which
+    py-spy ``--idle`` samples too) would dilute the shares."""
+    total = 0
+    self_c: Counter = Counter()
+    incl: Counter = Counter()
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        n = int(n)
+        if stack.startswith("Thread._bootstrap"):
+            continue
+        total += n
+        frames = [re.sub(r" \((?:.*?/site-packages/|/work/main/|.*?/lib/python3\.\d+/)", " (", f) for f in stack.split(";")]
+        self_c[re.sub(r":\d+\)$", ")", frames[-1])] += n
+        for f in set(frames):
+            if re.search(r" \((convert|verify|bench)/", f):
+                incl[f] += n
+    share = lambda c: [(f, round(100 * k / total, 1)) for f, k in c.most_common(top)] if total else []
+    return {"samples": total, "self": share(self_c), "inclusive": share(incl)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _gb(b: int | None) -> str:
+    return "-" if b is None else f"{b / 1e9:.2f} GB"
+
+
+def table(results: list[StepResult]) -> str:
+    floor = next((r.seconds for r in results if r.step == "cp" and r.returncode == 0), None)
+    head = ["step", "wall", "x cp", "peak anon", "peak RSS sum", "CPU s (tree)", "CPU s (others)", "result"]
+    rows = []
+    for r in results:
+        if r.killed:
+            status = f"killed ({r.killed}) after {r.seconds:.1f} s"
+        elif r.returncode == 0:
+            status = "ok"
+        else:
+            status = f"exit {r.returncode}"
+        ratio = f"{r.seconds / floor:.2f}" if floor and r.seconds and r.returncode == 0 else "-"
+        rows.append([r.step, f"{r.seconds:.1f} s" if r.seconds is not None else "-", ratio, _gb(r.peak_anon_bytes),
+                     _gb(r.peak_rss_bytes), f"{r.cpu_seconds:.0f}", f"{r.other_cpu_seconds:.0f}", status])
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _sh(cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as e:  # noqa: BLE001 (machine facts are best effort)
+        return f"({e})"
+
+
+def machine(workdir: Path) -> dict:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?")
+    return {
+        "nproc": _sh("nproc"),
+        "cpu": cpu,
+        "free_g": _sh("free -g"),
+        "disk": _sh(f"df -h {shlex.quote(str(workdir))} | tail -1"),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": _sh(f"{shlex.quote(sys.executable)} -c 'import torch; print(torch.__version__)'"),
+        "transformers": _sh(f"{shlex.quote(sys.executable)} -c 'import transformers; print(transformers.__version__)'"),
+        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+        "git_head": _sh(f"git -C {shlex.quote(str(REPO))} rev-parse --short HEAD"),
+        "git_dirty": _sh(f"git -C {shlex.quote(str(REPO))} status --short -- convert verify").split("\n"),
+    }
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    gen = report.get("generator") or {}
+    sid = report.get("section") or report["size"]
+    lines = [
+        f"<!-- bench:{sid} start -->",
+        f"## {sid}: {report['date']}",
+        "",
+        "Command:",
+        "",
+        "```bash",
+        report["command"],
+        "```",
+        "",
+        f"Machine: {m['nproc']} cores ({m['cpu']}), kernel {m['kernel']}, Python {m['python']}, torch {m['torch']}, "
+        f"transformers {m['transformers']}; disk `{m['disk']}`; load average at start {' '.join(m['loadavg_start'])}, "
+        f"at end {' '.join(report.get('loadavg_end', []))}.",
+        "",
+        "```",
+        m["free_g"],
+        "```",
+        "",
+        *([f"Code: commit `{m['git_head']}`"
+           + (f", with uncommitted changes in {', '.join(l.split()[-1] for l in m.get('git_dirty', []) if l.strip())}."
+              if any(l.strip() for l in m.get("git_dirty", [])) else ", clean tree."), ""] if m.get("git_head") else []),
+        f"Input: `bench.make_checkpoint --size {report['size']} --seed {report['seed']}`: "
+        f"{gen.get('parameters', 0) / 1e9:.3f} B parameters, {gen.get('tensors', '?')} tensors, "
+        f"{_gb(gen.get('original_bytes'))} of bf16 `.bin` shards ({len(gen.get('shards', {}))}); "
+        + (f"generated in {gen['generate_seconds']:.1f} s, peak anon {_gb(gen.get('generate_peak_anon'))}."
+           if gen.get("generate_seconds") else "reused from an earlier generation."),
+        "",
+        "Page cache: " + ("dropped before every step (cold cache)." if all(r["cold_cache"] for r in report["steps"])
+                          else "NOT dropped (warm cache for some steps): compare with care."),
+        "",
+        table([StepResult(**{k: v for k, v in r.items()}) for r in report["steps"]]),
+        "",
+        "`x cp` = wall time / wall time of `cp -r` of the same shards. `peak anon` = maximum over 50 ms samples of "
+        "the sum of `RssAnon` over the step's process tree (file-backed mmap pages and page cache excluded); "
+        "`peak RSS sum` adds `RssFile` and `RssShmem` per process (informational: a file page mapped twice or by two "
+        "processes counts twice, so it can exceed physical memory). `CPU s (others)` = CPU seconds used by everything else on the "
+        "machine during the step: concurrent load.",
+        "",
+    ]
+    for r in report["steps"]:
+        extra = r.get("extra") or {}
+        if r["step"] == "cp" and "fsync_seconds" in extra:
+            lines.append(f"- cp: `sync` of the copied files afterwards took {extra['fsync_seconds']:.1f} s more "
+                         f"(our converter fsyncs its output, cp and the baseline do not).")
+        if r["step"] == "baseline" and extra.get("phases"):
+            order = ["setup", "torch_load", "rename_load_state_dict", "sigma", "mvn_cholesky", "resize_sample", "save_pretrained"]
+            ph = extra["phases"]
+            lines.append("- baseline phases (s): " + ", ".join(f"{k} {ph[k]}" for k in sorted(ph, key=lambda k: (k not in order, order.index(k) if k in order else 0, k))))
+        if r["step"] == "ours" and extra.get("summary"):
+            lines.append("- ours: " + extra["summary"])
+        if r.get("killed") or (r.get("returncode") not in (0, None)):
+            last = [l.strip() for l in re.split(r"[\r\n]+", r.get("tail", "")) if l.strip()][-3:]
+            lines.append(f"- {r['step']}: last output lines:\n\n```\n" + "\n".join(last) + "\n```")
+    prof = report.get("profile")
+    if prof:
+        lines += ["", f"py-spy profile of `ours` ({prof['samples']} samples at {prof['rate']} Hz, wall "
+                      f"{prof['seconds']:.1f} s under the profiler, `--idle` so I/O waits count; main thread only).", "",
+                  "Inclusive share of samples, our code by line:", ""]
+        lines += [f"- {share}% `{fn}`" for fn, share in prof["inclusive"][:18]]
+        lines += ["", "Self share (leaf functions):", ""]
+        lines += [f"- {share}% `{fn}`" for fn, share in prof["self"][:12]]
+        lines.append("")
+    for note in report.get("notes", []):
+        lines.append(f"- {note}")
+    lines.append(f"<!-- bench:{sid} end -->")
+    return "\n".join(lines) + "\n"
+
+
+def write_md(report: dict, path: Path = BENCHMARKS_MD) -> None:
+    section = markdown(report)
+    header = ("# Benchmarks\n\nWritten by `python -m bench.run --write-md`; one section per size, replaced on every run "
+              "of that size. See `bench/run.py` for what is measured and how.\n\n")
+    text = path.read_text() if path.exists() else header
+    sid = re.escape(report.get("section") or report["size"])
+    pat = re.compile(rf"<!-- bench:{sid} start -->.*?<!-- bench:{sid} end -->\n", re.S)
+    text = pat.sub(lambda _: section, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ensure_input(workdir: Path, size: str, seed: int, limit: int | None, drop: bool) -> dict:
+    inp = workdir / "input"
+    rec_path = inp / "checkpoint.json"
+    if rec_path.is_file():
+        rec = json.loads(rec_path.read_text())
+        if rec.get("size") == size and rec.get("seed") == seed:
+            print(f"reusing {inp} ({rec['original_bytes'] / 1e9:.2f} GB)", flush=True)
+            return rec
+    if inp.exists():
+        shutil.rmtree(inp)
+    print(f"generating the {size} checkpoint into {inp} ...", flush=True)
+    res = run_step("generate", [sys.executable, "-m", "bench.make_checkpoint", str(inp), "--size", size, "--seed", str(seed)],
+                   limit, None, drop, workdir / "generate.log")
+    if res.returncode != 0:
+        raise SystemExit(f"checkpoint generation failed (exit {res.returncode}):\n{res.tail}")
+    rec = json.loads(rec_path.read_text())
+    rec["generate_seconds"] = res.seconds
+    rec["generate_peak_anon"] = res.peak_anon_bytes
+    rec_path.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
+    print(f"  {res.seconds:.1f} s, peak anon {_gb(res.peak_anon_bytes)}, {rec['original_bytes'] / 1e9:.2f} GB", flush=True)
+    return rec
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=["mini", "7b", "13b"])
+    ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default /tmp/vipllava-bench-SIZE)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and our output afterwards")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    ap.add_argument("--mem-limit-gb", type=float, default=20.0, help="kill a step whose tree exceeds this much anonymous memory")
+    ap.add_argument("--verify-timeout", type=float, default=1800.0)
+    ap.add_argument("--verify-args", default="", help="extra arguments for python -m verify (e.g. '--dtype bfloat16')")
+    ap.add_argument("--no-drop-caches", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="one more run of ours under py-spy (not timed in the table)")
+    ap.add_argument("--json", type=Path, default=None, help="where to write the report (default WORKDIR/../bench-SIZE.json)")
+    ap.add_argument("--write-md", action="store_true", help=f"put the table into {BENCHMARKS_MD.name}")
+    ap.add_argument("--note", action="append", default=[], help="a note for BENCHMARKS.md (repeatable)")
+    ap.add_argument("--section", help="name of the BENCHMARKS.md section to replace (default: the size)")
+    ap.add_argument("--md-from", type=Path, metavar="JSON", help="only re-render BENCHMARKS.md from a report this tool wrote")
+    args = ap.parse_args(argv)
+    if args.md_from:
+        report = json.loads(args.md_from.read_text())
+        report["notes"] = report.get("notes", []) + list(args.note)
+        if args.section:
+            report["section"] = args.section
+        write_md(report)
+        print(f"wrote {BENCHMARKS_MD} from {args.md_from}")
+        return 0
+
+    if not args.size:
+        ap.error("--size is required (unless --md-from)")
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown:
+        ap.error(f"--steps: unknown {', '.join(unknown)}")
+    workdir = (args.workdir or Path(f"/tmp/vipllava-bench-{args.size}")).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    limit = int(args.mem_limit_gb * 1e9)
+    drop = not args.no_drop_caches
+    if drop and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        print("cannot drop the page cache here (not root): steps run warm-cache", file=sys.stderr)
+        drop = False
+    py = sys.executable
+    command = "python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:])
+    report: dict = {
+        "size": args.size,
+        "seed": args.seed,
+        "date": _sh("date -u"),
+        "command": command,
+        "machine": machine(workdir),
+        "steps": [],
+        "notes": list(args.note),
+        "section": args.section,
+    }
+    gen = ensure_input(workdir, args.size, args.seed, limit, drop)
+    report["generator"] = gen
+    inp = workdir / "input"
+    original, text_model, vision_model = inp / "original", inp / "text-model", inp / "vision-model"
+    ours_out = workdir / "out-ours"
+    results: list[StepResult] = []
+
+    def show(r: StepResult) -> None:
+        results.append(r)
+        print(f"  {r.step}: {r.seconds:.1f} s, peak anon {_gb(r.peak_anon_bytes)}, peak rss {_gb(r.peak_rss_bytes)}, "
+              f"exit {r.returncode}{', killed: ' + r.killed if r.killed else ''}", flush=True)
+
+    for step in [s for s in STEPS if s in steps]:
+        print(f"step {step} ...", flush=True)
+        if step == "cp":
+            dst = workdir / "cp-scratch"
+            shutil.rmtree(dst, ignore_errors=True)
+            r = run_step("cp", ["cp", "-r", str(original), str(dst)], limit, None, drop, workdir / "cp.log")
+            t = time.perf_counter()
+            subprocess.run(["sync", *[str(p) for p in sorted(dst.iterdir())]], check=False)
+            r.extra["fsync_seconds"] = round(time.perf_counter() - t, 2)
+            r.output_bytes = du(dst)
+            shutil.rmtree(dst, ignore_errors=True)
+            show(r)
+        elif step == "baseline":
+            dst = workdir / "out-baseline"
+            shutil.rmtree(dst, ignore_errors=True)
+            jpath = workdir / "baseline-phases.json"
+            jpath.unlink(missing_ok=True)
+            r = run_step("baseline", [py, "-m", "bench.baseline", "--original", str(original), "--text-model", str(text_model),
+                                      "--vision-model", str(vision_model), "--output", str(dst), "--json", str(jpath)],
+                         limit, None, drop, workdir / "baseline.log")
+            if jpath.is_file():
+                r.extra["phases"] = json.loads(jpath.read_text())["phases"]
+            r.output_bytes = du(dst) if dst.exists() else None
+            shutil.rmtree(dst, ignore_errors=True)
+            show(r)
+        elif step == "ours":
+            shutil.rmtree(ours_out, ignore_errors=True)
+            jpath = workdir / "ours-summary.json"
+            r = run_step("ours", [py, "-m", "convert", "--original", str(original), "--text-model", str(text_model),
+                                  "--vision-model", str(vision_model), "--output", str(ours_out), "--quiet", "--json", str(jpath)],
+                         limit, None, drop, workdir / "ours.log")
+            if jpath.is_file():
+                s = json.loads(jpath.read_text())
+                r.extra["converter"] = s
+                r.extra["summary"] = (f"{s['mapped']} tensors mapped, {s['dropped']} dropped, rows {s['original_rows']} -> "
+                                      f"{s['rows']}, {s['shards']} shards, {s['output_bytes'] / 1e9:.2f} GB, "
+                                      f"its own clock {s['seconds']:.1f} s")
+            r.output_bytes = du(ours_out) if ours_out.exists() else None
+            show(r)
+        elif step == "verify":
+            if not (ours_out / "conversion.json").is_file():
+                print("  skipped: no output of ours to verify", flush=True)
+                continue
+            vjson = workdir / "verify-report.json"
+            vjson.unlink(missing_ok=True)
+            r = run_step("verify", [py, "-m", "verify", str(ours_out), "--json", str(vjson), "--quiet", *shlex.split(args.verify_args)],
+                         limit, args.verify_timeout, drop, workdir / "verify.log")
+            if vjson.is_file():
+                v = json.loads(vjson.read_text())
+                r.extra["report"] = v
+            show(r)
+
+    if args.profile:
+        prof_out = workdir / "out-ours-profiled"
+        shutil.rmtree(prof_out, ignore_errors=True)
+        raw = workdir / "ours-pyspy.txt"
+        rate = 20
+        conv = [py, "-m", "convert", "--original", str(original), "--text-model", str(text_model), "--vision-model",
+                str(vision_model), "--output", str(prof_out), "--quiet"]
+        spy = shutil.which("py-spy")
+        if spy is None:
+            print("py-spy not installed (pip install py-spy): no profile", file=sys.stderr)
+        else:
+            print("profiling ours under py-spy ...", flush=True)
+            r = run_step("ours-profiled", [spy, "record", "--format", "raw", "--rate", str(rate), "--idle", "--output", str(raw),
+                                           "--", *conv], limit, None, drop, workdir / "ours-pyspy.log")
+            shutil.rmtree(prof_out, ignore_errors=True)
+            if raw.is_file():
+                report["profile"] = {"rate": rate, "seconds": r.seconds, **summarize_collapsed(raw)}
+
+    if not args.keep:
+        shutil.rmtree(ours_out, ignore_errors=True)
+        shutil.rmtree(inp, ignore_errors=True)
+    report["steps"] = [asdict(r) for r in results]
+    report["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    print()
+    print(table(results))
+    jpath = args.json or workdir.parent / f"bench-{args.size}.json"
+    jpath.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    print(f"\nreport: {jpath}")
+    if args.write_md:
+        write_md(report)
+        print(f"wrote {BENCHMARKS_MD}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

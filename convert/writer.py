@@ -41,6 +41,9 @@ _DTYPE_NAMES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+# safetensors lays tensors out by dtype (its Dtype enum order, descending), then by name; so do we, so that a
+# shard is byte-identical to what safetensors.torch.save_file writes for the same dict.
+_SAFETENSORS_ORDER = ("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -105,12 +108,13 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # reshape first: a 0-dim tensor cannot be viewed
 
 
 def write_shard(path: Path, tensors: list[OutTensor], on_bytes: Callable[[int], None] | None = None) -> str:
     """Write one safetensors file; returns its sha256. The hash runs on a second thread, overlapping the writes
     (hashlib and file writes release the GIL), in the order the bytes are written."""
+    tensors = sorted(tensors, key=lambda t: (-_SAFETENSORS_ORDER.index(_DTYPE_NAMES[t.dtype]), t.name))
     h = hashlib.sha256()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher, open(path, "wb") as f:
         pending = None

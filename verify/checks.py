@@ -443,8 +443,7 @@ def check_generation(ctx: Context) -> Check:
     problems, total = [], 0
     n = ctx.max_new_tokens
     gen = ctx.generation_config
-    for x in ctx.parity_inputs:
-        ref = ctx.reference.generate_greedy(x["ids"], x["images"] or None, max_new_tokens=n)
+    for x, ref in zip(ctx.parity_inputs, ctx.reference_generations):
         kw = {"pixel_values": x["pixels"].to(ctx.dtype)} if x["pixels"] is not None else {}
         ids = torch.tensor([x["expanded"]])
         with torch.no_grad():

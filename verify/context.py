@@ -250,6 +250,13 @@ class Context:
         return [self.reference.forward(x["ids"], x["images"] or None) for x in self.parity_inputs]
 
     @cached_property
+    def reference_generations(self) -> list[list[int]]:
+        """Greedy continuations of the reference, all prompts first (the two models are never used in turns, so a
+        full-size pair does not fight over the page cache)."""
+        return [list(self.reference.generate_greedy(x["ids"], x["images"] or None, max_new_tokens=self.max_new_tokens))
+                for x in self.parity_inputs]
+
+    @cached_property
     def converted_logits(self) -> list[torch.Tensor]:
         outs = []
         with torch.no_grad():

@@ -187,6 +187,16 @@ def convert(opts: Options) -> Summary:
     expected = expected_shapes(load_vipllava_config(cfg))
     _check_shapes(ckpt, mapping, expected, vocab)
 
+    # the inputs are hashed (and checked against the Hub's sha256) on a thread, overlapping the resize and the
+    # writing; the manifest waits for it
+    input_files = {
+        "original": (orig, [orig_dir / "config.json", *ckpt.files, *_index_files(orig_dir)]),
+        "text_model": (text, _tokenizer_files(text.directory)),
+        "vision_model": (vision, [vision.directory / "config.json", vision.directory / "preprocessor_config.json"]),
+    }
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inputs-sha256")
+    inputs = pool.submit(lambda: {k: _input_record(inp, files) for k, (inp, files) in input_files.items()})
+    pool.shutdown(wait=False)  # the future still completes; the manifest waits for it
     rows = padded_rows(vocab)
     resized = resize(ckpt.get(ORIGINAL_EMBED), ckpt.get(ORIGINAL_LM_HEAD), rows, opts.seed, out_dtype)
 
@@ -237,16 +247,8 @@ def convert(opts: Options) -> Summary:
         write_tokenizer_files(folder, tok, tinfo, text.directory, max_len)
         write_processor_files(folder, preprocessor, vision_cfg["patch_size"], str(vision.directory / "preprocessor_config.json"))
 
-    input_files = {
-        "original": (orig, [orig_dir / "config.json", *ckpt.files, *_index_files(orig_dir)]),
-        "text_model": (text, _tokenizer_files(text.directory)),
-        "vision_model": (vision, [vision.directory / "config.json", vision.directory / "preprocessor_config.json"]),
-    }
     try:
-        # the inputs are hashed (and checked against the Hub's sha256) on a thread while the shards are written
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inputs-sha256") as pool:
-            inputs = pool.submit(lambda: {k: _input_record(inp, files) for k, (inp, files) in input_files.items()})
-            _write_repo(output, opts, shards, write_text_files, manifest, inputs)
+        _write_repo(output, opts, shards, write_text_files, manifest, inputs)
     except OSError as e:
         where = e.filename or output
         hint = "free some space or choose another --output" if e.errno == errno.ENOSPC else "check the --output location"

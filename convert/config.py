@@ -93,6 +93,13 @@ def build_config(original: dict, vision: dict, ids: TokenIds, dtype: str, where:
             f"{vision['hidden_size']} x {n_layers} feature layers = {vision['hidden_size'] * n_layers}; "
             "pass the vision model this checkpoint was trained with"
         )
+    states = vision["num_hidden_layers"] + 1  # hidden_states: the embeddings' output, then one per layer
+    out_of_range = [i for i in FEATURE_LAYERS if not -states <= i < states]
+    if out_of_range:
+        raise ConversionError(
+            f"{where}: the vision model has {vision['num_hidden_layers']} layers, too few for feature layers "
+            f"{list(FEATURE_LAYERS)} (index {out_of_range[0]} is out of range); pass the vision model this checkpoint was trained with"
+        )
     if vision["image_size"] % vision["patch_size"]:
         raise ConversionError(f"{where}: image_size {vision['image_size']} is not a multiple of patch_size {vision['patch_size']}")
     heads = original["num_attention_heads"]

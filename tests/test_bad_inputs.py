@@ -60,6 +60,13 @@ def _vision_hidden(fx, tmp):
     p.write_text(json.dumps(cfg))
 
 
+def _shallow_vision(fx, tmp):
+    p = fx.vision_model / "config.json"
+    cfg = json.loads(p.read_text())
+    cfg["vision_config"]["num_hidden_layers"] = 5
+    p.write_text(json.dumps(cfg))
+
+
 def _missing_shard(fx, tmp):
     (fx.original / "pytorch_model-00002-of-00002.bin").unlink()
 
@@ -206,6 +213,7 @@ CASES = [
     ("plain-llava-projector", _plain_llava, [], "plain LLaVA-1.5 projector"),
     ("text-vocab-differs", _vocab_mismatch, [], "tokenizer has 997 tokens but the original embedding has 1000 rows"),
     ("vision-hidden-x5", _vision_hidden, [], "mm_hidden_size is 160 but the vision model's hidden_size 48 x 5"),
+    ("vision-too-shallow", _shallow_vision, [], "the vision model has 5 layers, too few for feature layers"),
     ("missing-shard", _missing_shard, [], "pytorch_model-00002-of-00002.bin which is missing"),
     ("output-exists", _existing_output, [], "exists and is not empty; pass --force"),
     ("output-is-file", _output_is_file, [], "exists and is a file"),

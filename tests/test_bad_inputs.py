@@ -304,3 +304,19 @@ def test_safetensors_preferred_when_both_formats_are_present(tmp_path):
     assert run_convert(fx, tmp_path / "out") == 0
     assert json.loads((tmp_path / "out" / "conversion.json").read_text())["settings"]["format"] == "safetensors"
     assert not MARKER.exists()
+
+
+def test_bin_input_refused_on_torch_before_2_6(tmp_path, monkeypatch, capsys):
+    """weights_only=True could be bypassed before torch 2.6 (CVE-2025-32434): no pickle is even opened there."""
+    import convert.sources as sources
+    from tests.conftest import run_convert
+
+    fx = build(tmp_path / "fx")
+    _malicious_pickle(fx, tmp_path)
+    MARKER.unlink(missing_ok=True)
+    monkeypatch.setattr(sources, "_torch_version", lambda: (2, 5))
+    capsys.readouterr()
+    assert run_convert(fx, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "refusing .bin input on torch" in err and "CVE-2025-32434" in err and "\n" not in err.strip()
+    assert not MARKER.exists() and not (tmp_path / "out").exists()

@@ -46,6 +46,7 @@ import torch
 from fixtures.build import SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TOKENIZER_MODEL, split_into_shards
 from verify.tiny import (
     TinySpec,
+    buffer_value,
     base_text_config,
     clip_config,
     clip_preprocessor_config,
@@ -104,15 +105,6 @@ def init_rule(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
             fan_in *= d
         return 0.0, fan_in ** -0.5
     raise ValueError(f"no initialisation rule for {key} {shape}")
-
-
-def buffer_value(spec: TinySpec, key: str) -> torch.Tensor:
-    if key.endswith(".rotary_emb.inv_freq"):
-        d = spec.text_head_dim
-        return 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    if key.endswith(".embeddings.position_ids"):
-        return torch.arange(spec.num_patches + 1, dtype=torch.int64).unsqueeze(0)
-    raise KeyError(key)
 
 
 def key_dtype(key: str) -> torch.dtype:

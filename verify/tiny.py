@@ -423,7 +423,8 @@ def _init_kind(key: str, shape: tuple[int, ...]) -> tuple[str, float]:
     raise ValueError(f"no initialisation rule for {key} {shape}")
 
 
-def _buffer_value(spec: TinySpec, key: str) -> torch.Tensor:
+def buffer_value(spec: TinySpec, key: str) -> torch.Tensor:
+    """The value old transformers saved for a legacy buffer (rotary inv_freq, CLIP position_ids)."""
     if key.endswith(".rotary_emb.inv_freq"):
         d = spec.text_head_dim
         return 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
@@ -449,7 +450,7 @@ def original_state_dict(spec: TinySpec = TinySpec(), seed: int = 0,
     values: dict[str, torch.Tensor] = {}
     for key in sorted(shapes):
         if is_legacy_buffer(key):
-            values[key] = _buffer_value(spec, key)
+            values[key] = buffer_value(spec, key)
             continue
         shape = shapes[key]
         kind, scale = _init_kind(key, shape)

@@ -10,7 +10,8 @@ import errno
 import json
 import platform
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from .layout import expected_shapes
 from .mapping import EMBED_KEY, LM_HEAD_KEY, KeyMapping, map_keys
 from .processor import build_tokenizer, write_processor_files, write_tokenizer_files
 from .resize import SCALE, check_seed, resize
-from .sources import Checkpoint, ResolvedInput, checked_sha256, open_checkpoint, resolve, sha256_file
-from .writer import OutTensor, atomic_directory, check_output, index_json, parse_size, plan_shards, shard_names, write_json, write_shard
+from .sources import Checkpoint, checked_sha256, open_checkpoint, resolve, sha256_file
+from .writer import InputReader, OutTensor, atomic_directory, check_output, index_json, parse_size, plan_shards, shard_names, write_json, write_shard
 
 DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14-336"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -135,12 +136,6 @@ def _check_shapes(ckpt: Checkpoint, mapping: KeyMapping, expected: dict[str, tup
             raise ConversionError(f"{src}: shape {tuple(got)} but the config implies {tuple(want)}; the checkpoint and its config.json disagree")
 
 
-def _input_record(inp: ResolvedInput, files: list[Path]) -> dict:
-    rec = inp.describe()
-    rec["files"] = {str(p.relative_to(inp.directory)): checked_sha256(p) for p in sorted(files)}
-    return rec
-
-
 def convert(opts: Options) -> Summary:
     start = time.perf_counter()
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
@@ -187,32 +182,55 @@ def convert(opts: Options) -> Summary:
     expected = expected_shapes(load_vipllava_config(cfg))
     _check_shapes(ckpt, mapping, expected, vocab)
 
-    # the inputs are hashed (and checked against the Hub's sha256) on a thread, overlapping the resize and the
-    # writing; the manifest waits for it
+    # The weight files are read once, sequentially, by InputReader (hashing them), with the writer copying right
+    # behind it; the small input files are hashed on a thread. The manifest waits for both.
     input_files = {
         "original": (orig, [orig_dir / "config.json", *ckpt.files, *_index_files(orig_dir)]),
         "text_model": (text, _tokenizer_files(text.directory)),
         "vision_model": (vision, [vision.directory / "config.json", vision.directory / "preprocessor_config.json"]),
     }
+    reader = InputReader(ckpt.files)
+    small = [f for _, files in input_files.values() for f in files if f not in reader.starts]
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inputs-sha256")
-    inputs = pool.submit(lambda: {k: _input_record(inp, files) for k, (inp, files) in input_files.items()})
-    pool.shutdown(wait=False)  # the future still completes; the manifest waits for it
+    small_digests = pool.submit(lambda: {f: sha256_file(f) for f in small})
+    pool.shutdown(wait=False)
     rows = padded_rows(vocab)
-    resized = resize(ckpt.get(ORIGINAL_EMBED), ckpt.get(ORIGINAL_LM_HEAD), rows, opts.seed, out_dtype)
+    resized: dict[str, torch.Tensor] = {}
 
     def out_dtype_for(src: str) -> torch.dtype:
         d = ckpt.info(src).dtype
         return d if opts.dtype == "auto" or not d.is_floating_point else DTYPES[opts.dtype]
 
+    def source_span(src: str) -> tuple[int, int] | None:
+        loc = ckpt.location(src)
+        if loc is None:
+            return None
+        start = reader.position(*loc)
+        return (start, start + ckpt.info(src).nbytes)
+
     tensors: list[OutTensor] = []
     for src, tgt in mapping.mapped.items():
-        if tgt == EMBED_KEY:
-            tensors.append(OutTensor(tgt, out_dtype, (rows, hidden), lambda: resized.embed))
-        elif tgt == LM_HEAD_KEY:
-            tensors.append(OutTensor(tgt, out_dtype, (rows, hidden), lambda: resized.lm_head))
+        if tgt in (EMBED_KEY, LM_HEAD_KEY):
+            tensors.append(OutTensor(tgt, out_dtype, (rows, hidden), lambda t=tgt: resized[t], source_span(src)))
         else:
-            tensors.append(OutTensor(tgt, out_dtype_for(src), tuple(ckpt.info(src).shape), lambda s=src: ckpt.get(s)))
+            tensors.append(OutTensor(tgt, out_dtype_for(src), tuple(ckpt.info(src).shape), lambda s=src: ckpt.get(s), source_span(src)))
     shards = plan_shards(tensors, max_bytes)
+    reader.start(limit=_window_end(shards[0], reader))  # hashes the first window while the resize computes
+    try:
+        r = resize(ckpt.get(ORIGINAL_EMBED), ckpt.get(ORIGINAL_LM_HEAD), rows, opts.seed, out_dtype)
+    except BaseException:
+        reader.cancel()
+        raise
+    resized.update({EMBED_KEY: r.embed, LM_HEAD_KEY: r.lm_head})
+
+    def input_records() -> dict:
+        digests = {**small_digests.result(), **reader.finish()}
+        records = {}
+        for role, (inp, files) in input_files.items():
+            rec = inp.describe()
+            rec["files"] = {str(f.relative_to(inp.directory)): checked_sha256(f, digests[f]) for f in sorted(files)}
+            records[role] = rec
+        return records
 
     manifest = {
         "format": 1,
@@ -248,11 +266,13 @@ def convert(opts: Options) -> Summary:
         write_processor_files(folder, preprocessor, vision_cfg["patch_size"], str(vision.directory / "preprocessor_config.json"))
 
     try:
-        _write_repo(output, opts, shards, write_text_files, manifest, inputs)
+        _write_repo(output, opts, shards, write_text_files, manifest, reader, input_records)
     except OSError as e:
         where = e.filename or output
         hint = "free some space or choose another --output" if e.errno == errno.ENOSPC else "check the --output location"
         raise ConversionError(f"{where}: writing failed ({e.strerror or e}); {hint}; no output was left behind") from None
+    finally:
+        reader.cancel()  # an early error stops the input reader at once (a no-op after a finished run)
     return Summary(
         output=output,
         mapped=len(mapping.mapped),
@@ -287,24 +307,44 @@ def _tokenizer_notes(text_dir: Path) -> list[str]:
     ]
 
 
-def _write_repo(output: Path, opts: Options, shards: list[list[OutTensor]], write_text_files, manifest: dict, inputs: Future) -> None:
+_READ_AHEAD = 1 << 28  # how far past the current output window the input reader may go
+
+
+def _window_end(shard: list[OutTensor], reader: InputReader) -> int:
+    """How far the input reader may read while this shard is written: its sources' end plus some read-ahead
+    (all of the input when positions are unknown)."""
+    if any(t.source is None for t in shard):
+        return reader.total
+    return max(t.source[1] for t in shard) + _READ_AHEAD
+
+
+def _write_repo(
+    output: Path, opts: Options, shards: list[list[OutTensor]], write_text_files, manifest: dict,
+    reader: InputReader, input_records: Callable[[], dict],
+) -> None:
     """The only place that writes: shards (streamed), index, text files, then the manifest with every hash."""
     from tqdm.auto import tqdm
 
     names = shard_names(len(shards))
     total = sum(t.nbytes for shard in shards for t in shard)
+
+    def before(t: OutTensor) -> None:
+        if t.source is not None:
+            reader.wait_for(t.source[1])
+
     with atomic_directory(output, opts.force) as tmp:
         outputs: dict[str, str] = {}
         with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not opts.progress) as bar:
             for shard, name in zip(shards, names):
-                outputs[name] = write_shard(tmp / name, shard, on_bytes=bar.update)
+                reader.allow(_window_end(shard, reader))
+                outputs[name] = write_shard(tmp / name, shard, on_bytes=bar.update, before=before)
         if len(shards) > 1:
             write_json(tmp / "model.safetensors.index.json", index_json(shards, names))
         write_text_files(tmp)
         for p in sorted(tmp.iterdir()):
             if p.name not in outputs:
                 outputs[p.name] = sha256_file(p)
-        write_json(tmp / MANIFEST, {**manifest, "inputs": inputs.result(), "outputs": dict(sorted(outputs.items()))})
+        write_json(tmp / MANIFEST, {**manifest, "inputs": input_records(), "outputs": dict(sorted(outputs.items()))})
 
 
 def _index_files(directory: Path) -> list[Path]:

@@ -108,9 +108,10 @@ def hub_sha256(path: Path) -> str | None:
     return name if re.fullmatch(r"[0-9a-f]{64}", name) else None
 
 
-def checked_sha256(path: Path) -> str:
-    """sha256 of a file; for a Hub LFS file, also compared with the sha256 the Hub published."""
-    digest = sha256_file(path)
+def checked_sha256(path: Path, digest: str | None = None) -> str:
+    """sha256 of a file (``digest`` if the caller already hashed it); for a Hub LFS file, also compared with the
+    sha256 the Hub published."""
+    digest = digest or sha256_file(path)
     expected = hub_sha256(path)
     if expected is not None and digest != expected:
         raise ConversionError(
@@ -191,6 +192,10 @@ class _SafetensorsShard:
     def info(self, key: str) -> TensorInfo:
         e = self.header[key]
         return TensorInfo(_SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]))
+
+    def offset(self, key: str) -> int | None:
+        """Where the tensor's bytes start in the file."""
+        return self.data_start + int(self.header[key]["data_offsets"][0])
 
     def get(self, key: str) -> torch.Tensor:
         if self._map is None:
@@ -302,9 +307,14 @@ class _PickleShard:
         if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
             raise ConversionError(f"{path}: expected a flat dict of name -> tensor, found {type(obj).__name__}")
         self.tensors: dict[str, torch.Tensor] = obj
+        self._offsets = _record_offsets(path, obj)
 
     def keys(self) -> list[str]:
         return list(self.tensors)
+
+    def offset(self, key: str) -> int | None:
+        """Where the tensor's bytes start in the file (None if the zip layout could not be matched)."""
+        return None if self._offsets is None else self._offsets[key]
 
     def info(self, key: str) -> TensorInfo:
         t = self.tensors[key]
@@ -312,6 +322,30 @@ class _PickleShard:
 
     def get(self, key: str) -> torch.Tensor:
         return self.tensors[key]
+
+
+def _record_offsets(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, int] | None:
+    """File offset of each tensor's bytes in a zip checkpoint loaded with ``mmap=True``.
+
+    torch maps the whole file once and slices each storage out of that map at its zip record's data offset, so
+    storage pointers differ exactly as the record offsets do. The base is anchored at the first record and the
+    result is accepted only if every storage lands on a record offset; otherwise None (the caller then simply
+    reads the file separately). Offsets only steer the reading order, never which bytes are written."""
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        records = {reader.get_record_offset(n) for n in reader.get_all_records() if n.startswith("data/")}
+    except Exception:  # a private torch API: if it moves, we lose an optimisation, not correctness
+        return None
+    ptrs = {k: t.untyped_storage().data_ptr() for k, t in tensors.items() if t.numel() > 0}
+    if not ptrs or not records:
+        return None
+    base = min(ptrs.values()) - min(records)
+    if any(p - base not in records for p in ptrs.values()):
+        return None
+    offsets = {k: t.data_ptr() - base for k, t in tensors.items() if t.numel() > 0}
+    for k, t in tensors.items():
+        offsets.setdefault(k, min(records))
+    return offsets
 
 
 @dataclass
@@ -337,6 +371,12 @@ class Checkpoint:
 
     def get(self, key: str) -> torch.Tensor:
         return self._shard(self.weight_map[key]).get(key)
+
+    def location(self, key: str) -> tuple[Path, int] | None:
+        """(file, byte offset of the tensor's data in it), or None where it cannot be told."""
+        path = self.weight_map[key]
+        offset = self._shard(path).offset(key)
+        return None if offset is None else (path, offset)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for key in self.weight_map:

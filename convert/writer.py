@@ -3,7 +3,13 @@
 A shard is written tensor by tensor: the header first (from known names, dtypes and shapes), then each tensor's
 bytes straight from its (possibly memory-mapped) source, hashing as it goes. The files hold exactly what
 ``safetensors.torch.save_file`` writes for the same dict (same names, dtypes, shapes, bytes and metadata); the
-tensors are laid out in sorted-name order.
+tensors are laid out in safetensors' order (dtype, then name).
+
+Each input byte is read from disk once: :class:`InputReader` reads the weight files sequentially on a thread,
+hashing them for the manifest, and tensors are assigned to output shards in input order, so each output shard
+is drawn from one window of the input no larger than the shard. The reader runs at most that window ahead of
+the writer, which copies each tensor once the reader has passed it (a page-cache hit), in whatever order the
+safetensors layout needs inside the shard.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import shutil
 import signal
 import struct
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -62,12 +69,16 @@ def parse_size(text: str | int) -> int:
 
 @dataclass(frozen=True)
 class OutTensor:
-    """One tensor to write: its name, output dtype and shape, and how to get its values (called once)."""
+    """One tensor to write: its name, output dtype and shape, and how to get its values (called once).
+
+    ``source`` is where its values lie in the input, as (start, end) positions in the concatenation of the
+    input weight files (see :class:`InputReader`); None where unknown."""
 
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     produce: Callable[[], torch.Tensor]
+    source: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -75,10 +86,15 @@ class OutTensor:
 
 
 def plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
-    """Sorted by name, filled greedily; a tensor larger than the limit gets a shard of its own."""
+    """Filled greedily in input order (by name where any input position is unknown); a tensor larger than the
+    limit gets a shard of its own. Input order keeps each shard's sources in one window of the input."""
+    if all(t.source is not None for t in tensors):
+        order = sorted(tensors, key=lambda t: (t.source, t.name))
+    else:
+        order = sorted(tensors, key=lambda t: t.name)
     shards: list[list[OutTensor]] = [[]]
     size = 0
-    for t in sorted(tensors, key=lambda t: t.name):
+    for t in order:
         if shards[-1] and size + t.nbytes > max_bytes:
             shards.append([])
             size = 0
@@ -111,9 +127,15 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # reshape first: a 0-dim tensor cannot be viewed
 
 
-def write_shard(path: Path, tensors: list[OutTensor], on_bytes: Callable[[int], None] | None = None) -> str:
+def write_shard(
+    path: Path,
+    tensors: list[OutTensor],
+    on_bytes: Callable[[int], None] | None = None,
+    before: Callable[[OutTensor], None] | None = None,
+) -> str:
     """Write one safetensors file; returns its sha256. The hash runs on a second thread, overlapping the writes
-    (hashlib and file writes release the GIL), in the order the bytes are written."""
+    (hashlib and file writes release the GIL), in the order the bytes are written. ``before(t)`` is called before
+    each tensor's values are taken (the pipeline waits there for the input reader)."""
     tensors = sorted(tensors, key=lambda t: (-_SAFETENSORS_ORDER.index(_DTYPE_NAMES[t.dtype]), t.name))
     h = hashlib.sha256()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher, open(path, "wb") as f:
@@ -122,6 +144,8 @@ def write_shard(path: Path, tensors: list[OutTensor], on_bytes: Callable[[int], 
         f.write(head)
         h.update(head)
         for spec in tensors:
+            if before is not None:
+                before(spec)
             value = spec.produce()
             if value.dtype != spec.dtype:
                 value = value.to(spec.dtype)
@@ -140,6 +164,111 @@ def write_shard(path: Path, tensors: list[OutTensor], on_bytes: Callable[[int], 
         f.flush()
         os.fsync(f.fileno())
     return h.hexdigest()
+
+
+class InputReader:
+    """Reads the input weight files once, in order, on a thread: hashes them (sha256 per file) and leaves their
+    pages in the page cache just before the writer copies from them.
+
+    Positions are offsets in the concatenation of the files. The reader stops at the limit the writer grants
+    (:meth:`allow`), so it never runs more than one output window ahead and the window stays cached; the writer
+    waits (:meth:`wait_for`) until the reader has passed a tensor's bytes, so the disk sees one sequential read.
+    An error on the thread is re-raised in the writer; :meth:`cancel` stops the thread at once."""
+
+    CHUNK = 1 << 24
+
+    def __init__(self, files: list[Path]):
+        self.files = list(files)
+        self.starts: dict[Path, int] = {}
+        self.sizes: dict[Path, int] = {}
+        total = 0
+        for f in self.files:
+            self.starts[f] = total
+            self.sizes[f] = f.stat().st_size
+            total += self.sizes[f]
+        self.total = total
+        self.digests: dict[Path, str] = {}
+        self._pos = 0
+        self._limit = 0
+        self._done = False
+        self._cancelled = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="inputs-sha256", daemon=True)
+
+    def position(self, path: Path, offset: int) -> int:
+        return self.starts[path] + offset
+
+    def start(self, limit: int) -> "InputReader":
+        self._limit = limit
+        self._thread.start()
+        return self
+
+    def allow(self, limit: int) -> None:
+        with self._cond:
+            if limit > self._limit:
+                self._limit = limit
+                self._cond.notify_all()
+
+    def wait_for(self, end: int) -> None:
+        with self._cond:
+            self._limit = max(self._limit, end)  # never wait for bytes the reader may not read
+            self._cond.notify_all()
+            while self._pos < end and not self._done and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+
+    def finish(self) -> dict[Path, str]:
+        """Read whatever is left; the sha256 of every file."""
+        self.allow(self.total)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return dict(self.digests)
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        buf = bytearray(self.CHUNK)
+        view = memoryview(buf)
+        try:
+            for path in self.files:
+                h = hashlib.sha256()
+                size = self.sizes[path]
+                with open(path, "rb", buffering=0) as f:
+                    fd = f.fileno()
+                    if hasattr(os, "posix_fadvise"):
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    offset = 0
+                    while offset < size:
+                        with self._cond:
+                            while self._pos >= self._limit and not self._cancelled:
+                                self._cond.wait()
+                            if self._cancelled:
+                                return
+                        if hasattr(os, "posix_fadvise"):  # let the disk fetch the next chunk while this one hashes
+                            os.posix_fadvise(fd, offset + self.CHUNK, self.CHUNK, os.POSIX_FADV_WILLNEED)
+                        n = f.readinto(view[: min(self.CHUNK, size - offset)])
+                        if not n:
+                            raise ConversionError(f"{path}: shrank while being read ({offset} of {size} bytes); is another program writing it?")
+                        h.update(view[:n])
+                        offset += n
+                        with self._cond:
+                            self._pos += n
+                            self._cond.notify_all()
+                self.digests[path] = h.hexdigest()
+        except BaseException as e:  # handed to the writer
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
 
 
 def index_json(shards: list[list[OutTensor]], names: list[str]) -> dict:

@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the new embedding rows (default 0)")
     p.add_argument("--dtype", default="auto", help="auto (keep the source dtype), bfloat16, float16 or float32")
     p.add_argument("--max-shard-size", default="5GB", help="largest weight shard (default 5GB)")
+    p.add_argument("--backbone", default="auto", choices=["auto", "vicuna", "llama3", "phi3"],
+                   help="text backbone (default: detected from the original config.json and the tokenizer)")
     p.add_argument("--force", action="store_true", help="replace an existing output (only after the new one is complete)")
     p.add_argument("--demo", metavar="DIR", help="convert the bundled tiny fixture into DIR; no other argument needed")
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON to FILE")
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
             fx = demo_fixture()
             opts = Options(original=str(fx.original), text_model=str(fx.text_model), vision_model=str(fx.vision_model),
-                           output=Path(args.demo), seed=args.seed, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                           output=Path(args.demo), seed=args.seed, dtype=args.dtype, max_shard_size=args.max_shard_size, backbone=args.backbone,
                            force=args.force, progress=not args.quiet)
         else:
             if not args.original or not args.output:
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("error: --original and --output are required (or use --demo DIR)", file=sys.stderr)
                 return 2
             opts = Options(original=args.original, text_model=args.text_model, vision_model=args.vision_model,
-                           output=Path(args.output), seed=args.seed, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                           output=Path(args.output), seed=args.seed, dtype=args.dtype, max_shard_size=args.max_shard_size, backbone=args.backbone,
                            force=args.force, progress=not args.quiet)
         summary = convert(opts)
     except ConversionError as e:

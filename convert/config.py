@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .backbones import VICUNA, Backbone
 from .errors import ConversionError
 
 FEATURE_LAYERS = (-2, -5, -8, -11, 6)
@@ -25,21 +26,26 @@ def padded_rows(vocab: int, multiple: int = ROW_MULTIPLE) -> int:
 
 @dataclass(frozen=True)
 class TokenIds:
-    vocab: int  # original vocab = embedding rows of the original checkpoint
+    """Token layout after conversion. ``<image>`` and ``<pad>`` follow the base tokenizer's last token; the
+    matrices grow only when those ids do not fit in the original rows (Phi-3's 32064 rows hold its 32011 tokens
+    and both new ids)."""
+
+    vocab: int  # embedding rows of the original checkpoint
     bos: int | None
     eos: int | list[int] | None
+    tokens: int | None = None  # tokens of the base tokenizer (None: as many as rows)
 
     @property
     def image(self) -> int:
-        return self.vocab
+        return self.vocab if self.tokens is None else self.tokens
 
     @property
     def pad(self) -> int:
-        return self.vocab + 1
+        return self.image + 1
 
     @property
     def rows(self) -> int:
-        return padded_rows(self.vocab)
+        return max(self.vocab, padded_rows(self.image))
 
 
 def vision_tower_config(vision_model_config: dict, where: str) -> dict:
@@ -83,7 +89,7 @@ def check_original_config(original: dict, where: str) -> None:
         )
 
 
-def build_config(original: dict, vision: dict, ids: TokenIds, dtype: str, where: str) -> dict:
+def build_config(original: dict, vision: dict, ids: TokenIds, dtype: str, where: str, backbone: Backbone = VICUNA) -> dict:
     """The converted ``config.json`` as a plain dict (sorted when written)."""
     check_original_config(original, where)
     n_layers = len(FEATURE_LAYERS)
@@ -104,24 +110,20 @@ def build_config(original: dict, vision: dict, ids: TokenIds, dtype: str, where:
         raise ConversionError(f"{where}: image_size {vision['image_size']} is not a multiple of patch_size {vision['patch_size']}")
     heads = original["num_attention_heads"]
     text = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": backbone.text_model_type,
+        "architectures": [backbone.text_architecture],
         "vocab_size": ids.rows,
         "hidden_size": original["hidden_size"],
         "intermediate_size": original["intermediate_size"],
         "num_hidden_layers": original["num_hidden_layers"],
         "num_attention_heads": heads,
         "num_key_value_heads": original.get("num_key_value_heads") or heads,
-        "head_dim": original.get("head_dim") or original["hidden_size"] // heads,
         "hidden_act": original.get("hidden_act", "silu"),
         "max_position_embeddings": original.get("max_position_embeddings", 4096),
         "rms_norm_eps": original.get("rms_norm_eps", 1e-6),
         "rope_theta": original.get("rope_theta", 10000.0),
         "rope_scaling": original.get("rope_scaling"),
-        "attention_bias": original.get("attention_bias", False),
         "attention_dropout": original.get("attention_dropout", 0.0),
-        "mlp_bias": original.get("mlp_bias", False),
-        "pretraining_tp": 1,
         "initializer_range": original.get("initializer_range", 0.02),
         "tie_word_embeddings": False,
         "use_cache": True,
@@ -130,6 +132,10 @@ def build_config(original: dict, vision: dict, ids: TokenIds, dtype: str, where:
         "pad_token_id": ids.pad,
         "torch_dtype": dtype,
     }
+    for key, default in backbone.text_fields:
+        text[key] = original.get(key, default)
+    if "head_dim" in text and text["head_dim"] is None:
+        text["head_dim"] = original["hidden_size"] // heads
     if original.get("tie_word_embeddings"):
         raise ConversionError(f"{where}: tie_word_embeddings is true; ViP-LLaVA checkpoints have a separate lm_head")
     grid = vision["image_size"] // vision["patch_size"]

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .backbones import LLAMA_LAYER_RULES
 from .errors import ConversionError
 
 _VISION = "model.vision_tower.vision_tower.vision_model."
@@ -25,16 +26,10 @@ _HF_VISION = "vision_tower.vision_model."
 _CLIP_LAYER = "encoder.layers.{}."
 
 # (name, original key pattern, canonical key pattern or None for "dropped on purpose")
-RULES: tuple[tuple[str, str, str | None], ...] = (
-    # --- language model (Llama) ---
+# Shared by every backbone: embeddings, layer norms, final norm and lm_head; the decoder-layer projections
+# differ per backbone (convert.backbones: Llama's q/k/v/o + gate/up/down, Phi-3's fused qkv + gate_up).
+_TEXT_COMMON: tuple[tuple[str, str, str | None], ...] = (
     ("text.embed", "model.embed_tokens.weight", "language_model.model.embed_tokens.weight"),
-    ("text.q", "model.layers.{}.self_attn.q_proj.weight", "language_model.model.layers.{}.self_attn.q_proj.weight"),
-    ("text.k", "model.layers.{}.self_attn.k_proj.weight", "language_model.model.layers.{}.self_attn.k_proj.weight"),
-    ("text.v", "model.layers.{}.self_attn.v_proj.weight", "language_model.model.layers.{}.self_attn.v_proj.weight"),
-    ("text.o", "model.layers.{}.self_attn.o_proj.weight", "language_model.model.layers.{}.self_attn.o_proj.weight"),
-    ("text.gate", "model.layers.{}.mlp.gate_proj.weight", "language_model.model.layers.{}.mlp.gate_proj.weight"),
-    ("text.up", "model.layers.{}.mlp.up_proj.weight", "language_model.model.layers.{}.mlp.up_proj.weight"),
-    ("text.down", "model.layers.{}.mlp.down_proj.weight", "language_model.model.layers.{}.mlp.down_proj.weight"),
     ("text.ln_in", "model.layers.{}.input_layernorm.weight", "language_model.model.layers.{}.input_layernorm.weight"),
     (
         "text.ln_post",
@@ -43,6 +38,8 @@ RULES: tuple[tuple[str, str, str | None], ...] = (
     ),
     ("text.norm", "model.norm.weight", "language_model.model.norm.weight"),
     ("text.lm_head", "lm_head.weight", "language_model.lm_head.weight"),
+)
+_VISION_AND_PROJECTOR: tuple[tuple[str, str, str | None], ...] = (
     # --- vision tower (CLIP ViT), saved frozen with the checkpoint ---
     ("vision.cls", _VISION + "embeddings.class_embedding", _HF_VISION + "embeddings.class_embedding"),
     (
@@ -84,6 +81,15 @@ RULES: tuple[tuple[str, str, str | None], ...] = (
     ("drop.rotary_inv_freq", "model.layers.{}.self_attn.rotary_emb.inv_freq", None),
     ("drop.clip_position_ids", _VISION + "embeddings.position_ids", None),
 )
+
+
+def rules_for(layer_rules: tuple[tuple[str, str, str | None], ...]) -> tuple[tuple[str, str, str | None], ...]:
+    """The full table for a backbone: its decoder-layer rules plus the shared ones."""
+    return _TEXT_COMMON[:1] + layer_rules + _TEXT_COMMON[1:] + _VISION_AND_PROJECTOR
+
+
+# The Vicuna (Llama) table: the default, and the one the property tests exercise.
+RULES: tuple[tuple[str, str, str | None], ...] = rules_for(LLAMA_LAYER_RULES)
 
 # The two matrices whose rows the converter pads; their first rows are kept bit-identical.
 EMBED_KEY = "language_model.model.embed_tokens.weight"
@@ -211,12 +217,12 @@ class KeyMapping:
         return {t: s for s, t in self.mapped.items()}
 
 
-@lru_cache(maxsize=1)
-def _default_table() -> RuleTable:
-    return RuleTable(RULES)
+@lru_cache(maxsize=None)
+def table_for(layer_rules: tuple[tuple[str, str, str | None], ...] = LLAMA_LAYER_RULES) -> RuleTable:
+    return RuleTable(rules_for(layer_rules))
 
 
-TABLE = _default_table()
+TABLE = table_for()
 
 
 def map_key(key: str) -> str | None:

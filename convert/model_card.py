@@ -6,15 +6,8 @@ from __future__ import annotations
 
 import json
 
-# The original ViP-LLaVA prompt format (llava_v1 conversation template, as in training and in the sample prompts
-# verify uses); the converted repo's chat template produces the same text.
-LLAVA_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-LLAVA_V1_PROMPT = LLAVA_V1_SYSTEM + " USER: <image>\n{question} ASSISTANT:"
+from .backbones import BACKBONES, Backbone
 
-LLAMA2_LICENSE_URL = "https://ai.meta.com/llama/license/"
 VIP_LLAVA_GITHUB = "https://github.com/WisconsinAIVision/ViP-LLaVA"
 
 _ROLES = (("original", "the original ViP-LLaVA checkpoint"), ("text_model", "the base text model, for the tokenizer"),
@@ -55,9 +48,16 @@ def _size(n: object) -> str:
     return str(n)
 
 
+def _backbone(manifest: dict) -> Backbone:
+    return BACKBONES.get(manifest.get("settings", {}).get("backbone", "vicuna"), BACKBONES["vicuna"])
+
+
 def license_of(manifest: dict) -> tuple[str, str]:
-    """(Hub license id, sentence) inherited from the base text model. ViP-LLaVA's released checkpoints are all
-    fine-tuned from Vicuna v1.5, itself fine-tuned from Llama 2: the Llama 2 Community License applies."""
+    """(Hub license id, sentence) inherited from the base text model. The Vicuna checkpoints are fine-tuned from
+    Vicuna v1.5, itself fine-tuned from Llama 2; the Llama-3 and Phi-3 ones carry their base model's terms."""
+    backbone = _backbone(manifest)
+    if backbone.name != "vicuna":
+        return backbone.license_id, f"The base text model is {backbone.title}: the {backbone.license_name} applies."
     text = manifest.get("inputs", {}).get("text_model", {})
     repo_id = text.get("repo_id") or ""
     low = repo_id.lower()
@@ -79,10 +79,18 @@ def _front_matter(manifest: dict, license_id: str) -> str:
     return "\n".join(lines)
 
 
-def _usage(repo_id: str | None, dtype: str) -> str:
+def _prompt_sentence(backbone: Backbone) -> str:
+    if backbone.name == "vicuna":
+        return ("The prompt format is the original ViP-LLaVA one (llava_v1): a system sentence, then `USER: <image>\\n"
+                "{question} ASSISTANT:`. The visual prompt (a box, arrow or scribble) is drawn on the image itself.")
+    return (f"The prompt format is the original ViP-LLaVA {backbone.title} one ({backbone.conv_mode}), as the chat template "
+            "in this repo writes it. The visual prompt (a box, arrow or scribble) is drawn on the image itself.")
+
+
+def _usage(repo_id: str | None, dtype: str, backbone: Backbone) -> str:
     torch_dtype = {"bfloat16": "torch.bfloat16", "float16": "torch.float16", "float32": "torch.float32"}.get(dtype, "torch.float16")
     repo = json.dumps(repo_id or "path/to/this/repo")
-    prompt = json.dumps(LLAVA_V1_PROMPT)
+    prompt = json.dumps(backbone.prompt_for("{question}"))
     return f"""```python
 import torch
 from PIL import Image
@@ -96,7 +104,7 @@ processor = AutoProcessor.from_pretrained(repo)
 image = Image.open("image.png")  # draw your visual prompt (box, arrow, scribble) on the image itself
 question = "What is inside the red box?"
 
-# The original llava_v1 prompt format, written out:
+# The original {backbone.conv_mode} prompt format, written out:
 prompt = {prompt}.format(question=question)
 # ... or, equivalently, through the chat template stored in this repo (same text):
 conversation = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": question}}]}}]
@@ -119,6 +127,7 @@ def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | N
     env = manifest.get("environment", {})
     original = inputs.get("original", {})
     license_id, license_sentence = license_of(manifest)
+    backbone = _backbone(manifest)
     name = (original.get("repo_id") or "ViP-LLaVA").split("/")[-1]
     tool_line = f"{tool.get('name', 'vipllava-harness')} {tool.get('version', '?')}"
     checks = report_json.get("checks", [])
@@ -204,14 +213,13 @@ def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | N
     out += [
         "## Usage",
         "",
-        "The prompt format is the original ViP-LLaVA one (llava_v1): a system sentence, then `USER: <image>\\n"
-        "{question} ASSISTANT:`. The visual prompt (a box, arrow or scribble) is drawn on the image itself.",
+        _prompt_sentence(backbone),
         "",
-        _usage(repo_id, settings.get("output_dtype", "float16")),
+        _usage(repo_id, settings.get("output_dtype", "float16"), backbone),
         "",
         "## License",
         "",
-        f"{license_sentence} See the [Llama 2 Community License]({LLAMA2_LICENSE_URL}). The conversion does not "
+        f"{license_sentence} See the [{backbone.license_name}]({backbone.license_url}). The conversion does not "
         "change the weights' terms.",
         "",
     ]

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import build_config, generation_config, load_vipllava_config, padded_rows, vision_tower_config
+from .backbones import detect
+from .config import build_config, generation_config, load_vipllava_config, vision_tower_config
 from .errors import ConversionError
 from .layout import expected_shapes
-from .mapping import EMBED_KEY, LM_HEAD_KEY, KeyMapping, map_keys
-from .processor import build_tokenizer, write_processor_files, write_tokenizer_files
+from .mapping import EMBED_KEY, LM_HEAD_KEY, KeyMapping, RuleTable, table_for
+from .processor import build_tokenizer, load_base_tokenizer, write_processor_files, write_tokenizer_files
 from .resize import SCALE, check_seed, resize
 from .sources import Checkpoint, checked_sha256, open_checkpoint, resolve, sha256_file
 from .writer import InputReader, OutTensor, atomic_directory, check_output, index_json, parse_size, plan_shards, shard_names, write_json, write_shard
@@ -44,6 +45,7 @@ class Options:
     seed: int = 0
     dtype: str = "auto"
     max_shard_size: str | int = "5GB"
+    backbone: str = "auto"
     force: bool = False
     progress: bool = True
 
@@ -103,16 +105,14 @@ def _refuse_converted(original_cfg: dict, keys: list[str], where: Path) -> None:
         )
 
 
-def _check_shapes(ckpt: Checkpoint, mapping: KeyMapping, expected: dict[str, tuple[int, ...]], vocab: int) -> None:
+def _check_shapes(ckpt: Checkpoint, mapping: KeyMapping, expected: dict[str, tuple[int, ...]], vocab: int, table: RuleTable) -> None:
     produced = set(mapping.mapped.values())
     missing = sorted(set(expected) - produced)
     if missing:
         sources = []
-        from .mapping import inverse_key
-
         for t in missing[:5]:
             try:
-                sources.append(inverse_key(t))
+                sources.append(table.inverse_key(t))
             except ConversionError:
                 sources.append(t)
         raise ConversionError(
@@ -151,7 +151,6 @@ def convert(opts: Options) -> Summary:
     ckpt = open_checkpoint(orig.path)
     keys = ckpt.keys()
     _refuse_converted(original_cfg, keys, orig.path)
-    mapping = map_keys(keys)
     if ORIGINAL_EMBED not in ckpt.weight_map or ORIGINAL_LM_HEAD not in ckpt.weight_map:
         raise ConversionError(f"{orig.path}: lacks {ORIGINAL_EMBED} or {ORIGINAL_LM_HEAD}; the checkpoint is incomplete")
     vocab, hidden = ckpt.info(ORIGINAL_EMBED).shape
@@ -168,8 +167,12 @@ def convert(opts: Options) -> Summary:
         text = resolve(opts.text_model, "--text-model", allow_patterns=["*.json", "*.model", "*.txt"])
     vision = resolve(opts.vision_model or DEFAULT_VISION_MODEL, "--vision-model", allow_patterns=["*.json"])
 
-    tok, tinfo = build_tokenizer(text.directory, vocab, str(text.directory))
-    notes = _tokenizer_notes(text.directory)
+    base_tok = load_base_tokenizer(text.directory)
+    backbone = detect(original_cfg, base_tok.get_vocab(), str(orig_dir / "config.json"), opts.backbone)
+    table = table_for(backbone.layer_rules)
+    mapping = table.map_keys(keys)
+    tok, tinfo = build_tokenizer(base_tok, text.directory, vocab, backbone)
+    notes = _tokenizer_notes(text.directory) if backbone.original_tokenizer == "slow" else []
     vision_file = vision.directory / "config.json"
     vision_cfg = vision_tower_config(_read_json(vision_file, "--vision-model"), str(vision_file))
     preprocessor = _read_json(vision.directory / "preprocessor_config.json", "--vision-model (image preprocessing)")
@@ -178,9 +181,9 @@ def convert(opts: Options) -> Summary:
     out_dtype = embed_dtype if opts.dtype == "auto" else DTYPES[opts.dtype]
     if out_dtype not in _DTYPE_NAME:
         raise ConversionError(f"{ORIGINAL_EMBED}: stored as {embed_dtype}; pass --dtype bfloat16, float16 or float32")
-    cfg = build_config(original_cfg, vision_cfg, tinfo.ids, _DTYPE_NAME[out_dtype], str(orig_dir / "config.json"))
+    cfg = build_config(original_cfg, vision_cfg, tinfo.ids, _DTYPE_NAME[out_dtype], str(orig_dir / "config.json"), backbone)
     expected = expected_shapes(load_vipllava_config(cfg))
-    _check_shapes(ckpt, mapping, expected, vocab)
+    _check_shapes(ckpt, mapping, expected, vocab, table)
 
     # The weight files are read once, sequentially, by InputReader (hashing them), with the writer copying right
     # behind it; the small input files are hashed on a thread. The manifest waits for both.
@@ -194,7 +197,7 @@ def convert(opts: Options) -> Summary:
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inputs-sha256")
     small_digests = pool.submit(lambda: {f: sha256_file(f) for f in small})
     pool.shutdown(wait=False)
-    rows = padded_rows(vocab)
+    rows = tinfo.ids.rows
     resized: dict[str, torch.Tensor] = {}
 
     def out_dtype_for(src: str) -> torch.dtype:
@@ -237,6 +240,7 @@ def convert(opts: Options) -> Summary:
         "tool": {"name": "vipllava-harness", "version": __version__},
         "environment": {"torch": torch.__version__.split("+")[0], "transformers": _transformers_version(), "python": platform.python_version()},
         "settings": {
+            "backbone": backbone.name,
             "seed": opts.seed,
             "dtype": opts.dtype,
             "output_dtype": _DTYPE_NAME[out_dtype],
@@ -262,8 +266,8 @@ def convert(opts: Options) -> Summary:
     def write_text_files(folder: Path) -> None:
         write_json(folder / "config.json", {**cfg, "transformers_version": _transformers_version()})
         write_json(folder / "generation_config.json", {**generation_config(tinfo.ids), "transformers_version": _transformers_version()})
-        write_tokenizer_files(folder, tok, tinfo, text.directory, max_len)
-        write_processor_files(folder, preprocessor, vision_cfg["patch_size"], str(vision.directory / "preprocessor_config.json"))
+        write_tokenizer_files(folder, tok, tinfo, text.directory, max_len, backbone)
+        write_processor_files(folder, preprocessor, vision_cfg["patch_size"], str(vision.directory / "preprocessor_config.json"), backbone)
 
     try:
         _write_repo(output, opts, shards, write_text_files, manifest, reader, input_records)

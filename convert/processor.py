@@ -18,131 +18,131 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .backbones import CHAT_TEMPLATE_V1, VICUNA, Backbone  # noqa: F401  (CHAT_TEMPLATE_V1: re-exported)
 from .config import TokenIds
 from .errors import ConversionError
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
-SYSTEM_V1 = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-
-# The original llava_v1 conversation format (sep " " after a user turn, "</s>" after an assistant turn), for
-# messages in the processor's format (content: a string, or a list of {"type": "image"} / {"type": "text"}).
-CHAT_TEMPLATE_V1 = (
-    "{%- set ns = namespace(system='" + SYSTEM_V1.replace("'", "\\'") + "', start=0) -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
-    "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text') "
-    "| map(attribute='text') | join(' ') -%}{%- endif -%}"
-    "{%- set ns.start = 1 -%}"
-    "{%- endif -%}"
-    "{{- ns.system + ' ' -}}"
-    "{%- for message in messages[ns.start:] -%}"
-    "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
-    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}"
-    "{%- else -%}{{- raise_exception('llava_v1 has only user and assistant turns after the system message') -}}"
-    "{%- endif -%}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
-    "{{- message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -}}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}{{- ' ' -}}{%- else -%}{{- eos_token -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-)
 
 
 @dataclass(frozen=True)
 class TokenizerInfo:
     ids: TokenIds
-    bos_token: str
-    eos_token: str
+    bos_token: str | None
+    eos_token: str | None
     unk_token: str | None
+    add_bos_token: bool
 
 
-def _added_entry(content: str, special: bool = True, normalized: bool = False) -> dict:
-    return {"content": content, "lstrip": False, "normalized": normalized, "rstrip": False, "single_word": False, "special": special}
+def _added_entry(added) -> dict:
+    return {"content": added.content, "lstrip": added.lstrip, "normalized": added.normalized, "rstrip": added.rstrip,
+            "single_word": added.single_word, "special": added.special}
 
 
-def build_tokenizer(text_dir: Path, vocab: int, where: str):
-    """The text model's tokenizer with ``<image>`` at ``vocab`` and ``<pad>`` at ``vocab + 1``, every chunk
-    between special tokens getting the dummy prefix. Returns (tokenizer, TokenizerInfo)."""
-    from tokenizers import AddedToken, normalizers
+def _base_add_bos(text_dir: Path) -> bool:
+    p = text_dir / "tokenizer_config.json"
+    try:
+        return bool(json.loads(p.read_text()).get("add_bos_token", True)) if p.is_file() else True
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConversionError(f"{p}: not valid JSON; re-download the text model") from None
+
+
+def load_base_tokenizer(text_dir: Path):
+    """The text model's tokenizer as transformers loads it (fast)."""
     from transformers import AutoTokenizer
 
     if not ((text_dir / "tokenizer.model").is_file() or (text_dir / "tokenizer.json").is_file()):
         raise ConversionError(f"{text_dir}: no tokenizer.model or tokenizer.json; pass --text-model with the base tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(str(text_dir), legacy=True)
+        return AutoTokenizer.from_pretrained(str(text_dir), legacy=True)
     except Exception as e:  # transformers raises many types here; the message is what the user needs
         raise ConversionError(f"{text_dir}: tokenizer does not load ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
-    if len(tok) != vocab:
+
+
+def build_tokenizer(tok, text_dir: Path, vocab: int, backbone: Backbone = VICUNA):
+    """The base tokenizer ``tok`` with ``<image>`` and ``<pad>`` appended after its last token (see
+    :class:`TokenIds`). Sentencepiece backbones get the dummy prefix on every segment between special tokens, as
+    the original's chunked tokenization gave; byte-level ones (Llama-3) are kept as they are.
+    Returns (tokenizer, TokenizerInfo)."""
+    from tokenizers import AddedToken, normalizers
+
+    tokens = len(tok)
+    if tokens > vocab or (tokens != vocab and not backbone.rows_padded):
         raise ConversionError(
-            f"{text_dir}: tokenizer has {len(tok)} tokens but the original embedding has {vocab} rows; "
+            f"{text_dir}: tokenizer has {tokens} tokens but the original embedding has {vocab} rows; "
             "pass the text model this checkpoint was trained with"
         )
     existing = tok.get_vocab()
     for t in (IMAGE_TOKEN, PAD_TOKEN):
         if t in existing:
             raise ConversionError(f"{text_dir}: tokenizer already has {t} (id {existing[t]}); expected a base text tokenizer")
-    # Every segment between special tokens gets the dummy prefix, unconditionally, as sentencepiece gives each
-    # chunk (" What" -> "▁▁What"). Metaspace(prepend_scheme="always") is NOT the same: it skips the prefix when
-    # the segment already starts with a space.
-    backend = tok.backend_tokenizer
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    backend.pre_tokenizer = None
+    missing = [t for t in backbone.stop_tokens if t not in existing]
+    if missing:
+        raise ConversionError(f"{text_dir}: tokenizer lacks {missing[0]}, the end-of-turn token of {backbone.title}; pass its base text model")
+    if backbone.tokenizer_kind == "sentencepiece":
+        # Every segment between special tokens gets the dummy prefix, unconditionally, as sentencepiece gives each
+        # chunk (" What" -> "▁▁What"). Metaspace(prepend_scheme="always") is NOT the same: it skips the prefix when
+        # the segment already starts with a space.
+        backend = tok.backend_tokenizer
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        backend.pre_tokenizer = None
     tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     tok.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
     got = (tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.convert_tokens_to_ids(PAD_TOKEN))
-    if got != (vocab, vocab + 1):
-        raise ConversionError(f"{text_dir}: <image>/<pad> landed at ids {got}, expected ({vocab}, {vocab + 1})")
-    eos = tok.eos_token_id
+    if got != (tokens, tokens + 1):
+        raise ConversionError(f"{text_dir}: <image>/<pad> landed at ids {got}, expected ({tokens}, {tokens + 1})")
+    eos = [existing[t] for t in backbone.stop_tokens]
+    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+        eos.append(tok.eos_token_id)
     info = TokenizerInfo(
-        ids=TokenIds(vocab=vocab, bos=tok.bos_token_id, eos=eos),
+        ids=TokenIds(vocab=vocab, bos=tok.bos_token_id, eos=eos[0] if len(eos) == 1 else eos, tokens=None if tokens == vocab else tokens),
         bos_token=tok.bos_token,
         eos_token=tok.eos_token,
         unk_token=tok.unk_token,
+        add_bos_token=_base_add_bos(text_dir),
     )
     return tok, info
 
 
-def write_tokenizer_files(out: Path, tok, info: TokenizerInfo, text_dir: Path, model_max_length: int) -> None:
+def write_tokenizer_files(out: Path, tok, info: TokenizerInfo, text_dir: Path, model_max_length: int, backbone: Backbone = VICUNA) -> None:
     """tokenizer.json, tokenizer.model (when the base has one), tokenizer_config.json, special_tokens_map.json."""
     tok.backend_tokenizer.save(str(out / "tokenizer.json"), pretty=True)
-    if (text_dir / "tokenizer.model").is_file():
+    sentencepiece = backbone.tokenizer_kind == "sentencepiece"
+    if sentencepiece and (text_dir / "tokenizer.model").is_file():
         shutil.copyfile(text_dir / "tokenizer.model", out / "tokenizer.model")
-    decoder = {}
-    for idx, added in sorted(tok.added_tokens_decoder.items()):
-        decoder[str(idx)] = _added_entry(added.content, special=added.special, normalized=added.normalized)
+    decoder = {str(idx): _added_entry(added) for idx, added in sorted(tok.added_tokens_decoder.items())}
     # <image> is listed as an additional special token too: transformers 4.x's slow LlamaTokenizer
     # (use_fast=False) skips only the tokens listed in the special-tokens map when decoding with
     # skip_special_tokens=True; without the entry it printed "<image>" back (measured on 4.51.3 and 4.57.6).
     cfg = {
-        "add_bos_token": True,
         "additional_special_tokens": [IMAGE_TOKEN],
-        "add_eos_token": False,
         "added_tokens_decoder": decoder,
         "bos_token": info.bos_token,
-        "chat_template": CHAT_TEMPLATE_V1,
+        "chat_template": backbone.chat_template,
         "clean_up_tokenization_spaces": False,
         "eos_token": info.eos_token,
-        "legacy": True,
         "model_max_length": model_max_length,
         "pad_token": PAD_TOKEN,
         "padding_side": "left",
         "processor_class": "LlavaProcessor",
-        "sp_model_kwargs": {},
-        "spaces_between_special_tokens": False,
-        "tokenizer_class": "LlamaTokenizer",
-        "unk_token": info.unk_token,
-        "use_default_system_prompt": False,
+        "tokenizer_class": backbone.tokenizer_class,
     }
+    if sentencepiece:  # the slow-tokenizer settings (transformers 4.x, use_fast=False)
+        cfg.update({
+            "add_bos_token": info.add_bos_token,
+            "add_eos_token": False,
+            "legacy": True,
+            "sp_model_kwargs": {},
+            "spaces_between_special_tokens": False,
+            "unk_token": info.unk_token,
+            "use_default_system_prompt": False,
+        })
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     special = {"additional_special_tokens": [IMAGE_TOKEN], "bos_token": info.bos_token, "eos_token": info.eos_token,
-               "pad_token": PAD_TOKEN, "unk_token": info.unk_token}
+               "pad_token": PAD_TOKEN}
+    if info.unk_token is not None:
+        special["unk_token"] = info.unk_token
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")
 
 
@@ -185,8 +185,8 @@ def processor_config(patch_size: int) -> dict:
     }
 
 
-def write_processor_files(out: Path, preprocessor: dict, patch_size: int, where: str) -> None:
+def write_processor_files(out: Path, preprocessor: dict, patch_size: int, where: str, backbone: Backbone = VICUNA) -> None:
     dump = lambda obj: json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"  # noqa: E731
     (out / "preprocessor_config.json").write_text(dump(image_processor_config(preprocessor, where)))
     (out / "processor_config.json").write_text(dump(processor_config(patch_size)))
-    (out / "chat_template.json").write_text(dump({"chat_template": CHAT_TEMPLATE_V1}))
+    (out / "chat_template.json").write_text(dump({"chat_template": backbone.chat_template}))

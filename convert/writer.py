@@ -18,6 +18,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -233,34 +234,11 @@ class InputReader:
             self._cond.notify_all()
 
     def _run(self) -> None:
-        buf = bytearray(self.CHUNK)
-        view = memoryview(buf)
         try:
             for path in self.files:
-                h = hashlib.sha256()
-                size = self.sizes[path]
-                with open(path, "rb", buffering=0) as f:
-                    fd = f.fileno()
-                    if hasattr(os, "posix_fadvise"):
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                    offset = 0
-                    while offset < size:
-                        with self._cond:
-                            while self._pos >= self._limit and not self._cancelled:
-                                self._cond.wait()
-                            if self._cancelled:
-                                return
-                        if hasattr(os, "posix_fadvise"):  # let the disk fetch the next chunk while this one hashes
-                            os.posix_fadvise(fd, offset + self.CHUNK, self.CHUNK, os.POSIX_FADV_WILLNEED)
-                        n = f.readinto(view[: min(self.CHUNK, size - offset)])
-                        if not n:
-                            raise ConversionError(f"{path}: shrank while being read ({offset} of {size} bytes); is another program writing it?")
-                        h.update(view[:n])
-                        offset += n
-                        with self._cond:
-                            self._pos += n
-                            self._cond.notify_all()
-                self.digests[path] = h.hexdigest()
+                self.digests[path] = self._hash_file(path)
+                if self._cancelled:
+                    return
         except BaseException as e:  # handed to the writer
             with self._cond:
                 self._error = e
@@ -269,6 +247,39 @@ class InputReader:
         with self._cond:
             self._done = True
             self._cond.notify_all()
+
+    def _hash_file(self, path: Path) -> str:
+        """sha256 of one file, hashed straight from a read-only map of it (no copy into Python buffers): the
+        pages it faults in are the ones the writer copies from next."""
+        h = hashlib.sha256()
+        size = self.sizes[path]
+        if size == 0:
+            return h.hexdigest()
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            if mm.size() != size:
+                raise ConversionError(f"{path}: changed size while being read ({size} -> {mm.size()} bytes); is another program writing it?")
+            if hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_SEQUENTIAL)
+            view = memoryview(mm)
+            try:
+                offset = 0
+                while offset < size:
+                    with self._cond:
+                        while self._pos >= self._limit and not self._cancelled:
+                            self._cond.wait()
+                        if self._cancelled:
+                            break
+                    n = min(self.CHUNK, size - offset)
+                    if hasattr(mm, "madvise") and offset + n < size:  # the disk fetches the next chunk meanwhile
+                        mm.madvise(mmap.MADV_WILLNEED, offset + n, min(self.CHUNK, size - offset - n))
+                    h.update(view[offset : offset + n])
+                    offset += n
+                    with self._cond:
+                        self._pos += n
+                        self._cond.notify_all()
+            finally:
+                view.release()
+        return h.hexdigest()
 
 
 def index_json(shards: list[list[OutTensor]], names: list[str]) -> dict:

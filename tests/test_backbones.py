@@ -1,0 +1,95 @@
+"""The three backbones: detection, chat templates that reproduce the original prompts byte for byte, the token
+layout, and (per backbone) convert + ``python -m verify`` with every check passing on the tiny fixture."""
+
+from __future__ import annotations
+
+import pytest
+
+from convert.backbones import BACKBONES, LLAMA3, PHI3, VICUNA, detect
+from convert.config import TokenIds
+from convert.errors import ConversionError
+
+# Produced by running the ORIGINAL llava/conversation.py (mu-cai/ViP-LLaVA @ ab4e364) on two conversations:
+# (a) user "<image>\nWhat is shown?", assistant None; (b) the same, assistant "A cat.", user "What colour?",
+# assistant None. Copied from that run's output, not written by hand.
+ORIGINAL_PROMPTS = {
+    ("llava_v1", "a"): "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions. USER: <image>\nWhat is shown? ASSISTANT:",
+    ("llava_v1", "b"): "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions. USER: <image>\nWhat is shown? ASSISTANT: A cat.</s>USER: What colour? ASSISTANT:",
+    ("llava_llama_3", "a"): "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is shown?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    ("llava_llama_3", "b"): "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is shown?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat colour?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    ("llava_phi_3", "a"): "<|system|>\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|end|>\n<|user|>\n<image>\nWhat is shown?<|end|>\n<|assistant|>\n",
+    ("llava_phi_3", "b"): "<|system|>\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|end|>\n<|user|>\n<image>\nWhat is shown?<|end|>\n<|assistant|>\nA cat.<|end|>\n<|user|>\nWhat colour?<|end|>\n<|assistant|>\n",
+}
+_IMAGE_Q = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}
+CONVERSATIONS = {
+    "a": [_IMAGE_Q],
+    "b": [_IMAGE_Q, {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+          {"role": "user", "content": [{"type": "text", "text": "What colour?"}]}],
+}
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("conv", sorted(CONVERSATIONS))
+def test_chat_template_reproduces_the_original_prompt(name, conv):
+    b = BACKBONES[name]
+    assert b.render(CONVERSATIONS[conv]) == ORIGINAL_PROMPTS[(b.conv_mode, conv)]
+
+
+def test_chat_template_through_transformers_is_the_same_text():
+    """The sandboxed renderer we use for the card is what transformers' apply_chat_template gives."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"x": 0}, unk_token="x")), eos_token="</s>")
+    for b in BACKBONES.values():
+        for conv, messages in CONVERSATIONS.items():
+            got = tok.apply_chat_template(messages, chat_template=b.chat_template, add_generation_prompt=True, tokenize=False)
+            assert got == ORIGINAL_PROMPTS[(b.conv_mode, conv)], (b.name, conv)
+
+
+@pytest.mark.parametrize(
+    "model_type, vocab, forced, want",
+    [
+        ("llava_llama", {"<s>": 1}, None, "vicuna"),
+        ("llava_llama", {"<|begin_of_text|>": 0, "<|eot_id|>": 9}, None, "llama3"),
+        ("llava_phi3", {"<|end|>": 4}, None, "phi3"),
+        ("llava_llama", {"<s>": 1}, "vicuna", "vicuna"),
+        ("llava_llama", {"<|eot_id|>": 9}, "auto", "llama3"),
+    ],
+)
+def test_detect(model_type, vocab, forced, want):
+    assert detect({"model_type": model_type}, vocab, "config.json", forced).name == want
+
+
+@pytest.mark.parametrize(
+    "model_type, forced, words",
+    [
+        ("llava_mistral", None, ["'llava_mistral'", "llava_llama", "llava_phi3"]),
+        ("llava_llama", "phi3", ["'llava_llama'", "--backbone phi3", "'llava_phi3'"]),
+        ("llava_phi3", "llama3", ["'llava_phi3'", "--backbone llama3"]),
+    ],
+)
+def test_detect_refuses(model_type, forced, words):
+    with pytest.raises(ConversionError) as e:
+        detect({"model_type": model_type}, {}, "x/config.json", forced)
+    assert all(w in str(e.value) for w in words) and str(e.value).startswith("x/config.json")
+
+
+@pytest.mark.parametrize(
+    "rows, tokens, image, pad, padded",
+    [(32000, None, 32000, 32001, 32064), (128256, None, 128256, 128257, 128320), (32064, 32011, 32011, 32012, 32064),
+     (32064, 32063, 32063, 32064, 32128), (997, None, 997, 998, 1024)],
+)
+def test_token_layout(rows, tokens, image, pad, padded):
+    ids = TokenIds(vocab=rows, bos=1, eos=2, tokens=tokens)
+    assert (ids.image, ids.pad, ids.rows) == (image, pad, padded)
+    assert ids.rows % 64 == 0 and ids.rows >= max(rows, ids.pad + 1)
+
+
+def test_backbone_tables_differ_only_in_the_decoder_projections():
+    from convert.mapping import rules_for
+
+    v, p = set(rules_for(VICUNA.layer_rules)), set(rules_for(PHI3.layer_rules))
+    assert {r[0] for r in v - p} == {"text.q", "text.k", "text.v", "text.gate", "text.up"}
+    assert {r[0] for r in p - v} == {"text.qkv", "text.gate_up"}
+    assert rules_for(LLAMA3.layer_rules) == rules_for(VICUNA.layer_rules)

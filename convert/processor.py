@@ -112,11 +112,14 @@ def write_tokenizer_files(out: Path, tok, info: TokenizerInfo, text_dir: Path, m
     if sentencepiece and (text_dir / "tokenizer.model").is_file():
         shutil.copyfile(text_dir / "tokenizer.model", out / "tokenizer.model")
     decoder = {str(idx): _added_entry(added) for idx, added in sorted(tok.added_tokens_decoder.items())}
-    # <image> is listed as an additional special token too: transformers 4.x's slow LlamaTokenizer
-    # (use_fast=False) skips only the tokens listed in the special-tokens map when decoding with
-    # skip_special_tokens=True; without the entry it printed "<image>" back (measured on 4.51.3 and 4.57.6).
+    # Every special added token outside the named ones is listed as an additional special token too, <image>
+    # first: transformers 4.x's slow LlamaTokenizer (use_fast=False) skips only the tokens in the special-tokens
+    # map when decoding with skip_special_tokens=True; without the entries it printed "<image>" back (and Phi-3's
+    # "</s>"), measured on 4.51.3 and 4.57.6. Vicuna's list is just ["<image>"].
+    named = {info.bos_token, info.eos_token, info.unk_token, PAD_TOKEN, IMAGE_TOKEN}
+    additional = [IMAGE_TOKEN] + [a.content for _, a in sorted(tok.added_tokens_decoder.items()) if a.special and a.content not in named]
     cfg = {
-        "additional_special_tokens": [IMAGE_TOKEN],
+        "additional_special_tokens": additional,
         "added_tokens_decoder": decoder,
         "bos_token": info.bos_token,
         "chat_template": backbone.chat_template,
@@ -139,7 +142,7 @@ def write_tokenizer_files(out: Path, tok, info: TokenizerInfo, text_dir: Path, m
             "use_default_system_prompt": False,
         })
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    special = {"additional_special_tokens": [IMAGE_TOKEN], "bos_token": info.bos_token, "eos_token": info.eos_token,
+    special = {"additional_special_tokens": additional, "bos_token": info.bos_token, "eos_token": info.eos_token,
                "pad_token": PAD_TOKEN}
     if info.unk_token is not None:
         special["unk_token"] = info.unk_token

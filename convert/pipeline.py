@@ -26,7 +26,7 @@ from .mapping import EMBED_KEY, LM_HEAD_KEY, KeyMapping, RuleTable, table_for
 from .processor import build_tokenizer, load_base_tokenizer, write_processor_files, write_tokenizer_files
 from .resize import SCALE, check_seed, resize
 from .sources import Checkpoint, checked_sha256, open_checkpoint, resolve, sha256_file
-from .writer import InputReader, OutTensor, atomic_directory, check_output, index_json, parse_size, plan_shards, shard_names, write_json, write_shard
+from .writer import InputReader, OutTensor, atomic_directory, fsync_file, check_output, index_json, parse_size, plan_shards, shard_names, write_json, write_shard
 
 DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14-336"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -338,10 +338,17 @@ def _write_repo(
 
     with atomic_directory(output, opts.force) as tmp:
         outputs: dict[str, str] = {}
-        with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not opts.progress) as bar:
+        with (
+            tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not opts.progress) as bar,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync") as flusher,
+        ):
+            flushed = []
             for shard, name in zip(shards, names):
                 reader.allow(_window_end(shard, reader))
                 outputs[name] = write_shard(tmp / name, shard, on_bytes=bar.update, before=before)
+                flushed.append(flusher.submit(fsync_file, tmp / name))
+            for f in flushed:
+                f.result()  # a write error surfacing at fsync (EIO, ENOSPC) stops the run here
         if len(shards) > 1:
             write_json(tmp / "model.safetensors.index.json", index_json(shards, names))
         write_text_files(tmp)

@@ -3,6 +3,8 @@ layout, and (per backbone) convert + ``python -m verify`` with every check passi
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from convert.backbones import BACKBONES, LLAMA3, PHI3, VICUNA, detect
@@ -93,3 +95,63 @@ def test_backbone_tables_differ_only_in_the_decoder_projections():
     assert {r[0] for r in v - p} == {"text.q", "text.k", "text.v", "text.gate", "text.up"}
     assert {r[0] for r in p - v} == {"text.qkv", "text.gate_up"}
     assert rules_for(LLAMA3.layer_rules) == rules_for(VICUNA.layer_rules)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# end to end on each backbone's tiny fixture: convert (the CLI, auto-detected) then `python -m verify`
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["llama3", "phi3"])
+def variant(request, tmp_path_factory):
+    from fixtures.build import build
+
+    from tests.conftest import run_convert
+
+    fx = build(tmp_path_factory.mktemp(f"fx-{request.param}") / "tiny", backbone=request.param)
+    out = tmp_path_factory.mktemp(f"out-{request.param}") / "repo"
+    assert run_convert(fx, out) == 0
+    return request.param, fx, out
+
+
+def test_variant_converts_with_its_layout(variant):
+    name, fx, out = variant
+    b = BACKBONES[name]
+    cfg = json.loads((out / "config.json").read_text())
+    m = json.loads((out / "conversion.json").read_text())
+    tok_cfg = json.loads((fx.text_model / "tokenizer_config.json").read_text())
+    base = json.loads((fx.text_model / "tokenizer.json").read_text())
+    tokens = len(base["model"]["vocab"]) + len([t for t in base["added_tokens"] if t["content"] not in base["model"]["vocab"]])
+    rows = json.loads((fx.original / "config.json").read_text())["vocab_size"]
+    assert m["settings"]["backbone"] == name
+    assert cfg["text_config"]["model_type"] == b.text_model_type
+    assert (cfg["image_token_index"], cfg["pad_token_id"]) == (tokens, tokens + 1)
+    assert cfg["text_config"]["vocab_size"] == max(rows, -(-(tokens + 2) // 64) * 64)
+    gen = json.loads((out / "generation_config.json").read_text())
+    vocab = {t["content"]: t["id"] for t in base["added_tokens"]}
+    eos = gen["eos_token_id"]
+    assert vocab[b.stop_tokens[0]] == eos[0] and vocab[tok_cfg["eos_token"]] in eos
+    template = json.loads((out / "chat_template.json").read_text())["chat_template"]
+    assert template == b.chat_template
+
+
+def test_variant_verifies(variant):
+    """Every check of `python -m verify` passes, including logits and generation parity against the reference
+    and the chat template reproducing the original prompt strings."""
+    from verify.api import verify_repo
+
+    name, _, out = variant
+    report = verify_repo(out, progress=False, max_new_tokens=4)
+    failed = [(c.name, c.summary) for c in report.checks if c.status != "PASS"]
+    assert not failed, failed
+    names = {c.name for c in report.checks}
+    assert {"logits", "generation", "chat_template", "processor", "strict_load", "resize", "mapping", "files"} <= names
+
+
+def test_backbone_flag_contradicting_the_config_is_refused(tiny, tmp_path, capsys):
+    from tests.conftest import run_convert
+
+    out = tmp_path / "out"
+    assert run_convert(tiny, out, "--backbone", "phi3") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--backbone phi3" in err and "'llava_llama'" in err and "config.json" in err
+    assert not out.exists() and not any(p.name.startswith(".vipllava-tmp") for p in tmp_path.iterdir())

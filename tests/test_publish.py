@@ -360,3 +360,20 @@ def test_model_card_usage_snippet_runs_and_chat_template_matches(card_inputs, co
     exec(compile(code, "model-card-snippet", "exec"), scope)
     assert scope["prompt"] == LLAVA_V1.format(question=question)
     assert scope["output"].shape[1] == scope["inputs"]["input_ids"].shape[1] + 4
+
+
+@pytest.mark.parametrize("backbone, license_id, words", [
+    ("llama3", "llama3", ["Meta Llama 3 Community License", "llava_llama_3",
+                          '"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n']),
+    ("phi3", "mit", ["MIT License (Phi-3)", "llava_phi_3", '<|user|>\\n<image>\\n{question}<|end|>\\n<|assistant|>\\n"']),
+])
+def test_model_card_of_other_backbones_names_their_format_and_license(card_inputs, backbone, license_id, words):
+    """The card of a Llama-3 or Phi-3 conversion shows that backbone's original prompt (the Python literal of the
+    chat template's rendering) and its base model's license, not Vicuna's."""
+    manifest, report_json = card_inputs
+    manifest = {**manifest, "settings": {**manifest["settings"], "backbone": backbone}}
+    card = model_card(manifest, report_json, None)
+    meta, body = _front_matter(card)
+    assert meta["license"] == license_id
+    assert all(w in body for w in words), [w for w in words if w not in body]
+    assert "Llama 2" not in body and "USER:" not in body

@@ -68,7 +68,7 @@ class PublishResult:
 
 
 def commit_message(report) -> str:
-    """``Convert ViP-LLaVA with vipllava-harness 0.1.0: verify 7/7 checks passed`` (+ the checks with warnings)."""
+    """``Convert ViP-LLaVA with vipllava-harness 0.1.0: verify 8/8 checks passed`` (+ the checks with warnings)."""
     ok = [c for c in report.checks if not c.failed]
     msg = f"Convert ViP-LLaVA with {TOOL} {__version__}: verify {len(ok)}/{len(report.checks)} checks passed"
     warned = [c.name for c in report.checks if c.status == "WARN"]

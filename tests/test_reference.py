@@ -614,3 +614,240 @@ def test_spliced_sequence_is_truncated_to_tokenizer_model_max_length(world):
     assert cut.logits.shape[0] == len(full.input_positions) - 3
     assert cut.input_positions == full.input_positions[:-3]
     torch.testing.assert_close(cut.logits, full.logits[:-3], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# 7. backbones: conversation formats (verbatim from the original conversation.py)
+# ------------------------------------------------------------------------------------------
+
+from verify.original import (  # noqa: E402
+    BACKBONES,
+    CONV_MODES,
+    detect_backbone,
+    expected_layout,
+    render_prompt,
+)
+
+ONE_TURN = [{"role": "user", "text": "<image>\nWhat is shown?"}, {"role": "assistant", "text": None}]
+TWO_TURNS = [{"role": "user", "text": "<image>\nWhat is shown?"}, {"role": "assistant", "text": "A cat."},
+             {"role": "user", "text": "What colour?"}, {"role": "assistant", "text": None}]
+
+# Produced by RUNNING the original llava/conversation.py (mu-cai/ViP-LLaVA @ ab4e364): conv_templates[mode].copy(),
+# append_message(roles[0], ...), append_message(roles[1], None | ...), get_prompt(); the printed reprs, pasted
+# unchanged from /tmp/notes/variants.md section 1. (a) = ONE_TURN, (b) = TWO_TURNS.
+ORIGINAL_PROMPTS = {
+    ("llava_llama_3", "a"): '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is shown?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n',
+    ("llava_llama_3", "b"): '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is shown?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat colour?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n',
+    ("llava_phi_3", "a"): '<|system|>\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|end|>\n<|user|>\n<image>\nWhat is shown?<|end|>\n<|assistant|>\n',
+    ("llava_phi_3", "b"): '<|system|>\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|end|>\n<|user|>\n<image>\nWhat is shown?<|end|>\n<|assistant|>\nA cat.<|end|>\n<|user|>\nWhat colour?<|end|>\n<|assistant|>\n',
+    ("llava_v1", "a"): "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions. USER: <image>\nWhat is shown? ASSISTANT:",
+    ("llava_v1", "b"): "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions. USER: <image>\nWhat is shown? ASSISTANT: A cat.</s>USER: What colour? ASSISTANT:",
+}
+
+
+@pytest.mark.parametrize("mode,case", sorted(ORIGINAL_PROMPTS), ids=[f"{m}-{c}" for m, c in sorted(ORIGINAL_PROMPTS)])
+def test_conversation_renderer_reproduces_the_original_get_prompt(mode, case):
+    turns = ONE_TURN if case == "a" else TWO_TURNS
+    assert render_prompt(turns, mode) == ORIGINAL_PROMPTS[(mode, case)]
+    # (role, text) pairs are accepted as well
+    assert render_prompt([(t["role"], t["text"]) for t in turns], mode) == ORIGINAL_PROMPTS[(mode, case)]
+
+
+def test_conversation_renderer_edge_rules():
+    # the original skips the end-of-turn marker when the message already holds <|eot_id|> (Phi-3 copies the rule)
+    t = [{"role": "user", "text": "hi<|eot_id|>"}, {"role": "assistant", "text": None}]
+    assert render_prompt(t, "llava_llama_3").endswith("user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert render_prompt(t, "llava_phi_3").endswith("<|user|>\nhi<|eot_id|><|assistant|>\n")
+    # an empty string is an open turn, as `if message:` treats it
+    assert render_prompt([{"role": "user", "text": "q"}, {"role": "assistant", "text": ""}], "llava_v1").endswith("USER: q ASSISTANT:")
+    # LLAMA_3 / Phi_3 assert a non-empty first user message; TWO does not
+    for mode in ("llava_llama_3", "llava_phi_3"):
+        with pytest.raises(ValueError, match="first message"):
+            render_prompt([{"role": "assistant", "text": "x"}], mode)
+    # TWO picks the separator by position (i % 2), not by role
+    assert render_prompt([{"role": "assistant", "text": "x"}], "llava_v1").endswith("questions. ASSISTANT: x ")
+    with pytest.raises(ValueError, match="role"):
+        render_prompt([{"role": "system", "text": "x"}], "llava_v1")
+    with pytest.raises(ValueError, match="mode"):
+        render_prompt(ONE_TURN, "llava_v0")
+
+
+def test_backbone_records():
+    assert {n: b.conv_mode for n, b in BACKBONES.items()} == {"vicuna": "llava_v1", "llama3": "llava_llama_3", "phi3": "llava_phi_3"}
+    assert set(CONV_MODES) == {"llava_v1", "llava_llama_3", "llava_phi_3"}
+    assert {n: b.stop_tokens for n, b in BACKBONES.items()} == {"vicuna": (), "llama3": ("<|eot_id|>",), "phi3": ("<|end|>",)}
+
+
+def test_expected_layout_is_the_contract():
+    assert expected_layout(997, 997) == {"image": 997, "pad": 998, "rows": 1024, "original_rows": 997, "base_tokens": 997}
+    assert expected_layout(1000, 1000)["rows"] == 1024
+    assert expected_layout(1008, 1024) == {"image": 1008, "pad": 1009, "rows": 1024, "original_rows": 1024, "base_tokens": 1008}
+    assert expected_layout(32000, 32000)["rows"] == 32064
+    assert expected_layout(128256, 128256)["rows"] == 128320
+    assert expected_layout(32011, 32064)["rows"] == 32064
+    with pytest.raises(OriginalLoadError, match="1025 tokens"):
+        expected_layout(1025, 1024)
+
+
+def test_detect_backbone_from_model_type_and_tokenizer(world, tmp_path):
+    assert detect_backbone(world["original"], world["text"]) == "vicuna"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "llava_mistral"}))
+    with pytest.raises(OriginalLoadError, match=r"bad/config\.json: model_type 'llava_mistral'"):
+        detect_backbone(bad, world["text"])
+    with pytest.raises(OriginalLoadError, match="config.json not found"):
+        detect_backbone(tmp_path / "nowhere", world["text"])
+    # a llava_llama checkpoint whose base tokenizer has <|eot_id|> is Llama-3
+    text = tmp_path / "text_eot"
+    text.mkdir()
+    (text / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"9": _added("<|eot_id|>")}}))
+    assert detect_backbone(world["original"], text) == "llama3"
+
+
+# ------------------------------------------------------------------------------------------
+# 8. the tiny Llama-3 and Phi-3 fixtures (fixtures.build, shared contract)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backbone_fixtures(tmp_path_factory):
+    from fixtures.build import build
+
+    root = tmp_path_factory.mktemp("backbones")
+    out = {}
+    for name in ("llama3", "phi3"):
+        paths = build(root / name, backbone=name)
+        out[name] = {"paths": paths, "model": OriginalVipLlava.from_dirs(paths.original, paths.text_model, paths.vision_model)}
+    return out
+
+
+def test_fixture_backbones_are_detected(backbone_fixtures):
+    for name, f in backbone_fixtures.items():
+        p = f["paths"]
+        assert detect_backbone(p.original, p.text_model) == name
+        assert f["model"].backbone.name == name
+
+
+def test_llama3_prompt_starts_with_two_bos_ids(backbone_fixtures):
+    """The prompt TEXT opens with <|begin_of_text|> and the fast tokenizer's post-processor adds another: the
+    original input began with two BOS ids, then <|start_header_id|>."""
+    model = backbone_fixtures["llama3"]["model"]
+    prompt = render_prompt(ONE_TURN, "llava_llama_3")
+    ids = model.tokenize(prompt)
+    assert ids[:3] == [900, 900, 906]
+    tk = model.tokenizer.tk
+    assert tk.token_to_id("<|begin_of_text|>") == 900 and tk.token_to_id("<|eot_id|>") == 909
+    # one image sentinel right after the user header's "\n\n"; the chunk after it lost only its auto-BOS
+    k = ids.index(IMAGE_SENTINEL)
+    head, tail = prompt.split("<image>")
+    assert ids[:k] == tk.encode(head).ids  # BOS (auto) + the literal BOS + ...
+    assert ids[k + 1:] == tk.encode(tail).ids[1:]
+    assert tk.encode(tail).ids[0] == 900
+    assert tk.decode(ids[k + 1:k + 2], skip_special_tokens=False).startswith("\n")
+    assert ids.count(IMAGE_SENTINEL) == 1
+
+
+def test_phi3_tokenization_bos_and_underline_after_the_image(backbone_fixtures):
+    """Phi-3's LlamaTokenizerFast: BOS <s> (1) from add_bos_token; the chunk after <image> starts a fresh string, so
+    its text begins with the sentencepiece "\u2581" piece before "\\n"."""
+    model = backbone_fixtures["phi3"]["model"]
+    prompt = render_prompt(ONE_TURN, "llava_phi_3")
+    ids = model.tokenize(prompt)
+    tk = model.tokenizer.tk
+    assert ids[0] == 1 and ids[1] == tk.token_to_id("<|system|>") == 1003 and ids.count(1) == 1
+    k = ids.index(IMAGE_SENTINEL)
+    # Microsoft's normalizer (Prepend "\u2581") runs on every text segment between special tokens
+    assert [tk.id_to_token(i) for i in ids[k - 3:k]] == ["<|user|>", "\u2581", "<0x0A>"]
+    assert tk.id_to_token(ids[k + 1]) == "\u2581" and tk.id_to_token(ids[k + 2]) == "<0x0A>"
+    assert ids[k + 1:] == tk.encode(prompt.split("<image>")[1], add_special_tokens=False).ids
+    # the fast tokenizer is the one the original inference used, and the file's own post-processor is replaced
+    assert model.tokenizer.add_bos_token is True and model.tokenizer.bos_id == 1
+
+
+def test_terminators_and_layout_per_backbone(backbone_fixtures):
+    llama3, phi3 = backbone_fixtures["llama3"]["model"], backbone_fixtures["phi3"]["model"]
+    assert llama3.terminators == {"<|end_of_text|>": 901, "<|eot_id|>": 909}
+    assert phi3.terminators == {"<|endoftext|>": 997, "<|end|>": 1004}
+    assert (llama3.base_tokens, llama3.llm.config.vocab_size) == (1000, 1000)
+    assert (phi3.base_tokens, phi3.llm.config.vocab_size) == (1008, 1024)
+    assert phi3.emit_limit == 1008 and llama3.emit_limit == 1000
+
+
+def test_llama3_text_config_comes_from_the_original(backbone_fixtures):
+    cfg = backbone_fixtures["llama3"]["model"].llm.config
+    assert cfg.num_key_value_heads == 2 and cfg.num_attention_heads == 4
+    assert cfg.rope_parameters["rope_theta"] == 500000.0 and cfg.rms_norm_eps == 1e-5
+    assert type(backbone_fixtures["llama3"]["model"].llm) is LlamaForCausalLM
+
+
+def test_phi3_reference_logits_equal_a_direct_phi3_run(backbone_fixtures):
+    """Text-only prompt: the reference equals Phi3ForCausalLM built straight from the original config.json and the
+    original text tensors (fused qkv_proj / gate_up_proj as stored)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    f = backbone_fixtures["phi3"]
+    model, orig = f["model"], f["paths"].original
+    cfg = json.loads((orig / "config.json").read_text())
+    assert cfg["model_type"] == "llava_phi3"
+    pc = Phi3Config(**{k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                            "original_max_position_embeddings", "sliding_window", "rope_theta",
+                                            "rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id")})
+    pc._attn_implementation = "eager"
+    direct = Phi3ForCausalLM(pc).eval()
+    from verify.original import load_original_state_dict
+
+    sd = {k: v.float() for k, v in load_original_state_dict(orig).items()
+          if not k.startswith(("model.vision_tower.", "model.mm_projector."))}
+    assert any(k.endswith("self_attn.qkv_proj.weight") for k in sd) and any(k.endswith("mlp.gate_up_proj.weight") for k in sd)
+    direct.load_state_dict(sd, strict=True)
+    turns = [{"role": "user", "text": "What is the capital of France?"}, {"role": "assistant", "text": None}]
+    ids = model.tokenize(render_prompt(turns, "llava_phi_3"))
+    assert IMAGE_SENTINEL not in ids
+    with torch.no_grad():
+        want = direct(input_ids=torch.tensor([ids])).logits[0]
+    got = model.forward(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert model.llm.config.sliding_window == cfg["sliding_window"]
+    assert type(model.llm) is Phi3ForCausalLM
+
+
+def test_phi3_rope_scaling_is_refused(backbone_fixtures, tmp_path):
+    import shutil
+
+    src = backbone_fixtures["phi3"]["paths"]
+    dst = tmp_path / "orig"
+    shutil.copytree(src.original, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["rope_scaling"] = {"type": "su", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(OriginalLoadError, match="rope_scaling"):
+        OriginalVipLlava.from_dirs(dst, src.text_model, src.vision_model)
+
+
+def test_greedy_generation_stops_on_the_end_of_turn_token(backbone_fixtures, monkeypatch):
+    """A terminator other than eos (<|eot_id|>) ends generation, and ids the resized original could not emit are
+    never picked."""
+    model = backbone_fixtures["llama3"]["model"]
+    ids = model.tokenize(render_prompt([{"role": "user", "text": "hi"}, {"role": "assistant", "text": None}], "llava_llama_3"))
+    real = model.forward
+
+    def forced(seq, images=None, capture=False):
+        out = real(seq, images, capture)
+        out.logits[-1] = -10.0
+        out.logits[-1, 909 if len(seq) > len(ids) else 5] = 10.0
+        return out
+
+    monkeypatch.setattr(model, "forward", forced)
+    assert model.generate_greedy(ids, max_new_tokens=6) == [5, 909]
+    phi3 = backbone_fixtures["phi3"]["model"]
+    real_phi = phi3.forward
+
+    def beyond(seq, images=None, capture=False):
+        out = real_phi(seq, images, capture)
+        out.logits[-1, 1010] = 1e4  # a padding row past len(tokenizer): the original had resized it away
+        return out
+
+    monkeypatch.setattr(phi3, "forward", beyond)
+    assert 1010 not in phi3.generate_greedy(phi3.tokenize("<|user|>\nhi<|end|>\n<|assistant|>\n"), max_new_tokens=3)

@@ -216,3 +216,137 @@ def test_publication_files_are_allowed_but_other_unlisted_files_fail(repo):
     report = verify_repo(repo, prompts=PROMPTS[:1], images=sample_images(), progress=False, only=["files"])
     assert report.failed_checks == ["files"]
     assert any("stale-shard.safetensors.bak: in the repo but not in conversion.json" in d for d in report.get("files").details)
+
+
+# --- the Llama-3 and Phi-3 backbones ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def backbone_repos(tmp_path_factory) -> dict:
+    """The tiny Llama-3 and Phi-3 fixtures (fixtures.build, shared contract), converted once per module."""
+    from fixtures.build import build
+    from tests.conftest import run_convert
+
+    root = tmp_path_factory.mktemp("backbone_repos")
+    out = {}
+    for name in ("llama3", "phi3"):
+        paths = build(root / f"{name}-fixture", backbone=name)
+        repo = root / f"{name}-repo"
+        assert run_convert(paths, repo, "--backbone", name) == 0
+        out[name] = repo
+    return out
+
+
+def _verify_backbone(repo: Path, **kw):
+    return verify_repo(repo, images=sample_images(), max_new_tokens=4, progress=False, **kw)
+
+
+@pytest.fixture()
+def llama3_repo(backbone_repos, tmp_path) -> Path:
+    dst = tmp_path / "llama3"
+    shutil.copytree(backbone_repos["llama3"], dst)
+    return dst
+
+
+@pytest.mark.parametrize("backbone", ["llama3", "phi3"])
+def test_clean_backbone_repo_passes(backbone_repos, backbone):
+    report = _verify_backbone(backbone_repos[backbone])
+    assert report.passed, report.table()
+    assert report.settings["backbone"] == backbone
+    assert report.get("chat_template").numbers["identical"] == report.get("chat_template").numbers["compared"] > 0
+    assert report.get("logits").numbers["max_abs_diff"] <= 1e-4
+    lay = report.get("strict_load").numbers["expected"]
+    assert (lay["image"], lay["pad"], lay["rows"]) == {"llama3": (1000, 1001, 1024), "phi3": (1008, 1009, 1024)}[backbone]
+    if backbone == "phi3":
+        assert report.get("resize").summary.startswith("rows 1024 = V: no new rows")
+
+
+def _edit_chat_template(repo: Path, fn) -> None:
+    """Apply ``fn`` to the chat template wherever the repo stores it."""
+    changed = 0
+    for name in ("chat_template.json", "tokenizer_config.json", "processor_config.json"):
+        p = repo / name
+        if not p.is_file():
+            continue
+        obj = json.loads(p.read_text())
+        if isinstance(obj.get("chat_template"), str):
+            new = fn(obj["chat_template"])
+            changed += new != obj["chat_template"]
+            obj["chat_template"] = new
+            p.write_text(json.dumps(obj, indent=2))
+    jinja = repo / "chat_template.jinja"
+    if jinja.is_file():
+        new = fn(jinja.read_text())
+        changed += new != jinja.read_text()
+        jinja.write_text(new)
+    assert changed, "no chat template found to edit"
+    _rehash(repo)
+
+
+def llama3_header_without_blank_line(repo):
+    """The template drops the "\\n\\n" after <|end_header_id|> (a plausible slip: Llama-3's own template has it)."""
+    _edit_chat_template(repo, lambda t: t.replace("<|end_header_id|>\\n\\n", "<|end_header_id|>").replace("<|end_header_id|>\n\n", "<|end_header_id|>"))
+
+
+def llama3_generation_config_without_eot(repo):
+    _edit_json(repo, "generation_config.json", lambda g: g.__setitem__("eos_token_id", [901]))
+
+
+def llama3_image_id_is_t_minus_1(repo):
+    """An off-by-one converter: <image> at T-1 = 999 (swapped with <|reserved_special_token_94|>), config to match."""
+    def tok(t):
+        for a in t["added_tokens"]:
+            if a["content"] == "<image>":
+                a["id"] = 999
+            elif a["id"] == 999:
+                a["id"] = 1000
+        t["added_tokens"].sort(key=lambda a: a["id"])
+    _edit_json(repo, "tokenizer.json", tok)
+
+    def cfg(c):
+        d = c.get("added_tokens_decoder", {})
+        if "999" in d and "1000" in d:
+            d["999"], d["1000"] = d["1000"], d["999"]
+    _edit_json(repo, "tokenizer_config.json", cfg)
+    _edit_json(repo, "config.json", lambda c: c.__setitem__("image_token_index", 999))
+
+
+def llama3_recorded_as_vicuna(repo):
+    _edit_json(repo, "conversion.json", lambda m: m.setdefault("settings", {}).__setitem__("backbone", "vicuna"))
+
+
+BACKBONE_MUTATIONS = [
+    (llama3_header_without_blank_line, {"chat_template"}, "first difference at char"),
+    (llama3_generation_config_without_eot, {"generation"}, "lacks the original terminator <|eot_id|> (909)"),
+    (llama3_image_id_is_t_minus_1, {"strict_load"}, "expected T = 1000"),
+    (llama3_recorded_as_vicuna, {"strict_load"}, "records 'vicuna', the original is 'llama3'"),
+]
+
+
+@pytest.mark.parametrize("defect,must_fail,says", BACKBONE_MUTATIONS, ids=[m[0].__name__ for m in BACKBONE_MUTATIONS])
+def test_planted_backbone_defect_fails_the_right_check(llama3_repo, defect, must_fail, says):
+    defect(llama3_repo)
+    checks = sorted(must_fail | {"files"})
+    report = _verify_backbone(llama3_repo, only=checks)
+    assert must_fail <= set(report.failed_checks), report.table()
+    assert "files" not in report.failed_checks, report.table()  # the manifest was re-hashed: the targeted check caught it
+    details = [d for name in must_fail for d in report.get(name).details]
+    assert any(says in d for d in details), report.table()
+
+
+def test_prompts_file_takes_conversations(llama3_repo, tmp_path):
+    from verify.cli import main
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([
+        {"name": "conv", "image": "box", "turns": [{"role": "user", "text": "<image>\nWhat is inside the red box?"},
+                                                     {"role": "assistant", "text": None}]},
+        {"name": "raw", "image": None, "prompt": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"},
+    ]))
+    out = tmp_path / "r.json"
+    args = [str(llama3_repo), "--prompts", str(prompts), "--only", "chat_template", "--only", "processor", "--quiet", "--json", str(out)]
+    assert main(args) == 0
+    rep = json.loads(out.read_text())
+    chat = next(c for c in rep["checks"] if c["name"] == "chat_template")
+    assert chat["numbers"]["source"] == "prompts" and chat["numbers"]["conversations"] == 1
+    assert rep["settings"]["prompts"] == ["conv", "raw"] and rep["settings"]["backbone"] == "llama3"
+    prompts.write_text(json.dumps([{"name": "bad", "turns": [{"role": "robot", "text": "x"}]}]))
+    assert main(args) == 2

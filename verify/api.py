@@ -29,6 +29,7 @@ def verify_repo(
     ctx = Context(Path(repo), original=original, text_model=text_model, vision_model=vision_model,
                   prompts=prompts, images=images, dtype=dtype, max_new_tokens=max_new_tokens)
     report = Report(repo=str(repo), settings={"dtype": dtype, "inputs": {k: str(v) for k, v in vars(ctx.inputs).items()},
+                                              "backbone": ctx.backbone, "conv_mode": ctx.conv_mode,
                                               "prompts": [p["name"] for p in ctx.prompts], "max_new_tokens": max_new_tokens})
     report.environment = _environment()
     selected = [(n, f) for n, f in ALL_CHECKS if only is None or n in only]

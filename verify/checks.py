@@ -161,9 +161,18 @@ def check_mapping(ctx: Context) -> Check:
 
 
 # ------------------------------------------------------------------------------------------------------------
+def _id_set(value) -> set:
+    """An id or a list of ids (generation_config's eos_token_id may be either) as a set; None -> empty."""
+    if value is None:
+        return set()
+    return set(value) if isinstance(value, (list, tuple)) else {value}
+
+
 def check_strict_load(ctx: Context) -> Check:
-    """``from_pretrained`` reports 0 missing / unexpected / mismatched keys; config, tokenizer and generation
-    config agree on the special ids; rows >= len(tokenizer)."""
+    """``from_pretrained`` reports 0 missing / unexpected / mismatched keys; the token layout is the contract's
+    (T = len(base tokenizer), V = original rows: ``<image>`` = T, pad = T + 1, rows = max(V, ceil((T+2)/64)*64));
+    config, tokenizer and generation config agree on the special ids; the backbone the converter recorded is the
+    one the reference detects."""
     problems = []
     try:
         model, info = ctx.loaded
@@ -173,12 +182,18 @@ def check_strict_load(ctx: Context) -> Check:
     for k, n in counts.items():
         if n:
             problems.append(f"{k}: {n} ({', '.join(sorted(map(str, info[k]))[:3])})")
+    if ctx.recorded_backbone is not None and ctx.recorded_backbone != ctx.backbone:
+        problems.append(f"backbone: {MANIFEST} records {ctx.recorded_backbone!r}, the original is {ctx.backbone!r}")
+    lay = ctx.layout
+    T, V = lay["base_tokens"], lay["original_rows"]
     cfg = model.config
     tok = ctx.tokenizer
     gen = ctx.generation_config
     image_tok = tok.convert_tokens_to_ids("<image>")
     if image_tok != cfg.image_token_index:
         problems.append(f"tokenizer maps <image> to {image_tok}, config image_token_index is {cfg.image_token_index}")
+    if cfg.image_token_index != lay["image"]:
+        problems.append(f"config image_token_index is {cfg.image_token_index}, expected T = {lay['image']} (the base tokenizer's {T} tokens come first)")
     pads = {
         "tokenizer.pad_token_id": tok.pad_token_id,
         "config.pad_token_id": ctx.config_dict.get("pad_token_id"),
@@ -187,22 +202,36 @@ def check_strict_load(ctx: Context) -> Check:
     }
     if len({v for v in pads.values()}) != 1:
         problems.append("pad ids disagree: " + ", ".join(f"{k}={v}" for k, v in pads.items()))
-    for what in ("bos", "eos"):
-        vals = {
-            "tokenizer": getattr(tok, f"{what}_token_id"),
-            "generation_config": gen.get(f"{what}_token_id"),
-            "text_config": ctx.config_dict.get("text_config", {}).get(f"{what}_token_id"),
-        }
-        norm = {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in vals.items()}
-        if len({json.dumps(v) for v in norm.values()}) != 1:
-            problems.append(f"{what} ids disagree: " + ", ".join(f"{k}={v}" for k, v in vals.items()))
+    elif tok.pad_token_id != lay["pad"]:
+        problems.append(f"pad id is {tok.pad_token_id}, expected T + 1 = {lay['pad']}")
+    bos = {
+        "tokenizer": tok.bos_token_id,
+        "generation_config": gen.get("bos_token_id"),
+        "text_config": ctx.config_dict.get("text_config", {}).get("bos_token_id"),
+    }
+    norm = {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in bos.items()}
+    if len({json.dumps(v) for v in norm.values()}) != 1:
+        problems.append("bos ids disagree: " + ", ".join(f"{k}={v}" for k, v in bos.items()))
+    # eos: generation_config may list several stop ids; the tokenizer's and the text config's must be among them
+    gen_eos = _id_set(gen.get("eos_token_id"))
+    text_eos = _id_set(ctx.config_dict.get("text_config", {}).get("eos_token_id"))
+    if tok.eos_token_id is None or tok.eos_token_id not in gen_eos:
+        problems.append(f"eos ids disagree: tokenizer eos {tok.eos_token_id} is not in generation_config eos_token_id {gen.get('eos_token_id')}")
+    if not text_eos or not text_eos <= gen_eos:
+        problems.append(f"eos ids disagree: text_config eos_token_id {sorted(text_eos)} not within generation_config eos_token_id {gen.get('eos_token_id')}")
     rows = model.get_input_embeddings().weight.shape[0]
     if rows != cfg.text_config.vocab_size:
         problems.append(f"embedding rows {rows} != text_config.vocab_size {cfg.text_config.vocab_size}")
+    if rows != lay["rows"]:
+        problems.append(f"embedding rows {rows}, expected max(V={V}, ceil((T+2)/64)*64) = {lay['rows']} for T = {T}")
     if rows < len(tok):
         problems.append(f"embedding rows {rows} < len(tokenizer) {len(tok)}")
-    numbers = {**counts, "image_token_index": cfg.image_token_index, "tokenizer_image_id": image_tok, "pad": pads, "rows": rows, "len_tokenizer": len(tok)}
-    summary = f"missing {counts['missing_keys']}, unexpected {counts['unexpected_keys']}, mismatched {counts['mismatched_keys']}; <image>={image_tok}, pad={tok.pad_token_id}, rows {rows} >= len(tokenizer) {len(tok)}"
+    numbers = {**counts, "backbone": ctx.backbone, "recorded_backbone": ctx.recorded_backbone, "base_tokens": T,
+               "original_rows": V, "expected": lay, "image_token_index": cfg.image_token_index,
+               "tokenizer_image_id": image_tok, "pad": pads, "rows": rows, "len_tokenizer": len(tok)}
+    summary = (f"missing {counts['missing_keys']}, unexpected {counts['unexpected_keys']}, mismatched {counts['mismatched_keys']}; "
+               f"{ctx.backbone}: T={T}, V={V} -> <image>={image_tok} (want {lay['image']}), pad={tok.pad_token_id} (want {lay['pad']}), "
+               f"rows {rows} (want {lay['rows']}) >= len(tokenizer) {len(tok)}")
     return Check("strict_load", FAIL if problems else PASS, summary, numbers, problems)
 
 
@@ -240,15 +269,20 @@ def resize_bounds(added: int) -> dict:
 
 
 def check_resize(ctx: Context) -> Check:
-    """Rows are a multiple of 64; original rows identical; new rows near the mean (chi-square bounds stated);
-    probability mass on the added tokens reported, WARN when above an average original token's."""
+    """Rows as the contract says (max(V, ceil((T+2)/64)*64)); the original rows [0, V) bit-identical; new rows
+    [V, rows) near the mean (chi-square bounds stated), an empty new range passing as such; probability mass on the
+    added tokens reported, WARN when above an average original token's."""
     problems, warnings = [], []
     conv = ctx.converted_tensors
-    E = ctx.original_tensors.get("model.embed_tokens.weight").to(torch.float64)
+    E_orig = ctx.original_tensors.get("model.embed_tokens.weight")
+    E = E_orig.to(torch.float64)
     n, h = E.shape
     mu = E.mean(0)
     trace = ((E - mu) ** 2).sum(1).mean().item()  # tr(Sigma) with the population covariance
-    numbers: dict = {"original_rows": n, "hidden": h, "trace_sigma": trace}
+    want_rows = ctx.layout["rows"]
+    numbers: dict = {"original_rows": n, "hidden": h, "trace_sigma": trace, "expected_rows": want_rows, "base_tokens": ctx.layout["base_tokens"]}
+    originals = {EMBED: E_orig, HEAD: ctx.original_tensors.get("lm_head.weight")}
+    added_total = 0
     for name in (EMBED, HEAD):
         if name not in conv.where:
             problems.append(f"{name}: missing")
@@ -257,24 +291,35 @@ def check_resize(ctx: Context) -> Check:
         rows = W.shape[0]
         short = "embed_tokens" if name == EMBED else "lm_head"
         numbers[f"{short}_rows"] = rows
-        if rows % 64:
-            problems.append(f"{short}: {rows} rows, not a multiple of 64")
-        if rows < n + 2:
-            problems.append(f"{short}: {rows} rows, fewer than original {n} + <image> + <pad>")
+        if rows != want_rows:
+            problems.append(f"{short}: {rows} rows, expected {want_rows} = max(V={n}, ceil((T+2)/64)*64) for T={ctx.layout['base_tokens']}")
+        if rows < n:
+            continue
+        orig = originals[name]
+        head = W[:n]
+        if head.dtype != orig.dtype:
+            orig = orig.to(head.dtype)
+        if head.shape != orig.shape or not _bits_equal(head, orig):
+            problems.append(f"{short}: original rows [0, {n}) are not bit-identical to the original")
+        added = rows - n
+        added_total = max(added_total, added)
+        if added == 0:
+            numbers[short] = {"added": 0}
             continue
         new = W[n:].to(torch.float64)
         d = ((new - mu) ** 2).sum(1) / (RESIZE_SCALE * trace)
-        b = resize_bounds(rows - n)
-        numbers[short] = {"added": rows - n, "d_mean": d.mean().item(), "d_max": d.max().item(), **b}
+        b = resize_bounds(added)
+        numbers[short] = {"added": added, "d_mean": d.mean().item(), "d_max": d.max().item(), **b}
         if d.max().item() > b["row_max"]:
             problems.append(f"{short}: a new row lies at d={d.max().item():.3g} (bound {b['row_max']:.3g})")
         if not b["mean_low"] <= d.mean().item() <= b["mean_high"]:
             problems.append(f"{short}: mean d={d.mean().item():.3g} outside [{b['mean_low']:.3g}, {b['mean_high']:.3g}]")
     # probability mass on the added tokens (the lm_head rows come from the EMBEDDING statistics)
     masses = []
-    for logits in ctx.converted_logits:
-        p = torch.softmax(logits.double(), -1)
-        masses.append(p[:, n:].sum(-1))
+    if added_total:
+        for logits in ctx.converted_logits:
+            p = torch.softmax(logits.double(), -1)
+            masses.append(p[:, n:].sum(-1))
     if masses:
         per_pos = torch.cat(masses)
         rows_total = ctx.converted_logits[0].shape[-1]
@@ -291,12 +336,18 @@ def check_resize(ctx: Context) -> Check:
             )
     e = numbers.get("embed_tokens", {})
     hd = numbers.get("lm_head", {})
-    summary = (
-        f"rows {numbers.get('embed_tokens_rows')} (x64), d_max {e.get('d_max', float('nan')):.3g}/{hd.get('d_max', float('nan')):.3g} "
-        f"<= {e.get('row_max', float('nan')):.3g}, d_mean {e.get('d_mean', float('nan')):.3g}/{hd.get('d_mean', float('nan')):.3g} "
-        f"in [{e.get('mean_low', float('nan')):.3g}, {e.get('mean_high', float('nan')):.3g}] (p_false={FAMILY_FALSE_ALARM:g}); "
-        f"mass on added {numbers.get('added_mass_mean', float('nan')):.3g}"
-    )
+    if not added_total and not problems:
+        summary = (f"rows {numbers.get('embed_tokens_rows')} = V: no new rows (the original's {n} rows already hold "
+                   f"<image> {ctx.layout['image']} and <pad> {ctx.layout['pad']}); original rows bit-identical")
+    else:
+        summary = (
+            f"rows {numbers.get('embed_tokens_rows')} (want {want_rows}), original {n} rows "
+            f"{'NOT ' if any('bit-identical' in q for q in problems) else ''}bit-identical, "
+            f"d_max {e.get('d_max', float('nan')):.3g}/{hd.get('d_max', float('nan')):.3g} "
+            f"<= {e.get('row_max', float('nan')):.3g}, d_mean {e.get('d_mean', float('nan')):.3g}/{hd.get('d_mean', float('nan')):.3g} "
+            f"in [{e.get('mean_low', float('nan')):.3g}, {e.get('mean_high', float('nan')):.3g}] (p_false={FAMILY_FALSE_ALARM:g}); "
+            f"mass on added {numbers.get('added_mass_mean', float('nan')):.3g}"
+        )
     status = FAIL if problems else (WARN if warnings else PASS)
     return Check("resize", status, summary, numbers, problems + warnings)
 
@@ -331,6 +382,73 @@ def check_processor(ctx: Context) -> Check:
     numbers = {"prompts": n_ids, "images": len(ctx.images), "pixel_max_abs_diff": worst, "pixel_tol": PIXEL_TOL}
     summary = f"{n_ids} prompts' ids, {len(ctx.images)} images; pixel max |diff| {worst:.3g} (tol {PIXEL_TOL:g})"
     return Check("processor", FAIL if problems else PASS, summary, numbers, problems)
+
+
+# ------------------------------------------------------------------------------------------------------------
+IMAGE_PREFIX = "<image>\n"
+
+
+def hf_messages(turns: list[dict]) -> tuple[list[dict], bool]:
+    """Turns as transformers' chat messages, and whether the last (open assistant) turn is the generation prompt.
+
+    A user text starting with ``"<image>\\n"`` becomes ``[{"type": "image"}, {"type": "text", "text": rest}]``; any
+    other turn ``[{"type": "text", "text": text}]``. Only the final assistant turn may be open (text None)."""
+    messages, generation_prompt = [], False
+    for i, t in enumerate(turns):
+        role, text = t["role"], t["text"]
+        if text is None:
+            if i == len(turns) - 1 and role == "assistant":
+                generation_prompt = True
+                continue
+            raise ValueError(f"turn {i} ({role}) is open; only the final assistant turn can be (the generation prompt)")
+        if role == "user" and text.startswith(IMAGE_PREFIX):
+            content = [{"type": "image"}, {"type": "text", "text": text[len(IMAGE_PREFIX):]}]
+        else:
+            content = [{"type": "text", "text": text}]
+        messages.append({"role": role, "content": content})
+    return messages, generation_prompt
+
+
+def first_difference(got: str, want: str, context: int = 24) -> str:
+    """Where two strings first differ, with repr() context on both sides."""
+    i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    lo = max(0, i - context)
+    return (f"first difference at char {i} (lengths {len(got)} vs {len(want)}): converted {got[lo:i + context]!r} "
+            f"vs original {want[lo:i + context]!r}")
+
+
+def check_chat_template(ctx: Context) -> Check:
+    """For every sample conversation, the converted repo's chat template (processor's and tokenizer's
+    ``apply_chat_template(messages, add_generation_prompt=True, tokenize=False)``) gives the original prompt string
+    (``conversation.py`` in the backbone's mode) byte for byte."""
+    source, convs = ctx.conversations
+    problems, matched, compared = [], 0, 0
+    makers = (("processor", ctx.processor), ("tokenizer", ctx.tokenizer))
+    for p in convs:
+        try:
+            messages, gen_prompt = hf_messages(p["turns"])
+        except ValueError as e:
+            problems.append(f"conversation {p['name']}: cannot be stated as chat messages ({e})")
+            continue
+        for who, obj in makers:
+            compared += 1
+            try:
+                got = obj.apply_chat_template(messages, add_generation_prompt=gen_prompt, tokenize=False)
+            except Exception as e:  # no template, a template error: transformers' and jinja's own types
+                problems.append(f"conversation {p['name']}: {who}.apply_chat_template raised {e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                continue
+            if isinstance(got, list) and len(got) == 1:
+                got = got[0]
+            if got == p["prompt"]:
+                matched += 1
+            else:
+                problems.append(f"conversation {p['name']} ({who}): {first_difference(str(got), p['prompt'])}")
+    numbers = {"source": source, "conversations": len(convs), "compared": compared, "identical": matched, "conv_mode": ctx.conv_mode}
+    where = "of the verified prompts" if source == "prompts" else "bundled (the prompts give no turns)"
+    summary = f"{matched}/{compared} renderings identical to the original {ctx.conv_mode} prompt ({len(convs)} conversations {where} x processor, tokenizer)"
+    if not convs:
+        problems.append("no conversations to compare")
+    return Check("chat_template", FAIL if problems else PASS, summary, numbers, problems)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -429,8 +547,9 @@ def check_logits(ctx: Context) -> Check:
 
 # ------------------------------------------------------------------------------------------------------------
 def check_generation(ctx: Context) -> Check:
-    """Greedy generation of N tokens is identical (the converted model's added rows are masked: the original
-    has no such tokens)."""
+    """The converted generation_config stops on every token the original eval stopped on (its terminators), and
+    greedy generation of N tokens is identical (the converted model's added rows are masked: the original has no
+    such tokens)."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     V = ctx.original_vocab
@@ -443,6 +562,11 @@ def check_generation(ctx: Context) -> Check:
     problems, total = [], 0
     n = ctx.max_new_tokens
     gen = ctx.generation_config
+    gen_eos = _id_set(gen.get("eos_token_id"))
+    terminators = ctx.terminators
+    for token, tid in terminators.items():
+        if tid not in gen_eos:
+            problems.append(f"generation_config eos_token_id {gen.get('eos_token_id')} lacks the original terminator {token} ({tid})")
     for x, ref in zip(ctx.parity_inputs, ctx.reference_generations):
         kw = {"pixel_values": x["pixels"].to(ctx.dtype)} if x["pixels"] is not None else {}
         ids = torch.tensor([x["expanded"]])
@@ -456,8 +580,12 @@ def check_generation(ctx: Context) -> Check:
         total += len(ref)
         if got != list(ref):
             problems.append(f"prompt {x['name']}: converted {got} vs original {list(ref)}")
-    numbers = {"prompts": len(ctx.parity_inputs), "max_new_tokens": n, "tokens_compared": total}
-    summary = f"{len(ctx.parity_inputs) - len(problems)}/{len(ctx.parity_inputs)} prompts identical over {n} greedy tokens ({total} tokens)"
+    stops = ", ".join(f"{t} {i}" for t, i in terminators.items())
+    n_bad = sum(1 for q in problems if q.startswith("prompt "))
+    numbers = {"prompts": len(ctx.parity_inputs), "max_new_tokens": n, "tokens_compared": total,
+               "terminators": terminators, "generation_config_eos": sorted(gen_eos)}
+    summary = (f"{len(ctx.parity_inputs) - n_bad}/{len(ctx.parity_inputs)} prompts identical over {n} greedy tokens ({total} tokens); "
+               f"stops on the original's [{stops}]: {'yes' if all(i in gen_eos for i in terminators.values()) else 'NO'}")
     return Check("generation", FAIL if problems else PASS, summary, numbers, problems)
 
 
@@ -467,6 +595,7 @@ ALL_CHECKS = (
     ("strict_load", check_strict_load),
     ("resize", check_resize),
     ("processor", check_processor),
+    ("chat_template", check_chat_template),
     ("logits", check_logits),
     ("generation", check_generation),
 )

@@ -11,13 +11,22 @@ from .context import VerifyUsageError
 
 
 def _load_prompts(path: str) -> list[dict]:
+    """A JSON list of ``{name, prompt, image}`` (a prompt string as the original saw it) or ``{name, turns, image}``
+    (a conversation, rendered in the backbone's original mode once the backbone is known)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise VerifyUsageError(f"--prompts {path}: unreadable ({e})") from None
-    if not isinstance(data, list) or not all(isinstance(p, dict) and "prompt" in p for p in data):
-        raise VerifyUsageError(f"--prompts {path}: expected a JSON list of {{\"name\", \"prompt\", \"image\"}} objects")
-    return [{"name": p.get("name", f"prompt{i}"), "prompt": p["prompt"], "image": p.get("image")} for i, p in enumerate(data)]
+    if not isinstance(data, list) or not all(isinstance(p, dict) and ("prompt" in p or "turns" in p) for p in data):
+        raise VerifyUsageError(
+            f"--prompts {path}: expected a JSON list of {{\"name\", \"prompt\", \"image\"}} or {{\"name\", \"turns\", \"image\"}} objects"
+        )
+    out = []
+    for i, p in enumerate(data):
+        entry = {"name": p.get("name", f"prompt{i}"), "image": p.get("image")}
+        entry.update({k: p[k] for k in ("prompt", "turns") if k in p})
+        out.append(entry)
+    return out
 
 
 def _load_images(path: str) -> dict:
@@ -43,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-model", metavar="PATH|HUB_ID", help="base text model with the tokenizer (default: from conversion.json)")
     p.add_argument("--vision-model", metavar="PATH|HUB_ID", help="CLIP vision model (default: from conversion.json)")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
-    p.add_argument("--prompts", metavar="FILE", help="JSON list of {name, prompt, image} (default: the bundled sample prompts)")
+    p.add_argument("--prompts", metavar="FILE", help="JSON list of {name, prompt, image} or {name, turns, image} (default: the bundled samples for the backbone)")
     p.add_argument("--images", metavar="DIR", help="folder of images named by the prompts (default: the bundled samples)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16; tolerances are stated per dtype")
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens of greedy generation to compare (default 8)")
@@ -55,11 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prompts = _load_prompts(args.prompts) if args.prompts else None
         images = _load_images(args.images) if args.images else None
-        if (prompts is None) != (images is None):
-            from fixtures.build import sample_images, sample_prompts
-
-            prompts = prompts if prompts is not None else sample_prompts()
-            images = images if images is not None else sample_images()
         report = verify_repo(args.repo, original=args.original, text_model=args.text_model, vision_model=args.vision_model,
                              prompts=prompts, images=images, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                              only=args.only, progress=not args.quiet)

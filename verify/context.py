@@ -45,6 +45,43 @@ def _resolve(source: str, what: str) -> Path:
     raise VerifyUsageError(f"{what} {source!r}: no such file or folder")
 
 
+def default_prompts(backbone: str) -> list[dict]:
+    """The bundled samples: ``prompts.json`` holds prompt strings written in the llava_v1 format, so a backbone of that
+    mode (Vicuna) gets them; the others get the sample conversations (rendered later in the backbone's mode)."""
+    from fixtures.build import sample_conversations, sample_prompts
+    from .original import BACKBONES
+
+    return sample_prompts() if BACKBONES[backbone].conv_mode == "llava_v1" else sample_conversations()
+
+
+def prepare_prompt(entry: dict, conv_mode: str, index: int = 0) -> dict:
+    """``{name, prompt, image}`` or ``{name, turns, image}`` -> ``{name, prompt, image[, turns]}``, the prompt of a
+    conversation rendered as the original ``conversation.py`` did in ``conv_mode``."""
+    from .original import render_prompt
+
+    if not isinstance(entry, dict) or ("prompt" not in entry and "turns" not in entry):
+        raise VerifyUsageError(f"prompt #{index}: expected {{name, prompt, image}} or {{name, turns, image}}, got {entry!r}"[:300])
+    name = entry.get("name") or f"prompt{index}"
+    out = {"name": name, "image": entry.get("image")}
+    if entry.get("turns") is not None:
+        turns = entry["turns"]
+        if not isinstance(turns, list) or not turns:
+            raise VerifyUsageError(f"prompt {name!r}: turns must be a non-empty list of {{role, text}}")
+        try:
+            rendered = render_prompt(turns, conv_mode)
+        except ValueError as e:
+            raise VerifyUsageError(f"prompt {name!r}: {e}") from None
+        if entry.get("prompt") is not None and entry["prompt"] != rendered:
+            raise VerifyUsageError(f"prompt {name!r}: gives both a prompt and turns, and the turns render differently in {conv_mode}")
+        out["turns"] = [{"role": t.get("role"), "text": t.get("text")} if isinstance(t, dict) else {"role": t[0], "text": t[1]} for t in turns]
+        out["prompt"] = rendered
+    else:
+        if not isinstance(entry["prompt"], str):
+            raise VerifyUsageError(f"prompt {name!r}: prompt must be a string")
+        out["prompt"] = entry["prompt"]
+    return out
+
+
 class OriginalTensors:
     """Lazy name -> tensor access to an original checkpoint folder (bin or safetensors, single or sharded)."""
 
@@ -151,16 +188,31 @@ class Context:
             text_model=pick(text_model, "text_model", "--text-model"),
             vision_model=pick(vision_model, "vision_model", "--vision-model"),
         )
-        if prompts is None or images is None:
-            from fixtures.build import sample_images, sample_prompts
+        # The backbone, told by the reference from the original files (never from the converter's record).
+        from .original import BACKBONES, OriginalLoadError, detect_backbone
 
-            prompts = sample_prompts() if prompts is None else prompts
-            images = sample_images() if images is None else images
-        self.prompts = prompts
+        try:
+            self.backbone = detect_backbone(self.original_dir, self.inputs.text_model)
+        except OriginalLoadError as e:
+            raise VerifyUsageError(str(e)) from None
+        self.conv_mode = BACKBONES[self.backbone].conv_mode
+        self.recorded_backbone = ((self.manifest or {}).get("settings") or {}).get("backbone")
+        if prompts is None:
+            prompts = default_prompts(self.backbone)
+        if images is None:
+            from fixtures.build import sample_images
+
+            images = sample_images()
+        self.prompts = [prepare_prompt(p, self.conv_mode, i) for i, p in enumerate(prompts)]
         self.images = images
-        for p in prompts:
+        for p in self.prompts:
             if p.get("image") and p["image"] not in images:
                 raise VerifyUsageError(f"prompt {p.get('name')!r} names image {p['image']!r}, which is not among the images")
+
+    @property
+    def original_dir(self) -> Path:
+        o = self.inputs.original
+        return o if o.is_dir() else o.parent
 
     # --- the converted side ----------------------------------------------------------------------------------
     @cached_property
@@ -215,8 +267,39 @@ class Context:
     def reference(self):
         from .original import OriginalVipLlava
 
-        d = self.inputs.original if self.inputs.original.is_dir() else self.inputs.original.parent
-        return OriginalVipLlava.from_dirs(d, self.inputs.text_model, self.inputs.vision_model, dtype=self.dtype)
+        return OriginalVipLlava.from_dirs(self.original_dir, self.inputs.text_model, self.inputs.vision_model, dtype=self.dtype)
+
+    @cached_property
+    def base_tokenizer(self):
+        """The tokenizer the original inference used (cheap: no model weights)."""
+        from .original import load_base_tokenizer
+
+        return load_base_tokenizer(self.backbone, self.inputs.text_model)
+
+    @cached_property
+    def terminators(self) -> dict[str, int]:
+        """The original eval's stop tokens {token: id}."""
+        from .original import terminator_ids
+
+        return terminator_ids(self.backbone, self.base_tokenizer)
+
+    @cached_property
+    def layout(self) -> dict[str, int]:
+        """The converted token layout the contract prescribes: image, pad, rows, original_rows, base_tokens."""
+        from .original import expected_layout
+
+        return expected_layout(len(self.base_tokenizer), self.original_vocab)
+
+    @cached_property
+    def conversations(self) -> tuple[str, list[dict]]:
+        """(source, prompts with ``turns``) for the chat-template check: the prompts given as turns, else the
+        bundled sample conversations rendered in this backbone's mode."""
+        given = [p for p in self.prompts if p.get("turns") is not None]
+        if given:
+            return "prompts", given
+        from fixtures.build import sample_conversations
+
+        return "bundled", [prepare_prompt(c, self.conv_mode, i) for i, c in enumerate(sample_conversations())]
 
     @cached_property
     def original_vocab(self) -> int:

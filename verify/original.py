@@ -2,30 +2,51 @@
 
 This module is the yardstick the converted ``VipLlavaForConditionalGeneration`` repos are
 measured against.  It reads the original checkpoint layout directly and restates, in our own
-code, what the original ViP-LLaVA code base (github mu-cai/ViP-LLaVA, trained with
-transformers 4.31.0) did at inference time.  It deliberately shares nothing with ``convert``
+code, what the original ViP-LLaVA code base (github mu-cai/ViP-LLaVA) did at inference time, for
+its three text backbones: Vicuna-1.5 (the 7B/13B models, trained with transformers 4.31.0),
+Llama-3-8B-Instruct and Phi-3-mini-4k-instruct.  It deliberately shares nothing with ``convert``
 and uses none of transformers' Llava / VipLlava classes, processors or image processors: the
-only borrowed building blocks are the ones the original itself stood on
-(``LlamaForCausalLM``, ``CLIPVisionModel`` and their configs, ``sentencepiece``, PIL, numpy).
+only borrowed building blocks are the ones the original itself stood on (``LlamaForCausalLM``,
+``Phi3ForCausalLM`` -- the original vendored Microsoft's April-2024 Phi-3 code, which is what
+transformers' Phi3 is --, ``CLIPVisionModel`` and their configs, ``sentencepiece``,
+``tokenizers``, PIL, numpy).
+
+Each backbone is one :class:`Backbone` record (``BACKBONES``): no code branches on its name.
 
 What each part restates
 -----------------------
+* ``detect_backbone``: which ``LlavaXForCausalLM`` saved the checkpoint
+  (``llava/model/language_model/llava_llama.py`` registers ``model_type`` "llava_llama",
+  ``llava_phi3.py`` "llava_phi3"); Vicuna and Llama-3 share "llava_llama" and are told apart by
+  the base tokenizer (Llama-3's has ``<|eot_id|>``).
+* ``render_prompt`` / ``CONV_MODES``: ``llava/conversation.py`` ``Conversation.get_prompt()`` for
+  the modes the eval scripts used (``llava_v1`` = SeparatorStyle.TWO, ``llava_llama_3`` =
+  LLAMA_3, ``llava_phi_3`` = Phi_3), with the user text built as ``"<image>\n" + question``
+  (``llava/eval/model_vqa.py``).
 * ``load_original_state_dict`` / ``OriginalVipLlava.from_dirs``: the checkpoint as saved by
-  ``LlavaLlamaForCausalLM`` (``llava/model/language_model/llava_llama.py`` +
-  ``llava/model/llava_arch.py``: ``model.vision_tower.vision_tower.*`` is the frozen CLIP tower,
-  ``model.mm_projector.*`` the projector, the rest a plain Llama).  Shards are read with our own
-  loader (``.bin`` only through ``torch.load(..., mmap=True, weights_only=True)``), and placement
-  is strict: an original key we cannot place, or a module parameter left unloaded, is an error.
+  ``LlavaLlamaForCausalLM`` / ``LlavaPhi3ForCausalLM`` (+ ``llava/model/llava_arch.py``:
+  ``model.vision_tower.vision_tower.*`` is the frozen CLIP tower, ``model.mm_projector.*`` the
+  projector, the rest a plain Llama or Phi-3 with its fused ``qkv_proj`` / ``gate_up_proj``).
+  Shards are read with our own loader (``.bin`` only through ``torch.load(..., mmap=True,
+  weights_only=True)``), and placement is strict: an original key we cannot place, or a module
+  parameter left unloaded, is an error.  The text config comes from the ORIGINAL config.json
+  (GQA heads, ``rope_theta``, Phi-3's ``sliding_window`` ...).
 * ``OriginalVipLlava.preprocess``: ``llava/mm_utils.py`` ``process_images`` (``image_aspect_ratio``
   "pad": ``expand2square`` with ``tuple(int(x * 255) for x in image_mean)``; "resize"), followed
   by transformers 4.31's ``CLIPImageProcessor.preprocess`` (``image_processing_clip.py`` and
   ``image_transforms.py``: ``get_resize_output_image_size(default_to_square=False)``, PIL resize,
   ``center_crop``, ``rescale``, ``normalize``) done by hand with PIL + numpy.
-* ``LlamaSlowTokenizer`` / ``OriginalVipLlava.tokenize``: ``llava/mm_utils.py``
-  ``tokenizer_image_token`` on top of transformers 4.31's slow ``LlamaTokenizer``
-  (``tokenization_llama.py``: ``legacy`` and non-legacy ``tokenize`` / ``_tokenize``) and
-  ``PreTrainedTokenizer.tokenize`` (``tokenization_utils.py``: splitting on special tokens,
-  AddedToken ``lstrip`` / ``rstrip`` handling, plain-string special tokens strip both sides).
+* ``OriginalVipLlava.tokenize``: ``llava/mm_utils.py`` ``tokenizer_image_token``
+  (:func:`tokenizer_image_token`) on top of the tokenizer ``llava/model/builder.py`` loaded:
+  Vicuna: the slow ``LlamaTokenizer`` (``use_fast=False``) of transformers 4.31, restated in
+  ``LlamaSlowTokenizer`` (``tokenization_llama.py``: ``legacy`` and non-legacy ``tokenize`` /
+  ``_tokenize``; ``PreTrainedTokenizer.tokenize``: splitting on special tokens, AddedToken
+  ``lstrip`` / ``rstrip``, plain-string special tokens strip both sides).  Llama-3 and Phi-3:
+  the FAST tokenizer (``use_fast=True``; Llama-3 has no slow class), i.e. the base model's
+  ``tokenizer.json`` run by ``tokenizers`` itself (``FastTokenizer``): Llama-3's
+  ``PreTrainedTokenizerFast`` keeps the file's post-processor (which adds
+  ``<|begin_of_text|>``), Phi-3's ``LlamaTokenizerFast`` replaces it by BOS/EOS according to
+  ``add_bos_token`` / ``add_eos_token`` (``update_post_processor``).
 * ``OriginalVipLlava.image_features``: ``llava/model/multimodal_encoder/clip_4layer_encoder.py``
   (``CLIPVisionTowerMultilayer.feature_select``: hidden states [-2, -5, -8, -11, 6], CLS dropped,
   concatenated on channels) and ``llava/model/multimodal_projector/builder.py``
@@ -34,20 +55,26 @@ What each part restates
 * ``OriginalVipLlava.forward``: ``llava/model/llava_arch.py``
   ``prepare_inputs_labels_for_multimodal`` (embed the non-image ids, replace every -200 by the
   next image's features, truncate to ``tokenizer_model_max_length``, positions 0..T-1 over the
-  spliced sequence) followed by ``LlamaForCausalLM``.
-* ``OriginalVipLlava.generate_greedy``: ``LlavaLlamaForCausalLM.generate`` with
-  ``do_sample=False`` (greedy), re-running the whole forward at each step instead of a KV cache.
+  spliced sequence) followed by the text model.
+* ``OriginalVipLlava.generate_greedy``: ``generate`` with ``do_sample=False`` (greedy) and the
+  eval scripts' terminators (``llava/eval/model_vqa.py``: ``eos_token_id=[tokenizer eos,
+  <|eot_id|>]`` for Llama-3, ``[tokenizer eos, <|end|>]`` for Phi-3, the eos for Vicuna),
+  re-running the whole forward at each step instead of a KV cache.  ``builder.py`` resized the
+  embeddings to ``len(tokenizer)`` before generating, so the original could only emit ids below
+  ``min(len(tokenizer), rows)``; the argmax is taken over those.
 
 Both models run with ``attn_implementation="eager"``: plain matmul/softmax attention is
 deterministic on CPU and does not depend on which fused SDPA kernel a torch build selects.
 
 Cross-checked (during development, not in the test-suite) against transformers 4.31.0 itself:
-the tokenizer gives identical ids on 600+ random prompts for legacy, non-legacy, ``legacy: null``,
-plain-string ``special_tokens_map.json`` and lstrip/rstrip variants; the preprocessing is bitwise
-equal to 4.31's ``CLIPImageProcessor`` after ``expand2square``; the whole forward on a tiny
-checkpoint matches a 4.31 Llama + CLIP run of the original pipeline to ~3e-6 in fp32 logits.
-(transformers 4.37.2, pinned by later ViP-LLaVA commits, tokenizes differently in non-legacy mode
-after special tokens; the 7B/13B checkpoints were trained under 4.31.0.)
+the slow tokenizer gives identical ids on 600+ random prompts for legacy, non-legacy,
+``legacy: null``, plain-string ``special_tokens_map.json`` and lstrip/rstrip variants; the
+preprocessing is bitwise equal to 4.31's ``CLIPImageProcessor`` after ``expand2square``; the whole
+forward on a tiny checkpoint matches a 4.31 Llama + CLIP run of the original pipeline to ~3e-6 in
+fp32 logits.  (transformers 4.37.2, pinned by later ViP-LLaVA commits, tokenizes differently in
+non-legacy mode after special tokens; the 7B/13B checkpoints were trained under 4.31.0.)  The
+conversation renderer reproduces, byte for byte, the strings the original ``conversation.py``
+printed (``tests/test_reference.py``).
 
 Memory: with ``dtype=torch.bfloat16`` and bf16 storages, ``.bin`` tensors stay memory-mapped
 and are assigned without a copy; float32 needs 4 bytes per parameter in RAM.
@@ -55,30 +82,53 @@ and are assigned without a copy; float32 needs 4 bytes per parameter in RAM.
 Deliberate deviations from the original (all make the reference stricter, not different):
 images whose count does not match the number of -200 sentinels raise (the original silently
 ignored surplus images); images are converted to RGB before padding (the original callers
-opened images with ``.convert("RGB")`` before ``process_images``).
+opened images with ``.convert("RGB")`` before ``process_images``); a Phi-3 ``rope_scaling``
+other than null is refused (the ViP-LLaVA base, Phi-3-mini-4k, has none; the vendored
+"su"/"yarn" embeddings are not restated).  Not restated: the exact edge of Phi-3's sliding
+window (it only matters for spliced sequences longer than ``sliding_window``, 2047 for the real
+model, which ``tokenizer_model_max_length`` 2048 nearly rules out).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import PIL.Image
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PretrainedConfig,
+)
 
 __all__ = [
     "IMAGE_SENTINEL",
     "FEATURE_LAYERS",
+    "Backbone",
+    "BACKBONES",
+    "ConversationMode",
+    "CONV_MODES",
+    "detect_backbone",
+    "render_prompt",
+    "load_base_tokenizer",
+    "tokenizer_image_token",
+    "expected_layout",
     "ReferenceOutput",
     "OriginalVipLlava",
     "LlamaSlowTokenizer",
+    "FastTokenizer",
     "ClipPreprocessSettings",
     "load_original_state_dict",
     "list_checkpoint_files",
@@ -262,6 +312,8 @@ class LlamaSlowTokenizer:
 
         self.bos_id = self._special_id(specials["bos_token"])
         self.eos_id = self._special_id(specials["eos_token"])
+        self.bos_token = specials["bos_token"].content if specials["bos_token"] else None
+        self.eos_token = specials["eos_token"].content if specials["eos_token"] else None
         self.unk_id = self._special_id(specials["unk_token"])
         # Flags per content: the first AddedToken with that content wins; a content that only
         # ever appears as a plain string strips both sides.
@@ -341,19 +393,156 @@ class LlamaSlowTokenizer:
             ids = ids + [self.eos_id]
         return ids
 
-    # -- llava/mm_utils.py tokenizer_image_token ---------------------------------------------
+    def __len__(self) -> int:
+        """``len(tokenizer)``: the sentencepiece pieces (no added tokens, see ``__init__``)."""
+        return self.sp.get_piece_size()
+
+    def token_id(self, token: str) -> int | None:
+        """``convert_tokens_to_ids(token)``, or None when the vocabulary lacks it."""
+        pid = self.sp.piece_to_id(token)
+        return None if pid == self.sp.unk_id() and token != self.sp.id_to_piece(pid) else pid
+
     def encode_with_images(self, prompt: str, image_token: str = "<image>") -> list[int]:
-        chunks = [self.encode(c) for c in prompt.split(image_token)]
-        out: list[int] = []
-        offset = 0
-        if chunks and chunks[0] and chunks[0][0] == self.bos_id:
-            offset = 1
-            out.append(chunks[0][0])
-        for i, chunk in enumerate(chunks):
-            if i > 0:
-                out.append(IMAGE_SENTINEL)
-            out.extend(chunk[offset:])
-        return out
+        return tokenizer_image_token(prompt, self.encode, self.bos_id, image_token)
+
+
+def tokenizer_image_token(
+    prompt: str, encode: Callable[[str], list[int]], bos_id: int | None, image_token: str = "<image>"
+) -> list[int]:
+    """llava/mm_utils.py ``tokenizer_image_token``: ids with ``IMAGE_SENTINEL`` for each ``<image>``.
+
+    Every chunk between ``<image>`` markers is tokenized on its own (``tokenizer(chunk).input_ids``,
+    special tokens added).  When the first chunk starts with the BOS, that BOS is kept once and
+    the first id of EVERY chunk (its own BOS) is dropped; otherwise nothing is dropped.
+    """
+    chunks = [encode(c) for c in prompt.split(image_token)]
+    out: list[int] = []
+    offset = 0
+    if chunks and chunks[0] and bos_id is not None and chunks[0][0] == bos_id:
+        offset = 1
+        out.append(chunks[0][0])
+    for i, chunk in enumerate(chunks):
+        if i > 0:
+            out.append(IMAGE_SENTINEL)
+        out.extend(chunk[offset:])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer: transformers' fast tokenizer as builder.py loaded it (use_fast=True)
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8") or "{}")
+    except json.JSONDecodeError as e:
+        raise OriginalLoadError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise OriginalLoadError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _token_content(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and "content" in value:
+        return str(value["content"])
+    raise OriginalLoadError(f"unsupported special-token entry: {value!r}")
+
+
+class FastTokenizer:
+    """A base model's ``tokenizer.json``, run by ``tokenizers`` as transformers' fast tokenizer did.
+
+    ``bos_policy``:
+
+    * ``"post_processor"`` (Llama-3, ``PreTrainedTokenizerFast``): ``tokenizer(text)`` is the file's
+      own pipeline with special tokens, i.e. its ``TemplateProcessing`` post-processor prepends
+      ``<|begin_of_text|>`` to every encode.
+    * ``"add_bos_token"`` (Phi-3, ``LlamaTokenizerFast``): its ``update_post_processor`` replaces
+      the file's post-processor by ``bos`` if ``add_bos_token`` (default true) and ``eos`` if
+      ``add_eos_token`` (default false) from ``tokenizer_config.json``.
+
+    bos / eos come from ``tokenizer_config.json``, overridden by ``special_tokens_map.json`` (as
+    ``from_pretrained`` merged them).  Strict: every ``added_tokens_decoder`` entry of the config
+    must sit at the same id in ``tokenizer.json``, and the ids must be 0..len-1.
+    """
+
+    POLICIES = ("post_processor", "add_bos_token")
+
+    def __init__(self, text_model: Path, bos_policy: str):
+        from tokenizers import Tokenizer
+
+        if bos_policy not in self.POLICIES:
+            raise ValueError(f"bos_policy {bos_policy!r}: expected one of {self.POLICIES}")
+        text_model = Path(text_model)
+        path = text_model / "tokenizer.json"
+        if not path.is_file():
+            raise OriginalLoadError(
+                f"{path} not found: the original inference loaded this backbone's fast tokenizer (builder.py use_fast=True)"
+            )
+        try:
+            self.tk = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises its own exception type for a malformed file
+            raise OriginalLoadError(f"{path}: unreadable tokenizer ({str(e).splitlines()[0]})") from None
+        self.bos_policy = bos_policy
+        cfg_path = text_model / "tokenizer_config.json"
+        cfg = _read_json(cfg_path)
+        specials = {k: _token_content(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        for k, v in _read_json(text_model / "special_tokens_map.json").items():
+            if k in specials:
+                specials[k] = _token_content(v)
+        self.add_bos_token = bool(cfg.get("add_bos_token", True))
+        self.add_eos_token = bool(cfg.get("add_eos_token", False))
+        self.bos_token, self.eos_token = specials["bos_token"], specials["eos_token"]
+        self.bos_id = self._required(self.bos_token, "bos_token", cfg_path)
+        self.eos_id = self._required(self.eos_token, "eos_token", cfg_path)
+        for sid, entry in (cfg.get("added_tokens_decoder") or {}).items():
+            content = _token_content(entry)
+            if self.tk.token_to_id(content) != int(sid):
+                raise OriginalLoadError(
+                    f"{cfg_path}: added token {content!r} has id {sid}, but {path.name} gives "
+                    f"{self.tk.token_to_id(content)}; the two files do not describe one tokenizer"
+                )
+        vocab = self.tk.get_vocab(with_added_tokens=True)
+        self._len = self.tk.get_vocab_size(with_added_tokens=True)
+        if sorted(vocab.values()) != list(range(self._len)):
+            raise OriginalLoadError(f"{path}: token ids are not 0..{self._len - 1} without gaps")
+        if bos_policy == "add_bos_token" and self.add_bos_token and self.bos_id is None:
+            raise OriginalLoadError(f"{cfg_path}: add_bos_token is true but there is no bos_token")
+
+    def _required(self, content: str | None, what: str, cfg_path: Path) -> int | None:
+        if content is None:
+            return None
+        tid = self.tk.token_to_id(content)
+        if tid is None:
+            raise OriginalLoadError(f"{cfg_path}: {what} {content!r} is not in tokenizer.json")
+        return tid
+
+    def __len__(self) -> int:
+        return self._len
+
+    def token_id(self, token: str) -> int | None:
+        return self.tk.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        """``tokenizer(text).input_ids`` of the fast tokenizer."""
+        if self.bos_policy == "post_processor":
+            return list(self.tk.encode(text, add_special_tokens=True).ids)
+        ids = list(self.tk.encode(text, add_special_tokens=False).ids)
+        if self.add_bos_token:
+            ids = [self.bos_id] + ids
+        if self.add_eos_token and self.eos_id is not None:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self.tk.id_to_token(int(i)) for i in ids]
+
+    def encode_with_images(self, prompt: str, image_token: str = "<image>") -> list[int]:
+        return tokenizer_image_token(prompt, self.encode, self.bos_id, image_token)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,14 +673,43 @@ _CLIP_VISION_KEYS = {
 }
 
 
+_PHI3_KEYS = {  # the fields the vendored configuration_phi3.py (April 2024) knows
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_act",
+    "max_position_embeddings", "original_max_position_embeddings", "initializer_range", "rms_norm_eps",
+    "tie_word_embeddings", "rope_theta", "bos_token_id", "eos_token_id", "pad_token_id", "sliding_window",
+}
+
+
 def llama_config_from_original(cfg: dict[str, Any]) -> LlamaConfig:
+    """``LlavaLlamaConfig(LlamaConfig)``: the Llama fields of the original config.json (GQA heads,
+    ``rope_theta``, ``rms_norm_eps`` ... as saved, not the base model's)."""
     mt = cfg.get("model_type")
     if mt not in ("llava_llama", "llama"):
-        raise OriginalLoadError(f"original config.json has model_type {mt!r}; only Llama backbones are supported")
+        raise OriginalLoadError(f"original config.json has model_type {mt!r}; a Llama backbone needs 'llava_llama'")
     kwargs = {k: v for k, v in cfg.items() if k in _LLAMA_KEYS}
     lc = LlamaConfig(**kwargs)
     lc._attn_implementation = "eager"
     return lc
+
+
+def phi3_config_from_original(cfg: dict[str, Any]) -> Phi3Config:
+    """``LlavaPhi3Config(Phi3Config)`` of the vendored ``configuration_phi3.py``: the Phi-3 fields
+    of the original config.json (``sliding_window``, ``rope_theta``, ``original_max_position_embeddings``
+    ... as saved; absent ones take that file's defaults, which are transformers' Phi3 defaults)."""
+    mt = cfg.get("model_type")
+    if mt != "llava_phi3":
+        raise OriginalLoadError(f"original config.json has model_type {mt!r}; a Phi-3 backbone needs 'llava_phi3'")
+    scaling = cfg.get("rope_scaling")
+    if scaling is not None:
+        raise OriginalLoadError(
+            f"original config.json has rope_scaling {scaling!r}: this reference restates Phi-3 with rope_scaling null "
+            "(Phi-3-mini-4k, the ViP-LLaVA base) only; the vendored 'su'/'yarn' embeddings are not restated"
+        )
+    kwargs = {k: v for k, v in cfg.items() if k in _PHI3_KEYS}
+    pc = Phi3Config(**kwargs)
+    pc._attn_implementation = "eager"
+    return pc
 
 
 def clip_vision_config_from_dir(vision_model: Path) -> CLIPVisionConfig:
@@ -505,6 +723,223 @@ def clip_vision_config_from_dir(vision_model: Path) -> CLIPVisionConfig:
     vc = CLIPVisionConfig(**{k: v for k, v in d.items() if k in _CLIP_VISION_KEYS})
     vc._attn_implementation = "eager"
     return vc
+
+
+# --------------------------------------------------------------------------------------------
+# Conversation formats: llava/conversation.py Conversation.get_prompt(), restated
+# --------------------------------------------------------------------------------------------
+
+SYSTEM_LLAVA_V1 = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+SYSTEM_VIP_V3 = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
+    "provides, and assist the user with a variety of tasks using natural language."
+)
+ROLES = ("user", "assistant")  # our turn roles, mapped onto each mode's own spelling
+
+
+@dataclass(frozen=True)
+class ConversationMode:
+    """One ``conv_templates`` entry: the fields ``get_prompt()`` reads, and how it joins them."""
+
+    name: str
+    system: str
+    roles: tuple[str, str]  # (user, assistant) as the original spells them
+    style: str  # the SeparatorStyle's branch of get_prompt(): "two" | "llama_3" | "phi_3"
+    sep: str
+    sep2: str | None
+
+
+def _render_two(mode: ConversationMode, messages: list[tuple[str, str | None]]) -> str:
+    # SeparatorStyle.TWO: system + sep; "role: msg" + [sep, sep2][i % 2]; an empty turn is "role:".
+    seps = (mode.sep, mode.sep2)
+    ret = mode.system + seps[0]
+    for i, (role, msg) in enumerate(messages):
+        ret += f"{role}: {msg}{seps[i % 2]}" if msg else f"{role}:"
+    return ret
+
+
+def _first_turn_rule(mode: ConversationMode, messages: list[tuple[str, str | None]]) -> None:
+    # get_prompt() asserts this for LLAMA_3 and Phi_3.
+    if messages and (not messages[0][1] or messages[0][0] != mode.roles[0]):
+        raise ValueError(f"{mode.name}: the first message must be a non-empty user message (get_prompt asserts it)")
+
+
+def _render_llama_3(mode: ConversationMode, messages: list[tuple[str, str | None]]) -> str:
+    # SeparatorStyle.LLAMA_3: sep/sep2 unused; the literal <|begin_of_text|> opens the system block.
+    _first_turn_rule(mode, messages)
+    ret = f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{mode.system}<|eot_id|>" if mode.system else ""
+    for role, msg in messages:
+        ret += "<|start_header_id|>" + role + "<|end_header_id|>\n\n"
+        if msg:
+            ret += msg + ("" if "<|eot_id|>" in msg else "<|eot_id|>")
+    return ret
+
+
+def _render_phi_3(mode: ConversationMode, messages: list[tuple[str, str | None]]) -> str:
+    # SeparatorStyle.Phi_3: no BOS in the text; '<|end|>\n' is skipped only when the message holds
+    # '<|eot_id|>' (the original's copy of the LLAMA_3 branch).
+    _first_turn_rule(mode, messages)
+    ret = f"<|system|>\n{mode.system}<|end|>\n" if mode.system else ""
+    for role, msg in messages:
+        ret += f"<|{role}|>" + "\n"
+        if msg:
+            ret += msg + ("" if "<|eot_id|>" in msg else "<|end|>\n")
+    return ret
+
+
+_STYLES: Mapping[str, Callable[[ConversationMode, list[tuple[str, str | None]]], str]] = {
+    "two": _render_two,
+    "llama_3": _render_llama_3,
+    "phi_3": _render_phi_3,
+}
+
+CONV_MODES: Mapping[str, ConversationMode] = {
+    m.name: m
+    for m in (
+        ConversationMode("llava_v1", SYSTEM_LLAVA_V1, ("USER", "ASSISTANT"), "two", " ", "</s>"),
+        ConversationMode("llava_llama_3", SYSTEM_VIP_V3, ("user", "assistant"), "llama_3", "<|begin_of_text|>", "<|end_of_text|>"),
+        ConversationMode("llava_phi_3", SYSTEM_VIP_V3, ("user", "assistant"), "phi_3", "", "<|end|>"),
+    )
+}
+
+
+def _turn(t: Any) -> tuple[str, str | None]:
+    if isinstance(t, Mapping):
+        role, text = t.get("role"), t.get("text")
+    elif isinstance(t, (tuple, list)) and len(t) == 2:
+        role, text = t
+    else:
+        raise ValueError(f"a turn is {{'role', 'text'}} or (role, text), got {t!r}")
+    if role not in ROLES:
+        raise ValueError(f"turn role {role!r}: expected one of {ROLES}")
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"turn text must be a string or None, got {text!r}")
+    return role, text
+
+
+def render_prompt(turns: Sequence[Any], mode: str) -> str:
+    """The prompt string ``Conversation.get_prompt()`` returns for ``turns`` in conversation ``mode``.
+
+    ``turns``: ``{"role": "user" | "assistant", "text": str | None}`` (or ``(role, text)``) in order,
+    as ``conv.append_message(conv.roles[i], text)`` would have added them; a None (or empty) text is
+    the open turn the model answers.  The first user text of an image prompt is
+    ``"<image>\n" + question``, as the eval scripts built it.
+    """
+    if mode not in CONV_MODES:
+        raise ValueError(f"conversation mode {mode!r}: expected one of {sorted(CONV_MODES)}")
+    m = CONV_MODES[mode]
+    role_names = dict(zip(ROLES, m.roles))
+    messages = [(role_names[r], text) for r, text in map(_turn, turns)]
+    return _STYLES[m.style](m, messages)
+
+
+# --------------------------------------------------------------------------------------------
+# Backbones
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What differs between the original's text backbones, as data."""
+
+    name: str  # "vicuna" | "llama3" | "phi3"
+    original_model_type: str  # model_type of the ORIGINAL config.json
+    marker_token: str | None  # a base-tokenizer token that singles it out among backbones sharing the model_type
+    conv_mode: str  # the original conversation mode its eval used
+    tokenizer: Callable[[Path], Any]  # base text model folder -> the tokenizer the original inference loaded
+    text_config: Callable[[dict[str, Any]], PretrainedConfig]
+    text_model: type  # the transformers causal LM the original stood on
+    stop_tokens: tuple[str, ...]  # eval terminators besides the tokenizer's eos (llava/eval/model_vqa.py)
+
+
+BACKBONES: Mapping[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("vicuna", "llava_llama", None, "llava_v1", LlamaSlowTokenizer,
+                 llama_config_from_original, LlamaForCausalLM, ()),
+        Backbone("llama3", "llava_llama", "<|eot_id|>", "llava_llama_3",
+                 lambda d: FastTokenizer(d, "post_processor"), llama_config_from_original, LlamaForCausalLM,
+                 ("<|eot_id|>",)),
+        Backbone("phi3", "llava_phi3", None, "llava_phi_3",
+                 lambda d: FastTokenizer(d, "add_bos_token"), phi3_config_from_original, Phi3ForCausalLM,
+                 ("<|end|>",)),
+    )
+}
+
+
+def _base_tokenizer_tokens(text_model: Path) -> set[str]:
+    """Every token string the base tokenizer files name (vocabulary, added and special tokens)."""
+    text_model = Path(text_model)
+    found: set[str] = set()
+    tj = text_model / "tokenizer.json"
+    if tj.is_file():
+        data = _read_json(tj)
+        vocab = (data.get("model") or {}).get("vocab") or {}
+        found.update(vocab if isinstance(vocab, dict) else (v[0] for v in vocab if isinstance(v, list) and v))
+        found.update(str(a.get("content")) for a in data.get("added_tokens") or [] if isinstance(a, dict))
+    cfg = _read_json(text_model / "tokenizer_config.json")
+    for entry in (cfg.get("added_tokens_decoder") or {}).values():
+        found.add(_token_content(entry) or "")
+    found.update(_read_json(text_model / "added_tokens.json"))
+    model = text_model / "tokenizer.model"
+    if model.is_file():
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+        found.update(sp.id_to_piece(i) for i in range(sp.get_piece_size()))
+    return found
+
+
+def detect_backbone(original_dir: Path, text_model_dir: Path) -> str:
+    """The backbone of an original checkpoint: its config.json's ``model_type`` names the
+    ``LlavaXForCausalLM`` that saved it; backbones sharing one (Vicuna, Llama-3: "llava_llama") are
+    told apart by a token only one base tokenizer has (``<|eot_id|>``)."""
+    path = Path(original_dir) / "config.json"
+    if not path.is_file():
+        raise OriginalLoadError(f"{path} not found: the original checkpoint folder needs its config.json")
+    mt = _read_json(path).get("model_type")
+    candidates = [b for b in BACKBONES.values() if b.original_model_type == mt]
+    if not candidates:
+        known = sorted({b.original_model_type for b in BACKBONES.values()})
+        raise OriginalLoadError(f"{path}: model_type {mt!r} is not a ViP-LLaVA backbone; expected one of {known}")
+    marked = [b for b in candidates if b.marker_token is not None]
+    if marked:
+        tokens = _base_tokenizer_tokens(Path(text_model_dir))
+        hit = [b for b in marked if b.marker_token in tokens]
+        if hit:
+            return hit[0].name
+    plain = [b for b in candidates if b.marker_token is None]
+    return plain[0].name
+
+
+def load_base_tokenizer(backbone: str, text_model: Path):
+    """The tokenizer the original inference used for ``backbone`` (``LlamaSlowTokenizer`` or ``FastTokenizer``)."""
+    return BACKBONES[backbone].tokenizer(Path(text_model))
+
+
+def terminator_ids(backbone: str, tokenizer) -> dict[str, int]:
+    """The original eval's ``eos_token_id`` list as {token: id}: the tokenizer's eos, then the backbone's end-of-turn tokens."""
+    out: dict[str, int] = {}
+    eos_token = getattr(tokenizer, "eos_token", None) or "eos"
+    if tokenizer.eos_id is None:
+        raise OriginalLoadError("the base tokenizer has no eos_token; the original eval stopped on it")
+    out[eos_token] = tokenizer.eos_id
+    for tok in BACKBONES[backbone].stop_tokens:
+        tid = tokenizer.token_id(tok)
+        if tid is None:
+            raise OriginalLoadError(f"the base tokenizer has no {tok!r}, which the original {backbone} eval stopped on")
+        out[tok] = tid
+    return out
+
+
+def expected_layout(base_tokens: int, original_rows: int, multiple: int = 64) -> dict[str, int]:
+    """The converted token layout (shared contract): ``<image>`` = T, ``<pad>`` = T + 1, rows =
+    max(V, ceil((T + 2) / 64) * 64), for T base-tokenizer tokens and V original embedding rows."""
+    T, V = int(base_tokens), int(original_rows)
+    if T > V:
+        raise OriginalLoadError(f"the base tokenizer has {T} tokens but the original embedding only {V} rows")
+    return {"image": T, "pad": T + 1, "rows": max(V, math.ceil((T + 2) / multiple) * multiple), "original_rows": V, "base_tokens": T}
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,33 +996,50 @@ class ReferenceOutput:
 
 
 class OriginalVipLlava:
-    """The original ViP-LLaVA (Llama backbone, ``clip_4layers_336`` tower), restated."""
+    """The original ViP-LLaVA (Vicuna, Llama-3 or Phi-3 backbone, ``clip_4layers_336`` tower), restated."""
 
     feature_layers: tuple[int, ...] = FEATURE_LAYERS
 
     def __init__(
         self,
         config: dict[str, Any],
-        llm: LlamaForCausalLM,
+        llm: LlamaForCausalLM | Phi3ForCausalLM,
         vision: CLIPVisionModel,
         projector: dict[str, torch.Tensor],
-        tokenizer: LlamaSlowTokenizer,
+        tokenizer: LlamaSlowTokenizer | FastTokenizer,
         image_settings: ClipPreprocessSettings,
         dtype: torch.dtype,
+        backbone: Backbone = BACKBONES["vicuna"],
     ):
         self.config = config
+        self.backbone = backbone
         self.llm = llm
         self.vision = vision
         self.projector = projector
         self.tokenizer = tokenizer
-        self.sp = tokenizer.sp
+        self.sp = getattr(tokenizer, "sp", None)
         self.image_settings = image_settings
         self.dtype = dtype
         self.image_aspect_ratio = config.get("image_aspect_ratio", "square")
         self.max_length = config.get("tokenizer_model_max_length")
         self.projector_eps = 1e-5  # nn.LayerNorm default in SimpleFeatureSingleModel
-        eos = config.get("eos_token_id", tokenizer.eos_id)
-        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
+        self.terminators = terminator_ids(backbone.name, tokenizer)
+        self.eos_token_ids = set(self.terminators.values())
+        # builder.py: model.resize_token_embeddings(len(tokenizer)) before generating
+        self.emit_limit = min(len(tokenizer), llm.config.vocab_size)
+
+    @property
+    def conv_mode(self) -> str:
+        return self.backbone.conv_mode
+
+    @property
+    def base_tokens(self) -> int:
+        """T = len(base tokenizer), for the converted layout (``expected_layout``)."""
+        return len(self.tokenizer)
+
+    def render(self, turns: Sequence[Any]) -> str:
+        """The original prompt string for ``turns`` in this backbone's conversation mode."""
+        return render_prompt(turns, self.backbone.conv_mode)
 
     # ---------------------------------------------------------------------------------------
     @classmethod
@@ -595,6 +1047,7 @@ class OriginalVipLlava:
         cls, original: Path, text_model: Path, vision_model: Path, dtype: torch.dtype = torch.float32
     ) -> "OriginalVipLlava":
         original, text_model, vision_model = Path(original), Path(text_model), Path(vision_model)
+        backbone = BACKBONES[detect_backbone(original, text_model)]
         config = json.loads((original / "config.json").read_text())
         ptype = config.get("mm_projector_type")
         if ptype != "mlp2x_gelu":
@@ -608,7 +1061,7 @@ class OriginalVipLlava:
         if merge != "flat":
             raise OriginalLoadError(f"mm_patch_merge_type {merge!r} is not supported")
 
-        lcfg = llama_config_from_original(config)
+        lcfg = backbone.text_config(config)
         vcfg = clip_vision_config_from_dir(vision_model)
         n_layers = len(FEATURE_LAYERS)
         mm_hidden = config.get("mm_hidden_size", n_layers * vcfg.hidden_size)
@@ -621,7 +1074,7 @@ class OriginalVipLlava:
                 raise OriginalLoadError(f"feature layer {idx} out of range for {vcfg.num_hidden_layers} layers")
 
         with torch.device("meta"):
-            llm = LlamaForCausalLM(lcfg)
+            llm = backbone.text_model(lcfg)
             vision = CLIPVisionModel(vcfg)
         vision_keys = set(vision.state_dict())
 
@@ -682,13 +1135,13 @@ class OriginalVipLlava:
         if llm.config.vocab_size != llm.get_input_embeddings().weight.shape[0]:
             raise OriginalLoadError("embedding rows differ from vocab_size")
 
-        tokenizer = LlamaSlowTokenizer(text_model)
-        if tokenizer.vocab_size != lcfg.vocab_size:
+        tokenizer = backbone.tokenizer(text_model)
+        if len(tokenizer) > lcfg.vocab_size:
             raise OriginalLoadError(
-                f"tokenizer has {tokenizer.vocab_size} pieces, the original model {lcfg.vocab_size} rows"
+                f"{text_model}: the tokenizer has {len(tokenizer)} tokens, the original model only {lcfg.vocab_size} rows"
             )
         settings = ClipPreprocessSettings.from_file(vision_model / "preprocessor_config.json")
-        return cls(config, llm, vision, proj_sd, tokenizer, settings, dtype)
+        return cls(config, llm, vision, proj_sd, tokenizer, settings, dtype, backbone)
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -841,12 +1294,16 @@ class OriginalVipLlava:
         images: Sequence[PIL.Image.Image] | None = None,
         max_new_tokens: int = 8,
     ) -> list[int]:
-        """Greedy continuation (new ids only; the EOS id is included when it is produced)."""
+        """Greedy continuation (new ids only; a terminator is included when it is produced).
+
+        Stops on the original eval's terminators (``self.terminators``); the argmax runs over the
+        ids the original could emit after ``builder.py`` resized the embeddings to
+        ``len(tokenizer)`` (``self.emit_limit``)."""
         ids = [int(i) for i in input_ids]
         new: list[int] = []
         for _ in range(max_new_tokens):
             logits = self.forward(ids + new, images).logits
-            nxt = int(torch.argmax(logits[-1]).item())
+            nxt = int(torch.argmax(logits[-1, : self.emit_limit]).item())
             new.append(nxt)
             if nxt in self.eos_token_ids:
                 break

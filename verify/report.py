@@ -56,7 +56,10 @@ class Report:
 
     def table(self) -> str:
         w = max([len(c.name) for c in self.checks] + [5])
-        lines = [f"verify {self.repo}", f"{'check':<{w}}  result  {'seconds':>7}  numbers", "-" * (w + 60)]
+        head = f"verify {self.repo}"
+        if self.settings.get("backbone"):
+            head += f"  (backbone {self.settings['backbone']}, original prompt mode {self.settings.get('conv_mode')})"
+        lines = [head, f"{'check':<{w}}  result  {'seconds':>7}  numbers", "-" * (w + 60)]
         for c in self.checks:
             lines.append(f"{c.name:<{w}}  {c.status:<6}  {c.seconds:>7.2f}  {c.summary}")
             for d in c.details[:8]:

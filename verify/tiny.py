@@ -7,18 +7,29 @@ under ``model.vision_tower.vision_tower.vision_model.*`` and the ViP-LLaVA proje
 This module produces the same layout at toy sizes, plus the configs that go with it, and the
 ``VipLlavaConfig`` a correct conversion should target.
 
+Three backbones (``TinySpec.backbone``): ``vicuna`` (Llama-2 decoder, ``mucai/vip-llava-{7b,13b}``),
+``llama3`` (Llama decoder with GQA and rope_theta 500000, ``mucai/vip-llava-llama-3-8b``) and ``phi3``
+(Phi-3 decoder with fused ``qkv_proj`` / ``gate_up_proj``, ``llava_phi3``, ``mucai/vip-llava-phi-3-mini-3.8B``).
+What differs between them is plain data, one ``Backbone`` each, in ``BACKBONES``; ``TinySpec.for_backbone``
+gives the spec of each backbone's tiny fixture.
+
 Nothing here touches the network or the disk; ``fixtures.build`` writes the files.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from types import MappingProxyType
 
 import torch
 
 __all__ = [
     "TinySpec",
+    "Backbone",
+    "BACKBONES",
+    "get_backbone",
     "FEATURE_LAYERS",
     "CLIP_MEAN",
     "CLIP_STD",
@@ -32,6 +43,7 @@ __all__ = [
     "clip_preprocessor_config",
     "vipllava_config",
     "padded_vocab_size",
+    "converted_rows",
     "original_state_dict",
     "original_key_shapes",
     "is_legacy_buffer",
@@ -51,6 +63,78 @@ PROJECTOR_PREFIX = "model.mm_projector."
 TEXT_PREFIX = "model."
 
 
+# --------------------------------------------------------------------------------------------
+# backbones: what differs between Vicuna, Llama-3 and Phi-3, as data
+# --------------------------------------------------------------------------------------------
+
+def _no_extra_fields(spec: "TinySpec") -> dict:
+    return {}
+
+
+def _phi3_fields(spec: "TinySpec") -> dict:
+    """The Phi-3 config fields a Llama config lacks (Phi-3-mini-4k: 4096 positions, sliding window 2047)."""
+    return {
+        "original_max_position_embeddings": spec.max_position_embeddings,
+        "sliding_window": spec.max_position_embeddings - 1,
+        "rope_scaling": None,
+        "embd_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "attention_dropout": 0.0,
+    }
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One backbone of ViP-LLaVA. Token ids are those of the tiny fixture's tokenizer for this backbone."""
+
+    name: str
+    conv_mode: str  # the original conversation mode (llava/conversation.py)
+    original_model_type: str  # ORIGINAL config.json
+    original_architecture: str
+    base_model_type: str  # the base text model's config.json
+    base_architecture: str
+    hf_config: str  # transformers classes of the text model (key names and shapes; reference modules)
+    hf_model: str
+    rope_theta: float
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int | None  # None: the config has no pad_token_id
+    # the original carries model.layers.{i}.self_attn.rotary_emb.inv_freq when legacy_buffers: only saves by
+    # transformers <= 4.31 (Vicuna ViP-LLaVA); 4.32 made it non-persistent (transformers PR #24998), and the
+    # Llama-3 / Phi-3 variants were trained on 4.36+ (Phi-3's vendored model never had it persistent)
+    rotary_buffers: bool
+    tiny: tuple[tuple[str, object], ...] = ()  # the tiny fixture's TinySpec fields (besides backbone)
+    extra_fields: Callable[["TinySpec"], dict] = _no_extra_fields  # backbone-only text config fields
+
+
+BACKBONES = MappingProxyType({
+    b.name: b for b in (
+        Backbone(name="vicuna", conv_mode="llava_v1", original_model_type="llava_llama",
+                 original_architecture="LlavaLlamaForCausalLM", base_model_type="llama",
+                 base_architecture="LlamaForCausalLM", hf_config="LlamaConfig", hf_model="LlamaForCausalLM",
+                 rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0, rotary_buffers=True),
+        Backbone(name="llama3", conv_mode="llava_llama_3", original_model_type="llava_llama",
+                 original_architecture="LlavaLlamaForCausalLM", base_model_type="llama",
+                 base_architecture="LlamaForCausalLM", hf_config="LlamaConfig", hf_model="LlamaForCausalLM",
+                 rope_theta=500000.0, bos_token_id=900, eos_token_id=901, pad_token_id=None, rotary_buffers=False,
+                 tiny=(("vocab_size", 1000), ("text_kv_heads", 2))),
+        Backbone(name="phi3", conv_mode="llava_phi_3", original_model_type="llava_phi3",
+                 original_architecture="LlavaPhi3ForCausalLM", base_model_type="phi3",
+                 base_architecture="Phi3ForCausalLM", hf_config="Phi3Config", hf_model="Phi3ForCausalLM",
+                 rope_theta=10000.0, bos_token_id=1, eos_token_id=997, pad_token_id=997, rotary_buffers=False,
+                 tiny=(("vocab_size", 1024), ("tokenizer_size", 1008)), extra_fields=_phi3_fields),
+    )
+})
+
+
+def get_backbone(name: str) -> Backbone:
+    """The ``Backbone`` called ``name``; ValueError naming the known ones otherwise."""
+    try:
+        return BACKBONES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}") from None
+
+
 @dataclass(frozen=True)
 class TinySpec:
     vocab_size: int = 997  # ORIGINAL vocab = embedding rows in the original checkpoint
@@ -67,8 +151,12 @@ class TinySpec:
     patch_size: int = 14  # -> (42/14)^2 = 9 image tokens
     legacy_buffers: bool = True  # include rotary inv_freq and CLIP position_ids buffers like old saves
     max_position_embeddings: int = 512
+    backbone: str = "vicuna"  # a key of BACKBONES
+    # len(base tokenizer) T, all added specials included; None = vocab_size. Rows [T, vocab) of lm_head are zero.
+    tokenizer_size: int | None = None
 
     def __post_init__(self) -> None:
+        get_backbone(self.backbone)
         if self.text_hidden % self.text_heads:
             raise ValueError("text_hidden must be divisible by text_heads")
         if self.text_heads % self.text_kv_heads:
@@ -82,6 +170,24 @@ class TinySpec:
         n = self.vision_layers + 1  # number of hidden states
         if any(not (-n <= i < n) for i in FEATURE_LAYERS):
             raise ValueError(f"vision_layers={self.vision_layers} too small for feature layers {FEATURE_LAYERS}")
+        if self.tokenizer_size is not None and not (1 <= self.tokenizer_size <= self.vocab_size):
+            raise ValueError(f"tokenizer_size must be in 1..vocab_size={self.vocab_size}, got {self.tokenizer_size}")
+
+    @classmethod
+    def for_backbone(cls, name: str) -> "TinySpec":
+        """The spec of ``name``'s tiny fixture (vicuna: the defaults; llama3: vocab 1000, 2 kv heads;
+        phi3: 1024 original rows, a 1008-token tokenizer)."""
+        return cls(backbone=name, **dict(get_backbone(name).tiny))
+
+    @property
+    def backbone_info(self) -> Backbone:
+        """The ``Backbone`` data of ``self.backbone``."""
+        return get_backbone(self.backbone)
+
+    @property
+    def tokenizer_len(self) -> int:
+        """T: the number of tokens of the base tokenizer."""
+        return self.vocab_size if self.tokenizer_size is None else self.tokenizer_size
 
     @property
     def text_head_dim(self) -> int:
@@ -103,11 +209,10 @@ class TinySpec:
 # configs
 # --------------------------------------------------------------------------------------------
 
-def original_config(spec: TinySpec = TinySpec()) -> dict:
-    """The ORIGINAL ``config.json`` (``llava_llama``), as saved next to the original weights."""
-    return {
-        "architectures": ["LlavaLlamaForCausalLM"],
-        "model_type": "llava_llama",
+def _text_fields(spec: TinySpec, rms_norm_eps: float) -> dict:
+    """The text-model fields of a config.json (the original's and the base model's share them)."""
+    bb = spec.backbone_info
+    fields = {
         "hidden_size": spec.text_hidden,
         "intermediate_size": spec.text_intermediate,
         "num_hidden_layers": spec.text_layers,
@@ -115,16 +220,23 @@ def original_config(spec: TinySpec = TinySpec()) -> dict:
         "num_key_value_heads": spec.text_kv_heads,
         "hidden_act": "silu",
         "max_position_embeddings": spec.max_position_embeddings,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
+        "rms_norm_eps": rms_norm_eps,
+        "rope_theta": bb.rope_theta,
         "vocab_size": spec.vocab_size,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
+        "bos_token_id": bb.bos_token_id,
+        "eos_token_id": bb.eos_token_id,
         "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
         "use_cache": True,
-        # multimodal fields
+        **bb.extra_fields(spec),
+    }
+    if bb.pad_token_id is not None:
+        fields["pad_token_id"] = bb.pad_token_id
+    return fields
+
+
+def _mm_fields(spec: TinySpec) -> dict:
+    """The LLaVA fields the original training added to the config (llava_arch.py, train.py)."""
+    return {
         "mm_vision_tower": "clip_4layers_336",
         "mm_hidden_size": spec.mm_hidden,
         "mm_projector_type": "mlp2x_gelu",
@@ -142,32 +254,31 @@ def original_config(spec: TinySpec = TinySpec()) -> dict:
     }
 
 
+def original_config(spec: TinySpec = TinySpec()) -> dict:
+    """The ORIGINAL ``config.json`` (``llava_llama`` or ``llava_phi3``), as saved next to the original weights."""
+    bb = spec.backbone_info
+    return {
+        "architectures": [bb.original_architecture],
+        "model_type": bb.original_model_type,
+        **_text_fields(spec, rms_norm_eps=1e-5),
+        "torch_dtype": "bfloat16",
+        **_mm_fields(spec),
+    }
+
+
 def base_text_config(spec: TinySpec = TinySpec()) -> dict:
-    """``config.json`` of the base text model directory (a plain Llama config, 4.x style).
+    """``config.json`` of the base text model directory (a plain Llama / Phi-3 config, 4.x style).
 
     ``rms_norm_eps`` is deliberately 1e-6 here while the ORIGINAL config says 1e-5: a converter must
     take the text hyper-parameters from the original checkpoint, and this difference shows if not.
     """
+    bb = spec.backbone_info
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": spec.text_hidden,
-        "intermediate_size": spec.text_intermediate,
-        "num_hidden_layers": spec.text_layers,
-        "num_attention_heads": spec.text_heads,
-        "num_key_value_heads": spec.text_kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": spec.max_position_embeddings,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "vocab_size": spec.vocab_size,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
+        "architectures": [bb.base_architecture],
+        "model_type": bb.base_model_type,
+        **_text_fields(spec, rms_norm_eps=1e-6),
         "initializer_range": 0.02,
-        "tie_word_embeddings": False,
         "torch_dtype": "float16",
-        "use_cache": True,
     }
 
 
@@ -248,34 +359,25 @@ def padded_vocab_size(original_vocab: int, multiple: int = 64) -> int:
     return -(-(original_vocab + 2) // multiple) * multiple
 
 
+def converted_rows(spec: TinySpec) -> int:
+    """Rows after conversion: max(V, round_up(T + 2, 64)) (T = tokenizer tokens, V = original rows)."""
+    return max(spec.vocab_size, padded_vocab_size(spec.tokenizer_len))
+
+
 def vipllava_config(spec: TinySpec = TinySpec(), image_token_index: int | None = None,
                     pad_token_id: int | None = None):
     """The ``VipLlavaConfig`` a correct conversion of the tiny original targets.
 
-    Text vocab = round_up(vocab + 2, 64); ``<image>`` = vocab, ``<pad>`` = vocab + 1 (by default);
+    Text rows = ``converted_rows(spec)``; ``<image>`` = T, ``<pad>`` = T + 1 (by default; T = the
+    tokenizer's length, = vocab for Vicuna); the backbone's text config class (Llama or Phi-3) with
     ``rms_norm_eps`` 1e-5 (from the ORIGINAL config); feature layers [-2, -5, -8, -11, 6].
     (transformers 5.x names the field ``vision_feature_layer``.)
     """
-    from transformers import CLIPVisionConfig, LlamaConfig, VipLlavaConfig
+    from transformers import CLIPVisionConfig, VipLlavaConfig
 
-    image_token_index = spec.vocab_size if image_token_index is None else image_token_index
-    pad_token_id = spec.vocab_size + 1 if pad_token_id is None else pad_token_id
-    text = LlamaConfig(
-        vocab_size=padded_vocab_size(spec.vocab_size),
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_intermediate,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_kv_heads,
-        hidden_act="silu",
-        max_position_embeddings=spec.max_position_embeddings,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=pad_token_id,
-        tie_word_embeddings=False,
-    )
+    image_token_index = spec.tokenizer_len if image_token_index is None else image_token_index
+    pad_token_id = spec.tokenizer_len + 1 if pad_token_id is None else pad_token_id
+    text = _text_config(spec, layers=spec.text_layers, vocab_size=converted_rows(spec), pad_token_id=pad_token_id)
     vision_kwargs = {k: v for k, v in clip_vision_config_dict(spec).items() if k != "model_type"}
     vision = CLIPVisionConfig(**vision_kwargs)
     cfg = VipLlavaConfig(
@@ -299,25 +401,37 @@ def vipllava_config(spec: TinySpec = TinySpec(), image_token_index: int | None =
 # key layout
 # --------------------------------------------------------------------------------------------
 
-def _llama_config(spec: TinySpec, layers: int, rms_norm_eps: float = 1e-5):
-    from transformers import LlamaConfig
+def _text_config(spec: TinySpec, layers: int, rms_norm_eps: float = 1e-5, **overrides):
+    """The backbone's transformers text config (``LlamaConfig`` / ``Phi3Config``) with ``layers`` layers."""
+    import transformers
 
-    return LlamaConfig(
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_kv_heads,
-        hidden_act="silu",
-        max_position_embeddings=spec.max_position_embeddings,
-        rms_norm_eps=rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
+    bb = spec.backbone_info
+    kwargs = {
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.text_hidden,
+        "intermediate_size": spec.text_intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": spec.text_heads,
+        "num_key_value_heads": spec.text_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": rms_norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": bb.rope_theta},
+        "bos_token_id": bb.bos_token_id,
+        "eos_token_id": bb.eos_token_id,
+        "pad_token_id": bb.pad_token_id,
+        "tie_word_embeddings": False,
+        **{k: v for k, v in bb.extra_fields(spec).items() if k != "rope_scaling"},  # rope_parameters says it
+        **overrides,
+    }
+    return getattr(transformers, bb.hf_config)(**kwargs)
+
+
+def _text_model(spec: TinySpec, config):
+    """The backbone's causal LM (``LlamaForCausalLM`` / ``Phi3ForCausalLM``) built from ``config``."""
+    import transformers
+
+    return getattr(transformers, spec.backbone_info.hf_model)(config)
 
 
 def _clip_vision_config(spec: TinySpec, layers: int):
@@ -355,16 +469,18 @@ def original_key_shapes(spec: TinySpec = TinySpec()) -> dict[str, tuple[int, ...
     Names are derived from the installed transformers modules, instantiated on the meta device with
     ONE layer each (so any size is free) and replicated per layer. transformers 5.x flattened
     ``CLIPVisionModel`` (no ``vision_model.`` level); the original checkpoint was saved by 4.x, so
-    ``vision_model.`` is put back here.
+    ``vision_model.`` is put back here. The text model is the backbone's (``LlamaForCausalLM``, or
+    ``Phi3ForCausalLM`` with its fused ``qkv_proj`` / ``gate_up_proj``); only backbones whose old saves
+    carried the rotary ``inv_freq`` buffer get it (Phi-3's is non-persistent).
     """
-    from transformers import CLIPVisionModel, LlamaForCausalLM
+    from transformers import CLIPVisionModel
 
     with torch.device("meta"):
-        llama = LlamaForCausalLM(_llama_config(spec, layers=1))
+        text_model = _text_model(spec, _text_config(spec, layers=1))
         clip = CLIPVisionModel(_clip_vision_config(spec, layers=1))
 
-    text = _expand_layers(_meta_shapes(llama), "model.layers.", spec.text_layers)
-    if spec.legacy_buffers:  # 4.x LlamaAttention had rotary_emb (inv_freq) after o_proj
+    text = _expand_layers(_meta_shapes(text_model), "model.layers.", spec.text_layers)
+    if spec.legacy_buffers and spec.backbone_info.rotary_buffers:  # 4.x LlamaAttention had rotary_emb (inv_freq) after o_proj
         with_buf = []
         for name, shape in text:
             with_buf.append((name, shape))
@@ -427,10 +543,19 @@ def buffer_value(spec: TinySpec, key: str) -> torch.Tensor:
     """The value old transformers saved for a legacy buffer (rotary inv_freq, CLIP position_ids)."""
     if key.endswith(".rotary_emb.inv_freq"):
         d = spec.text_head_dim
-        return 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        return 1.0 / (spec.backbone_info.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     if key.endswith(".embeddings.position_ids"):
         return torch.arange(spec.num_patches + 1, dtype=torch.int64).unsqueeze(0)
     raise KeyError(key)
+
+
+def _zero_unused_rows(spec: TinySpec, key: str, x: torch.Tensor) -> torch.Tensor:
+    """``lm_head.weight`` with rows [T, vocab) zeroed (a copy); any other tensor unchanged."""
+    if key != "lm_head.weight" or spec.tokenizer_len == spec.vocab_size:
+        return x
+    x = x.clone()
+    x[spec.tokenizer_len:] = 0.0
+    return x
 
 
 def original_state_dict(spec: TinySpec = TinySpec(), seed: int = 0,
@@ -442,6 +567,9 @@ def original_state_dict(spec: TinySpec = TinySpec(), seed: int = 0,
     own dtypes (inv_freq fp32, position_ids int64) and real values; they consume no random numbers.
     Every tensor matters: weights ~ N(0, 1/fan_in), norm weights 1 + N(0, 0.2), every bias
     N(0, 0.2), token embeddings N(0, 0.5^2), CLIP class/position embeddings N(0, 0.5^2).
+    Rows [T, vocab) of ``lm_head.weight`` are zero when the tokenizer has T < vocab tokens (Phi-3: a
+    trained model never targets its padding ids, so greedy decoding must not pick them either); they
+    are drawn like the others and then zeroed, so no other value depends on T.
     The returned dict is in module (save) order; every tensor owns its own contiguous storage.
     """
     shapes = original_key_shapes(spec)
@@ -457,7 +585,7 @@ def original_state_dict(spec: TinySpec = TinySpec(), seed: int = 0,
         x = torch.randn(shape, generator=g, dtype=torch.float32) * scale
         if kind == "one_plus":
             x = x + 1.0
-        values[key] = x.to(dtype).contiguous()
+        values[key] = _zero_unused_rows(spec, key, x).to(dtype).contiguous()
     return {k: values[k] for k in shapes}
 
 
@@ -480,14 +608,17 @@ def vision_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def build_reference_modules(spec: TinySpec, sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
-    """(LlamaForCausalLM, CLIPVisionModel) carrying the text / vision weights of ``sd`` (strict load)."""
-    from transformers import CLIPVisionModel, LlamaForCausalLM
+    """(text model, CLIPVisionModel) carrying the text / vision weights of ``sd`` (strict load).
 
-    llama = LlamaForCausalLM(_llama_config(spec, layers=spec.text_layers))
-    llama.load_state_dict({k: v.to(dtype) for k, v in text_state_dict(sd).items()}, strict=True)
+    The text model is the backbone's causal LM: ``LlamaForCausalLM`` (vicuna, llama3) or ``Phi3ForCausalLM``.
+    """
+    from transformers import CLIPVisionModel
+
+    text_model = _text_model(spec, _text_config(spec, layers=spec.text_layers))
+    text_model.load_state_dict({k: v.to(dtype) for k, v in text_state_dict(sd).items()}, strict=True)
     clip = CLIPVisionModel(_clip_vision_config(spec, layers=spec.vision_layers))
     clip.load_state_dict({k: v.to(dtype) for k, v in vision_state_dict(sd).items()}, strict=True)
-    return llama.to(dtype).eval(), clip.to(dtype).eval()
+    return text_model.to(dtype).eval(), clip.to(dtype).eval()
 
 
 @torch.no_grad()
@@ -500,10 +631,10 @@ def sanity_report(spec: TinySpec = TinySpec(), sd: dict[str, torch.Tensor] | Non
     """
     if sd is None:
         sd = original_state_dict(spec, seed=seed)
-    llama, clip = build_reference_modules(spec, sd)
+    text_model, clip = build_reference_modules(spec, sd)
     g = torch.Generator().manual_seed(1234)
     ids = torch.randint(3, spec.vocab_size, (1, 12), generator=g)
-    logits = llama(input_ids=ids).logits
+    logits = text_model(input_ids=ids).logits
     pixels = torch.randn(1, 3, spec.image_size, spec.image_size, generator=g)
     hs = clip(pixel_values=pixels, output_hidden_states=True).hidden_states
     feats = [hs[i] for i in FEATURE_LAYERS]

@@ -254,36 +254,39 @@ class InputReader:
             self._cond.notify_all()
 
     def _hash_file(self, path: Path) -> str:
-        """sha256 of one file, hashed straight from a read-only map of it (no copy into Python buffers): the
-        pages it faults in are the ones the writer copies from next."""
+        """sha256 of one file. Reading and hashing overlap: chunk k+1 is read (into the page cache, where the
+        writer copies from) while chunk k is hashed on a second thread, in order, from one of two buffers."""
         h = hashlib.sha256()
         size = self.sizes[path]
-        if size == 0:
-            return h.hexdigest()
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            if mm.size() != size:
-                raise ConversionError(f"{path}: changed size while being read ({size} -> {mm.size()} bytes); is another program writing it?")
-            if hasattr(mm, "madvise"):
-                mm.madvise(mmap.MADV_SEQUENTIAL)
-            view = memoryview(mm)
-            try:
-                offset = 0
-                while offset < size:
-                    with self._cond:
-                        while self._pos >= self._limit and not self._cancelled:
-                            self._cond.wait()
-                        if self._cancelled:
-                            break
-                    n = min(self.CHUNK, size - offset)
-                    if hasattr(mm, "madvise") and offset + n < size:  # the disk fetches the next chunk meanwhile
-                        mm.madvise(mmap.MADV_WILLNEED, offset + n, min(self.CHUNK, size - offset - n))
-                    h.update(view[offset : offset + n])
-                    offset += n
-                    with self._cond:
-                        self._pos += n
-                        self._cond.notify_all()
-            finally:
-                view.release()
+        bufs = (bytearray(self.CHUNK), bytearray(self.CHUNK))
+        with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-in") as pool:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            pending = None
+            offset = 0
+            turn = 0
+            while offset < size:
+                with self._cond:
+                    while self._pos >= self._limit and not self._cancelled:
+                        self._cond.wait()
+                    if self._cancelled:
+                        break
+                buf = bufs[turn]
+                if pending is not None and turn == pending[1]:
+                    pending[0].result()  # the buffer about to be refilled is still being hashed
+                n = f.readinto(memoryview(buf)[: min(self.CHUNK, size - offset)])
+                if not n:
+                    raise ConversionError(f"{path}: shrank while being read ({offset} of {size} bytes); is another program writing it?")
+                if pending is not None:
+                    pending[0].result()  # hashes stay in file order
+                pending = (pool.submit(h.update, memoryview(buf)[:n]), turn)
+                turn ^= 1
+                offset += n
+                with self._cond:
+                    self._pos += n
+                    self._cond.notify_all()
+            if pending is not None:
+                pending[0].result()
         return h.hexdigest()
 
 

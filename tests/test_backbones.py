@@ -4,6 +4,7 @@ layout, and (per backbone) convert + ``python -m verify`` with every check passi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,17 +12,10 @@ from convert.backbones import BACKBONES, LLAMA3, PHI3, VICUNA, detect
 from convert.config import TokenIds
 from convert.errors import ConversionError
 
-# Produced by running the ORIGINAL llava/conversation.py (mu-cai/ViP-LLaVA @ ab4e364) on two conversations:
-# (a) user "<image>\nWhat is shown?", assistant None; (b) the same, assistant "A cat.", user "What colour?",
-# assistant None. Copied from that run's output, not written by hand.
-ORIGINAL_PROMPTS = {
-    ("llava_v1", "a"): "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions. USER: <image>\nWhat is shown? ASSISTANT:",
-    ("llava_v1", "b"): "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions. USER: <image>\nWhat is shown? ASSISTANT: A cat.</s>USER: What colour? ASSISTANT:",
-    ("llava_llama_3", "a"): "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is shown?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-    ("llava_llama_3", "b"): "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is shown?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat colour?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-    ("llava_phi_3", "a"): "<|system|>\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|end|>\n<|user|>\n<image>\nWhat is shown?<|end|>\n<|assistant|>\n",
-    ("llava_phi_3", "b"): "<|system|>\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|end|>\n<|user|>\n<image>\nWhat is shown?<|end|>\n<|assistant|>\nA cat.<|end|>\n<|user|>\nWhat colour?<|end|>\n<|assistant|>\n",
-}
+# Produced by running the ORIGINAL llava/conversation.py (provenance in tests/original_prompts.json): (a) user
+# "<image>\nWhat is shown?", assistant None; (b) the same, assistant "A cat.", user "What colour?", assistant None.
+ORIGINAL_PROMPTS = {(mode, case): text for mode, cases in json.loads(
+    (Path(__file__).with_name("original_prompts.json")).read_text())["prompts"].items() for case, text in cases.items()}
 _IMAGE_Q = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}
 CONVERSATIONS = {
     "a": [_IMAGE_Q],

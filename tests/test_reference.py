@@ -632,17 +632,10 @@ ONE_TURN = [{"role": "user", "text": "<image>\nWhat is shown?"}, {"role": "assis
 TWO_TURNS = [{"role": "user", "text": "<image>\nWhat is shown?"}, {"role": "assistant", "text": "A cat."},
              {"role": "user", "text": "What colour?"}, {"role": "assistant", "text": None}]
 
-# Produced by RUNNING the original llava/conversation.py (mu-cai/ViP-LLaVA @ ab4e364): conv_templates[mode].copy(),
-# append_message(roles[0], ...), append_message(roles[1], None | ...), get_prompt(); the printed reprs, pasted
-# unchanged from /tmp/notes/variants.md section 1. (a) = ONE_TURN, (b) = TWO_TURNS.
-ORIGINAL_PROMPTS = {
-    ("llava_llama_3", "a"): '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is shown?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n',
-    ("llava_llama_3", "b"): '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is shown?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat colour?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n',
-    ("llava_phi_3", "a"): '<|system|>\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|end|>\n<|user|>\n<image>\nWhat is shown?<|end|>\n<|assistant|>\n',
-    ("llava_phi_3", "b"): '<|system|>\nYou are a helpful language and vision assistant. You are able to understand the visual content that the user provides, and assist the user with a variety of tasks using natural language.<|end|>\n<|user|>\n<image>\nWhat is shown?<|end|>\n<|assistant|>\nA cat.<|end|>\n<|user|>\nWhat colour?<|end|>\n<|assistant|>\n',
-    ("llava_v1", "a"): "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions. USER: <image>\nWhat is shown? ASSISTANT:",
-    ("llava_v1", "b"): "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions. USER: <image>\nWhat is shown? ASSISTANT: A cat.</s>USER: What colour? ASSISTANT:",
-}
+# Produced by RUNNING the original llava/conversation.py; see the provenance in tests/original_prompts.json.
+# (a) = ONE_TURN, (b) = TWO_TURNS.
+ORIGINAL_PROMPTS = {(mode, case): text for mode, cases in json.loads(
+    (Path(__file__).with_name("original_prompts.json")).read_text())["prompts"].items() for case, text in cases.items()}
 
 
 @pytest.mark.parametrize("mode,case", sorted(ORIGINAL_PROMPTS), ids=[f"{m}-{c}" for m, c in sorted(ORIGINAL_PROMPTS)])

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="auto", choices=["auto", "vicuna", "llama3", "phi3"],
                    help="text backbone (default: detected from the original config.json and the tokenizer)")
     p.add_argument("--force", action="store_true", help="replace an existing output (only after the new one is complete)")
-    p.add_argument("--demo", metavar="DIR", help="convert the bundled tiny fixture into DIR; no other argument needed")
+    p.add_argument("--demo", metavar="DIR", help="convert the bundled tiny fixture into DIR (with --backbone llama3|phi3: that backbone's fixture)")
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON to FILE")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     hub = p.add_argument_group("publishing (see README, Publishing)")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.demo:
             from fixtures.build import demo_fixture
 
-            fx = demo_fixture()
+            fx = demo_fixture("vicuna" if args.backbone == "auto" else args.backbone)  # --backbone picks the tiny fixture
             opts = Options(original=str(fx.original), text_model=str(fx.text_model), vision_model=str(fx.vision_model),
                            output=Path(args.demo), seed=args.seed, dtype=args.dtype, max_shard_size=args.max_shard_size, backbone=args.backbone,
                            force=args.force, progress=not args.quiet)

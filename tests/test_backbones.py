@@ -149,3 +149,13 @@ def test_backbone_flag_contradicting_the_config_is_refused(tiny, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--backbone phi3" in err and "'llava_llama'" in err and "config.json" in err
     assert not out.exists() and not any(p.name.startswith(".vipllava-tmp") for p in tmp_path.iterdir())
+
+
+def test_demo_with_a_backbone_converts_that_backbones_fixture(tmp_path, monkeypatch):
+    """`python -m convert --demo DIR --backbone phi3` builds (into a private cache here) and converts the Phi-3 fixture."""
+    from convert.cli import main
+
+    monkeypatch.setenv("VIPLLAVA_HARNESS_CACHE", str(tmp_path / "cache"))
+    assert main(["--demo", str(tmp_path / "out"), "--backbone", "phi3", "--quiet"]) == 0
+    m = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert m["settings"]["backbone"] == "phi3" and "phi3" in m["inputs"]["original"]["path"]

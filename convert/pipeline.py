@@ -198,7 +198,6 @@ def convert(opts: Options) -> Summary:
     small_digests = pool.submit(lambda: {f: sha256_file(f) for f in small})
     pool.shutdown(wait=False)
     rows = tinfo.ids.rows
-    resized: dict[str, torch.Tensor] = {}
 
     def out_dtype_for(src: str) -> torch.dtype:
         d = ckpt.info(src).dtype
@@ -214,17 +213,16 @@ def convert(opts: Options) -> Summary:
     tensors: list[OutTensor] = []
     for src, tgt in mapping.mapped.items():
         if tgt in (EMBED_KEY, LM_HEAD_KEY):
-            tensors.append(OutTensor(tgt, out_dtype, (rows, hidden), lambda t=tgt: resized[t], source_span(src)))
+            tensors.append(OutTensor(tgt, out_dtype, (rows, hidden), lambda t=tgt: _resized(job, t), source_span(src), late=True))
         else:
             tensors.append(OutTensor(tgt, out_dtype_for(src), tuple(ckpt.info(src).shape), lambda s=src: ckpt.get(s), source_span(src)))
     shards = plan_shards(tensors, max_bytes)
-    reader.start(limit=_window_end(shards[0], reader))  # hashes the first window while the resize computes
-    try:
-        r = resize(ckpt.get(ORIGINAL_EMBED), ckpt.get(ORIGINAL_LM_HEAD), rows, opts.seed, out_dtype)
-    except BaseException:
-        reader.cancel()
-        raise
-    resized.update({EMBED_KEY: r.embed, LM_HEAD_KEY: r.lm_head})
+    # The resize runs on a thread while the other shards are written (the two matrices are planned last); its
+    # errors (a non-finite embedding) surface when the writer reaches them, and the output is then discarded.
+    resizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resize")
+    job = resizer.submit(resize, ckpt.get(ORIGINAL_EMBED), ckpt.get(ORIGINAL_LM_HEAD), rows, opts.seed, out_dtype)
+    resizer.shutdown(wait=False)
+    reader.start(limit=_window_end(shards[0], reader))
 
     def input_records() -> dict:
         digests = {**small_digests.result(), **reader.finish()}
@@ -314,6 +312,11 @@ def _tokenizer_notes(text_dir: Path) -> list[str]:
 _READ_AHEAD = 1 << 28  # how far past the current output window the input reader may go
 
 
+def _resized(job, key: str) -> torch.Tensor:
+    r = job.result()
+    return r.embed if key == EMBED_KEY else r.lm_head
+
+
 def _window_end(shard: list[OutTensor], reader: InputReader) -> int:
     """How far the input reader may read while this shard is written: its sources' end plus some read-ahead
     (all of the input when positions are unknown)."""
@@ -333,7 +336,7 @@ def _write_repo(
     total = sum(t.nbytes for shard in shards for t in shard)
 
     def before(t: OutTensor) -> None:
-        if t.source is not None:
+        if t.source is not None and not t.late:  # late ones are computed in memory, not copied from the input
             reader.wait_for(t.source[1])
 
     with atomic_directory(output, opts.force) as tmp:

@@ -80,6 +80,7 @@ class OutTensor:
     shape: tuple[int, ...]
     produce: Callable[[], torch.Tensor]
     source: tuple[int, int] | None = None
+    late: bool = False  # computed while the others are written (the resized matrices): planned after them
 
     @property
     def nbytes(self) -> int:
@@ -87,12 +88,13 @@ class OutTensor:
 
 
 def plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
-    """Filled greedily in input order (by name where any input position is unknown); a tensor larger than the
-    limit gets a shard of its own. Input order keeps each shard's sources in one window of the input."""
+    """Filled greedily in input order (by name where any input position is unknown), ``late`` tensors last; a
+    tensor larger than the limit gets a shard of its own. Input order keeps each shard's sources in one window of
+    the input; ``late`` ones last let their computation overlap the writing of every shard before theirs."""
     if all(t.source is not None for t in tensors):
-        order = sorted(tensors, key=lambda t: (t.source, t.name))
+        order = sorted(tensors, key=lambda t: (t.late, t.source, t.name))
     else:
-        order = sorted(tensors, key=lambda t: t.name)
+        order = sorted(tensors, key=lambda t: (t.late, t.name))
     shards: list[list[OutTensor]] = [[]]
     size = 0
     for t in order:

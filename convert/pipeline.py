@@ -7,6 +7,7 @@ The steps are small pure functions (``convert.mapping``, ``convert.config``, ``c
 from __future__ import annotations
 
 import errno
+from contextlib import contextmanager
 import json
 import platform
 import time
@@ -48,6 +49,14 @@ class Options:
     backbone: str = "auto"
     force: bool = False
     progress: bool = True
+
+
+@contextmanager
+def _cancelled_at_exit(reader: InputReader):
+    try:
+        yield
+    finally:
+        reader.cancel()  # a no-op after a finished run
 
 
 @dataclass
@@ -153,6 +162,16 @@ def convert(opts: Options) -> Summary:
     _refuse_converted(original_cfg, keys, orig.path)
     if ORIGINAL_EMBED not in ckpt.weight_map or ORIGINAL_LM_HEAD not in ckpt.weight_map:
         raise ConversionError(f"{orig.path}: lacks {ORIGINAL_EMBED} or {ORIGINAL_LM_HEAD}; the checkpoint is incomplete")
+    # The input weight files are read (and hashed) from here on, overlapping the tokenizer, config and planning;
+    # whatever stops the run stops the reader too.
+    reader = InputReader(ckpt.files).start(limit=max_bytes)
+    with _cancelled_at_exit(reader):
+        return _convert_opened(opts, start, max_bytes, output, orig, original_cfg, ckpt, keys, reader)
+
+
+def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, orig, original_cfg: dict, ckpt: Checkpoint,
+                    keys: list[str], reader: InputReader) -> Summary:
+    orig_dir = orig.directory
     vocab, hidden = ckpt.info(ORIGINAL_EMBED).shape
     if original_cfg.get("vocab_size") != vocab:
         raise ConversionError(
@@ -192,7 +211,6 @@ def convert(opts: Options) -> Summary:
         "text_model": (text, _tokenizer_files(text.directory)),
         "vision_model": (vision, [vision.directory / "config.json", vision.directory / "preprocessor_config.json"]),
     }
-    reader = InputReader(ckpt.files)
     small = [f for _, files in input_files.values() for f in files if f not in reader.starts]
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inputs-sha256")
     small_digests = pool.submit(lambda: {f: sha256_file(f) for f in small})
@@ -222,7 +240,7 @@ def convert(opts: Options) -> Summary:
     resizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resize")
     job = resizer.submit(resize, ckpt.get(ORIGINAL_EMBED), ckpt.get(ORIGINAL_LM_HEAD), rows, opts.seed, out_dtype)
     resizer.shutdown(wait=False)
-    reader.start(limit=_window_end(shards[0], reader))
+    reader.allow(_window_end(shards[0], reader))
 
     def input_records() -> dict:
         digests = {**small_digests.result(), **reader.finish()}

@@ -136,7 +136,7 @@ class TensorInfo:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * self.dtype.itemsize
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:

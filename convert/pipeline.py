@@ -27,7 +27,7 @@ from .mapping import EMBED_KEY, LM_HEAD_KEY, KeyMapping, RuleTable, table_for
 from .processor import build_tokenizer, load_base_tokenizer, write_processor_files, write_tokenizer_files
 from .resize import SCALE, check_seed, resize
 from .sources import Checkpoint, checked_sha256, open_checkpoint, resolve, sha256_file
-from .writer import InputReader, OutTensor, atomic_directory, fsync_file, check_output, index_json, parse_size, plan_shards, shard_names, write_json, write_shard
+from .writer import DropBehind, InputStream, OutTensor, atomic_directory, check_output, index_json, parse_size, plan_shards, shard_names, write_json, write_shard
 
 DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14-336"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -52,7 +52,7 @@ class Options:
 
 
 @contextmanager
-def _cancelled_at_exit(reader: InputReader):
+def _cancelled_at_exit(reader: InputStream):
     try:
         yield
     finally:
@@ -162,15 +162,15 @@ def convert(opts: Options) -> Summary:
     _refuse_converted(original_cfg, keys, orig.path)
     if ORIGINAL_EMBED not in ckpt.weight_map or ORIGINAL_LM_HEAD not in ckpt.weight_map:
         raise ConversionError(f"{orig.path}: lacks {ORIGINAL_EMBED} or {ORIGINAL_LM_HEAD}; the checkpoint is incomplete")
-    # The input weight files are read (and hashed) from here on, overlapping the tokenizer, config and planning;
-    # whatever stops the run stops the reader too.
-    reader = InputReader(ckpt.files).start(limit=max_bytes)
+    # The input weight files are read from here on (the disk starts on the first ones while the tokenizer, config
+    # and plan are built); whatever stops the run stops the reader too.
+    reader = InputStream(ckpt.files).start()
     with _cancelled_at_exit(reader):
         return _convert_opened(opts, start, max_bytes, output, orig, original_cfg, ckpt, keys, reader)
 
 
 def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, orig, original_cfg: dict, ckpt: Checkpoint,
-                    keys: list[str], reader: InputReader) -> Summary:
+                    keys: list[str], reader: InputStream) -> Summary:
     orig_dir = orig.directory
     vocab, hidden = ckpt.info(ORIGINAL_EMBED).shape
     if original_cfg.get("vocab_size") != vocab:
@@ -204,8 +204,8 @@ def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, o
     expected = expected_shapes(load_vipllava_config(cfg))
     _check_shapes(ckpt, mapping, expected, vocab, table)
 
-    # The weight files are read once, sequentially, by InputReader (hashing them), with the writer copying right
-    # behind it; the small input files are hashed on a thread. The manifest waits for both.
+    # The weight files are read once, sequentially, by InputStream (hashing them), and the writer copies each
+    # verbatim tensor from its buffers; the small input files are hashed on a thread. The manifest waits for both.
     input_files = {
         "original": (orig, [orig_dir / "config.json", *ckpt.files, *_index_files(orig_dir)]),
         "text_model": (text, _tokenizer_files(text.directory)),
@@ -233,14 +233,15 @@ def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, o
         if tgt in (EMBED_KEY, LM_HEAD_KEY):
             tensors.append(OutTensor(tgt, out_dtype, (rows, hidden), lambda t=tgt: _resized(job, t), source_span(src), late=True))
         else:
-            tensors.append(OutTensor(tgt, out_dtype_for(src), tuple(ckpt.info(src).shape), lambda s=src: ckpt.get(s), source_span(src)))
+            dtype, span = out_dtype_for(src), source_span(src)
+            tensors.append(OutTensor(tgt, dtype, tuple(ckpt.info(src).shape), lambda s=src: ckpt.get(s), span,
+                                     verbatim=span is not None and dtype == ckpt.info(src).dtype))
     shards = plan_shards(tensors, max_bytes)
     # The resize runs on a thread while the other shards are written (the two matrices are planned last); its
     # errors (a non-finite embedding) surface when the writer reaches them, and the output is then discarded.
     resizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resize")
     job = resizer.submit(resize, ckpt.get(ORIGINAL_EMBED), ckpt.get(ORIGINAL_LM_HEAD), rows, opts.seed, out_dtype)
     resizer.shutdown(wait=False)
-    reader.allow(_window_end(shards[0], reader))
 
     def input_records() -> dict:
         digests = {**small_digests.result(), **reader.finish()}
@@ -327,25 +328,14 @@ def _tokenizer_notes(text_dir: Path) -> list[str]:
     ]
 
 
-_READ_AHEAD = 1 << 28  # how far past the current output window the input reader may go
-
-
 def _resized(job, key: str) -> torch.Tensor:
     r = job.result()
     return r.embed if key == EMBED_KEY else r.lm_head
 
 
-def _window_end(shard: list[OutTensor], reader: InputReader) -> int:
-    """How far the input reader may read while this shard is written: its sources' end plus some read-ahead
-    (all of the input when positions are unknown)."""
-    if any(t.source is None for t in shard):
-        return reader.total
-    return max(t.source[1] for t in shard) + _READ_AHEAD
-
-
 def _write_repo(
     output: Path, opts: Options, shards: list[list[OutTensor]], write_text_files, manifest: dict,
-    reader: InputReader, input_records: Callable[[], dict],
+    reader: InputStream, input_records: Callable[[], dict],
 ) -> None:
     """The only place that writes: shards (streamed), index, text files, then the manifest with every hash."""
     from tqdm.auto import tqdm
@@ -353,23 +343,19 @@ def _write_repo(
     names = shard_names(len(shards))
     total = sum(t.nbytes for shard in shards for t in shard)
 
-    def before(t: OutTensor) -> None:
-        if t.source is not None and not t.late:  # late ones are computed in memory, not copied from the input
-            reader.wait_for(t.source[1])
-
     with atomic_directory(output, opts.force) as tmp:
         outputs: dict[str, str] = {}
-        with (
-            tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not opts.progress) as bar,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync") as flusher,
-        ):
-            flushed = []
-            for shard, name in zip(shards, names):
-                reader.allow(_window_end(shard, reader))
-                outputs[name] = write_shard(tmp / name, shard, on_bytes=bar.update, before=before)
-                flushed.append(flusher.submit(fsync_file, tmp / name))
-            for f in flushed:
-                f.result()  # a write error surfacing at fsync (EIO, ENOSPC) stops the run here
+        flusher = DropBehind()
+        try:
+            with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not opts.progress) as bar:
+                flushed = []
+                for shard, name in zip(shards, names):
+                    outputs[name] = write_shard(tmp / name, shard, on_bytes=bar.update, stream=reader, flusher=flusher)
+                    flushed.append(flusher.close(tmp / name))
+                for f in flushed:
+                    f.result()  # a write error surfacing at fsync (EIO, ENOSPC) stops the run here
+        finally:
+            flusher.shutdown()
         if len(shards) > 1:
             write_json(tmp / "model.safetensors.index.json", index_json(shards, names))
         write_text_files(tmp)

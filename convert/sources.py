@@ -15,6 +15,7 @@ import os
 import pickletools
 import re
 import struct
+import sys
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections.abc import Iterator
@@ -314,7 +315,7 @@ class _PickleShard:
 
     def offset(self, key: str) -> int | None:
         """Where the tensor's bytes start in the file (None if the zip layout could not be matched)."""
-        return None if self._offsets is None else self._offsets[key]
+        return None if self._offsets is None else self._offsets.get(key)
 
     def info(self, key: str) -> TensorInfo:
         t = self.tensors[key]
@@ -325,15 +326,21 @@ class _PickleShard:
 
 
 def _record_offsets(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, int] | None:
-    """File offset of each tensor's bytes in a zip checkpoint loaded with ``mmap=True``.
+    """File offset of each tensor's bytes in a zip checkpoint loaded with ``mmap=True``, for the tensors whose
+    bytes lie there as they are (contiguous, in the machine's byte order).
 
     torch maps the whole file once and slices each storage out of that map at its zip record's data offset, so
     storage pointers differ exactly as the record offsets do. The base is anchored at the first record and the
     result is accepted only if every storage lands on a record offset; otherwise None (the caller then simply
-    reads the file separately). Offsets only steer the reading order, never which bytes are written."""
+    reads the file separately). The writer copies these bytes verbatim and checks both ends of each tensor
+    against what torch loads, and ``verify`` compares every tensor bit for bit."""
     try:
         reader = torch._C.PyTorchFileReader(str(path))
-        records = {reader.get_record_offset(n) for n in reader.get_all_records() if n.startswith("data/")}
+        names = reader.get_all_records()
+        records = {reader.get_record_offset(n) for n in names if n.startswith("data/")}
+        order = next((n for n in names if n.endswith("byteorder")), None)
+        if order is not None and reader.get_record(order).decode().strip() != sys.byteorder:
+            return None  # torch swapped the bytes while loading: the file's bytes are not the tensors'
     except Exception:  # a private torch API: if it moves, we lose an optimisation, not correctness
         return None
     ptrs = {k: t.untyped_storage().data_ptr() for k, t in tensors.items() if t.numel() > 0}
@@ -342,9 +349,10 @@ def _record_offsets(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, i
     base = min(ptrs.values()) - min(records)
     if any(p - base not in records for p in ptrs.values()):
         return None
-    offsets = {k: t.data_ptr() - base for k, t in tensors.items() if t.numel() > 0}
+    offsets = {k: t.data_ptr() - base for k, t in tensors.items() if t.numel() > 0 and t.is_contiguous()}
     for k, t in tensors.items():
-        offsets.setdefault(k, min(records))
+        if t.numel() == 0:
+            offsets[k] = min(records)
     return offsets
 
 

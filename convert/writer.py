@@ -1,15 +1,18 @@
 """Output: streamed safetensors shards, a sorted index, JSON files, and an output folder that appears atomically.
 
 A shard is written tensor by tensor: the header first (from known names, dtypes and shapes), then each tensor's
-bytes straight from its (possibly memory-mapped) source, hashing as it goes. The files hold exactly what
-``safetensors.torch.save_file`` writes for the same dict (same names, dtypes, shapes, bytes and metadata); the
-tensors are laid out in safetensors' order (dtype, then name).
+bytes, hashing as it goes. The files hold exactly the tensors ``safetensors.torch.save_file`` writes for the same
+dict (same names, dtypes, shapes, bytes and metadata). Inside a shard the tensors are grouped by dtype in
+safetensors' order (so every tensor stays aligned to its element size, as save_file guarantees) and, within a
+dtype, lie in input order; save_file orders by name instead, so the two files differ only in where each tensor
+lies, which the format leaves free.
 
-Each input byte is read from disk once: :class:`InputReader` reads the weight files sequentially on a thread,
-hashing them for the manifest, and tensors are assigned to output shards in input order, so each output shard
-is drawn from one window of the input no larger than the shard. The reader runs at most that window ahead of
-the writer, which copies each tensor once the reader has passed it (a page-cache hit), in whatever order the
-safetensors layout needs inside the shard.
+Each input byte is read from disk once, into memory once, and is never mapped: :class:`InputStream` reads the
+weight files sequentially on a thread into a small fixed pool of buffers, hashing them for the manifest; the writer
+takes each verbatim tensor's bytes from those same buffers (output order within a dtype = input order, so the
+stream only moves forward), writes them and hashes them for the output. Pages are dropped from the page cache
+behind both (input right after it is read, output once it is on disk): on this class of machine reclaiming a full
+page cache cost more CPU than the copy itself.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import signal
 import struct
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +54,8 @@ _DTYPE_NAMES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-# safetensors lays tensors out by dtype (its Dtype enum order, descending), then by name; so do we, so that a
-# shard is byte-identical to what safetensors.torch.save_file writes for the same dict.
+# safetensors lays tensors out by dtype (its Dtype enum order, descending: the widest elements first, so each
+# tensor is aligned to its element size), then by name; we keep its dtype grouping, then input order.
 _SAFETENSORS_ORDER = ("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -81,6 +86,7 @@ class OutTensor:
     produce: Callable[[], torch.Tensor]
     source: tuple[int, int] | None = None
     late: bool = False  # computed while the others are written (the resized matrices): planned after them
+    verbatim: bool = False  # its output bytes are exactly the input bytes at ``source`` (same dtype, contiguous)
 
     @property
     def nbytes(self) -> int:
@@ -130,60 +136,189 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # reshape first: a 0-dim tensor cannot be viewed
 
 
+def shard_order(tensors: list[OutTensor]) -> list[OutTensor]:
+    """Where each tensor lies in its shard: by dtype as safetensors does (widest first), then in plan order."""
+    return sorted(tensors, key=lambda t: -_SAFETENSORS_ORDER.index(_DTYPE_NAMES[t.dtype]))
+
+
+_GUARD = 64  # bytes compared at each end of a verbatim tensor against what torch loads from the same input
+
+
 def write_shard(
     path: Path,
     tensors: list[OutTensor],
     on_bytes: Callable[[int], None] | None = None,
-    before: Callable[[OutTensor], None] | None = None,
+    stream: "InputStream | None" = None,
+    flusher: "DropBehind | None" = None,
 ) -> str:
-    """Write one safetensors file; returns its sha256. The hash runs on a second thread, overlapping the writes
-    (hashlib and file writes release the GIL), in the order the bytes are written. ``before(t)`` is called before
-    each tensor's values are taken (the pipeline waits there for the input reader)."""
-    tensors = sorted(tensors, key=lambda t: (-_SAFETENSORS_ORDER.index(_DTYPE_NAMES[t.dtype]), t.name))
+    """Write one safetensors file; returns its sha256. Hashing runs on a second thread, overlapping the writes
+    (hashlib and file writes release the GIL), in the order the bytes are written.
+
+    A verbatim tensor whose input bytes are still ahead of ``stream`` is copied from the stream's buffers (its
+    first and last bytes are checked against the tensor torch loads, so a wrong offset cannot pass silently);
+    any other tensor is produced (``OutTensor.produce``) and written from memory. ``flusher`` is told how far the
+    file is written, to push it to disk and out of the page cache behind the writer."""
+    tensors = shard_order(tensors)
     h = hashlib.sha256()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher, open(path, "wb") as f:
-        pending = None
-        head = _header(tensors)
-        f.write(head)
-        h.update(head)
-        for spec in tensors:
-            if before is not None:
-                before(spec)
-            value = spec.produce()
-            if value.dtype != spec.dtype:
-                value = value.to(spec.dtype)
-            if tuple(value.shape) != spec.shape:
-                raise ConversionError(f"{spec.name}: produced shape {tuple(value.shape)}, planned {spec.shape}")
-            buf = _tensor_bytes(value)
+    written = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-out") as hasher, open(path, "wb", buffering=0) as f:
+        pending: Future | None = None
+
+        def emit(buf: memoryview) -> Future:
+            nonlocal written
             fault("tensor_write")
-            if pending is not None:
-                pending.result()  # at most one buffer in flight: bounded memory, ordered hashing
-            pending = hasher.submit(h.update, buf)
-            f.write(buf)
+            view = memoryview(buf)
+            while view:  # a raw file may write less than asked
+                view = view[f.write(view):]
+            written += len(buf)
+            if flusher is not None:
+                flusher.advance(path, written)
+            return hasher.submit(h.update, buf)
+
+        head = _header(tensors)
+        emit(memoryview(head)).result()
+        for spec in tensors:
+            if stream is not None and spec.verbatim and spec.source is not None and stream.can_take(spec.source[0]):
+                first, last = bytearray(), b""
+                for view in stream.take(*spec.source):
+                    if len(first) < _GUARD:
+                        first += view[: _GUARD - len(first)]
+                    last = (last + bytes(view[-_GUARD:]))[-_GUARD:]
+                    stream.used_by(emit(view))
+                want = _tensor_bytes(spec.produce())
+                if len(want) != spec.nbytes or bytes(want[:_GUARD]) != bytes(first) or bytes(want[-_GUARD:] if len(want) else b"") != last:
+                    raise ConversionError(
+                        f"{spec.name}: the input bytes at stream positions {spec.source[0]}..{spec.source[1]} are not the "
+                        "tensor torch loads from there; this is a converter bug (please report it), nothing was written"
+                    )
+            else:
+                value = spec.produce()
+                if value.dtype != spec.dtype:
+                    value = value.to(spec.dtype)
+                if tuple(value.shape) != spec.shape:
+                    raise ConversionError(f"{spec.name}: produced shape {tuple(value.shape)}, planned {spec.shape}")
+                buf = _tensor_bytes(value)
+                if pending is not None:
+                    pending.result()  # at most one produced tensor in flight: bounded memory, ordered hashing
+                pending = emit(buf)
             if on_bytes:
                 on_bytes(spec.nbytes)
-        if pending is not None:
-            pending.result()
-    return h.hexdigest()  # no fsync here: the caller flushes finished shards in the background (see fsync_file)
+        hasher.shutdown(wait=True)
+    return h.hexdigest()  # no fsync here: the caller flushes finished shards in the background (DropBehind.close)
 
 
-def fsync_file(path: Path) -> None:
-    """Force a finished file to disk (run on a thread while the next shard is written, so the disk keeps
-    reading and writing instead of stopping at every shard boundary)."""
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
 
 
-class InputReader:
-    """Reads the input weight files once, in order, on a thread: hashes them (sha256 per file) and leaves their
-    pages in the page cache just before the writer copies from them.
+def _libc_sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
-    Positions are offsets in the concatenation of the files. The reader stops at the limit the writer grants
-    (:meth:`allow`), so it never runs more than one output window ahead and the window stays cached; the writer
-    waits (:meth:`wait_for`) until the reader has passed a tensor's bytes, so the disk sees one sequential read.
-    An error on the thread is re-raised in the writer; :meth:`cancel` stops the thread at once."""
 
-    CHUNK = 1 << 24
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+
+
+def _sync_range(fd: int, start: int, length: int, wait: bool) -> None:
+    """Start writing [start, start + length) of a file to disk, and wait until it is there when ``wait`` (Linux
+    ``sync_file_range``; where that is missing, ``fdatasync`` does the waiting)."""
+    flags = _SFR_WRITE | (_SFR_WAIT_BEFORE | _SFR_WAIT_AFTER if wait else 0)
+    if _SYNC_FILE_RANGE is not None and _SYNC_FILE_RANGE(fd, start, length, flags) == 0:
+        return
+    if wait:
+        os.fdatasync(fd)
+
+
+def drop_cached(fd: int, start: int = 0, length: int = 0) -> None:
+    """Tell the kernel a file range will not be read again (clean pages leave the page cache at once)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+
+
+class DropBehind:
+    """Pushes output files to disk as they are written and drops them from the page cache behind the writer, on a
+    thread of its own: every ``STEP`` bytes, writeback of the new range starts and the range before it is waited
+    for and dropped. :meth:`close` makes a finished file durable (fsync) and drops the rest; a write error that
+    surfaces only then (EIO, ENOSPC) comes out of the future it returns."""
+
+    STEP = 1 << 28
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flush")
+        self._marks: dict[Path, int] = {}  # how far each open file has been handed to the flusher
+        self._fds: dict[Path, int] = {}
+
+    def advance(self, path: Path, written: int) -> None:
+        mark = self._marks.setdefault(path, 0)
+        if written - mark >= self.STEP:
+            self._marks[path] = written
+            self._pool.submit(self._step, path, mark, written)
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def _step(self, path: Path, start: int, end: int) -> None:
+        fd = self._fd(path)
+        _sync_range(fd, start, end - start, wait=False)
+        if start >= self.STEP:  # the previous range: on disk by now (or soon), so it can leave the cache
+            _sync_range(fd, 0, start, wait=True)
+            drop_cached(fd, 0, start)
+
+    def _close(self, path: Path) -> None:
+        fd = self._fd(path)
+        try:
+            os.fsync(fd)
+            drop_cached(fd)
+        finally:
+            os.close(self._fds.pop(path))
+            self._marks.pop(path, None)
+
+    def close(self, path: Path) -> Future:
+        return self._pool.submit(self._close, path)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@dataclass
+class _Chunk:
+    start: int  # stream position of its first byte
+    n: int
+    buf: bytearray
+    hashed: Future  # the input hash's update with these bytes
+    used: Future | None = None  # the last output hash job submitted before the writer let go of it
+
+    def settle(self) -> None:
+        wait_futures([f for f in (self.hashed, self.used) if f is not None])
+
+
+class InputStream:
+    """The input weight files, read once, in order, on a thread, into a fixed pool of buffers; hashed (sha256 per
+    file, on a second thread) and handed to the writer, which takes the bytes of each tensor it copies verbatim.
+
+    Positions are offsets in the concatenation of the files. The stream only moves forward: :meth:`take` skips
+    whatever lies before the asked start (pickle records, dropped keys, tensors written another way). A buffer goes
+    back to the reader once the writer has moved past it and both hashes have read it, so at most
+    ``BUFFERS * CHUNK`` bytes are held whatever the checkpoint's size. The pages read are dropped from the page
+    cache at once (the bytes are in our buffer); the first ``WARM_BYTES`` are asked of the disk up front, so it
+    works while the converter is still starting. An error on the thread is re-raised to the writer."""
+
+    CHUNK = 1 << 22
+    BUFFERS = 16
+    WARM_BYTES = 1 << 31
 
     def __init__(self, files: list[Path]):
         self.files = list(files)
@@ -195,57 +330,113 @@ class InputReader:
             self.sizes[f] = f.stat().st_size
             total += self.sizes[f]
         self.total = total
-        self.digests: dict[Path, str] = {}
-        self._pos = 0
-        self._limit = 0
+        self.bytes_read = 0
+        self._digests: dict[Path, Future] = {}
+        self._ready: deque[_Chunk] = deque()  # read, not yet passed by the writer
+        self._retired: deque[_Chunk] = deque()  # passed by the writer; reusable once settled
+        self._allocated = 0
+        self._consumed = 0  # stream position the writer has taken or skipped up to
+        self._last_use: Future | None = None
         self._done = False
         self._cancelled = False
         self._error: BaseException | None = None
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="inputs-sha256", daemon=True)
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-in")
+        self._thread = threading.Thread(target=self._run, name="input-reader", daemon=True)
 
     def position(self, path: Path, offset: int) -> int:
         return self.starts[path] + offset
 
-    def start(self, limit: int) -> "InputReader":
-        self._limit = limit
+    def start(self) -> "InputStream":
         self._thread.start()
         return self
 
-    def allow(self, limit: int) -> None:
-        with self._cond:
-            if limit > self._limit:
-                self._limit = limit
-                self._cond.notify_all()
+    # -- writer side --------------------------------------------------------------------------------------------
+    def can_take(self, start: int) -> bool:
+        return start >= self._consumed
 
-    def wait_for(self, end: int) -> None:
-        with self._cond:
-            self._limit = max(self._limit, end)  # never wait for bytes the reader may not read
-            self._cond.notify_all()
-            while self._pos < end and not self._done and self._error is None:
-                self._cond.wait()
-            if self._error is not None:
-                raise self._error
+    def take(self, start: int, end: int) -> Iterator[memoryview]:
+        """The bytes at stream positions [start, end) as views of the read buffers, in order, skipping everything
+        before ``start``. A view is valid until the generator resumes; whatever read it must be submitted by then
+        (and named with :meth:`used_by` if it runs on another thread)."""
+        if start < self._consumed:
+            raise ValueError(f"stream position {start} was already passed (at {self._consumed})")
+        pos = start
+        while pos < end:
+            chunk = self._head()
+            if chunk is None:
+                raise ConversionError(f"stream position {end}: past the end of the input ({self.total} bytes)")
+            chunk_end = chunk.start + chunk.n
+            if chunk_end <= pos:
+                self._retire_head()
+                continue
+            a, b = pos - chunk.start, min(end, chunk_end) - chunk.start
+            yield memoryview(chunk.buf)[a:b]
+            pos = chunk.start + b
+            self._consumed = pos
+            if pos >= chunk_end:
+                self._retire_head()
+        self._consumed = max(self._consumed, end)
+
+    def used_by(self, job: Future) -> None:
+        """The latest job reading a view from :meth:`take`: the view's buffer is not reused before it is done."""
+        self._last_use = job
 
     def finish(self) -> dict[Path, str]:
-        """Read whatever is left; the sha256 of every file."""
-        self.allow(self.total)
+        """Read and hash whatever is left; the sha256 of every file."""
+        for _ in self.take(self._consumed, self.total):
+            pass
         self._thread.join()
         if self._error is not None:
             raise self._error
-        return dict(self.digests)
+        digests = {path: self._digests[path].result() for path in self.files}
+        self._hasher.shutdown(wait=True)
+        return digests
 
     def cancel(self) -> None:
         with self._cond:
             self._cancelled = True
             self._cond.notify_all()
+        self._hasher.shutdown(wait=False, cancel_futures=True)
+
+    def _head(self) -> _Chunk | None:
+        with self._cond:
+            while not self._ready and not self._done and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+            return self._ready[0] if self._ready else None
+
+    def _retire_head(self) -> None:
+        with self._cond:
+            chunk = self._ready.popleft()
+            chunk.used = self._last_use
+            self._retired.append(chunk)
+            self._cond.notify_all()
+
+    # -- reader side --------------------------------------------------------------------------------------------
+    def _buffer(self) -> bytearray:
+        with self._cond:
+            while True:
+                if self._cancelled:
+                    raise _Cancelled
+                if self._retired:
+                    chunk = self._retired.popleft()
+                    break
+                if self._allocated < self.BUFFERS:
+                    self._allocated += 1
+                    return bytearray(self.CHUNK)
+                self._cond.wait()
+        chunk.settle()  # both hashes are done with it
+        return chunk.buf
 
     def _run(self) -> None:
         try:
+            warm = self.WARM_BYTES
             for path in self.files:
-                self.digests[path] = self._hash_file(path)
-                if self._cancelled:
-                    return
+                warm = self._read_file(path, warm)
+        except _Cancelled:
+            return
         except BaseException as e:  # handed to the writer
             with self._cond:
                 self._error = e
@@ -255,41 +446,33 @@ class InputReader:
             self._done = True
             self._cond.notify_all()
 
-    def _hash_file(self, path: Path) -> str:
-        """sha256 of one file. Reading and hashing overlap: chunk k+1 is read (into the page cache, where the
-        writer copies from) while chunk k is hashed on a second thread, in order, from one of two buffers."""
+    def _read_file(self, path: Path, warm: int) -> int:
         h = hashlib.sha256()
         size = self.sizes[path]
-        bufs = (bytearray(self.CHUNK), bytearray(self.CHUNK))
-        with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-in") as pool:
+        base = self.starts[path]
+        with open(path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            if os.fstat(fd).st_size != size:
+                raise ConversionError(f"{path}: changed size since it was opened ({size} bytes then); is another program writing it?")
             if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            pending = None
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                if warm > 0 and size:
+                    os.posix_fadvise(fd, 0, min(size, warm), os.POSIX_FADV_WILLNEED)
             offset = 0
-            turn = 0
             while offset < size:
-                with self._cond:
-                    while self._pos >= self._limit and not self._cancelled:
-                        self._cond.wait()
-                    if self._cancelled:
-                        break
-                buf = bufs[turn]
-                if pending is not None and turn == pending[1]:
-                    pending[0].result()  # the buffer about to be refilled is still being hashed
+                buf = self._buffer()
                 n = f.readinto(memoryview(buf)[: min(self.CHUNK, size - offset)])
                 if not n:
                     raise ConversionError(f"{path}: shrank while being read ({offset} of {size} bytes); is another program writing it?")
-                if pending is not None:
-                    pending[0].result()  # hashes stay in file order
-                pending = (pool.submit(h.update, memoryview(buf)[:n]), turn)
-                turn ^= 1
+                drop_cached(fd, offset, n)  # the bytes are in our buffer now
+                chunk = _Chunk(base + offset, n, buf, self._hasher.submit(h.update, memoryview(buf)[:n]))
                 offset += n
+                self.bytes_read += n
                 with self._cond:
-                    self._pos += n
+                    self._ready.append(chunk)
                     self._cond.notify_all()
-            if pending is not None:
-                pending[0].result()
-        return h.hexdigest()
+        self._digests[path] = self._hasher.submit(h.hexdigest)
+        return warm - size
 
 
 def index_json(shards: list[list[OutTensor]], names: list[str]) -> dict:

@@ -1,24 +1,35 @@
-"""The input is read once: tensor locations are right, the reader's hashes are the files' sha256, output shards
-follow input order, and the reader never runs more than one output window ahead of the writer."""
+"""The input is read once: tensor locations are right, the stream's hashes are the files' sha256, it hands out
+exactly the asked bytes across chunk and file boundaries, it holds a bounded number of buffers, and a conversion
+copies every verbatim tensor from it (all but the two resized matrices), and a wrong offset cannot pass."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from convert import pipeline
-from convert.sources import open_checkpoint
-from convert.writer import InputReader, OutTensor, plan_shards
+from convert.errors import ConversionError
+from convert.sources import Checkpoint, open_checkpoint
+from convert.writer import InputStream, OutTensor, plan_shards
 from fixtures.build import build
 
 
 def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _files(tmp_path: Path, sizes: list[int]) -> list[Path]:
+    files = []
+    for i, size in enumerate(sizes):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(bytes((j * 7 + i) % 251 for j in range(size)))
+        files.append(p)
+    return files
 
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
@@ -36,25 +47,56 @@ def test_locations_point_at_the_tensor_bytes(tmp_path, fmt):
         assert data[path][offset : offset + len(raw)] == raw, key
 
 
-def test_reader_digests_are_the_files_sha256(tmp_path):
-    files = []
-    for i, size in enumerate([0, 1, InputReader.CHUNK + 3, 1000]):
-        p = tmp_path / f"f{i}"
-        p.write_bytes(bytes((j * 7 + i) % 251 for j in range(size)))
-        files.append(p)
-    r = InputReader(files).start(limit=0)
-    r.wait_for(5)  # raises the limit itself: no deadlock
-    assert r.finish() == {p: _sha(p) for p in files}
+def test_a_non_contiguous_tensor_has_no_location(tmp_path):
+    torch.save({"plain": torch.arange(6.0), "transposed": torch.arange(12.0).reshape(3, 4).t()}, tmp_path / "x.bin")
+    ckpt = open_checkpoint(tmp_path / "x.bin")
+    assert ckpt.location("plain") is not None
+    assert ckpt.location("transposed") is None  # its file bytes are not its row-major values
 
 
-def test_reader_error_reaches_the_writer(tmp_path):
+def test_stream_digests_are_the_files_sha256(tmp_path, monkeypatch):
+    monkeypatch.setattr(InputStream, "CHUNK", 4096)
+    monkeypatch.setattr(InputStream, "BUFFERS", 2)
+    files = _files(tmp_path, [0, 1, 4096 * 3 + 3, 1000])
+    s = InputStream(files).start()
+    assert s.finish() == {p: _sha(p) for p in files}
+    assert s.bytes_read == sum(p.stat().st_size for p in files)
+
+
+def test_take_returns_exactly_the_asked_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(InputStream, "CHUNK", 4096)
+    monkeypatch.setattr(InputStream, "BUFFERS", 3)
+    files = _files(tmp_path, [5000, 0, 9000, 7])
+    whole = b"".join(p.read_bytes() for p in files)
+    s = InputStream(files).start()
+    for a, b in [(0, 10), (10, 10), (100, 4095), (4096, 4097), (4990, 5010), (6000, 14000), (14000, 14007)]:
+        assert s.can_take(a)
+        assert b"".join(bytes(v) for v in s.take(a, b)) == whole[a:b], (a, b)
+    assert not s.can_take(13999)
+    with pytest.raises(ValueError):
+        next(s.take(0, 1))
+    assert s.finish() == {p: _sha(p) for p in files}
+
+
+def test_stream_holds_a_bounded_number_of_buffers(tmp_path, monkeypatch):
+    monkeypatch.setattr(InputStream, "CHUNK", 4096)
+    monkeypatch.setattr(InputStream, "BUFFERS", 3)
+    files = _files(tmp_path, [4096 * 20])
+    s = InputStream(files).start()
+    time.sleep(0.5)  # nobody takes anything: the reader must stop once its buffers are full
+    assert s.bytes_read == 3 * 4096
+    s.finish()
+    assert s.bytes_read == 4096 * 20
+
+
+def test_stream_error_reaches_the_writer(tmp_path):
     p = tmp_path / "gone"
     p.write_bytes(b"x" * 10)
-    r = InputReader([p])
+    s = InputStream([p])
     p.unlink()
-    r.start(limit=10**9)
+    s.start()
     with pytest.raises(FileNotFoundError):
-        r.wait_for(10)
+        next(s.take(0, 10))
 
 
 def test_shards_are_planned_in_input_order():
@@ -68,34 +110,57 @@ def test_shards_are_planned_in_input_order():
     assert [[x.name for x in s] for s in plan_shards(unknown, 100)] == [["a", "b"], ["m", "z"]]
 
 
-def test_conversion_reads_the_input_in_one_window(tmp_path, monkeypatch):
-    """Small shards and no read-ahead: at every tensor the writer copies, the reader is past that tensor's bytes
-    and at most one output window (the largest shard's span) ahead; the manifest's hashes are the files' sha256."""
-    paths = build(tmp_path / "fx", shards=3)
-    monkeypatch.setattr(pipeline, "_READ_AHEAD", 0)
-    monkeypatch.setattr(InputReader, "CHUNK", 4096)
-    seen: list[tuple[int, int, int]] = []  # (reader position, tensor start, tensor end)
-    real_wait = InputReader.wait_for
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_conversion_copies_from_the_stream_and_reads_the_input_once(tmp_path, monkeypatch, fmt):
+    """Every input byte passes through the stream exactly once, every tensor but the two resized ones is copied
+    from it, in input order; the manifest's hashes are the files'."""
+    paths = build(tmp_path / "fx", shards=3, fmt=fmt)
+    monkeypatch.setattr(InputStream, "CHUNK", 4096)
+    monkeypatch.setattr(InputStream, "BUFFERS", 4)
+    streams: list[InputStream] = []
+    real_start = InputStream.start
 
-    def spy(self, end):
-        real_wait(self, end)
-        seen.append((self._pos, end))
+    def spy_start(self):
+        streams.append(self)
+        return real_start(self)
 
-    monkeypatch.setattr(InputReader, "wait_for", spy)
+    monkeypatch.setattr(InputStream, "start", spy_start)
+    taken: list[tuple[int, int]] = []
+    real_take = InputStream.take
+
+    def spy_take(self, a, b):
+        taken.append((a, b))
+        return real_take(self, a, b)
+
+    monkeypatch.setattr(InputStream, "take", spy_take)
     out = tmp_path / "out"
     pipeline.convert(pipeline.Options(original=str(paths.original), output=out, text_model=str(paths.text_model),
                                       vision_model=str(paths.vision_model), max_shard_size="200KB", progress=False))
+    (s,) = streams
+    total = sum(f.stat().st_size for f in s.files)
+    assert s.bytes_read == total  # read once, whole
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 3
-    assert seen and all(pos >= end for pos, end in seen)
-    total = sum(p.stat().st_size for p in paths.original.glob("*.bin"))
-    ckpt = open_checkpoint(paths.original)
-    biggest = max(ckpt.info(k).nbytes for k in ckpt.keys())
-    window = max(200_000, biggest) + 64_000 + 4096  # a shard's span (with the pickle headers and dropped buffers
-    lead = max(pos - end for pos, end in seen)      # between), plus the chunk the reader was in when it stopped
-    assert lead <= window < total / 2, (lead, window, total)
+    *copies, drain = taken
+    assert drain[1] == total  # finish() reads what no tensor needed (pickle records, dropped keys)
+    assert len([1 for a, b in copies if b > a]) == len(index["weight_map"]) - 2  # every tensor but the 2 resized
+    assert taken == sorted(taken)  # the stream only moves forward
     m = json.loads((out / "conversion.json").read_text())
-    files = m["inputs"]["original"]["files"]
-    for name, digest in files.items():
+    for name, digest in m["inputs"]["original"]["files"].items():
         assert digest == _sha(paths.original / name), name
-    assert any(name.endswith(".bin") for name in files)
+
+
+def test_a_wrong_offset_is_caught_and_nothing_is_written(tmp_path, monkeypatch):
+    paths = build(tmp_path / "fx")
+    real = Checkpoint.location
+
+    def shifted(self, key):
+        loc = real(self, key)
+        return None if loc is None else (loc[0], loc[1] + 2)
+
+    monkeypatch.setattr(Checkpoint, "location", shifted)
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match="converter bug"):
+        pipeline.convert(pipeline.Options(original=str(paths.original), output=out, text_model=str(paths.text_model),
+                                          vision_model=str(paths.vision_model), progress=False))
+    assert not out.exists() and not list(tmp_path.glob(".vipllava-tmp-*"))

@@ -173,6 +173,7 @@ class StepResult:
     output_bytes: int | None = None
     extra: dict = field(default_factory=dict)
     tail: str = ""
+    round: int = 1  # with --repeat: which round of cp/ours pairs this run belongs to
 
 
 def drop_caches() -> bool:
@@ -264,10 +265,14 @@ def _gb(b: int | None) -> str:
 
 
 def table(results: list[StepResult]) -> str:
-    floor = next((r.seconds for r in results if r.step == "cp" and r.returncode == 0), None)
+    """One row per run; ``x cp`` divides by the cp run of the same round (the one just before it)."""
+    rounds = max((r.round for r in results), default=1)
     head = ["step", "wall", "x cp", "peak anon", "peak RSS sum", "CPU s (tree)", "CPU s (others)", "result"]
     rows = []
+    floor = None
     for r in results:
+        if r.step == "cp":
+            floor = r.seconds if r.returncode == 0 else None
         if r.killed:
             status = f"killed ({r.killed}) after {r.seconds:.1f} s"
         elif r.returncode == 0:
@@ -275,11 +280,32 @@ def table(results: list[StepResult]) -> str:
         else:
             status = f"exit {r.returncode}"
         ratio = f"{r.seconds / floor:.2f}" if floor and r.seconds and r.returncode == 0 else "-"
-        rows.append([r.step, f"{r.seconds:.1f} s" if r.seconds is not None else "-", ratio, _gb(r.peak_anon_bytes),
+        name = f"{r.step} ({r.round})" if rounds > 1 else r.step
+        rows.append([name, f"{r.seconds:.1f} s" if r.seconds is not None else "-", ratio, _gb(r.peak_anon_bytes),
                      _gb(r.peak_rss_bytes), f"{r.cpu_seconds:.0f}", f"{r.other_cpu_seconds:.0f}", status])
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def paired_ratios(results: list[StepResult]) -> dict | None:
+    """ours / cp per round (each ours run against the cp run just before it), with the median: cp's own time on
+    this kind of machine varies by 2x between runs, so a single pair says little."""
+    pairs = []
+    floor = None
+    for r in results:
+        if r.step == "cp":
+            floor = r.seconds if r.returncode == 0 else None
+        elif r.step == "ours" and floor and r.returncode == 0 and r.seconds:
+            pairs.append((floor, r.seconds))
+    if len(pairs) < 2:
+        return None
+    ratios = sorted(o / c for c, o in pairs)
+    mid = len(ratios) // 2
+    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    return {"pairs": [{"cp": c, "ours": o, "ratio": round(o / c, 3)} for c, o in pairs], "median_ratio": round(median, 3),
+            "cp_range": [min(c for c, _ in pairs), max(c for c, _ in pairs)],
+            "ours_range": [min(o for _, o in pairs), max(o for _, o in pairs)]}
 
 
 def _sh(cmd: str) -> str:
@@ -342,6 +368,11 @@ def markdown(report: dict) -> str:
         "",
         table([StepResult(**{k: v for k, v in r.items()}) for r in report["steps"]]),
         "",
+        *([f"Paired rounds (each `ours` against the `cp` run just before it): ours / cp = "
+           + ", ".join(f"{p['ratio']:.2f}" for p in report["paired"]["pairs"])
+           + f"; median {report['paired']['median_ratio']:.2f}. cp took {report['paired']['cp_range'][0]:.1f} to "
+           f"{report['paired']['cp_range'][1]:.1f} s, ours {report['paired']['ours_range'][0]:.1f} to "
+           f"{report['paired']['ours_range'][1]:.1f} s.", ""] if report.get("paired") else []),
         "`x cp` = wall time / wall time of `cp -r` of the same shards. `peak anon` = maximum over 50 ms samples of "
         "the sum of `RssAnon` over the step's process tree (file-backed mmap pages and page cache excluded); "
         "`peak RSS sum` adds `RssFile` and `RssShmem` per process (informational: a file page mapped twice or by two "
@@ -351,6 +382,8 @@ def markdown(report: dict) -> str:
     ]
     for r in report["steps"]:
         extra = r.get("extra") or {}
+        if r.get("round", 1) > 1 and not (r.get("killed") or r.get("returncode") not in (0, None)):
+            continue  # the notes of round 1 stand for the repeats
         if r["step"] == "cp" and "fsync_seconds" in extra:
             lines.append(f"- cp: `sync` of the copied files afterwards took {extra['fsync_seconds']:.1f} s more "
                          f"(our converter fsyncs its output, cp and the baseline do not).")
@@ -427,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-limit-gb", type=float, default=20.0, help="kill a step whose tree exceeds this much anonymous memory")
     ap.add_argument("--verify-timeout", type=float, default=1800.0)
     ap.add_argument("--verify-args", default="", help="extra arguments for python -m verify (e.g. '--dtype bfloat16')")
+    ap.add_argument("--repeat", type=int, default=1, help="run cp and ours this many times, interleaved (cp, ours, cp, ours, ...), "
+                    "and report each ours/cp ratio and their median; baseline and verify run in the first round only")
     ap.add_argument("--no-drop-caches", action="store_true")
     ap.add_argument("--profile", action="store_true", help="one more run of ours under py-spy (not timed in the table)")
     ap.add_argument("--json", type=Path, default=None, help="where to write the report (default WORKDIR/../bench-SIZE.json)")
@@ -477,12 +512,15 @@ def main(argv: list[str] | None = None) -> int:
     results: list[StepResult] = []
 
     def show(r: StepResult) -> None:
+        r.round = round_
         results.append(r)
         print(f"  {r.step}: {r.seconds:.1f} s, peak anon {_gb(r.peak_anon_bytes)}, peak rss {_gb(r.peak_rss_bytes)}, "
               f"exit {r.returncode}{', killed: ' + r.killed if r.killed else ''}", flush=True)
 
-    for step in [s for s in STEPS if s in steps]:
-        print(f"step {step} ...", flush=True)
+    plan = [(1, s) for s in STEPS if s in steps]
+    plan += [(k, s) for k in range(2, max(1, args.repeat) + 1) for s in ("cp", "ours") if s in steps]
+    for round_, step in plan:
+        print(f"step {step}" + (f" (round {round_})" if args.repeat > 1 else "") + " ...", flush=True)
         if step == "cp":
             dst = workdir / "cp-scratch"
             shutil.rmtree(dst, ignore_errors=True)
@@ -555,9 +593,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(ours_out, ignore_errors=True)
         shutil.rmtree(inp, ignore_errors=True)
     report["steps"] = [asdict(r) for r in results]
+    report["paired"] = paired_ratios(results)
     report["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     print()
     print(table(results))
+    if report["paired"]:
+        pr = report["paired"]
+        print(f"\nours / cp per round: {', '.join(str(p['ratio']) for p in pr['pairs'])}; median {pr['median_ratio']}")
     jpath = args.json or workdir.parent / f"bench-{args.size}.json"
     jpath.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     print(f"\nreport: {jpath}")

@@ -164,3 +164,50 @@ def test_a_wrong_offset_is_caught_and_nothing_is_written(tmp_path, monkeypatch):
         pipeline.convert(pipeline.Options(original=str(paths.original), output=out, text_model=str(paths.text_model),
                                           vision_model=str(paths.vision_model), progress=False))
     assert not out.exists() and not list(tmp_path.glob(".vipllava-tmp-*"))
+
+
+def test_output_is_flushed_and_dropped_behind_the_writer(tmp_path, monkeypatch):
+    """Every STEP bytes the flusher starts writeback of the new range and waits for and drops the one before;
+    closing fsyncs and drops the rest; the file is intact."""
+    from convert import writer
+
+    monkeypatch.setattr(writer.DropBehind, "STEP", 4096)
+    calls: list[tuple] = []
+    real_sync, real_drop = writer._sync_range, writer.drop_cached
+    monkeypatch.setattr(writer, "_sync_range", lambda fd, a, n, wait: (calls.append(("sync", a, n, wait)), real_sync(fd, a, n, wait)))
+    monkeypatch.setattr(writer, "drop_cached", lambda fd, a=0, n=0: (calls.append(("drop", a, n)), real_drop(fd, a, n)))
+    sd = {f"t{i}": torch.full((1000,), float(i)) for i in range(10)}  # 40 kB of float32
+    flusher = writer.DropBehind()
+    path = tmp_path / "x.safetensors"
+    writer.write_shard(path, [OutTensor(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in sd.items()], flusher=flusher)
+    flusher.close(path).result()
+    flusher.shutdown()
+    starts = [c for c in calls if c[0] == "sync" and not c[3]]
+    assert len(starts) >= 4 and all(n >= 4096 for _, _, n, _ in starts)  # one per >= 4 kB written
+    assert [a for _, a, _, _ in starts] == sorted(a for _, a, _, _ in starts)
+    waited = [c for c in calls if c[0] == "sync" and c[3]]
+    drops = [c for c in calls if c[0] == "drop"]
+    assert waited and all(w[1] == 0 for w in waited) and drops[-1] == ("drop", 0, 0)  # the whole file at close
+    from safetensors.torch import load_file
+
+    back = load_file(str(path))
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_an_error_at_fsync_fails_the_run_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from convert import writer
+
+    paths = build(tmp_path / "fx")
+
+    def broken_fsync(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(writer.os, "fsync", broken_fsync)
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match="writing failed"):
+        pipeline.convert(pipeline.Options(original=str(paths.original), output=out, text_model=str(paths.text_model),
+                                          vision_model=str(paths.vision_model), progress=False))
+    assert not out.exists() and not list(tmp_path.glob(".vipllava-tmp-*"))

@@ -313,12 +313,14 @@ class InputStream:
     whatever lies before the asked start (pickle records, dropped keys, tensors written another way). A buffer goes
     back to the reader once the writer has moved past it and both hashes have read it, so at most
     ``BUFFERS * CHUNK`` bytes are held whatever the checkpoint's size. The pages read are dropped from the page
-    cache at once (the bytes are in our buffer); the first ``WARM_BYTES`` are asked of the disk up front, so it
-    works while the converter is still starting. An error on the thread is re-raised to the writer."""
+    cache at once (the bytes are in our buffer). Meanwhile a second thread asks the disk for up to ``WARM_BYTES``
+    ahead of the reader (``POSIX_FADV_WILLNEED``), so the disk reads while the converter is still starting and
+    leaves more of its bandwidth to the writes later. An error on the thread is re-raised to the writer."""
 
     CHUNK = 1 << 22
     BUFFERS = 16
-    WARM_BYTES = 1 << 31
+    WARM_BYTES = 6 << 30  # page cache, not our memory; capped at a third of what the machine has available
+    WARM_STEP = 1 << 28
 
     def __init__(self, files: list[Path]):
         self.files = list(files)
@@ -343,12 +345,16 @@ class InputStream:
         self._cond = threading.Condition()
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-in")
         self._thread = threading.Thread(target=self._run, name="input-reader", daemon=True)
+        self._warmer = threading.Thread(target=self._warm, name="input-warm", daemon=True)
+        self._read_pos = 0  # stream position the reader has read up to
 
     def position(self, path: Path, offset: int) -> int:
         return self.starts[path] + offset
 
     def start(self) -> "InputStream":
         self._thread.start()
+        if hasattr(os, "posix_fadvise") and self.WARM_BYTES > 0:
+            self._warmer.start()
         return self
 
     # -- writer side --------------------------------------------------------------------------------------------
@@ -432,9 +438,8 @@ class InputStream:
 
     def _run(self) -> None:
         try:
-            warm = self.WARM_BYTES
             for path in self.files:
-                warm = self._read_file(path, warm)
+                self._read_file(path)
         except _Cancelled:
             return
         except BaseException as e:  # handed to the writer
@@ -446,7 +451,30 @@ class InputStream:
             self._done = True
             self._cond.notify_all()
 
-    def _read_file(self, path: Path, warm: int) -> int:
+    def _warm(self) -> None:
+        """Ask the disk for the input ahead of the reader, ``WARM_STEP`` at a time, never more than the budget ahead
+        of it (best effort: any error here only loses the read-ahead)."""
+        budget = min(self.WARM_BYTES, _available_memory() // 3)
+        try:
+            for path in self.files:
+                base, size = self.starts[path], self.sizes[path]
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    offset = 0
+                    while offset < size and not self._cancelled:
+                        offset = max(offset, self._read_pos - base)  # never warm what the reader has passed
+                        if base + offset >= self._read_pos + budget:
+                            return
+                        n = min(self.WARM_STEP, size - offset)
+                        if n > 0:
+                            os.posix_fadvise(fd, offset, n, os.POSIX_FADV_WILLNEED)
+                        offset += max(n, 0)
+                finally:
+                    os.close(fd)
+        except OSError:
+            return
+
+    def _read_file(self, path: Path) -> None:
         h = hashlib.sha256()
         size = self.sizes[path]
         base = self.starts[path]
@@ -456,8 +484,6 @@ class InputStream:
                 raise ConversionError(f"{path}: changed size since it was opened ({size} bytes then); is another program writing it?")
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                if warm > 0 and size:
-                    os.posix_fadvise(fd, 0, min(size, warm), os.POSIX_FADV_WILLNEED)
             offset = 0
             while offset < size:
                 buf = self._buffer()
@@ -468,11 +494,22 @@ class InputStream:
                 chunk = _Chunk(base + offset, n, buf, self._hasher.submit(h.update, memoryview(buf)[:n]))
                 offset += n
                 self.bytes_read += n
+                self._read_pos = base + offset
                 with self._cond:
                     self._ready.append(chunk)
                     self._cond.notify_all()
         self._digests[path] = self._hasher.submit(h.hexdigest)
-        return warm - size
+
+
+def _available_memory() -> int:
+    """MemAvailable in bytes (Linux); elsewhere a modest guess."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
 
 
 def index_json(shards: list[list[OutTensor]], names: list[str]) -> dict:

@@ -346,19 +346,23 @@ def _write_repo(
     with atomic_directory(output, opts.force) as tmp:
         outputs: dict[str, str] = {}
         flusher = DropBehind()
-        try:
-            with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not opts.progress) as bar:
-                flushed = []
-                for shard, name in zip(shards, names):
-                    outputs[name] = write_shard(tmp / name, shard, on_bytes=bar.update, stream=reader, flusher=flusher)
-                    flushed.append(flusher.close(tmp / name))
-                for f in flushed:
-                    f.result()  # a write error surfacing at fsync (EIO, ENOSPC) stops the run here
-        finally:
-            flusher.shutdown()
+        # The small files (config, tokenizer, processor) are written on a thread while the shards stream; leaving
+        # this block waits for it, so an error never leaves it writing into a folder being removed.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="text-files") as side:
+            text_files = side.submit(write_text_files, tmp)
+            try:
+                with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not opts.progress) as bar:
+                    flushed = []
+                    for shard, name in zip(shards, names):
+                        outputs[name] = write_shard(tmp / name, shard, on_bytes=bar.update, stream=reader, flusher=flusher)
+                        flushed.append(flusher.close(tmp / name))
+                    for f in flushed:
+                        f.result()  # a write error surfacing at fsync (EIO, ENOSPC) stops the run here
+            finally:
+                flusher.shutdown()
+            text_files.result()
         if len(shards) > 1:
             write_json(tmp / "model.safetensors.index.json", index_json(shards, names))
-        write_text_files(tmp)
         for p in sorted(tmp.iterdir()):
             if p.name not in outputs:
                 outputs[p.name] = sha256_file(p)

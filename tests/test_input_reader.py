@@ -171,6 +171,7 @@ def test_output_is_flushed_and_dropped_behind_the_writer(tmp_path, monkeypatch):
     closing fsyncs and drops the rest; the file is intact."""
     from convert import writer
 
+    monkeypatch.setattr(writer, "DIRECT_IO", False)  # the page-cache path (file systems without O_DIRECT)
     monkeypatch.setattr(writer.DropBehind, "STEP", 4096)
     calls: list[tuple] = []
     real_sync, real_drop = writer._sync_range, writer.drop_cached
@@ -211,3 +212,43 @@ def test_an_error_at_fsync_fails_the_run_and_leaves_nothing(tmp_path, monkeypatc
         pipeline.convert(pipeline.Options(original=str(paths.original), output=out, text_model=str(paths.text_model),
                                           vision_model=str(paths.vision_model), progress=False))
     assert not out.exists() and not list(tmp_path.glob(".vipllava-tmp-*"))
+
+
+@pytest.mark.parametrize("stage", [4096, 8192, 1 << 23])
+def test_direct_and_buffered_writes_give_the_same_file(tmp_path, monkeypatch, stage):
+    """Across staging-buffer boundaries, with a tail shorter than a block: the O_DIRECT file is the page-cache
+    file, byte for byte, and its size is the true size (the padding is cut)."""
+    from convert import writer
+
+    monkeypatch.setattr(writer._DirectSink, "STAGE", stage)
+    probe = writer.open_sink(tmp_path / "probe", None)
+    probe.abort()
+    if not isinstance(probe, writer._DirectSink):
+        pytest.skip(f"{tmp_path}: this file system refuses O_DIRECT")
+    g = torch.Generator().manual_seed(stage)
+    sd = {f"t{i}": torch.randn(n, generator=g) for i, n in enumerate([1, 1023, 1024, 3000, 7, 5000, 2049])}
+    tensors = [OutTensor(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in sd.items()]
+    direct = tmp_path / "direct.safetensors"
+    writer.write_shard(direct, tensors)
+    monkeypatch.setattr(writer, "DIRECT_IO", False)
+    buffered = tmp_path / "buffered.safetensors"
+    writer.write_shard(buffered, tensors)
+    assert direct.read_bytes() == buffered.read_bytes()
+    assert direct.stat().st_size % 4096 != 0  # a padded tail was cut back
+
+
+def test_a_file_system_without_o_direct_falls_back_to_the_page_cache(tmp_path, monkeypatch):
+    import errno
+
+    from convert import writer
+
+    def refuse(path):
+        raise OSError(errno.EINVAL, "O_DIRECT not supported")
+
+    monkeypatch.setattr(writer, "_DirectSink", refuse)
+    t = torch.arange(10.0)
+    path = tmp_path / "x.safetensors"
+    writer.write_shard(path, [OutTensor("t", t.dtype, (10,), lambda: t)])
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(path))["t"], t)

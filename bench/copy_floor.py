@@ -7,7 +7,8 @@ Methods:
 - ``rw``: ``readinto`` a 4 MiB buffer, ``write`` it (what a streaming converter does at the least);
 - ``cfr``: ``os.copy_file_range`` in 256 MiB calls (the kernel copies page to page);
 - ``*_drop``: the same, dropping the input pages right after reading them and pushing the output to disk and
-  out of the page cache every 256 MiB (``sync_file_range`` + ``POSIX_FADV_DONTNEED``), as the converter does.
+  out of the page cache every 256 MiB (``sync_file_range`` + ``POSIX_FADV_DONTNEED``), the converter's fallback;
+- ``rw_direct``: ``readinto`` (input pages dropped) and the converter's own ``O_DIRECT`` writer, as it runs.
 
 For each it prints wall time, the process's user and system CPU, the CPU the whole machine spent meanwhile (kswapd
 and writeback threads included) and the pages the kernel scanned to reclaim memory. It exists because cp's time
@@ -27,11 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from convert.writer import _sync_range, drop_cached
+from convert.writer import _DirectSink, _sync_range, drop_cached
 
 CHUNK = 1 << 22
 STEP = 1 << 28
-METHODS = ("cp", "rw", "rw_drop", "cfr", "cfr_drop")
+METHODS = ("cp", "rw", "rw_drop", "cfr", "cfr_drop", "rw_direct")
 
 
 def _vmstat() -> dict[str, int]:
@@ -43,7 +44,24 @@ def _busy() -> float:
     return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def _copy_direct(src: Path, dst: Path) -> None:
+    sink = _DirectSink(dst)
+    with open(src, "rb", buffering=0) as fi:
+        os.posix_fadvise(fi.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        buf = bytearray(CHUNK)
+        off = 0
+        while n := fi.readinto(buf):
+            drop_cached(fi.fileno(), off, n)
+            sink.write(memoryview(buf)[:n])
+            off += n
+    sink.close()
+    with open(dst, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def _copy(src: Path, dst: Path, method: str) -> None:
+    if method == "rw_direct":
+        return _copy_direct(src, dst)
     drop = method.endswith("_drop")
     size = src.stat().st_size
     with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:

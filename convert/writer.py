@@ -545,12 +545,15 @@ class InputStream:
         return chunk.buf
 
     def _run(self) -> None:
+        path = None
         try:
             for path in self.files:
                 self._read_file(path)
         except _Cancelled:
             return
         except BaseException as e:  # handed to the writer
+            if isinstance(e, OSError):  # an input problem, not an output one: say which file
+                e = ConversionError(f"{e.filename or path}: reading failed ({e.strerror or e}); check that the input file is intact and readable")
             with self._cond:
                 self._error = e
                 self._cond.notify_all()

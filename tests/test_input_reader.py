@@ -95,7 +95,7 @@ def test_stream_error_reaches_the_writer(tmp_path):
     s = InputStream([p])
     p.unlink()
     s.start()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConversionError, match=r"gone: reading failed \(No such file"):
         next(s.take(0, 10))
 
 
@@ -252,3 +252,21 @@ def test_a_file_system_without_o_direct_falls_back_to_the_page_cache(tmp_path, m
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(str(path))["t"], t)
+
+
+def test_an_input_changed_under_the_converter_fails_cleanly(tmp_path, monkeypatch):
+    """A weight file truncated after the checkpoint was opened: one error naming it, nothing left behind."""
+    paths = build(tmp_path / "fx", shards=2)
+
+    class Truncating(InputStream):
+        def start(self):
+            with open(self.files[0], "r+b") as f:
+                f.truncate(self.sizes[self.files[0]] // 2)
+            return super().start()
+
+    monkeypatch.setattr(pipeline, "InputStream", Truncating)
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=r"pytorch_model-00001-of-00002\.bin: changed size since it was opened"):
+        pipeline.convert(pipeline.Options(original=str(paths.original), output=out, text_model=str(paths.text_model),
+                                          vision_model=str(paths.vision_model), progress=False))
+    assert not out.exists() and not list(tmp_path.glob(".vipllava-tmp-*"))

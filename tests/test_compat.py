@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from convert.processor import tokenizer_json
 from fixtures.build import sample_images, sample_prompts
 from verify import compat
 from verify.compat import Probe, judge
@@ -294,3 +295,83 @@ def test_matrix_catches_5x_layout_from_a_fresh_model(converted, tmp_path):
     assert row.missing == n and row.unexpected == n
     assert row.logits_max_diff > 1e-2  # the random vision tower shows in the logits
     assert m.reference.passed  # 5.x itself reads both layouts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizer.json for tokenizers 0.15+ (transformers 4.37-4.44)
+# ---------------------------------------------------------------------------------------------------------------
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+MERGE_TEXTS = compat.TOKEN_PROBES + [p["prompt"] for p in sample_prompts()] + [
+    "Hello, world! 123 4567 don't   x\t\ty \u0120\u0120 \u2581\u2581 <image><image> <|user|>\n<|end|><|assistant|>",
+    "the quick brown fox jumps over the lazy dog " * 5]
+
+
+def _tokenizer_files(converted: Path) -> dict[str, str]:
+    """tokenizer.json text per backbone: the converted Vicuna repo's, and the Llama-3 / Phi-3 fixtures' rewritten by
+    :func:`tokenizer_json` (what the converter writes for them)."""
+    from tokenizers import Tokenizer
+
+    out = {"vicuna": (converted / "tokenizer.json").read_text(encoding="utf-8")}
+    for b in ("llama3", "phi3"):
+        out[b] = tokenizer_json(Tokenizer.from_file(str(FIXTURES / b / "tokenizer.json")))
+    return out
+
+
+def test_tokenizer_json_writes_merges_as_strings_with_the_same_ids(converted):
+    from tokenizers import Tokenizer
+
+    files = _tokenizer_files(converted)
+    for name, text in files.items():
+        merges = json.loads(text)["model"]["merges"]
+        assert merges and all(isinstance(m, str) and m.count(" ") == 1 for m in merges), name
+        as_pairs = Tokenizer.from_str(text).to_str()  # tokenizers 0.23 reads the strings and writes pairs back
+        assert isinstance(json.loads(as_pairs)["model"]["merges"][0], list)
+        a, b = Tokenizer.from_str(text), Tokenizer.from_str(as_pairs)
+        assert [a.encode(t).ids for t in MERGE_TEXTS] == [b.encode(t).ids for t in MERGE_TEXTS], name
+    base = Tokenizer.from_file(str(FIXTURES / "phi3" / "tokenizer.json"))
+    assert [base.encode(t).ids for t in MERGE_TEXTS] == [Tokenizer.from_str(files["phi3"]).encode(t).ids for t in MERGE_TEXTS]
+
+
+def test_tokenizer_json_keeps_pairs_when_a_piece_has_a_space():
+    from tokenizers import Tokenizer, models
+
+    vocab = {"a": 0, " ": 1, "b": 2, "a ": 3, "ab": 4}
+    tok = Tokenizer(models.BPE(vocab, [("a", " "), ("a", "b")]))
+    text = tokenizer_json(tok)
+    assert json.loads(text)["model"]["merges"] == [["a", " "], ["a", "b"]]
+    assert Tokenizer.from_str(text).encode("a ab").ids == tok.encode("a ab").ids == [3, 4]
+
+
+def test_tokenizers_0_15_reads_the_tokenizer_json_with_the_same_ids(converted, tmp_path):
+    """The original's pin (transformers 4.37.2 + tokenizers 0.15.x), in its environment: it reads the converted
+    tokenizer.json of every backbone and gives tokenizers 0.23's ids; the pairs form (what tokenizers 0.23 itself
+    writes) is refused there, so the check can fail."""
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer
+
+    _env("4.37.2")
+    python = compat.env_python(compat.env_path("4.37.2", compat.default_envs_dir()))
+    files = _tokenizer_files(converted)
+    paths = {}
+    for name, text in files.items():
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(text, encoding="utf-8")
+    paths["pairs"] = tmp_path / "pairs.json"
+    paths["pairs"].write_text(Tokenizer.from_str(files["vicuna"]).to_str(), encoding="utf-8")
+    (tmp_path / "texts.json").write_text(json.dumps(MERGE_TEXTS))
+    code = ("import json, sys, tokenizers\nfrom tokenizers import Tokenizer\nout = {'version': tokenizers.__version__}\n"
+            "texts = json.load(open(sys.argv[1]))\n"
+            "for name, path in json.loads(sys.argv[2]).items():\n"
+            "    try:\n        t = Tokenizer.from_file(path); out[name] = [t.encode(x).ids for x in texts]\n"
+            "    except Exception as e:\n        out[name] = repr(e)\n"
+            "print(json.dumps(out))")
+    p = subprocess.run([str(python), "-I", "-c", code, str(tmp_path / "texts.json"), json.dumps({k: str(v) for k, v in paths.items()})],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    old = json.loads(p.stdout.strip().splitlines()[-1])
+    assert old["version"].startswith("0.15.")
+    for name, text in files.items():
+        assert old[name] == [Tokenizer.from_str(text).encode(t).ids for t in MERGE_TEXTS], name
+    assert isinstance(old["pairs"], str) and "did not match" in old["pairs"]

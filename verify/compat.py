@@ -50,22 +50,27 @@ import numpy as np
 # The versions a converted repo is proven on, oldest first:
 # - 4.37.2: the release that added VipLlava, and the original ViP-LLaVA code's pin (with tokenizers 0.15.1);
 # - 4.41.2: the first line that knows Phi-3 (4.40.2 raises KeyError 'phi3'; measured), newest patch;
-# - 4.44.2: the last release on tokenizers 0.19 and before 4.45's tokenizer/processor changes; Phi-3 needs
-#   attn_implementation="eager" on it (its VipLlava asks Phi3 for sdpa, which Phi3 refuses there);
+# - 4.44.2: the last release on tokenizers 0.19; Phi-3 needs attn_implementation="eager" on 4.41-4.44 (their
+#   VipLlava asks Phi3 for sdpa, which Phi3 refuses there);
 # - 4.45.2: tokenizers 0.20 (reads merges as pairs too);
+# - 4.48.3: the one line whose input_ids carry the expanded <image> run but whose AutoProcessor cannot pad (recipe);
 # - 4.49.0: the first with LlavaImageProcessor (do_pad), i.e. the first whose AutoProcessor pads to square;
 # - 4.51.3: newest before the VLM refactor (4.52 moved the language model under ``model.``, with a load-time key
 #   mapping), the 4.x line most deployed code pins; 4.57.6: the last 4.x; 5.24.0: newest 5.x on PyPI (2026-11-24).
-VERSIONS = ("4.37.2", "4.41.2", "4.44.2", "4.45.2", "4.49.0", "4.51.3", "4.57.6", "5.24.0")
+VERSIONS = ("4.37.2", "4.41.2", "4.44.2", "4.45.2", "4.48.3", "4.49.0", "4.51.3", "4.57.6", "5.24.0")
 # Packages an environment installs next to its transformers, into the environment (shadowing this interpreter's).
 # transformers' own requirements pull the rest (4.37-4.44: tokenizers < 0.20, huggingface_hub < 1.0).
-PINS = {"4.37.2": ("tokenizers==0.15.1", "sentencepiece==0.1.99")}  # as the original's requirements pin them
+PINS = {
+    "4.37.2": ("tokenizers==0.15.1", "sentencepiece==0.1.99"),  # as the original's requirements pin them
+    "4.42.4": ("numpy==1.26.4",),  # 4.42.x requires numpy < 2 (the only release line that does)
+}
 # What each release can do, by version (measured 2026-11-29 on the three tiny conversions, see README):
 PROCESSOR_FROM = (4, 49)  # LlavaImageProcessor (do_pad): AutoProcessor pads to square with the mean colour
 EXPANDED_IDS_FROM = (4, 48)  # before: one <image> per image in input_ids, the model expands it to the features
 BACKBONE_FROM = {"phi3": (4, 41)}  # text_config.model_type -> first release that has it
 IGNORE_MERGES_FROM = (0, 19)  # tokenizers: BPE ``ignore_merges`` (Llama-3); older releases drop the option
 NEW_TOKENS = 8  # greedy tokens compared per prompt
+DEFAULT_JOBS = 2  # probes at once (each runs torch on one thread)
 LOGITS_TOL = 1e-5  # fp32, same inputs, same torch: only kernel-order differences are allowed
 PIXEL_TOL = 1e-5
 ENVS_VAR = "VIPLLAVA_COMPAT_ENVS"
@@ -532,6 +537,14 @@ def _first_difference(a, b, context: int = 24) -> str:
     return f"at {i}: {_short(a[lo:i + context])} vs reference {_short(b[lo:i + context])}"
 
 
+def _sentence(text, n: int = 200) -> str:
+    """The first sentence of an error message, at most ``n`` characters (the full text is in the probe's JSON)."""
+    text = str(text)
+    cut = text.find(". ")
+    text = text[: cut + 1] if 0 < cut else text
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def _squash(text) -> str:
     return " ".join(str(text).split())
 
@@ -619,7 +632,7 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
     for name, err in sorted(errors.items()):
         if name == "model_default_attention":
             continue
-        (cannot if name in quiet else details).append(f"{'AutoProcessor' if name in quiet else name}: {err}")
+        (cannot if name in quiet else details).append(f"{'AutoProcessor' if name in quiet else name}: {_sentence(err)}")
 
     # model load
     load_ok = not probe.error and steps.get("model", {}).get("ok", False)
@@ -774,6 +787,8 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
                                f"{None if b is None else b.shape}")
             else:
                 rec_logits = max(rec_logits, _max_diff(a, b))
+            if not cap.processor:
+                runs_all.extend(runs)  # the row's image tokens are the recipe's where the processor is not used
         if rec_pix > pixel_tol:
             recipe_ok = False
             details.append(f"recipe: pixel_values max |diff| {rec_pix:.3g} > {pixel_tol:g}")
@@ -786,7 +801,7 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
     if "model_default_attention" in steps:
         needs_eager = load_ok and not steps["model_default_attention"].get("ok", False)
         if needs_eager:
-            cannot.append(f"default attention: {errors.get('model_default_attention')}; load with "
+            cannot.append(f"default attention: {_sentence(errors.get('model_default_attention'))} Load with "
                           'attn_implementation="eager"')
         elif not load_ok and not steps["model_default_attention"].get("ok", False):
             details.append(f"model_default_attention: {errors.get('model_default_attention')}")
@@ -852,9 +867,11 @@ class Matrix:
             processor = _ok(row.processor_ok and row.image_tokens_ok) if row.processor_required or row.processor_ok else "cannot"
             recipe = _ok(row.recipe_ok) if row.recipe_logits_max_diff is None or not row.recipe_ok else \
                 ("ok" if row.recipe_logits_max_diff == 0 else f"ok {row.recipe_logits_max_diff:.1e}")
-            tokens = "-" if not uniq else ",".join(map(str, uniq)) + ("" if row.image_tokens_ok else " FAIL")
-            if not uniq and not row.processor_required and row.recipe_ok:
-                tokens = "1 (model expands)" if capabilities(row.transformers).collapse else f"{row.image_tokens or ''}"
+            tokens = "-" if not uniq else ",".join(map(str, uniq))
+            if not row.processor_required:  # the recipe's ids
+                tokens += " (recipe, model expands)" if capabilities(row.transformers).collapse else " (recipe)"
+            elif not row.image_tokens_ok:
+                tokens += " FAIL"
             keys = f"{_n(row.missing)}/{_n(row.unexpected)}/{_n(row.mismatched)}"
             attention = "-" if row.needs_eager is None else "eager only" if row.needs_eager else "default"
             cells = [label, env_s, _ok(row.load_ok), keys, _ok(row.settings_ok), _ok(row.tokenizer_ok), processor, recipe,
@@ -971,7 +988,7 @@ def run_matrix(repo: str | Path, versions=VERSIONS, envs_dir: Path | None = None
 
         from concurrent.futures import ThreadPoolExecutor
 
-        workers = max(1, min(len(versions), jobs or 1))
+        workers = max(1, min(len(versions), jobs or DEFAULT_JOBS))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             rows = list(pool.map(probe, versions))
         return Matrix(str(repo), ref_row, rows, tol, time.perf_counter() - t0, (ref.result or {}).get("versions", {}),
@@ -995,7 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", metavar="FILE", help="JSON list of {name, prompt, image} (default: the bundled samples)")
     ap.add_argument("--images", metavar="DIR", help="folder of images named by the prompts (default: the bundled samples)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per probe (default 1800)")
-    ap.add_argument("--jobs", type=int, default=None, help="probes run at once (default 1; each probe uses all CPUs for torch)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help=f"probes (or, with --setup-only, environment creations) run at once (default {DEFAULT_JOBS}; a probe uses one CPU)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -1005,17 +1023,24 @@ def main(argv: list[str] | None = None) -> int:
             raise CompatUsageError("--versions: no version given")
         envs = Path(args.envs).expanduser() if args.envs else None
         if args.setup_only:
-            failed = False
-            for v in versions:
+            from concurrent.futures import ThreadPoolExecutor
+
+            def setup(v: str) -> tuple[str, bool]:
                 try:
                     info = ensure_env(v, envs, create=not args.no_create, log=log)
                     how = f"created in {info.create_seconds:.1f} s (venv {info.venv_seconds:.1f} s, pip {info.pip_seconds:.1f} s)" \
                         if info.created else f"cached (created in {info.create_seconds:.1f} s)"
-                    print(f"transformers {v:<10} {how}  {info.path}")
+                    return f"transformers {v:<10} {how}  {info.path}", True
                 except EnvError as e:
-                    failed = True
-                    print(f"transformers {v:<10} FAILED: {e}")
-            return 1 if failed else 0
+                    return f"transformers {v:<10} FAILED: {e}", False
+
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=max(1, min(len(versions), args.jobs or DEFAULT_JOBS))) as pool:
+                done = list(pool.map(setup, versions))  # pip downloads and unpacks: mostly waiting, so in parallel
+            for line, _ in done:
+                print(line)
+            print(f"{len(versions)} environments ready in {time.perf_counter() - t0:.1f} s")
+            return 0 if all(ok for _, ok in done) else 1
         if not args.repo:
             raise CompatUsageError("give the converted repo (or --setup-only)")
         prompts = images = None

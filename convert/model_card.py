@@ -121,10 +121,10 @@ print(processor.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_to
 # is built from data, the matrix measures).
 PROCESSOR_FROM = "4.49"  # LlavaImageProcessor (do_pad): AutoProcessor pads to square
 EXPANDED_FROM = (4, 48)  # before: one <image> per image, the model expands it
-RECIPE_VERSIONS = "4.37.2, 4.41.2, 4.44.2, 4.45.2 and 4.48.3"
-EAGER_VERSIONS = {"phi3": "4.42 to 4.44"}  # their VipLlava asks the text model for sdpa, which Phi3 refuses there
+RECIPE_VERSIONS = ("4.37.2", "4.41.2", "4.44.2", "4.45.2", "4.48.3")
+EAGER_VERSIONS = {"phi3": "4.41 to 4.44"}  # their VipLlava asks the text model for sdpa, which Phi3 refuses there
 FIRST_VERSION = {"phi3": "4.41"}
-IGNORE_MERGES = {"llama3": "4.41"}  # tokenizers 0.15 (transformers 4.37-4.39) drops BPE ignore_merges
+IGNORE_MERGES = {"llama3": "4.40"}  # transformers 4.37-4.39 require tokenizers < 0.19, which drops BPE ignore_merges
 
 
 def _recipe(repo_id: str | None, dtype: str, backbone: Backbone) -> str:
@@ -166,12 +166,22 @@ print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_to
 ```"""
 
 
+def _from(versions, first: str) -> list[str]:
+    key = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
+    return [v for v in versions if key(v) >= key(first)]
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def _older_versions(backbone: Backbone) -> list[str]:
     """What the matrix measured on releases before the newest, for this backbone."""
-    out = ["On transformers 4.37 to 4.48 the model and tokenizer work, but no `AutoProcessor` pads the image to a "
+    first = FIRST_VERSION.get(backbone.name, "4.37")
+    out = [f"On transformers {first} to 4.48 the model and tokenizer work, but no `AutoProcessor` pads the image to a "
            f"square (`LlavaImageProcessor`, with `do_pad`, arrives in {PROCESSOR_FROM}; a plain CLIP processor "
            "centre-crops instead, and the answers change): use the recipe under Usage, which gives the processor's "
-           f"`input_ids`, `pixel_values` and logits (measured on {RECIPE_VERSIONS})."]
+           f"`input_ids`, `pixel_values` and logits (measured on {_and(_from(RECIPE_VERSIONS, first))})."]
     if backbone.name in FIRST_VERSION:
         out.append(f"{backbone.title} needs transformers {FIRST_VERSION[backbone.name]} or later (older releases do not "
                    "know its text model).")
@@ -179,9 +189,10 @@ def _older_versions(backbone: Backbone) -> list[str]:
         out.append(f"On transformers {EAGER_VERSIONS[backbone.name]}, load with `attn_implementation=\"eager\"`: there "
                    f"VipLlava asks {backbone.title} for sdpa attention, which it refuses.")
     if backbone.name in IGNORE_MERGES:
-        out.append(f"For {backbone.title} use transformers {IGNORE_MERGES[backbone.name]} or later for exact tokenization: "
-                   "older releases come with tokenizers 0.15, which drops the tokenizer's `ignore_merges` option, so "
-                   "some words are split differently (588 of the 128000 in the Llama-3 vocabulary).")
+        out.append(f"For exact {backbone.title} tokenization use transformers {IGNORE_MERGES[backbone.name]} or later: "
+                   "older releases require tokenizers < 0.19, which drops the tokenizer's `ignore_merges` option, so "
+                   "some words are split differently (588 of the 128000 in the Llama-3 vocabulary, measured with "
+                   "tokenizers 0.15.1).")
     return out
 
 

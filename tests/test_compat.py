@@ -550,3 +550,18 @@ def test_the_cards_recipe_gives_the_processors_inputs_and_tokens(converted, tmp_
     assert ids.tolist() == enc["input_ids"][0].tolist()
     assert float(np.abs(got["pixels"] - enc["pixel_values"].numpy()).max()) <= compat.PIXEL_TOL
     assert got["new"].tolist() == want.tolist()
+
+
+def test_the_card_says_what_older_releases_cannot_per_backbone():
+    from convert.model_card import model_card
+
+    cards = {b: model_card({"settings": {"backbone": b}}, {"checks": []}, None) for b in ("vicuna", "llama3", "phi3")}
+    for b, card in cards.items():
+        section = card[card.index("## Proven transformers versions"):card.index("## Usage")]
+        assert "LlavaImageProcessor" in section and "use the recipe" in section, b
+        assert ("4.37.2" in section) == (b != "phi3")  # the recipe's measured versions start at the backbone's first
+        assert ('attn_implementation=\\"eager\\"' in section or 'attn_implementation="eager"' in section) == (b == "phi3"), b
+        assert ("ignore_merges" in section) == (b == "llama3"), b
+        recipe = re.findall(r"```python\n(.*?)```", card, re.S)[1]
+        assert ('attn_implementation="eager"' in recipe) == (b == "phi3"), b
+    assert "On transformers 4.41 to 4.44, load with" in cards["phi3"] and "needs transformers 4.41 or later" in cards["phi3"]

@@ -287,7 +287,7 @@ def test_model_card_front_matter_and_sections(card_inputs):
                     "library_name": "transformers", "tags": ["vipllava", "vip-llava"]}
     headings = re.findall(r"^## (.+)$", body, re.M)
     assert headings == ["Inputs", "Conversion", "Verification", "Proven transformers versions", "Usage", "License"]
-    assert body.count("```python") == 1 and body.count("```") == 2
+    assert body.count("```python") == 2 and body.count("```") == 4  # usage, and the recipe for transformers < 4.49
 
 
 def test_model_card_states_inputs_settings_and_measured_verification(card_inputs):

@@ -671,7 +671,7 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
             cannot.append(f"tokenizer: tokenizers {tv} drops the BPE option ignore_merges (tokenizer.json says true; "
                           f"it arrived in {'.'.join(map(str, IGNORE_MERGES_FROM))}): a word that is in the vocabulary but "
                           "not reachable by merges is split into smaller pieces (588 of the 128000 words of the real "
-                          "Llama-3 vocabulary, measured); use transformers 4.41 or later for Llama-3 text")
+                          "Llama-3 vocabulary, measured); transformers 4.40+ comes with tokenizers 0.19+")
     if r.get("tokenizer_slow") is not None:
         tokenizer_ok = _check_tokenizer("tokenizer(use_fast=False)", r["tokenizer_slow"], ref_tok, details, notes,
                                         loose_decode=True) and tokenizer_ok

@@ -1,10 +1,12 @@
-"""``python -m verify.compat REPO``: does a converted repo load and give the same logits on transformers 4.x and 5.x?
+"""``python -m verify.compat REPO``: does a converted repo load and compute the same on every transformers release
+since VipLlava exists (4.37.2, the original ViP-LLaVA code's pin) up to 5.x?
 
 For every transformers version in :data:`VERSIONS` an isolated virtual environment is created (or reused) and
 :mod:`verify.compat_probe` runs INSIDE it: it loads the repo with ``VipLlavaForConditionalGeneration``,
-``AutoTokenizer`` and ``AutoProcessor``, records what that version actually read, runs its processor on the sample
-prompts and images, and runs the model on the CURRENT environment's processor output. The current environment
-runs the same probe first and is the reference. A row passes when:
+``AutoTokenizer`` and ``AutoProcessor``, records what that version actually read, runs its processor and the
+no-processor recipe on the sample prompts and images, and runs the model (logits and greedy tokens) on the CURRENT
+environment's processor output. The current environment runs the same probe first and is the reference. A row
+passes when:
 
 - the model loads with 0 missing / 0 unexpected / 0 mismatched keys;
 - every setting that version read equals the repo's files (``vision_feature_layers``, ``image_seq_length``, the pad
@@ -15,18 +17,31 @@ runs the same probe first and is the reference. A row passes when:
   reference's ids, pieces and decoded text on the probe strings and prompts, with sentencepiece's ``▁`` piece
   right after ``<image>`` (``<image>\\nWhat`` -> ``▁`` ``<0x0A>`` ...; ``<image> What`` -> ``▁`` ``▁What``), and the
   same chat-template text;
-- its processor gives the reference's ``input_ids`` and ``pixel_values`` (max |diff| <= 1e-5) and each
-  ``<image>`` expands to ``image_seq_length`` tokens;
-- max |logits - reference logits| <= 1e-5 (fp32) on every prompt, same inputs.
+- from 4.49 (:data:`PROCESSOR_FROM`): its ``AutoProcessor`` gives the reference's ``input_ids`` and ``pixel_values``
+  (max |diff| <= 1e-5) and each ``<image>`` expands to ``image_seq_length`` tokens. Before 4.49 no processor pads
+  to square; the row lists why under "cannot" (not a failure) and the recipe carries it;
+- the recipe (pad to square with the mean colour, ``CLIPImageProcessor``, one ``<image>`` per image before 4.48, the
+  expanded run from 4.48) gives the reference's ``pixel_values`` (<= 1e-5), ``input_ids`` (each ``<image>``
+  counted as ``image_seq_length`` where the model expands it) and logits (<= 1e-5);
+- max |logits - reference logits| <= 1e-5 (fp32) on every prompt, same inputs (one ``<image>`` per run before
+  4.48), and the same :data:`NEW_TOKENS` greedy tokens.
 
-Environments: ``python -m venv --system-site-packages`` (torch, numpy, pillow, safetensors, sentencepiece,
-protobuf come from this interpreter's site-packages), then ``pip install transformers==X`` with a constraints
-file pinning this environment's torch (and the other shared packages) so pip never pulls another torch. An env is
-reused while its marker file and its live ``transformers`` version match. Default location:
-``$VIPLLAVA_COMPAT_ENVS`` or ``~/.cache/vipllava-harness/compat-envs``.
+Each row also says what that release cannot do, measured: no pad-to-square processor; its default attention
+failing (Phi-3 on 4.41-4.44: load with ``attn_implementation="eager"``); a tokenizer option it drops (Llama-3's
+``ignore_merges`` on tokenizers < 0.19). A release that does not know the backbone (Phi-3 before 4.41) gives an
+N/A row naming the error, not a failure.
 
-Exit 0 when every row passes, 1 when any fails (an environment that cannot be created fails its row), 2 for bad
-usage. ``--setup-only`` creates or reuses the environments and runs nothing else (CI does this before pytest).
+Environments: ``python -m venv --system-site-packages --without-pip`` (torch, numpy, pillow, safetensors,
+sentencepiece, protobuf and pip itself come from this interpreter's site-packages), then ``pip install
+transformers==X`` plus that release's :data:`PINS`, with a constraints file pinning this environment's torch (and
+the other shared packages, unless pinned) so pip never pulls another torch; what a release needs in another
+version (tokenizers < 0.20, huggingface_hub < 1.0, ...) is installed INTO the environment and shadows the shared
+one. An env is reused while its marker file, pins and live ``transformers`` version match. Default location:
+``$VIPLLAVA_COMPAT_ENVS`` or ``~/.cache/vipllava-harness/compat-envs``; pip's cache is shared by all.
+
+Exit 0 when every row passes (N/A rows included), 1 when any fails (an environment that cannot be created fails
+its row), 2 for bad usage. ``--setup-only`` creates or reuses the environments (``--jobs`` at once) and runs
+nothing else (CI does this before pytest).
 """
 
 from __future__ import annotations
@@ -287,7 +302,9 @@ def ensure_env(version: str, envs_dir: Path | None = None, create: bool = True, 
         (path / "constraints.txt").write_text(_constraints(version))
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
         env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-        p = subprocess.run([str(env_python(path)), "-m", "pip", "install", "--no-input", "-c", str(path / "constraints.txt"),
+        # --no-compile: byte-compiling all of transformers doubled pip's CPU time (measured); the probe's first import
+        # compiles just the modules it uses
+        p = subprocess.run([str(env_python(path)), "-m", "pip", "install", "--no-input", "--no-compile", "-c", str(path / "constraints.txt"),
                             f"transformers=={version}", *pins(version)], capture_output=True, text=True, env=env)
         t2 = time.perf_counter()
         if p.returncode:
@@ -1016,7 +1033,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"probes (or, with --setup-only, environment creations) run at once (default {DEFAULT_JOBS}; a probe uses one CPU)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = (lambda msg: None) if args.quiet else (lambda msg: (sys.stderr.write(msg + "\n"), sys.stderr.flush()))  # one write: threads
     try:
         versions = [check_version(v.strip()) for v in args.versions.split(",") if v.strip()]
         if not versions:

@@ -194,6 +194,12 @@ def test_each_new_defect_fails_its_row(edit, version, detail):
     assert any(detail in d for d in row.details), row.details
 
 
+def test_from_4_49_the_recipe_is_reported_not_required():
+    row = _row(_recipe_pixels_off, "4.49.0")
+    assert row.passed and not row.recipe_ok and any("not needed on 4.49.0: recipe: pixel_values" in n for n in row.notes), row.notes
+    assert "differs (not needed)" in compat.Matrix("r", _row(_nothing), [row], 1e-5, 0.0).table()
+
+
 @pytest.mark.parametrize("edit", [_processor_refused, _processor_does_not_pad], ids=["refused", "does_not_pad"])
 def test_below_4_49_the_processor_is_a_cannot_and_the_recipe_carries_the_row(edit):
     row = _row(edit, "4.45.2")

@@ -105,9 +105,26 @@ def build_tokenizer(tok, text_dir: Path, vocab: int, backbone: Backbone = VICUNA
     return tok, info
 
 
+def tokenizer_json(backend) -> str:
+    """``backend`` (a ``tokenizers.Tokenizer``) as tokenizer.json text that tokenizers 0.15+ reads with the same ids.
+
+    tokenizers >= 0.20 writes BPE merges as pairs (``["a", "b"]``); tokenizers < 0.20 (transformers < 4.45, e.g. the
+    original's pin 4.37.2 + tokenizers 0.15.1) reads only the older ``"a b"`` strings and refuses the file. Both
+    forms mean the same merges, so they are written as strings unless a piece contains a space (which the string
+    form cannot express; then the pairs stay).
+    """
+    data = json.loads(backend.to_str())
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    if model.get("type") == "BPE" and isinstance(merges, list) and all(
+            isinstance(m, list) and len(m) == 2 and " " not in m[0] + m[1] for m in merges):
+        model["merges"] = [f"{a} {b}" for a, b in merges]
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
 def write_tokenizer_files(out: Path, tok, info: TokenizerInfo, text_dir: Path, model_max_length: int, backbone: Backbone = VICUNA) -> None:
     """tokenizer.json, tokenizer.model (when the base has one), tokenizer_config.json, special_tokens_map.json."""
-    tok.backend_tokenizer.save(str(out / "tokenizer.json"), pretty=True)
+    (out / "tokenizer.json").write_text(tokenizer_json(tok.backend_tokenizer), encoding="utf-8")
     sentencepiece = backbone.tokenizer_kind == "sentencepiece"
     if sentencepiece and (text_dir / "tokenizer.model").is_file():
         shutil.copyfile(text_dir / "tokenizer.model", out / "tokenizer.model")

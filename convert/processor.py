@@ -148,8 +148,9 @@ def _sentencepiece_backend(tok, text_dir: Path, rule: str):
         bpe = models.BPE(vocab={p: i for i, (p, _, _) in enumerate(pieces)}, merges=spm_merges(pieces), unk_token=unk,
                          fuse_unk=True, byte_fallback=True)
         backend = Tokenizer(bpe)
-    else:
-        backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    else:  # a base with only tokenizer.json: its BPE model as written (transformers' own object may be rebuilt)
+        path = text_dir / "tokenizer.json"
+        backend = Tokenizer.from_file(str(path)) if path.is_file() else Tokenizer.from_str(tok.backend_tokenizer.to_str())
         backend.post_processor = None
     added = [a for _, a in sorted(tok.added_tokens_decoder.items())]
     specials = [a.content for a in added if a.special]

@@ -191,6 +191,21 @@ def test_converted_tokenizer_gives_the_reference_ids(realvocab, backbone, use_fa
     assert matched(lambda t: tok(t, add_special_tokens=False).input_ids, cases) == 46
 
 
+def test_phi3_base_with_only_tokenizer_json_converts_to_the_same_file(realvocab, tmp_path, tmp_path_factory):
+    import shutil
+
+    from convert.backbones import PHI3
+    from convert.processor import build_tokenizer, load_base_tokenizer, write_tokenizer_files
+
+    base = tmp_path / "base"
+    shutil.copytree(realvocab.base_tokenizer_dir("phi3"), base)
+    (base / "tokenizer.model").unlink()
+    tok, info = build_tokenizer(load_base_tokenizer(base), base, ROWS["phi3"], PHI3)
+    write_tokenizer_files(tmp_path, tok, info, base, 4096, PHI3)
+    want = converted_dir(realvocab, "phi3", tmp_path_factory) / "tokenizer.json"
+    assert json.loads((tmp_path / "tokenizer.json").read_text()) == json.loads(want.read_text())
+
+
 def test_expected_side_gives_the_reference_ids(realvocab):
     """The restated originals agree with llama.cpp's references (chunk = whole text; drop the BOS)."""
     for backbone in ("vicuna", "phi3", "llama3"):

@@ -245,7 +245,7 @@ def mismatch(actual, expected, prompt: str):
 
 
 def _property(backbone):
-    @settings(max_examples=150, deadline=None)
+    @settings(max_examples=max(150, settings.default.max_examples), deadline=None)  # cheap: >= 150 even in "ci"
     @given(prompt=prompts(backbone))
     def run(realvocab, tmp_path_factory, prompt):
         tok = load_converted(converted_dir(realvocab, backbone, tmp_path_factory))

@@ -154,6 +154,11 @@ def _sentencepiece_backend(tok, text_dir: Path, rule: str):
         backend.post_processor = None
     added = [a for _, a in sorted(tok.added_tokens_decoder.items())]
     specials = [a.content for a in added if a.special]
+    stripping = [a.content for a in added if a.lstrip or a.rstrip]
+    if rule == "chunk" and stripping:  # matched after normalization, where spaces are already "▁": not the same strip
+        raise ConversionError(f"{text_dir / 'tokenizer_config.json'}: legacy is false and {stripping[0]} strips the "
+                              "whitespace next to it (lstrip/rstrip), a combination the converter cannot reproduce; "
+                              "pass the base text model the checkpoint was trained with (Vicuna v1.5's tokens strip nothing)")
     if rule == "chunk":
         lookahead = "|".join(re.escape(c) for c in sorted(specials, key=len, reverse=True))
         first = normalizers.Replace(Regex(r"\A(?!" + lookahead + ")" if lookahead else r"\A"), "\u2581")

@@ -332,3 +332,21 @@ def test_planted_llama3_base_without_bos_is_refused(realvocab):
     after = lambda ids: ids[ids.index(SENTINEL) + 1:]  # noqa: E731
     assert after(with_bos.image_prompt(prompt))[0] == 198  # "\n"
     assert after(shipped.image_prompt(prompt)) == after(with_bos.image_prompt(prompt))[1:]  # the "\n" is gone
+
+
+def test_non_legacy_base_with_stripping_special_token_is_refused(realvocab, tmp_path):
+    import shutil
+
+    from convert.backbones import VICUNA
+    from convert.errors import ConversionError
+    from convert.processor import build_tokenizer, load_base_tokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(realvocab.base_tokenizer_dir("vicuna"), base)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"] = {"2": {"content": "</s>", "lstrip": False, "normalized": False, "rstrip": True,
+                                         "single_word": False, "special": True}}
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert load_base_tokenizer(base).added_tokens_decoder[2].rstrip
+    with pytest.raises(ConversionError, match=r"legacy is false and </s> strips the whitespace"):
+        build_tokenizer(load_base_tokenizer(base), base, ROWS["vicuna"], VICUNA)

@@ -334,12 +334,45 @@ def test_tokenize_special_tokens_legacy(world):
     assert model.tokenize("x<s><unk>") == [1] + sp.encode("x") + [1, 0]
 
 
-def test_tokenize_special_tokens_non_legacy(world, tmp_path):
+def _without_dummy_prefix(sp_path: Path) -> spm.SentencePieceProcessor:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp_path.read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = False
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto.SerializeToString())
+    return sp
+
+
+def test_tokenize_special_tokens_non_legacy_4_37(world, tmp_path):
+    """transformers 4.37.2 (the original code's pin): text after a special token goes through sentencepiece with
+    the dummy prefix OFF (no leading "▁" is made up); a leading space becomes "▁" as written."""
     sp = world["sp"]
     text_dir = write_text_model(tmp_path / "text_nl", world["sp_path"], legacy=False)
     from verify.original import LlamaSlowTokenizer
 
     tok = LlamaSlowTokenizer(text_dir)
+    assert (tok.legacy, tok.era) == (False, "4.37.2")
+    plain = _without_dummy_prefix(world["sp_path"])
+    # the first chunk: "▁" + text with no dummy prefix is the ordinary encoding
+    assert tok.encode("ASSISTANT: ok") == [1] + sp.encode("ASSISTANT: ok")
+    assert tok.encode("ASSISTANT: ok</s>USER: next") == [1] + sp.encode("ASSISTANT: ok") + [2] + plain.encode("USER: next")
+    assert tok.encode("a </s> b") == [1] + sp.encode("a ") + [2] + plain.encode(" b")
+    # a lone "▁" before a leading special token is dropped
+    assert tok.encode("</s>x") == [1, 2] + plain.encode("x")
+    # the chunk after <image> still begins with the dummy-prefix piece
+    assert tok.encode_with_images("<image>\nWhat") == [1, IMAGE_SENTINEL] + sp.encode("\nWhat")
+    # legacy: null is the legacy tokenizer in 4.37 (it was non-legacy in 4.31)
+    assert LlamaSlowTokenizer(write_text_model(tmp_path / "text_null", world["sp_path"], legacy=None)).legacy is True
+
+
+def test_tokenize_special_tokens_non_legacy_4_31(world, tmp_path):
+    sp = world["sp"]
+    text_dir = write_text_model(tmp_path / "text_nl", world["sp_path"], legacy=False)
+    from verify.original import LlamaSlowTokenizer
+
+    tok = LlamaSlowTokenizer(text_dir, era="4.31.0")
     assert tok.legacy is False
 
     def strip_first(pieces):
@@ -353,19 +386,39 @@ def test_tokenize_special_tokens_non_legacy(world, tmp_path):
     assert tok.encode("a </s> b") == [1] + sp.encode("a ") + [2] + sp.encode(" b")
     # the chunk after <image> still begins with the dummy-prefix piece
     assert tok.encode_with_images("<image>\nWhat") == [1, IMAGE_SENTINEL] + sp.encode("\nWhat")
+    assert LlamaSlowTokenizer(write_text_model(tmp_path / "text_null", world["sp_path"], legacy=None), era="4.31.0").legacy is False
 
 
-def test_plain_string_special_tokens_strip_whitespace(world, tmp_path):
+def test_plain_string_special_tokens_strip_whitespace_only_in_4_31(world, tmp_path):
     sp = world["sp"]
     text_dir = write_text_model(tmp_path / "text_map", world["sp_path"])
-    # special_tokens_map.json with plain strings: in transformers 4.31 such tokens strip both sides
+    # special_tokens_map.json with plain strings: in transformers 4.31 such tokens strip both sides; 4.37 wraps
+    # them in AddedTokens that strip nothing
     (text_dir / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
                                                                    "unk_token": _added("<unk>")}))
     from verify.original import LlamaSlowTokenizer
 
-    tok = LlamaSlowTokenizer(text_dir)
+    tok = LlamaSlowTokenizer(text_dir, era="4.31.0")
     assert tok.encode("a </s> b") == [1] + sp.encode("a") + [2] + sp.encode("b")
     assert tok.encode("a <unk> b") == [1] + sp.encode("a ") + [0] + sp.encode(" b")
+    tok = LlamaSlowTokenizer(text_dir)
+    assert tok.encode("a </s> b") == [1] + sp.encode("a ") + [2] + sp.encode(" b")
+
+
+def test_added_token_flags_strip_whitespace_in_4_37(world, tmp_path):
+    sp = world["sp"]
+    eos = dict(_added("</s>"), lstrip=True, rstrip=True)
+    text_dir = write_text_model(tmp_path / "text_flags", world["sp_path"], eos_token=eos)
+    from verify.original import LlamaSlowTokenizer
+
+    assert LlamaSlowTokenizer(text_dir).encode("a </s> b") == [1] + sp.encode("a") + [2] + sp.encode("b")
+
+
+def test_unknown_tokenizer_era_is_refused(world, tmp_path):
+    from verify.original import LlamaSlowTokenizer
+
+    with pytest.raises(ValueError, match="4.37.2"):
+        LlamaSlowTokenizer(write_text_model(tmp_path / "t", world["sp_path"]), era="4.40")
 
 
 # ------------------------------------------------------------------------------------------

@@ -619,6 +619,77 @@ def _token_content(value: Any) -> str | None:
     raise OriginalLoadError(f"unsupported special-token entry: {value!r}")
 
 
+def _sentencepiece_bpe_merges(pieces: Sequence[tuple[str, float]], known: Mapping[str, int]) -> list[tuple[str, str]]:
+    """The BPE merges transformers 4.37.2's ``SentencePieceExtractor.extract(vocab_scores)`` derives from a
+    sentencepiece model, restated: every way to cut a piece into two pieces of the model (``known``: piece -> id),
+    those of one piece ordered by the two halves' ids, all of them then ranked by the score of the piece they make,
+    highest first (a stable sort, so equal scores keep the pieces' id order)."""
+    ranked: list[tuple[float, str, str]] = []
+    for piece, score in pieces:
+        cuts = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+        cuts = [(a, b) for a, b in cuts if a in known and b in known]
+        cuts.sort(key=lambda ab: (known[ab[0]], known[ab[1]]))
+        ranked.extend((score, a, b) for a, b in cuts)
+    ranked.sort(key=lambda t: t[0], reverse=True)
+    return [(a, b) for _, a, b in ranked]
+
+
+def llama_fast_from_sentencepiece(model_file: Path, cfg: Mapping[str, Any], cfg_path: Path):
+    """The ``tokenizers.Tokenizer`` that transformers 4.37.2's ``LlamaTokenizerFast.from_pretrained`` built from a
+    folder with only ``tokenizer.model`` (``LlamaConverter`` + ``PreTrainedTokenizerFast.__init__``), restated with
+    tokenizers' own building blocks:
+
+    * a byte-fallback BPE (``fuse_unk``; unk = the model's unk piece) over the pieces, the first three renamed
+      ``<unk>``, ``<s>``, ``</s>``, with the merges of :func:`_sentencepiece_bpe_merges`;
+    * normalizer: prepend "▁", then every space -> "▁" (per text segment between added tokens); no
+      pre-tokenizer;
+    * added tokens: ``<unk>``, ``<s>``, ``</s>`` (special, not normalized), then every ``added_tokens_decoder`` entry
+      of ``tokenizer_config.json`` in id order with its own flags (an entry for a token already there replaces its
+      flags), then any special token the config names that is still missing.
+    Only BPE models (Llama-2 / Phi-3) are restated; anything else is refused."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    from tokenizers import AddedToken, Tokenizer, normalizers
+    from tokenizers.models import BPE
+
+    proto = model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(Path(model_file).read_bytes())
+    except Exception as e:  # protobuf's DecodeError
+        raise OriginalLoadError(f"{model_file}: not a sentencepiece model ({e})") from None
+    if proto.trainer_spec.model_type != model_pb2.TrainerSpec.BPE:
+        raise OriginalLoadError(
+            f"{model_file}: a sentencepiece model of type {proto.trainer_spec.model_type}; only BPE (Llama-2, Phi-3) is "
+            "restated for building the fast tokenizer; pass the base model's tokenizer.json")
+    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)] + [(p.piece, p.score) for p in proto.pieces[3:]]
+    known = {p.piece: i for i, p in enumerate(proto.pieces)}
+    vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+    bpe = BPE(vocab, _sentencepiece_bpe_merges(pieces, known), unk_token=proto.trainer_spec.unk_piece,
+              fuse_unk=True, byte_fallback=True)
+    tk = Tokenizer(bpe)
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
+    decoder = cfg.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise OriginalLoadError(f"{cfg_path}: added_tokens_decoder must be an object")
+    for sid, entry in sorted(decoder.items(), key=lambda kv: int(kv[0])):
+        if not isinstance(entry, dict) or "content" not in entry:
+            raise OriginalLoadError(f"{cfg_path}: added_tokens_decoder[{sid}] is not an AddedToken: {entry!r}")
+        special = bool(entry.get("special", False))
+        token = AddedToken(str(entry["content"]), single_word=bool(entry.get("single_word", False)),
+                           lstrip=bool(entry.get("lstrip", False)), rstrip=bool(entry.get("rstrip", False)),
+                           normalized=bool(entry.get("normalized", not special)), special=special)
+        (tk.add_special_tokens if special else tk.add_tokens)([token])
+    named = [cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")]
+    named += list(cfg.get("additional_special_tokens") or [])
+    for value in named:
+        content = _token_content(value)
+        if content is not None and tk.token_to_id(content) is None:
+            flags = value if isinstance(value, dict) else {}
+            tk.add_special_tokens([AddedToken(content, lstrip=bool(flags.get("lstrip", False)),
+                                              rstrip=bool(flags.get("rstrip", False)), normalized=False, special=True)])
+    return tk
+
+
 class FastTokenizer:
     """A base model's ``tokenizer.json``, run by ``tokenizers`` as transformers' fast tokenizer did.
 
@@ -645,17 +716,24 @@ class FastTokenizer:
             raise ValueError(f"bos_policy {bos_policy!r}: expected one of {self.POLICIES}")
         text_model = Path(text_model)
         path = text_model / "tokenizer.json"
-        if not path.is_file():
-            raise OriginalLoadError(
-                f"{path} not found: the original inference loaded this backbone's fast tokenizer (builder.py use_fast=True)"
-            )
-        try:
-            self.tk = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises its own exception type for a malformed file
-            raise OriginalLoadError(f"{path}: unreadable tokenizer ({str(e).splitlines()[0]})") from None
-        self.bos_policy = bos_policy
         cfg_path = text_model / "tokenizer_config.json"
         cfg = _read_json(cfg_path)
+        if path.is_file():
+            try:
+                self.tk = Tokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises its own exception type for a malformed file
+                raise OriginalLoadError(f"{path}: unreadable tokenizer ({str(e).splitlines()[0]})") from None
+            self.source = "tokenizer.json"
+        elif bos_policy == "add_bos_token" and (text_model / "tokenizer.model").is_file():
+            # LlamaTokenizerFast from a slow-only folder: transformers 4.37.2 converted tokenizer.model itself
+            self.tk = llama_fast_from_sentencepiece(text_model / "tokenizer.model", cfg, cfg_path)
+            self.source = "tokenizer.model (converted like transformers 4.37.2's LlamaConverter)"
+        else:
+            raise OriginalLoadError(
+                f"{path} not found: the original inference loaded this backbone's fast tokenizer (builder.py use_fast=True)"
+                + ("" if bos_policy == "post_processor" else " and there is no tokenizer.model to build it from")
+            )
+        self.bos_policy = bos_policy
         specials = {k: _token_content(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         for k, v in _read_json(text_model / "special_tokens_map.json").items():
             if k in specials:

@@ -171,8 +171,9 @@ def _id_set(value) -> set:
 def check_strict_load(ctx: Context) -> Check:
     """``from_pretrained`` reports 0 missing / unexpected / mismatched keys; the token layout is the contract's
     (T = len(base tokenizer), V = original rows: ``<image>`` = T, pad = T + 1, rows = max(V, ceil((T+2)/64)*64));
-    config, tokenizer and generation config agree on the special ids; the backbone the converter recorded is the
-    one the reference detects."""
+    config, tokenizer and generation config agree on the special ids; the generation config suppresses exactly the ids
+    in [T, rows) (the original could never emit them); the backbone the converter recorded is the one the reference
+    detects."""
     problems = []
     try:
         model, info = ctx.loaded
@@ -226,12 +227,28 @@ def check_strict_load(ctx: Context) -> Check:
         problems.append(f"embedding rows {rows}, expected max(V={V}, ceil((T+2)/64)*64) = {lay['rows']} for T = {T}")
     if rows < len(tok):
         problems.append(f"embedding rows {rows} < len(tokenizer) {len(tok)}")
+    # The original resized its embeddings to len(tokenizer) at load (builder.py): it could never emit an id >= T.
+    suppress = gen.get("suppress_tokens")
+    want_suppressed = set(range(T, lay["rows"]))
+    if not isinstance(suppress, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in suppress):
+        problems.append(f"generation_config suppress_tokens is {suppress!r}; expected every id in [T={T}, rows={lay['rows']}) "
+                        "(the original could never emit them: it resized its embeddings to len(tokenizer))")
+    else:
+        lacking, extra = sorted(want_suppressed - set(suppress)), sorted(set(suppress) - want_suppressed)
+        if lacking:
+            problems.append(f"generation_config suppress_tokens lacks {len(lacking)} id(s) in [T={T}, rows={lay['rows']}) "
+                            f"(first {lacking[:5]}): generate can emit ids the original never could")
+        if extra:
+            problems.append(f"generation_config suppress_tokens holds {len(extra)} id(s) outside [T={T}, rows={lay['rows']}) "
+                            f"(first {extra[:5]}): the original could emit those")
     numbers = {**counts, "backbone": ctx.backbone, "recorded_backbone": ctx.recorded_backbone, "base_tokens": T,
                "original_rows": V, "expected": lay, "image_token_index": cfg.image_token_index,
-               "tokenizer_image_id": image_tok, "pad": pads, "rows": rows, "len_tokenizer": len(tok)}
+               "tokenizer_image_id": image_tok, "pad": pads, "rows": rows, "len_tokenizer": len(tok),
+               "suppress_tokens": len(suppress) if isinstance(suppress, list) else None}
     summary = (f"missing {counts['missing_keys']}, unexpected {counts['unexpected_keys']}, mismatched {counts['mismatched_keys']}; "
                f"{ctx.backbone}: T={T}, V={V} -> <image>={image_tok} (want {lay['image']}), pad={tok.pad_token_id} (want {lay['pad']}), "
-               f"rows {rows} (want {lay['rows']}) >= len(tokenizer) {len(tok)}")
+               f"rows {rows} (want {lay['rows']}) >= len(tokenizer) {len(tok)}; "
+               f"suppressed {len(suppress) if isinstance(suppress, list) else 'none'} (want [{T}, {lay['rows']}))")
     return Check("strict_load", FAIL if problems else PASS, summary, numbers, problems)
 
 

@@ -1,0 +1,59 @@
+"""The converted generation config suppresses every id the original could never emit ([T, rows): the original
+resized its embeddings to ``len(tokenizer)`` at load), and verify's strict_load check fails when it does not."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from convert.config import TokenIds, generation_config, suppressed_ids
+from fixtures.build import sample_images, sample_prompts
+from verify.api import verify_repo
+
+PROMPTS = [p for p in sample_prompts() if p["name"] == "text_only"]
+
+
+@pytest.mark.parametrize("vocab,tokens,first,last", [
+    (32000, None, 32000, 32063),  # Vicuna: <image>, <pad> and 62 sampled rows
+    (32064, 32011, 32011, 32063),  # Phi-3: the base tokenizer's 32011 tokens in 32064 rows
+    (128256, None, 128256, 128319),  # Llama-3
+])
+def test_suppressed_ids_are_every_id_from_the_base_tokenizer_length_to_the_rows(vocab, tokens, first, last):
+    ids = TokenIds(vocab=vocab, bos=1, eos=2, tokens=tokens)
+    assert suppressed_ids(ids) == list(range(first, last + 1))
+    assert generation_config(ids)["suppress_tokens"] == list(range(first, last + 1))
+
+
+def test_converted_repo_suppresses_exactly_t_to_rows(converted):
+    gen = json.loads((converted / "generation_config.json").read_text())
+    cfg = json.loads((converted / "config.json").read_text())
+    assert gen["suppress_tokens"] == list(range(cfg["image_token_index"], cfg["text_config"]["vocab_size"]))
+
+
+def _rehash(repo: Path) -> None:
+    m = json.loads((repo / "conversion.json").read_text())
+    m["outputs"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(repo.iterdir()) if p.name != "conversion.json"}
+    (repo / "conversion.json").write_text(json.dumps(m, indent=2, sort_keys=True))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda g: g.pop("suppress_tokens"), "suppress_tokens is None"),
+    (lambda g: g.__setitem__("suppress_tokens", g["suppress_tokens"][2:]), "lacks 2 id(s)"),
+    (lambda g: g.__setitem__("suppress_tokens", [5] + g["suppress_tokens"]), "holds 1 id(s) outside"),
+], ids=["missing", "too_few", "original_id"])
+def test_strict_load_fails_on_a_wrong_suppression(converted, tmp_path, edit, message):
+    repo = tmp_path / "repo"
+    shutil.copytree(converted, repo)
+    gen = json.loads((repo / "generation_config.json").read_text())
+    edit(gen)
+    (repo / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    _rehash(repo)
+    report = verify_repo(repo, prompts=PROMPTS, images=sample_images(), max_new_tokens=1, progress=False, only=["strict_load"])
+    check = report.get("strict_load")
+    assert check.failed and any(message in d for d in check.details), report.table()
+    clean = verify_repo(converted, prompts=PROMPTS, images=sample_images(), max_new_tokens=1, progress=False, only=["strict_load"])
+    assert clean.passed, clean.table()

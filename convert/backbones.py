@@ -160,7 +160,7 @@ VICUNA = Backbone(
     layer_rules=LLAMA_LAYER_RULES,
     text_fields=_LLAMA_FIELDS,
     tokenizer_kind="sentencepiece",
-    tokenizer_class="LlamaTokenizer",
+    tokenizer_class="PreTrainedTokenizerFast",  # 5.x's LlamaTokenizer class would rebuild the pipeline (processor.py)
     rows_padded=False,
     original_tokenizer="slow",
     conv_mode="llava_v1",
@@ -205,7 +205,7 @@ PHI3 = Backbone(
         ("embd_pdrop", 0.0),
     ),
     tokenizer_kind="sentencepiece",
-    tokenizer_class="LlamaTokenizer",
+    tokenizer_class="PreTrainedTokenizerFast",  # 5.x's LlamaTokenizer class would rebuild the pipeline (processor.py)
     rows_padded=True,
     original_tokenizer="fast",
     conv_mode="llava_phi_3",

@@ -116,6 +116,75 @@ print(processor.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_to
 ```"""
 
 
+# Measured by the harness's version matrix (``python -m verify.compat``, 2026-11-29, tiny conversions of every
+# backbone); verify/compat.py holds the same thresholds for the matrix's verdicts (kept apart on purpose: the card
+# is built from data, the matrix measures).
+PROCESSOR_FROM = "4.49"  # LlavaImageProcessor (do_pad): AutoProcessor pads to square
+EXPANDED_FROM = (4, 48)  # before: one <image> per image, the model expands it
+RECIPE_VERSIONS = "4.37.2, 4.41.2, 4.44.2, 4.45.2 and 4.48.3"
+EAGER_VERSIONS = {"phi3": "4.42 to 4.44"}  # their VipLlava asks the text model for sdpa, which Phi3 refuses there
+FIRST_VERSION = {"phi3": "4.41"}
+IGNORE_MERGES = {"llama3": "4.41"}  # tokenizers 0.15 (transformers 4.37-4.39) drops BPE ignore_merges
+
+
+def _recipe(repo_id: str | None, dtype: str, backbone: Backbone) -> str:
+    """The usage snippet for releases without a pad-to-square processor; verify.compat runs the same recipe."""
+    torch_dtype = {"bfloat16": "torch.bfloat16", "float16": "torch.float16", "float32": "torch.float32"}.get(dtype, "torch.float16")
+    repo = json.dumps(repo_id or "path/to/this/repo")
+    prompt = json.dumps(backbone.prompt_for("{question}"))
+    eager = ', attn_implementation="eager"' if backbone.name in EAGER_VERSIONS else ""
+    eager_note = f"  # eager: needed on transformers {EAGER_VERSIONS[backbone.name]}" if eager else ""
+    major, minor = EXPANDED_FROM
+    return f"""```python
+import torch
+import transformers
+from PIL import Image
+from transformers import AutoTokenizer, CLIPImageProcessor, VipLlavaForConditionalGeneration
+
+repo = {repo}
+model = VipLlavaForConditionalGeneration.from_pretrained(repo, torch_dtype={torch_dtype}{eager}){eager_note}
+tokenizer = AutoTokenizer.from_pretrained(repo)
+image_processor = CLIPImageProcessor.from_pretrained(repo)
+
+
+def pad_to_square(image, mean):
+    w, h = image.size  # the original preprocessing: centred on a square of the mean colour
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), tuple(int(255 * m) for m in mean))
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+image = pad_to_square(Image.open("image.png").convert("RGB"), image_processor.image_mean)
+pixel_values = image_processor(image, return_tensors="pt")["pixel_values"].to({torch_dtype})
+prompt = {prompt}.format(question="What is inside the red box?")
+if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= ({major}, {minor}):  # {major}.{minor}+: the expanded run
+    prompt = prompt.replace("<image>", "<image>" * model.config.image_seq_length)  # (before: the model expands one)
+inputs = tokenizer(prompt, return_tensors="pt")
+output = model.generate(**inputs, pixel_values=pixel_values, max_new_tokens=200, do_sample=False)
+print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```"""
+
+
+def _older_versions(backbone: Backbone) -> list[str]:
+    """What the matrix measured on releases before the newest, for this backbone."""
+    out = ["On transformers 4.37 to 4.48 the model and tokenizer work, but no `AutoProcessor` pads the image to a "
+           f"square (`LlavaImageProcessor`, with `do_pad`, arrives in {PROCESSOR_FROM}; a plain CLIP processor "
+           "centre-crops instead, and the answers change): use the recipe under Usage, which gives the processor's "
+           f"`input_ids`, `pixel_values` and logits (measured on {RECIPE_VERSIONS})."]
+    if backbone.name in FIRST_VERSION:
+        out.append(f"{backbone.title} needs transformers {FIRST_VERSION[backbone.name]} or later (older releases do not "
+                   "know its text model).")
+    if backbone.name in EAGER_VERSIONS:
+        out.append(f"On transformers {EAGER_VERSIONS[backbone.name]}, load with `attn_implementation=\"eager\"`: there "
+                   f"VipLlava asks {backbone.title} for sdpa attention, which it refuses.")
+    if backbone.name in IGNORE_MERGES:
+        out.append(f"For {backbone.title} use transformers {IGNORE_MERGES[backbone.name]} or later for exact tokenization: "
+                   "older releases come with tokenizers 0.15, which drops the tokenizer's `ignore_merges` option, so "
+                   "some words are split differently (588 of the 128000 in the Llama-3 vocabulary).")
+    return out
+
+
 def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | None = None, *, repo_id: str | None = None) -> str:
     """The card for a converted repo: YAML front matter, then inputs, conversion settings, the verification table
     (the report's own status and measured line per check), the proven transformers versions (``None``: say which
@@ -209,6 +278,7 @@ def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | N
         out.append(f"Converted with transformers {env.get('transformers', '?')}; the verification report does not "
                    "record its environment, and no other version was checked for this upload.")
     out.append("")
+    out += [" ".join(_older_versions(backbone)), ""]
 
     out += [
         "## Usage",
@@ -216,6 +286,14 @@ def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | N
         _prompt_sentence(backbone),
         "",
         _usage(repo_id, settings.get("output_dtype", "float16"), backbone),
+        "",
+        "### transformers 4.37 to 4.48: the recipe",
+        "",
+        "Without a pad-to-square `AutoProcessor` (before 4.49), the same inputs by hand: pad to a square with the mean "
+        "colour, then `CLIPImageProcessor`; the prompt keeps one `<image>` before 4.48 (the model expands it) and "
+        "carries `image_seq_length` of them from 4.48.",
+        "",
+        _recipe(repo_id, settings.get("output_dtype", "float16"), backbone),
         "",
         "## License",
         "",

@@ -47,10 +47,30 @@ from pathlib import Path
 
 import numpy as np
 
-# The versions a converted repo is proven on. Newest 4.51.x: the last release before the VLM refactor (4.52 moved
-# the language model under ``model.``, with a load-time key mapping), i.e. the 4.x line most deployed code pins;
-# newest 4.57.x: the last 4.x release; newest 5.x on PyPI (`pip index versions transformers`, 2026-11-24).
-VERSIONS = ("4.51.3", "4.57.6", "5.24.0")
+# The versions a converted repo is proven on, oldest first:
+# - 4.37.2: the release that added VipLlava, and the original ViP-LLaVA code's pin (with tokenizers 0.15.1);
+# - 4.41.2: the first line that knows Phi-3 (4.40.2 raises KeyError 'phi3'; measured), newest patch;
+# - 4.44.2: the last release on tokenizers 0.19; Phi-3 needs attn_implementation="eager" on 4.41-4.44 (their
+#   VipLlava asks Phi3 for sdpa, which Phi3 refuses there);
+# - 4.45.2: tokenizers 0.20 (reads merges as pairs too);
+# - 4.48.3: the one line whose input_ids carry the expanded <image> run but whose AutoProcessor cannot pad (recipe);
+# - 4.49.0: the first with LlavaImageProcessor (do_pad), i.e. the first whose AutoProcessor pads to square;
+# - 4.51.3: newest before the VLM refactor (4.52 moved the language model under ``model.``, with a load-time key
+#   mapping), the 4.x line most deployed code pins; 4.57.6: the last 4.x; 5.24.0: newest 5.x on PyPI (2026-11-24).
+VERSIONS = ("4.37.2", "4.41.2", "4.44.2", "4.45.2", "4.48.3", "4.49.0", "4.51.3", "4.57.6", "5.24.0")
+# Packages an environment installs next to its transformers, into the environment (shadowing this interpreter's).
+# transformers' own requirements pull the rest (4.37-4.44: tokenizers < 0.20, huggingface_hub < 1.0).
+PINS = {
+    "4.37.2": ("tokenizers==0.15.1", "sentencepiece==0.1.99"),  # as the original's requirements pin them
+    "4.42.4": ("numpy==1.26.4",),  # 4.42.x requires numpy < 2 (the only release line that does)
+}
+# What each release can do, by version (measured 2026-11-29 on the three tiny conversions, see README):
+PROCESSOR_FROM = (4, 49)  # LlavaImageProcessor (do_pad): AutoProcessor pads to square with the mean colour
+EXPANDED_IDS_FROM = (4, 48)  # before: one <image> per image in input_ids, the model expands it to the features
+BACKBONE_FROM = {"phi3": (4, 41)}  # text_config.model_type -> first release that has it
+IGNORE_MERGES_FROM = (0, 19)  # tokenizers: BPE ``ignore_merges`` (Llama-3); older releases drop the option
+NEW_TOKENS = 8  # greedy tokens compared per prompt
+DEFAULT_JOBS = 2  # probes at once (each runs torch on one thread)
 LOGITS_TOL = 1e-5  # fp32, same inputs, same torch: only kernel-order differences are allowed
 PIXEL_TOL = 1e-5
 ENVS_VAR = "VIPLLAVA_COMPAT_ENVS"
@@ -114,6 +134,16 @@ def check_version(v: str) -> str:
     return v
 
 
+def version_tuple(v: str | None) -> tuple[int, ...]:
+    if not v:
+        return ()
+    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in v.split(".")[:3])
+
+
+def pins(version: str) -> tuple[str, ...]:
+    return PINS.get(version, ())
+
+
 def env_path(version: str, envs_dir: Path) -> Path:
     return Path(envs_dir) / f"transformers-{version}"
 
@@ -136,10 +166,11 @@ def _this_interpreter() -> dict:
             "torch": _dist_version("torch")}
 
 
-def _constraints() -> str:
+def _constraints(version: str) -> str:
     lines = []
+    pinned = {pin.partition("==")[0] for pin in pins(version)}
     for name in SHARED:
-        v = _dist_version(name)
+        v = _dist_version(name) if name not in pinned else None
         if v:
             lines.append(f"{name}=={v.split('+')[0]}")  # 2.13.0 matches the installed 2.13.0+cpu
     return "\n".join(lines) + "\n"
@@ -151,7 +182,7 @@ def _live_versions(python: Path, timeout: float = 120) -> dict:
             "def v(n):\n"
             "    try:\n        d = m.distribution(n); return [d.version, str(d.locate_file(''))]\n"
             "    except m.PackageNotFoundError:\n        return None\n"
-            "print(json.dumps({n: v(n) for n in ('transformers', 'torch', 'tokenizers', 'huggingface_hub')}))")
+            "print(json.dumps({n: v(n) for n in ('transformers', 'torch', 'tokenizers', 'huggingface_hub', 'numpy', 'sentencepiece')}))")
     p = subprocess.run([str(python), "-I", "-c", code], capture_output=True, text=True, timeout=timeout)
     if p.returncode:
         raise EnvError(f"{python}: does not run ({_tail(p.stderr, 1)})")
@@ -205,6 +236,8 @@ def env_status(version: str, envs_dir: Path) -> tuple[bool, str]:
     me = _this_interpreter()
     if m.get("format") != MARKER_FORMAT or m.get("transformers") != version:
         return False, f"{path}: marker is for transformers {m.get('transformers')!r}"
+    if list(m.get("pins") or []) != list(pins(version)):
+        return False, f"{path}: made with {m.get('pins') or 'no extra pins'}, wants {list(pins(version)) or 'none'}"
     if m.get("python") != me["python"] or m.get("base_executable") != me["base_executable"]:
         return False, f"{path}: made by Python {m.get('python')} at {m.get('base_executable')}, this is {me['python']} at {me['base_executable']}"
     if not env_python(path).exists():
@@ -242,20 +275,28 @@ def ensure_env(version: str, envs_dir: Path | None = None, create: bool = True, 
         if path.exists():
             shutil.rmtree(path)
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(path)], capture_output=True, text=True)
+        # --without-pip: the env runs this interpreter's pip (it sees the system site-packages) and installs into
+        # itself; skipping ensurepip saves ~15 s per environment
+        p = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(path)],
+                           capture_output=True, text=True)
         if p.returncode:
             raise EnvError(f"python -m venv {path} failed: {_tail(p.stderr)}")
         if sys.prefix != sys.base_prefix:  # we run inside a venv: share ITS site-packages, not only the base's
             _share_site_packages(path)
         t1 = time.perf_counter()
-        (path / "constraints.txt").write_text(_constraints())
+        (path / "constraints.txt").write_text(_constraints(version))
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
         env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
         p = subprocess.run([str(env_python(path)), "-m", "pip", "install", "--no-input", "-c", str(path / "constraints.txt"),
-                            f"transformers=={version}"], capture_output=True, text=True, env=env)
+                            f"transformers=={version}", *pins(version)], capture_output=True, text=True, env=env)
         t2 = time.perf_counter()
         if p.returncode:
-            raise EnvError(f"pip install transformers=={version} failed: {_tail(p.stdout + p.stderr)}")
+            raise EnvError(f"pip install transformers=={version} {' '.join(pins(version))} failed: {_tail(p.stdout + p.stderr)}")
+        for pin in pins(version):
+            name, _, want = pin.partition("==")
+            have = (_live_versions(env_python(path)).get(name.replace("-", "_")) or [None])[0]
+            if want and have != want:
+                raise EnvError(f"{path}: pip left {name} {have}, wanted {want}")
         live = _live_versions(env_python(path))
         got = (live.get("transformers") or [None])[0]
         if got != version:
@@ -264,7 +305,8 @@ def ensure_env(version: str, envs_dir: Path | None = None, create: bool = True, 
         if torch_at and Path(torch_at).resolve().is_relative_to(path.resolve()):
             raise EnvError(f"{path}: pip installed its own torch ({live['torch'][0]}) instead of sharing this environment's")
         seconds = t2 - t0
-        marker = {"format": MARKER_FORMAT, "transformers": version, **_this_interpreter(), "create_seconds": round(seconds, 2),
+        marker = {"format": MARKER_FORMAT, "transformers": version, "pins": list(pins(version)), **_this_interpreter(),
+                  "create_seconds": round(seconds, 2),
                   "venv_seconds": round(t1 - t0, 2), "pip_seconds": round(t2 - t1, 2),
                   "packages": {k: (v or [None])[0] for k, v in live.items()},
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -311,7 +353,8 @@ def _probe_env() -> dict:
 
 
 def run_probe(label: str, python: str | Path, repo: Path, work: Path, prompts: list[dict], image_files: dict,
-              inputs: Path | None, timeout: float = 1800) -> Probe:
+              inputs: Path | None, timeout: float = 1800, collapse: bool = False, new_tokens: int = NEW_TOKENS) -> Probe:
+    cfg = _read(Path(repo), "config.json")
     out = work / re.sub(r"[^A-Za-z0-9._-]", "_", label)
     out.mkdir(parents=True, exist_ok=True)
     job = {
@@ -323,6 +366,10 @@ def run_probe(label: str, python: str | Path, repo: Path, work: Path, prompts: l
         "text_chat_probes": TEXT_CHAT_PROBES,
         "inputs": str(inputs) if inputs else None,
         "out": str(out),
+        "collapse_image_tokens": collapse,
+        "new_tokens": new_tokens,
+        "image_token_id": cfg.get("image_token_index", cfg.get("image_token_id")),
+        "image_seq_length": cfg.get("image_seq_length"),
     }
     (out / "job.json").write_text(json.dumps(job, indent=1, ensure_ascii=False))
     t0 = time.perf_counter()
@@ -392,7 +439,27 @@ def expected_settings(repo: Path) -> dict:
     for k in ("do_pad", "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
               "do_normalize", "image_mean", "image_std", "do_convert_rgb"):
         want[f"image_processor.{k}"] = pre.get(k)
+    try:
+        bpe = (json.loads((repo / "tokenizer.json").read_text(encoding="utf-8")).get("model") or {})
+    except (OSError, ValueError, AttributeError):
+        bpe = {}
+    want["tokenizer_json.ignore_merges"] = bpe.get("ignore_merges") if isinstance(bpe, dict) else None
     return {k: v for k, v in want.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a transformers release is expected to do with a converted repo (see the thresholds at the top)."""
+
+    processor: bool  # AutoProcessor pads to square (LlavaImageProcessor): required; else the recipe is the way
+    collapse: bool  # input_ids carry one <image> per image and the model expands it
+    backbone: bool  # the release knows the text backbone
+
+
+def capabilities(version: str | None, model_type: str | None = None) -> Capabilities:
+    v = version_tuple(version)
+    return Capabilities(processor=v >= PROCESSOR_FROM, collapse=v < EXPANDED_IDS_FROM,
+                        backbone=v >= BACKBONE_FROM.get(model_type or "", ()))
 
 
 def same(a, b) -> bool:
@@ -431,10 +498,18 @@ class Row:
     loading_info: dict = field(default_factory=dict)  # the full missing / unexpected / mismatched key lists
     classes: dict = field(default_factory=dict)
     seconds: float = 0.0
+    greedy_ok: bool = False  # the same NEW_TOKENS greedy tokens as the reference on every prompt
+    recipe_ok: bool = False  # the recipe gives the reference's ids (expanded), pixel_values and logits
+    recipe_logits_max_diff: float | None = None
+    recipe_pixel_max_diff: float | None = None
+    processor_required: bool = True  # False below 4.49: its processor's failure is a "cannot", not a FAIL
+    needs_eager: bool | None = None  # the default attention fails to load or run, eager works
+    applicable: bool = True  # False: the release does not know the backbone (the row says so; not a failure)
+    cannot: list[str] = field(default_factory=list)  # what this release cannot do, measured (not failures)
 
     @property
     def verdict(self) -> str:
-        return "PASS" if self.passed else "FAIL"
+        return "N/A" if not self.applicable else "PASS" if self.passed else "FAIL"
 
 
 def _runs(ids: np.ndarray, token: int) -> list[int]:
@@ -460,6 +535,14 @@ def _first_difference(a, b, context: int = 24) -> str:
     i = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
     lo = max(0, i - context // 3)
     return f"at {i}: {_short(a[lo:i + context])} vs reference {_short(b[lo:i + context])}"
+
+
+def _sentence(text, n: int = 200) -> str:
+    """The first sentence of an error message, at most ``n`` characters (the full text is in the probe's JSON)."""
+    text = str(text)
+    cut = text.find(". ")
+    text = text[: cut + 1] if 0 < cut else text
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _squash(text) -> str:
@@ -512,17 +595,44 @@ def _check_tokenizer(name: str, tok: dict | None, ref: dict | None, details: lis
     return ok
 
 
+def _max_diff(a, b) -> float:
+    d = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+    return d if math.isfinite(d) else math.inf
+
+
+def _expand(ids: np.ndarray, token, n) -> np.ndarray:
+    """Each ``token`` in ``ids`` repeated ``n`` times (what the model does with a collapsed <image>)."""
+    return np.repeat(ids, np.where(ids == token, int(n), 1)) if token is not None and n else ids
+
+
 def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: float = LOGITS_TOL,
-          pixel_tol: float = PIXEL_TOL) -> Row:
-    """The verdict on one environment's probe, against the files (``expected``) and the reference probe."""
+          pixel_tol: float = PIXEL_TOL, model_type: str | None = None) -> Row:
+    """The verdict on one environment's probe, against the files (``expected``) and the reference probe.
+
+    What the release is expected to do comes from :func:`capabilities`: below 4.49 its ``AutoProcessor`` cannot
+    pad to square, so a processor failure there is listed under ``cannot`` and the recipe must pass instead; a
+    release that does not know the backbone gives an N/A row that says so (when its model load really fails)."""
     r = probe.result or {}
+    version = (r.get("versions") or {}).get("transformers") or probe.label
+    cap = capabilities(version, model_type)
+    cannot: list[str] = []
     details: list[str] = []
     env = probe.env
     if probe.error:
         details.append(probe.error)
     steps, errors = r.get("steps", {}), r.get("errors", {})
+    if not cap.backbone and not probe.error and not steps.get("model", {}).get("ok", False):
+        return Row(label=probe.label, transformers=version, env=probe.env, load_ok=False, missing=None, unexpected=None,
+                   mismatched=None, settings_ok=False, tokenizer_ok=False, processor_ok=False, image_tokens=[],
+                   image_tokens_ok=False, logits_max_diff=None, logits_ok=False, pixel_max_diff=None, passed=True,
+                   applicable=False, seconds=round(probe.seconds, 2),
+                   cannot=[f"transformers {version} does not know {model_type} ({errors.get('model', 'the model does not load')}); "
+                           f"the first release that does is {'.'.join(map(str, BACKBONE_FROM[model_type]))}"])
+    quiet = set() if cap.processor else {"processor"}  # expected to fail there: reported under "cannot"
     for name, err in sorted(errors.items()):
-        details.append(f"{name}: {err}")
+        if name == "model_default_attention":
+            continue
+        (cannot if name in quiet else details).append(f"{'AutoProcessor' if name in quiet else name}: {_sentence(err)}")
 
     # model load
     load_ok = not probe.error and steps.get("model", {}).get("ok", False)
@@ -554,6 +664,14 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
     if steps.get("tokenizer_slow", {}).get("ok") is False:
         tokenizer_ok = False
     notes: list[str] = []
+    if expected.get("tokenizer_json.ignore_merges") is True and r.get("tokenizer") is not None:
+        kept = (r["tokenizer"].get("bpe_options") or {}).get("ignore_merges")
+        if kept is not True:
+            tv = (r.get("versions") or {}).get("tokenizers")
+            cannot.append(f"tokenizer: tokenizers {tv} drops the BPE option ignore_merges (tokenizer.json says true; "
+                          f"it arrived in {'.'.join(map(str, IGNORE_MERGES_FROM))}): a word that is in the vocabulary but "
+                          "not reachable by merges is split into smaller pieces (588 of the 128000 words of the real "
+                          "Llama-3 vocabulary, measured); use transformers 4.41 or later for Llama-3 text")
     if r.get("tokenizer_slow") is not None:
         tokenizer_ok = _check_tokenizer("tokenizer(use_fast=False)", r["tokenizer_slow"], ref_tok, details, notes,
                                         loose_decode=True) and tokenizer_ok
@@ -565,6 +683,7 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
     runs_all: list[int] = []
     image_tokens_ok = processor_ok
     pix_max: float | None = None
+    details_before_processor = len(details)
     if processor_ok:
         rp = (ref.result or {}).get("processor") or {}
         if r["processor"].get("chat") != rp.get("chat"):
@@ -597,6 +716,14 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
         if pix_max > pixel_tol:
             processor_ok = False
             details.append(f"processor: pixel_values max |diff| {pix_max:.3g} > {pixel_tol:g}")
+    if not cap.processor and not (processor_ok and image_tokens_ok):
+        # an AutoProcessor that loads but does not pad / expand like the reference is as unusable as one that fails
+        cannot.extend(f"AutoProcessor: {d.removeprefix('processor: ')}" for d in details[details_before_processor:])
+        del details[details_before_processor:]
+        cannot.append(f"AutoProcessor with pad-to-square needs transformers {'.'.join(map(str, PROCESSOR_FROM))}+ "
+                      f"(LlavaImageProcessor); on {version} use the recipe (pad to square with the mean colour, "
+                      f"CLIPImageProcessor, {'one <image> per image' if cap.collapse else 'image_seq_length <image> tokens per image'})")
+        runs_all = []
 
     # logits on the reference's inputs
     logits_ok = load_ok and steps.get("forward", {}).get("ok", False)
@@ -610,13 +737,78 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
                 max_diff = math.inf
                 details.append(f"logits of {p['name']}: shape {None if a is None else a.shape} vs reference {None if b is None else b.shape}")
                 continue
-            d = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
-            max_diff = max(max_diff, d if math.isfinite(d) else math.inf)
+            max_diff = max(max_diff, _max_diff(a, b))
         if max_diff > tol:
             logits_ok = False
             details.append(f"logits max |diff| {max_diff:.3g} > {tol:g}")
 
-    passed = bool(keys_ok and settings_ok and tokenizer_ok and processor_ok and image_tokens_ok and logits_ok and not probe.error)
+    # greedy tokens on the reference's inputs
+    greedy_ok = load_ok and steps.get("greedy", {}).get("ok", False)
+    if greedy_ok:
+        for i, p in enumerate(prompts):
+            a, b = probe.tensors.get(f"greedy_{i}"), ref.tensors.get(f"greedy_{i}")
+            if a is None or b is None or a.tolist() != b.tolist():
+                greedy_ok = False
+                details.append(f"greedy tokens of {p['name']}: {None if a is None else a.tolist()}, reference "
+                               f"{None if b is None else b.tolist()}")
+    elif load_ok and "greedy" not in steps:
+        details.append("greedy: not run")
+
+    # the recipe (pad to square, CLIPImageProcessor, <image> collapsed or expanded): the reference's ids (expanded
+    # as the model does), pixel_values and logits
+    recipe_ok = not probe.error and steps.get("recipe", {}).get("ok", False) and steps.get("recipe_forward", {}).get("ok", False)
+    rec_logits = rec_pix = None
+    if recipe_ok:
+        rec_logits = rec_pix = 0.0
+        for i, p in enumerate(prompts):
+            ids, want = probe.tensors.get(f"recipe_ids_{i}"), ref.tensors.get(f"own_ids_{i}")
+            n_img = p["prompt"].count("<image>") if p.get("image") else 0
+            runs = _runs(ids, image_id) if ids is not None and image_id is not None else []
+            if len(runs) != n_img or any(x != (1 if cap.collapse else seq) for x in runs):
+                recipe_ok = False
+                details.append(f"recipe: {p['name']}: {n_img} <image> became runs of {runs}, expected {n_img} x "
+                               f"{1 if cap.collapse else seq}")
+            if ids is None or want is None or not np.array_equal(_expand(ids, image_id, seq) if cap.collapse else ids, want):
+                recipe_ok = False
+                details.append(f"recipe: input_ids of {p['name']} differ from the reference's"
+                               f"{' (each <image> counted as ' + str(seq) + ')' if cap.collapse else ''}")
+            a, b = probe.tensors.get(f"recipe_pixels_{i}"), ref.tensors.get(f"own_pixels_{i}")
+            if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
+                recipe_ok = False
+                details.append(f"recipe: pixel_values of {p['name']}: shape {None if a is None else a.shape} vs reference "
+                               f"{None if b is None else b.shape}")
+            elif a is not None:
+                rec_pix = max(rec_pix, _max_diff(a, b))
+            a, b = probe.tensors.get(f"recipe_logits_{i}"), ref.tensors.get(f"logits_{i}")
+            if a is None or b is None or a.shape != b.shape:
+                recipe_ok = False
+                rec_logits = math.inf
+                details.append(f"recipe: logits of {p['name']}: shape {None if a is None else a.shape} vs reference "
+                               f"{None if b is None else b.shape}")
+            else:
+                rec_logits = max(rec_logits, _max_diff(a, b))
+            if not cap.processor:
+                runs_all.extend(runs)  # the row's image tokens are the recipe's where the processor is not used
+        if rec_pix > pixel_tol:
+            recipe_ok = False
+            details.append(f"recipe: pixel_values max |diff| {rec_pix:.3g} > {pixel_tol:g}")
+        if rec_logits > tol:
+            recipe_ok = False
+            details.append(f"recipe: logits max |diff| {rec_logits:.3g} > {tol:g}")
+
+    # the release's default attention
+    needs_eager = None
+    if "model_default_attention" in steps:
+        needs_eager = load_ok and not steps["model_default_attention"].get("ok", False)
+        if needs_eager:
+            cannot.append(f"default attention: {_sentence(errors.get('model_default_attention'))} Load with "
+                          'attn_implementation="eager"')
+        elif not load_ok and not steps["model_default_attention"].get("ok", False):
+            details.append(f"model_default_attention: {errors.get('model_default_attention')}")
+
+    processor_pass = (processor_ok and image_tokens_ok) or not cap.processor
+    passed = bool(keys_ok and settings_ok and tokenizer_ok and processor_pass and logits_ok and greedy_ok and recipe_ok
+                  and not probe.error)
     classes = {
         "tokenizer": (r.get("tokenizer") or {}).get("class"),
         "tokenizer_use_fast_false": (r.get("tokenizer_slow") or {}).get("class"),
@@ -630,6 +822,8 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
         image_tokens_ok=bool(image_tokens_ok), logits_max_diff=max_diff, logits_ok=bool(logits_ok), pixel_max_diff=pix_max,
         passed=passed,
         details=details, notes=notes, loading_info=li, classes=classes, seconds=round(probe.seconds, 2),
+        greedy_ok=bool(greedy_ok), recipe_ok=bool(recipe_ok), recipe_logits_max_diff=rec_logits, recipe_pixel_max_diff=rec_pix,
+        processor_required=cap.processor, needs_eager=needs_eager, cannot=cannot,
     )
 
 
@@ -644,14 +838,15 @@ class Matrix:
     tolerance: float
     seconds: float
     reference_versions: dict = field(default_factory=dict)
+    model_type: str | None = None  # text_config.model_type (llama, phi3)
 
     @property
     def passed(self) -> bool:
         return self.reference.passed and all(r.passed for r in self.rows)
 
     def table(self) -> str:
-        head = ["transformers", "env", "load", "missing", "unexpected", "mismatched", "settings", "tokenizer", "processor",
-                "image tokens", "max|logits diff|", "verdict"]
+        head = ["transformers", "env", "load", "keys m/u/x", "settings", "tokenizer", "processor", "recipe", "image tokens",
+                "max|logits diff|", "greedy", "attention", "verdict"]
         lines_ = []
         for row in [self.reference, *self.rows]:
             e = row.env
@@ -666,9 +861,21 @@ class Matrix:
             if row is self.reference and row.logits_max_diff is not None:
                 diff = "(reference)"
             label = f"{row.transformers} (current)" if row is self.reference else row.label
-            cells = [label, env_s, "ok" if row.load_ok else "FAIL", _n(row.missing), _n(row.unexpected), _n(row.mismatched),
-                     _ok(row.settings_ok), _ok(row.tokenizer_ok), _ok(row.processor_ok),
-                     ("-" if not uniq else ",".join(map(str, uniq))) + ("" if row.image_tokens_ok else " FAIL"), diff, row.verdict]
+            if not row.applicable:
+                lines_.append([label, env_s, "n/a", "-", "-", "-", "-", "-", "-", "-", "-", "-", row.verdict])
+                continue
+            processor = _ok(row.processor_ok and row.image_tokens_ok) if row.processor_required or row.processor_ok else "cannot"
+            recipe = _ok(row.recipe_ok) if row.recipe_logits_max_diff is None or not row.recipe_ok else \
+                ("ok" if row.recipe_logits_max_diff == 0 else f"ok {row.recipe_logits_max_diff:.1e}")
+            tokens = "-" if not uniq else ",".join(map(str, uniq))
+            if not row.processor_required:  # the recipe's ids
+                tokens += " (recipe, model expands)" if capabilities(row.transformers).collapse else " (recipe)"
+            elif not row.image_tokens_ok:
+                tokens += " FAIL"
+            keys = f"{_n(row.missing)}/{_n(row.unexpected)}/{_n(row.mismatched)}"
+            attention = "-" if row.needs_eager is None else "eager only" if row.needs_eager else "default"
+            cells = [label, env_s, _ok(row.load_ok), keys, _ok(row.settings_ok), _ok(row.tokenizer_ok), processor, recipe,
+                     tokens, diff, _ok(row.greedy_ok), attention, row.verdict]
             lines_.append(cells)
         widths = [max(len(str(c)) for c in col) for col in zip(head, *lines_)]
         fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -680,17 +887,22 @@ class Matrix:
                 out.append(f"    - {d}")
             if len(row.details) > 8:
                 out.append(f"    - ... {len(row.details) - 8} more (see --json)")
+            for c in row.cannot:
+                out.append(f"    cannot: {c}")
             if row.notes:
                 out.append(f"    note: {row.notes[0]}" + (f" (+{len(row.notes) - 1} more such notes in --json)" if len(row.notes) > 1 else ""))
         out.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
         failed = [r.label for r in [self.reference, *self.rows] if not r.passed]
-        out.append(f"ALL VERSIONS PASSED ({self.seconds:.1f} s)" if not failed else f"FAILED: {', '.join(failed)}")
+        na = [r.label for r in self.rows if not r.applicable]
+        out.append((f"ALL VERSIONS PASSED ({self.seconds:.1f} s)" + (f"; not applicable: {', '.join(na)}" if na else ""))
+                   if not failed else f"FAILED: {', '.join(failed)}")
         return "\n".join(out)
 
     def to_json(self) -> str:
         data = {"repo": self.repo, "passed": self.passed, "tolerance": self.tolerance, "seconds": round(self.seconds, 2),
                 "reference_versions": self.reference_versions,
                 "reference": {**asdict(self.reference), "verdict": self.reference.verdict},
+                "model_type": self.model_type,
                 "rows": [{**asdict(r), "verdict": r.verdict} for r in self.rows]}
         return json.dumps(_finite(data), indent=2, sort_keys=True) + "\n"
 
@@ -739,6 +951,7 @@ def run_matrix(repo: str | Path, versions=VERSIONS, envs_dir: Path | None = None
         used = {p["image"] for p in prompts if p.get("image")}
         image_files = {k: v for k, v in image_files.items() if k in used}
         expected = expected_settings(repo)
+        model_type = (_read(repo, "config.json").get("text_config") or {}).get("model_type")
 
         log("probing the current environment (reference) ...")
         ref = run_probe("current", sys.executable, repo, work, prompts, image_files, None, timeout)
@@ -746,7 +959,7 @@ def run_matrix(repo: str | Path, versions=VERSIONS, envs_dir: Path | None = None
         inputs = work / "current" / "tensors.npz"
         if ref.error is None and not all(f"own_ids_{i}" in ref.tensors for i in range(len(prompts))):
             ref.error = f"the reference processor failed: {(ref.result.get('errors') or {}).get('processor')}"
-        ref_row = judge(ref, ref, expected, prompts, tol)
+        ref_row = judge(ref, ref, expected, prompts, tol, model_type=model_type)
         # environments one at a time (creation times stay meaningful), then the probes in parallel
         envs: dict[str, dict | str] = {}
         for v in versions:
@@ -758,14 +971,16 @@ def run_matrix(repo: str | Path, versions=VERSIONS, envs_dir: Path | None = None
         def probe(v: str) -> Row:
             env = envs[v]
             if isinstance(env, str):
-                return judge(Probe(v, error=f"environment: {env}", env={"error": env}), ref, expected, prompts, tol)
+                return judge(Probe(v, error=f"environment: {env}", env={"error": env}), ref, expected, prompts, tol,
+                             model_type=model_type)
             if ref.error:
                 p = Probe(v, error="no reference (the current environment's probe failed)", env=env)
             else:
                 log(f"probing transformers {v} ...")
-                p = run_probe(v, env["python"], repo, work, prompts, image_files, inputs, timeout)
+                p = run_probe(v, env["python"], repo, work, prompts, image_files, inputs, timeout,
+                              collapse=capabilities(v).collapse)
                 p.env = env
-            row = judge(p, ref, expected, prompts, tol)
+            row = judge(p, ref, expected, prompts, tol, model_type=model_type)
             if row.transformers not in (None, v):
                 row.passed = False
                 row.details.append(f"the environment ran transformers {row.transformers}, not {v}")
@@ -773,10 +988,11 @@ def run_matrix(repo: str | Path, versions=VERSIONS, envs_dir: Path | None = None
 
         from concurrent.futures import ThreadPoolExecutor
 
-        workers = max(1, min(len(versions), jobs or 1))
+        workers = max(1, min(len(versions), jobs or DEFAULT_JOBS))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             rows = list(pool.map(probe, versions))
-        return Matrix(str(repo), ref_row, rows, tol, time.perf_counter() - t0, (ref.result or {}).get("versions", {}))
+        return Matrix(str(repo), ref_row, rows, tol, time.perf_counter() - t0, (ref.result or {}).get("versions", {}),
+                      model_type)
     finally:
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -796,7 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", metavar="FILE", help="JSON list of {name, prompt, image} (default: the bundled samples)")
     ap.add_argument("--images", metavar="DIR", help="folder of images named by the prompts (default: the bundled samples)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per probe (default 1800)")
-    ap.add_argument("--jobs", type=int, default=None, help="probes run at once (default 1; each probe uses all CPUs for torch)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help=f"probes (or, with --setup-only, environment creations) run at once (default {DEFAULT_JOBS}; a probe uses one CPU)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -806,17 +1023,24 @@ def main(argv: list[str] | None = None) -> int:
             raise CompatUsageError("--versions: no version given")
         envs = Path(args.envs).expanduser() if args.envs else None
         if args.setup_only:
-            failed = False
-            for v in versions:
+            from concurrent.futures import ThreadPoolExecutor
+
+            def setup(v: str) -> tuple[str, bool]:
                 try:
                     info = ensure_env(v, envs, create=not args.no_create, log=log)
                     how = f"created in {info.create_seconds:.1f} s (venv {info.venv_seconds:.1f} s, pip {info.pip_seconds:.1f} s)" \
                         if info.created else f"cached (created in {info.create_seconds:.1f} s)"
-                    print(f"transformers {v:<10} {how}  {info.path}")
+                    return f"transformers {v:<10} {how}  {info.path}", True
                 except EnvError as e:
-                    failed = True
-                    print(f"transformers {v:<10} FAILED: {e}")
-            return 1 if failed else 0
+                    return f"transformers {v:<10} FAILED: {e}", False
+
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=max(1, min(len(versions), args.jobs or DEFAULT_JOBS))) as pool:
+                done = list(pool.map(setup, versions))  # pip downloads and unpacks: mostly waiting, so in parallel
+            for line, _ in done:
+                print(line)
+            print(f"{len(versions)} environments ready in {time.perf_counter() - t0:.1f} s")
+            return 0 if all(ok for _, ok in done) else 1
         if not args.repo:
             raise CompatUsageError("give the converted repo (or --setup-only)")
         prompts = images = None

@@ -6,14 +6,25 @@ version the interpreter running it has), never this project, so it runs under tr
     ENV/bin/python -I compat_probe.py JOB.json
 
 JOB.json: ``{"repo", "prompts": [{"name", "prompt", "image"}], "images": {name: png path},
-"token_probes": [str], "chat_probes": [[message, ...]], "inputs": NPZ or null, "out": DIR}``.
+"token_probes": [str], "chat_probes": [[message, ...]], "inputs": NPZ or null, "out": DIR,
+"collapse_image_tokens": bool, "new_tokens": int, "image_token_id": int, "image_seq_length": int}``.
 
 It loads the repo as a user would (``from_pretrained(output_loading_info=True)`` in float32, ``AutoTokenizer``,
 ``AutoProcessor``), records what this version actually read (config, generation config, tokenizer, processor and
 image-processor settings), runs its own processor on the prompts and images, and runs the model on the inputs in
-``inputs`` (the reference environment's processor output; its own when null). Every step is guarded: a failing
-step records its error and the others still run. Writes ``DIR/result.json`` and ``DIR/tensors.npz``
-(``own_ids_<i>``, ``own_pixels_<i>``, ``logits_<i>``).
+``inputs`` (the reference environment's processor output; its own when null): logits and ``new_tokens`` greedy
+tokens. With ``collapse_image_tokens`` (releases whose model expands one ``<image>`` itself, 4.37-4.47) each run of
+image tokens in those inputs becomes one token; the model's output has the same length either way.
+
+It also runs the RECIPE for releases without a pad-to-square processor (:func:`recipe_inputs`): pad the image to a
+square with the mean colour, ``CLIPImageProcessor``, and the prompt with one ``<image>`` per image (collapsed) or
+``image_seq_length`` of them, tokenized by ``AutoTokenizer``; and the model on the recipe's inputs.
+The model is loaded a second time with the release's default attention (no ``attn_implementation``) to see
+whether that release needs ``attn_implementation="eager"``.
+
+Every step is guarded: a failing step records its error and the others still run. Writes ``DIR/result.json`` and
+``DIR/tensors.npz`` (``own_ids_<i>``, ``own_pixels_<i>``, ``logits_<i>``, ``greedy_<i>``, ``recipe_ids_<i>``,
+``recipe_pixels_<i>``, ``recipe_logits_<i>``).
 """
 
 from __future__ import annotations
@@ -138,6 +149,47 @@ def _token_probe(tok, text: str) -> dict:
     }
 
 
+def pad_to_square(image, mean):
+    """The original's ``expand2square``: the image centred on a square canvas of the mean colour (0-255 ints)."""
+    from PIL import Image
+
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), tuple(int(c) for c in mean))
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def recipe_inputs(repo, tokenizer, prompt: str, image, collapse: bool, image_seq_length: int):
+    """The recipe for releases without a pad-to-square ``AutoProcessor`` (transformers < 4.49): ``(input_ids,
+    pixel_values)`` as torch tensors (pixel_values None without an image).
+
+    Pad to a square with the mean colour, then ``CLIPImageProcessor`` (resize, centre crop, normalise); one
+    ``<image>`` per image where the model expands it (``collapse``: 4.37-4.47), else ``image_seq_length`` of them
+    (4.48+)."""
+    from transformers import CLIPImageProcessor
+
+    pixel_values = None
+    if image is not None:
+        ip = CLIPImageProcessor.from_pretrained(repo)
+        square = pad_to_square(image.convert("RGB"), [int(255 * m) for m in ip.image_mean])
+        pixel_values = ip(square, return_tensors="pt")["pixel_values"]
+    if not collapse:
+        prompt = prompt.replace("<image>", "<image>" * image_seq_length)
+    return tokenizer(prompt, return_tensors="pt")["input_ids"], pixel_values
+
+
+def _collapse(ids, image_id):
+    """Each run of ``image_id`` in the 1-D int array ``ids`` becomes one token."""
+    import numpy as np
+
+    keep = np.ones(len(ids), dtype=bool)
+    keep[1:] = ~((ids[1:] == image_id) & (ids[:-1] == image_id))
+    return ids[keep]
+
+
 def main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore")
     job = json.loads(open(argv[0], encoding="utf-8").read())
@@ -162,6 +214,9 @@ def main(argv: list[str]) -> int:
     import numpy as np
     import torch
     import transformers
+
+    # One thread: the model is tiny, and on a busy machine torch's thread pool made every step 3-8x slower (measured).
+    torch.set_num_threads(int(job.get("threads") or 1))
 
     try:
         transformers.logging.set_verbosity_error()
@@ -209,6 +264,17 @@ def main(argv: list[str]) -> int:
 
     model = step("model", load_model)
 
+    def load_default_attention():
+        """The release's default attention (no attn_implementation): does it load and run?"""
+        from transformers import VipLlavaForConditionalGeneration
+
+        m = VipLlavaForConditionalGeneration.from_pretrained(repo, **{dtype_kw: torch.float32}).eval()
+        with torch.no_grad():
+            m(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+        return str(getattr(m.config, "_attn_implementation", None))
+
+    result["default_attention"] = step("model_default_attention", load_default_attention)
+
     # --- tokenizer ---------------------------------------------------------------------------------------------
     def load_tokenizer(**kw):
         from transformers import AutoTokenizer
@@ -216,8 +282,15 @@ def main(argv: list[str]) -> int:
         tok = AutoTokenizer.from_pretrained(repo, **kw)
         probes = [_token_probe(tok, t) for t in job["token_probes"]]
         chats = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in job.get("text_chat_probes", [])]
-        return {"class": type(tok).__name__, "settings": _tokenizer_settings(tok), "probes": probes, "chat": chats}
+        out = {"class": type(tok).__name__, "settings": _tokenizer_settings(tok), "probes": probes, "chat": chats}
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None:  # what this tokenizers release kept of the BPE model's options
+            model_json = json.loads(backend.to_str()).get("model") or {}
+            out["bpe_options"] = {k: v for k, v in model_json.items() if k not in ("vocab", "merges")}
+        tokenizers_[kw.get("use_fast", True)] = tok
+        return out
 
+    tokenizers_: dict = {}
     tok = step("tokenizer", load_tokenizer)
     if tok is not None:
         result["tokenizer"] = tok
@@ -259,7 +332,36 @@ def main(argv: list[str]) -> int:
     if proc is not None:
         result["processor"] = proc
 
+    # --- recipe (no AutoProcessor needed) ----------------------------------------------------------------------
+    collapse = bool(job.get("collapse_image_tokens"))
+    image_id, seq = job.get("image_token_id"), job.get("image_seq_length")  # from the repo's config.json
+
+    def recipe():
+        from PIL import Image
+
+        tok_ = tokenizers_.get(True)
+        if tok_ is None:
+            raise RuntimeError("no tokenizer (the tokenizer step failed)")
+        for i, p in enumerate(job["prompts"]):
+            image = None
+            if p.get("image") and "<image>" in p["prompt"]:
+                with Image.open(job["images"][p["image"]]) as im:
+                    image = im.convert("RGB")
+            ids, pixels = recipe_inputs(repo, tok_, p["prompt"], image, collapse, int(seq))
+            tensors[f"recipe_ids_{i}"] = ids[0].numpy().astype(np.int64)
+            if pixels is not None:
+                tensors[f"recipe_pixels_{i}"] = pixels.float().numpy()
+        return len(job["prompts"])
+
+    result["recipe_prompts"] = step("recipe", recipe)
+
     # --- forward -----------------------------------------------------------------------------------------------
+    def run(ids: np.ndarray, pixels):
+        kw = {"input_ids": torch.from_numpy(ids).unsqueeze(0), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        if pixels is not None:
+            kw["pixel_values"] = torch.from_numpy(pixels).float()
+        return kw
+
     if model is not None:
         def forward():
             feed = dict(np.load(job["inputs"])) if job.get("inputs") else tensors
@@ -268,15 +370,42 @@ def main(argv: list[str]) -> int:
                 for i in range(len(job["prompts"])):
                     if f"own_ids_{i}" not in feed:
                         raise RuntimeError(f"no input_ids for prompt {i} (the processor step failed)")
-                    kw = {"input_ids": torch.from_numpy(feed[f"own_ids_{i}"]).unsqueeze(0)}
-                    if f"own_pixels_{i}" in feed:
-                        kw["pixel_values"] = torch.from_numpy(feed[f"own_pixels_{i}"]).float()
-                    logits = model(**kw, use_cache=False).logits[0].float()
+                    ids = feed[f"own_ids_{i}"]
+                    if collapse:
+                        ids = _collapse(ids, image_id)
+                    logits = model(**run(ids, feed.get(f"own_pixels_{i}")), use_cache=False).logits[0].float()
                     tensors[f"logits_{i}"] = logits.numpy()
                     n += 1
             return n
 
         result["forward_prompts"] = step("forward", forward)
+
+        def greedy():
+            feed = dict(np.load(job["inputs"])) if job.get("inputs") else tensors
+            new = int(job.get("new_tokens") or 0)
+            with torch.no_grad():
+                for i in range(len(job["prompts"])):
+                    ids = feed[f"own_ids_{i}"]
+                    if collapse:
+                        ids = _collapse(ids, image_id)
+                    kw = run(ids, feed.get(f"own_pixels_{i}"))
+                    out = model.generate(**kw, max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1,
+                                         pad_token_id=settings.get("generation_config.pad_token_id"))
+                    tensors[f"greedy_{i}"] = out[0, len(ids):].numpy().astype(np.int64)
+            return new
+
+        if job.get("new_tokens"):
+            result["greedy_tokens"] = step("greedy", greedy)
+
+        def recipe_forward():
+            with torch.no_grad():
+                for i in range(len(job["prompts"])):
+                    logits = model(**run(tensors[f"recipe_ids_{i}"], tensors.get(f"recipe_pixels_{i}")), use_cache=False).logits[0]
+                    tensors[f"recipe_logits_{i}"] = logits.float().numpy()
+            return len(job["prompts"])
+
+        if result.get("recipe_prompts"):
+            step("recipe_forward", recipe_forward)
 
     result["settings"] = settings
     result["seconds"] = round(time.perf_counter() - t_all, 3)

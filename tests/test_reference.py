@@ -881,8 +881,8 @@ def test_greedy_generation_stops_on_the_end_of_turn_token(backbone_fixtures, mon
     ids = model.tokenize(render_prompt([{"role": "user", "text": "hi"}, {"role": "assistant", "text": None}], "llava_llama_3"))
     real = model.forward
 
-    def forced(seq, images=None, capture=False, features=None):
-        out = real(seq, images, capture, features)
+    def forced(seq, images=None, capture=False, features=None, last_only=False):
+        out = real(seq, images, capture, features, last_only)
         out.logits[-1] = -10.0
         out.logits[-1, 909 if len(seq) > len(ids) else 5] = 10.0
         return out
@@ -892,8 +892,8 @@ def test_greedy_generation_stops_on_the_end_of_turn_token(backbone_fixtures, mon
     phi3 = backbone_fixtures["phi3"]["model"]
     real_phi = phi3.forward
 
-    def beyond(seq, images=None, capture=False, features=None):
-        out = real_phi(seq, images, capture, features)
+    def beyond(seq, images=None, capture=False, features=None, last_only=False):
+        out = real_phi(seq, images, capture, features, last_only)
         out.logits[-1, 1010] = 1e4  # a padding row past len(tokenizer): the original had resized it away
         return out
 

@@ -1456,6 +1456,7 @@ class OriginalVipLlava:
         images: Sequence[PIL.Image.Image] | None = None,
         capture: bool = False,
         features: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> ReferenceOutput:
         """Logits of the original model over the spliced sequence.
 
@@ -1463,6 +1464,9 @@ class OriginalVipLlava:
         sentinel.  Returns float32 logits ``[T, vocab]`` with ``T = len(input_ids) +
         n_images * (num_patches - 1)`` (capped at ``tokenizer_model_max_length``) and, per spliced
         position, the index into ``input_ids`` it came from.
+
+        ``last_only=True`` (greedy decoding): the logits of the last position only, ``[1, vocab]``.
+        ``features``: the images' projected features, computed before (the vision side does not depend on the text).
 
         ``capture=True`` also records float32 intermediates in ``trace``:
         ``vision.embeddings`` (CLIP hidden state 0, after ``pre_layrnorm``) and
@@ -1488,6 +1492,8 @@ class OriginalVipLlava:
         if features is not None:  # the projected features of these images, computed before (generate_greedy)
             if capture or features.shape[0] != len(images):
                 raise ValueError("precomputed features need one entry per image and capture=False")
+        if capture and last_only:
+            raise ValueError("capture needs the logits of every position (last_only=False)")
         elif images:
             pixel_values = torch.stack([self.preprocess(im) for im in images])
             hs = self._vision_hidden_states(pixel_values)
@@ -1540,6 +1546,8 @@ class OriginalVipLlava:
                 inputs_embeds=inputs_embeds[None],
                 position_ids=torch.arange(T, dtype=torch.long)[None],
                 use_cache=False,
+                # last_only: the lm_head on the last position alone (what greedy decoding reads)
+                **({"logits_to_keep": 1} if last_only else {}),
             )
         finally:
             for h in hooks:
@@ -1569,7 +1577,7 @@ class OriginalVipLlava:
         if images:  # the vision tower and projector do not depend on the text: run them once
             features = self._select_and_project(self._vision_hidden_states(torch.stack([self.preprocess(im) for im in images])))
         for _ in range(max_new_tokens):
-            logits = self.forward(ids + new, images, features=features).logits
+            logits = self.forward(ids + new, images, features=features, last_only=True).logits
             nxt = int(torch.argmax(logits[-1, : self.emit_limit]).item())
             new.append(nxt)
             if nxt in self.eos_token_ids:

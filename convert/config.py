@@ -155,8 +155,16 @@ def build_config(original: dict, vision: dict, ids: TokenIds, dtype: str, where:
     }
 
 
+def suppressed_ids(ids: TokenIds) -> list[int]:
+    """Every id in [T, rows): ``<image>``, ``<pad>`` and the padding rows. The original resized its embeddings to
+    ``len(tokenizer)`` when it loaded (``llava/model/builder.py``), so it could never emit one of them."""
+    return list(range(ids.image, ids.rows))
+
+
 def generation_config(ids: TokenIds) -> dict:
-    return {"bos_token_id": ids.bos, "eos_token_id": ids.eos, "pad_token_id": ids.pad}
+    """``generation_config.json``: the special ids, and ``suppress_tokens`` so that ``generate`` never emits an id
+    the original could not (honoured from this file by transformers 4.37.2 and 5.x alike)."""
+    return {"bos_token_id": ids.bos, "eos_token_id": ids.eos, "pad_token_id": ids.pad, "suppress_tokens": suppressed_ids(ids)}
 
 
 def load_vipllava_config(config_dict: dict):

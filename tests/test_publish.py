@@ -172,7 +172,7 @@ def test_passing_conversion_is_pushed_in_one_complete_commit_with_card_and_repor
     assert report_json["environment"]["transformers"] and report_json["environment"]["tool"] == f"vipllava-harness {convert.__version__}"
     manifest = json.loads((repo / "conversion.json").read_text())
     assert commit["texts"]["README.md"] == model_card(manifest, report_json, None, repo_id=REPO_ID)
-    assert kw["commit_message"] == f"Convert ViP-LLaVA with vipllava-harness {convert.__version__}: verify 8/8 checks passed"
+    assert kw["commit_message"] == f"Convert ViP-LLaVA with vipllava-harness {convert.__version__}: verify 9/9 checks passed"
     assert kw["revision"] is None and kw["repo_id"] == REPO_ID and "logits: PASS" in kw["commit_description"]
     # the local output is untouched and still verifies (verify's files check rejects unlisted files)
     assert _local_state(repo) == before
@@ -228,7 +228,7 @@ def test_cli_pushes_a_verified_conversion_to_a_new_private_branch(tiny, hub, tmp
     assert hub.calls[0][1]["private"] is True and hub.calls[2][1] == {"repo_id": REPO_ID, "branch": "conversion-v1", "exist_ok": True}
     assert hub.calls[3][1]["revision"] == "conversion-v1"
     kw = hub.calls[4][1]
-    assert kw["revision"] == "conversion-v1" and kw["commit_message"].endswith(f"{convert.__version__}: verify 8/8 checks passed")
+    assert kw["revision"] == "conversion-v1" and kw["commit_message"].endswith(f"{convert.__version__}: verify 9/9 checks passed")
     local = _local_state(out)
     assert set(hub.commits[0]["files"]) == set(local) | {"README.md", "verification.json"}
     assert all(hub.commits[0]["files"][n] == d for n, d in local.items())

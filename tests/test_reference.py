@@ -9,6 +9,8 @@ are derived by hand with plain torch / numpy / PIL, never through the class unde
 from __future__ import annotations
 
 import io
+import shutil
+from collections.abc import Sequence
 import json
 import math
 from pathlib import Path
@@ -334,12 +336,45 @@ def test_tokenize_special_tokens_legacy(world):
     assert model.tokenize("x<s><unk>") == [1] + sp.encode("x") + [1, 0]
 
 
-def test_tokenize_special_tokens_non_legacy(world, tmp_path):
+def _without_dummy_prefix(sp_path: Path) -> spm.SentencePieceProcessor:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp_path.read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = False
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto.SerializeToString())
+    return sp
+
+
+def test_tokenize_special_tokens_non_legacy_4_37(world, tmp_path):
+    """transformers 4.37.2 (the original code's pin): text after a special token goes through sentencepiece with
+    the dummy prefix OFF (no leading "▁" is made up); a leading space becomes "▁" as written."""
     sp = world["sp"]
     text_dir = write_text_model(tmp_path / "text_nl", world["sp_path"], legacy=False)
     from verify.original import LlamaSlowTokenizer
 
     tok = LlamaSlowTokenizer(text_dir)
+    assert (tok.legacy, tok.era) == (False, "4.37.2")
+    plain = _without_dummy_prefix(world["sp_path"])
+    # the first chunk: "▁" + text with no dummy prefix is the ordinary encoding
+    assert tok.encode("ASSISTANT: ok") == [1] + sp.encode("ASSISTANT: ok")
+    assert tok.encode("ASSISTANT: ok</s>USER: next") == [1] + sp.encode("ASSISTANT: ok") + [2] + plain.encode("USER: next")
+    assert tok.encode("a </s> b") == [1] + sp.encode("a ") + [2] + plain.encode(" b")
+    # a lone "▁" before a leading special token is dropped
+    assert tok.encode("</s>x") == [1, 2] + plain.encode("x")
+    # the chunk after <image> still begins with the dummy-prefix piece
+    assert tok.encode_with_images("<image>\nWhat") == [1, IMAGE_SENTINEL] + sp.encode("\nWhat")
+    # legacy: null is the legacy tokenizer in 4.37 (it was non-legacy in 4.31)
+    assert LlamaSlowTokenizer(write_text_model(tmp_path / "text_null", world["sp_path"], legacy=None)).legacy is True
+
+
+def test_tokenize_special_tokens_non_legacy_4_31(world, tmp_path):
+    sp = world["sp"]
+    text_dir = write_text_model(tmp_path / "text_nl", world["sp_path"], legacy=False)
+    from verify.original import LlamaSlowTokenizer
+
+    tok = LlamaSlowTokenizer(text_dir, era="4.31.0")
     assert tok.legacy is False
 
     def strip_first(pieces):
@@ -353,19 +388,39 @@ def test_tokenize_special_tokens_non_legacy(world, tmp_path):
     assert tok.encode("a </s> b") == [1] + sp.encode("a ") + [2] + sp.encode(" b")
     # the chunk after <image> still begins with the dummy-prefix piece
     assert tok.encode_with_images("<image>\nWhat") == [1, IMAGE_SENTINEL] + sp.encode("\nWhat")
+    assert LlamaSlowTokenizer(write_text_model(tmp_path / "text_null", world["sp_path"], legacy=None), era="4.31.0").legacy is False
 
 
-def test_plain_string_special_tokens_strip_whitespace(world, tmp_path):
+def test_plain_string_special_tokens_strip_whitespace_only_in_4_31(world, tmp_path):
     sp = world["sp"]
     text_dir = write_text_model(tmp_path / "text_map", world["sp_path"])
-    # special_tokens_map.json with plain strings: in transformers 4.31 such tokens strip both sides
+    # special_tokens_map.json with plain strings: in transformers 4.31 such tokens strip both sides; 4.37 wraps
+    # them in AddedTokens that strip nothing
     (text_dir / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
                                                                    "unk_token": _added("<unk>")}))
     from verify.original import LlamaSlowTokenizer
 
-    tok = LlamaSlowTokenizer(text_dir)
+    tok = LlamaSlowTokenizer(text_dir, era="4.31.0")
     assert tok.encode("a </s> b") == [1] + sp.encode("a") + [2] + sp.encode("b")
     assert tok.encode("a <unk> b") == [1] + sp.encode("a ") + [0] + sp.encode(" b")
+    tok = LlamaSlowTokenizer(text_dir)
+    assert tok.encode("a </s> b") == [1] + sp.encode("a ") + [2] + sp.encode(" b")
+
+
+def test_added_token_flags_strip_whitespace_in_4_37(world, tmp_path):
+    sp = world["sp"]
+    eos = dict(_added("</s>"), lstrip=True, rstrip=True)
+    text_dir = write_text_model(tmp_path / "text_flags", world["sp_path"], eos_token=eos)
+    from verify.original import LlamaSlowTokenizer
+
+    assert LlamaSlowTokenizer(text_dir).encode("a </s> b") == [1] + sp.encode("a") + [2] + sp.encode("b")
+
+
+def test_unknown_tokenizer_era_is_refused(world, tmp_path):
+    from verify.original import LlamaSlowTokenizer
+
+    with pytest.raises(ValueError, match="4.37.2"):
+        LlamaSlowTokenizer(write_text_model(tmp_path / "t", world["sp_path"]), era="4.40")
 
 
 # ------------------------------------------------------------------------------------------
@@ -826,8 +881,8 @@ def test_greedy_generation_stops_on_the_end_of_turn_token(backbone_fixtures, mon
     ids = model.tokenize(render_prompt([{"role": "user", "text": "hi"}, {"role": "assistant", "text": None}], "llava_llama_3"))
     real = model.forward
 
-    def forced(seq, images=None, capture=False):
-        out = real(seq, images, capture)
+    def forced(seq, images=None, capture=False, features=None, last_only=False):
+        out = real(seq, images, capture, features, last_only)
         out.logits[-1] = -10.0
         out.logits[-1, 909 if len(seq) > len(ids) else 5] = 10.0
         return out
@@ -837,10 +892,121 @@ def test_greedy_generation_stops_on_the_end_of_turn_token(backbone_fixtures, mon
     phi3 = backbone_fixtures["phi3"]["model"]
     real_phi = phi3.forward
 
-    def beyond(seq, images=None, capture=False):
-        out = real_phi(seq, images, capture)
+    def beyond(seq, images=None, capture=False, features=None, last_only=False):
+        out = real_phi(seq, images, capture, features, last_only)
         out.logits[-1, 1010] = 1e4  # a padding row past len(tokenizer): the original had resized it away
         return out
 
     monkeypatch.setattr(phi3, "forward", beyond)
     assert 1010 not in phi3.generate_greedy(phi3.tokenize("<|user|>\nhi<|end|>\n<|assistant|>\n"), max_new_tokens=3)
+
+
+# ------------------------------------------------------------------------------------------
+# 7. the tokenizers, measured against the real transformers releases on the real vocabularies
+#    (skipped unless VIPLLAVA_TF437_PYTHON / VIPLLAVA_TF431_PYTHON name a Python with that release, e.g.
+#    python -m venv --system-site-packages /tmp/tf437 && /tmp/tf437/bin/pip install transformers==4.37.2
+#    tokenizers==0.15.1 sentencepiece; then VIPLLAVA_TF437_PYTHON=/tmp/tf437/bin/python)
+# ------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+import random  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+ERA_PYTHONS = {"4.37.2": "VIPLLAVA_TF437_PYTHON", "4.31.0": "VIPLLAVA_TF431_PYTHON"}
+HF_TOKENIZE = Path(__file__).with_name("hf_tokenize.py")
+
+
+def random_prompts(n: int, specials: Sequence[str], seed: int = 0) -> list[str]:
+    """Prompts mixing words, whitespace runs, newlines, tabs, non-ASCII, "\u2581", special tokens and <image>."""
+    rng = random.Random(seed)
+    words = ["What", "is", "shown", "in", "the", "image", "USER", "ASSISTANT", ":", "?", "Hello", "über", "漢字", "🙂",
+             "123", "don't", "A", "a", "\u2581", "\u2581x", "x\u2581", "'s", "The picture has a smooth gradient"]
+    seps = [" ", "  ", "   ", "\n", "\n\n", "\t", " \n", "", ""]
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(0, 12)):
+            parts.append(rng.choice([*specials, "<image>"]) if rng.random() < 0.2 else rng.choice(words))
+            parts.append(rng.choice(seps))
+        s = "".join(parts)
+        out.append(" " + s if rng.random() < 0.2 else s)
+    return out
+
+
+def transformers_ids(era: str, folder: Path, use_fast: bool, prompts: list[str]) -> dict:
+    python = os.environ.get(ERA_PYTHONS[era])
+    if not python or not Path(python).is_file():
+        pytest.skip(f"{ERA_PYTHONS[era]} does not name a Python with transformers {era}")
+    run = subprocess.run([python, str(HF_TOKENIZE)], input=json.dumps({"folder": str(folder), "use_fast": use_fast, "prompts": prompts}),
+                         capture_output=True, text=True, timeout=600)
+    last = run.stdout.rstrip("\n").rpartition("\n")[2]  # libraries may print lines of their own before it
+    assert run.returncode == 0 and last.startswith("{"), f"{folder}: {run.stdout[:300]!r} {run.stderr[-2000:]}"
+    got = json.loads(last)
+    assert got["version"] == era, f"{ERA_PYTHONS[era]} runs transformers {got['version']}, not {era}"
+    return got
+
+
+def _vicuna_variants(base: Path, tmp_path: Path) -> dict[str, Path]:
+    """The real Vicuna v1.5 folder, and variants of its tokenizer_config.json / special_tokens_map.json."""
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    stm = json.loads((base / "special_tokens_map.json").read_text())
+    plain = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    flags = {k: v for k, v in cfg["eos_token"].items() if k != "__type"}
+    variants = {
+        "v1.5": (cfg, stm),
+        "legacy true": ({**cfg, "legacy": True}, stm),
+        "legacy absent": ({k: v for k, v in cfg.items() if k != "legacy"}, stm),
+        "legacy null": ({**cfg, "legacy": None}, stm),
+        "plain strings": ({**cfg, **plain}, plain),
+        "plain strings, legacy": ({**cfg, **plain, "legacy": True}, plain),
+        "eos strips": ({**cfg, "eos_token": {**cfg["eos_token"], "lstrip": True, "rstrip": True}},
+                       {**stm, "eos_token": {**flags, "lstrip": True, "rstrip": True}}),
+        "added_tokens_decoder": ({**cfg, "added_tokens_decoder": {
+            str(i): {**{k: v for k, v in _added(c).items() if k != "__type"}, "special": True, "rstrip": c == "</s>"}
+            for i, c in enumerate(["<unk>", "<s>", "</s>"])}}, stm),
+    }
+    out = {}
+    for name, (c, m) in variants.items():
+        d = tmp_path / name.replace(" ", "_").replace(",", "")
+        d.mkdir()
+        (d / "tokenizer.model").write_bytes((base / "tokenizer.model").read_bytes())
+        (d / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in c.items()}))
+        (d / "special_tokens_map.json").write_text(json.dumps(m))
+        out[name] = d
+    return out
+
+
+@pytest.mark.parametrize("era", list(ERA_PYTHONS))
+def test_slow_tokenizer_equals_transformers_on_the_real_vocabulary(era, realvocab, tmp_path):
+    """Each era's LlamaSlowTokenizer gives that transformers release's ids (use_fast=False) on the real Llama-2
+    vocabulary, for Vicuna v1.5's tokenizer config and seven variants, over 400 random prompts each."""
+    from verify.original import LlamaSlowTokenizer
+
+    prompts = random_prompts(400, ["<s>", "</s>", "<unk>"], seed=1)
+    for name, folder in _vicuna_variants(realvocab.base_tokenizer_dir("vicuna"), tmp_path).items():
+        want = transformers_ids(era, folder, False, prompts)
+        tok = LlamaSlowTokenizer(folder, era=era)
+        bad = [p for p, w in zip(prompts, want["ids"]) if [tok.encode(c) for c in p.split("<image>")] != w]
+        assert not bad, f"{name}: {len(bad)}/{len(prompts)} prompts differ from transformers {era}, e.g. {bad[0]!r}"
+        assert len(tok) == want["len"]
+
+
+def test_phi3_fast_tokenizer_equals_transformers_4_37_2(realvocab, tmp_path):
+    """Phi-3 (use_fast=True in the original builder): the reference's FastTokenizer gives transformers 4.37.2's ids
+    both from the base folder's tokenizer.json and from a slow-only folder (tokenizer.model, as LLaVA's train.py
+    saves it), where 4.37.2 converts the sentencepiece model itself."""
+    from verify.original import FastTokenizer
+
+    base = realvocab.base_tokenizer_dir("phi3")
+    slow_only = tmp_path / "phi3-slow-only"
+    shutil.copytree(base, slow_only)
+    (slow_only / "tokenizer.json").unlink()
+    specials = ["<s>", "</s>", "<unk>", "<|user|>", "<|end|>", "<|assistant|>", "<|system|>", "<|endoftext|>"]
+    prompts = random_prompts(400, specials, seed=2) + [t for t, _ in realvocab.reference_cases("phi3")]
+    for folder in (base, slow_only):
+        want = transformers_ids("4.37.2", folder, True, prompts)
+        tok = FastTokenizer(folder, "add_bos_token")
+        bad = [p for p, w in zip(prompts, want["ids"]) if [tok.encode(c) for c in p.split("<image>")] != w]
+        assert not bad, f"{folder.name} ({tok.source}): {len(bad)}/{len(prompts)} differ from transformers 4.37.2, e.g. {bad[0]!r}"
+        assert len(tok) == want["len"] == 32011

@@ -171,8 +171,9 @@ def _id_set(value) -> set:
 def check_strict_load(ctx: Context) -> Check:
     """``from_pretrained`` reports 0 missing / unexpected / mismatched keys; the token layout is the contract's
     (T = len(base tokenizer), V = original rows: ``<image>`` = T, pad = T + 1, rows = max(V, ceil((T+2)/64)*64));
-    config, tokenizer and generation config agree on the special ids; the backbone the converter recorded is the
-    one the reference detects."""
+    config, tokenizer and generation config agree on the special ids; the generation config suppresses exactly the ids
+    in [T, rows) (the original could never emit them); the backbone the converter recorded is the one the reference
+    detects."""
     problems = []
     try:
         model, info = ctx.loaded
@@ -226,12 +227,28 @@ def check_strict_load(ctx: Context) -> Check:
         problems.append(f"embedding rows {rows}, expected max(V={V}, ceil((T+2)/64)*64) = {lay['rows']} for T = {T}")
     if rows < len(tok):
         problems.append(f"embedding rows {rows} < len(tokenizer) {len(tok)}")
+    # The original resized its embeddings to len(tokenizer) at load (builder.py): it could never emit an id >= T.
+    suppress = gen.get("suppress_tokens")
+    want_suppressed = set(range(T, lay["rows"]))
+    if not isinstance(suppress, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in suppress):
+        problems.append(f"generation_config suppress_tokens is {suppress!r}; expected every id in [T={T}, rows={lay['rows']}) "
+                        "(the original could never emit them: it resized its embeddings to len(tokenizer))")
+    else:
+        lacking, extra = sorted(want_suppressed - set(suppress)), sorted(set(suppress) - want_suppressed)
+        if lacking:
+            problems.append(f"generation_config suppress_tokens lacks {len(lacking)} id(s) in [T={T}, rows={lay['rows']}) "
+                            f"(first {lacking[:5]}): generate can emit ids the original never could")
+        if extra:
+            problems.append(f"generation_config suppress_tokens holds {len(extra)} id(s) outside [T={T}, rows={lay['rows']}) "
+                            f"(first {extra[:5]}): the original could emit those")
     numbers = {**counts, "backbone": ctx.backbone, "recorded_backbone": ctx.recorded_backbone, "base_tokens": T,
                "original_rows": V, "expected": lay, "image_token_index": cfg.image_token_index,
-               "tokenizer_image_id": image_tok, "pad": pads, "rows": rows, "len_tokenizer": len(tok)}
+               "tokenizer_image_id": image_tok, "pad": pads, "rows": rows, "len_tokenizer": len(tok),
+               "suppress_tokens": len(suppress) if isinstance(suppress, list) else None}
     summary = (f"missing {counts['missing_keys']}, unexpected {counts['unexpected_keys']}, mismatched {counts['mismatched_keys']}; "
                f"{ctx.backbone}: T={T}, V={V} -> <image>={image_tok} (want {lay['image']}), pad={tok.pad_token_id} (want {lay['pad']}), "
-               f"rows {rows} (want {lay['rows']}) >= len(tokenizer) {len(tok)}")
+               f"rows {rows} (want {lay['rows']}) >= len(tokenizer) {len(tok)}; "
+               f"suppressed {len(suppress) if isinstance(suppress, list) else 'none'} (want [{T}, {lay['rows']}))")
     return Check("strict_load", FAIL if problems else PASS, summary, numbers, problems)
 
 
@@ -382,6 +399,43 @@ def check_processor(ctx: Context) -> Check:
     numbers = {"prompts": n_ids, "images": len(ctx.images), "pixel_max_abs_diff": worst, "pixel_tol": PIXEL_TOL}
     summary = f"{n_ids} prompts' ids, {len(ctx.images)} images; pixel max |diff| {worst:.3g} (tol {PIXEL_TOL:g})"
     return Check("processor", FAIL if problems else PASS, summary, numbers, problems)
+
+
+# ------------------------------------------------------------------------------------------------------------
+def check_tokenizer_era(ctx: Context) -> Check:
+    """Informational, never FAIL: the reference tokenizes as the original code's pin (transformers 4.37.2) does; the
+    Vicuna 7B/13B checkpoints were released while the original pinned 4.31.0, whose slow LlamaTokenizer differs in
+    non-legacy mode after a special token (and strips around plain-string special tokens). On the verified prompts:
+    how many the other era tokenizes differently, and where first. WARN when any differ; PASS when none do or when the
+    original ran the fast tokenizer (one tokenization in every era)."""
+    from .original import DEFAULT_TOKENIZER_ERA
+
+    others = ctx.era_tokenizers
+    if not others:
+        return Check("tokenizer_era", PASS, f"not applicable: the original {ctx.backbone} loaded the fast tokenizer "
+                     f"(use_fast=True), one tokenization in every era", {"applicable": False})
+    base = ctx.base_tokenizer
+    numbers: dict = {"applicable": True, "reference_era": DEFAULT_TOKENIZER_ERA, "legacy": getattr(base, "legacy", None),
+                     "prompts": len(ctx.prompts)}
+    details, parts = [], []
+    for era, tok in others.items():
+        differ = []
+        for p in ctx.prompts:
+            a, b = base.encode_with_images(p["prompt"]), tok.encode_with_images(p["prompt"])
+            if a != b:
+                i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                differ.append((p["name"], i, b[i:i + 4], a[i:i + 4]))
+        numbers[era] = {"differ": len(differ), "first": list(differ[0]) if differ else None}
+        if differ:
+            name, i, old, new = differ[0]
+            parts.append(f"{era}-era tokenization differs on {len(differ)} of {len(ctx.prompts)} prompts, first at "
+                         f"{name} position {i} ({era} {old} vs {DEFAULT_TOKENIZER_ERA} {new})")
+            details += [f"{era}: prompt {n} differs from position {k} ({era} {o} vs {DEFAULT_TOKENIZER_ERA} {w})" for n, k, o, w in differ]
+        else:
+            parts.append(f"{era}-era tokenization identical on {len(ctx.prompts)} of {len(ctx.prompts)} prompts")
+    summary = "; ".join(parts) + f" (verified against {DEFAULT_TOKENIZER_ERA}, the original code's pin; legacy={numbers['legacy']})"
+    warned = any(numbers[era]["differ"] for era in others)
+    return Check("tokenizer_era", WARN if warned else PASS, summary, numbers, details)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -595,6 +649,7 @@ ALL_CHECKS = (
     ("strict_load", check_strict_load),
     ("resize", check_resize),
     ("processor", check_processor),
+    ("tokenizer_era", check_tokenizer_era),
     ("chat_template", check_chat_template),
     ("logits", check_logits),
     ("generation", check_generation),

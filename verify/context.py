@@ -277,6 +277,15 @@ class Context:
         return load_base_tokenizer(self.backbone, self.inputs.text_model)
 
     @cached_property
+    def era_tokenizers(self) -> dict[str, object]:
+        """The original's tokenizer in every OTHER transformers era the reference restates ({era: tokenizer}; empty
+        for the backbones the original ran with the fast tokenizer)."""
+        from .original import DEFAULT_TOKENIZER_ERA, load_base_tokenizer, tokenizer_eras
+
+        return {era: load_base_tokenizer(self.backbone, self.inputs.text_model, era=era)
+                for era in tokenizer_eras(self.backbone) if era != DEFAULT_TOKENIZER_ERA}
+
+    @cached_property
     def terminators(self) -> dict[str, int]:
         """The original eval's stop tokens {token: id}."""
         from .original import terminator_ids

@@ -38,15 +38,22 @@ What each part restates
   ``center_crop``, ``rescale``, ``normalize``) done by hand with PIL + numpy.
 * ``OriginalVipLlava.tokenize``: ``llava/mm_utils.py`` ``tokenizer_image_token``
   (:func:`tokenizer_image_token`) on top of the tokenizer ``llava/model/builder.py`` loaded:
-  Vicuna: the slow ``LlamaTokenizer`` (``use_fast=False``) of transformers 4.31, restated in
-  ``LlamaSlowTokenizer`` (``tokenization_llama.py``: ``legacy`` and non-legacy ``tokenize`` /
-  ``_tokenize``; ``PreTrainedTokenizer.tokenize``: splitting on special tokens, AddedToken
-  ``lstrip`` / ``rstrip``, plain-string special tokens strip both sides).  Llama-3 and Phi-3:
+  Vicuna: the slow ``LlamaTokenizer`` (``use_fast=False``) of transformers 4.37.2 -- the pin of
+  the original code's HEAD -- restated in ``LlamaSlowTokenizer`` (``tokenization_llama.py``:
+  ``legacy`` and non-legacy ``tokenize`` / ``_tokenize``, the latter with sentencepiece's dummy
+  prefix disabled and the unk-prefix trick; ``PreTrainedTokenizer.tokenize``: cutting around added
+  tokens, AddedToken ``lstrip`` / ``rstrip`` / ``single_word``).  The 4.31.0 era (the Vicuna
+  7B/13B release pin) is kept as ``era="4.31.0"``: it differs in non-legacy mode after a special
+  token, and plain-string special tokens strip both sides there.  Llama-3 and Phi-3:
   the FAST tokenizer (``use_fast=True``; Llama-3 has no slow class), i.e. the base model's
   ``tokenizer.json`` run by ``tokenizers`` itself (``FastTokenizer``): Llama-3's
   ``PreTrainedTokenizerFast`` keeps the file's post-processor (which adds
   ``<|begin_of_text|>``), Phi-3's ``LlamaTokenizerFast`` replaces it by BOS/EOS according to
-  ``add_bos_token`` / ``add_eos_token`` (``update_post_processor``).
+  ``add_bos_token`` / ``add_eos_token`` (``update_post_processor``).  A Phi-3 folder with only
+  ``tokenizer.model`` (LLaVA's ``train.py`` saved ``use_fast=False``) gets the fast tokenizer
+  4.37.2 converted from it (``llama_fast_from_sentencepiece``: ``LlamaConverter`` +
+  ``SentencePieceExtractor`` restated with ``tokenizers`` building blocks); measured equal to
+  4.37.2's on the real Phi-3 vocabulary (446 of 446 prompts in ``tests/test_reference.py``).
 * ``OriginalVipLlava.image_features``: ``llava/model/multimodal_encoder/clip_4layer_encoder.py``
   (``CLIPVisionTowerMultilayer.feature_select``: hidden states [-2, -5, -8, -11, 6], CLS dropped,
   concatenated on channels) and ``llava/model/multimodal_projector/builder.py``
@@ -66,13 +73,15 @@ What each part restates
 Both models run with ``attn_implementation="eager"``: plain matmul/softmax attention is
 deterministic on CPU and does not depend on which fused SDPA kernel a torch build selects.
 
-Cross-checked (during development, not in the test-suite) against transformers 4.31.0 itself:
-the slow tokenizer gives identical ids on 600+ random prompts for legacy, non-legacy,
-``legacy: null``, plain-string ``special_tokens_map.json`` and lstrip/rstrip variants; the
+Cross-checked against the real libraries on the real Llama-2 vocabulary (``tests/test_reference.py``,
+skipped unless ``VIPLLAVA_TF437_PYTHON`` / ``VIPLLAVA_TF431_PYTHON`` name a Python with that
+transformers): each era's slow tokenizer gives transformers' ids on 2012 of 2012 random prompts for
+eight configs (Vicuna v1.5's, legacy true / absent / null, plain-string special tokens,
+lstrip/rstrip flags, an ``added_tokens_decoder``).  Cross-checked during development against
+transformers 4.31.0: the
 preprocessing is bitwise equal to 4.31's ``CLIPImageProcessor`` after ``expand2square``; the whole
 forward on a tiny checkpoint matches a 4.31 Llama + CLIP run of the original pipeline to ~3e-6 in
-fp32 logits.  (transformers 4.37.2, pinned by later ViP-LLaVA commits, tokenizes differently in
-non-legacy mode after special tokens; the 7B/13B checkpoints were trained under 4.31.0.)  The
+fp32 logits.  The
 conversation renderer reproduces, byte for byte, the strings the original ``conversation.py``
 printed (``tests/test_reference.py``).
 
@@ -123,6 +132,9 @@ __all__ = [
     "detect_backbone",
     "render_prompt",
     "load_base_tokenizer",
+    "tokenizer_eras",
+    "TOKENIZER_ERAS",
+    "DEFAULT_TOKENIZER_ERA",
     "tokenizer_image_token",
     "expected_layout",
     "ReferenceOutput",
@@ -230,8 +242,16 @@ def load_original_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenizer: transformers 4.31 slow LlamaTokenizer, restated
+# Tokenizer: transformers' slow LlamaTokenizer (4.37.2, and the 4.31.0 era), restated
 # --------------------------------------------------------------------------------------------
+
+#: transformers releases whose slow LlamaTokenizer is restated here. The original code's HEAD pins 4.37.2
+#: (with tokenizers 0.15.1); the Vicuna 7B/13B checkpoints were released while it pinned 4.31.0. The two
+#: differ in non-legacy mode after a special token and in how plain-string special tokens strip whitespace.
+TOKENIZER_ERAS = ("4.37.2", "4.31.0")
+DEFAULT_TOKENIZER_ERA = "4.37.2"
+_SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_LLAMA_DEFAULTS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 
 @dataclass(frozen=True)
@@ -241,13 +261,15 @@ class _SpecialToken:
     # otherwise the AddedToken's flags.
     lstrip: bool | None
     rstrip: bool | None
+    single_word: bool = False
 
 
 def _as_special(value: Any, wrap_plain: bool) -> _SpecialToken | None:
     if value is None:
         return None
     if isinstance(value, dict):
-        return _SpecialToken(str(value["content"]), bool(value.get("lstrip", False)), bool(value.get("rstrip", False)))
+        return _SpecialToken(str(value["content"]), bool(value.get("lstrip", False)), bool(value.get("rstrip", False)),
+                             bool(value.get("single_word", False)))
     if isinstance(value, str):
         if wrap_plain:  # LlamaTokenizer.__init__ wraps bos/eos/unk/pad strings in AddedToken(lstrip=False, rstrip=False)
             return _SpecialToken(value, False, False)
@@ -255,81 +277,178 @@ def _as_special(value: Any, wrap_plain: bool) -> _SpecialToken | None:
     raise OriginalLoadError(f"unsupported special-token entry: {value!r}")
 
 
-class LlamaSlowTokenizer:
-    """The slow sentencepiece Llama tokenizer of transformers 4.31, as the original used it.
+def _split_on_tokens(text: str, contents: Sequence[str]) -> list[str]:
+    """``text`` cut around every occurrence of ``contents`` (leftmost match first, the longest of those starting
+    there), empty pieces dropped, like 4.37's ``Trie.split``."""
+    if not contents or not text:
+        return [text] if text else []
+    pattern = re.compile("(" + "|".join(re.escape(c) for c in sorted(set(contents), key=len, reverse=True)) + ")")
+    return [p for p in pattern.split(text) if p]
 
-    * The text is split on the special-token strings (leftmost, longest first).  Whitespace next
-      to a special token is stripped only where the token says so: bos/eos/unk/pad from
-      ``tokenizer_config.json`` are AddedTokens (flags as written, ``False`` for plain strings);
-      a plain-string special token coming from ``special_tokens_map.json`` or
-      ``additional_special_tokens`` strips both sides (4.31's default for non-AddedTokens).
-    * ``legacy`` (default True, read from ``tokenizer_config.json``): every non-special piece is
-      encoded with ``sp.encode``, so sentencepiece's dummy prefix adds a leading "\u2581" to every
-      piece.  Non-legacy (4.31 semantics): "\u2581" is prepended to the whole text once and
-      every piece that follows a special token has the leading "\u2581" of its first sentencepiece
-      piece removed (unless the piece starts with a space); the remainder is looked up as a
-      piece (which can give ``<unk>``, as in 4.31).
-    * BOS is prepended (``add_bos_token``, default True), EOS appended if ``add_eos_token``.
+
+def _spm_without_dummy_prefix(model_file: Path) -> spm.SentencePieceProcessor:
+    """The sentencepiece model with ``normalizer_spec.add_dummy_prefix`` off (4.37 ``get_spm_processor``, non-legacy)."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = False
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto.SerializeToString())
+    return sp
+
+
+class LlamaSlowTokenizer:
+    """The slow sentencepiece ``LlamaTokenizer`` (``use_fast=False``) as the original loaded it, for one
+    transformers era (``era``, one of :data:`TOKENIZER_ERAS`; default 4.37.2, the original code's pin).
+
+    Both eras: BOS is prepended (``add_bos_token``, default True), EOS appended if ``add_eos_token``; the text is
+    split on the special-token strings first; every other piece goes through sentencepiece.
+
+    * 4.37.2 (``tokenization_llama.py`` + ``PreTrainedTokenizer.tokenize``): ``legacy`` absent or null means True.
+      The text is cut around every added token (``Trie.split``); a token's AddedToken flags (``lstrip``/``rstrip``/
+      ``single_word``) strip the neighbouring text; plain-string special tokens strip nothing. Flags come from
+      ``added_tokens_decoder`` when ``tokenizer_config.json`` has one (``special_tokens_map.json`` is then not read),
+      else from the config's entries overridden by ``special_tokens_map.json``; when several special attributes
+      share one token, the last (bos, eos, unk, sep, pad, cls, mask, additional) sets its flags.
+      Legacy: every piece is ``sp.encode(piece)`` (dummy prefix on). Non-legacy: ``tokenize`` encodes
+      ``"\u2581" + text`` (with "\u2581" in the text replaced by spaces) and drops a leading lone "\u2581" piece when a
+      special token follows it; ``_tokenize`` runs sentencepiece with the dummy prefix OFF, and a piece starting with
+      "\u2581" or a space is encoded as ``unk_token + piece`` with the unk token's own pieces cut off again.
+    * 4.31.0: ``legacy`` absent means True, an explicit null is falsy (non-legacy). Plain-string special tokens from
+      ``special_tokens_map.json`` / ``additional_special_tokens`` strip both sides; bos/eos/unk/pad strings from
+      ``tokenizer_config.json`` are AddedTokens that strip nothing. Non-legacy: "\u2581" is prepended to the whole
+      text once, and every piece after a special token has the leading "\u2581" of its first sentencepiece piece
+      removed (unless it starts with a space); the remainder is looked up as a piece (which can give ``<unk>``).
     """
 
-    def __init__(self, text_model: Path):
+    def __init__(self, text_model: Path, era: str = DEFAULT_TOKENIZER_ERA):
+        if era not in TOKENIZER_ERAS:
+            raise ValueError(f"tokenizer era {era!r}: expected one of {TOKENIZER_ERAS}")
+        self.era = era
         text_model = Path(text_model)
         model_file = text_model / "tokenizer.model"
         if not model_file.is_file():
             raise OriginalLoadError(f"{model_file} not found")
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         cfg_path = text_model / "tokenizer_config.json"
-        cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg = _read_json(cfg_path)
         added_path = text_model / "added_tokens.json"
         if added_path.is_file() and json.loads(added_path.read_text() or "{}"):
             raise OriginalLoadError(f"{added_path} adds tokens; the original ViP-LLaVA tokenizer had none")
-        # 4.31: LlamaTokenizer(legacy=True) by default; an explicit null is falsy -> non-legacy.
-        self.legacy = bool(cfg.get("legacy", True))
+        if era == "4.31.0":
+            # LlamaTokenizer(legacy=True) by default; an explicit null is falsy -> non-legacy.
+            self.legacy = bool(cfg.get("legacy", True))
+        else:
+            # legacy=None -> a warning, then legacy = True.
+            self.legacy = True if cfg.get("legacy") is None else bool(cfg["legacy"])
         self.add_bos_token = bool(cfg.get("add_bos_token", True))
         self.add_eos_token = bool(cfg.get("add_eos_token", False))
+        self._ids: dict[str, int] = {}  # added tokens beyond the sentencepiece pieces (4.37 added_tokens_decoder)
+        if era == "4.31.0":
+            specials = self._specials_431(cfg, text_model)
+        else:
+            specials = self._specials_437(cfg, text_model, cfg_path)
+        self.bos_id = self._special_id(specials["bos_token"])
+        self.eos_id = self._special_id(specials["eos_token"])
+        self.unk_id = self._special_id(specials["unk_token"])
+        self.bos_token = specials["bos_token"].content if specials["bos_token"] else None
+        self.eos_token = specials["eos_token"].content if specials["eos_token"] else None
+        self.unk_token = specials["unk_token"].content if specials["unk_token"] else None
+        self.all_special_tokens = {t.content for a in _SPECIAL_ATTRS if (t := specials[a]) is not None}
+        self.all_special_tokens |= {t.content for t in specials["additional_special_tokens"] if t is not None}
+        self._contents = sorted(self._strip, key=len, reverse=True)
+        self._split_re = re.compile("(" + "|".join(re.escape(c) for c in self._contents) + ")") if self._contents else None
+        if era != "4.31.0" and not self.legacy:
+            if self.unk_token is None:
+                raise OriginalLoadError(f"{cfg_path}: non-legacy LlamaTokenizer needs an unk_token")
+            self.sp_plain = _spm_without_dummy_prefix(model_file)
+            self.unk_token_length = len(self.sp_plain.encode(self.unk_token))
 
-        # Attribute order of transformers' SpecialTokensMixin.
-        attrs = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"]
-        defaults = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    # -- special tokens per era ---------------------------------------------------------------
+    def _specials_431(self, cfg: dict[str, Any], text_model: Path) -> dict[str, Any]:
         wrapped = {"bos_token", "eos_token", "unk_token", "pad_token"}
         specials: dict[str, Any] = {}
-        for a in attrs:
-            specials[a] = _as_special(cfg.get(a, defaults.get(a)), wrap_plain=a in wrapped)
+        for a in _SPECIAL_ATTRS:
+            specials[a] = _as_special(cfg.get(a, _LLAMA_DEFAULTS.get(a)), wrap_plain=a in wrapped)
         specials["additional_special_tokens"] = [
             _as_special(v, wrap_plain=False) for v in (cfg.get("additional_special_tokens") or [])
         ]
         # special_tokens_map.json is applied afterwards with setattr: it overrides, and plain
         # strings there stay plain strings.
-        map_path = text_model / "special_tokens_map.json"
-        if map_path.is_file():
-            for key, value in json.loads(map_path.read_text()).items():
-                if key == "additional_special_tokens":
-                    specials[key] = [_as_special(v, wrap_plain=False) for v in (value or [])]
-                elif key in attrs:
-                    specials[key] = _as_special(value, wrap_plain=False)
-        ordered: list[_SpecialToken] = [specials[a] for a in attrs if specials[a] is not None]
+        for key, value in _read_json(text_model / "special_tokens_map.json").items():
+            if key == "additional_special_tokens":
+                specials[key] = [_as_special(v, wrap_plain=False) for v in (value or [])]
+            elif key in _SPECIAL_ATTRS:
+                specials[key] = _as_special(value, wrap_plain=False)
+        ordered: list[_SpecialToken] = [specials[a] for a in _SPECIAL_ATTRS if specials[a] is not None]
         ordered += [t for t in specials["additional_special_tokens"] if t is not None]
-
-        self.bos_id = self._special_id(specials["bos_token"])
-        self.eos_id = self._special_id(specials["eos_token"])
-        self.bos_token = specials["bos_token"].content if specials["bos_token"] else None
-        self.eos_token = specials["eos_token"].content if specials["eos_token"] else None
-        self.unk_id = self._special_id(specials["unk_token"])
         # Flags per content: the first AddedToken with that content wins; a content that only
         # ever appears as a plain string strips both sides.
-        self._strip: dict[str, tuple[bool, bool]] = {}
+        self._strip: dict[str, tuple[bool, bool, bool]] = {}
         for tok in ordered:
             self._special_id(tok)
             if tok.lstrip is not None and tok.content not in self._strip:
-                self._strip[tok.content] = (tok.lstrip, tok.rstrip)
+                self._strip[tok.content] = (tok.lstrip, tok.rstrip, False)
         for tok in ordered:
-            self._strip.setdefault(tok.content, (True, True))
-        contents = sorted(self._strip, key=len, reverse=True)
-        self._split_re = re.compile("(" + "|".join(re.escape(c) for c in contents) + ")") if contents else None
+            self._strip.setdefault(tok.content, (True, True, False))
+        return specials
+
+    def _specials_437(self, cfg: dict[str, Any], text_model: Path, cfg_path: Path) -> dict[str, Any]:
+        values: dict[str, Any] = {a: cfg.get(a, _LLAMA_DEFAULTS.get(a)) for a in _SPECIAL_ATTRS}
+        values["additional_special_tokens"] = list(cfg.get("additional_special_tokens") or [])
+        known: dict[str, _SpecialToken] = {}  # from_pretrained's added_tokens_map
+        decoder = cfg.get("added_tokens_decoder")
+        if decoder is not None:
+            if not isinstance(decoder, dict):
+                raise OriginalLoadError(f"{cfg_path}: added_tokens_decoder must be an object")
+            for sid, entry in sorted(decoder.items(), key=lambda kv: int(kv[0])):
+                if not isinstance(entry, dict) or "content" not in entry:
+                    raise OriginalLoadError(f"{cfg_path}: added_tokens_decoder[{sid}] is not an AddedToken: {entry!r}")
+                tok = _as_special(entry, wrap_plain=True)
+                known[tok.content] = tok
+                pid = self.sp.piece_to_id(tok.content)
+                in_vocab = not (pid == self.sp.unk_id() and tok.content != self.sp.id_to_piece(pid))
+                if in_vocab and pid != int(sid):
+                    raise OriginalLoadError(
+                        f"{cfg_path}: added token {tok.content!r} has id {sid}, but tokenizer.model has it at {pid}")
+                if not in_vocab:
+                    if int(sid) < self.sp.get_piece_size():
+                        raise OriginalLoadError(
+                            f"{cfg_path}: added token {tok.content!r} claims id {sid}, which tokenizer.model gives to "
+                            f"{self.sp.id_to_piece(int(sid))!r}")
+                    self._ids[tok.content] = int(sid)
+        else:
+            # legacy loading: special_tokens_map.json overrides the config's entries
+            for key, value in _read_json(text_model / "special_tokens_map.json").items():
+                if key == "additional_special_tokens" and isinstance(value, list):
+                    for v in value:
+                        if all(_token_content(v) != _token_content(w) for w in values[key]):
+                            values[key].append(v)
+                elif key in _SPECIAL_ATTRS:
+                    values[key] = value
+        specials: dict[str, Any] = {}
+        for a in _SPECIAL_ATTRS:
+            tok = _as_special(values[a], wrap_plain=True)
+            specials[a] = known.get(tok.content, tok) if tok is not None else None
+        specials["additional_special_tokens"] = [
+            known.get(t.content, t) if t is not None else None
+            for t in (_as_special(v, wrap_plain=True) for v in values["additional_special_tokens"])
+        ]
+        self._strip = {t.content: (t.lstrip, t.rstrip, t.single_word) for t in known.values()}
+        # PreTrainedTokenizer.__init__ adds every special token again, in attribute order: the last one with a
+        # given content sets its flags.
+        for tok in [specials[a] for a in _SPECIAL_ATTRS] + specials["additional_special_tokens"]:
+            if tok is not None:
+                self._special_id(tok)
+                self._strip[tok.content] = (bool(tok.lstrip), bool(tok.rstrip), tok.single_word)
+        return specials
 
     def _special_id(self, tok: _SpecialToken | None) -> int | None:
         if tok is None:
             return None
+        if tok.content in self._ids:
+            return self._ids[tok.content]
         pid = self.sp.piece_to_id(tok.content)
         if pid == self.sp.unk_id() and tok.content != self.sp.id_to_piece(self.sp.unk_id()):
             raise OriginalLoadError(
@@ -342,8 +461,57 @@ class LlamaSlowTokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
-    # -- PreTrainedTokenizer.tokenize (4.31) ------------------------------------------------
+    # -- tokenize ---------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[str]:
+        if self.era == "4.31.0":
+            return self._tokenize_431(text)
+        if self.legacy or not text:
+            return self._split_and_encode_437(text)
+        pieces = self._split_and_encode_437(SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " "))
+        if len(pieces) > 1 and pieces[0] == SPIECE_UNDERLINE and pieces[1] in self.all_special_tokens:
+            pieces = pieces[1:]
+        return pieces
+
+    def _split_and_encode_437(self, text: str) -> list[str]:
+        """PreTrainedTokenizer.tokenize (4.37): cut around added tokens, apply their flags, encode the rest."""
+        parts = _split_on_tokens(text, self._contents)
+        for i, part in enumerate(parts):
+            if part not in self._strip:
+                continue
+            lstrip, rstrip, single_word = self._strip[part]
+            left = parts[i - 1] if i > 0 else None
+            right = parts[i + 1] if i < len(parts) - 1 else None
+            if rstrip and right:
+                parts[i + 1] = right.lstrip()
+            if lstrip and left:
+                parts[i - 1] = left.rstrip()
+            if single_word and left and left[-1] != " ":
+                parts[i - 1] += part
+                parts[i] = ""
+            elif single_word and right and right[0] != " ":
+                parts[i + 1] = part + parts[i + 1]
+                parts[i] = ""
+        pieces: list[str] = []
+        for part in parts:
+            if not part:
+                continue
+            if part in self._strip:
+                pieces.append(part)
+            else:
+                pieces.extend(self._tokenize_437(part))
+        return pieces
+
+    def _tokenize_437(self, text: str) -> list[str]:
+        """LlamaTokenizer._tokenize (4.37)."""
+        if self.legacy:
+            return self.sp.encode(text, out_type=str)
+        if not text.startswith((SPIECE_UNDERLINE, " ")):
+            return self.sp_plain.encode(text, out_type=str)
+        pieces = self.sp_plain.encode(self.unk_token + text, out_type=str)
+        return pieces[self.unk_token_length:] if len(pieces) >= self.unk_token_length else pieces
+
+    # -- PreTrainedTokenizer.tokenize (4.31) ------------------------------------------------
+    def _tokenize_431(self, text: str) -> list[str]:
         if not self.legacy:
             text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
         parts = [p for p in self._split_re.split(text)] if self._split_re else [text]
@@ -357,7 +525,7 @@ class LlamaSlowTokenizer:
         for i, (p, is_special) in enumerate(segs):
             if not is_special:
                 continue
-            lstrip, rstrip = self._strip[p]
+            lstrip, rstrip, _ = self._strip[p]
             if rstrip and i + 1 < len(segs) and segs[i + 1][0]:
                 segs[i + 1] = (segs[i + 1][0].lstrip(), segs[i + 1][1])
             if lstrip and i > 0 and segs[i - 1][0]:
@@ -369,11 +537,11 @@ class LlamaSlowTokenizer:
             if is_special:
                 pieces.append(p)
             else:
-                pieces.extend(self._tokenize(p))
+                pieces.extend(self._piece_431(p))
         return pieces
 
     # -- LlamaTokenizer._tokenize (4.31) ----------------------------------------------------
-    def _tokenize(self, text: str) -> list[str]:
+    def _piece_431(self, text: str) -> list[str]:
         if self.legacy:
             return self.sp.encode(text, out_type=str)
         is_first = text.startswith(SPIECE_UNDERLINE)
@@ -384,9 +552,12 @@ class LlamaSlowTokenizer:
             pieces = ([pieces[0][1:]] if len(pieces[0]) > 1 else []) + pieces[1:]
         return pieces
 
+    def _piece_id(self, piece: str) -> int:
+        return self._ids[piece] if piece in self._ids else self.sp.piece_to_id(piece)
+
     def encode(self, text: str) -> list[int]:
         """``tokenizer(text).input_ids`` of the original slow tokenizer."""
-        ids = [self.sp.piece_to_id(p) for p in self.tokenize(text)]
+        ids = [self._piece_id(p) for p in self.tokenize(text)]
         if self.add_bos_token:
             ids = [self.bos_id] + ids
         if self.add_eos_token:
@@ -394,11 +565,13 @@ class LlamaSlowTokenizer:
         return ids
 
     def __len__(self) -> int:
-        """``len(tokenizer)``: the sentencepiece pieces (no added tokens, see ``__init__``)."""
-        return self.sp.get_piece_size()
+        """``len(tokenizer)``: the sentencepiece pieces plus any added token beyond them."""
+        return self.sp.get_piece_size() + len(self._ids)
 
     def token_id(self, token: str) -> int | None:
         """``convert_tokens_to_ids(token)``, or None when the vocabulary lacks it."""
+        if token in self._ids:
+            return self._ids[token]
         pid = self.sp.piece_to_id(token)
         return None if pid == self.sp.unk_id() and token != self.sp.id_to_piece(pid) else pid
 
@@ -453,6 +626,77 @@ def _token_content(value: Any) -> str | None:
     raise OriginalLoadError(f"unsupported special-token entry: {value!r}")
 
 
+def _sentencepiece_bpe_merges(pieces: Sequence[tuple[str, float]], known: Mapping[str, int]) -> list[tuple[str, str]]:
+    """The BPE merges transformers 4.37.2's ``SentencePieceExtractor.extract(vocab_scores)`` derives from a
+    sentencepiece model, restated: every way to cut a piece into two pieces of the model (``known``: piece -> id),
+    those of one piece ordered by the two halves' ids, all of them then ranked by the score of the piece they make,
+    highest first (a stable sort, so equal scores keep the pieces' id order)."""
+    ranked: list[tuple[float, str, str]] = []
+    for piece, score in pieces:
+        cuts = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+        cuts = [(a, b) for a, b in cuts if a in known and b in known]
+        cuts.sort(key=lambda ab: (known[ab[0]], known[ab[1]]))
+        ranked.extend((score, a, b) for a, b in cuts)
+    ranked.sort(key=lambda t: t[0], reverse=True)
+    return [(a, b) for _, a, b in ranked]
+
+
+def llama_fast_from_sentencepiece(model_file: Path, cfg: Mapping[str, Any], cfg_path: Path):
+    """The ``tokenizers.Tokenizer`` that transformers 4.37.2's ``LlamaTokenizerFast.from_pretrained`` built from a
+    folder with only ``tokenizer.model`` (``LlamaConverter`` + ``PreTrainedTokenizerFast.__init__``), restated with
+    tokenizers' own building blocks:
+
+    * a byte-fallback BPE (``fuse_unk``; unk = the model's unk piece) over the pieces, the first three renamed
+      ``<unk>``, ``<s>``, ``</s>``, with the merges of :func:`_sentencepiece_bpe_merges`;
+    * normalizer: prepend "▁", then every space -> "▁" (per text segment between added tokens); no
+      pre-tokenizer;
+    * added tokens: ``<unk>``, ``<s>``, ``</s>`` (special, not normalized), then every ``added_tokens_decoder`` entry
+      of ``tokenizer_config.json`` in id order with its own flags (an entry for a token already there replaces its
+      flags), then any special token the config names that is still missing.
+    Only BPE models (Llama-2 / Phi-3) are restated; anything else is refused."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    from tokenizers import AddedToken, Tokenizer, normalizers
+    from tokenizers.models import BPE
+
+    proto = model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(Path(model_file).read_bytes())
+    except Exception as e:  # protobuf's DecodeError
+        raise OriginalLoadError(f"{model_file}: not a sentencepiece model ({e})") from None
+    if proto.trainer_spec.model_type != model_pb2.TrainerSpec.BPE:
+        raise OriginalLoadError(
+            f"{model_file}: a sentencepiece model of type {proto.trainer_spec.model_type}; only BPE (Llama-2, Phi-3) is "
+            "restated for building the fast tokenizer; pass the base model's tokenizer.json")
+    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)] + [(p.piece, p.score) for p in proto.pieces[3:]]
+    known = {p.piece: i for i, p in enumerate(proto.pieces)}
+    vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+    bpe = BPE(vocab, _sentencepiece_bpe_merges(pieces, known), unk_token=proto.trainer_spec.unk_piece,
+              fuse_unk=True, byte_fallback=True)
+    tk = Tokenizer(bpe)
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
+    decoder = cfg.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise OriginalLoadError(f"{cfg_path}: added_tokens_decoder must be an object")
+    for sid, entry in sorted(decoder.items(), key=lambda kv: int(kv[0])):
+        if not isinstance(entry, dict) or "content" not in entry:
+            raise OriginalLoadError(f"{cfg_path}: added_tokens_decoder[{sid}] is not an AddedToken: {entry!r}")
+        special = bool(entry.get("special", False))
+        token = AddedToken(str(entry["content"]), single_word=bool(entry.get("single_word", False)),
+                           lstrip=bool(entry.get("lstrip", False)), rstrip=bool(entry.get("rstrip", False)),
+                           normalized=bool(entry.get("normalized", not special)), special=special)
+        (tk.add_special_tokens if special else tk.add_tokens)([token])
+    named = [cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")]
+    named += list(cfg.get("additional_special_tokens") or [])
+    for value in named:
+        content = _token_content(value)
+        if content is not None and tk.token_to_id(content) is None:
+            flags = value if isinstance(value, dict) else {}
+            tk.add_special_tokens([AddedToken(content, lstrip=bool(flags.get("lstrip", False)),
+                                              rstrip=bool(flags.get("rstrip", False)), normalized=False, special=True)])
+    return tk
+
+
 class FastTokenizer:
     """A base model's ``tokenizer.json``, run by ``tokenizers`` as transformers' fast tokenizer did.
 
@@ -479,17 +723,24 @@ class FastTokenizer:
             raise ValueError(f"bos_policy {bos_policy!r}: expected one of {self.POLICIES}")
         text_model = Path(text_model)
         path = text_model / "tokenizer.json"
-        if not path.is_file():
-            raise OriginalLoadError(
-                f"{path} not found: the original inference loaded this backbone's fast tokenizer (builder.py use_fast=True)"
-            )
-        try:
-            self.tk = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises its own exception type for a malformed file
-            raise OriginalLoadError(f"{path}: unreadable tokenizer ({str(e).splitlines()[0]})") from None
-        self.bos_policy = bos_policy
         cfg_path = text_model / "tokenizer_config.json"
         cfg = _read_json(cfg_path)
+        if path.is_file():
+            try:
+                self.tk = Tokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises its own exception type for a malformed file
+                raise OriginalLoadError(f"{path}: unreadable tokenizer ({str(e).splitlines()[0]})") from None
+            self.source = "tokenizer.json"
+        elif bos_policy == "add_bos_token" and (text_model / "tokenizer.model").is_file():
+            # LlamaTokenizerFast from a slow-only folder: transformers 4.37.2 converted tokenizer.model itself
+            self.tk = llama_fast_from_sentencepiece(text_model / "tokenizer.model", cfg, cfg_path)
+            self.source = "tokenizer.model (converted like transformers 4.37.2's LlamaConverter)"
+        else:
+            raise OriginalLoadError(
+                f"{path} not found: the original inference loaded this backbone's fast tokenizer (builder.py use_fast=True)"
+                + ("" if bos_policy == "post_processor" else " and there is no tokenizer.model to build it from")
+            )
+        self.bos_policy = bos_policy
         specials = {k: _token_content(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         for k, v in _read_json(text_model / "special_tokens_map.json").items():
             if k in specials:
@@ -913,9 +1164,23 @@ def detect_backbone(original_dir: Path, text_model_dir: Path) -> str:
     return plain[0].name
 
 
-def load_base_tokenizer(backbone: str, text_model: Path):
-    """The tokenizer the original inference used for ``backbone`` (``LlamaSlowTokenizer`` or ``FastTokenizer``)."""
-    return BACKBONES[backbone].tokenizer(Path(text_model))
+def load_base_tokenizer(backbone: str, text_model: Path, era: str | None = None):
+    """The tokenizer the original inference used for ``backbone`` (``LlamaSlowTokenizer`` or ``FastTokenizer``).
+
+    ``era`` (one of :data:`TOKENIZER_ERAS`) picks the transformers release whose slow tokenizer is restated; only a
+    backbone the original ran with the slow tokenizer (Vicuna) has eras, the fast ones are one tokenizer in every
+    release here (ValueError)."""
+    factory = BACKBONES[backbone].tokenizer
+    if era is None:
+        return factory(Path(text_model))
+    if factory is not LlamaSlowTokenizer:
+        raise ValueError(f"{backbone}: the original loaded the fast tokenizer (use_fast=True); it has no tokenizer eras")
+    return LlamaSlowTokenizer(Path(text_model), era=era)
+
+
+def tokenizer_eras(backbone: str) -> tuple[str, ...]:
+    """The transformers eras whose tokenizer for ``backbone`` is restated (empty for the fast-tokenizer backbones)."""
+    return TOKENIZER_ERAS if BACKBONES[backbone].tokenizer is LlamaSlowTokenizer else ()
 
 
 def terminator_ids(backbone: str, tokenizer) -> dict[str, int]:
@@ -1194,6 +1459,8 @@ class OriginalVipLlava:
         input_ids: Sequence[int],
         images: Sequence[PIL.Image.Image] | None = None,
         capture: bool = False,
+        features: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> ReferenceOutput:
         """Logits of the original model over the spliced sequence.
 
@@ -1201,6 +1468,9 @@ class OriginalVipLlava:
         sentinel.  Returns float32 logits ``[T, vocab]`` with ``T = len(input_ids) +
         n_images * (num_patches - 1)`` (capped at ``tokenizer_model_max_length``) and, per spliced
         position, the index into ``input_ids`` it came from.
+
+        ``last_only=True`` (greedy decoding): the logits of the last position only, ``[1, vocab]``.
+        ``features``: the images' projected features, computed before (the vision side does not depend on the text).
 
         ``capture=True`` also records float32 intermediates in ``trace``:
         ``vision.embeddings`` (CLIP hidden state 0, after ``pre_layrnorm``) and
@@ -1223,8 +1493,12 @@ class OriginalVipLlava:
             raise ValueError("empty input_ids")
 
         trace: dict[str, torch.Tensor] = {}
-        features = None
-        if images:
+        if features is not None:  # the projected features of these images, computed before (generate_greedy)
+            if capture or features.shape[0] != len(images):
+                raise ValueError("precomputed features need one entry per image and capture=False")
+        if capture and last_only:
+            raise ValueError("capture needs the logits of every position (last_only=False)")
+        elif images:
             pixel_values = torch.stack([self.preprocess(im) for im in images])
             hs = self._vision_hidden_states(pixel_values)
             features = self._select_and_project(hs)
@@ -1276,6 +1550,8 @@ class OriginalVipLlava:
                 inputs_embeds=inputs_embeds[None],
                 position_ids=torch.arange(T, dtype=torch.long)[None],
                 use_cache=False,
+                # last_only: the lm_head on the last position alone (what greedy decoding reads)
+                **({"logits_to_keep": 1} if last_only else {}),
             )
         finally:
             for h in hooks:
@@ -1301,8 +1577,11 @@ class OriginalVipLlava:
         ``len(tokenizer)`` (``self.emit_limit``)."""
         ids = [int(i) for i in input_ids]
         new: list[int] = []
+        features = None
+        if images:  # the vision tower and projector do not depend on the text: run them once
+            features = self._select_and_project(self._vision_hidden_states(torch.stack([self.preprocess(im) for im in images])))
         for _ in range(max_new_tokens):
-            logits = self.forward(ids + new, images).logits
+            logits = self.forward(ids + new, images, features=features, last_only=True).logits
             nxt = int(torch.argmax(logits[-1, : self.emit_limit]).item())
             new.append(nxt)
             if nxt in self.eos_token_ids:

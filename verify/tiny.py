@@ -154,6 +154,9 @@ class TinySpec:
     backbone: str = "vicuna"  # a key of BACKBONES
     # len(base tokenizer) T, all added specials included; None = vocab_size. Rows [T, vocab) of lm_head are zero.
     tokenizer_size: int | None = None
+    # (bos, eos, pad) ids of the configs when the tokenizer is not the backbone's tiny one (a real vocabulary);
+    # None = the Backbone's. pad may be None (no pad_token_id in the config).
+    token_ids: tuple[int, int, int | None] | None = None
 
     def __post_init__(self) -> None:
         get_backbone(self.backbone)
@@ -183,6 +186,24 @@ class TinySpec:
     def backbone_info(self) -> Backbone:
         """The ``Backbone`` data of ``self.backbone``."""
         return get_backbone(self.backbone)
+
+    @property
+    def special_ids(self) -> tuple[int, int, int | None]:
+        """(bos, eos, pad) ids the configs carry: ``token_ids`` when given, else the backbone's tiny fixture's."""
+        if self.token_ids is not None:
+            bos, eos, pad = self.token_ids
+            return bos, eos, pad
+        bb = self.backbone_info
+        return bb.bos_token_id, bb.eos_token_id, bb.pad_token_id
+
+    @classmethod
+    def for_real_vocab(cls, backbone: str, rows: int, tokens: int, token_ids: tuple[int, int, int | None]) -> "TinySpec":
+        """Tiny dimensions with a REAL vocabulary: ``rows`` original embedding rows (32000 Vicuna, 128256 Llama-3,
+        32064 Phi-3), a base tokenizer of ``tokens`` tokens and its (bos, eos, pad) ids."""
+        base = cls.for_backbone(backbone)
+        fields = {**base.as_dict(), "vocab_size": rows, "tokenizer_size": None if tokens == rows else tokens,
+                  "token_ids": tuple(token_ids)}
+        return cls(**fields)
 
     @property
     def tokenizer_len(self) -> int:
@@ -223,14 +244,14 @@ def _text_fields(spec: TinySpec, rms_norm_eps: float) -> dict:
         "rms_norm_eps": rms_norm_eps,
         "rope_theta": bb.rope_theta,
         "vocab_size": spec.vocab_size,
-        "bos_token_id": bb.bos_token_id,
-        "eos_token_id": bb.eos_token_id,
+        "bos_token_id": spec.special_ids[0],
+        "eos_token_id": spec.special_ids[1],
         "tie_word_embeddings": False,
         "use_cache": True,
         **bb.extra_fields(spec),
     }
-    if bb.pad_token_id is not None:
-        fields["pad_token_id"] = bb.pad_token_id
+    if spec.special_ids[2] is not None:
+        fields["pad_token_id"] = spec.special_ids[2]
     return fields
 
 
@@ -417,9 +438,9 @@ def _text_config(spec: TinySpec, layers: int, rms_norm_eps: float = 1e-5, **over
         "max_position_embeddings": spec.max_position_embeddings,
         "rms_norm_eps": rms_norm_eps,
         "rope_parameters": {"rope_type": "default", "rope_theta": bb.rope_theta},
-        "bos_token_id": bb.bos_token_id,
-        "eos_token_id": bb.eos_token_id,
-        "pad_token_id": bb.pad_token_id,
+        "bos_token_id": spec.special_ids[0],
+        "eos_token_id": spec.special_ids[1],
+        "pad_token_id": spec.special_ids[2],
         "tie_word_embeddings": False,
         **{k: v for k, v in bb.extra_fields(spec).items() if k != "rope_scaling"},  # rope_parameters says it
         **overrides,

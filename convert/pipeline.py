@@ -93,8 +93,8 @@ class Summary:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ConversionError(f"{path}: missing; {what} needs a config.json")
+    if not os.path.lexists(path):
+        raise ConversionError(f"{path}: missing; {what} needs a {path.name}")
     return load_json(path, ConversionError, dict, hint=f"pass {what} with a valid {path.name}")
 
 
@@ -170,7 +170,7 @@ def check_no_overlap(output: Path, inputs: dict[str, Path]) -> None:
 def convert(opts: Options) -> Summary:
     start = time.perf_counter()
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
-        raise ConversionError(f"--dtype {opts.dtype!r}: expected one of auto, {', '.join(DTYPES)}")
+        raise ConversionError(f"--dtype {opts.dtype!r}: expected one of auto, {', '.join(DTYPES)}; pass one of them")
     check_seed(opts.seed)
     max_bytes = parse_size(opts.max_shard_size)
     output = output_path(opts.output)

@@ -86,7 +86,7 @@ SEED_LIMIT = 2**32  # torch's CPU generator keeps 32 bits of the seed: s and s +
 
 def check_seed(seed: int) -> None:
     if not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise ConversionError(f"--seed {seed!r}: expected an integer with 0 <= seed < 2**32 (torch's generator keeps 32 bits)")
+        raise ConversionError(f"--seed {seed!r}: expected an integer with 0 <= seed < 2**32 (torch's generator keeps 32 bits); pass a smaller --seed")
 
 
 def resize(

@@ -153,7 +153,7 @@ def _is_int(v: object) -> bool:
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     """The parsed header (tensor entries only) and the byte offset where the data starts, validated as strictly
-    as the safetensors library does: strict JSON with unique names; each entry exactly ``dtype``, ``shape``,
+    as the safetensors library does: strict JSON with unique names; each entry with ``dtype``, ``shape`` and
     ``data_offsets``; integers only, non-negative; byte lengths matching dtype x shape; the tensors' byte ranges
     neither overlapping nor leaving gaps, and covering the data section exactly."""
     size = path.stat().st_size
@@ -176,9 +176,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     spans = []
     for key, entry in header.items():
         where = f"{path}: tensor {safe_name(key)!r}"
-        if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+        if not isinstance(entry, dict) or not _ENTRY_KEYS <= set(entry):  # other keys are ignored, as the library does
             found = sorted(entry) if isinstance(entry, dict) else type_name(entry)
-            raise ConversionError(f"{where}: expected a header entry with exactly dtype, shape and data_offsets, found {safe_name(found)}; {fix}")
+            raise ConversionError(f"{where}: expected a header entry with dtype, shape and data_offsets, found {safe_name(found)}; {fix}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
             raise ConversionError(f"{where}: dtype {safe_name(dtype)!r} is not one of {', '.join(_SAFETENSORS_DTYPES)}; {fix}")
@@ -274,17 +274,17 @@ def _read_state_pickle(path: Path) -> bytes:
         names = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
         if len(names) != 1:
             raise ConversionError(f"{path}: not a torch.save checkpoint (no single data.pkl inside); re-download it")
-        packed = next((i for i in infos if i.compress_type != zipfile.ZIP_STORED), None)
-        if packed is not None:
-            raise ConversionError(
-                f"{path}: record {safe_name(packed.filename)} is compressed; expected uncompressed records as torch.save "
-                "writes them; re-save the checkpoint with torch.save or download it again"
-            )
         info = names[0]
         if info.file_size > MAX_PICKLE_BYTES:
             raise ConversionError(
                 f"{path}: data.pkl claims {info.file_size} bytes, expected at most {MAX_PICKLE_BYTES} for a state dict; "
                 "this is not a weights checkpoint, refusing to read it"
+            )
+        packed = next((i for i in infos if i.compress_type != zipfile.ZIP_STORED), None)
+        if packed is not None:
+            raise ConversionError(
+                f"{path}: record {safe_name(packed.filename)} is compressed; expected uncompressed records as torch.save "
+                "writes them; re-save the checkpoint with torch.save or download it again"
             )
         with z.open(info) as f:
             data = f.read(MAX_PICKLE_BYTES + 1)

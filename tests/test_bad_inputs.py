@@ -830,6 +830,24 @@ def test_verify_original_loaders_refuse_escaping_index_entries_before_opening(tm
     assert all(p.endswith("pytorch_model.bin.index.json") for p in opened), opened
 
 
+@pytest.mark.parametrize("point", ["tensor_write", "before_fsync", "before_rename", "after_exchange"])
+def test_inputs_byte_identical_after_a_killed_force_run(point, tmp_path, templates, runner):
+    """SIGKILLed at each named point while replacing an existing output (--force): the inputs are untouched."""
+    from convert.writer import FAULT_ENV
+
+    fx = _paths(tmp_path / "fx")
+    shutil.copytree(templates["bin"].root, fx.root, symlinks=True)
+    shutil.copytree(templates["repo"], tmp_path / "out")
+    before = tree_state(fx.root)
+    io = tmp_path / "io"
+    io.mkdir()
+    argv = ["--original", str(fx.original), "--text-model", str(fx.text_model), "--vision-model", str(fx.vision_model),
+            "--output", str(tmp_path / "out"), "--quiet", "--force", "--seed", "3"]
+    result = runner.run("convert", argv, str(io), env={FAULT_ENV: point})
+    assert result["code"] == -9, result  # it really was killed there
+    assert tree_state(fx.root) == before
+
+
 def test_the_table_covers_every_class():
     """At least 60 rows, and every class of issue 16 has rows."""
     ids = [r[0] for r in ROWS]

@@ -7,8 +7,9 @@ The steps are small pure functions (``convert.mapping``, ``convert.config``, ``c
 from __future__ import annotations
 
 import errno
-from contextlib import contextmanager
 import json
+import os
+from contextlib import contextmanager
 import platform
 import time
 from collections.abc import Callable
@@ -20,13 +21,14 @@ import torch
 
 from . import __version__
 from .backbones import detect
-from .config import build_config, generation_config, load_vipllava_config, vision_tower_config
+from .config import build_config, check_original_config, check_preprocessor, generation_config, load_vipllava_config, vision_tower_config
 from .errors import ConversionError
 from .layout import expected_shapes
 from .mapping import EMBED_KEY, LM_HEAD_KEY, KeyMapping, RuleTable, table_for
 from .processor import build_tokenizer, load_base_tokenizer, write_processor_files, write_tokenizer_files
 from .resize import SCALE, check_seed, resize
-from .sources import Checkpoint, checked_sha256, open_checkpoint, resolve, sha256_file
+from .safejson import MAX_TOKENIZER_BYTES, load_json, read_bounded
+from .sources import Checkpoint, ResolvedInput, checked_sha256, open_checkpoint, resolve, sha256_file
 from .writer import DropBehind, InputStream, OutTensor, atomic_directory, check_output, index_json, parse_size, plan_shards, shard_names, write_json, write_shard
 
 DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14-336"
@@ -91,15 +93,9 @@ class Summary:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ConversionError(f"{path}: missing; {what} needs a config.json")
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return obj
+    if not os.path.lexists(path):
+        raise ConversionError(f"{path}: missing; {what} needs a {path.name}")
+    return load_json(path, ConversionError, dict, hint=f"pass {what} with a valid {path.name}")
 
 
 def _has_tokenizer(directory: Path) -> bool:
@@ -145,32 +141,70 @@ def _check_shapes(ckpt: Checkpoint, mapping: KeyMapping, expected: dict[str, tup
             raise ConversionError(f"{src}: shape {tuple(got)} but the config implies {tuple(want)}; the checkpoint and its config.json disagree")
 
 
+def output_path(given: Path) -> Path:
+    """The absolute --output; a symlink to a folder is followed (the new output replaces the folder it points at,
+    the link stays valid); a dangling symlink is refused before any work."""
+    path = Path(given).expanduser().absolute()
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if not target.exists():
+            raise ConversionError(f"{path}: --output is a symlink to {target}, which does not exist; remove the link or "
+                                  "pass the folder's real path")
+        return target
+    return path
+
+
+def check_no_overlap(output: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an --output that is, contains or lies inside any input (compared after following symlinks), with or
+    without --force: replacing it would delete or change the inputs."""
+    out = Path(os.path.realpath(output))
+    for what, p in inputs.items():
+        real = Path(os.path.realpath(p))
+        folder = real if real.is_dir() else real.parent
+        if out == folder or out in folder.parents or folder in out.parents:
+            rel = "is" if out == folder else "contains" if out in folder.parents else "lies inside"
+            raise ConversionError(f"{output}: --output {rel} {what} ({folder}); expected a folder apart from every input, "
+                                  "choose another --output (nothing was written)")
+
+
 def convert(opts: Options) -> Summary:
     start = time.perf_counter()
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
-        raise ConversionError(f"--dtype {opts.dtype!r}: expected one of auto, {', '.join(DTYPES)}")
+        raise ConversionError(f"--dtype {opts.dtype!r}: expected one of auto, {', '.join(DTYPES)}; pass one of them")
     check_seed(opts.seed)
     max_bytes = parse_size(opts.max_shard_size)
-    output = Path(opts.output).expanduser().absolute()
-    check_output(output, opts.force)
+    output = output_path(opts.output)
 
     orig = resolve(opts.original, "--original", allow_patterns=["*.json", "*.bin", "*.safetensors", "*.model"])
+    text = orig if opts.text_model is None else resolve(opts.text_model, "--text-model", allow_patterns=["*.json", "*.model", "*.txt"])
+    vision = resolve(opts.vision_model or DEFAULT_VISION_MODEL, "--vision-model", allow_patterns=["*.json"])
+    roles = {"--original": orig.path, "--text-model": text.path, "--vision-model": vision.path}
+    check_no_overlap(output, roles)
+    check_output(output, opts.force)
+
     orig_dir = orig.directory
     original_cfg = _read_json(orig_dir / "config.json", "the original checkpoint")
     ckpt = open_checkpoint(orig.path)
     keys = ckpt.keys()
     _refuse_converted(original_cfg, keys, orig.path)
+    check_original_config(original_cfg, str(orig_dir / "config.json"))
     if ORIGINAL_EMBED not in ckpt.weight_map or ORIGINAL_LM_HEAD not in ckpt.weight_map:
         raise ConversionError(f"{orig.path}: lacks {ORIGINAL_EMBED} or {ORIGINAL_LM_HEAD}; the checkpoint is incomplete")
+    # every file actually read, through its symlinks: none may lie in the output's way
+    check_no_overlap(output, {f"--original file {f.name}": f for f in ckpt.files})
+    for key in (ORIGINAL_EMBED, ORIGINAL_LM_HEAD):
+        if len(ckpt.info(key).shape) != 2:
+            raise ConversionError(f"{key}: shape {tuple(ckpt.info(key).shape)}; expected a 2-D matrix (rows x hidden_size); "
+                                  "the checkpoint is damaged, re-download it")
     # The input weight files are read from here on (the disk starts on the first ones while the tokenizer, config
     # and plan are built); whatever stops the run stops the reader too.
     reader = InputStream(ckpt.files).start()
     with _cancelled_at_exit(reader):
-        return _convert_opened(opts, start, max_bytes, output, orig, original_cfg, ckpt, keys, reader)
+        return _convert_opened(opts, start, max_bytes, output, orig, text, vision, original_cfg, ckpt, keys, reader)
 
 
-def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, orig, original_cfg: dict, ckpt: Checkpoint,
-                    keys: list[str], reader: InputStream) -> Summary:
+def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, orig: ResolvedInput, text: ResolvedInput,
+                    vision: ResolvedInput, original_cfg: dict, ckpt: Checkpoint, keys: list[str], reader: InputStream) -> Summary:
     orig_dir = orig.directory
     vocab, hidden = ckpt.info(ORIGINAL_EMBED).shape
     if original_cfg.get("vocab_size") != vocab:
@@ -178,13 +212,14 @@ def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, o
             f"{orig_dir / 'config.json'}: vocab_size {original_cfg.get('vocab_size')} but {ORIGINAL_EMBED} has {vocab} rows"
         )
 
-    if opts.text_model is None:
-        if not _has_tokenizer(orig_dir):
-            raise ConversionError(f"{orig_dir}: holds no tokenizer; pass --text-model (the base model with the tokenizer)")
-        text = orig
-    else:
-        text = resolve(opts.text_model, "--text-model", allow_patterns=["*.json", "*.model", "*.txt"])
-    vision = resolve(opts.vision_model or DEFAULT_VISION_MODEL, "--vision-model", allow_patterns=["*.json"])
+    if opts.text_model is None and not _has_tokenizer(orig_dir):
+        raise ConversionError(f"{orig_dir}: holds no tokenizer; pass --text-model (the base model with the tokenizer)")
+    check_tokenizer_files(text.directory)
+    vision_file = vision.directory / "config.json"
+    vision_cfg = vision_tower_config(_read_json(vision_file, "--vision-model"), str(vision_file))
+    preprocessor_file = vision.directory / "preprocessor_config.json"
+    preprocessor = _read_json(preprocessor_file, "--vision-model (image preprocessing)")
+    check_preprocessor(preprocessor, str(preprocessor_file), vision_cfg["num_channels"])
 
     base_tok = load_base_tokenizer(text.directory)
     backbone = detect(original_cfg, base_tok.get_vocab(), str(orig_dir / "config.json"), opts.backbone)
@@ -192,14 +227,15 @@ def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, o
     mapping = table.map_keys(keys)
     tok, tinfo = build_tokenizer(base_tok, text.directory, vocab, backbone)
     notes = _tokenizer_notes(text.directory) if backbone.original_tokenizer == "slow" else []
-    vision_file = vision.directory / "config.json"
-    vision_cfg = vision_tower_config(_read_json(vision_file, "--vision-model"), str(vision_file))
-    preprocessor = _read_json(vision.directory / "preprocessor_config.json", "--vision-model (image preprocessing)")
 
     embed_dtype = ckpt.info(ORIGINAL_EMBED).dtype
     out_dtype = embed_dtype if opts.dtype == "auto" else DTYPES[opts.dtype]
-    if out_dtype not in _DTYPE_NAME:
-        raise ConversionError(f"{ORIGINAL_EMBED}: stored as {embed_dtype}; pass --dtype bfloat16, float16 or float32")
+    # --dtype auto keeps every tensor's own dtype, the lm_head's too (it may differ from the embedding's)
+    head_dtype = ckpt.info(ORIGINAL_LM_HEAD).dtype if opts.dtype == "auto" else out_dtype
+    for key, dtype in ((ORIGINAL_EMBED, out_dtype), (ORIGINAL_LM_HEAD, head_dtype)):
+        if dtype not in _DTYPE_NAME:
+            raise ConversionError(f"{key}: stored as {ckpt.info(key).dtype}; expected a floating-point matrix, "
+                                  "pass --dtype bfloat16, float16 or float32")
     cfg = build_config(original_cfg, vision_cfg, tinfo.ids, _DTYPE_NAME[out_dtype], str(orig_dir / "config.json"), backbone)
     expected = expected_shapes(load_vipllava_config(cfg))
     _check_shapes(ckpt, mapping, expected, vocab, table)
@@ -221,6 +257,8 @@ def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, o
         d = ckpt.info(src).dtype
         return d if opts.dtype == "auto" or not d.is_floating_point else DTYPES[opts.dtype]
 
+    resized_dtype = {EMBED_KEY: out_dtype, LM_HEAD_KEY: head_dtype}
+
     def source_span(src: str) -> tuple[int, int] | None:
         loc = ckpt.location(src)
         if loc is None:
@@ -231,16 +269,17 @@ def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, o
     tensors: list[OutTensor] = []
     for src, tgt in mapping.mapped.items():
         if tgt in (EMBED_KEY, LM_HEAD_KEY):
-            tensors.append(OutTensor(tgt, out_dtype, (rows, hidden), lambda t=tgt: _resized(job, t), source_span(src), late=True))
+            tensors.append(OutTensor(tgt, resized_dtype[tgt], (rows, hidden), lambda t=tgt: _resized(job, t), source_span(src), late=True))
         else:
             dtype, span = out_dtype_for(src), source_span(src)
-            tensors.append(OutTensor(tgt, dtype, tuple(ckpt.info(src).shape), lambda s=src: ckpt.get(s), span,
-                                     verbatim=span is not None and dtype == ckpt.info(src).dtype))
+            verbatim = span is not None and dtype == ckpt.info(src).dtype
+            tensors.append(OutTensor(tgt, dtype, tuple(ckpt.info(src).shape), lambda s=src, d=dtype: cast_checked(s, ckpt.get(s), d), span,
+                                     verbatim=verbatim))
     shards = plan_shards(tensors, max_bytes)
     # The resize runs on a thread while the other shards are written (the two matrices are planned last); its
     # errors (a non-finite embedding) surface when the writer reaches them, and the output is then discarded.
     resizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resize")
-    job = resizer.submit(resize, ckpt.get(ORIGINAL_EMBED), ckpt.get(ORIGINAL_LM_HEAD), rows, opts.seed, out_dtype)
+    job = resizer.submit(resize, ckpt.get(ORIGINAL_EMBED), ckpt.get(ORIGINAL_LM_HEAD), rows, opts.seed, out_dtype, head_dtype=head_dtype)
     resizer.shutdown(wait=False)
 
     def input_records() -> dict:
@@ -316,10 +355,7 @@ def _tokenizer_notes(text_dir: Path) -> list[str]:
     (it cut the dummy prefix off the first piece and looked the rest up, e.g. "x</s>Straße" -> ``<unk>``), which no
     tokenizer.json can express."""
     p = text_dir / "tokenizer_config.json"
-    try:
-        legacy = json.loads(p.read_text()).get("legacy", True) if p.is_file() else True
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        legacy = True
+    legacy = load_json(p, ConversionError).get("legacy", True) if p.is_file() else True
     if legacy is not False:
         return []
     return [
@@ -327,6 +363,72 @@ def _tokenizer_notes(text_dir: Path) -> list[str]:
         "the leading piece once per <image> chunk, none after </s>). Originals run with transformers 4.31 tokenized "
         "text right after </s> differently (multi-turn prompts); run `python -m verify` with your prompts to see it"
     ]
+
+
+_TOKENIZER_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def check_tokenizer_files(text_dir: Path) -> None:
+    """The tokenizer files, before any library reads them: the small JSON files strict and bounded, tokenizer.json
+    bounded, and a tokenizer.model that sentencepiece loads (it is copied into the output; a garbage one would
+    leave the output's slow tokenizer unloadable)."""
+    for name in _TOKENIZER_JSON_FILES:
+        if (text_dir / name).is_file():
+            load_json(text_dir / name, ConversionError, dict, hint="fix it or re-download the tokenizer")
+    if (text_dir / "tokenizer.json").is_file():
+        read_bounded(text_dir / "tokenizer.json", MAX_TOKENIZER_BYTES, ConversionError, "tokenizer.json")
+    model = text_dir / "tokenizer.model"
+    if model.is_file():
+        check_sentencepiece(model)
+
+
+def check_sentencepiece(path: Path) -> None:
+    import sentencepiece as spm
+
+    data = read_bounded(path, MAX_TOKENIZER_BYTES, ConversionError, "sentencepiece model")
+    sp = spm.SentencePieceProcessor()
+    with _quiet_stderr():  # sentencepiece logs its refusals to fd 2 itself
+        try:
+            sp.LoadFromSerializedProto(data)
+            pieces = sp.get_piece_size()
+            problem = None if pieces > 0 else "a model with no pieces"
+        except (RuntimeError, OSError, TypeError) as e:
+            problem = f"a file sentencepiece cannot load ({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
+    if problem:
+        raise ConversionError(f"{path}: expected a sentencepiece model, found {problem}; re-download the tokenizer, or "
+                              "remove tokenizer.model if the folder's tokenizer.json is the tokenizer")
+
+
+@contextmanager
+def _quiet_stderr():
+    """Silence fd 2 while a C++ library talks (the one-line error is ours to print)."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cast_checked(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, refused where a finite value would become Inf (bf16 or fp32 beyond float16's range)."""
+    if t.dtype == dtype:
+        return t
+    out = t.to(dtype)
+    if out.is_floating_point() and torch.isinf(out).any():
+        bad = torch.isinf(out) & torch.isfinite(t)
+        if bad.any():
+            i = int(bad.reshape(-1).nonzero()[0])
+            raise ConversionError(
+                f"{name}: holds {t.reshape(-1)[i].item():.6g} (element {i}), beyond the range of {str(dtype).removeprefix('torch.')}; "
+                "it would become Inf, pass --dtype auto, bfloat16 or float32"
+            )
+    return out
 
 
 def _resized(job, key: str) -> torch.Tensor:

@@ -69,18 +69,34 @@ def check_finite(name: str, t: torch.Tensor) -> None:
             )
 
 
+def _check_cast(name: str, t: torch.Tensor) -> None:
+    """The matrix after a cast to a narrower dtype (its input was finite): an Inf here was a finite value before."""
+    for a, b in _chunks(t.shape[0]):
+        block = t[a:b]
+        if torch.isinf(block).any():
+            bad = torch.isinf(block).nonzero()[0].tolist()
+            raise ConversionError(
+                f"{name}: a value at row {a + bad[0]}, column {bad[1]} is beyond the range of "
+                f"{str(t.dtype).removeprefix('torch.')} and would become Inf; pass --dtype auto, bfloat16 or float32"
+            )
+
+
 SEED_LIMIT = 2**32  # torch's CPU generator keeps 32 bits of the seed: s and s + 2**32 would give the same rows
 
 
 def check_seed(seed: int) -> None:
     if not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise ConversionError(f"--seed {seed!r}: expected an integer with 0 <= seed < 2**32 (torch's generator keeps 32 bits)")
+        raise ConversionError(f"--seed {seed!r}: expected an integer with 0 <= seed < 2**32 (torch's generator keeps 32 bits); pass a smaller --seed")
 
 
 def resize(
-    embed: torch.Tensor, lm_head: torch.Tensor, rows: int, seed: int, out_dtype: torch.dtype, scale: float = SCALE
+    embed: torch.Tensor, lm_head: torch.Tensor, rows: int, seed: int, out_dtype: torch.dtype, scale: float = SCALE,
+    head_dtype: torch.dtype | None = None,
 ) -> ResizeResult:
-    """Both matrices padded to ``rows``; original rows copied bit for bit (then cast to ``out_dtype``)."""
+    """Both matrices padded to ``rows``; original rows copied bit for bit (then cast to ``out_dtype``; the
+    lm_head to ``head_dtype`` when given, so a head stored in another dtype keeps it). A cast that would turn a
+    finite value into Inf is refused."""
+    head_dtype = head_dtype or out_dtype
     n, h = embed.shape
     if lm_head.shape != embed.shape:
         raise ConversionError(f"lm_head.weight has shape {tuple(lm_head.shape)} but embed_tokens has {tuple(embed.shape)}")
@@ -95,9 +111,12 @@ def resize(
     new = sample_new_rows(embed, 2 * k, gen, scale)
     new_embed, new_head = new[:k], new[k:]
     out_e = torch.empty(rows, h, dtype=out_dtype)
-    out_h = torch.empty(rows, h, dtype=out_dtype)
+    out_h = torch.empty(rows, h, dtype=head_dtype)
     out_e[:n] = embed.to(out_dtype)
-    out_h[:n] = lm_head.to(out_dtype)
+    out_h[:n] = lm_head.to(head_dtype)
     out_e[n:] = new_embed.to(torch.float32).to(out_dtype)
-    out_h[n:] = new_head.to(torch.float32).to(out_dtype)
+    out_h[n:] = new_head.to(torch.float32).to(head_dtype)
+    for name, t in (("model.embed_tokens.weight", out_e), ("lm_head.weight", out_h)):
+        if t.dtype != (embed.dtype if t is out_e else lm_head.dtype):
+            _check_cast(name, t)
     return ResizeResult(embed=out_e, lm_head=out_h, original_rows=n, rows=rows, seed=seed)

@@ -18,6 +18,7 @@ import struct
 import sys
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 
 from .errors import ConversionError
+from .safejson import MAX_JSON_BYTES, confined, load_json, parse_json, type_name
+from .safejson import name as safe_name
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -140,44 +143,70 @@ class TensorInfo:
         return n * self.dtype.itemsize
 
 
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
-    """The parsed header (tensor entries only) and the byte offset where the data starts."""
+    """The parsed header (tensor entries only) and the byte offset where the data starts, validated as strictly
+    as the safetensors library does: strict JSON with unique names; each entry with ``dtype``, ``shape`` and
+    ``data_offsets``; integers only, non-negative; byte lengths matching dtype x shape; the tensors' byte ranges
+    neither overlapping nor leaving gaps, and covering the data section exactly."""
     size = path.stat().st_size
+    fix = "the file is corrupt or not written by safetensors; re-download it"
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise ConversionError(f"{path}: truncated safetensors file ({size} bytes); re-download it")
         (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100_000_000):
-            raise ConversionError(f"{path}: corrupt safetensors header (claims {n} bytes); re-download it")
+        if n > min(size - 8, SAFETENSORS_MAX_HEADER):
+            raise ConversionError(f"{path}: corrupt safetensors header (claims {n} bytes, expected at most "
+                                  f"{min(size - 8, SAFETENSORS_MAX_HEADER)}); re-download it")
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: corrupt safetensors header ({e.__class__.__name__}); re-download it") from None
-    if not isinstance(header, dict):
-        raise ConversionError(f"{path}: corrupt safetensors header (not a JSON object); re-download it")
-    header.pop("__metadata__", None)
+    header = parse_json(raw, f"{path} (safetensors header)", ConversionError, dict, hint=fix)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ConversionError(f"{path}: safetensors __metadata__ must map names to strings, found {type_name(meta)}; {fix}")
     data_start = 8 + n
-    end = 0
-    for name, entry in header.items():
-        try:
-            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, stop = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ConversionError(f"{path}: corrupt safetensors header entry for {name!r}; re-download it") from None
-        expected = TensorInfo(dtype, shape).nbytes
-        if stop - begin != expected or begin < 0:
+    data_len = size - data_start
+    spans = []
+    for key, entry in header.items():
+        where = f"{path}: tensor {safe_name(key)!r}"
+        if not isinstance(entry, dict) or not _ENTRY_KEYS <= set(entry):  # other keys are ignored, as the library does
+            found = sorted(entry) if isinstance(entry, dict) else type_name(entry)
+            raise ConversionError(f"{where}: expected a header entry with dtype, shape and data_offsets, found {safe_name(found)}; {fix}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+            raise ConversionError(f"{where}: dtype {safe_name(dtype)!r} is not one of {', '.join(_SAFETENSORS_DTYPES)}; {fix}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise ConversionError(f"{where}: expected a shape of non-negative integers, found {safe_name(shape)}; {fix}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) and x >= 0 for x in offsets)
+                and offsets[0] <= offsets[1]):
+            raise ConversionError(f"{where}: expected data_offsets [begin, end] of integers with 0 <= begin <= end, "
+                                  f"found {safe_name(offsets)}; {fix}")
+        begin, stop = offsets
+        expected = TensorInfo(_SAFETENSORS_DTYPES[dtype], tuple(shape)).nbytes
+        if stop - begin != expected:
             raise ConversionError(
-                f"{path}: tensor {name} spans {stop - begin} bytes but its dtype and shape need {expected}; "
-                "the file is corrupt, re-download it"
+                f"{where}: spans {stop - begin} bytes but its dtype and shape need {expected}; {fix}"
             )
-        end = max(end, stop)
-    if data_start + end > size:
+        spans.append((begin, stop, key))
+    end = 0
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            what = "overlaps the previous tensor" if begin < end else f"leaves a gap of {begin - end} bytes before it"
+            raise ConversionError(f"{path}: tensor {safe_name(key)!r} at bytes [{begin}, {stop}) {what}; {fix}")
+        end = stop
+    if end > data_len:
         raise ConversionError(
             f"{path}: truncated (header needs {data_start + end} bytes, file has {size}); re-download it"
         )
+    if end != data_len:
+        raise ConversionError(f"{path}: {data_len - end} bytes after the last tensor that the header does not cover; {fix}")
     return header, data_start
 
 
@@ -234,22 +263,52 @@ def _torch_version() -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
+MAX_PICKLE_BYTES = 8 << 20  # data.pkl of a state dict: ~100 bytes per tensor (a 13B shard's is ~50 KB)
+
+
+def _read_state_pickle(path: Path) -> bytes:
+    """data.pkl of a torch.save zip, read with a bound (a zip bomb is refused, never expanded); every record must
+    be stored uncompressed, as torch.save writes it."""
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        names = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+        if len(names) != 1:
+            raise ConversionError(f"{path}: not a torch.save checkpoint (no single data.pkl inside); re-download it")
+        info = names[0]
+        if info.file_size > MAX_PICKLE_BYTES:
+            raise ConversionError(
+                f"{path}: data.pkl claims {info.file_size} bytes, expected at most {MAX_PICKLE_BYTES} for a state dict; "
+                "this is not a weights checkpoint, refusing to read it"
+            )
+        packed = next((i for i in infos if i.compress_type != zipfile.ZIP_STORED), None)
+        if packed is not None:
+            raise ConversionError(
+                f"{path}: record {safe_name(packed.filename)} is compressed; expected uncompressed records as torch.save "
+                "writes them; re-save the checkpoint with torch.save or download it again"
+            )
+        with z.open(info) as f:
+            data = f.read(MAX_PICKLE_BYTES + 1)
+        if len(data) > MAX_PICKLE_BYTES:
+            raise ConversionError(f"{path}: data.pkl is larger than {MAX_PICKLE_BYTES} bytes; refusing to read it")
+        return data
+
+
 def scan_pickle(path: Path) -> None:
     """Refuse a torch.save zip whose pickle names any global outside :data:`ALLOWED_GLOBALS`, before anything
-    is unpickled, naming the global. (``weights_only=True`` still guards the actual load.)"""
+    is unpickled, naming the global. (``weights_only=True`` still guards the actual load.) Memory and time are
+    bounded by :data:`MAX_PICKLE_BYTES`."""
     try:
-        with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-            if len(names) != 1:
-                raise ConversionError(f"{path}: not a torch.save checkpoint (no single data.pkl inside); re-download it")
-            data = z.read(names[0])
-    except (zipfile.BadZipFile, UnicodeDecodeError, EOFError, ValueError, struct.error, OSError):
+        data = _read_state_pickle(path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, UnicodeDecodeError, EOFError, ValueError,
+            struct.error, OSError):
         raise ConversionError(
             f"{path}: truncated or corrupt (not a readable zip-format torch checkpoint; a legacy pre-1.6 file must be "
             "re-saved with a current torch); re-download it"
         ) from None
-    strings: list[str | None] = []
-    memo: dict[int, str | None] = {}
+    last: deque[str | None] = deque([None, None], maxlen=2)  # the two most recent pushes, if strings
+    memo: dict[int, str] = {}
+    memo_len = 0
+    kinds: set[bool] = set()
     try:
         for op, arg, _ in pickletools.genops(data):
             name = op.name
@@ -259,24 +318,30 @@ def scan_pickle(path: Path) -> None:
                 module, attr = NAME_MAPPING.get((module, attr), (IMPORT_MAPPING.get(module, module), attr))
                 found = f"{module}.{attr}"  # as Python 3 resolves it (__builtin__.exec -> builtins.exec)
             elif name == "STACK_GLOBAL":
-                if len(strings) < 2 or strings[-1] is None or strings[-2] is None:
+                if last[0] is None or last[1] is None:
                     raise ConversionError(f"{path}: pickle builds a global it does not name plainly; refusing to load it")
-                found = f"{strings[-2]}.{strings[-1]}"
+                found = f"{last[0]}.{last[1]}"
             if found is not None and found not in ALLOWED_GLOBALS:
                 raise ConversionError(
-                    f"{path}: pickle references {found}, which is not a tensor, storage or plain container; "
+                    f"{path}: pickle references {safe_name(found)}, which is not a tensor, storage or plain container; "
                     "refusing to load it (it could run code); get the checkpoint from a trusted source or as safetensors"
                 )
             if "UNICODE" in name or name.endswith("STRING"):
-                strings.append(str(arg))
-            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
-                memo[int(arg)] = strings[-1] if strings else None
-            elif name == "MEMOIZE":
-                memo[len(memo)] = strings[-1] if strings else None
+                last.append(str(arg))
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
+                kinds.add(name == "MEMOIZE")
+                if len(kinds) > 1:  # torch.save never mixes them; keeping track of both would cost unbounded memory
+                    raise ConversionError(f"{path}: pickle mixes PUT and MEMOIZE; refusing to load it, re-save it with torch.save")
+                slot = memo_len if name == "MEMOIZE" else int(arg)
+                memo_len += name == "MEMOIZE"
+                if last[1] is not None:
+                    memo[slot] = last[1]
+                else:
+                    memo.pop(slot, None)
             elif name in ("BINGET", "LONG_BINGET", "GET"):
-                strings.append(memo.get(int(arg)))
+                last.append(memo.get(int(arg)))
             else:
-                strings.append(None)
+                last.append(None)
     except ConversionError:
         raise
     except Exception as e:  # pickletools raises ValueError and friends on malformed streams
@@ -305,10 +370,22 @@ class _PickleShard:
                 f"{path}: refused by the weights-only unpickler ({first}); the file holds more than tensors, "
                 "do not load it with weights_only=False"
             ) from None
-        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-            raise ConversionError(f"{path}: expected a flat dict of name -> tensor, found {type(obj).__name__}")
-        self.tensors: dict[str, torch.Tensor] = obj
+        if not isinstance(obj, dict):
+            raise ConversionError(f"{path}: expected a flat dict of name -> tensor, found {type(obj).__name__}; "
+                                  "pass a checkpoint saved from a state dict")
+        bad = next(((k, v) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
+        if bad is not None:
+            raise ConversionError(f"{path}: expected a flat dict of name -> tensor, found {safe_name(bad[0])!r} -> "
+                                  f"{type(bad[1]).__name__}; pass a checkpoint saved from a state dict")
         self._offsets = _record_offsets(path, obj)
+        # torch.save keeps the lazy negation / conjugation bits of a view (``torch._neg_view``, ``x.conj()``): the
+        # file holds the un-negated bytes. Resolve them here, and never copy such a tensor's bytes verbatim.
+        for k, v in obj.items():
+            if v.is_neg() or v.is_conj():
+                obj[k] = v.resolve_conj().resolve_neg()
+                if self._offsets is not None:
+                    self._offsets.pop(k, None)
+        self.tensors: dict[str, torch.Tensor] = obj
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -429,36 +506,39 @@ def _open_files(directory: Path, files: list[Path], fmt: str) -> Checkpoint:
 def _open_indexed(index_path: Path) -> Checkpoint:
     directory = index_path.parent
     fmt = "safetensors" if index_path.name == SAFE_INDEX or ".safetensors" in index_path.name else "bin"
-    try:
-        index = json.loads(index_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        index = None
-    raw_map = index.get("weight_map") if isinstance(index, dict) else None
+    index = load_json(index_path, ConversionError, dict, MAX_JSON_BYTES, hint="re-download the checkpoint's index")
+    raw_map = index.get("weight_map")
     if not isinstance(raw_map, dict):
-        raise ConversionError(f"{index_path}: not a valid index (expected a JSON object with a weight_map)")
-    names = sorted(set(raw_map.values()))
-    missing = [n for n in names if not (directory / n).is_file()]
+        raise ConversionError(f"{index_path}: expected a weight_map object, found {type_name(raw_map)}; re-download the index")
+    bad = next(((k, v) for k, v in raw_map.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ConversionError(f"{index_path}: weight_map[{safe_name(bad[0])!r}] is {type_name(bad[1])}; expected a shard "
+                              "file name; re-download the index")
+    # every shard name is confined to the folder BEFORE any file is looked at
+    paths = {n: confined(directory, n, ConversionError, index_path, "shard") for n in set(raw_map.values())}
+    names = sorted(paths)
+    missing = [n for n in names if not paths[n].is_file()]
     if missing:
         raise ConversionError(
-            f"{index_path}: names shard {missing[0]} which is missing from {directory}"
+            f"{index_path}: names shard {safe_name(missing[0])} which is missing from {directory}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + "; re-download the checkpoint"
         )
-    files = [directory / n for n in names]
+    files = [paths[n] for n in names]
     ckpt = Checkpoint(directory=directory, files=files, weight_map={}, format=fmt)
     seen: dict[str, Path] = {}
     for f in files:
         for key in ckpt._shard(f).keys():
             if key in seen:
-                raise ConversionError(f"{key}: present in two shards, {seen[key].name} and {f.name}; the checkpoint is inconsistent")
+                raise ConversionError(f"{safe_name(key)}: present in two shards, {seen[key].name} and {f.name}; the checkpoint is inconsistent")
             seen[key] = f
     for key, name in raw_map.items():
         if key not in seen:
-            raise ConversionError(f"{index_path}: names {key} in {name} but no shard holds it; re-download {name}")
+            raise ConversionError(f"{index_path}: names {safe_name(key)} in {safe_name(name)} but no shard holds it; re-download {safe_name(name)}")
         if seen[key].name != name:
-            raise ConversionError(f"{index_path}: places {key} in {name} but it is in {seen[key].name}")
+            raise ConversionError(f"{index_path}: places {safe_name(key)} in {safe_name(name)} but it is in {seen[key].name}")
     extra = sorted(set(seen) - set(raw_map))
     if extra:
-        raise ConversionError(f"{seen[extra[0]]}: holds {extra[0]} which the index {index_path.name} does not list")
+        raise ConversionError(f"{seen[extra[0]]}: holds {safe_name(extra[0])} which the index {index_path.name} does not list")
     ckpt.weight_map = {k: seen[k] for k in raw_map}
     return ckpt

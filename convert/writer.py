@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import hashlib
 import json
 import mmap
@@ -680,11 +681,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _tmp_stem(output: Path) -> str:
+    """The temporary folders' common prefix for ``output``: its name when short, else a digest of it, so that a
+    temporary name (prefix, pid, random part, "-old") fits whenever the output's own name fits."""
+    name = output.name
+    if len(os.fsencode(name)) > 100:
+        name = "h" + hashlib.sha256(os.fsencode(name)).hexdigest()[:24]
+    return f"{TMP_PREFIX}{name}-"
+
+
 def remove_stale_temporaries(output: Path) -> list[Path]:
     """Delete temporary folders that earlier, killed runs left beside ``output`` (their process is gone)."""
     removed = []
-    for p in sorted(output.parent.glob(f"{TMP_PREFIX}{output.name}-*")):
-        m = re.fullmatch(re.escape(f"{TMP_PREFIX}{output.name}-") + r"(\d+)-.*", p.name)
+    stem = _tmp_stem(output)
+    for p in sorted(output.parent.glob(f"{glob.escape(stem)}*")):
+        m = re.fullmatch(re.escape(stem) + r"(\d+)-.*", p.name)
         if not m or _pid_alive(int(m.group(1))):
             continue
         if p.name.endswith("-old") and not output.exists():
@@ -725,7 +736,7 @@ def atomic_directory(output: Path, force: bool) -> Iterator[Path]:
     """
     check_output(output, force)
     remove_stale_temporaries(output)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{output.name}-{os.getpid()}-", dir=output.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_stem(output)}{os.getpid()}-", dir=output.parent))
     try:
         yield tmp
         fault("before_fsync")

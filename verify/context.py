@@ -8,18 +8,52 @@ Tensor files are read here with our own minimal readers (safetensors' ``safe_ope
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
+from convert.safejson import clean, confined, load_json, type_name
+from convert.safejson import name as safe_name
+
 MANIFEST = "conversion.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class VerifyUsageError(Exception):
-    """Bad usage or unreadable input (exit 2), as opposed to a failed check (exit 1)."""
+    """Bad usage or unreadable input (exit 2), as opposed to a failed check (exit 1). Names in the message come
+    from files: control characters are escaped here so the message stays one line."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(clean(message))
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def read_manifest(path: Path) -> dict:
+    """``conversion.json``, strictly: a JSON object; ``outputs`` maps plain file names of the repo (no path, no
+    '..') to sha256 digests; ``inputs`` and ``settings`` are objects of the recorded shape. Anything else is
+    refused before a single listed path is looked at."""
+    fix = "the manifest is corrupt or was edited; convert again"
+    m = load_json(path, VerifyUsageError, dict, hint=fix)
+    outputs = m.get("outputs", {})
+    if not isinstance(outputs, dict):
+        raise VerifyUsageError(f"{path}: expected outputs to be an object of file name -> sha256, found {type_name(outputs)}; {fix}")
+    for name, digest in outputs.items():
+        confined(path.parent, name, VerifyUsageError, path, "output file")
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+            raise VerifyUsageError(f"{path}: outputs[{safe_name(name)!r}] is {safe_name(repr(digest))}; expected a sha256 "
+                                   f"(64 lowercase hex digits); {fix}")
+    for key in ("inputs", "settings"):
+        if not isinstance(m.get(key, {}), dict):
+            raise VerifyUsageError(f"{path}: expected {key} to be an object, found {type_name(m[key])}; {fix}")
+    for role, rec in m.get("inputs", {}).items():
+        if not isinstance(rec, dict) or any(rec.get(k) is not None and not isinstance(rec[k], str) for k in ("path", "source")):
+            raise VerifyUsageError(f"{path}: inputs[{safe_name(role)!r}] must be an object whose path and source are strings; {fix}")
+    return m
 
 
 @dataclass(frozen=True)
@@ -91,8 +125,14 @@ class OriginalTensors:
         self._open: dict[Path, object] = {}
         idx = next((d / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (d / n).is_file()), None)
         if idx is not None:
-            wm = json.loads(idx.read_text())["weight_map"]
-            self.files = {k: d / v for k, v in wm.items()}
+            wm = load_json(idx, VerifyUsageError, dict, hint="re-download the checkpoint's index").get("weight_map")
+            if not isinstance(wm, dict):
+                raise VerifyUsageError(f"{idx}: expected a weight_map object, found {type_name(wm)}; re-download the index")
+            shards = {v: confined(d, v, VerifyUsageError, idx, "shard") for v in set(wm.values()) if isinstance(v, str)}
+            bad = next((k for k, v in wm.items() if not isinstance(v, str)), None)
+            if bad is not None:
+                raise VerifyUsageError(f"{idx}: weight_map[{safe_name(bad)!r}] is not a file name; re-download the index")
+            self.files = {k: shards[v] for k, v in wm.items()}
         else:
             single = next((d / n for n in ("model.safetensors", "pytorch_model.bin") if (d / n).is_file()), None)
             if single is None:
@@ -167,10 +207,7 @@ class Context:
         mf = self.repo / MANIFEST
         self.manifest: dict | None = None
         if mf.is_file():
-            try:
-                self.manifest = json.loads(mf.read_text())
-            except json.JSONDecodeError as e:
-                raise VerifyUsageError(f"{mf}: not valid JSON ({e})") from None
+            self.manifest = read_manifest(mf)
         recorded = (self.manifest or {}).get("inputs", {})
 
         def pick(given: str | None, key: str, flag: str) -> Path:
@@ -220,7 +257,7 @@ class Context:
         p = self.repo / "config.json"
         if not p.is_file():
             raise VerifyUsageError(f"{p}: missing; this is not a converted repo")
-        return json.loads(p.read_text())
+        return load_json(p, VerifyUsageError, dict, hint="convert again")
 
     @cached_property
     def converted_tensors(self) -> ConvertedTensors:
@@ -256,7 +293,7 @@ class Context:
     @cached_property
     def generation_config(self) -> dict:
         p = self.repo / "generation_config.json"
-        return json.loads(p.read_text()) if p.is_file() else {}
+        return load_json(p, VerifyUsageError, dict, hint="convert again") if p.is_file() else {}
 
     # --- the original side -----------------------------------------------------------------------------------
     @cached_property

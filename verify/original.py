@@ -122,6 +122,8 @@ from transformers import (
     PretrainedConfig,
 )
 
+from convert.safejson import clean, confined, load_json  # file-reading plumbing only, no model facts
+
 __all__ = [
     "IMAGE_SENTINEL",
     "FEATURE_LAYERS",
@@ -187,12 +189,18 @@ def list_checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | No
     for name in _INDEX_FILES:
         index_path = folder / name
         if index_path.is_file():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            # plumbing shared with the converter on purpose (bounded, strict JSON; names confined to the folder
+            # before anything is opened): it judges no model fact
+            index = load_json(index_path, OriginalLoadError, dict, hint="re-download the checkpoint's index")
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise OriginalLoadError(f"{index_path}: expected a weight_map of tensor name -> shard file name; re-download the index")
             files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not (folder / f).is_file()]
+            paths = [confined(folder, f, OriginalLoadError, index_path, "shard") for f in files]
+            missing = [f for f, p in zip(files, paths) if not p.is_file()]
             if missing:
-                raise OriginalLoadError(f"{index_path} names shard(s) that do not exist: {missing}")
-            return [folder / f for f in files], dict(weight_map)
+                raise OriginalLoadError(f"{index_path} names shard(s) that do not exist: {[clean(m, 100) for m in missing[:5]]}")
+            return paths, dict(weight_map)
     for name in _SINGLE_FILES:
         if (folder / name).is_file():
             return [folder / name], None

@@ -6,6 +6,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from convert.safejson import clean as _printable  # names from files: no newline or escape code reaches the table
+
 PASS, FAIL, WARN = "PASS", "FAIL", "WARN"
 
 
@@ -56,14 +58,14 @@ class Report:
 
     def table(self) -> str:
         w = max([len(c.name) for c in self.checks] + [5])
-        head = f"verify {self.repo}"
+        head = f"verify {_printable(self.repo)}"
         if self.settings.get("backbone"):
             head += f"  (backbone {self.settings['backbone']}, original prompt mode {self.settings.get('conv_mode')})"
         lines = [head, f"{'check':<{w}}  result  {'seconds':>7}  numbers", "-" * (w + 60)]
         for c in self.checks:
-            lines.append(f"{c.name:<{w}}  {c.status:<6}  {c.seconds:>7.2f}  {c.summary}")
+            lines.append(f"{c.name:<{w}}  {c.status:<6}  {c.seconds:>7.2f}  {_printable(c.summary)}")
             for d in c.details[:8]:
-                lines.append(f"{'':<{w}}          {'':>7}    - {d}")
+                lines.append(f"{'':<{w}}          {'':>7}    - {_printable(d, 300)}")
             if len(c.details) > 8:
                 lines.append(f"{'':<{w}}          {'':>7}    - ... {len(c.details) - 8} more (see --json)")
         verdict = "ALL CHECKS PASSED" if self.passed else f"FAILED: {', '.join(self.failed_checks)}"

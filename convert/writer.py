@@ -406,7 +406,7 @@ class _Chunk:
     start: int  # stream position of its first byte
     n: int
     buf: bytearray
-    hashed: Future  # the input hash's update with these bytes
+    hashed: Future | None  # the input hash's update with these bytes
     used: Future | None = None  # the last output hash job submitted before the writer let go of it
 
     def settle(self) -> None:
@@ -423,23 +423,39 @@ class InputStream:
     ``BUFFERS * CHUNK`` bytes are held whatever the checkpoint's size. The pages read are dropped from the page
     cache at once (the bytes are in our buffer). Meanwhile a second thread asks the disk for up to ``WARM_BYTES``
     ahead of the reader (``POSIX_FADV_WILLNEED``), so the disk reads while the converter is still starting and
-    leaves more of its bandwidth to the writes later. An error on the thread is re-raised to the writer."""
+    leaves more of its bandwidth to the writes later. An error on the thread is re-raised to the writer.
+
+    :meth:`ranges` streams chosen byte ranges of files instead of whole files, in a given order (``verify`` reads
+    an original's tensors in the order the converted repo holds them); ``hashing`` and ``drop`` turn the per-file
+    sha256 and the dropping of read pages off."""
 
     CHUNK = 1 << 22
     BUFFERS = 16
     WARM_BYTES = 6 << 30  # page cache, not our memory; capped at a third of what the machine has available
     WARM_STEP = 1 << 28
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], *, hashing: bool = True, drop: bool = True,
+                 _spans: list[tuple[Path, int, int]] | None = None):
         self.files = list(files)
         self.starts: dict[Path, int] = {}
         self.sizes: dict[Path, int] = {}
+        self.hashing, self.drop = hashing, drop
         total = 0
-        for f in self.files:
-            self.starts[f] = total
-            self.sizes[f] = f.stat().st_size
-            total += self.sizes[f]
-        self.total = total
+        if _spans is None:  # whole files
+            spans = []
+            for f in self.files:
+                self.starts[f] = total
+                self.sizes[f] = f.stat().st_size
+                spans.append((f, 0, self.sizes[f]))
+                total += self.sizes[f]
+        else:
+            spans = list(_spans)
+        self._spans: list[tuple[Path, int, int, int]] = []  # (file, offset, length, stream position)
+        pos = 0
+        for path, offset, length in spans:
+            self._spans.append((path, offset, length, pos))
+            pos += length
+        self.total = pos
         self.bytes_read = 0
         self._digests: dict[Path, Future] = {}
         self._ready: deque[_Chunk] = deque()  # read, not yet passed by the writer
@@ -455,6 +471,12 @@ class InputStream:
         self._thread = threading.Thread(target=self._run, name="input-reader", daemon=True)
         self._warmer = threading.Thread(target=self._warm, name="input-warm", daemon=True)
         self._read_pos = 0  # stream position the reader has read up to
+
+    @classmethod
+    def ranges(cls, spans: list[tuple[Path, int, int]], *, drop: bool = True) -> "InputStream":
+        """A stream of the byte ranges ``(file, offset, length)``, in this order (positions = their
+        concatenation); nothing is hashed."""
+        return cls(sorted({p for p, _, _ in spans}), hashing=False, drop=drop, _spans=spans)
 
     def position(self, path: Path, offset: int) -> int:
         return self.starts[path] + offset
@@ -497,13 +519,13 @@ class InputStream:
         self._last_use = job
 
     def finish(self) -> dict[Path, str]:
-        """Read and hash whatever is left; the sha256 of every file."""
+        """Read (and hash) whatever is left; the sha256 of every file (none when not hashing)."""
         for _ in self.take(self._consumed, self.total):
             pass
         self._thread.join()
         if self._error is not None:
             raise self._error
-        digests = {path: self._digests[path].result() for path in self.files}
+        digests = {path: self._digests[path].result() for path in self.files} if self.hashing else {}
         self._hasher.shutdown(wait=True)
         return digests
 
@@ -547,8 +569,8 @@ class InputStream:
     def _run(self) -> None:
         path = None
         try:
-            for path in self.files:
-                self._read_file(path)
+            for path, offset, length, pos in self._spans:
+                self._read_span(path, offset, length, pos)
         except _Cancelled:
             return
         except BaseException as e:  # handed to the writer
@@ -567,8 +589,7 @@ class InputStream:
         of it (best effort: any error here only loses the read-ahead)."""
         budget = min(self.WARM_BYTES, _available_memory() // 3)
         try:
-            for path in self.files:
-                base, size = self.starts[path], self.sizes[path]
+            for path, first, size, base in self._spans:
                 fd = os.open(path, os.O_RDONLY)
                 try:
                     offset = 0
@@ -578,38 +599,45 @@ class InputStream:
                             return
                         n = min(self.WARM_STEP, size - offset)
                         if n > 0:
-                            os.posix_fadvise(fd, offset, n, os.POSIX_FADV_WILLNEED)
+                            os.posix_fadvise(fd, first + offset, n, os.POSIX_FADV_WILLNEED)
                         offset += max(n, 0)
                 finally:
                     os.close(fd)
         except OSError:
             return
 
-    def _read_file(self, path: Path) -> None:
-        h = hashlib.sha256()
-        size = self.sizes[path]
-        base = self.starts[path]
+    def _read_span(self, path: Path, first: int, size: int, base: int) -> None:
+        h = hashlib.sha256() if self.hashing else None
+        whole = path in self.sizes
         with open(path, "rb", buffering=0) as f:
             fd = f.fileno()
-            if os.fstat(fd).st_size != size:
+            have = os.fstat(fd).st_size
+            if whole and have != size:
                 raise ConversionError(f"{path}: changed size since it was opened ({size} bytes then); is another program writing it?")
+            if not whole and have < first + size:
+                raise ConversionError(f"{path}: {have} bytes, but bytes up to {first + size} were to be read; is the file truncated?")
             if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                os.posix_fadvise(fd, first, size, os.POSIX_FADV_SEQUENTIAL)
+            if first:
+                f.seek(first)
             offset = 0
             while offset < size:
                 buf = self._buffer()
                 n = f.readinto(memoryview(buf)[: min(self.CHUNK, size - offset)])
                 if not n:
-                    raise ConversionError(f"{path}: shrank while being read ({offset} of {size} bytes); is another program writing it?")
-                drop_cached(fd, offset, n)  # the bytes are in our buffer now
-                chunk = _Chunk(base + offset, n, buf, self._hasher.submit(h.update, memoryview(buf)[:n]))
+                    raise ConversionError(f"{path}: shrank while being read ({first + offset} of {first + size} bytes); is another program writing it?")
+                if self.drop:
+                    drop_cached(fd, first + offset, n)  # the bytes are in our buffer now
+                hashed = self._hasher.submit(h.update, memoryview(buf)[:n]) if h is not None else None
+                chunk = _Chunk(base + offset, n, buf, hashed)
                 offset += n
                 self.bytes_read += n
                 self._read_pos = base + offset
                 with self._cond:
                     self._ready.append(chunk)
                     self._cond.notify_all()
-        self._digests[path] = self._hasher.submit(h.hexdigest)
+        if h is not None:
+            self._digests[path] = self._hasher.submit(h.hexdigest)
 
 
 def _available_memory() -> int:

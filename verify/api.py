@@ -33,6 +33,7 @@ def verify_repo(
                                               "prompts": [p["name"] for p in ctx.prompts], "max_new_tokens": max_new_tokens})
     report.environment = _environment()
     selected = [(n, f) for n, f in ALL_CHECKS if only is None or n in only]
+    ctx.data_checks = {n for n, _ in selected}  # the one pass over the bytes serves only these
     if not progress:
         from transformers.utils import logging as hf_logging
 

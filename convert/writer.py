@@ -406,24 +406,29 @@ class _Chunk:
     start: int  # stream position of its first byte
     n: int
     buf: bytearray
-    hashed: Future | None  # the input hash's update with these bytes
     used: Future | None = None  # the last output hash job submitted before the writer let go of it
 
     def settle(self) -> None:
-        wait_futures([f for f in (self.hashed, self.used) if f is not None])
+        if self.used is not None:
+            wait_futures([self.used])
 
 
 class InputStream:
-    """The input weight files, read once, in order, on a thread, into a fixed pool of buffers; hashed (sha256 per
-    file, on a second thread) and handed to the writer, which takes the bytes of each tensor it copies verbatim.
+    """The input weight files, read once from disk, in order, on a thread, into a fixed pool of buffers, and handed
+    to the writer, which takes the bytes of each tensor it copies verbatim; hashed (sha256 per file) by a second
+    thread that reads each file just ahead of them.
 
     Positions are offsets in the concatenation of the files. The stream only moves forward: :meth:`take` skips
     whatever lies before the asked start (pickle records, dropped keys, tensors written another way). A buffer goes
-    back to the reader once the writer has moved past it and both hashes have read it, so at most
-    ``BUFFERS * CHUNK`` bytes are held whatever the checkpoint's size. The pages read are dropped from the page
-    cache at once (the bytes are in our buffer). Meanwhile a second thread asks the disk for up to ``WARM_BYTES``
-    ahead of the reader (``POSIX_FADV_WILLNEED``), so the disk reads while the converter is still starting and
-    leaves more of its bandwidth to the writes later. An error on the thread is re-raised to the writer.
+    back to the reader once the writer has moved past it and the output hash has read it, so at most
+    ``BUFFERS * CHUNK`` bytes are held whatever the checkpoint's size.
+
+    The hashing thread leads: it reads (from the disk, or from the page cache when the input is already there)
+    and hashes up to ``WARM_BYTES`` ahead of the reader, which never passes it, so the disk is read once and the
+    reader copies from the page cache, dropping the pages behind it. The hash does not wait for the writer: with
+    the input in the page cache (right after a download) most of it is done while the converter is still starting.
+    Meanwhile a third thread asks the disk for the input ahead of the reader (``POSIX_FADV_WILLNEED``), within the
+    same budget. An error on any of them is re-raised to the writer.
 
     :meth:`ranges` streams chosen byte ranges of files instead of whole files, in a given order (``verify`` reads
     an original's tensors in the order the converted repo holds them); ``hashing`` and ``drop`` turn the per-file
@@ -457,7 +462,7 @@ class InputStream:
             pos += length
         self.total = pos
         self.bytes_read = 0
-        self._digests: dict[Path, Future] = {}
+        self._digests: dict[Path, str] = {}
         self._ready: deque[_Chunk] = deque()  # read, not yet passed by the writer
         self._retired: deque[_Chunk] = deque()  # passed by the writer; reusable once settled
         self._allocated = 0
@@ -467,7 +472,10 @@ class InputStream:
         self._cancelled = False
         self._error: BaseException | None = None
         self._cond = threading.Condition()
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-in")
+        self._hasher = threading.Thread(target=self._hash_files, name="sha256-in", daemon=True)
+        self._hash_pos = 0  # stream position the hashing thread has read and hashed up to
+        # page cache read ahead of the reader, at most (never less than two chunks: the reader waits for the hash)
+        self._budget = max(min(self.WARM_BYTES, _available_memory() // 3), 2 * self.CHUNK)
         self._thread = threading.Thread(target=self._run, name="input-reader", daemon=True)
         self._warmer = threading.Thread(target=self._warm, name="input-warm", daemon=True)
         self._read_pos = 0  # stream position the reader has read up to
@@ -482,6 +490,8 @@ class InputStream:
         return self.starts[path] + offset
 
     def start(self) -> "InputStream":
+        if self.hashing:
+            self._hasher.start()
         self._thread.start()
         if hasattr(os, "posix_fadvise") and self.WARM_BYTES > 0:
             self._warmer.start()
@@ -523,17 +533,16 @@ class InputStream:
         for _ in self.take(self._consumed, self.total):
             pass
         self._thread.join()
+        if self.hashing:
+            self._hasher.join()
         if self._error is not None:
             raise self._error
-        digests = {path: self._digests[path].result() for path in self.files} if self.hashing else {}
-        self._hasher.shutdown(wait=True)
-        return digests
+        return {path: self._digests[path] for path in self.files} if self.hashing else {}
 
     def cancel(self) -> None:
         with self._cond:
             self._cancelled = True
             self._cond.notify_all()
-        self._hasher.shutdown(wait=False, cancel_futures=True)
 
     def _head(self) -> _Chunk | None:
         with self._cond:
@@ -563,7 +572,7 @@ class InputStream:
                     self._allocated += 1
                     return bytearray(self.CHUNK)
                 self._cond.wait()
-        chunk.settle()  # both hashes are done with it
+        chunk.settle()  # the output hash is done with it
         return chunk.buf
 
     def _run(self) -> None:
@@ -574,20 +583,54 @@ class InputStream:
         except _Cancelled:
             return
         except BaseException as e:  # handed to the writer
-            if isinstance(e, OSError):  # an input problem, not an output one: say which file
-                e = ConversionError(f"{e.filename or path}: reading failed ({e.strerror or e}); check that the input file is intact and readable")
-            with self._cond:
-                self._error = e
-                self._cond.notify_all()
+            self._fail(e, path)
             return
         with self._cond:
             self._done = True
             self._cond.notify_all()
 
+    def _fail(self, e: BaseException, path) -> None:
+        if isinstance(e, OSError):  # an input problem, not an output one: say which file
+            e = ConversionError(f"{e.filename or path}: reading failed ({e.strerror or e}); check that the input file is intact and readable")
+        with self._cond:
+            if self._error is None:
+                self._error = e
+            self._cond.notify_all()
+
+    def _hash_files(self) -> None:
+        """sha256 of every file, read ``CHUNK`` by ``CHUNK`` into a buffer of its own, at most ``_budget`` ahead of
+        the reader (the reader waits for it in turn: see :meth:`_read_span`)."""
+        path = None
+        buf = bytearray(self.CHUNK)
+        try:
+            for path, _, size, base in self._spans:
+                h = hashlib.sha256()
+                with open(path, "rb", buffering=0) as f:
+                    if os.fstat(f.fileno()).st_size != size:
+                        raise ConversionError(f"{path}: changed size since it was opened ({size} bytes then); is another program writing it?")
+                    offset = 0
+                    while offset < size:
+                        with self._cond:
+                            while base + offset - self._read_pos >= self._budget and not self._cancelled:
+                                self._cond.wait()
+                            if self._cancelled:
+                                return
+                        n = f.readinto(memoryview(buf)[: min(self.CHUNK, size - offset)])
+                        if not n:
+                            raise ConversionError(f"{path}: shrank while being read ({offset} of {size} bytes); is another program writing it?")
+                        h.update(memoryview(buf)[:n])
+                        offset += n
+                        with self._cond:
+                            self._hash_pos = base + offset
+                            self._cond.notify_all()
+                self._digests[path] = h.hexdigest()
+        except BaseException as e:  # handed to the writer
+            self._fail(e, path)
+
     def _warm(self) -> None:
         """Ask the disk for the input ahead of the reader, ``WARM_STEP`` at a time, never more than the budget ahead
         of it (best effort: any error here only loses the read-ahead)."""
-        budget = min(self.WARM_BYTES, _available_memory() // 3)
+        budget = self._budget
         try:
             for path, first, size, base in self._spans:
                 fd = os.open(path, os.O_RDONLY)
@@ -607,7 +650,6 @@ class InputStream:
             return
 
     def _read_span(self, path: Path, first: int, size: int, base: int) -> None:
-        h = hashlib.sha256() if self.hashing else None
         whole = path in self.sizes
         with open(path, "rb", buffering=0) as f:
             fd = f.fileno()
@@ -623,21 +665,25 @@ class InputStream:
             offset = 0
             while offset < size:
                 buf = self._buffer()
-                n = f.readinto(memoryview(buf)[: min(self.CHUNK, size - offset)])
+                want = min(self.CHUNK, size - offset)
+                if self.hashing:  # read what the hash has read: from the page cache, not the disk a second time
+                    with self._cond:
+                        while self._hash_pos < base + offset + want and self._error is None and not self._cancelled:
+                            self._cond.wait()
+                        if self._error is not None or self._cancelled:
+                            raise _Cancelled
+                n = f.readinto(memoryview(buf)[:want])
                 if not n:
                     raise ConversionError(f"{path}: shrank while being read ({first + offset} of {first + size} bytes); is another program writing it?")
                 if self.drop:
                     drop_cached(fd, first + offset, n)  # the bytes are in our buffer now
-                hashed = self._hasher.submit(h.update, memoryview(buf)[:n]) if h is not None else None
-                chunk = _Chunk(base + offset, n, buf, hashed)
+                chunk = _Chunk(base + offset, n, buf)
                 offset += n
                 self.bytes_read += n
-                self._read_pos = base + offset
                 with self._cond:
+                    self._read_pos = base + offset
                     self._ready.append(chunk)
                     self._cond.notify_all()
-        if h is not None:
-            self._digests[path] = self._hasher.submit(h.hexdigest)
 
 
 def _available_memory() -> int:

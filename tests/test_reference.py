@@ -819,28 +819,92 @@ def test_phi3_rope_scaling_is_refused(backbone_fixtures, tmp_path):
         OriginalVipLlava.from_dirs(dst, src.text_model, src.vision_model)
 
 
-def test_greedy_generation_stops_on_the_end_of_turn_token(backbone_fixtures, monkeypatch):
+def _steer_last_logits(model, edit):
+    """A forward hook on the text model: ``edit(call_index, last_row)`` rewrites the last position's logits of every
+    text-model call (prompt forward and cached steps alike)."""
+    calls = []
+
+    def hook(_module, _args, out):
+        edit(len(calls), out.logits[0, -1])
+        calls.append(1)
+        return out
+
+    return model.llm.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["cached", "recomputed"])
+def test_greedy_generation_stops_on_the_end_of_turn_token(backbone_fixtures, incremental):
     """A terminator other than eos (<|eot_id|>) ends generation, and ids the resized original could not emit are
-    never picked."""
+    never picked, on the cached path and on the full recomputation."""
     model = backbone_fixtures["llama3"]["model"]
     ids = model.tokenize(render_prompt([{"role": "user", "text": "hi"}, {"role": "assistant", "text": None}], "llava_llama_3"))
-    real = model.forward
 
-    def forced(seq, images=None, capture=False):
-        out = real(seq, images, capture)
-        out.logits[-1] = -10.0
-        out.logits[-1, 909 if len(seq) > len(ids) else 5] = 10.0
-        return out
+    def forced(k, row):
+        row[:] = -10.0
+        row[909 if k > 0 else 5] = 10.0
 
-    monkeypatch.setattr(model, "forward", forced)
-    assert model.generate_greedy(ids, max_new_tokens=6) == [5, 909]
+    handle = _steer_last_logits(model, forced)
+    try:
+        assert model.generate_greedy(ids, max_new_tokens=6, incremental=incremental) == [5, 909]
+    finally:
+        handle.remove()
     phi3 = backbone_fixtures["phi3"]["model"]
-    real_phi = phi3.forward
 
-    def beyond(seq, images=None, capture=False):
-        out = real_phi(seq, images, capture)
-        out.logits[-1, 1010] = 1e4  # a padding row past len(tokenizer): the original had resized it away
-        return out
+    def beyond(k, row):
+        row[1010] = 1e4  # a padding row past len(tokenizer): the original had resized it away
 
-    monkeypatch.setattr(phi3, "forward", beyond)
-    assert 1010 not in phi3.generate_greedy(phi3.tokenize("<|user|>\nhi<|end|>\n<|assistant|>\n"), max_new_tokens=3)
+    handle = _steer_last_logits(phi3, beyond)
+    try:
+        got = phi3.generate_greedy(phi3.tokenize("<|user|>\nhi<|end|>\n<|assistant|>\n"), max_new_tokens=3, incremental=incremental)
+    finally:
+        handle.remove()
+    assert got and 1010 not in got
+
+
+def _incremental_vs_full(model, prompts, max_new_tokens, atol):
+    """Tokens identical and each step's logits row within ``atol``; returns how many cached steps were compared."""
+    steps = 0
+    for text, images in prompts:
+        ids = model.tokenize(text)
+        inc, inc_rows = model.generate_greedy(ids, images, max_new_tokens=max_new_tokens, return_logits=True)
+        full, full_rows = model.generate_greedy(ids, images, max_new_tokens=max_new_tokens, incremental=False, return_logits=True)
+        assert inc == full, text
+        assert len(inc_rows) == len(full_rows) == len(inc)
+        for a, b in zip(inc_rows, full_rows):
+            torch.testing.assert_close(a, b, atol=atol, rtol=0)
+        steps += len(inc) - 1
+    return steps
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"])
+def test_incremental_generation_equals_full_recomputation(world, dtype, atol):
+    """The cached continuation (one prompt forward, then one text-model step per token) gives the same tokens and,
+    step by step, the same logits as re-running the whole spliced sequence for every token."""
+    model = world["model"] if dtype == torch.float32 else OriginalVipLlava.from_dirs(world["original"], world["text"], world["vision"], dtype=dtype)
+    prompts = [("USER: <image>\nWhat is shown? ASSISTANT:", [rand_image(40, 28, seed=8)]),
+               ("USER: <image>\nWhat colour? <image>\nAnd here? ASSISTANT:", [rand_image(28, 30, seed=3), rand_image(31, 28, seed=4)]),
+               ("USER: Hello world! ASSISTANT:", None)]
+    # the eos row pushed down so that every prompt runs its full length through the cache
+    handle = _steer_last_logits(model, lambda k, row: row.__setitem__(2, -1e4))
+    try:
+        steps = _incremental_vs_full(model, prompts, 8, atol)
+    finally:
+        handle.remove()
+    assert steps == 3 * 7
+
+
+def test_incremental_generation_on_the_tiny_fixtures(tiny, backbone_fixtures):
+    """The same on the shared tiny fixtures of all three backbones (Vicuna, Llama-3 with GQA, Phi-3 with fused
+    projections and a sliding window), as verify loads them (bf16, the checkpoints' own dtype), and in fp32."""
+    from fixtures.build import sample_images
+
+    img = [sample_images()["box"]]
+    fixtures = {"vicuna": tiny, **{k: v["paths"] for k, v in backbone_fixtures.items()}}
+    prompts = {"vicuna": "USER: <image>\nWhat is inside the red box? ASSISTANT:",
+               "llama3": render_prompt([{"role": "user", "text": "<image>\nWhat is inside the red box?"}, {"role": "assistant", "text": None}], "llava_llama_3"),
+               "phi3": render_prompt([{"role": "user", "text": "<image>\nWhat is inside the red box?"}, {"role": "assistant", "text": None}], "llava_phi_3")}
+    for name, paths in fixtures.items():
+        for dtype, atol in ((torch.bfloat16, 5e-2), (torch.float32, 1e-5)):
+            model = OriginalVipLlava.from_dirs(paths.original, paths.text_model, paths.vision_model, dtype=dtype)
+            steps = _incremental_vs_full(model, [(prompts[name], img)], 6, atol)
+            assert steps >= 1, f"{name}: generation stopped before any cached step"

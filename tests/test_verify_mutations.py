@@ -43,8 +43,8 @@ def _edit_json(repo: Path, name: str, fn) -> None:
     _rehash(repo)
 
 
-def _verify(repo: Path):
-    return verify_repo(repo, prompts=PROMPTS, images=sample_images(), max_new_tokens=4, progress=False)
+def _verify(repo: Path, **kw):
+    return verify_repo(repo, prompts=PROMPTS, images=sample_images(), max_new_tokens=4, progress=False, **kw)
 
 
 @pytest.fixture()
@@ -155,7 +155,7 @@ def test_planted_defect_fails_the_right_check(repo, defect, must_fail, divergenc
 
 
 def test_clean_repo_passes_with_measured_numbers(converted):
-    report = _verify(converted)
+    report = _verify(converted, dtype="float32")  # the default (the checkpoint's bf16): tests/test_verify_generation.py
     assert report.passed, report.table()
     logits = report.get("logits").numbers
     assert logits["max_abs_diff"] <= logits["tolerance"] == 1e-4

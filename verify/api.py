@@ -17,23 +17,26 @@ def verify_repo(
     vision_model: str | None = None,
     prompts: list[dict] | None = None,
     images: dict | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     max_new_tokens: int = 8,
     only: list[str] | None = None,
     progress: bool = True,
+    memory_limit: int | None = None,
 ) -> Report:
     """Verify a converted repo against the independent reference of the original. Raises
-    :class:`~verify.context.VerifyUsageError` for bad usage or unreadable input."""
+    :class:`~verify.context.VerifyUsageError` for bad usage or unreadable input, and when the run's estimated
+    memory exceeds ``memory_limit`` (default: MemAvailable). ``dtype`` None: the checkpoint's own (bf16)."""
     from tqdm.auto import tqdm
 
     ctx = Context(Path(repo), original=original, text_model=text_model, vision_model=vision_model,
-                  prompts=prompts, images=images, dtype=dtype, max_new_tokens=max_new_tokens)
-    report = Report(repo=str(repo), settings={"dtype": dtype, "inputs": {k: str(v) for k, v in vars(ctx.inputs).items()},
+                  prompts=prompts, images=images, dtype=dtype, max_new_tokens=max_new_tokens, only=only,
+                  memory_limit=memory_limit)
+    report = Report(repo=str(repo), settings={"dtype": ctx.dtype_name, "dtype_source": ctx.dtype_source, "memory_estimate": ctx.memory,
+                                              "inputs": {k: str(v) for k, v in vars(ctx.inputs).items()},
                                               "backbone": ctx.backbone, "conv_mode": ctx.conv_mode,
                                               "prompts": [p["name"] for p in ctx.prompts], "max_new_tokens": max_new_tokens})
     report.environment = _environment()
     selected = [(n, f) for n, f in ALL_CHECKS if only is None or n in only]
-    ctx.data_checks = {n for n, _ in selected}  # the one pass over the bytes serves only these
     if not progress:
         from transformers.utils import logging as hf_logging
 
@@ -46,6 +49,7 @@ def verify_repo(
             result = Check(name, FAIL, f"could not run: {e.__class__.__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
         result.seconds = time.perf_counter() - t0
         report.checks.append(result)
+    report.settings["phase_seconds"] = {k: round(v, 3) for k, v in sorted(ctx.timings.items())}
     return report
 
 

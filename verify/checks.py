@@ -595,53 +595,57 @@ def check_logits(ctx: Context) -> Check:
         where = first_divergence(ctx, first_bad, tol)
         if where:
             problems.insert(0, f"first divergence: {where[0]} (max |diff| {where[1]:.3g}) on prompt {ctx.parity_inputs[first_bad]['name']}")
-    numbers = {"max_abs_diff": worst, "tolerance": tol, "dtype": ctx.dtype_name, "top1_agree": agree, "top1_decided": decided, "near_ties": ties, "prompts": len(ctx.prompts)}
-    summary = f"max |diff| {worst:.3g} <= {tol:g} ({ctx.dtype_name}) over {len(ctx.prompts)} prompts; top-1 {agree}/{decided} ({ties} near-ties excluded)"
+    others = ", ".join(f"{k} {v:g}" for k, v in LOGITS_TOL.items() if k != ctx.dtype_name)
+    numbers = {"max_abs_diff": worst, "tolerance": tol, "dtype": ctx.dtype_name, "dtype_source": ctx.dtype_source,
+               "tolerance_per_dtype": dict(LOGITS_TOL), "top1_agree": agree, "top1_decided": decided, "near_ties": ties,
+               "prompts": len(ctx.prompts), "seconds": _phase_seconds(ctx, "load", "forward")}
+    summary = (f"max |diff| {worst:.3g} <= {tol:g} ({ctx.dtype_name}; {others}) over {len(ctx.prompts)} prompts; "
+               f"top-1 {agree}/{decided} ({ties} near-ties excluded)")
     if problems:
-        summary = f"max |diff| {worst:.3g} (tol {tol:g}); top-1 {agree}/{decided}"
+        summary = f"max |diff| {worst:.3g} (tol {tol:g}, {ctx.dtype_name}); top-1 {agree}/{decided}"
     return Check("logits", FAIL if problems else PASS, summary, numbers, problems)
+
+
+def _phase_seconds(ctx: Context, *phases: str) -> dict[str, float]:
+    """The model runs' seconds per side and phase (``ctx.timings``), e.g. reference_forward, converted_decode."""
+    return {k: round(v, 3) for k, v in sorted(ctx.timings.items()) if k.split("_", 1)[1] in phases}
 
 
 # ------------------------------------------------------------------------------------------------------------
 def check_generation(ctx: Context) -> Check:
     """The converted generation_config stops on every token the original eval stopped on (its terminators), and
-    greedy generation of N tokens is identical (the converted model's added rows are masked: the original has no
-    such tokens)."""
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    V = ctx.original_vocab
-
-    class _OnlyOriginal(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            scores[:, V:] = -float("inf")
-            return scores
-
+    greedy generation of N tokens is identical. Nothing is masked: the converted model generates through the repo's
+    own ``generation_config.json`` (which must keep it off the ids the original could never emit, e.g. with
+    ``suppress_tokens``); the reference emits what the original could (ids below len(tokenizer))."""
     problems, total = [], 0
     n = ctx.max_new_tokens
     gen = ctx.generation_config
     gen_eos = _id_set(gen.get("eos_token_id"))
     terminators = ctx.terminators
+    T = ctx.layout["base_tokens"]
     for token, tid in terminators.items():
         if tid not in gen_eos:
             problems.append(f"generation_config eos_token_id {gen.get('eos_token_id')} lacks the original terminator {token} ({tid})")
-    for x, ref in zip(ctx.parity_inputs, ctx.reference_generations):
-        kw = {"pixel_values": x["pixels"].to(ctx.dtype)} if x["pixels"] is not None else {}
-        ids = torch.tensor([x["expanded"]])
-        with torch.no_grad():
-            out = ctx.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                logits_processor=LogitsProcessorList([_OnlyOriginal()]), pad_token_id=gen.get("pad_token_id"),
-                eos_token_id=gen.get("eos_token_id"), **kw,
-            )
-        got = out[0, ids.shape[1]:].tolist()
+    if n <= 0:
+        return Check("generation", FAIL, f"--max-new-tokens {n}: no tokens to compare", {"max_new_tokens": n}, problems)
+    emitted_beyond = set()
+    for x, ref, got in zip(ctx.parity_inputs, ctx.reference_generations, ctx.converted_generations):
         total += len(ref)
         if got != list(ref):
-            problems.append(f"prompt {x['name']}: converted {got} vs original {list(ref)}")
+            beyond = sorted({t for t in got if t >= T})
+            emitted_beyond.update(beyond)
+            note = (f"; ids {beyond} are >= len(base tokenizer) {T}, which the original could never emit "
+                    f"(generation_config.json suppress_tokens should hold them)") if beyond else ""
+            problems.append(f"prompt {x['name']}: converted {got} vs original {list(ref)}{note}")
     stops = ", ".join(f"{t} {i}" for t, i in terminators.items())
     n_bad = sum(1 for q in problems if q.startswith("prompt "))
+    suppressed = _id_set(gen.get("suppress_tokens"))
     numbers = {"prompts": len(ctx.parity_inputs), "max_new_tokens": n, "tokens_compared": total,
-               "terminators": terminators, "generation_config_eos": sorted(gen_eos)}
-    summary = (f"{len(ctx.parity_inputs) - n_bad}/{len(ctx.parity_inputs)} prompts identical over {n} greedy tokens ({total} tokens); "
+               "terminators": terminators, "generation_config_eos": sorted(gen_eos), "base_tokens": T,
+               "suppress_tokens": len(suppressed), "emitted_beyond_base": sorted(emitted_beyond),
+               "seconds": _phase_seconds(ctx, "decode")}
+    summary = (f"{len(ctx.parity_inputs) - n_bad}/{len(ctx.parity_inputs)} prompts identical over {n} greedy tokens ({total} tokens), "
+               f"unmasked, through generation_config.json ({len(suppressed)} ids suppressed); "
                f"stops on the original's [{stops}]: {'yes' if all(i in gen_eos for i in terminators.values()) else 'NO'}")
     return Check("generation", FAIL if problems else PASS, summary, numbers, problems)
 

@@ -21,6 +21,9 @@ from .datapass import ST_DTYPES
 MANIFEST = "conversion.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DATA_CHECKS = frozenset({"files", "mapping", "resize"})  # the checks that share one pass over the bytes
+GiB = 1 << 30
+# Python, torch and transformers themselves, tokenizers, images, the processor: measured ~0.3 GiB, stated with room.
+RUNTIME_BYTES = 1 * GiB
 
 
 class VerifyUsageError(Exception):
@@ -85,6 +88,73 @@ def prepare_prompt(entry: dict, conv_mode: str, index: int = 0) -> dict:
             raise VerifyUsageError(f"prompt {name!r}: prompt must be a string")
         out["prompt"] = entry["prompt"]
     return out
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` from /proc/meminfo in bytes (None where the kernel does not say)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory estimate needs to know about one model (the original and the converted share it)."""
+
+    parameters: int  # elements, text model + vision tower + projector
+    layers: int
+    hidden: int
+    heads: int
+    kv_dim: int  # key/value heads x head_dim
+    intermediate: int
+    vocab: int
+    vision_layers: int
+    vision_hidden: int
+    vision_heads: int
+    vision_intermediate: int
+    vision_tokens: int  # patches + CLS
+    image_tokens: int  # positions one image takes in the spliced sequence
+
+    def sequence(self, text_ids: int, images: int) -> int:
+        """Spliced length of a prompt with ``text_ids`` non-image ids and ``images`` image sentinels."""
+        return text_ids + images * self.image_tokens
+
+
+def estimate_memory(shape: ModelShape, dtype: torch.dtype, stored: tuple[torch.dtype | None, torch.dtype | None],
+                    sequences: list[int], images: list[int], max_new_tokens: int) -> dict:
+    """Peak anonymous memory (bytes) of a verify run, by part.
+
+    * weights: both models are read from their files in the dtype they are stored in (memory-mapped, page cache,
+      measured: +0.14 GiB anonymous for a 0.85 B-parameter pair in bf16); a model whose stored dtype differs from
+      ``dtype`` is copied: parameters x element size, each (``stored`` = (original, converted); None = unknown,
+      counted as a copy).
+    * held logits: the float32 logits of every prompt, both sides (the checks compare them after both ran).
+    * one prompt in flight (one model at a time): the key/value cache over prompt + new tokens, eager attention
+      scores of one layer (float32 softmax + the cast), the MLP and residual activations, the last logits, the vision
+      tower's hidden states (all layers are kept for the feature selection) and its attention scores.
+    * the runtime: python, torch, transformers (``RUNTIME_BYTES``).
+    """
+    b = torch.empty((), dtype=dtype).element_size()
+    copies = sum(1 for s in stored if s != dtype)
+    S = max(sequences, default=1) + max_new_tokens
+    n_img = max(images, default=0)
+    parts = {
+        "weights": copies * shape.parameters * b,
+        "held_logits": 2 * sum(sequences) * shape.vocab * 4,
+        "kv_cache": 2 * shape.layers * S * shape.kv_dim * b,
+        "attention": shape.heads * S * S * (4 + b),
+        "activations": S * (3 * shape.intermediate + 6 * shape.hidden) * b + S * shape.vocab * (4 + b),
+        "vision": n_img * ((shape.vision_layers + 1) * shape.vision_tokens * shape.vision_hidden * b
+                           + shape.vision_heads * shape.vision_tokens ** 2 * (4 + b)
+                           + shape.vision_tokens * shape.vision_intermediate * b),
+        "runtime": RUNTIME_BYTES,
+    }
+    return {"dtype": str(dtype).removeprefix("torch."), "weight_copies": copies, "longest_sequence": S,
+            "parts": parts, "total": sum(parts.values())}
 
 
 class OriginalTensors:
@@ -186,6 +256,38 @@ class ConvertedTensors:
         return out
 
 
+CONVERTED_EMBED = "language_model.model.embed_tokens.weight"
+# checks that load a model (the converted one, the reference, or both); the others read files only
+MODEL_CHECKS = frozenset({"strict_load", "resize", "processor", "logits", "generation"})
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
+
+
+def _safetensors_dtype(repo: Path, key: str) -> torch.dtype | None:
+    """The stored dtype of ``key`` in the repo's safetensors files, from their JSON headers (None if absent or
+    unreadable: the files check reports a corrupt header)."""
+    for f in sorted(repo.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 0 < n <= 100 * 2**20:
+                    continue
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError):
+            continue
+        if isinstance(header.get(key), dict):
+            return _SAFETENSORS_DTYPES.get(header[key].get("dtype"))
+    return None
+
+
+def _default_dtype(stored: tuple[torch.dtype | None, torch.dtype | None]) -> str:
+    """The checkpoint's own dtype: the original's as stored (bf16 for every released ViP-LLaVA), else the
+    converted repo's; float16 or unknown -> bfloat16 (float32 only when asked or stored so)."""
+    for dt in stored:
+        if dt is not None:
+            return "float32" if dt == torch.float32 else "bfloat16"
+    return "bfloat16"
+
+
 class Context:
     def __init__(
         self,
@@ -195,18 +297,25 @@ class Context:
         vision_model: str | None = None,
         prompts: list[dict] | None = None,
         images: dict | None = None,
-        dtype: str = "float32",
+        dtype: str | None = None,
         max_new_tokens: int = 8,
+        only: list[str] | None = None,
+        memory_limit: int | None = None,
     ):
+        """``dtype`` None: the original checkpoint's own dtype (bf16 for the real ones). ``only``: the checks that
+        will run (None: all), so that models are loaded (and their memory estimated) only when a check needs them,
+        and generation runs only when its check does. ``memory_limit``: bytes the run may use (None: the kernel's
+        MemAvailable); a run whose estimate exceeds it is refused before anything is loaded."""
         self.repo = Path(repo)
         if not self.repo.is_dir():
             raise VerifyUsageError(f"{repo}: not a folder; pass the converted repo")
-        if dtype not in DTYPES:
+        if dtype is not None and dtype not in DTYPES:
             raise VerifyUsageError(f"--dtype {dtype!r}: expected float32 or bfloat16")
-        self.dtype_name = dtype
-        self.dtype = DTYPES[dtype]
-        self.data_checks = set(DATA_CHECKS)  # which of the data checks will run: what the one pass must serve
         self.max_new_tokens = max_new_tokens
+        self.only = set(only) if only else None
+        # which of the data checks will run: what the one pass over the bytes must serve
+        self.data_checks = set(DATA_CHECKS) if self.only is None else DATA_CHECKS & self.only
+        self.timings: dict[str, float] = {}  # seconds per phase of the model runs (load, forward, decode), per side
         mf = self.repo / MANIFEST
         self.manifest: dict | None = None
         if mf.is_file():
@@ -251,6 +360,69 @@ class Context:
         for p in self.prompts:
             if p.get("image") and p["image"] not in images:
                 raise VerifyUsageError(f"prompt {p.get('name')!r} names image {p['image']!r}, which is not among the images")
+        self.stored_dtypes = self._stored_dtypes()
+        self.dtype_source = "asked" if dtype is not None else "checkpoint"
+        self.dtype_name = dtype if dtype is not None else _default_dtype(self.stored_dtypes)
+        self.dtype = DTYPES[self.dtype_name]
+        self.memory: dict | None = None
+        if self.only is None or self.only & MODEL_CHECKS:
+            self.memory = self._check_memory(memory_limit)
+
+    # --- dtype and memory, decided before anything is loaded --------------------------------------------------
+    def _stored_dtypes(self) -> tuple[torch.dtype | None, torch.dtype | None]:
+        """(original, converted) dtype of the token embedding as stored; None where unreadable (the checks say why)."""
+        try:
+            original = self.original_tensors.get("model.embed_tokens.weight").dtype
+        except Exception:  # a missing or corrupt original: the mapping check reports it
+            original = None
+        return original, _safetensors_dtype(self.repo, CONVERTED_EMBED)
+
+    @cached_property
+    def model_shape(self) -> ModelShape:
+        from .original import BACKBONES, clip_vision_config_from_dir
+
+        cfg = json.loads((self.original_dir / "config.json").read_text())
+        lcfg = BACKBONES[self.backbone].text_config(cfg)
+        vcfg = clip_vision_config_from_dir(self.inputs.vision_model)
+        heads = lcfg.num_attention_heads
+        head_dim = getattr(lcfg, "head_dim", None) or lcfg.hidden_size // heads
+        patches = (vcfg.image_size // vcfg.patch_size) ** 2
+        tensors = self.original_tensors
+        return ModelShape(
+            parameters=sum(tensors.get(k).numel() for k in tensors.keys()),
+            layers=lcfg.num_hidden_layers, hidden=lcfg.hidden_size, heads=heads,
+            kv_dim=(getattr(lcfg, "num_key_value_heads", None) or heads) * head_dim,
+            intermediate=lcfg.intermediate_size, vocab=lcfg.vocab_size,
+            vision_layers=vcfg.num_hidden_layers, vision_hidden=vcfg.hidden_size, vision_heads=vcfg.num_attention_heads,
+            vision_intermediate=vcfg.intermediate_size, vision_tokens=patches + 1, image_tokens=patches,
+        )
+
+    def _check_memory(self, limit: int | None) -> dict:
+        """The run's peak anonymous memory, estimated from the shapes (:func:`estimate_memory`), against ``limit``
+        (default MemAvailable). Refuses (VerifyUsageError, exit 2) when it does not fit."""
+        from .original import IMAGE_SENTINEL
+
+        try:
+            shape = self.model_shape
+            ids = [self.base_tokenizer.encode_with_images(p["prompt"]) for p in self.prompts]
+        except Exception as e:  # unreadable inputs: the checks that load them report it
+            return {"error": f"{e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        images = [x.count(IMAGE_SENTINEL) for x in ids]
+        sequences = [shape.sequence(len(x) - n, n) for x, n in zip(ids, images)]
+        generating = self.only is None or "generation" in self.only
+        est = estimate_memory(shape, self.dtype, self.stored_dtypes, sequences, images, self.max_new_tokens if generating else 0)
+        source = "given" if limit is not None else "MemAvailable"
+        limit = limit if limit is not None else available_memory()
+        est.update({"limit": limit, "limit_source": source, "parameters": shape.parameters})
+        if limit is not None and est["total"] > limit:
+            big = max(est["parts"], key=est["parts"].get)
+            hint = ("pass --dtype bfloat16 (the checkpoint's own dtype: its weights are read from the files, not copied)"
+                    if self.dtype != torch.bfloat16 else "free memory or verify fewer prompts (--prompts)")
+            raise VerifyUsageError(
+                f"{self.repo}: a {self.dtype_name} run needs about {est['total'] / GiB:.1f} GiB of memory "
+                f"({big} {est['parts'][big] / GiB:.1f} GiB), {limit / GiB:.1f} GiB is available ({source}); {hint}"
+            )
+        return est
 
     @property
     def original_dir(self) -> Path:
@@ -279,12 +451,16 @@ class Context:
     @cached_property
     def loaded(self):
         """(model, loading_info), loaded with ``from_pretrained`` as a user would, in the requested dtype."""
+        import time
+
         from transformers import VipLlavaForConditionalGeneration
 
+        t0 = time.perf_counter()
         model, info = VipLlavaForConditionalGeneration.from_pretrained(
             str(self.repo), output_loading_info=True, dtype=self.dtype, attn_implementation="eager"
         )
         model.eval()
+        self.timings["converted_load"] = time.perf_counter() - t0
         return model, info
 
     @property
@@ -315,9 +491,14 @@ class Context:
 
     @cached_property
     def reference(self):
+        import time
+
         from .original import OriginalVipLlava
 
-        return OriginalVipLlava.from_dirs(self.original_dir, self.inputs.text_model, self.inputs.vision_model, dtype=self.dtype)
+        t0 = time.perf_counter()
+        ref = OriginalVipLlava.from_dirs(self.original_dir, self.inputs.text_model, self.inputs.vision_model, dtype=self.dtype)
+        self.timings["reference_load"] = time.perf_counter() - t0
+        return ref
 
     @cached_property
     def base_tokenizer(self):
@@ -378,25 +559,94 @@ class Context:
             out.append({"name": p["name"], "ids": ids, "expanded": expanded, "images": imgs, "pixels": pixels})
         return out
 
+    @property
+    def generating(self) -> bool:
+        return self.max_new_tokens > 0 and (self.only is None or "generation" in self.only)
+
+    def _time(self, phase: str, t0: float) -> None:
+        import time
+
+        self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
+
     @cached_property
+    def reference_runs(self) -> list[tuple]:
+        """Per prompt: (ReferenceOutput, greedy ids or None). One forward per prompt gives the logits AND the
+        key/value cache the greedy continuation steps from; all prompts run before the converted model is touched
+        (the two models are never used in turns, so a full-size pair does not fight over the page cache)."""
+        import time
+
+        ref = self.reference
+        out = []
+        for x in self.parity_inputs:
+            t0 = time.perf_counter()
+            fwd = ref.forward(x["ids"], x["images"] or None, keep_cache=self.generating)
+            self._time("reference_forward", t0)
+            tokens = None
+            if self.generating:
+                t0 = time.perf_counter()
+                tokens, _ = ref.continue_greedy(fwd, self.max_new_tokens)
+                self._time("reference_decode", t0)
+            out.append((fwd, tokens))
+        return out
+
+    @property
     def reference_outputs(self) -> list:
-        return [self.reference.forward(x["ids"], x["images"] or None) for x in self.parity_inputs]
+        return [fwd for fwd, _ in self.reference_runs]
 
-    @cached_property
+    @property
     def reference_generations(self) -> list[list[int]]:
-        """Greedy continuations of the reference, all prompts first (the two models are never used in turns, so a
-        full-size pair does not fight over the page cache)."""
-        return [list(self.reference.generate_greedy(x["ids"], x["images"] or None, max_new_tokens=self.max_new_tokens))
-                for x in self.parity_inputs]
+        """Greedy continuations of the reference (the original's emit limit and terminators)."""
+        if not self.generating:
+            raise RuntimeError("generation was not requested (max_new_tokens 0 or the check not selected)")
+        return [tokens for _, tokens in self.reference_runs]
 
     @cached_property
+    def converted_runs(self) -> list[tuple[torch.Tensor, list[int] | None]]:
+        """Per prompt: (float32 logits over every position, generated ids or None).
+
+        When generating, one ``model.generate`` call per prompt, exactly as a user runs the converted repo: its
+        ``generation_config.json`` (stop ids, ``suppress_tokens``, ...) as loaded by ``from_pretrained``, greedy,
+        ``max_new_tokens``. ``logits_to_keep=0`` keeps the prompt forward's logits at every position, taken from
+        that first forward for the logits check (no second prompt forward)."""
+        import time
+
+        model = self.model
+        out = []
+        for x in self.parity_inputs:
+            kw = {"pixel_values": x["pixels"].to(self.dtype)} if x["pixels"] is not None else {}
+            ids = torch.tensor([x["expanded"]])
+            t0 = time.perf_counter()
+            if not self.generating:
+                with torch.no_grad():
+                    logits = model(input_ids=ids, **kw).logits[0].float()
+                self._time("converted_forward", t0)
+                out.append((logits, None))
+                continue
+            first: list = []
+
+            def hook(_module, _args, result):
+                if not first:
+                    first.append((result.logits[0].float(), time.perf_counter()))
+
+            handle = model.register_forward_hook(hook)
+            try:
+                with torch.no_grad():
+                    seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                                         do_sample=False, logits_to_keep=0, **kw)
+            finally:
+                handle.remove()
+            logits, t1 = first[0]
+            self.timings["converted_forward"] = self.timings.get("converted_forward", 0.0) + t1 - t0
+            self._time("converted_decode", t1)
+            out.append((logits, seq[0, ids.shape[1]:].tolist()))
+        return out
+
+    @property
     def converted_logits(self) -> list[torch.Tensor]:
-        outs = []
-        with torch.no_grad():
-            for x in self.parity_inputs:
-                kw = {}
-                if x["pixels"] is not None:
-                    kw["pixel_values"] = x["pixels"].to(self.dtype)
-                ids = torch.tensor([x["expanded"]])
-                outs.append(self.model(input_ids=ids, **kw).logits[0].float())
-        return outs
+        return [logits for logits, _ in self.converted_runs]
+
+    @property
+    def converted_generations(self) -> list[list[int]]:
+        if not self.generating:
+            raise RuntimeError("generation was not requested (max_new_tokens 0 or the check not selected)")
+        return [tokens for _, tokens in self.converted_runs]

@@ -58,8 +58,12 @@ What each part restates
   spliced sequence) followed by the text model.
 * ``OriginalVipLlava.generate_greedy``: ``generate`` with ``do_sample=False`` (greedy) and the
   eval scripts' terminators (``llava/eval/model_vqa.py``: ``eos_token_id=[tokenizer eos,
-  <|eot_id|>]`` for Llama-3, ``[tokenizer eos, <|end|>]`` for Phi-3, the eos for Vicuna),
-  re-running the whole forward at each step instead of a KV cache.  ``builder.py`` resized the
+  <|eot_id|>]`` for Llama-3, ``[tokenizer eos, <|end|>]`` for Phi-3, the eos for Vicuna).
+  Like the original (``llava_llama.py`` ``generate``: the spliced ``inputs_embeds`` are built
+  once, then transformers' ``generate`` continues with the key/value cache), one forward over the
+  prompt is followed by one cached text-model step per new token (``continue_greedy``; each new
+  id embedded at the next position).  ``incremental=False`` re-runs the whole forward per token,
+  the yardstick the cached path is tested against.  ``builder.py`` resized the
   embeddings to ``len(tokenizer)`` before generating, so the original could only emit ids below
   ``min(len(tokenizer), rows)``; the argmax is taken over those.
 
@@ -988,11 +992,25 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -
     model.load_state_dict(state, strict=True, assign=True)
 
 
+def _cache_argument(llm: torch.nn.Module) -> str:
+    """The text model's keyword for the key/value cache: ``cache`` (transformers >= 5.2x), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 @dataclass
 class ReferenceOutput:
     logits: torch.Tensor
     input_positions: list[int]
     trace: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the text model's key/value cache after the sequence (``forward(keep_cache=True)``), for greedy continuation
+    cache: Any = None
 
 
 class OriginalVipLlava:
@@ -1194,6 +1212,7 @@ class OriginalVipLlava:
         input_ids: Sequence[int],
         images: Sequence[PIL.Image.Image] | None = None,
         capture: bool = False,
+        keep_cache: bool = False,
     ) -> ReferenceOutput:
         """Logits of the original model over the spliced sequence.
 
@@ -1209,6 +1228,9 @@ class OriginalVipLlava:
         ``decoder.embeddings`` (the spliced input embeddings) ``[T, hidden]``;
         ``decoder.layer.{i}`` (output of decoder layer i; the last one before the final norm)
         ``[T, hidden]``; ``decoder.norm`` ``[T, hidden]``; ``logits`` ``[T, vocab]``.
+
+        ``keep_cache=True`` keeps the text model's key/value cache in ``cache`` (the state the original's
+        ``generate`` continued from after its first step); :meth:`continue_greedy` consumes it.
         """
         ids = [int(i) for i in input_ids]
         images = list(images or [])
@@ -1275,7 +1297,7 @@ class OriginalVipLlava:
             out = self.llm(
                 inputs_embeds=inputs_embeds[None],
                 position_ids=torch.arange(T, dtype=torch.long)[None],
-                use_cache=False,
+                use_cache=keep_cache,
             )
         finally:
             for h in hooks:
@@ -1283,9 +1305,47 @@ class OriginalVipLlava:
         logits = out.logits[0].float()
         if capture:
             trace["logits"] = logits.clone()
-        return ReferenceOutput(logits=logits, input_positions=positions, trace=trace)
+        cache = _returned_cache(out) if keep_cache else None
+        return ReferenceOutput(logits=logits, input_positions=positions, trace=trace, cache=cache)
 
     __call__ = forward
+
+    def _pick(self, logits_row: torch.Tensor) -> int:
+        """The greedy choice among the ids the original could emit (``builder.py`` had resized the embeddings to
+        ``len(tokenizer)``: ``self.emit_limit``)."""
+        return int(torch.argmax(logits_row[: self.emit_limit]).item())
+
+    @torch.no_grad()
+    def continue_greedy(self, out: ReferenceOutput, max_new_tokens: int = 8) -> tuple[list[int], list[torch.Tensor]]:
+        """Greedy continuation of a ``forward(..., keep_cache=True)`` result, one token per step through the text
+        model with its key/value cache, as the original's ``generate`` ran after its first step: each new id is
+        embedded, placed at the next position (``T``, ``T + 1``, ... over the spliced sequence) and attends to the
+        cached keys/values.  Returns the new ids (a terminator included when produced) and the float32 logits row
+        each was picked from.  The cache is consumed (``out.cache`` is set to None)."""
+        if out.cache is None:
+            raise ValueError("continue_greedy needs forward(..., keep_cache=True)")
+        cache, out.cache = out.cache, None
+        embed = self.llm.get_input_embeddings()
+        position = out.logits.shape[0]
+        row = out.logits[-1]
+        new: list[int] = []
+        rows: list[torch.Tensor] = []
+        for step in range(max_new_tokens):
+            nxt = self._pick(row)
+            new.append(nxt)
+            rows.append(row)
+            if nxt in self.eos_token_ids or step == max_new_tokens - 1:
+                break
+            step_out = self.llm(
+                inputs_embeds=embed(torch.tensor([[nxt]], dtype=torch.long)),
+                position_ids=torch.tensor([[position]], dtype=torch.long),
+                use_cache=True,
+                **{_cache_argument(self.llm): cache},
+            )
+            cache = _returned_cache(step_out)
+            row = step_out.logits[0, -1].float()
+            position += 1
+        return new, rows
 
     @torch.no_grad()
     def generate_greedy(
@@ -1293,18 +1353,27 @@ class OriginalVipLlava:
         input_ids: Sequence[int],
         images: Sequence[PIL.Image.Image] | None = None,
         max_new_tokens: int = 8,
-    ) -> list[int]:
+        incremental: bool = True,
+        return_logits: bool = False,
+    ):
         """Greedy continuation (new ids only; a terminator is included when it is produced).
 
         Stops on the original eval's terminators (``self.terminators``); the argmax runs over the
         ids the original could emit after ``builder.py`` resized the embeddings to
-        ``len(tokenizer)`` (``self.emit_limit``)."""
+        ``len(tokenizer)`` (``self.emit_limit``).  ``incremental`` (default): one forward over the prompt,
+        then one cached step per token (:meth:`continue_greedy`).  ``incremental=False`` re-runs the whole
+        forward for every new token (slow; the yardstick the cached path is tested against).
+        ``return_logits``: also return the float32 logits row behind each new id."""
         ids = [int(i) for i in input_ids]
-        new: list[int] = []
+        if incremental:
+            new, rows = self.continue_greedy(self.forward(ids, images, keep_cache=True), max_new_tokens)
+            return (new, rows) if return_logits else new
+        new, rows = [], []
         for _ in range(max_new_tokens):
-            logits = self.forward(ids + new, images).logits
-            nxt = int(torch.argmax(logits[-1, : self.emit_limit]).item())
+            row = self.forward(ids + new, images).logits[-1]
+            nxt = self._pick(row)
             new.append(nxt)
+            rows.append(row)
             if nxt in self.eos_token_ids:
                 break
-        return new
+        return (new, rows) if return_logits else new

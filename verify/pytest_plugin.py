@@ -17,7 +17,7 @@ def pytest_addoption(parser):
     group.addoption("--vipllava-original", help="original checkpoint (default: from conversion.json)")
     group.addoption("--vipllava-text-model", help="base text model (default: from conversion.json)")
     group.addoption("--vipllava-vision-model", help="vision model (default: from conversion.json)")
-    group.addoption("--vipllava-dtype", default="float32", help="float32 or bfloat16")
+    group.addoption("--vipllava-dtype", default=None, help="bfloat16 or float32 (default: the checkpoint's own dtype)")
 
 
 @pytest.fixture(scope="session")

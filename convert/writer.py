@@ -406,11 +406,26 @@ class _Chunk:
     start: int  # stream position of its first byte
     n: int
     buf: bytearray
+    hashed: threading.Event | None = None  # set once the input hash has read this buffer (None: hashed before)
     used: Future | None = None  # the last output hash job submitted before the writer let go of it
 
-    def settle(self) -> None:
+    def settle(self, cancelled: Callable[[], bool]) -> None:
+        while self.hashed is not None and not self.hashed.wait(0.1):
+            if cancelled():
+                raise _Cancelled
         if self.used is not None:
             wait_futures([self.used])
+
+
+def _read_full(f, view: memoryview) -> int:
+    """readinto until ``view`` is full or the file ends (both readers keep chunk boundaries at CHUNK multiples)."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 class InputStream:
@@ -423,12 +438,12 @@ class InputStream:
     back to the reader once the writer has moved past it and the output hash has read it, so at most
     ``BUFFERS * CHUNK`` bytes are held whatever the checkpoint's size.
 
-    The hashing thread leads: it reads (from the disk, or from the page cache when the input is already there)
-    and hashes up to ``WARM_BYTES`` ahead of the reader, which never passes it, so the disk is read once and the
-    reader copies from the page cache, dropping the pages behind it. The hash does not wait for the writer: with
-    the input in the page cache (right after a download) most of it is done while the converter is still starting.
-    Meanwhile a third thread asks the disk for the input ahead of the reader (``POSIX_FADV_WILLNEED``), within the
-    same budget. An error on any of them is re-raised to the writer.
+    The hash runs on a thread of its own and reads the reader's buffers as they fill. While the reader is stuck
+    (every buffer read and not yet taken: the converter is still starting) the hash goes on alone, reading the
+    files into a buffer of its own, up to ``WARM_BYTES`` ahead of the reader, which later reads those chunks from
+    the page cache without hashing them again. With the input already cached (right after a download) much of
+    the hash is so done before the first shard is written. A third thread asks the disk for the input ahead of
+    the reader (``POSIX_FADV_WILLNEED``), within the same budget. An error on any of them reaches the writer.
 
     :meth:`ranges` streams chosen byte ranges of files instead of whole files, in a given order (``verify`` reads
     an original's tensors in the order the converted repo holds them); ``hashing`` and ``drop`` turn the per-file
@@ -473,7 +488,10 @@ class InputStream:
         self._error: BaseException | None = None
         self._cond = threading.Condition()
         self._hasher = threading.Thread(target=self._hash_files, name="sha256-in", daemon=True)
-        self._hash_pos = 0  # stream position the hashing thread has read and hashed up to
+        self._hash_pos = 0  # stream position the hash has covered (contiguously, from the start)
+        self._handoff: deque[_Chunk] = deque()  # read by the reader, to be hashed from its buffer, in order
+        self._reader_stuck = False  # the reader waits for a free buffer: the hash may read ahead alone
+        self._ahead: int | None = None  # stream position of the chunk the hash is reading ahead alone
         # page cache read ahead of the reader, at most (never less than two chunks: the reader waits for the hash)
         self._budget = max(min(self.WARM_BYTES, _available_memory() // 3), 2 * self.CHUNK)
         self._thread = threading.Thread(target=self._run, name="input-reader", daemon=True)
@@ -571,8 +589,11 @@ class InputStream:
                 if self._allocated < self.BUFFERS:
                     self._allocated += 1
                     return bytearray(self.CHUNK)
+                self._reader_stuck = True
+                self._cond.notify_all()
                 self._cond.wait()
-        chunk.settle()  # the output hash is done with it
+                self._reader_stuck = False
+        chunk.settle(lambda: self._cancelled)  # both hashes are done with it
         return chunk.buf
 
     def _run(self) -> None:
@@ -598,10 +619,10 @@ class InputStream:
             self._cond.notify_all()
 
     def _hash_files(self) -> None:
-        """sha256 of every file, read ``CHUNK`` by ``CHUNK`` into a buffer of its own, at most ``_budget`` ahead of
-        the reader (the reader waits for it in turn: see :meth:`_read_span`)."""
+        """sha256 of every file, chunk by chunk in the reader's chunking: from the reader's buffer when it has read
+        the chunk, else (the reader stuck, within the budget) read here into a buffer of its own."""
         path = None
-        buf = bytearray(self.CHUNK)
+        own = bytearray(self.CHUNK)
         try:
             for path, _, size, base in self._spans:
                 h = hashlib.sha256()
@@ -610,18 +631,33 @@ class InputStream:
                         raise ConversionError(f"{path}: changed size since it was opened ({size} bytes then); is another program writing it?")
                     offset = 0
                     while offset < size:
+                        pos = base + offset
                         with self._cond:
-                            while base + offset - self._read_pos >= self._budget and not self._cancelled:
+                            while True:
+                                if self._cancelled or self._error is not None:
+                                    return
+                                if self._handoff and self._handoff[0].start == pos:
+                                    chunk = self._handoff.popleft()
+                                    break
+                                if self._reader_stuck and not self._handoff and pos - self._read_pos < self._budget:
+                                    chunk = None
+                                    self._ahead = pos
+                                    break
                                 self._cond.wait()
-                            if self._cancelled:
-                                return
-                        n = f.readinto(memoryview(buf)[: min(self.CHUNK, size - offset)])
-                        if not n:
-                            raise ConversionError(f"{path}: shrank while being read ({offset} of {size} bytes); is another program writing it?")
-                        h.update(memoryview(buf)[:n])
+                        if chunk is not None:
+                            n = chunk.n
+                            h.update(memoryview(chunk.buf)[:n])
+                            chunk.hashed.set()
+                        else:
+                            f.seek(offset)
+                            n = _read_full(f, memoryview(own)[: min(self.CHUNK, size - offset)])
+                            if not n:
+                                raise ConversionError(f"{path}: shrank while being read ({offset} of {size} bytes); is another program writing it?")
+                            h.update(memoryview(own)[:n])
                         offset += n
                         with self._cond:
                             self._hash_pos = base + offset
+                            self._ahead = None
                             self._cond.notify_all()
                 self._digests[path] = h.hexdigest()
         except BaseException as e:  # handed to the writer
@@ -666,23 +702,27 @@ class InputStream:
             while offset < size:
                 buf = self._buffer()
                 want = min(self.CHUNK, size - offset)
-                if self.hashing:  # read what the hash has read: from the page cache, not the disk a second time
+                hashed_before = True
+                if self.hashing:
                     with self._cond:
-                        while self._hash_pos < base + offset + want and self._error is None and not self._cancelled:
-                            self._cond.wait()
+                        while self._ahead == base + offset and self._error is None and not self._cancelled:
+                            self._cond.wait()  # the hash is reading this very chunk alone: then it is hashed
                         if self._error is not None or self._cancelled:
                             raise _Cancelled
-                n = f.readinto(memoryview(buf)[:want])
-                if not n:
-                    raise ConversionError(f"{path}: shrank while being read ({first + offset} of {first + size} bytes); is another program writing it?")
+                        hashed_before = self._hash_pos >= base + offset + want
+                n = _read_full(f, memoryview(buf)[:want])
+                if n < want:
+                    raise ConversionError(f"{path}: shrank while being read ({first + offset + n} of {first + size} bytes); is another program writing it?")
                 if self.drop:
                     drop_cached(fd, first + offset, n)  # the bytes are in our buffer now
-                chunk = _Chunk(base + offset, n, buf)
+                chunk = _Chunk(base + offset, n, buf, None if hashed_before else threading.Event())
                 offset += n
                 self.bytes_read += n
                 with self._cond:
                     self._read_pos = base + offset
                     self._ready.append(chunk)
+                    if not hashed_before:
+                        self._handoff.append(chunk)
                     self._cond.notify_all()
 
 

@@ -61,7 +61,7 @@ def run_data_pass(ctx: Context):
     from .datapass import Pair, run_pass
 
     wanted = ctx.data_checks
-    shards = sorted(ctx.repo.glob("*.safetensors"))
+    shards = sorted(p for p in ctx.repo.glob("*.safetensors") if p.is_file())
     hash_files = "files" in wanted and ctx.manifest is not None
     others = []
     if hash_files:

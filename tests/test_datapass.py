@@ -58,6 +58,7 @@ def test_the_pass_reads_each_byte_once_and_agrees_with_the_direct_computation(co
     r = ctx.data_pass
     shards = sorted(converted.glob("*.safetensors"))
     assert r.bytes_converted == sum(p.stat().st_size for p in shards)
+    assert r.describe()["converted_bytes"] == r.bytes_converted and r.describe()["tensors_compared"] == 226
     orig, conv = ctx.original_tensors, ctx.converted_tensors
     mapped = [k for k in orig.keys() if checks.canonical(k) is not None]
     assert len(r.equal) == len(mapped) == 226 and all(r.equal.values()) and not r.problems

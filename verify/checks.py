@@ -164,7 +164,8 @@ def check_files(ctx: Context) -> Check:
         problems.append(f"{len(shards)} shards but no model.safetensors.index.json")
     elif not shards:
         problems.append("no safetensors weights in the repo")
-    numbers = {"files_hashed": len(outputs), "shards": len(shards), "tensors": len(headers), "indexed": n_indexed, "publication_files": published}
+    numbers = {"files_hashed": len(outputs), "shards": len(shards), "tensors": len(headers), "indexed": n_indexed, "publication_files": published,
+               "data_pass": ctx.data_pass.describe()}
     summary = f"{len(outputs)} files hashed, {len(shards)} shard(s), {len(headers)} tensors, index entries {n_indexed or 'n/a (single file)'}"
     return Check("files", FAIL if problems else PASS, summary if not problems else f"{len(problems)} problem(s); {summary}", numbers, problems)
 

@@ -241,6 +241,12 @@ class PassResult:
     problems: list[str] = field(default_factory=list)  # the pass's own findings (a located tensor that is not torch's)
     bytes_converted: int = 0
     bytes_original: int = 0
+    seconds: float = 0.0
+
+    def describe(self) -> dict:
+        """What the pass read, for the report: bytes of each side and seconds."""
+        return {"converted_bytes": self.bytes_converted, "original_bytes": self.bytes_original, "seconds": round(self.seconds, 2),
+                "tensors_compared": len(self.equal)}
 
 
 @dataclass(frozen=True)
@@ -292,6 +298,9 @@ def run_pass(shards: list[Path], other_outputs: list[Path], pairs: list[Pair], h
     """Stream the shards (hashing them when ``hash_files``), compare every pair, hash the other outputs."""
     from convert.writer import InputStream
 
+    import time
+
+    t0 = time.perf_counter()
     res = PassResult()
     if not hash_files and not pairs:
         return res
@@ -351,6 +360,7 @@ def run_pass(shards: list[Path], other_outputs: list[Path], pairs: list[Pair], h
             res.problems.append(f"{p.key}: the bytes verify located at {p.original.path.name}:{p.original.offset} are not the "
                                 "tensor torch.load gives; this is a verifier bug (please report it)")
             res.equal[p.name] = False
+    res.seconds = time.perf_counter() - t0
     return res
 
 

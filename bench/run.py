@@ -294,8 +294,16 @@ def _gb(b: int | None) -> str:
     return "-" if b is None else f"{b / 1e9:.2f} GB"
 
 
+def durable_seconds(r: StepResult) -> float | None:
+    """cp's time to a durable copy: ``cp -r`` plus the ``sync`` of the copied files (the converter fsyncs its output,
+    cp does not); any other step's wall time."""
+    if r.step == "cp" and r.seconds is not None:
+        return r.seconds + float((r.extra or {}).get("fsync_seconds", 0.0))
+    return r.seconds
+
+
 def table(results: list[StepResult]) -> str:
-    """One row per run; ``x cp`` divides by the cp run of the same round (the one just before it)."""
+    """One row per run; ``x cp`` divides by the cp + sync run of the same round (the one just before it)."""
     rounds = max((r.round for r in results), default=1)
     mixed = len({r.cache for r in results}) > 1
     head = ["step", "wall", "x cp", "peak anon", "peak RSS sum", "CPU s (tree)", "CPU s (others)", "result"]
@@ -303,7 +311,7 @@ def table(results: list[StepResult]) -> str:
     floor = None
     for r in results:
         if r.step == "cp":
-            floor = r.seconds if r.returncode == 0 else None
+            floor = durable_seconds(r) if r.returncode == 0 else None
         if r.killed:
             status = f"killed ({r.killed}) after {r.seconds:.1f} s"
         elif r.returncode == 0:
@@ -314,7 +322,10 @@ def table(results: list[StepResult]) -> str:
         name = f"{r.step} ({r.round})" if rounds > 1 else r.step
         if mixed:
             name += f", {r.cache}"
-        rows.append([name, f"{r.seconds:.1f} s" if r.seconds is not None else "-", ratio, _gb(r.peak_anon_bytes),
+        wall = f"{r.seconds:.1f} s" if r.seconds is not None else "-"
+        if r.step == "cp" and r.seconds is not None and "fsync_seconds" in (r.extra or {}):
+            wall = f"{r.seconds:.1f} + {r.extra['fsync_seconds']:.1f} s"
+        rows.append([name, wall, ratio, _gb(r.peak_anon_bytes),
                      _gb(r.peak_rss_bytes), f"{r.cpu_seconds:.0f}", f"{r.other_cpu_seconds:.0f}", status])
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -331,7 +342,7 @@ def paired_ratios(results: list[StepResult], cache: str | None = None) -> dict |
         if cache is not None and r.cache != cache:
             continue
         if r.step == "cp":
-            floor = r.seconds if r.returncode == 0 else None
+            floor = durable_seconds(r) if r.returncode == 0 else None
         elif r.step == "ours" and floor and r.returncode == 0 and r.seconds:
             pairs.append((floor, r.seconds))
     if len(pairs) < 2:
@@ -404,7 +415,7 @@ def markdown(report: dict) -> str:
         table([StepResult(**{k: v for k, v in r.items()}) for r in report["steps"]]),
         "",
         *_paired_lines(report),
-        "`x cp` = wall time / wall time of `cp -r` of the same shards. `peak anon` = maximum over 50 ms samples of "
+        "`x cp` = wall time / (wall time of `cp -r` of the same shards + `sync` of the copies). `peak anon` = maximum over 50 ms samples of "
         "the sum of `RssAnon` over the step's process tree (file-backed mmap pages and page cache excluded); "
         "`peak RSS sum` adds `RssFile` and `RssShmem` per process (informational: a file page mapped twice or by two "
         "processes counts twice, so it can exceed physical memory). `CPU s (others)` = CPU seconds used by everything else on the "
@@ -416,8 +427,8 @@ def markdown(report: dict) -> str:
         if r.get("round", 1) > 1 and not (r.get("killed") or r.get("returncode") not in (0, None)):
             continue  # the notes of round 1 stand for the repeats
         if r["step"] == "cp" and "fsync_seconds" in extra:
-            lines.append(f"- cp: `sync` of the copied files afterwards took {extra['fsync_seconds']:.1f} s more "
-                         f"(our converter fsyncs its output, cp and the baseline do not).")
+            lines.append(f"- cp: wall = `cp -r` + `sync` of the copied files ({extra['fsync_seconds']:.1f} s of it the sync); "
+                         "our converter fsyncs its output, cp and the baseline do not, so `x cp` divides by the sum.")
         if r["step"] == "baseline" and extra.get("phases"):
             order = ["setup", "torch_load", "rename_load_state_dict", "sigma", "mvn_cholesky", "resize_sample", "save_pretrained"]
             ph = extra["phases"]

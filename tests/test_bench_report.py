@@ -54,3 +54,12 @@ def test_verify_rows_state_their_checks_and_the_ratio_to_the_floor():
     assert lines[0].startswith("- verify: exit 0, dtype bfloat16, 2 prompts, 8 new tokens; files PASS 30.0 s")
     assert lines[1].startswith("- verify / floor = 600.0 / 400.0 s = 1.50")
     assert _step_notes(floor, [verify, floor])[0].startswith("- floor: 400.0 s of forward passes, bfloat16, 2 prompts of 40-700 tokens")
+
+
+def test_cp_counts_with_its_sync():
+    """The durable floor is cp -r plus the sync of the copies (the converter fsyncs; cp alone leaves dirty pages)."""
+    cp = StepResult(step="cp", command="cp", seconds=10.0, returncode=0, round=1, extra={"fsync_seconds": 5.0})
+    runs = [cp, _r("ours", 18.0, 1), StepResult(step="cp", command="cp", seconds=20.0, returncode=0, round=2), _r("ours", 30.0, 2)]
+    assert [p["ratio"] for p in paired_ratios(runs)["pairs"]] == [1.2, 1.5]
+    row = table(runs).splitlines()[2]
+    assert row.split("|")[2].strip() == "10.0 + 5.0 s"

@@ -75,10 +75,18 @@ def safetensors_locations(path: Path) -> dict[str, Located]:
     extent is not understood are left out (their tensors are then read another way)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
+        head = f.read(8)
+        if len(head) < 8:
             return {}
-        header = json.loads(f.read(n))
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 << 20):  # the safetensors library's own header limit is 100 MB
+            return {}
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return {}
+    if not isinstance(header, dict):
+        return {}
     out = {}
     for name, entry in header.items():
         if name == "__metadata__" or not isinstance(entry, dict):

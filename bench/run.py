@@ -615,11 +615,22 @@ def main(argv: list[str] | None = None) -> int:
     ours_out = workdir / "out-ours"
     results: list[StepResult] = []
 
+    report_path = args.json or workdir.parent / f"bench-{args.size}.json"
+
+    def save() -> None:
+        """The report so far (after every step: a run stopped early keeps what it measured)."""
+        report["steps"] = [asdict(r) for r in results]
+        report["paired"] = paired_ratios(results, states[0] if len(states) == 1 else "cold")
+        report["paired_by_cache"] = {c: paired_ratios(results, c) for c in states}
+        report["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+        report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+
     def show(r: StepResult) -> None:
         r.round = round_
         results.append(r)
         print(f"  {r.step}: {r.seconds:.1f} s, peak anon {_gb(r.peak_anon_bytes)}, peak rss {_gb(r.peak_rss_bytes)}, "
               f"exit {r.returncode}{', killed: ' + r.killed if r.killed else ''}", flush=True)
+        save()
 
     states = ["cold", "warm"] if args.cache == "both" else [args.cache]
     # the cp/ours rounds first (each state in turn), then the steps that use the last output of ours
@@ -728,18 +739,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep:
         shutil.rmtree(ours_out, ignore_errors=True)
         shutil.rmtree(inp, ignore_errors=True)
-    report["steps"] = [asdict(r) for r in results]
-    report["paired"] = paired_ratios(results, states[0] if len(states) == 1 else "cold")
-    report["paired_by_cache"] = {c: paired_ratios(results, c) for c in states}
-    report["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    save()
     print()
     print(table(results))
     for c, pr in report["paired_by_cache"].items():
         if pr:
             print(f"\n{c} cache: ours / cp per round: {', '.join(str(p['ratio']) for p in pr['pairs'])}; median {pr['median_ratio']}")
-    jpath = args.json or workdir.parent / f"bench-{args.size}.json"
-    jpath.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    print(f"\nreport: {jpath}")
+    print(f"\nreport: {report_path}")
     if args.write_md:
         write_md(report)
         print(f"wrote {BENCHMARKS_MD}")

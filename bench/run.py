@@ -318,7 +318,8 @@ def table(results: list[StepResult]) -> str:
             status = "ok"
         else:
             status = f"exit {r.returncode}"
-        ratio = f"{r.seconds / floor:.2f}" if floor and r.seconds and r.returncode == 0 and r.step in ("cp", "ours", "baseline") else "-"
+        ratio = (f"{durable_seconds(r) / floor:.2f}" if floor and r.seconds and r.returncode == 0 and r.step in ("cp", "ours", "baseline")
+                 else "-")
         name = f"{r.step} ({r.round})" if rounds > 1 else r.step
         if mixed:
             name += f", {r.cache}"

@@ -62,4 +62,5 @@ def test_cp_counts_with_its_sync():
     runs = [cp, _r("ours", 18.0, 1), StepResult(step="cp", command="cp", seconds=20.0, returncode=0, round=2), _r("ours", 30.0, 2)]
     assert [p["ratio"] for p in paired_ratios(runs)["pairs"]] == [1.2, 1.5]
     row = table(runs).splitlines()[2]
-    assert row.split("|")[2].strip() == "10.0 + 5.0 s"
+    assert row.split("|")[2].strip() == "10.0 + 5.0 s" and row.split("|")[3].strip() == "1.00"
+    assert table(runs).splitlines()[3].split("|")[3].strip() == "1.20"

@@ -491,6 +491,20 @@ def _step_notes(r: dict, steps: list[dict]) -> list[str]:
         checks = ", ".join(f"{c['name']} {c['status']} {c.get('seconds', 0):.1f} s" for c in v.get("checks", []))
         out.append(f"- {r['step']}: exit {r['returncode']}, dtype {st.get('dtype')}, {len(st.get('prompts') or [])} prompts, "
                    f"{st.get('max_new_tokens')} new tokens; {checks}")
+        checks = {c["name"]: c for c in v.get("checks", [])}
+        secs = {**((checks.get("logits") or {}).get("numbers") or {}).get("seconds", {}),
+                **((checks.get("generation") or {}).get("numbers") or {}).get("seconds", {})}
+        fwd = secs.get("reference_forward", 0.0) + secs.get("converted_forward", 0.0)
+        if fwd and r.get("seconds"):
+            data = ((checks.get("files") or {}).get("numbers") or {}).get("data_pass") or {}
+            out.append(f"- {r['step']}: its own forward passes (one per model and prompt, timed inside the run) took {fwd:.1f} s "
+                       f"(reference {secs.get('reference_forward', 0):.1f}, converted {secs.get('converted_forward', 0):.1f}); "
+                       f"wall / forward passes = {r['seconds'] / fwd:.2f}; decode {secs.get('reference_decode', 0):.1f} + "
+                       f"{secs.get('converted_decode', 0):.1f} s, loads {secs.get('reference_load', 0):.1f} + {secs.get('converted_load', 0):.1f} s"
+                       + (f"; the data pass read {data.get('converted_bytes', 0) / 1e9:.2f} GB converted + "
+                          f"{data.get('original_bytes', 0) / 1e9:.2f} GB original in {data.get('seconds', 0):.1f} s "
+                          f"({(data.get('converted_bytes', 0) + data.get('original_bytes', 0)) / 1e9 / max(data.get('seconds', 0), 1e-9):.2f} GB/s; "
+                          "its time is counted in `files`, the first check to use it)" if data else ""))
         floor = next((x for x in steps if x["step"] == "floor" and (x.get("extra") or {}).get("floor")), None)
         if r["step"] == "verify" and floor and r.get("seconds"):
             f = floor["extra"]["floor"]

@@ -64,3 +64,19 @@ def test_cp_counts_with_its_sync():
     row = table(runs).splitlines()[2]
     assert row.split("|")[2].strip() == "10.0 + 5.0 s" and row.split("|")[3].strip() == "1.00"
     assert table(runs).splitlines()[3].split("|")[3].strip() == "1.20"
+
+
+def test_verify_rows_state_the_forward_passes_timed_inside_the_run():
+    from bench.run import _step_notes
+
+    verify = {"step": "verify", "returncode": 0, "seconds": 300.0, "extra": {"report": {
+        "settings": {"dtype": "bfloat16", "prompts": ["a"], "max_new_tokens": 2},
+        "checks": [{"name": "files", "status": "PASS", "seconds": 40.0, "numbers": {"data_pass": {
+                       "converted_bytes": 14e9, "original_bytes": 14e9, "seconds": 40.0}}},
+                   {"name": "logits", "status": "PASS", "seconds": 90.0, "numbers": {"seconds": {
+                       "reference_forward": 60.0, "converted_forward": 40.0, "reference_load": 1.0, "converted_load": 2.0}}},
+                   {"name": "generation", "status": "PASS", "seconds": 5.0, "numbers": {"seconds": {
+                       "reference_decode": 3.0, "converted_decode": 2.0}}}]}}}
+    line = _step_notes(verify, [verify])[1]
+    assert "took 100.0 s (reference 60.0, converted 40.0); wall / forward passes = 3.00" in line
+    assert "28.00 GB" not in line and "14.00 GB converted + 14.00 GB original in 40.0 s (0.70 GB/s" in line

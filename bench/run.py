@@ -46,7 +46,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
-STEPS = ("cp", "baseline", "ours", "verify")
+STEPS = ("cp", "baseline", "ours", "verify", "verify-short", "floor", "push")
+SHORT_VERIFY = ["--dtype", "bfloat16", "--prompts", str(Path(__file__).resolve().parent / "prompts-fullsize.json"), "--max-new-tokens", "2"]
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -174,6 +175,7 @@ class StepResult:
     extra: dict = field(default_factory=dict)
     tail: str = ""
     round: int = 1  # with --repeat: which round of cp/ours pairs this run belongs to
+    cache: str = "cold"  # cold: page cache dropped before the step; warm: dropped, then the input read into it
 
 
 def drop_caches() -> bool:
@@ -186,6 +188,30 @@ def drop_caches() -> bool:
         return False
 
 
+def warm_input(folder: Path) -> dict:
+    """Drop the page cache, then read every file of ``folder`` once so that it sits in the page cache, as right
+    after a download (not timed as part of the step). Returns how long that took and how much the cache grew."""
+    cold = drop_caches()
+    before = _meminfo("Cached")
+    t = time.perf_counter()
+    total = 0
+    buf = bytearray(1 << 24)
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            with open(f, "rb", buffering=0) as fh:
+                while n := fh.readinto(buf):
+                    total += n
+    return {"dropped_first": cold, "warm_seconds": round(time.perf_counter() - t, 2), "bytes": total,
+            "cached_growth": _meminfo("Cached") - before}
+
+
+def _meminfo(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def du(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -193,9 +219,13 @@ def du(path: Path) -> int:
 
 
 def run_step(name: str, argv: list[str], limit: int | None, timeout: float | None, drop: bool, log_path: Path,
-             env: dict | None = None) -> StepResult:
-    cold = drop_caches() if drop else False
-    res = StepResult(step=name, command=shlex.join(argv), cold_cache=cold)
+             env: dict | None = None, warm: Path | None = None) -> StepResult:
+    """Run one step; ``warm``: instead of starting cold, the page cache holds that folder (see :func:`warm_input`)."""
+    warmed = warm_input(warm) if warm is not None else None
+    cold = drop_caches() if drop and warm is None else False
+    res = StepResult(step=name, command=shlex.join(argv), cold_cache=cold, cache="warm" if warm is not None else "cold")
+    if warmed:
+        res.extra["warmed"] = warmed
     ticks_per_s = os.sysconf("SC_CLK_TCK")
     busy0, _ = _machine_busy_ticks()
     t0 = time.perf_counter()
@@ -264,38 +294,56 @@ def _gb(b: int | None) -> str:
     return "-" if b is None else f"{b / 1e9:.2f} GB"
 
 
+def durable_seconds(r: StepResult) -> float | None:
+    """cp's time to a durable copy: ``cp -r`` plus the ``sync`` of the copied files (the converter fsyncs its output,
+    cp does not); any other step's wall time."""
+    if r.step == "cp" and r.seconds is not None:
+        return r.seconds + float((r.extra or {}).get("fsync_seconds", 0.0))
+    return r.seconds
+
+
 def table(results: list[StepResult]) -> str:
-    """One row per run; ``x cp`` divides by the cp run of the same round (the one just before it)."""
+    """One row per run; ``x cp`` divides by the cp + sync run of the same round (the one just before it)."""
     rounds = max((r.round for r in results), default=1)
+    mixed = len({r.cache for r in results}) > 1
     head = ["step", "wall", "x cp", "peak anon", "peak RSS sum", "CPU s (tree)", "CPU s (others)", "result"]
     rows = []
     floor = None
     for r in results:
         if r.step == "cp":
-            floor = r.seconds if r.returncode == 0 else None
+            floor = durable_seconds(r) if r.returncode == 0 else None
         if r.killed:
             status = f"killed ({r.killed}) after {r.seconds:.1f} s"
         elif r.returncode == 0:
             status = "ok"
         else:
             status = f"exit {r.returncode}"
-        ratio = f"{r.seconds / floor:.2f}" if floor and r.seconds and r.returncode == 0 else "-"
+        ratio = (f"{durable_seconds(r) / floor:.2f}" if floor and r.seconds and r.returncode == 0 and r.step in ("cp", "ours", "baseline")
+                 else "-")
         name = f"{r.step} ({r.round})" if rounds > 1 else r.step
-        rows.append([name, f"{r.seconds:.1f} s" if r.seconds is not None else "-", ratio, _gb(r.peak_anon_bytes),
+        if mixed:
+            name += f", {r.cache}"
+        wall = f"{r.seconds:.1f} s" if r.seconds is not None else "-"
+        if r.step == "cp" and r.seconds is not None and "fsync_seconds" in (r.extra or {}):
+            wall = f"{r.seconds:.1f} + {r.extra['fsync_seconds']:.1f} s"
+        rows.append([name, wall, ratio, _gb(r.peak_anon_bytes),
                      _gb(r.peak_rss_bytes), f"{r.cpu_seconds:.0f}", f"{r.other_cpu_seconds:.0f}", status])
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def paired_ratios(results: list[StepResult]) -> dict | None:
+def paired_ratios(results: list[StepResult], cache: str | None = None) -> dict | None:
     """ours / cp per round (each ours run against the cp run just before it), with the median: cp's own time on
-    this kind of machine varies by 2x between runs, so a single pair says little."""
+    this kind of machine varies by 2x between runs, so a single pair says little. ``cache``: only the runs of that
+    page-cache state (cold or warm)."""
     pairs = []
     floor = None
     for r in results:
+        if cache is not None and r.cache != cache:
+            continue
         if r.step == "cp":
-            floor = r.seconds if r.returncode == 0 else None
+            floor = durable_seconds(r) if r.returncode == 0 else None
         elif r.step == "ours" and floor and r.returncode == 0 and r.seconds:
             pairs.append((floor, r.seconds))
     if len(pairs) < 2:
@@ -363,17 +411,12 @@ def markdown(report: dict) -> str:
         + (f"generated in {gen['generate_seconds']:.1f} s, peak anon {_gb(gen.get('generate_peak_anon'))}."
            if gen.get("generate_seconds") else "reused from an earlier generation."),
         "",
-        "Page cache: " + ("dropped before every step (cold cache)." if all(r["cold_cache"] for r in report["steps"])
-                          else "NOT dropped (warm cache for some steps): compare with care."),
+        "Page cache: " + _cache_line(report["steps"]),
         "",
         table([StepResult(**{k: v for k, v in r.items()}) for r in report["steps"]]),
         "",
-        *([f"Paired rounds (each `ours` against the `cp` run just before it): ours / cp = "
-           + ", ".join(f"{p['ratio']:.2f}" for p in report["paired"]["pairs"])
-           + f"; median {report['paired']['median_ratio']:.2f}. cp took {report['paired']['cp_range'][0]:.1f} to "
-           f"{report['paired']['cp_range'][1]:.1f} s, ours {report['paired']['ours_range'][0]:.1f} to "
-           f"{report['paired']['ours_range'][1]:.1f} s.", ""] if report.get("paired") else []),
-        "`x cp` = wall time / wall time of `cp -r` of the same shards. `peak anon` = maximum over 50 ms samples of "
+        *_paired_lines(report),
+        "`x cp` = wall time / (wall time of `cp -r` of the same shards + `sync` of the copies). `peak anon` = maximum over 50 ms samples of "
         "the sum of `RssAnon` over the step's process tree (file-backed mmap pages and page cache excluded); "
         "`peak RSS sum` adds `RssFile` and `RssShmem` per process (informational: a file page mapped twice or by two "
         "processes counts twice, so it can exceed physical memory). `CPU s (others)` = CPU seconds used by everything else on the "
@@ -385,14 +428,15 @@ def markdown(report: dict) -> str:
         if r.get("round", 1) > 1 and not (r.get("killed") or r.get("returncode") not in (0, None)):
             continue  # the notes of round 1 stand for the repeats
         if r["step"] == "cp" and "fsync_seconds" in extra:
-            lines.append(f"- cp: `sync` of the copied files afterwards took {extra['fsync_seconds']:.1f} s more "
-                         f"(our converter fsyncs its output, cp and the baseline do not).")
+            lines.append(f"- cp: wall = `cp -r` + `sync` of the copied files ({extra['fsync_seconds']:.1f} s of it the sync); "
+                         "our converter fsyncs its output, cp and the baseline do not, so `x cp` divides by the sum.")
         if r["step"] == "baseline" and extra.get("phases"):
             order = ["setup", "torch_load", "rename_load_state_dict", "sigma", "mvn_cholesky", "resize_sample", "save_pretrained"]
             ph = extra["phases"]
             lines.append("- baseline phases (s): " + ", ".join(f"{k} {ph[k]}" for k in sorted(ph, key=lambda k: (k not in order, order.index(k) if k in order else 0, k))))
         if r["step"] == "ours" and extra.get("summary"):
             lines.append("- ours: " + extra["summary"])
+        lines += _step_notes(r, report["steps"])
         if r.get("killed") or (r.get("returncode") not in (0, None)):
             last = [l.strip() for l in re.split(r"[\r\n]+", r.get("tail", "")) if l.strip()][-3:]
             lines.append(f"- {r['step']}: last output lines:\n\n```\n" + "\n".join(last) + "\n```")
@@ -409,6 +453,78 @@ def markdown(report: dict) -> str:
         lines.append(f"- {note}")
     lines.append(f"<!-- bench:{sid} end -->")
     return "\n".join(lines) + "\n"
+
+
+def _cache_line(steps: list[dict]) -> str:
+    warm = [r for r in steps if r.get("cache") == "warm"]
+    if warm:
+        w = [r["extra"]["warmed"] for r in warm if (r.get("extra") or {}).get("warmed")]
+        grown = min((x["cached_growth"] / max(x["bytes"], 1) for x in w), default=0)
+        return ("`cold` steps start with a dropped page cache; `warm` steps with a dropped page cache into which the input "
+                f"was then read once, untimed (as right after a download; the page cache grew by at least {100 * grown:.0f}% "
+                "of the input each time).")
+    if all(r["cold_cache"] for r in steps):
+        return "dropped before every step (cold cache)."
+    return "NOT dropped (warm cache for some steps): compare with care."
+
+
+def _paired_lines(report: dict) -> list[str]:
+    by_cache = report.get("paired_by_cache") or ({"cold": report["paired"]} if report.get("paired") else {})
+    lines = []
+    for cache, pr in by_cache.items():
+        if not pr:
+            continue
+        lines += [f"Paired rounds, {cache} page cache (each `ours` against the `cp` run just before it): ours / cp = "
+                  + ", ".join(f"{p['ratio']:.2f}" for p in pr["pairs"])
+                  + f"; median {pr['median_ratio']:.2f}. cp took {pr['cp_range'][0]:.1f} to {pr['cp_range'][1]:.1f} s, "
+                  f"ours {pr['ours_range'][0]:.1f} to {pr['ours_range'][1]:.1f} s.", ""]
+    return lines
+
+
+def _step_notes(r: dict, steps: list[dict]) -> list[str]:
+    """One line per verify/floor/push step: what it ran and what came out."""
+    extra = r.get("extra") or {}
+    out = []
+    if r["step"] in ("verify", "verify-short") and extra.get("report"):
+        v = extra["report"]
+        st = v.get("settings") or {}
+        checks = ", ".join(f"{c['name']} {c['status']} {c.get('seconds', 0):.1f} s" for c in v.get("checks", []))
+        out.append(f"- {r['step']}: exit {r['returncode']}, dtype {st.get('dtype')}, {len(st.get('prompts') or [])} prompts, "
+                   f"{st.get('max_new_tokens')} new tokens; {checks}")
+        checks = {c["name"]: c for c in v.get("checks", [])}
+        secs = {**((checks.get("logits") or {}).get("numbers") or {}).get("seconds", {}),
+                **((checks.get("generation") or {}).get("numbers") or {}).get("seconds", {})}
+        fwd = secs.get("reference_forward", 0.0) + secs.get("converted_forward", 0.0)
+        if fwd and r.get("seconds"):
+            data = ((checks.get("files") or {}).get("numbers") or {}).get("data_pass") or {}
+            out.append(f"- {r['step']}: its own forward passes (one per model and prompt, timed inside the run) took {fwd:.1f} s "
+                       f"(reference {secs.get('reference_forward', 0):.1f}, converted {secs.get('converted_forward', 0):.1f}); "
+                       f"wall / forward passes = {r['seconds'] / fwd:.2f}; decode {secs.get('reference_decode', 0):.1f} + "
+                       f"{secs.get('converted_decode', 0):.1f} s, loads {secs.get('reference_load', 0):.1f} + {secs.get('converted_load', 0):.1f} s"
+                       + (f"; the data pass read {data.get('converted_bytes', 0) / 1e9:.2f} GB converted + "
+                          f"{data.get('original_bytes', 0) / 1e9:.2f} GB original in {data.get('seconds', 0):.1f} s "
+                          f"({(data.get('converted_bytes', 0) + data.get('original_bytes', 0)) / 1e9 / max(data.get('seconds', 0), 1e-9):.2f} GB/s; "
+                          "its time is counted in `files`, the first check to use it)" if data else ""))
+        floor = next((x for x in steps if x["step"] == "floor" and (x.get("extra") or {}).get("floor")), None)
+        if r["step"] == "verify" and floor and r.get("seconds"):
+            f = floor["extra"]["floor"]
+            out.append(f"- verify / floor = {r['seconds']:.1f} / {f['floor_s']:.1f} s = {r['seconds'] / f['floor_s']:.2f} "
+                       f"(floor: the forward passes alone, {len(f['prompts'])} prompts x 2 models, {f['dtype']})")
+    if r["step"] == "floor" and extra.get("floor"):
+        f = extra["floor"]
+        out.append(f"- floor: {f['floor_s']:.1f} s of forward passes, {f['dtype']}, {len(f['prompts'])} prompts of "
+                   f"{min(f['tokens'])}-{max(f['tokens'])} tokens: reference {sum(f['reference_forward_s']):.1f} s "
+                   f"(load {f['reference_load_s']:.1f} s), converted {sum(f['converted_forward_s']):.1f} s (load "
+                   f"{f['converted_load_s']:.1f} s); the step's wall time includes the loads and the tokenization")
+    if r["step"] == "push" and extra.get("push"):
+        pu = extra["push"]
+        ver = pu.get("verification") or {}
+        out.append(f"- push: exit {pu['exit']}, Hub calls {' -> '.join(pu['calls'])}; {pu.get('commits')} commit of "
+                   f"{pu.get('files_pushed')} files ({(pu.get('bytes_pushed') or 0) / 1e9:.2f} GB), every sha256 as in the "
+                   f"manifest: {pu.get('hashes_match_manifest')}, added {', '.join(pu.get('extra_files') or [])}; the gate's "
+                   f"verification: passed {ver.get('passed')}, {ver.get('dtype')}, {ver.get('prompts')} prompts; "
+                   + ", ".join(f"{k} {v[0]} {v[1]} s" for k, v in (ver.get("checks") or {}).items()))
+    return out
 
 
 def write_md(report: dict, path: Path = BENCHMARKS_MD) -> None:
@@ -462,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify-args", default="", help="extra arguments for python -m verify (e.g. '--dtype bfloat16')")
     ap.add_argument("--repeat", type=int, default=1, help="run cp and ours this many times, interleaved (cp, ours, cp, ours, ...), "
                     "and report each ours/cp ratio and their median; baseline and verify run in the first round only")
+    ap.add_argument("--cache", choices=["cold", "warm", "both"], default="cold",
+                    help="page cache before each cp/ours run: cold (dropped), warm (the input read into it first, as right "
+                    "after a download) or both (every round runs cp, ours cold, then cp, ours warm)")
     ap.add_argument("--no-drop-caches", action="store_true")
     ap.add_argument("--profile", action="store_true", help="one more run of ours under py-spy (not timed in the table)")
     ap.add_argument("--json", type=Path, default=None, help="where to write the report (default WORKDIR/../bench-SIZE.json)")
@@ -511,22 +630,37 @@ def main(argv: list[str] | None = None) -> int:
     ours_out = workdir / "out-ours"
     results: list[StepResult] = []
 
+    report_path = args.json or workdir.parent / f"bench-{args.size}.json"
+
+    def save() -> None:
+        """The report so far (after every step: a run stopped early keeps what it measured)."""
+        report["steps"] = [asdict(r) for r in results]
+        report["paired"] = paired_ratios(results, states[0] if len(states) == 1 else "cold")
+        report["paired_by_cache"] = {c: paired_ratios(results, c) for c in states}
+        report["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+        report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+
     def show(r: StepResult) -> None:
         r.round = round_
         results.append(r)
         print(f"  {r.step}: {r.seconds:.1f} s, peak anon {_gb(r.peak_anon_bytes)}, peak rss {_gb(r.peak_rss_bytes)}, "
               f"exit {r.returncode}{', killed: ' + r.killed if r.killed else ''}", flush=True)
+        save()
 
-    plan = [(1, s) for s in STEPS if s in steps]
-    plan += [(k, s) for k in range(2, max(1, args.repeat) + 1) for s in ("cp", "ours") if s in steps]
-    for round_, step in plan:
-        print(f"step {step}" + (f" (round {round_})" if args.repeat > 1 else "") + " ...", flush=True)
+    states = ["cold", "warm"] if args.cache == "both" else [args.cache]
+    # the cp/ours rounds first (each state in turn), then the steps that use the last output of ours
+    plan = [(k, s, c) for k in range(1, max(1, args.repeat) + 1) for c in states for s in ("cp", "ours") if s in steps]
+    plan += [(1, s, "cold") for s in STEPS if s in steps and s not in ("cp", "ours")]
+    verify_dtype = "bfloat16"
+    for round_, step, cache in plan:
+        warm = original if cache == "warm" else None
+        print(f"step {step}" + (f" (round {round_})" if args.repeat > 1 else "") + (f", {cache} cache" if len(states) > 1 else "")
+              + " ...", flush=True)
         if step == "cp":
-            if round_ > 1:  # round 1's output has been verified: free its space (13B: input + two copies fill the disk)
-                shutil.rmtree(ours_out, ignore_errors=True)
+            shutil.rmtree(ours_out, ignore_errors=True)  # free its space (13B: input + two copies fill the disk)
             dst = workdir / "cp-scratch"
             shutil.rmtree(dst, ignore_errors=True)
-            r = run_step("cp", ["cp", "-r", str(original), str(dst)], limit, None, drop, workdir / "cp.log")
+            r = run_step("cp", ["cp", "-r", str(original), str(dst)], limit, None, drop, workdir / "cp.log", warm=warm)
             t = time.perf_counter()
             subprocess.run(["sync", *[str(p) for p in sorted(dst.iterdir())]], check=False)
             r.extra["fsync_seconds"] = round(time.perf_counter() - t, 2)
@@ -551,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             jpath = workdir / "ours-summary.json"
             r = run_step("ours", [py, "-m", "convert", "--original", str(original), "--text-model", str(text_model),
                                   "--vision-model", str(vision_model), "--output", str(ours_out), "--quiet", "--json", str(jpath)],
-                         limit, None, drop, workdir / "ours.log")
+                         limit, None, drop, workdir / "ours.log", warm=warm)
             if jpath.is_file():
                 s = json.loads(jpath.read_text())
                 r.extra["converter"] = s
@@ -560,17 +694,43 @@ def main(argv: list[str] | None = None) -> int:
                                       f"its own clock {s['seconds']:.1f} s")
             r.output_bytes = du(ours_out) if ours_out.exists() else None
             show(r)
-        elif step == "verify":
+        elif step in ("verify", "verify-short"):
             if not (ours_out / "conversion.json").is_file():
                 print("  skipped: no output of ours to verify", flush=True)
                 continue
-            vjson = workdir / "verify-report.json"
+            vjson = workdir / f"{step}-report.json"
             vjson.unlink(missing_ok=True)
-            r = run_step("verify", [py, "-m", "verify", str(ours_out), "--json", str(vjson), "--quiet", *shlex.split(args.verify_args)],
-                         limit, args.verify_timeout, drop, workdir / "verify.log")
+            extra_args = shlex.split(args.verify_args) if step == "verify" else SHORT_VERIFY
+            r = run_step(step, [py, "-m", "verify", str(ours_out), "--json", str(vjson), "--quiet", *extra_args],
+                         limit, args.verify_timeout, drop, workdir / f"{step}.log")
             if vjson.is_file():
                 v = json.loads(vjson.read_text())
                 r.extra["report"] = v
+                if step == "verify":
+                    verify_dtype = (v.get("settings") or {}).get("dtype") or verify_dtype
+            show(r)
+        elif step == "floor":
+            if not (ours_out / "conversion.json").is_file():
+                print("  skipped: no output of ours", flush=True)
+                continue
+            fjson = workdir / "floor.json"
+            fjson.unlink(missing_ok=True)
+            r = run_step("floor", [py, "-m", "bench.floor", str(ours_out), "--dtype", verify_dtype, "--json", str(fjson)],
+                         limit, args.verify_timeout, drop, workdir / "floor.log")
+            if fjson.is_file():
+                r.extra["floor"] = json.loads(fjson.read_text())
+            show(r)
+        elif step == "push":
+            dst = workdir / "out-push"
+            shutil.rmtree(dst, ignore_errors=True)
+            pjson = workdir / "push.json"
+            pjson.unlink(missing_ok=True)
+            r = run_step("push", [py, "-m", "bench.push", "--json", str(pjson), "--", "--original", str(original), "--text-model",
+                                  str(text_model), "--vision-model", str(vision_model), "--output", str(dst), "--quiet"],
+                         limit, args.verify_timeout, drop, workdir / "push.log")
+            if pjson.is_file():
+                r.extra["push"] = json.loads(pjson.read_text())
+            shutil.rmtree(dst, ignore_errors=True)
             show(r)
 
     if args.profile:
@@ -594,17 +754,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep:
         shutil.rmtree(ours_out, ignore_errors=True)
         shutil.rmtree(inp, ignore_errors=True)
-    report["steps"] = [asdict(r) for r in results]
-    report["paired"] = paired_ratios(results)
-    report["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    save()
     print()
     print(table(results))
-    if report["paired"]:
-        pr = report["paired"]
-        print(f"\nours / cp per round: {', '.join(str(p['ratio']) for p in pr['pairs'])}; median {pr['median_ratio']}")
-    jpath = args.json or workdir.parent / f"bench-{args.size}.json"
-    jpath.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    print(f"\nreport: {jpath}")
+    for c, pr in report["paired_by_cache"].items():
+        if pr:
+            print(f"\n{c} cache: ours / cp per round: {', '.join(str(p['ratio']) for p in pr['pairs'])}; median {pr['median_ratio']}")
+    print(f"\nreport: {report_path}")
     if args.write_md:
         write_md(report)
         print(f"wrote {BENCHMARKS_MD}")

@@ -407,42 +407,78 @@ class _Chunk:
     start: int  # stream position of its first byte
     n: int
     buf: bytearray
-    hashed: Future  # the input hash's update with these bytes
+    hashed: threading.Event | None = None  # set once the input hash has read this buffer (None: hashed before)
     used: Future | None = None  # the last output hash job submitted before the writer let go of it
 
-    def settle(self) -> None:
-        wait_futures([f for f in (self.hashed, self.used) if f is not None])
+    def settle(self, cancelled: Callable[[], bool]) -> None:
+        while self.hashed is not None and not self.hashed.wait(0.1):
+            if cancelled():
+                raise _Cancelled
+        if self.used is not None:
+            wait_futures([self.used])
+
+
+def _read_full(f, view: memoryview) -> int:
+    """readinto until ``view`` is full or the file ends (both readers keep chunk boundaries at CHUNK multiples)."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 class InputStream:
-    """The input weight files, read once, in order, on a thread, into a fixed pool of buffers; hashed (sha256 per
-    file, on a second thread) and handed to the writer, which takes the bytes of each tensor it copies verbatim.
+    """The input weight files, read once from disk, in order, on a thread, into a fixed pool of buffers, and handed
+    to the writer, which takes the bytes of each tensor it copies verbatim; hashed (sha256 per file) by a second
+    thread that reads each file just ahead of them.
 
     Positions are offsets in the concatenation of the files. The stream only moves forward: :meth:`take` skips
     whatever lies before the asked start (pickle records, dropped keys, tensors written another way). A buffer goes
-    back to the reader once the writer has moved past it and both hashes have read it, so at most
-    ``BUFFERS * CHUNK`` bytes are held whatever the checkpoint's size. The pages read are dropped from the page
-    cache at once (the bytes are in our buffer). Meanwhile a second thread asks the disk for up to ``WARM_BYTES``
-    ahead of the reader (``POSIX_FADV_WILLNEED``), so the disk reads while the converter is still starting and
-    leaves more of its bandwidth to the writes later. An error on the thread is re-raised to the writer."""
+    back to the reader once the writer has moved past it and the output hash has read it, so at most
+    ``BUFFERS * CHUNK`` bytes are held whatever the checkpoint's size.
+
+    The hash runs on a thread of its own and reads the reader's buffers as they fill. While the reader is stuck
+    (every buffer read and not yet taken: the converter is still starting) the hash goes on alone, reading the
+    files into a buffer of its own, up to ``WARM_BYTES`` ahead of the reader, which later reads those chunks from
+    the page cache without hashing them again. With the input already cached (right after a download) much of
+    the hash is so done before the first shard is written. A third thread asks the disk for the input ahead of
+    the reader (``POSIX_FADV_WILLNEED``), within the same budget. An error on any of them reaches the writer.
+
+    :meth:`ranges` streams chosen byte ranges of files instead of whole files, in a given order (``verify`` reads
+    an original's tensors in the order the converted repo holds them); ``hashing`` and ``drop`` turn the per-file
+    sha256 and the dropping of read pages off."""
 
     CHUNK = 1 << 22
     BUFFERS = 16
     WARM_BYTES = 6 << 30  # page cache, not our memory; capped at a third of what the machine has available
     WARM_STEP = 1 << 28
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], *, hashing: bool = True, drop: bool = True,
+                 _spans: list[tuple[Path, int, int]] | None = None):
         self.files = list(files)
         self.starts: dict[Path, int] = {}
         self.sizes: dict[Path, int] = {}
+        self.hashing, self.drop = hashing, drop
         total = 0
-        for f in self.files:
-            self.starts[f] = total
-            self.sizes[f] = f.stat().st_size
-            total += self.sizes[f]
-        self.total = total
+        if _spans is None:  # whole files
+            spans = []
+            for f in self.files:
+                self.starts[f] = total
+                self.sizes[f] = f.stat().st_size
+                spans.append((f, 0, self.sizes[f]))
+                total += self.sizes[f]
+        else:
+            spans = list(_spans)
+        self._spans: list[tuple[Path, int, int, int]] = []  # (file, offset, length, stream position)
+        pos = 0
+        for path, offset, length in spans:
+            self._spans.append((path, offset, length, pos))
+            pos += length
+        self.total = pos
         self.bytes_read = 0
-        self._digests: dict[Path, Future] = {}
+        self._digests: dict[Path, str] = {}
         self._ready: deque[_Chunk] = deque()  # read, not yet passed by the writer
         self._retired: deque[_Chunk] = deque()  # passed by the writer; reusable once settled
         self._allocated = 0
@@ -452,15 +488,29 @@ class InputStream:
         self._cancelled = False
         self._error: BaseException | None = None
         self._cond = threading.Condition()
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-in")
+        self._hasher = threading.Thread(target=self._hash_files, name="sha256-in", daemon=True)
+        self._hash_pos = 0  # stream position the hash has covered (contiguously, from the start)
+        self._handoff: deque[_Chunk] = deque()  # read by the reader, to be hashed from its buffer, in order
+        self._reader_stuck = False  # the reader waits for a free buffer: the hash may read ahead alone
+        self._ahead: int | None = None  # stream position of the chunk the hash is reading ahead alone
+        # page cache read ahead of the reader, at most (never less than two chunks: the reader waits for the hash)
+        self._budget = max(min(self.WARM_BYTES, _available_memory() // 3), 2 * self.CHUNK)
         self._thread = threading.Thread(target=self._run, name="input-reader", daemon=True)
         self._warmer = threading.Thread(target=self._warm, name="input-warm", daemon=True)
         self._read_pos = 0  # stream position the reader has read up to
+
+    @classmethod
+    def ranges(cls, spans: list[tuple[Path, int, int]], *, drop: bool = True) -> "InputStream":
+        """A stream of the byte ranges ``(file, offset, length)``, in this order (positions = their
+        concatenation); nothing is hashed."""
+        return cls(sorted({p for p, _, _ in spans}), hashing=False, drop=drop, _spans=spans)
 
     def position(self, path: Path, offset: int) -> int:
         return self.starts[path] + offset
 
     def start(self) -> "InputStream":
+        if self.hashing:
+            self._hasher.start()
         self._thread.start()
         if hasattr(os, "posix_fadvise") and self.WARM_BYTES > 0:
             self._warmer.start()
@@ -498,21 +548,20 @@ class InputStream:
         self._last_use = job
 
     def finish(self) -> dict[Path, str]:
-        """Read and hash whatever is left; the sha256 of every file."""
+        """Read (and hash) whatever is left; the sha256 of every file (none when not hashing)."""
         for _ in self.take(self._consumed, self.total):
             pass
         self._thread.join()
+        if self.hashing:
+            self._hasher.join()
         if self._error is not None:
             raise self._error
-        digests = {path: self._digests[path].result() for path in self.files}
-        self._hasher.shutdown(wait=True)
-        return digests
+        return {path: self._digests[path] for path in self.files} if self.hashing else {}
 
     def cancel(self) -> None:
         with self._cond:
             self._cancelled = True
             self._cond.notify_all()
-        self._hasher.shutdown(wait=False, cancel_futures=True)
 
     def _head(self) -> _Chunk | None:
         with self._cond:
@@ -541,35 +590,86 @@ class InputStream:
                 if self._allocated < self.BUFFERS:
                     self._allocated += 1
                     return bytearray(self.CHUNK)
+                self._reader_stuck = True
+                self._cond.notify_all()
                 self._cond.wait()
-        chunk.settle()  # both hashes are done with it
+                self._reader_stuck = False
+        chunk.settle(lambda: self._cancelled)  # both hashes are done with it
         return chunk.buf
 
     def _run(self) -> None:
         path = None
         try:
-            for path in self.files:
-                self._read_file(path)
+            for path, offset, length, pos in self._spans:
+                self._read_span(path, offset, length, pos)
         except _Cancelled:
             return
         except BaseException as e:  # handed to the writer
-            if isinstance(e, OSError):  # an input problem, not an output one: say which file
-                e = ConversionError(f"{e.filename or path}: reading failed ({e.strerror or e}); check that the input file is intact and readable")
-            with self._cond:
-                self._error = e
-                self._cond.notify_all()
+            self._fail(e, path)
             return
         with self._cond:
             self._done = True
             self._cond.notify_all()
 
+    def _fail(self, e: BaseException, path) -> None:
+        if isinstance(e, OSError):  # an input problem, not an output one: say which file
+            e = ConversionError(f"{e.filename or path}: reading failed ({e.strerror or e}); check that the input file is intact and readable")
+        with self._cond:
+            if self._error is None:
+                self._error = e
+            self._cond.notify_all()
+
+    def _hash_files(self) -> None:
+        """sha256 of every file, chunk by chunk in the reader's chunking: from the reader's buffer when it has read
+        the chunk, else (the reader stuck, within the budget) read here into a buffer of its own."""
+        path = None
+        own = bytearray(self.CHUNK)
+        try:
+            for path, _, size, base in self._spans:
+                h = hashlib.sha256()
+                with open(path, "rb", buffering=0) as f:
+                    if os.fstat(f.fileno()).st_size != size:
+                        raise ConversionError(f"{path}: changed size since it was opened ({size} bytes then); is another program writing it?")
+                    offset = 0
+                    while offset < size:
+                        pos = base + offset
+                        with self._cond:
+                            while True:
+                                if self._cancelled or self._error is not None:
+                                    return
+                                if self._handoff and self._handoff[0].start == pos:
+                                    chunk = self._handoff.popleft()
+                                    break
+                                if self._reader_stuck and not self._handoff and pos - self._read_pos < self._budget:
+                                    chunk = None
+                                    self._ahead = pos
+                                    break
+                                self._cond.wait()
+                        if chunk is not None:
+                            n = chunk.n
+                            h.update(memoryview(chunk.buf)[:n])
+                            chunk.hashed.set()
+                        else:
+                            f.seek(offset)
+                            n = _read_full(f, memoryview(own)[: min(self.CHUNK, size - offset)])
+                            if not n:
+                                raise ConversionError(f"{path}: shrank while being read ({offset} of {size} bytes); is another program writing it?")
+                            h.update(memoryview(own)[:n])
+                        offset += n
+                        with self._cond:
+                            self._hash_pos = base + offset
+                            self._ahead = None
+                            self._cond.notify_all()
+                self._digests[path] = h.hexdigest()
+        except BaseException as e:  # handed to the writer
+            self._fail(e, path)
+
     def _warm(self) -> None:
         """Ask the disk for the input ahead of the reader, ``WARM_STEP`` at a time, never more than the budget ahead
         of it (best effort: any error here only loses the read-ahead)."""
-        budget = min(self.WARM_BYTES, _available_memory() // 3)
+        budget = self._budget
         try:
-            for path in self.files:
-                base, size = self.starts[path], self.sizes[path]
+            for path, first, size, base in self._spans:
                 fd = os.open(path, os.O_RDONLY)
                 try:
                     offset = 0
@@ -579,38 +679,52 @@ class InputStream:
                             return
                         n = min(self.WARM_STEP, size - offset)
                         if n > 0:
-                            os.posix_fadvise(fd, offset, n, os.POSIX_FADV_WILLNEED)
+                            os.posix_fadvise(fd, first + offset, n, os.POSIX_FADV_WILLNEED)
                         offset += max(n, 0)
                 finally:
                     os.close(fd)
         except OSError:
             return
 
-    def _read_file(self, path: Path) -> None:
-        h = hashlib.sha256()
-        size = self.sizes[path]
-        base = self.starts[path]
+    def _read_span(self, path: Path, first: int, size: int, base: int) -> None:
+        whole = path in self.sizes
         with open(path, "rb", buffering=0) as f:
             fd = f.fileno()
-            if os.fstat(fd).st_size != size:
+            have = os.fstat(fd).st_size
+            if whole and have != size:
                 raise ConversionError(f"{path}: changed size since it was opened ({size} bytes then); is another program writing it?")
+            if not whole and have < first + size:
+                raise ConversionError(f"{path}: {have} bytes, but bytes up to {first + size} were to be read; is the file truncated?")
             if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                os.posix_fadvise(fd, first, size, os.POSIX_FADV_SEQUENTIAL)
+            if first:
+                f.seek(first)
             offset = 0
             while offset < size:
                 buf = self._buffer()
-                n = f.readinto(memoryview(buf)[: min(self.CHUNK, size - offset)])
-                if not n:
-                    raise ConversionError(f"{path}: shrank while being read ({offset} of {size} bytes); is another program writing it?")
-                drop_cached(fd, offset, n)  # the bytes are in our buffer now
-                chunk = _Chunk(base + offset, n, buf, self._hasher.submit(h.update, memoryview(buf)[:n]))
+                want = min(self.CHUNK, size - offset)
+                hashed_before = True
+                if self.hashing:
+                    with self._cond:
+                        while self._ahead == base + offset and self._error is None and not self._cancelled:
+                            self._cond.wait()  # the hash is reading this very chunk alone: then it is hashed
+                        if self._error is not None or self._cancelled:
+                            raise _Cancelled
+                        hashed_before = self._hash_pos >= base + offset + want
+                n = _read_full(f, memoryview(buf)[:want])
+                if n < want:
+                    raise ConversionError(f"{path}: shrank while being read ({first + offset + n} of {first + size} bytes); is another program writing it?")
+                if self.drop:
+                    drop_cached(fd, first + offset, n)  # the bytes are in our buffer now
+                chunk = _Chunk(base + offset, n, buf, None if hashed_before else threading.Event())
                 offset += n
                 self.bytes_read += n
-                self._read_pos = base + offset
                 with self._cond:
+                    self._read_pos = base + offset
                     self._ready.append(chunk)
+                    if not hashed_before:
+                        self._handoff.append(chunk)
                     self._cond.notify_all()
-        self._digests[path] = self._hasher.submit(h.hexdigest)
 
 
 def _available_memory() -> int:

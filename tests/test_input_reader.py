@@ -85,8 +85,24 @@ def test_stream_holds_a_bounded_number_of_buffers(tmp_path, monkeypatch):
     s = InputStream(files).start()
     time.sleep(0.5)  # nobody takes anything: the reader must stop once its buffers are full
     assert s.bytes_read == 3 * 4096
-    s.finish()
+    assert s._hash_pos == 4096 * 20  # the hash went on alone (reading the file itself): the converter is starting
+    assert s.finish() == {files[0]: _sha(files[0])}
     assert s.bytes_read == 4096 * 20
+
+
+def test_the_hash_goes_ahead_alone_only_within_the_budget(tmp_path, monkeypatch):
+    """The hash goes ahead alone only while the reader is stuck, and no further than the budget past it; then it
+    hashes the reader's buffers, and the digests are the files' sha256."""
+    monkeypatch.setattr(InputStream, "CHUNK", 4096)
+    monkeypatch.setattr(InputStream, "BUFFERS", 2)
+    monkeypatch.setattr(InputStream, "WARM_BYTES", 3 * 4096)
+    files = _files(tmp_path, [4096 * 10 + 5, 4096 * 2])
+    s = InputStream(files).start()
+    time.sleep(0.5)
+    assert s.bytes_read == 2 * 4096 and s._hash_pos == 3 * 4096 + 2 * 4096  # budget ahead of the reader, no more
+    whole = b"".join(p.read_bytes() for p in files)
+    assert b"".join(bytes(v) for v in s.take(0, len(whole))) == whole
+    assert s.finish() == {p: _sha(p) for p in files}
 
 
 def test_stream_error_reaches_the_writer(tmp_path):

@@ -6,7 +6,6 @@ it FAIL. Tolerances and bounds are stated in the check's summary line.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -53,12 +52,67 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 24):
-            h.update(b)
-    return h.hexdigest()
+ORIGINAL_EMBED, ORIGINAL_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def run_data_pass(ctx: Context):
+    """The one pass over the bytes for the data checks that will run (``ctx.data_checks``): which converted tensor
+    is compared with which original is decided here, by :func:`canonical`; ``verify.datapass`` streams them."""
+    from .datapass import Pair, run_pass
+
+    wanted = ctx.data_checks
+    shards = sorted(p for p in ctx.repo.glob("*.safetensors") if p.is_file())
+    hash_files = "files" in wanted and ctx.manifest is not None
+    others = []
+    if hash_files:
+        listed = {n for n in ctx.manifest.get("outputs", {}) if (ctx.repo / n).is_file()}
+        others = [ctx.repo / n for n in sorted(listed - {p.name for p in shards})]
+    pairs = []
+    if wanted & {"mapping", "resize"}:
+        try:
+            orig, conv = ctx.original_tensors, ctx.converted_tensors
+        except Exception:  # unreadable input: the checks that need it say so themselves
+            orig = conv = None
+        if orig is not None:
+            keys = orig.keys() if "mapping" in wanted else [k for k in (ORIGINAL_EMBED, ORIGINAL_HEAD) if k in orig.files]
+            olocs, clocs = orig.locations(), conv.locations()
+            for key in keys:
+                name = canonical(key)
+                if name is None or name.startswith("?") or name not in clocs:
+                    continue
+                a_dtype, a_shape = orig.meta(key)
+                b = clocs[name]
+                resized = name in (EMBED, HEAD)
+                fits = (b.shape[1:] == a_shape[1:] and b.shape[0] >= a_shape[0]) if resized and a_shape else b.shape == a_shape
+                if not fits:
+                    continue  # the checks report the shapes; nothing to compare
+                o = olocs.get(key)
+                if o is not None and (o.dtype, o.shape) != (a_dtype, a_shape):
+                    o = None
+                pairs.append(Pair(name, key, b, o, a_dtype, a_shape, keep_rest=resized, stats=key == ORIGINAL_EMBED))
+    return run_pass(shards, others, pairs, hash_files, lambda k: ctx.original_tensors.get(k))
+
+
+def _original_equal(ctx: Context, key: str, name: str) -> bool:
+    """Converted ``name`` (its first rows, for the resized matrices) bit-identical to original ``key`` cast to the
+    converted dtype: from the data pass, or read directly where the pass could not compare them."""
+    data = ctx.data_pass
+    if name in data.equal:
+        return data.equal[name]
+    a, b = ctx.original_tensors.get(key), ctx.converted_tensors.get(name)
+    if b.dtype != a.dtype:
+        a = a.to(b.dtype)
+    if name in (EMBED, HEAD):
+        b = b[: a.shape[0]]
+    return a.shape == b.shape and _bits_equal(a, b)
+
+
+def _max_abs_diff(ctx: Context, key: str, name: str) -> float:
+    """Only for a pair that differs: read both again (the report's number)."""
+    a, b = ctx.original_tensors.get(key), ctx.converted_tensors.get(name)
+    if name in (EMBED, HEAD):
+        b = b[: a.shape[0]]
+    return (a.float() - b.float()).abs().max().item()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -71,11 +125,12 @@ def check_files(ctx: Context) -> Check:
     present = {p.name for p in ctx.repo.iterdir() if p.is_file()} - {MANIFEST}
     published = sorted(present & PUBLICATION_FILES)  # added when publishing, after the manifest was written
     present -= PUBLICATION_FILES
+    digests = ctx.data_pass.digests
     for name, digest in sorted(outputs.items()):
         p = ctx.repo / name
         if not p.is_file():
             problems.append(f"{name}: listed in {MANIFEST} but missing")
-        elif _sha256(p) != digest:
+        elif digests[name] != digest:
             problems.append(f"{name}: sha256 differs from {MANIFEST} (file changed or corrupt)")
     for name in sorted(present - set(outputs)):
         problems.append(f"{name}: in the repo but not in {MANIFEST}")
@@ -109,7 +164,8 @@ def check_files(ctx: Context) -> Check:
         problems.append(f"{len(shards)} shards but no model.safetensors.index.json")
     elif not shards:
         problems.append("no safetensors weights in the repo")
-    numbers = {"files_hashed": len(outputs), "shards": len(shards), "tensors": len(headers), "indexed": n_indexed, "publication_files": published}
+    numbers = {"files_hashed": len(outputs), "shards": len(shards), "tensors": len(headers), "indexed": n_indexed, "publication_files": published,
+               "data_pass": ctx.data_pass.describe()}
     summary = f"{len(outputs)} files hashed, {len(shards)} shard(s), {len(headers)} tensors, index entries {n_indexed or 'n/a (single file)'}"
     return Check("files", FAIL if problems else PASS, summary if not problems else f"{len(problems)} problem(s); {summary}", numbers, problems)
 
@@ -136,23 +192,21 @@ def check_mapping(ctx: Context) -> Check:
             continue
         if len(conv.where[name]) > 1:
             problems.append(f"{name}: stored {len(conv.where[name])} times")
-        a, b = orig.get(key), conv.get(name)
-        if out_dtype and str(b.dtype).removeprefix("torch.") != out_dtype and b.dtype.is_floating_point:
-            problems.append(f"{name}: stored as {b.dtype}, manifest says {out_dtype}")
-        if b.dtype != a.dtype:
-            a = a.to(b.dtype)
+        (a_dtype, a_shape), (b_dtype, b_shape) = orig.meta(key), conv.meta(name)
+        if out_dtype and str(b_dtype).removeprefix("torch.") != out_dtype and b_dtype.is_floating_point:
+            problems.append(f"{name}: stored as {b_dtype}, manifest says {out_dtype}")
         if name in (EMBED, HEAD):
-            if b.shape[1:] != a.shape[1:] or b.shape[0] < a.shape[0]:
-                problems.append(f"{name}: shape {tuple(b.shape)} cannot hold the original {tuple(a.shape)}")
+            if b_shape[1:] != a_shape[1:] or b_shape[0] < a_shape[0]:
+                problems.append(f"{name}: shape {b_shape} cannot hold the original {a_shape}")
                 continue
-            b = b[: a.shape[0]]
-        if a.shape != b.shape:
-            problems.append(f"{name}: shape {tuple(b.shape)}, original {key} has {tuple(a.shape)}")
-        elif not _bits_equal(a, b):
-            diff = (a.float() - b.float()).abs().max().item()
-            problems.append(f"{name}: values differ from {key} (max abs diff {diff:.3g})")
+            b_shape = a_shape
+        if a_shape != b_shape:
+            problems.append(f"{name}: shape {b_shape}, original {key} has {a_shape}")
+        elif not _original_equal(ctx, key, name):
+            problems.append(f"{name}: values differ from {key} (max abs diff {_max_abs_diff(ctx, key, name):.3g})")
         else:
             identical += 1
+    problems += ctx.data_pass.problems
     extra = sorted(set(conv.keys()) - expected_names)
     problems += [f"{k}: extra tensor with no original counterpart" for k in extra[:10]]
     numbers = {"original_tensors": len(orig.keys()), "dropped_buffers": dropped, "bit_identical": identical, "extra": len(extra), "output_dtype": out_dtype}
@@ -291,39 +345,43 @@ def check_resize(ctx: Context) -> Check:
     added tokens reported, WARN when above an average original token's."""
     problems, warnings = [], []
     conv = ctx.converted_tensors
-    E_orig = ctx.original_tensors.get("model.embed_tokens.weight")
-    E = E_orig.to(torch.float64)
-    n, h = E.shape
-    mu = E.mean(0)
-    trace = ((E - mu) ** 2).sum(1).mean().item()  # tr(Sigma) with the population covariance
+    data = ctx.data_pass
+    stats = data.stats
+    if stats is None:  # the pass did not stream the original embedding (nothing to compare it with): read it
+        from .datapass import EmbeddingStats
+
+        E_orig = ctx.original_tensors.get(ORIGINAL_EMBED)
+        stats = EmbeddingStats(hidden=E_orig.shape[-1])
+        stats.add(E_orig.reshape(-1))
+    n, h = ctx.original_tensors.meta(ORIGINAL_EMBED)[1]
+    mu = stats.mean
+    trace = stats.trace  # tr(Sigma) with the population covariance
     want_rows = ctx.layout["rows"]
     numbers: dict = {"original_rows": n, "hidden": h, "trace_sigma": trace, "expected_rows": want_rows, "base_tokens": ctx.layout["base_tokens"]}
-    originals = {EMBED: E_orig, HEAD: ctx.original_tensors.get("lm_head.weight")}
+    originals = {EMBED: ORIGINAL_EMBED, HEAD: ORIGINAL_HEAD}
     added_total = 0
     for name in (EMBED, HEAD):
         if name not in conv.where:
             problems.append(f"{name}: missing")
             continue
-        W = conv.get(name)
-        rows = W.shape[0]
+        _, shape = conv.meta(name)
+        rows = shape[0]
         short = "embed_tokens" if name == EMBED else "lm_head"
         numbers[f"{short}_rows"] = rows
         if rows != want_rows:
             problems.append(f"{short}: {rows} rows, expected {want_rows} = max(V={n}, ceil((T+2)/64)*64) for T={ctx.layout['base_tokens']}")
         if rows < n:
             continue
-        orig = originals[name]
-        head = W[:n]
-        if head.dtype != orig.dtype:
-            orig = orig.to(head.dtype)
-        if head.shape != orig.shape or not _bits_equal(head, orig):
+        key = originals[name]
+        if shape[1:] != ctx.original_tensors.meta(key)[1][1:] or not _original_equal(ctx, key, name):
             problems.append(f"{short}: original rows [0, {n}) are not bit-identical to the original")
         added = rows - n
         added_total = max(added_total, added)
         if added == 0:
             numbers[short] = {"added": 0}
             continue
-        new = W[n:].to(torch.float64)
+        new = data.new_rows[name] if name in data.new_rows else conv.get(name)[n:]
+        new = new.to(torch.float64)
         d = ((new - mu) ** 2).sum(1) / (RESIZE_SCALE * trace)
         b = resize_bounds(added)
         numbers[short] = {"added": added, "d_mean": d.mean().item(), "d_max": d.max().item(), **b}

@@ -3,6 +3,8 @@ the sample prompts and images.
 
 Tensor files are read here with our own minimal readers (safetensors' ``safe_open`` for the converted repo;
 ``torch.load(mmap=True, weights_only=True)`` or ``safe_open`` for the original), not with the converter's code.
+The data checks (files, mapping, resize) share one pass over the bytes, :attr:`Context.data_pass`
+(``verify/datapass.py``: the bytes are streamed by the converter's reader, located by verify's own).
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import torch
 from convert.safejson import clean, confined, load_json, type_name
 from convert.safejson import name as safe_name
 
+from .datapass import ST_DTYPES
+
 MANIFEST = "conversion.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DATA_CHECKS = frozenset({"files", "mapping", "resize"})  # the checks that share one pass over the bytes
 GiB = 1 << 30
 # Python, torch and transformers themselves, tokenizers, images, the processor: measured ~0.3 GiB, stated with room.
 RUNTIME_BYTES = 1 * GiB
@@ -226,6 +231,26 @@ class OriginalTensors:
         h = self._handle(self.files[key])
         return h.get_tensor(key) if hasattr(h, "get_tensor") else h[key]
 
+    def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """dtype and shape, without reading the values (the .bin tensors are memory-mapped)."""
+        h = self._handle(self.files[key])
+        if hasattr(h, "get_slice"):
+            s = h.get_slice(key)
+            return ST_DTYPES[s.get_dtype()], tuple(s.get_shape())
+        t = h[key]
+        return t.dtype, tuple(t.shape)
+
+    def locations(self) -> dict:
+        """key -> where its bytes lie (``verify.datapass.Located``), for the tensors verify can stream."""
+        from .datapass import locate
+
+        out = {}
+        for f in sorted(set(self.files.values())):
+            for k, loc in locate(f).items():
+                if self.files.get(k) == f:
+                    out[k] = loc
+        return out
+
 
 class ConvertedTensors:
     """Lazy access to the converted repo's safetensors (every ``*.safetensors`` file in the folder)."""
@@ -233,6 +258,7 @@ class ConvertedTensors:
     def __init__(self, repo: Path):
         from safetensors import safe_open
 
+        self.repo = repo
         self.where: dict[str, list[str]] = {}
         self._files = {}
         for f in sorted(repo.glob("*.safetensors")):
@@ -252,6 +278,22 @@ class ConvertedTensors:
 
     def header_dtype(self, key: str) -> str:
         return self._files[self.where[key][0]].get_slice(key).get_dtype()
+
+    def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """dtype and shape from the header (nothing read)."""
+        s = self._files[self.where[key][0]].get_slice(key)
+        return ST_DTYPES[s.get_dtype()], tuple(s.get_shape())
+
+    def locations(self) -> dict:
+        """name -> where its bytes lie in the first file that holds it (``verify.datapass.Located``)."""
+        from .datapass import safetensors_locations
+
+        out = {}
+        for fname in self._files:
+            for k, loc in safetensors_locations(self.repo / fname).items():
+                if self.where.get(k, [None])[0] == fname:
+                    out[k] = loc
+        return out
 
 
 CONVERTED_EMBED = "language_model.model.embed_tokens.weight"
@@ -311,6 +353,8 @@ class Context:
             raise VerifyUsageError(f"--dtype {dtype!r}: expected float32 or bfloat16")
         self.max_new_tokens = max_new_tokens
         self.only = set(only) if only else None
+        # which of the data checks will run: what the one pass over the bytes must serve
+        self.data_checks = set(DATA_CHECKS) if self.only is None else DATA_CHECKS & self.only
         self.timings: dict[str, float] = {}  # seconds per phase of the model runs (load, forward, decode), per side
         mf = self.repo / MANIFEST
         self.manifest: dict | None = None
@@ -435,6 +479,13 @@ class Context:
         return ConvertedTensors(self.repo)
 
     @cached_property
+    def data_pass(self):
+        """The one pass over the bytes that ``files``, ``mapping`` and ``resize`` share (``verify.datapass``)."""
+        from .checks import run_data_pass
+
+        return run_data_pass(self)
+
+    @cached_property
     def loaded(self):
         """(model, loading_info), loaded with ``from_pretrained`` as a user would, in the requested dtype."""
         import time
@@ -529,7 +580,7 @@ class Context:
 
     @cached_property
     def original_vocab(self) -> int:
-        return int(self.original_tensors.get("model.embed_tokens.weight").shape[0])
+        return int(self.original_tensors.meta("model.embed_tokens.weight")[1][0])
 
     # --- shared computations ---------------------------------------------------------------------------------
     def prompt_images(self, prompt: dict) -> list:

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.demo:
-            from fixtures.build import demo_fixture
+            from verify.fixtures.build import demo_fixture
 
             fx = demo_fixture("vicuna" if args.backbone == "auto" else args.backbone)  # --backbone picks the tiny fixture
             opts = Options(original=str(fx.original), text_model=str(fx.text_model), vision_model=str(fx.vision_model),

@@ -14,12 +14,10 @@ from pathlib import Path
 
 import torch
 
+from .preflight import VerifyUsageError, audit_inputs_problem  # noqa: F401 (VerifyUsageError: re-exported)
+
 MANIFEST = "conversion.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class VerifyUsageError(Exception):
-    """Bad usage or unreadable input (exit 2), as opposed to a failed check (exit 1)."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +169,9 @@ class Context:
                 self.manifest = json.loads(mf.read_text())
             except json.JSONDecodeError as e:
                 raise VerifyUsageError(f"{mf}: not valid JSON ({e})") from None
+        problem = audit_inputs_problem(self.repo, original, text_model, vision_model)
+        if problem:
+            raise VerifyUsageError(problem)
         recorded = (self.manifest or {}).get("inputs", {})
 
         def pick(given: str | None, key: str, flag: str) -> Path:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from . import __version__
 from .errors import ConversionError
-from .preflight import OneLineParser, check_output, check_seed, file_destination_problem, parse_size, prog_name
+from .preflight import (TMP_PREFIX, OneLineParser, OnInterrupt, check_output, check_seed, exit_process, file_destination_problem,
+                        parse_size, prog_name)
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 BACKBONE_CHOICES = ("auto", "vicuna", "llama3", "phi3")
@@ -62,15 +64,31 @@ def _usage_error(parser: OneLineParser, message: str) -> int:
     return 2
 
 
+def console() -> None:
+    """The ``vipllava-convert`` console script."""
+    exit_process(main())
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    try:
-        return _main(argv, prog)
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
+    with OnInterrupt("error: interrupted; no output was written") as interrupt:
+        try:
+            return _main(argv, prog, interrupt)
+        except KeyboardInterrupt:
+            print(interrupt.message, file=sys.stderr)
+            return 130
 
 
-def _main(argv: list[str] | None, prog: str | None) -> int:
+def _remove_own_temporaries(output: Path) -> None:
+    """This process's temporary output folder (not a ``-old`` one: that may hold the previous output mid-swap,
+    which the next run puts back)."""
+    import shutil
+
+    for p in output.parent.glob(f"{TMP_PREFIX}{output.name}-{os.getpid()}-*"):
+        if not p.name.endswith("-old"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.revision is not None:
@@ -104,6 +122,7 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
     except ConversionError as e:
         return _usage_error(parser, str(e))
 
+    interrupt.cleanup = lambda: _remove_own_temporaries(output)
     from .pipeline import Options, convert
 
     progress = not args.quiet
@@ -122,6 +141,9 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    interrupt.cleanup = None
+    interrupt.message = (f"error: interrupted before the push completed; the converted folder stays at {summary.output}"
+                         if args.push_to_hub else f"error: interrupted; the converted repo is complete at {summary.output}")
     print(summary.table())
     if args.json:
         data = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(summary).items()}

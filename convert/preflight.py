@@ -112,3 +112,58 @@ def prog_name(module: str, script: str) -> str:
     """The name the user typed: ``vipllava-convert`` for the console script, else ``python -m convert``."""
     base = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return script if base == script else f"python -m {module}"
+
+
+def exit_process(code: int):
+    """End the process with ``code`` (the ``python -m`` and console-script entry points call this).
+
+    After Ctrl-C the code is 130, and the process must end with it: CPython kills itself with SIGINT at exit when a
+    KeyboardInterrupt ever left code run from a string (``exec`` of source text, as ``dataclasses`` does while
+    modules import), even if the program caught it later. So 130 ends the process here, streams flushed."""
+    if code == 130:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(130)
+    raise SystemExit(code)
+
+
+class OnInterrupt:
+    """Ctrl-C ends the process at once, at any moment: ONE line on stderr, exit 130.
+
+    A KeyboardInterrupt raised inside a third-party import can be turned into another error (a half-initialised numpy
+    surfaces as a RecursionError, transformers reports a ModuleNotFoundError), so the command lines do not rely on
+    it: while this context is active (main thread only), SIGINT runs ``cleanup()`` (if set), writes ``message`` and
+    ends the process like a kill, which the converter's output is built to survive (an interrupted run leaves no
+    output, or the previous one; its temporary folder is removed by ``cleanup`` or by the next run). The previous
+    handler is restored on exit, so calling ``main()`` in-process leaves the caller's Ctrl-C alone."""
+
+    def __init__(self, message: str):
+        self.message = message
+        self.cleanup = None
+        self._previous = None
+
+    def _handler(self, signum, frame):  # noqa: ARG002 (signal handler signature)
+        try:
+            if self.cleanup is not None:
+                self.cleanup()
+        finally:
+            os.write(2, (self.message + "\n").encode())  # not print(): the main thread may be inside a write to stderr
+            os._exit(130)
+
+    def __enter__(self) -> "OnInterrupt":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from convert import __version__
-from convert.preflight import OneLineParser, file_destination_problem, prog_name
+from convert.preflight import OneLineParser, OnInterrupt, exit_process, file_destination_problem, prog_name
 
 from .preflight import CHECK_NAMES, VerifyUsageError, audit_inputs_problem, check_max_new_tokens, check_source, check_vipllava_repo, resolve_repo
 
@@ -76,12 +76,18 @@ def build_parser(prog: str | None = None) -> OneLineParser:
     return p
 
 
+def console() -> None:
+    """The ``vipllava-verify`` console script."""
+    exit_process(main())
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    try:
-        return _main(argv, prog)
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    with OnInterrupt("error: interrupted; nothing was written") as interrupt:
+        try:
+            return _main(argv, prog)
+        except KeyboardInterrupt:
+            print(interrupt.message, file=sys.stderr)
+            return 130
 
 
 def _main(argv: list[str] | None, prog: str | None) -> int:

@@ -60,7 +60,8 @@ def build_parser(prog: str | None = None) -> OneLineParser:
 
 
 def _usage_error(parser: OneLineParser, message: str) -> int:
-    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    """One line, like every error of the converter (argparse's own errors carry the program's name)."""
+    print(f"error: {message}", file=sys.stderr)
     return 2
 
 

@@ -108,7 +108,7 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
         if problem:
             raise VerifyUsageError(problem)
     except VerifyUsageError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     from .api import verify_repo
 

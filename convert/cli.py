@@ -91,7 +91,10 @@ def _remove_own_temporaries(output: Path) -> None:
 
 def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt) -> int:
     parser = build_parser(prog)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (its one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     if args.revision is not None:
         return _usage_error(parser, f"--revision {args.revision}: ambiguous here (Hub tools read it as the SOURCE revision); "
                                     "give a source revision as owner/name@REV, and the branch to push to as --push-branch BRANCH")

@@ -102,10 +102,18 @@ def current_umask() -> int:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are ONE line on stderr (``PROG: error: ...; see PROG --help``), exit 2."""
+    """argparse whose usage errors are ONE line on stderr, exit 2, worded like every other error of the tools
+    (``error: --dtype 'fp8': expected one of auto, bfloat16, float16, float32; see PROG --help``)."""
+
+    _CHOICE = re.compile(r"argument (?P<flag>[^/:]+)(?:/[^:]*)?: invalid choice: (?P<value>.*) \(choose from (?P<choices>.*)\)$")
+    _TYPED = re.compile(r"argument (?P<flag>[^/:]+)(?:/[^:]*)?: invalid (?P<type>int|float) value: (?P<value>.*)$")
 
     def error(self, message: str):  # noqa: D102 (argparse's hook)
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+        if m := self._CHOICE.match(message):
+            message = f"{m['flag']} {m['value']}: expected one of {m['choices'].replace(chr(39), '')}"
+        elif m := self._TYPED.match(message):
+            message = f"{m['flag']} {m['value']}: expected {'an integer' if m['type'] == 'int' else 'a number'}"
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def prog_name(module: str, script: str) -> str:

@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 def _main(argv: list[str] | None, prog: str | None) -> int:
     parser = build_parser(prog)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (its one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     try:  # before any heavy import and any work
         check_max_new_tokens(args.max_new_tokens)
         problem = file_destination_problem(args.json, "--json") if args.json else None

@@ -1,91 +1,163 @@
-"""``python -m convert``: the command line around :func:`convert.pipeline.convert`."""
+"""``python -m convert`` (``vipllava-convert``): the command line around :func:`convert.pipeline.convert`.
+
+Every option is checked before any heavy import (torch, transformers) and before any work: a bad option is
+refused in a fraction of a second with one line and exit 2. Ctrl-C at any moment ends with one line and exit 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import ConversionError
+from .preflight import (TMP_PREFIX, OneLineParser, OnInterrupt, check_output, check_seed, exit_process, file_destination_problem,
+                        parse_size, prog_name)
+
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+BACKBONE_CHOICES = ("auto", "vicuna", "llama3", "phi3")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m convert",
-        description="Convert an original ViP-LLaVA checkpoint into a canonical Hugging Face VipLlava repo.",
+def build_parser(prog: str | None = None) -> OneLineParser:
+    p = OneLineParser(
+        prog=prog or prog_name("convert", "vipllava-convert"),
+        description="Convert an original ViP-LLaVA checkpoint into a canonical Hugging Face VipLlava repo. "
+                    "Exit 0 on success, 1 when --push-to-hub refused to push (a verification check failed), "
+                    "2 for bad usage or bad input (one line on stderr, nothing written), 130 when interrupted.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s (vipllava-harness) {__version__}")
     p.add_argument("--original", "--old_state_dict_id", dest="original", metavar="PATH|HUB_ID",
                    help="folder or weights file of the original checkpoint, or a Hub id (owner/name[@revision])")
     p.add_argument("--text-model", "--text_model_id", dest="text_model", metavar="PATH|HUB_ID",
                    help="base text model holding the tokenizer (optional when the original folder has one)")
     p.add_argument("--vision-model", "--vision_model_id", dest="vision_model", metavar="PATH|HUB_ID",
                    help="CLIP vision model: its config and image-processor settings (default openai/clip-vit-large-patch14-336)")
-    p.add_argument("--output", "--output_hub_path", dest="output", metavar="DIR", help="folder to write (must not exist or be empty)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the new embedding rows (default 0)")
-    p.add_argument("--dtype", default="auto", help="auto (keep the source dtype), bfloat16, float16 or float32")
-    p.add_argument("--max-shard-size", default="5GB", help="largest weight shard (default 5GB)")
-    p.add_argument("--backbone", default="auto", choices=["auto", "vicuna", "llama3", "phi3"],
-                   help="text backbone (default: detected from the original config.json and the tokenizer)")
+    p.add_argument("--output", dest="output", metavar="DIR", help="local folder to write (must not exist or be empty)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the new embedding rows, 0 <= SEED < 2**32 (default 0)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="dtype of the written weights: auto keeps the source dtype (default)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest weight shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    p.add_argument("--backbone", default="auto", choices=BACKBONE_CHOICES,
+                   help="text backbone (default auto: detected from the original config.json and the tokenizer)")
     p.add_argument("--force", action="store_true", help="replace an existing output (only after the new one is complete)")
-    p.add_argument("--demo", metavar="DIR", help="convert the bundled tiny fixture into DIR (with --backbone llama3|phi3: that backbone's fixture)")
+    p.add_argument("--demo", metavar="DIR", help="convert the bundled tiny fixture into DIR, offline (with --backbone "
+                                                 "llama3|phi3: that backbone's fixture); takes no --original/--output")
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON to FILE")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     hub = p.add_argument_group("publishing (see README, Publishing)")
-    hub.add_argument("--push-to-hub", metavar="REPO_ID",
+    hub.add_argument("--push-to-hub", "--output_hub_path", dest="push_to_hub", metavar="REPO_ID",
                      help="after converting, run the full verification and, only if every check passes, upload the folder "
                           "with a model card (README.md) and the report (verification.json) to REPO_ID in one commit; "
-                          "exit 1 and send nothing when a check fails")
+                          "exit 1 and send nothing when a check fails (--output_hub_path, the upstream script's name, means "
+                          "the same; the local copy still goes to --output)")
     hub.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
-    hub.add_argument("--revision", metavar="BRANCH", help="with --push-to-hub: push to this branch (created when missing)")
+    hub.add_argument("--push-branch", metavar="BRANCH", help="with --push-to-hub: push to this branch of REPO_ID (created when missing)")
+    hub.add_argument("--revision", metavar="REV", help=argparse.SUPPRESS)  # refused: see _main
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if (args.private or args.revision) and not args.push_to_hub:
-        parser.print_usage(sys.stderr)
-        print("error: --private and --revision only apply with --push-to-hub REPO_ID", file=sys.stderr)
-        return 2
-    if args.push_to_hub:
-        from .publish import preflight
+def _usage_error(parser: OneLineParser, message: str) -> int:
+    """One line, like every error of the converter (argparse's own errors carry the program's name)."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
-        problem = preflight(args.push_to_hub)
+
+def console() -> None:
+    """The ``vipllava-convert`` console script."""
+    exit_process(main())
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    with OnInterrupt("error: interrupted; no output was written") as interrupt:
+        try:
+            return _main(argv, prog, interrupt)
+        except KeyboardInterrupt:
+            print(interrupt.message, file=sys.stderr)
+            return 130
+
+
+def _remove_own_temporaries(output: Path) -> None:
+    """This process's temporary output folder (not a ``-old`` one: that may hold the previous output mid-swap,
+    which the next run puts back)."""
+    import shutil
+
+    for p in output.parent.glob(f"{TMP_PREFIX}{output.name}-{os.getpid()}-*"):
+        if not p.name.endswith("-old"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt) -> int:
+    parser = build_parser(prog)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (its one line already printed)
+        return e.code if isinstance(e.code, int) else 2
+    if args.revision is not None:
+        return _usage_error(parser, f"--revision {args.revision}: ambiguous here (Hub tools read it as the SOURCE revision); "
+                                    "give a source revision as owner/name@REV, and the branch to push to as --push-branch BRANCH")
+    if (args.private or args.push_branch) and not args.push_to_hub:
+        return _usage_error(parser, "--private and --push-branch only apply with --push-to-hub REPO_ID")
+    if args.demo:
+        given = [f for f, v in (("--original", args.original), ("--text-model", args.text_model),
+                                ("--vision-model", args.vision_model), ("--output", args.output)) if v]
+        if given:
+            return _usage_error(parser, f"--demo DIR converts the bundled fixture into DIR; drop {', '.join(given)}")
+    elif not args.original or not args.output:
+        missing = " and ".join(f for f, v in (("--original", args.original), ("--output", args.output)) if not v)
+        hint = " (--output_hub_path is where to push; the local copy still needs --output DIR)" if args.push_to_hub and not args.output else ""
+        return _usage_error(parser, f"{missing} required (or --demo DIR){hint}")
+    try:  # every number and destination, before any heavy import and any work
+        check_seed(args.seed)
+        max_bytes = parse_size(args.max_shard_size)
+        output = Path(args.demo or args.output).expanduser().absolute()
+        check_output(output, args.force)
+        problem = file_destination_problem(args.json, "--json") if args.json else None
         if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 2
+            raise ConversionError(problem)
+        if args.push_to_hub:
+            from .publish import preflight
+
+            problem = preflight(args.push_to_hub)
+            if problem:
+                raise ConversionError(problem)
+    except ConversionError as e:
+        return _usage_error(parser, str(e))
+
+    interrupt.cleanup = lambda: _remove_own_temporaries(output)
     from .pipeline import Options, convert
 
+    progress = not args.quiet
     try:
         if args.demo:
-            from fixtures.build import demo_fixture
+            from verify.fixtures.build import demo_fixture
 
-            fx = demo_fixture("vicuna" if args.backbone == "auto" else args.backbone)  # --backbone picks the tiny fixture
-            opts = Options(original=str(fx.original), text_model=str(fx.text_model), vision_model=str(fx.vision_model),
-                           output=Path(args.demo), seed=args.seed, dtype=args.dtype, max_shard_size=args.max_shard_size, backbone=args.backbone,
-                           force=args.force, progress=not args.quiet)
+            log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else None
+            fx = demo_fixture("vicuna" if args.backbone == "auto" else args.backbone, log=log)  # --backbone picks the tiny fixture
+            sources = {"original": str(fx.original), "text_model": str(fx.text_model), "vision_model": str(fx.vision_model)}
         else:
-            if not args.original or not args.output:
-                parser.print_usage(sys.stderr)
-                print("error: --original and --output are required (or use --demo DIR)", file=sys.stderr)
-                return 2
-            opts = Options(original=args.original, text_model=args.text_model, vision_model=args.vision_model,
-                           output=Path(args.output), seed=args.seed, dtype=args.dtype, max_shard_size=args.max_shard_size, backbone=args.backbone,
-                           force=args.force, progress=not args.quiet)
+            sources = {"original": args.original, "text_model": args.text_model, "vision_model": args.vision_model}
+        opts = Options(**sources, output=output, seed=args.seed, dtype=args.dtype, max_shard_size=max_bytes,
+                       backbone=args.backbone, force=args.force, progress=progress)
         summary = convert(opts)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
+    interrupt.cleanup = None
+    interrupt.message = (f"error: interrupted before the push completed; the converted folder stays at {summary.output}"
+                         if args.push_to_hub else f"error: interrupted; the converted repo is complete at {summary.output}")
     print(summary.table())
     if args.json:
         data = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(summary).items()}
-        Path(args.json).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        try:
+            Path(args.json).expanduser().write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        except OSError as e:
+            print(f"error: --json {args.json}: writing failed ({e.strerror or e}); the converted repo is complete at {summary.output}", file=sys.stderr)
+            return 2
     if args.push_to_hub:
         from .publish import run
 
-        return run(summary.output, args.push_to_hub, private=args.private, revision=args.revision, progress=not args.quiet)
+        return run(summary.output, args.push_to_hub, private=args.private, revision=args.push_branch, progress=progress)
     return 0

@@ -168,6 +168,8 @@ def publish(
         CARD: model_card(manifest, report_json, proven_versions, repo_id=repo_id).encode(),
         REPORT: (json.dumps(report_json, indent=2, sort_keys=True) + "\n").encode(),
     }
+    if progress:
+        print(f"hashing {len(manifest.get('outputs', {}))} files against {MANIFEST} before the push", file=sys.stderr, flush=True)
     operations = _operations(folder, manifest, extra)
     files = sorted(op.path_in_repo for op in operations)
     if api is None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConversionError
+from .preflight import SEED_LIMIT, check_seed  # noqa: F401 (re-exported)
 
 SCALE = 1e-5
 _CHUNK_ROWS = 4096
@@ -79,14 +80,6 @@ def _check_cast(name: str, t: torch.Tensor) -> None:
                 f"{name}: a value at row {a + bad[0]}, column {bad[1]} is beyond the range of "
                 f"{str(t.dtype).removeprefix('torch.')} and would become Inf; pass --dtype auto, bfloat16 or float32"
             )
-
-
-SEED_LIMIT = 2**32  # torch's CPU generator keeps 32 bits of the seed: s and s + 2**32 would give the same rows
-
-
-def check_seed(seed: int) -> None:
-    if not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise ConversionError(f"--seed {seed!r}: expected an integer with 0 <= seed < 2**32 (torch's generator keeps 32 bits); pass a smaller --seed")
 
 
 def resize(

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConversionError
+from .preflight import TMP_PREFIX, check_output, current_umask, parse_size  # noqa: F401 (re-exported)
 from .sources import TensorInfo
 
 _DTYPE_NAMES = {
@@ -58,20 +59,6 @@ _DTYPE_NAMES = {
 # safetensors lays tensors out by dtype (its Dtype enum order, descending: the widest elements first, so each
 # tensor is aligned to its element size), then by name; we keep its dtype grouping, then input order.
 _SAFETENSORS_ORDER = ("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5 * 10**9 (decimal units as transformers uses them; KiB/MiB/GiB are binary)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not m or m.group(2) not in _UNITS:
-        raise ConversionError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
-    size = int(float(m.group(1)) * _UNITS[m.group(2)])
-    if size <= 0:
-        raise ConversionError(f"--max-shard-size {text!r}: must be positive")
-    return size
 
 
 @dataclass(frozen=True)
@@ -243,7 +230,7 @@ class _DirectSink:
     STAGE = 1 << 24
 
     def __init__(self, path: Path):
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)  # then the umask, like open()
         self.bufs = [mmap.mmap(-1, self.STAGE), mmap.mmap(-1, self.STAGE)]
         self.views = [memoryview(b) for b in self.bufs]
         self.turn = 0
@@ -756,7 +743,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-TMP_PREFIX = ".vipllava-tmp-"
 FAULT_ENV = "VIPLLAVA_FAULT"  # test hook: "<point>" SIGKILLs the process there, "<point>:enospc" raises ENOSPC
 
 
@@ -768,21 +754,6 @@ def fault(point: str) -> None:
     if want.endswith(":enospc"):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), point)
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def check_output(output: Path, force: bool) -> None:
-    """Refuse an output that is a file or a non-empty folder (unless ``force``), or whose parent is unwritable."""
-    if output.exists() and not output.is_dir():
-        raise ConversionError(f"{output}: exists and is a file; pass a folder path for --output")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise ConversionError(f"{output}: exists and is not empty; pass --force to replace it")
-    parent = output.parent
-    if not parent.is_dir():
-        raise ConversionError(f"{parent}: the parent folder of --output does not exist; create it first")
-    try:  # a real probe: os.access says yes to root even on a read-only mount
-        os.rmdir(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}probe-", dir=parent))
-    except OSError as e:
-        raise ConversionError(f"{parent}: not writable ({e.strerror}); choose another --output") from None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -852,6 +823,7 @@ def atomic_directory(output: Path, force: bool) -> Iterator[Path]:
     remove_stale_temporaries(output)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_stem(output)}{os.getpid()}-", dir=output.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the output folder follows the umask
         yield tmp
         fault("before_fsync")
         for p in tmp.iterdir():

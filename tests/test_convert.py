@@ -128,7 +128,7 @@ def test_seed_script_aliases_and_force(tiny, tmp_path):
 
     out = tmp_path / "aliased"
     argv = ["--old_state_dict_id", str(tiny.original), "--text_model_id", str(tiny.text_model),
-            "--vision_model_id", str(tiny.vision_model), "--output_hub_path", str(out), "--quiet"]
+            "--vision_model_id", str(tiny.vision_model), "--output", str(out), "--quiet"]
     assert main(argv) == 0
     before = _digests(out)
     assert main(argv + ["--force", "--seed", "3"]) == 0

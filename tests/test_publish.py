@@ -221,7 +221,7 @@ def test_cli_refuses_to_push_a_conversion_that_fails_verification(hub, tmp_path,
 
 def test_cli_pushes_a_verified_conversion_to_a_new_private_branch(tiny, hub, tmp_path, capsys):
     out = tmp_path / "out"
-    code = run_convert(tiny, out, "--push-to-hub", REPO_ID, "--private", "--revision", "conversion-v1")
+    code = run_convert(tiny, out, "--push-to-hub", REPO_ID, "--private", "--push-branch", "conversion-v1")
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert [name for name, _ in hub.calls] == ["create_repo", "repo_info", "create_branch", "list_repo_files", "create_commit"]
@@ -243,7 +243,8 @@ def test_cli_pushes_a_verified_conversion_to_a_new_private_branch(tiny, hub, tmp
     [
         (["--push-to-hub", "not a repo id"], "not a valid repo id"),
         (["--private"], "only apply with --push-to-hub"),
-        (["--revision", "v1"], "only apply with --push-to-hub"),
+        (["--push-branch", "v1"], "only apply with --push-to-hub"),
+        (["--revision", "v1"], "--push-branch BRANCH"),
     ],
 )
 def test_cli_push_usage_errors_stop_before_converting(tiny, hub, tmp_path, capsys, extra, message):

@@ -1,4 +1,8 @@
-"""``python -m verify REPO``: exit 0 when every check passes, 1 when any fails, 2 for bad usage or input."""
+"""``python -m verify REPO`` (``vipllava-verify``): exit 0 when every applicable check ran and passed, 1 when any
+failed (or none could run), 2 for bad usage or input (one line), 130 when interrupted.
+
+Every option, the repo's location and its kind (a VipLlava repo) are checked before torch or transformers is
+imported and before any weight is read."""
 
 from __future__ import annotations
 
@@ -7,7 +11,12 @@ import json
 import sys
 from pathlib import Path
 
-from .context import VerifyUsageError
+from convert import __version__
+from convert.preflight import OneLineParser, OnInterrupt, exit_process, file_destination_problem, prog_name
+
+from .preflight import CHECK_NAMES, VerifyUsageError, audit_inputs_problem, check_max_new_tokens, check_source, check_vipllava_repo, resolve_repo
+
+DTYPE_CHOICES = ("bfloat16", "float32")
 
 
 def _load_prompts(path: str) -> list[dict]:
@@ -45,27 +54,70 @@ def _load_images(path: str) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m verify", description="Prove a converted VipLlava repo right against an independent re-implementation of the original ViP-LLaVA.")
-    p.add_argument("repo", help="the converted repo (a folder written by python -m convert)")
-    p.add_argument("--original", metavar="PATH|HUB_ID", help="original checkpoint (default: from conversion.json)")
-    p.add_argument("--text-model", metavar="PATH|HUB_ID", help="base text model with the tokenizer (default: from conversion.json)")
-    p.add_argument("--vision-model", metavar="PATH|HUB_ID", help="CLIP vision model (default: from conversion.json)")
+def build_parser(prog: str | None = None) -> OneLineParser:
+    p = OneLineParser(prog=prog or prog_name("verify", "vipllava-verify"),
+                      description="Prove a converted VipLlava repo right against an independent re-implementation of the "
+                                  "original ViP-LLaVA. Exit 0 when every applicable check ran and passed, 1 when one failed, "
+                                  "2 for bad usage or input, 130 when interrupted.")
+    p.add_argument("--version", action="version", version=f"%(prog)s (vipllava-harness) {__version__}")
+    p.add_argument("repo", help="the repo to verify: a folder (written by python -m convert, or by any other tool: an audit) "
+                                "or a Hub id owner/name[@revision] (through the Hugging Face cache)")
+    p.add_argument("--original", metavar="PATH|HUB_ID", help="original checkpoint (default: from conversion.json; required for an audit)")
+    p.add_argument("--text-model", metavar="PATH|HUB_ID", help="base text model with the tokenizer (default: from conversion.json; required for an audit)")
+    p.add_argument("--vision-model", metavar="PATH|HUB_ID", help="CLIP vision model (default: from conversion.json; required for an audit)")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--prompts", metavar="FILE", help="JSON list of {name, prompt, image} or {name, turns, image} (default: the bundled samples for the backbone)")
     p.add_argument("--images", metavar="DIR", help="folder of images named by the prompts (default: the bundled samples)")
-    p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
                    help="compute dtype of both models (default: the checkpoint's own, bfloat16 for the released ones; logits "
                         "tolerance 0.05 in bfloat16, 1e-4 in float32); float32 runs only if its estimated memory fits")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="tokens of greedy generation to compare (default 8)")
-    p.add_argument("--only", action="append", help="run only this check (repeatable)")
-    p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--max-new-tokens", type=int, default=8, metavar="N", help="tokens of greedy generation to compare, N >= 1 (default 8)")
+    p.add_argument("--only", action="append", choices=CHECK_NAMES, metavar="CHECK",
+                   help=f"run only this check (repeatable); one of {', '.join(CHECK_NAMES)}")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def console() -> None:
+    """The ``vipllava-verify`` console script."""
+    exit_process(main())
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    with OnInterrupt("error: interrupted; nothing was written") as interrupt:
+        try:
+            return _main(argv, prog)
+        except KeyboardInterrupt:
+            print(interrupt.message, file=sys.stderr)
+            return 130
+
+
+def _main(argv: list[str] | None, prog: str | None) -> int:
+    parser = build_parser(prog)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (its one line already printed)
+        return e.code if isinstance(e.code, int) else 2
+    try:  # before any heavy import and any work
+        check_max_new_tokens(args.max_new_tokens)
+        problem = file_destination_problem(args.json, "--json") if args.json else None
+        if problem:
+            raise VerifyUsageError(problem)
+        for value, flag in ((args.original, "--original"), (args.text_model, "--text-model"), (args.vision_model, "--vision-model")):
+            check_source(value, flag)
+        prompts = _load_prompts(args.prompts) if args.prompts else None
+        images = _load_images(args.images) if args.images else None
+        folder, _ = resolve_repo(args.repo)
+        check_vipllava_repo(folder)
+        problem = audit_inputs_problem(folder, args.original, args.text_model, args.vision_model)
+        if problem:
+            raise VerifyUsageError(problem)
+    except VerifyUsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from .api import verify_repo
 
     try:
-        prompts = _load_prompts(args.prompts) if args.prompts else None
-        images = _load_images(args.images) if args.images else None
         report = verify_repo(args.repo, original=args.original, text_model=args.text_model, vision_model=args.vision_model,
                              prompts=prompts, images=images, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                              only=args.only, progress=not args.quiet)
@@ -74,5 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report.table())
     if args.json:
-        Path(args.json).write_text(report.to_json())
+        try:
+            Path(args.json).expanduser().write_text(report.to_json())
+        except OSError as e:
+            print(f"error: --json {args.json}: writing failed ({e.strerror or e})", file=sys.stderr)
+            return 2
     return 0 if report.passed else 1

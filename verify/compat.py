@@ -962,7 +962,7 @@ def run_matrix(repo: str | Path, versions=VERSIONS, envs_dir: Path | None = None
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
     if prompts is None or images is None:
-        from fixtures.build import sample_images, sample_prompts
+        from verify.fixtures.build import sample_images, sample_prompts
 
         prompts = sample_prompts() if prompts is None else prompts
         images = sample_images() if images is None else images

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from convert.safejson import clean, confined, load_json, type_name
+from convert.safejson import clean, confined, load_json, type_name  # noqa: F401 (clean: used by callers)
 from convert.safejson import name as safe_name
 
 from .datapass import ST_DTYPES
+from .preflight import VerifyUsageError, audit_inputs_problem  # noqa: F401 (VerifyUsageError: re-exported)
 
 MANIFEST = "conversion.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -28,14 +29,6 @@ DATA_CHECKS = frozenset({"files", "mapping", "resize"})  # the checks that share
 GiB = 1 << 30
 # Python, torch and transformers themselves, tokenizers, images, the processor: measured ~0.3 GiB, stated with room.
 RUNTIME_BYTES = 1 * GiB
-
-
-class VerifyUsageError(Exception):
-    """Bad usage or unreadable input (exit 2), as opposed to a failed check (exit 1). Names in the message come
-    from files: control characters are escaped here so the message stays one line."""
-
-    def __init__(self, message: object = "") -> None:
-        super().__init__(clean(message))
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -90,7 +83,7 @@ def _resolve(source: str, what: str) -> Path:
 def default_prompts(backbone: str) -> list[dict]:
     """The bundled samples: ``prompts.json`` holds prompt strings written in the llava_v1 format, so a backbone of that
     mode (Vicuna) gets them; the others get the sample conversations (rendered later in the backbone's mode)."""
-    from fixtures.build import sample_conversations, sample_prompts
+    from verify.fixtures.build import sample_conversations, sample_prompts
     from .original import BACKBONES
 
     return sample_prompts() if BACKBONES[backbone].conv_mode == "llava_v1" else sample_conversations()
@@ -360,6 +353,9 @@ class Context:
         self.manifest: dict | None = None
         if mf.is_file():
             self.manifest = read_manifest(mf)
+        problem = audit_inputs_problem(self.repo, original, text_model, vision_model)
+        if problem:
+            raise VerifyUsageError(problem)
         recorded = (self.manifest or {}).get("inputs", {})
 
         def pick(given: str | None, key: str, flag: str) -> Path:
@@ -389,7 +385,7 @@ class Context:
         if prompts is None:
             prompts = default_prompts(self.backbone)
         if images is None:
-            from fixtures.build import sample_images
+            from verify.fixtures.build import sample_images
 
             images = sample_images()
         self.prompts = [prepare_prompt(p, self.conv_mode, i) for i, p in enumerate(prompts)]
@@ -574,7 +570,7 @@ class Context:
         given = [p for p in self.prompts if p.get("turns") is not None]
         if given:
             return "prompts", given
-        from fixtures.build import sample_conversations
+        from verify.fixtures.build import sample_conversations
 
         return "bundled", [prepare_prompt(c, self.conv_mode, i) for i, c in enumerate(sample_conversations())]
 

@@ -9,12 +9,13 @@ from dataclasses import asdict, dataclass, field
 from convert.safejson import clean as _printable  # names from files: no newline or escape code reaches the table
 
 PASS, FAIL, WARN = "PASS", "FAIL", "WARN"
+NA = "N/A"  # not applicable: the check needs something this repo does not have (an audit has no conversion.json)
 
 
 @dataclass
 class Check:
     name: str
-    status: str  # PASS | FAIL | WARN (passed, with something worth a look)
+    status: str  # PASS | FAIL | WARN (passed, with something worth a look) | N/A (not applicable; the summary says why)
     summary: str  # one line, with the measured numbers
     numbers: dict = field(default_factory=dict)
     details: list[str] = field(default_factory=list)
@@ -23,6 +24,10 @@ class Check:
     @property
     def failed(self) -> bool:
         return self.status == FAIL
+
+    @property
+    def applicable(self) -> bool:
+        return self.status != NA
 
 
 def _clean(obj):
@@ -41,10 +46,16 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)  # tool, transformers, torch, python that produced the report
+    audit: str | None = None  # why this is an audit (no conversion.json), or None for a repo this tool wrote
 
     @property
     def passed(self) -> bool:
-        return not any(c.failed for c in self.checks)
+        """Every applicable check passed, and at least one ran: N/A is never evidence, zero checks prove nothing."""
+        return any(c.applicable for c in self.checks) and not any(c.failed for c in self.checks)
+
+    @property
+    def not_applicable(self) -> list[str]:
+        return [c.name for c in self.checks if not c.applicable]
 
     @property
     def failed_checks(self) -> list[str]:
@@ -61,14 +72,23 @@ class Report:
         head = f"verify {_printable(self.repo)}"
         if self.settings.get("backbone"):
             head += f"  (backbone {self.settings['backbone']}, original prompt mode {self.settings.get('conv_mode')})"
-        lines = [head, f"{'check':<{w}}  result  {'seconds':>7}  numbers", "-" * (w + 60)]
+        lines = [head]
+        if self.audit:
+            lines.append(f"AUDIT: {self.audit}; checks that need its record are N/A")
+        lines += [f"{'check':<{w}}  result  {'seconds':>7}  numbers", "-" * (w + 60)]
         for c in self.checks:
             lines.append(f"{c.name:<{w}}  {c.status:<6}  {c.seconds:>7.2f}  {_printable(c.summary)}")
             for d in c.details[:8]:
                 lines.append(f"{'':<{w}}          {'':>7}    - {_printable(d, 300)}")
             if len(c.details) > 8:
                 lines.append(f"{'':<{w}}          {'':>7}    - ... {len(c.details) - 8} more (see --json)")
-        verdict = "ALL CHECKS PASSED" if self.passed else f"FAILED: {', '.join(self.failed_checks)}"
+        na = f" (audit; not applicable: {', '.join(self.not_applicable)})" if self.not_applicable else (" (audit)" if self.audit else "")
+        if self.failed_checks:
+            verdict = f"FAILED: {', '.join(self.failed_checks)}{na}"
+        elif not self.passed:
+            verdict = f"NOT PASSED: no applicable check ran{na}"
+        else:
+            verdict = f"ALL {'APPLICABLE ' if self.not_applicable else ''}CHECKS PASSED{na}"
         lines.append("-" * (w + 60))
         lines.append(verdict)
         return "\n".join(lines)
@@ -78,6 +98,9 @@ class Report:
             "repo": self.repo,
             "passed": self.passed,
             "failed_checks": self.failed_checks,
+            "audit": self.audit is not None,
+            "audit_reason": self.audit,
+            "not_applicable": self.not_applicable,
             "settings": self.settings,
             "environment": self.environment,
             "checks": [asdict(c) for c in self.checks],

@@ -472,7 +472,7 @@ def check_tokenizer_era(ctx: Context) -> Check:
 
     others = ctx.era_tokenizers
     if not others:
-        return Check("tokenizer_era", PASS, f"not applicable: the original {ctx.backbone} loaded the fast tokenizer "
+        return Check("tokenizer_era", NA, f"not applicable: the original {ctx.backbone} loaded the fast tokenizer "
                      f"(use_fast=True), one tokenization in every era", {"applicable": False})
     base = ctx.base_tokenizer
     numbers: dict = {"applicable": True, "reference_era": DEFAULT_TOKENIZER_ERA, "legacy": getattr(base, "legacy", None),

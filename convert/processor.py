@@ -281,6 +281,8 @@ def write_tokenizer_files(out: Path, tok, info: TokenizerInfo, text_dir: Path, m
         "chat_template": backbone.chat_template,
         "clean_up_tokenization_spaces": False,
         "eos_token": info.eos_token,
+        # PreTrainedTokenizerFast in 4.x would also return token_type_ids, which generate() refuses
+        "model_input_names": ["input_ids", "attention_mask"],
         "model_max_length": model_max_length,
         "pad_token": PAD_TOKEN,
         "padding_side": "left",

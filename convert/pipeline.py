@@ -310,21 +310,22 @@ def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, o
 
 
 def _tokenizer_notes(text_dir: Path) -> list[str]:
-    """What the user should know about the tokenizer: the converted one has the LEGACY semantics (every segment
-    between special tokens gets the dummy prefix). The original (transformers 4.31, slow tokenizer) in non-legacy
-    mode instead strips the prefix of the first piece after a special token such as ``</s>``, which no fast
-    tokenizer can express; text after ``<image>`` is the same in both modes (each chunk is tokenized afresh)."""
+    """What the user should know about the tokenizer when the base says ``legacy: false``: the converted tokenizer
+    reproduces transformers 4.37.2's slow tokenizer (the original's pinned HEAD; see convert/processor.py), while
+    transformers 4.31 (the 7B/13B release era) treated text right after a special token such as ``</s>`` differently
+    (it cut the dummy prefix off the first piece and looked the rest up, e.g. "x</s>Straße" -> ``<unk>``), which no
+    tokenizer.json can express."""
     p = text_dir / "tokenizer_config.json"
     try:
         legacy = json.loads(p.read_text()).get("legacy", True) if p.is_file() else True
     except (json.JSONDecodeError, UnicodeDecodeError):
         legacy = True
-    if legacy is True:
+    if legacy is not False:
         return []
     return [
-        f"{p}: legacy is {json.dumps(legacy)}; the original tokenized text right after a special token such as </s> "
-        "(multi-turn prompts) without sentencepiece's leading piece, the converted tokenizer keeps it. Single-turn "
-        "prompts and text after <image> are identical; run `python -m verify` with your prompts to see the difference"
+        f"{p}: legacy is false; the converted tokenizer gives transformers 4.37.2's ids (the original's pinned version: "
+        "the leading piece once per <image> chunk, none after </s>). Originals run with transformers 4.31 tokenized "
+        "text right after </s> differently (multi-turn prompts); run `python -m verify` with your prompts to see it"
     ]
 
 

@@ -148,11 +148,17 @@ def _sentencepiece_backend(tok, text_dir: Path, rule: str):
         bpe = models.BPE(vocab={p: i for i, (p, _, _) in enumerate(pieces)}, merges=spm_merges(pieces), unk_token=unk,
                          fuse_unk=True, byte_fallback=True)
         backend = Tokenizer(bpe)
-    else:
-        backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    else:  # a base with only tokenizer.json: its BPE model as written (transformers' own object may be rebuilt)
+        path = text_dir / "tokenizer.json"
+        backend = Tokenizer.from_file(str(path)) if path.is_file() else Tokenizer.from_str(tok.backend_tokenizer.to_str())
         backend.post_processor = None
     added = [a for _, a in sorted(tok.added_tokens_decoder.items())]
     specials = [a.content for a in added if a.special]
+    stripping = [a.content for a in added if a.lstrip or a.rstrip]
+    if rule == "chunk" and stripping:  # matched after normalization, where spaces are already "▁": not the same strip
+        raise ConversionError(f"{text_dir / 'tokenizer_config.json'}: legacy is false and {stripping[0]} strips the "
+                              "whitespace next to it (lstrip/rstrip), a combination the converter cannot reproduce; "
+                              "pass the base text model the checkpoint was trained with (Vicuna v1.5's tokens strip nothing)")
     if rule == "chunk":
         lookahead = "|".join(re.escape(c) for c in sorted(specials, key=len, reverse=True))
         first = normalizers.Replace(Regex(r"\A(?!" + lookahead + ")" if lookahead else r"\A"), "\u2581")

@@ -191,6 +191,21 @@ def test_converted_tokenizer_gives_the_reference_ids(realvocab, backbone, use_fa
     assert matched(lambda t: tok(t, add_special_tokens=False).input_ids, cases) == 46
 
 
+def test_phi3_base_with_only_tokenizer_json_converts_to_the_same_file(realvocab, tmp_path, tmp_path_factory):
+    import shutil
+
+    from convert.backbones import PHI3
+    from convert.processor import build_tokenizer, load_base_tokenizer, write_tokenizer_files
+
+    base = tmp_path / "base"
+    shutil.copytree(realvocab.base_tokenizer_dir("phi3"), base)
+    (base / "tokenizer.model").unlink()
+    tok, info = build_tokenizer(load_base_tokenizer(base), base, ROWS["phi3"], PHI3)
+    write_tokenizer_files(tmp_path, tok, info, base, 4096, PHI3)
+    want = converted_dir(realvocab, "phi3", tmp_path_factory) / "tokenizer.json"
+    assert json.loads((tmp_path / "tokenizer.json").read_text()) == json.loads(want.read_text())
+
+
 def test_expected_side_gives_the_reference_ids(realvocab):
     """The restated originals agree with llama.cpp's references (chunk = whole text; drop the BOS)."""
     for backbone in ("vicuna", "phi3", "llama3"):
@@ -230,7 +245,7 @@ def mismatch(actual, expected, prompt: str):
 
 
 def _property(backbone):
-    @settings(max_examples=150, deadline=None)
+    @settings(max_examples=max(150, settings.default.max_examples), deadline=None)  # cheap: >= 150 even in "ci"
     @given(prompt=prompts(backbone))
     def run(realvocab, tmp_path_factory, prompt):
         tok = load_converted(converted_dir(realvocab, backbone, tmp_path_factory))
@@ -317,3 +332,21 @@ def test_planted_llama3_base_without_bos_is_refused(realvocab):
     after = lambda ids: ids[ids.index(SENTINEL) + 1:]  # noqa: E731
     assert after(with_bos.image_prompt(prompt))[0] == 198  # "\n"
     assert after(shipped.image_prompt(prompt)) == after(with_bos.image_prompt(prompt))[1:]  # the "\n" is gone
+
+
+def test_non_legacy_base_with_stripping_special_token_is_refused(realvocab, tmp_path):
+    import shutil
+
+    from convert.backbones import VICUNA
+    from convert.errors import ConversionError
+    from convert.processor import build_tokenizer, load_base_tokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(realvocab.base_tokenizer_dir("vicuna"), base)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"] = {"2": {"content": "</s>", "lstrip": False, "normalized": False, "rstrip": True,
+                                         "single_word": False, "special": True}}
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert load_base_tokenizer(base).added_tokens_decoder[2].rstrip
+    with pytest.raises(ConversionError, match=r"legacy is false and </s> strips the whitespace"):
+        build_tokenizer(load_base_tokenizer(base), base, ROWS["vicuna"], VICUNA)

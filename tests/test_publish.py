@@ -168,7 +168,7 @@ def test_passing_conversion_is_pushed_in_one_complete_commit_with_card_and_repor
     # the branch ends up holding exactly the verified folder: leftovers deleted in the same commit, .gitattributes kept
     assert commit["deleted"] == stale and result.deleted == stale
     report_json = json.loads(commit["texts"]["verification.json"])
-    assert report_json["passed"] and [c["status"] for c in report_json["checks"]] == ["PASS"] * 8
+    assert report_json["passed"] and [c["status"] for c in report_json["checks"]] == ["PASS"] * 9
     assert report_json["environment"]["transformers"] and report_json["environment"]["tool"] == f"vipllava-harness {convert.__version__}"
     manifest = json.loads((repo / "conversion.json").read_text())
     assert commit["texts"]["README.md"] == model_card(manifest, report_json, None, repo_id=REPO_ID)

@@ -469,7 +469,9 @@ def _cache_line(steps: list[dict]) -> str:
 
 
 def _paired_lines(report: dict) -> list[str]:
-    by_cache = report.get("paired_by_cache") or ({"cold": report["paired"]} if report.get("paired") else {})
+    """Recomputed from the steps (so a report written before a change of definition renders with the current one)."""
+    steps = [StepResult(**r) for r in report["steps"]]
+    by_cache = {c: paired_ratios(steps, c) for c in dict.fromkeys(r.cache for r in steps)}
     lines = []
     for cache, pr in by_cache.items():
         if not pr:

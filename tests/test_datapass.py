@@ -129,3 +129,16 @@ def test_a_wrong_location_is_a_verifier_bug_not_a_pass(converted, tmp_path, monk
     assert report.failed_checks == ["mapping"]
     assert any("model.layers.0.self_attn.q_proj.weight: the bytes verify located" in d and "verifier bug" in d
                for d in report.get("mapping").details), report.table()
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 17, 4099])
+def test_byte_comparison_sees_every_flipped_bit(n):
+    import os
+
+    a = bytearray(os.urandom(n))
+    assert datapass._equal_bytes(memoryview(a), memoryview(bytearray(a)))
+    assert n < 2 or datapass._equal_bytes(memoryview(a)[1:], memoryview(bytearray(a))[1:])  # unaligned views too
+    for i in range(n):
+        b = bytearray(a)
+        b[i] ^= 0x80
+        assert not datapass._equal_bytes(memoryview(a), memoryview(b)), i

@@ -97,7 +97,7 @@ CASES = [
     ("verify-tokens-zero", "verify", "python -m", ["{vip}", "--max-new-tokens", "0"], 2, "--max-new-tokens 0: expected a whole number >= 1"),
     ("verify-json-folder-missing", "verify", "python -m", ["{vip}", "--json", "{root}/missing/r.json"], 2,
      "--json {root}/missing/r.json: the folder {root}/missing does not exist"),
-    ("verify-no-such-repo", "verify", "python -m", ["{root}/nope"], 2, "{root}/nope: no such folder, and not a Hub id"),
+    ("verify-no-such-repo", "verify", "python -m", ["{root}/nope"], 2, "{root}/nope: not a folder (no such path), and not a Hub id"),
     ("verify-repo-is-file", "verify", "python -m", ["{afile}"], 2, "is a file; pass the repo folder"),
     ("verify-plain-llama", "verify", "python -m", ["{llama}", "--original", "{original}", "--text-model", "{adir}", "--vision-model", "{adir}"], 2,
      "{llama}/config.json: model_type 'llama', architectures ['LlamaForCausalLM']; expected model_type 'vipllava'"),

@@ -72,6 +72,8 @@ CASES = [
     ("convert-output-is-file", "convert", "python -m", ["--demo", "{afile}"], 2, "exists and is a file"),
     ("convert-json-folder-missing", "convert", "python -m", ["--demo", "{root}/d1", "--json", "{root}/missing/s.json"], 2,
      "--json {root}/missing/s.json: the folder {root}/missing does not exist"),
+    ("convert-json-inside-output", "convert", "python -m", ["--demo", "{root}/d1", "--json", "{root}/d1/s.json"], 2,
+     "inside the output folder, where it would be a file conversion.json does not list"),
     ("convert-json-is-folder", "convert", "python -m", ["--demo", "{root}/d1", "--json", "{adir}"], 2, "is a folder; pass a file name"),
     ("convert-demo-and-original", "convert", "python -m", ["--demo", "{root}/d1", "--original", "{original}"], 2,
      "--demo DIR converts the bundled fixture into DIR; drop --original"),

@@ -60,7 +60,7 @@ def build_parser(prog: str | None = None) -> OneLineParser:
 
 
 def _usage_error(parser: OneLineParser, message: str) -> int:
-    """One line, like every error of the converter (argparse's own errors carry the program's name)."""
+    """One line, worded like every other error of the converter."""
     print(f"error: {message}", file=sys.stderr)
     return 2
 
@@ -114,6 +114,9 @@ def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt) -> i
         max_bytes = parse_size(args.max_shard_size)
         output = Path(args.demo or args.output).expanduser().absolute()
         check_output(output, args.force)
+        if args.json and output in Path(args.json).expanduser().absolute().parents:
+            raise ConversionError(f"--json {args.json}: inside the output folder, where it would be a file conversion.json "
+                                  "does not list (verify's files check would fail); write it elsewhere")
         problem = file_destination_problem(args.json, "--json") if args.json else None
         if problem:
             raise ConversionError(problem)

@@ -66,7 +66,7 @@ def resolve_repo(repo: str | Path) -> tuple[Path, str | None]:
             raise VerifyUsageError(f"{text}: is a file; pass the repo folder (or a Hub id owner/name[@revision])")
         return p, None
     if not _HUB_ID.match(text):
-        raise VerifyUsageError(f"{text}: no such folder, and not a Hub id (owner/name[@revision])")
+        raise VerifyUsageError(f"{text}: not a folder (no such path), and not a Hub id (owner/name[@revision])")
     repo_id, _, revision = text.partition("@")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ConversionError
-from .preflight import (TMP_PREFIX, OneLineParser, OnInterrupt, check_output, check_seed, exit_process, file_destination_problem,
+from .preflight import (TMP_PREFIX, OneLineParser, OnInterrupt, check_no_overlap, check_output, check_seed, exit_process, file_destination_problem,
                         parse_size, prog_name)
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
@@ -113,6 +113,9 @@ def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt) -> i
         check_seed(args.seed)
         max_bytes = parse_size(args.max_shard_size)
         output = Path(args.demo or args.output).expanduser().absolute()
+        local = {flag: Path(v).expanduser() for flag, v in (("--original", args.original), ("--text-model", args.text_model),
+                                                           ("--vision-model", args.vision_model)) if v and Path(v).expanduser().exists()}
+        check_no_overlap(output, local)  # before the non-empty test: --force must never be the suggested way out
         check_output(output, args.force)
         if args.json and output in Path(args.json).expanduser().absolute().parents:
             raise ConversionError(f"--json {args.json}: inside the output folder, where it would be a file conversion.json "

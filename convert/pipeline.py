@@ -30,6 +30,7 @@ from .resize import SCALE, check_seed, resize
 from .safejson import MAX_TOKENIZER_BYTES, load_json, read_bounded
 from .sources import Checkpoint, ResolvedInput, checked_sha256, open_checkpoint, resolve, sha256_file
 from .writer import DropBehind, InputStream, OutTensor, atomic_directory, check_output, index_json, parse_size, plan_shards, shard_names, write_json, write_shard
+from .preflight import check_no_overlap
 
 DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14-336"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -152,19 +153,6 @@ def output_path(given: Path) -> Path:
                                   "pass the folder's real path")
         return target
     return path
-
-
-def check_no_overlap(output: Path, inputs: dict[str, Path]) -> None:
-    """Refuse an --output that is, contains or lies inside any input (compared after following symlinks), with or
-    without --force: replacing it would delete or change the inputs."""
-    out = Path(os.path.realpath(output))
-    for what, p in inputs.items():
-        real = Path(os.path.realpath(p))
-        folder = real if real.is_dir() else real.parent
-        if out == folder or out in folder.parents or folder in out.parents:
-            rel = "is" if out == folder else "contains" if out in folder.parents else "lies inside"
-            raise ConversionError(f"{output}: --output {rel} {what} ({folder}); expected a folder apart from every input, "
-                                  "choose another --output (nothing was written)")
 
 
 def convert(opts: Options) -> Summary:

@@ -36,9 +36,23 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+def check_no_overlap(output: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an --output that is, contains or lies inside any input (compared after following symlinks), with or
+    without --force: replacing it would delete or change the inputs."""
+    out = Path(os.path.realpath(output))
+    for what, p in inputs.items():
+        real = Path(os.path.realpath(p))
+        folder = real if real.is_dir() else real.parent
+        if out == folder or out in folder.parents or folder in out.parents:
+            rel = "is" if out == folder else "contains" if out in folder.parents else "lies inside"
+            raise ConversionError(f"{output}: --output {rel} {what} ({folder}); expected a folder apart from every input, "
+                                  "choose another --output (nothing was written)")
+
+
 def check_seed(seed: int) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
-        raise ConversionError(f"--seed {seed!r}: expected an integer with 0 <= seed < 2**32 (torch's generator keeps 32 bits)")
+        raise ConversionError(f"--seed {seed!r}: expected an integer with 0 <= seed < 2**32 (torch's generator keeps 32 bits); "
+                              "pass a smaller --seed")
 
 
 def _probe_writable(folder: Path) -> str | None:

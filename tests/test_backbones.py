@@ -135,7 +135,9 @@ def test_variant_verifies(variant):
 
     name, _, out = variant
     report = verify_repo(out, progress=False, max_new_tokens=4)
-    failed = [(c.name, c.summary) for c in report.checks if c.status != "PASS"]
+    # tokenizer_era is N/A for Llama-3 / Phi-3 (their original ran the fast tokenizer: one tokenization in every era)
+    expected_na = {"tokenizer_era"} if name in ("llama3", "phi3") else set()
+    failed = [(c.name, c.status, c.summary) for c in report.checks if c.status != ("N/A" if c.name in expected_na else "PASS")]
     assert not failed, failed
     names = {c.name for c in report.checks}
     assert {"logits", "generation", "chat_template", "processor", "strict_load", "resize", "mapping", "files"} <= names

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKS = "files, mapping, strict_load, resize, processor, chat_template, logits, generation"
+CHECKS = "files, mapping, strict_load, resize, processor, tokenizer_era, chat_template, logits, generation"
 
 
 def _env(**extra) -> dict:
@@ -93,7 +93,7 @@ CASES = [
     ("verify-help-name", "verify", "vipllava-verify", ["--help"], 0, "usage: vipllava-verify"),
     ("verify-help-checks", "verify", "python -m", ["--help"], 0, "run only this check (repeatable); one of files,"),
     ("verify-only-unknown", "verify", "python -m", ["{vip}", "--only", "bogus"], 2,
-     "--only 'bogus': expected one of files, mapping, strict_load, resize, processor, chat_template, logits, generation"),
+     "--only 'bogus': expected one of files, mapping, strict_load, resize, processor, tokenizer_era, chat_template, logits, generation"),
     ("verify-dtype", "verify", "python -m", ["{vip}", "--dtype", "float64"], 2, "--dtype 'float64': expected one of"),
     ("verify-tokens-negative", "verify", "python -m", ["{vip}", "--max-new-tokens", "-1"], 2, "--max-new-tokens -1: expected a whole number >= 1"),
     ("verify-tokens-zero", "verify", "python -m", ["{vip}", "--max-new-tokens", "0"], 2, "--max-new-tokens 0: expected a whole number >= 1"),

@@ -168,10 +168,11 @@ def test_resize_new_rows_statistics(shape):
     assert 0.3 < d.mean().item() < 3.0
 
 
-def test_non_legacy_base_tokenizer_is_flagged_and_verify_sees_only_the_multi_turn_difference(tmp_path, capsys):
-    """A base tokenizer with legacy: false (as Vicuna-derived configs have): the original (4.31 slow tokenizer)
-    drops the dummy prefix after a mid-prompt </s>; the converted fast tokenizer cannot. The converter says so, and
-    verify's processor check fails on exactly the two-turn prompt while single-turn prompts agree."""
+def test_non_legacy_base_tokenizer_is_reproduced_and_the_4_31_era_difference_reported(tmp_path, capsys):
+    """A base tokenizer with legacy: false (as Vicuna v1.5 ships): the converted tokenizer reproduces the original
+    code's pin (transformers 4.37.2: no dummy prefix after a mid-prompt </s>), so the processor check passes on
+    every prompt, two-turn included; the 4.31-era difference after </s> is reported as a WARN (tokenizer_era),
+    never a FAIL. The converter says what it reproduces."""
     from fixtures.build import build, sample_images, sample_prompts
     from verify.api import verify_repo
 
@@ -184,6 +185,8 @@ def test_non_legacy_base_tokenizer_is_flagged_and_verify_sees_only_the_multi_tur
     assert run_convert(fx, tmp_path / "out") == 0
     assert "legacy is false" in capsys.readouterr().out
     prompts = [p for p in sample_prompts() if p["name"] in ("wide_colour", "image_then_space", "two_turn")]
-    report = verify_repo(tmp_path / "out", prompts=prompts, images=sample_images(), progress=False, only=["processor"])
-    details = report.get("processor").details
-    assert report.failed_checks == ["processor"] and len(details) == 1 and details[0].startswith("prompt two_turn:"), details
+    report = verify_repo(tmp_path / "out", prompts=prompts, images=sample_images(), progress=False,
+                         only=["processor", "tokenizer_era"])
+    assert report.get("processor").status == "PASS", report.table()
+    era = report.get("tokenizer_era")
+    assert report.passed and era.status == "WARN" and era.numbers["4.31.0"]["first"][0] == "two_turn", report.table()

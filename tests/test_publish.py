@@ -201,21 +201,21 @@ def test_http_error_exits_2_with_one_line(repo, hub, capsys):
 
 
 # --- the command line (full default verification, as --push-to-hub runs it) ------------------------------------------
-def test_cli_refuses_to_push_a_conversion_that_fails_verification(hub, tmp_path, capsys):
-    """A real conversion that verification rejects: a base tokenizer with legacy: false (Vicuna-style), where the
-    converted tokenizer differs from the original on the two-turn prompt (see test_convert)."""
-    from fixtures.build import build
+def test_cli_refuses_to_push_a_conversion_that_fails_verification(tiny, hub, tmp_path, capsys, monkeypatch):
+    """A conversion that verification rejects is never pushed: a planted converter bug (the new embedding rows
+    drawn with 1e4 times the intended covariance) makes the resize check fail, and nothing reaches the Hub."""
+    import convert.resize as resize_module
 
-    fx = build(tmp_path / "fx")
-    cfg_path = fx.text_model / "tokenizer_config.json"
-    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "legacy": False}))
+    real = resize_module.sample_new_rows
+    monkeypatch.setattr(resize_module, "sample_new_rows",
+                        lambda embed, count, generator, scale=resize_module.SCALE: real(embed, count, generator, scale * 1e4))
     out = tmp_path / "out"
-    code = run_convert(fx, out, "--push-to-hub", REPO_ID)
+    code = run_convert(tiny, out, "--push-to-hub", REPO_ID)
     captured = capsys.readouterr()
     assert code == 1, captured.err
     assert hub.calls == [] and hub.commits == []
-    assert "not pushed to" in captured.err and "processor" in captured.err and "two_turn" in captured.err, captured.err
-    assert "FAILED: processor" in captured.out
+    assert "not pushed to" in captured.err and "resize" in captured.err, captured.err
+    assert "FAILED: resize" in captured.out, captured.out
     assert (out / "conversion.json").is_file() and not (out / "README.md").exists()
 
 

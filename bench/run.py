@@ -47,7 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 STEPS = ("cp", "baseline", "ours", "verify", "verify-short", "floor", "push")
-SHORT_VERIFY = ["--dtype", "bfloat16", "--prompts", str(Path(__file__).resolve().parent / "prompts-fullsize.json"), "--max-new-tokens", "2"]
+SHORT_VERIFY = ["--prompts", str(Path(__file__).resolve().parent / "prompts-fullsize.json"), "--max-new-tokens", "2"]
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -653,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     # the cp/ours rounds first (each state in turn), then the steps that use the last output of ours
     plan = [(k, s, c) for k in range(1, max(1, args.repeat) + 1) for c in states for s in ("cp", "ours") if s in steps]
     plan += [(1, s, "cold") for s in STEPS if s in steps and s not in ("cp", "ours")]
-    verify_dtype = "bfloat16"
+    verify_dtype = "float32-blocks"
     for round_, step, cache in plan:
         warm = original if cache == "warm" else None
         print(f"step {step}" + (f" (round {round_})" if args.repeat > 1 else "") + (f", {cache} cache" if len(states) > 1 else "")

@@ -58,3 +58,25 @@ def realvocab():
     except rv.RealVocabUnavailable as e:
         pytest.skip(f"real vocabularies unavailable: {e}")
     return rv
+
+
+@pytest.fixture(scope="session")
+def backbone_pair(tmp_path_factory):
+    """``backbone_pair(name)`` -> (fixture paths, converted repo) of the tiny fixture of backbone ``name`` (vicuna,
+    llama3, phi3), built and converted with defaults once per session."""
+    from convert.pipeline import Options, convert
+    from fixtures.build import build
+
+    made: dict[str, tuple] = {}
+
+    def get(backbone: str):
+        if backbone not in made:
+            root = tmp_path_factory.mktemp(f"pair-{backbone}")
+            paths = build(root / "tiny", backbone=backbone)
+            out = root / "repo"
+            convert(Options(original=str(paths.original), text_model=str(paths.text_model),
+                            vision_model=str(paths.vision_model), output=out, progress=False))
+            made[backbone] = (paths, out)
+        return made[backbone]
+
+    return get

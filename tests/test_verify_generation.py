@@ -1,4 +1,4 @@
-"""verify's compute side: the checkpoint's own dtype by default (bf16), the memory estimate that refuses a run
+"""verify's compute side: the checkpoint's own weights dtype by default (bf16, float32 arithmetic in blocks), the memory estimate that refuses a run
 before anything is loaded, and the generation check that compares the converted repo's own generation (through its
 generation_config.json, nothing masked) with the reference."""
 
@@ -43,22 +43,35 @@ def _refuse_loading(monkeypatch):
 
 
 # --- dtype ---------------------------------------------------------------------------------------------------
-def test_default_is_the_checkpoints_bf16_and_passes_with_stated_tolerances(converted):
+def test_default_is_the_checkpoints_bf16_weights_in_float32_blocks_with_stated_tolerances(converted):
     report = verify_repo(converted, prompts=PROMPTS, images=sample_images(), max_new_tokens=4, progress=False)
     assert report.passed, report.table()
-    assert (report.settings["dtype"], report.settings["dtype_source"]) == ("bfloat16", "checkpoint")
+    assert (report.settings["dtype"], report.settings["dtype_source"]) == ("float32-blocks", "checkpoint")
     logits = report.get("logits")
-    assert logits.numbers["tolerance"] == 5e-2 and logits.numbers["tolerance_per_dtype"] == {"float32": 1e-4, "bfloat16": 5e-2}
-    assert logits.numbers["max_abs_diff"] <= 5e-2 and logits.numbers["top1_agree"] == logits.numbers["top1_decided"] > 0
-    assert "<= 0.05 (bfloat16; float32 0.0001)" in logits.summary
-    # bf16 weights are read from the files as stored: no copy counted
+    assert logits.numbers["tolerance"] == 1e-4
+    assert logits.numbers["tolerance_per_dtype"] == {"float32-blocks": 1e-4, "float32": 1e-4, "bfloat16": 5e-2}
+    assert logits.numbers["max_abs_diff"] <= 1e-4 and logits.numbers["top1_agree"] == logits.numbers["top1_decided"] > 0
+    assert "<= 0.0001 (float32-blocks; float32 0.0001, bfloat16 0.05)" in logits.summary
+    # bf16 weights are read from the files as stored: no copy counted, only the float32 block buffers
     mem = report.settings["memory_estimate"]
     assert mem["weight_copies"] == 0 and mem["parts"]["weights"] == 0 and mem["total"] <= mem["limit"]
+    assert (mem["dtype"], mem["arithmetic"]) == ("bfloat16", "float32") and mem["parts"]["float32_blocks"] > 0
     # time per phase is visible: loads, prompt forwards and decoding, per side
     phases = report.settings["phase_seconds"]
     assert {"reference_load", "reference_forward", "reference_decode", "converted_load", "converted_forward", "converted_decode"} <= set(phases)
     assert set(report.get("generation").numbers["seconds"]) == {"reference_decode", "converted_decode"}
     assert report.get("generation").numbers["tokens_compared"] > len(PROMPTS)
+
+
+def test_bfloat16_when_asked(converted):
+    """All-bf16 arithmetic (what a GPU user runs): passes within bf16's stated tolerance, nothing copied."""
+    report = verify_repo(converted, prompts=PROMPTS, images=sample_images(), max_new_tokens=4, progress=False,
+                         dtype="bfloat16", only=["logits", "generation"])
+    assert report.passed, report.table()
+    assert (report.settings["dtype"], report.settings["dtype_source"]) == ("bfloat16", "asked")
+    assert report.get("logits").numbers["tolerance"] == 5e-2 and report.get("logits").numbers["max_abs_diff"] <= 5e-2
+    mem = report.settings["memory_estimate"]
+    assert mem["arithmetic"] == "bfloat16" and mem["parts"]["float32_blocks"] == 0 and mem["weight_copies"] == 0
 
 
 def test_float32_when_asked(converted):
@@ -75,7 +88,7 @@ def test_float32_that_does_not_fit_is_refused_before_loading(converted, monkeypa
     need = Context(converted, prompts=PROMPTS, images=sample_images(), dtype="float32", memory_limit=1 << 50).memory
     assert need["parts"]["weights"] == 2 * need["parameters"] * 4
     _refuse_loading(monkeypatch)
-    with pytest.raises(VerifyUsageError, match=r"a float32 run needs about .* GiB of memory .* is available \(given\); pass --dtype bfloat16"):
+    with pytest.raises(VerifyUsageError, match=r"a float32 run needs about .* GiB of memory .* is available \(given\); pass --dtype float32-blocks"):
         verify_repo(converted, prompts=PROMPTS, images=sample_images(), dtype="float32", memory_limit=need["total"] - 1, progress=False)
     # exactly enough: accepted (the Context is built, nothing loaded yet)
     ctx = Context(converted, prompts=PROMPTS, images=sample_images(), dtype="float32", memory_limit=need["total"])
@@ -93,7 +106,7 @@ def test_cli_refuses_with_one_line_and_exit_2(converted, monkeypatch, capsys):
     assert main([str(converted), "--dtype", "float32", "--quiet"]) == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "MemAvailable" in err[0] and "--dtype bfloat16" in err[0], captured.err
+    assert len(err) == 1 and err[0].startswith("error: ") and "MemAvailable" in err[0] and "--dtype float32-blocks" in err[0], captured.err
     assert captured.out == ""
 
 
@@ -114,7 +127,7 @@ def _full_size_shape(size: str) -> ModelShape:
 
 
 @pytest.mark.parametrize("size", ["7b", "13b"])
-def test_full_size_estimate_fp32_exceeds_24_gb_and_bf16_fits_8_gib(tiny, size):
+def test_full_size_estimate_fp32_exceeds_24_gb_and_the_default_fits_8_gib(tiny, size):
     """The real 7B/13B shapes with the bundled default prompts (counted with the tiny tokenizer, which splits finer
     than the real one: longer sequences, a larger estimate), 8 new tokens."""
     from verify.original import IMAGE_SENTINEL, load_base_tokenizer
@@ -131,6 +144,8 @@ def test_full_size_estimate_fp32_exceeds_24_gb_and_bf16_fits_8_gib(tiny, size):
     low = estimate_memory(shape, torch.bfloat16, bf16, seqs, images, 8)
     assert fp32["total"] > 24e9 and fp32["parts"]["weights"] == 2 * shape.parameters * 4
     assert low["total"] < 8 * GiB and low["parts"]["weights"] == 0
+    blocks = estimate_memory(shape, torch.bfloat16, bf16, seqs, images, 8, arithmetic=torch.float32)
+    assert blocks["total"] < 8 * GiB and blocks["parts"]["weights"] == 0 and 1 * GiB < blocks["parts"]["float32_blocks"] < 3 * GiB
     # a bf16 run of a repo converted to fp32 copies one model
     assert estimate_memory(shape, torch.bfloat16, (torch.bfloat16, torch.float32), seqs, images, 8)["weight_copies"] == 1
 

@@ -16,7 +16,7 @@ from convert.preflight import OneLineParser, OnInterrupt, exit_process, file_des
 
 from .preflight import CHECK_NAMES, VerifyUsageError, audit_inputs_problem, check_max_new_tokens, check_source, check_vipllava_repo, resolve_repo
 
-DTYPE_CHOICES = ("bfloat16", "float32")
+DTYPE_CHOICES = ("float32-blocks", "bfloat16", "float32")
 
 
 def _load_prompts(path: str) -> list[dict]:
@@ -69,8 +69,11 @@ def build_parser(prog: str | None = None) -> OneLineParser:
     p.add_argument("--prompts", metavar="FILE", help="JSON list of {name, prompt, image} or {name, turns, image} (default: the bundled samples for the backbone)")
     p.add_argument("--images", metavar="DIR", help="folder of images named by the prompts (default: the bundled samples)")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                   help="compute dtype of both models (default: the checkpoint's own, bfloat16 for the released ones; logits "
-                        "tolerance 0.05 in bfloat16, 1e-4 in float32); float32 runs only if its estimated memory fits")
+                   help="how both models compute. float32-blocks (default for a bf16 checkpoint, i.e. every released one): "
+                        "weights stay as stored (bf16, read from the files), each prompt forward runs in float32 one block "
+                        "(layer, vision tower, head) at a time, greedy steps in bf16; logits tolerance 1e-4. bfloat16: all "
+                        "in bf16, tolerance 0.05. float32: weights copied to float32 (runs only if its estimated memory "
+                        "fits), tolerance 1e-4")
     p.add_argument("--max-new-tokens", type=int, default=8, metavar="N", help="tokens of greedy generation to compare, N >= 1 (default 8)")
     p.add_argument("--only", action="append", choices=CHECK_NAMES, metavar="CHECK",
                    help=f"run only this check (repeatable); one of {', '.join(CHECK_NAMES)}")

@@ -24,7 +24,11 @@ from .datapass import ST_DTYPES
 from .preflight import VerifyUsageError, audit_inputs_problem  # noqa: F401 (VerifyUsageError: re-exported)
 
 MANIFEST = "conversion.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# --dtype name -> the dtype both models' weights are held in. "float32-blocks" (the default for a bf16 checkpoint) holds
+# them as stored and runs every prompt forward in float32 arithmetic, one block at a time (``verify.compute``); the
+# greedy steps after the prompt run in the stored dtype.
+DTYPES = {"float32-blocks": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+PROMPT_ARITHMETIC = {"float32-blocks": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
 DATA_CHECKS = frozenset({"files", "mapping", "resize"})  # the checks that share one pass over the bytes
 GiB = 1 << 30
 # Python, torch and transformers themselves, tokenizers, images, the processor: measured ~0.3 GiB, stated with room.
@@ -152,7 +156,8 @@ class ModelShape:
 
 
 def estimate_memory(shape: ModelShape, dtype: torch.dtype, stored: tuple[torch.dtype | None, torch.dtype | None],
-                    sequences: list[int], images: list[int], max_new_tokens: int) -> dict:
+                    sequences: list[int], images: list[int], max_new_tokens: int,
+                    arithmetic: torch.dtype | None = None) -> dict:
     """Peak anonymous memory (bytes) of a verify run, by part.
 
     * weights: both models are read from their files in the dtype they are stored in (memory-mapped, page cache,
@@ -163,14 +168,27 @@ def estimate_memory(shape: ModelShape, dtype: torch.dtype, stored: tuple[torch.d
     * one prompt in flight (one model at a time): the key/value cache over prompt + new tokens, eager attention
       scores of one layer (float32 softmax + the cast), the MLP and residual activations, the last logits, the vision
       tower's hidden states (all layers are kept for the feature selection) and its attention scores.
+    * float32 blocks (``arithmetic`` float32 over weights held in a smaller ``dtype``): one float32 buffer per
+      distinct parameter shape (counted as a whole text layer, a vision layer, the projector, the embedding and the
+      head: an upper bound); activations, key/value cache and attention in float32.
     * the runtime: python, torch, transformers (``RUNTIME_BYTES``).
     """
-    b = torch.empty((), dtype=dtype).element_size()
+    arithmetic = arithmetic or dtype
+    w = torch.empty((), dtype=dtype).element_size()
+    b = torch.empty((), dtype=arithmetic).element_size()
     copies = sum(1 for s in stored if s != dtype)
     S = max(sequences, default=1) + max_new_tokens
     n_img = max(images, default=0)
+    upcast = 0
+    if arithmetic != dtype:
+        h, vh = shape.hidden, shape.vision_hidden
+        layer = 2 * h * h + 2 * h * shape.kv_dim + 3 * h * shape.intermediate
+        vision = 4 * vh * vh + 2 * vh * shape.vision_intermediate
+        projector = 5 * vh * h + h * h
+        upcast = b * (layer + vision + projector + 2 * shape.vocab * h)
     parts = {
-        "weights": copies * shape.parameters * b,
+        "weights": copies * shape.parameters * w,
+        "float32_blocks": upcast,
         "held_logits": 2 * sum(sequences) * shape.vocab * 4,
         "kv_cache": 2 * shape.layers * S * shape.kv_dim * b,
         "attention": shape.heads * S * S * (4 + b),
@@ -180,7 +198,8 @@ def estimate_memory(shape: ModelShape, dtype: torch.dtype, stored: tuple[torch.d
                            + shape.vision_tokens * shape.vision_intermediate * b),
         "runtime": RUNTIME_BYTES,
     }
-    return {"dtype": str(dtype).removeprefix("torch."), "weight_copies": copies, "longest_sequence": S,
+    return {"dtype": str(dtype).removeprefix("torch."), "arithmetic": str(arithmetic).removeprefix("torch."),
+            "weight_copies": copies, "longest_sequence": S,
             "parts": parts, "total": sum(parts.values())}
 
 
@@ -313,12 +332,13 @@ def _safetensors_dtype(repo: Path, key: str) -> torch.dtype | None:
 
 
 def _default_dtype(stored: tuple[torch.dtype | None, torch.dtype | None]) -> str:
-    """The checkpoint's own dtype: the original's as stored (bf16 for every released ViP-LLaVA), else the
-    converted repo's; float16 or unknown -> bfloat16 (float32 only when asked or stored so)."""
+    """The weights in the checkpoint's own dtype: the original's as stored (bf16 for every released ViP-LLaVA), else
+    the converted repo's. float32 -> "float32"; bf16, float16 or unknown -> "float32-blocks" (bf16 weights, float32
+    arithmetic for the prompts)."""
     for dt in stored:
         if dt is not None:
-            return "float32" if dt == torch.float32 else "bfloat16"
-    return "bfloat16"
+            return "float32" if dt == torch.float32 else "float32-blocks"
+    return "float32-blocks"
 
 
 class Context:
@@ -343,7 +363,7 @@ class Context:
         if not self.repo.is_dir():
             raise VerifyUsageError(f"{repo}: not a folder; pass the converted repo")
         if dtype is not None and dtype not in DTYPES:
-            raise VerifyUsageError(f"--dtype {dtype!r}: expected float32 or bfloat16")
+            raise VerifyUsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         self.max_new_tokens = max_new_tokens
         self.only = set(only) if only else None
         # which of the data checks will run: what the one pass over the bytes must serve
@@ -396,7 +416,8 @@ class Context:
         self.stored_dtypes = self._stored_dtypes()
         self.dtype_source = "asked" if dtype is not None else "checkpoint"
         self.dtype_name = dtype if dtype is not None else _default_dtype(self.stored_dtypes)
-        self.dtype = DTYPES[self.dtype_name]
+        self.dtype = DTYPES[self.dtype_name]  # the weights, as both models hold them
+        self.arithmetic = PROMPT_ARITHMETIC[self.dtype_name]  # the prompt forwards' arithmetic
         self.memory: dict | None = None
         if self.only is None or self.only & MODEL_CHECKS:
             self.memory = self._check_memory(memory_limit)
@@ -443,14 +464,15 @@ class Context:
         images = [x.count(IMAGE_SENTINEL) for x in ids]
         sequences = [shape.sequence(len(x) - n, n) for x, n in zip(ids, images)]
         generating = self.only is None or "generation" in self.only
-        est = estimate_memory(shape, self.dtype, self.stored_dtypes, sequences, images, self.max_new_tokens if generating else 0)
+        est = estimate_memory(shape, self.dtype, self.stored_dtypes, sequences, images, self.max_new_tokens if generating else 0,
+                              arithmetic=self.arithmetic)
         source = "given" if limit is not None else "MemAvailable"
         limit = limit if limit is not None else available_memory()
         est.update({"limit": limit, "limit_source": source, "parameters": shape.parameters})
         if limit is not None and est["total"] > limit:
             big = max(est["parts"], key=est["parts"].get)
-            hint = ("pass --dtype bfloat16 (the checkpoint's own dtype: its weights are read from the files, not copied)"
-                    if self.dtype != torch.bfloat16 else "free memory or verify fewer prompts (--prompts)")
+            hint = ("pass --dtype float32-blocks (the weights stay as stored, read from the files; float32 arithmetic one "
+                    "block at a time)" if self.dtype != torch.bfloat16 else "free memory or verify fewer prompts (--prompts)")
             raise VerifyUsageError(
                 f"{self.repo}: a {self.dtype_name} run needs about {est['total'] / GiB:.1f} GiB of memory "
                 f"({big} {est['parts'][big] / GiB:.1f} GiB), {limit / GiB:.1f} GiB is available ({source}); {hint}"
@@ -614,22 +636,43 @@ class Context:
     def reference_runs(self) -> list[tuple]:
         """Per prompt: (ReferenceOutput, greedy ids or None). One forward per prompt gives the logits AND the
         key/value cache the greedy continuation steps from; all prompts run before the converted model is touched
-        (the two models are never used in turns, so a full-size pair does not fight over the page cache)."""
+        (the two models are never used in turns, so a full-size pair does not fight over the page cache).
+        The prompt forward runs in ``self.arithmetic`` (float32 blocks by default), the greedy steps in the weights'
+        dtype (the cache is cast to it in between)."""
         import time
+
+        from .compute import cast_cache
 
         ref = self.reference
         out = []
-        for x in self.parity_inputs:
-            t0 = time.perf_counter()
-            fwd = ref.forward(x["ids"], x["images"] or None, keep_cache=self.generating)
-            self._time("reference_forward", t0)
-            tokens = None
-            if self.generating:
+        with self.arithmetic_context(ref.llm, ref.vision) as f32:
+            for x in self.parity_inputs:
                 t0 = time.perf_counter()
-                tokens, _ = ref.continue_greedy(fwd, self.max_new_tokens)
-                self._time("reference_decode", t0)
-            out.append((fwd, tokens))
+                if f32 is not None:
+                    f32.enabled = True
+                fwd = ref.forward(x["ids"], x["images"] or None, keep_cache=self.generating)
+                self._time("reference_forward", t0)
+                tokens = None
+                if self.generating:
+                    t0 = time.perf_counter()
+                    if f32 is not None:
+                        f32.enabled = False
+                        cast_cache(fwd.cache, self.dtype)
+                    tokens, _ = ref.continue_greedy(fwd, self.max_new_tokens)
+                    self._time("reference_decode", t0)
+                out.append((fwd, tokens))
         return out
+
+    def arithmetic_context(self, *models):
+        """A context in which ``models`` compute their prompt forwards in ``self.arithmetic``: Float32Blocks when
+        that differs from the weights' dtype, else a no-op (yields None)."""
+        import contextlib
+
+        from .compute import Float32Blocks
+
+        if self.arithmetic == self.dtype:
+            return contextlib.nullcontext(None)
+        return Float32Blocks(*models)
 
     @property
     def reference_outputs(self) -> list:
@@ -649,38 +692,48 @@ class Context:
         When generating, one ``model.generate`` call per prompt, exactly as a user runs the converted repo: its
         ``generation_config.json`` (stop ids, ``suppress_tokens``, ...) as loaded by ``from_pretrained``, greedy,
         ``max_new_tokens``. ``logits_to_keep=0`` keeps the prompt forward's logits at every position, taken from
-        that first forward for the logits check (no second prompt forward)."""
+        that first forward for the logits check (no second prompt forward). The prompt forward runs in
+        ``self.arithmetic`` (float32 blocks by default) and the greedy steps in the weights' dtype, as the
+        reference's do: the first call of the model is the prompt, its cache is cast before the next."""
         import time
+
+        from .compute import cast_cache, output_cache
 
         model = self.model
         out = []
-        for x in self.parity_inputs:
-            kw = {"pixel_values": x["pixels"].to(self.dtype)} if x["pixels"] is not None else {}
-            ids = torch.tensor([x["expanded"]])
-            t0 = time.perf_counter()
-            if not self.generating:
-                with torch.no_grad():
-                    logits = model(input_ids=ids, **kw).logits[0].float()
-                self._time("converted_forward", t0)
-                out.append((logits, None))
-                continue
-            first: list = []
+        with self.arithmetic_context(model) as f32:
+            for x in self.parity_inputs:
+                kw = {"pixel_values": x["pixels"]} if x["pixels"] is not None else {}
+                ids = torch.tensor([x["expanded"]])
+                t0 = time.perf_counter()
+                if f32 is not None:
+                    f32.enabled = True
+                if not self.generating:
+                    with torch.no_grad():
+                        logits = model(input_ids=ids, **kw).logits[0].float()
+                    self._time("converted_forward", t0)
+                    out.append((logits, None))
+                    continue
+                first: list = []
 
-            def hook(_module, _args, result):
-                if not first:
-                    first.append((result.logits[0].float(), time.perf_counter()))
+                def hook(_module, _args, result):
+                    if not first:
+                        first.append((result.logits[0].float(), time.perf_counter()))
+                        if f32 is not None:  # the greedy steps run in the weights' dtype
+                            f32.enabled = False
+                            cast_cache(output_cache(result), self.dtype)
 
-            handle = model.register_forward_hook(hook)
-            try:
-                with torch.no_grad():
-                    seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
-                                         do_sample=False, logits_to_keep=0, **kw)
-            finally:
-                handle.remove()
-            logits, t1 = first[0]
-            self.timings["converted_forward"] = self.timings.get("converted_forward", 0.0) + t1 - t0
-            self._time("converted_decode", t1)
-            out.append((logits, seq[0, ids.shape[1]:].tolist()))
+                handle = model.register_forward_hook(hook)
+                try:
+                    with torch.no_grad():
+                        seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                             max_new_tokens=self.max_new_tokens, do_sample=False, logits_to_keep=0, **kw)
+                finally:
+                    handle.remove()
+                logits, t1 = first[0]
+                self.timings["converted_forward"] = self.timings.get("converted_forward", 0.0) + t1 - t0
+                self._time("converted_decode", t1)
+                out.append((logits, seq[0, ids.shape[1]:].tolist()))
         return out
 
     @property

@@ -1457,7 +1457,8 @@ class OriginalVipLlava:
 
     # ---------------------------------------------------------------------------------------
     def _vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.vision(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
+        # float32 pixels: the tower's patch embedding casts them to its own weights' dtype (CLIPVisionEmbeddings)
+        out = self.vision(pixel_values=pixel_values.float(), output_hidden_states=True)
         hs = out.hidden_states
         if hs is None or len(hs) != self.vision.config.num_hidden_layers + 1:
             raise RuntimeError("CLIPVisionModel did not return all hidden states")
@@ -1465,7 +1466,8 @@ class OriginalVipLlava:
 
     def _select_and_project(self, hs: Sequence[torch.Tensor]) -> torch.Tensor:
         feats = torch.cat([hs[i][:, 1:] for i in FEATURE_LAYERS], dim=-1)
-        p = self.projector
+        # in the dtype the tower computed in (float32 when its blocks are upcast around bf16 weights)
+        p = {k: v.to(feats.dtype) for k, v in self.projector.items()}
         x = F.layer_norm(feats, (feats.shape[-1],), p["clip_layernorm.weight"], p["clip_layernorm.bias"], self.projector_eps)
         x = F.linear(x, p["final_linear.0.weight"], p["final_linear.0.bias"])
         x = F.gelu(x)  # nn.GELU() default: exact erf form

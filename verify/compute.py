@@ -1,0 +1,127 @@
+"""Float32 arithmetic over weights stored in bfloat16, one block at a time.
+
+A 7B model held in float32 needs 27 GB; held as stored (bf16, memory-mapped from its files) it needs no anonymous
+memory at all, but bf16 matrix products run 7x slower than float32 ones on a CPU without bf16 units (measured on
+the CI machine: 22 vs 161 GFLOPS for a 640 x 4096 x 11008 product). :class:`Float32Blocks` gets both: the model
+keeps its bf16 parameters, and each *block* (a linear layer, a norm, the embedding ...) has its parameters
+copied into float32 buffers just before its forward runs and put back right after it. Blocks run one after the
+other, so the buffers of one block serve the next one of the same shapes: the float32 memory is one block of each
+kind, about 3 GiB for a 7B pair of models, whatever the depth.
+
+The copies are exact (every bf16 value is a float32 value), so a forward under :class:`Float32Blocks` computes the
+model's function in float32 arithmetic on its stored weights. Nothing here knows which model it runs; the
+reference and the converted model use it alike, and it changes precision only, never what is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Disjoint modules that together hold every parameter of ``model``: the outermost modules on each path that own
+    a parameter themselves (a Linear, a norm, an embedding; CLIP's embeddings module, which owns the class embedding,
+    with its patch and position embeddings, since it casts its input to the patch embedding's dtype). Small blocks
+    keep every entry point covered: a submodule called on its own (``generate`` runs the vision tower before the
+    model's first forward) still computes in float32."""
+    out: list[torch.nn.Module] = []
+
+    def visit(m: torch.nn.Module) -> None:
+        if any(True for _ in m.parameters(recurse=False)):
+            out.append(m)
+            return
+        for c in m.children():
+            visit(c)
+
+    visit(model)
+    return out
+
+
+class Float32Blocks:
+    """Context manager: while active (and while :attr:`enabled`), every block of the given models computes in
+    float32 over its stored low-precision parameters. Parameters already in float32 are left alone.
+
+    ``enabled`` may be switched off between forward calls (greedy steps after the prompt run in the stored dtype)."""
+
+    def __init__(self, *models: torch.nn.Module):
+        self.models = models
+        self.enabled = True
+        self._pool: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self._saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self._active: torch.nn.Module | None = None
+        self._handles: list[Any] = []
+
+    def _buffers(self, params: list[torch.nn.Parameter]) -> Iterator[torch.Tensor]:
+        seen: dict[tuple[int, ...], int] = {}
+        for p in params:
+            shape = tuple(p.shape)
+            n = seen.get(shape, 0)
+            seen[shape] = n + 1
+            pool = self._pool.setdefault(shape, [])
+            if len(pool) <= n:
+                pool.append(torch.empty(shape, dtype=torch.float32))
+            yield pool[n]
+
+    def _enter_block(self, block: torch.nn.Module, _args: Any) -> None:
+        if not self.enabled:
+            return
+        if self._active is not None:
+            raise RuntimeError(f"Float32Blocks: block {type(block).__name__} entered inside {type(self._active).__name__}")
+        params = [p for p in block.parameters() if p.is_floating_point() and p.dtype != torch.float32]
+        for p, buf in zip(params, self._buffers(params)):
+            buf.copy_(p.data)
+            self._saved.append((p, p.data))
+            p.data = buf
+        self._active = block
+
+    def _leave_block(self, block: torch.nn.Module, _args: Any, _out: Any) -> None:
+        if self._active is not block:
+            return
+        for p, stored in self._saved:
+            p.data = stored
+        self._saved.clear()
+        self._active = None
+
+    def __enter__(self) -> "Float32Blocks":
+        for model in self.models:
+            for b in blocks(model):
+                self._handles.append(b.register_forward_pre_hook(self._enter_block))
+                self._handles.append(b.register_forward_hook(self._leave_block, always_call=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._active is not None:
+            self._leave_block(self._active, None, None)
+        self._pool.clear()
+
+    @property
+    def pool_bytes(self) -> int:
+        return sum(t.numel() * 4 for ts in self._pool.values() for t in ts)
+
+
+def cast_cache(cache: Any, dtype: torch.dtype) -> Any:
+    """Cast a transformers key/value cache's tensors to ``dtype`` in place (the greedy steps after a float32 prompt
+    forward run in the stored dtype, and attention needs the cached keys in the query's dtype)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"cannot cast a {type(cache).__name__} cache (no .layers)")
+    for layer in layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype:
+                setattr(layer, name, t.to(dtype))
+        # a lazily initialised layer remembers its dtype
+        if getattr(layer, "dtype", None) is not None and isinstance(layer.dtype, torch.dtype):
+            layer.dtype = dtype
+    return cache
+
+
+def output_cache(out: Any) -> Any:
+    """The key/value cache a transformers forward returned (``cache`` in 5.2x, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)

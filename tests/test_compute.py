@@ -104,3 +104,48 @@ def test_cast_cache_lets_bf16_steps_follow_a_float32_prompt(converted):
         assert {layer.keys.dtype for layer in cache.layers} == {torch.bfloat16}
         step = model(input_ids=torch.tensor([[5]]), cache=cache, use_cache=True)
     assert step.logits.dtype == torch.bfloat16 and torch.isfinite(step.logits).all()
+
+
+# --- prompts that share a prefix compute it once --------------------------------------------------------------
+def _unshared(ctx: Context) -> Context:
+    ctx.__dict__["shared_prefixes"] = [(0, [i]) for i in range(len(ctx.parity_inputs))]
+    return ctx
+
+
+def test_default_prompts_share_their_system_text_and_image(converted):
+    ctx = _ctx(converted, "float32-blocks")
+    names = [x["name"] for x in ctx.parity_inputs]
+    groups = [[names[i] for i in members] for k, members in ctx.shared_prefixes if k]
+    assert sorted(map(sorted, groups)) == [["box_inside", "image_then_space", "two_turn"], ["image_no_newline", "square_describe"]]
+    assert sorted(i for _, m in ctx.shared_prefixes for i in m) == list(range(len(names)))  # every prompt exactly once
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_a_shared_prefix_gives_the_logits_and_tokens_of_whole_prompts(backbone_pair, backbone):
+    """Both sides, all default prompts: computing the shared prefix once and extending it per prompt gives the same
+    logits (float32 arithmetic, kernel-order noise only) and the same greedy tokens as running each prompt whole."""
+    from fixtures.build import sample_conversations
+
+    _, repo = backbone_pair(backbone)
+    # Llama-3's and Phi-3's default conversations each show another image: one more on the box makes a group
+    prompts = None if backbone == "vicuna" else [*sample_conversations(), {"name": "box_again", "image": "box", "turns": [
+        {"role": "user", "text": "<image>\nWhat colour is the box?"}, {"role": "assistant", "text": None}]}]
+    shared, whole = _ctx(repo, "float32-blocks", prompts), _unshared(_ctx(repo, "float32-blocks", prompts))
+    assert any(k for k, _ in shared.shared_prefixes)
+    for a, b in zip(shared.reference_runs, whole.reference_runs):
+        assert a[0].input_positions == b[0].input_positions and a[1] == b[1]
+        assert (a[0].logits - b[0].logits).abs().max().item() <= 1e-5
+    for a, b in zip(shared.converted_runs, whole.converted_runs):
+        assert a[1] == b[1] and a[0].shape == b[0].shape
+        assert (a[0] - b[0]).abs().max().item() <= 1e-5
+
+
+def test_extend_refuses_an_image_and_keeps_the_prefix_reusable(converted):
+    ctx = _ctx(converted, "float32-blocks")
+    ref, x = ctx.reference, ctx.parity_inputs[0]
+    k = max(j for j, t in enumerate(x["ids"]) if t < 0) + 1
+    pre = ref.forward(x["ids"][:k], x["images"], keep_cache=True)
+    with pytest.raises(ValueError, match="text ids"):
+        ref.extend(pre, [-200])
+    one, two = ref.extend(pre, x["ids"][k:]), ref.extend(pre, x["ids"][k:])
+    assert torch.equal(one.logits, two.logits) and one.logits.shape[0] == len(one.input_positions)

@@ -620,7 +620,8 @@ class Context:
                 expanded.extend([image_id] * seq if t < 0 else [t])
             imgs = self.prompt_images(p)
             pixels = torch.stack([self.reference.preprocess(im) for im in imgs]) if imgs else None
-            out.append({"name": p["name"], "ids": ids, "expanded": expanded, "images": imgs, "pixels": pixels})
+            out.append({"name": p["name"], "image": p.get("image") if imgs else None, "ids": ids, "expanded": expanded,
+                        "images": imgs, "pixels": pixels})
         return out
 
     @property
@@ -644,24 +645,65 @@ class Context:
         from .compute import cast_cache
 
         ref = self.reference
-        out = []
+        inputs = self.parity_inputs
+        out: list = [None] * len(inputs)
         with self.arithmetic_context(ref.llm, ref.vision) as f32:
-            for x in self.parity_inputs:
+            for k, members in self.shared_prefixes:
                 t0 = time.perf_counter()
                 if f32 is not None:
                     f32.enabled = True
-                fwd = ref.forward(x["ids"], x["images"] or None, keep_cache=self.generating)
-                self._time("reference_forward", t0)
-                tokens = None
-                if self.generating:
+                pre = None
+                if k:  # the shared prefix: system text and image, once for the group
+                    x = inputs[members[0]]
+                    pre = ref.forward(x["ids"][:k], x["images"], keep_cache=True)
+                    self._time("reference_forward", t0)
+                for i in members:
+                    x = inputs[i]
                     t0 = time.perf_counter()
                     if f32 is not None:
-                        f32.enabled = False
-                        cast_cache(fwd.cache, self.dtype)
-                    tokens, _ = ref.continue_greedy(fwd, self.max_new_tokens)
-                    self._time("reference_decode", t0)
-                out.append((fwd, tokens))
+                        f32.enabled = True
+                    if pre is None:
+                        fwd = ref.forward(x["ids"], x["images"] or None, keep_cache=self.generating)
+                    else:
+                        fwd = ref.extend(pre, x["ids"][k:], keep_cache=self.generating)
+                    self._time("reference_forward", t0)
+                    tokens = None
+                    if self.generating:
+                        t0 = time.perf_counter()
+                        if f32 is not None:
+                            f32.enabled = False
+                            cast_cache(fwd.cache, self.dtype)
+                        tokens, _ = ref.continue_greedy(fwd, self.max_new_tokens)
+                        self._time("reference_decode", t0)
+                    out[i] = (fwd, tokens)
+                del pre
         return out
+
+    @cached_property
+    def shared_prefixes(self) -> list[tuple[int, list[int]]]:
+        """How the prompts' forwards are scheduled: ``(k, members)`` per group, in order of first appearance. Prompts
+        whose ids agree up to and including their last image (the system text and the same image) form a group that
+        computes those ``k`` ids once and extends them per prompt (each side with its own model and its own key/value
+        cache); ``k`` 0: one prompt, run whole. The same schedule serves both sides, so their logits are computed
+        alike; a prompt that ends at its image runs whole."""
+        groups: dict[tuple, list[int]] = {}
+        order: list[tuple] = []
+        for i, x in enumerate(self.parity_inputs):
+            ids = x["ids"]
+            last = max((j for j, t in enumerate(ids) if t < 0), default=None)
+            key: tuple = ("whole", i) if last is None or last == len(ids) - 1 else (x["image"], tuple(ids[: last + 1]))
+            if key not in groups:
+                groups[key] = []
+                order.append(key)
+            groups[key].append(i)
+        plan = []
+        for key in order:
+            members = groups[key]
+            if key[0] == "whole" or len(members) == 1:
+                plan.extend((0, [i]) for i in members)
+            else:
+                plan.append((len(key[1]), members))
+        return plan
 
     def arithmetic_context(self, *models):
         """A context in which ``models`` compute their prompt forwards in ``self.arithmetic``: Float32Blocks when
@@ -699,41 +741,70 @@ class Context:
 
         from .compute import cast_cache, output_cache
 
+        import copy
+
         model = self.model
-        out = []
+        inputs = self.parity_inputs
+        seq = self.config_dict.get("image_seq_length", 576)
+        out: list = [None] * len(inputs)
         with self.arithmetic_context(model) as f32:
-            for x in self.parity_inputs:
-                kw = {"pixel_values": x["pixels"]} if x["pixels"] is not None else {}
-                ids = torch.tensor([x["expanded"]])
+            for k, members in self.shared_prefixes:
                 t0 = time.perf_counter()
                 if f32 is not None:
                     f32.enabled = True
-                if not self.generating:
+                pre, pre_logits, P = None, None, 0
+                if k:  # the shared prefix (system text and image), once for the group: its logits and its cache
+                    x = inputs[members[0]]
+                    P = sum(seq if t < 0 else 1 for t in x["ids"][:k])
                     with torch.no_grad():
-                        logits = model(input_ids=ids, **kw).logits[0].float()
+                        res = model(input_ids=torch.tensor([x["expanded"][:P]]), pixel_values=x["pixels"], use_cache=True,
+                                    logits_to_keep=0)
+                    pre, pre_logits = output_cache(res), res.logits[0].float()
+                    del res
                     self._time("converted_forward", t0)
-                    out.append((logits, None))
-                    continue
-                first: list = []
+                for i in members:
+                    x = inputs[i]
+                    ids = torch.tensor([x["expanded"]])
+                    # with a shared prefix, the cache holds the image: no pixels (generate runs only the rest)
+                    kw: dict = {"pixel_values": x["pixels"]} if x["pixels"] is not None and pre is None else {}
+                    if pre is not None:
+                        kw["cache"] = copy.deepcopy(pre)
+                    t0 = time.perf_counter()
+                    if f32 is not None:
+                        f32.enabled = True
+                    if not self.generating:
+                        with torch.no_grad():
+                            logits = model(input_ids=ids[:, P:], **({"pixel_values": kw["pixel_values"]} if "pixel_values" in kw else {}),
+                                           **({"cache": kw["cache"], "use_cache": True} if "cache" in kw else {})).logits[0].float()
+                        self._time("converted_forward", t0)
+                        out[i] = (logits if pre_logits is None else torch.cat([pre_logits, logits]), None)
+                        continue
+                    first: list = []
 
-                def hook(_module, _args, result):
-                    if not first:
-                        first.append((result.logits[0].float(), time.perf_counter()))
-                        if f32 is not None:  # the greedy steps run in the weights' dtype
-                            f32.enabled = False
-                            cast_cache(output_cache(result), self.dtype)
+                    def hook(_module, _args, result, first=first):
+                        if not first:
+                            first.append((result.logits[0].float(), time.perf_counter()))
+                            if f32 is not None:  # the greedy steps run in the weights' dtype
+                                f32.enabled = False
+                                cast_cache(output_cache(result), self.dtype)
 
-                handle = model.register_forward_hook(hook)
-                try:
-                    with torch.no_grad():
-                        seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                             max_new_tokens=self.max_new_tokens, do_sample=False, logits_to_keep=0, **kw)
-                finally:
-                    handle.remove()
-                logits, t1 = first[0]
-                self.timings["converted_forward"] = self.timings.get("converted_forward", 0.0) + t1 - t0
-                self._time("converted_decode", t1)
-                out.append((logits, seq[0, ids.shape[1]:].tolist()))
+                    handle = model.register_forward_hook(hook)
+                    try:
+                        with torch.no_grad():
+                            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                 max_new_tokens=self.max_new_tokens, do_sample=False, logits_to_keep=0, **kw)
+                    finally:
+                        handle.remove()
+                    logits, t1 = first[0]
+                    if pre_logits is not None:
+                        if logits.shape[0] != ids.shape[1] - P:
+                            raise RuntimeError(f"generate recomputed {logits.shape[0]} positions after a cached prefix of "
+                                               f"{P}, expected {ids.shape[1] - P}")
+                        logits = torch.cat([pre_logits, logits])
+                    self.timings["converted_forward"] = self.timings.get("converted_forward", 0.0) + t1 - t0
+                    self._time("converted_decode", t1)
+                    out[i] = (logits, gen[0, ids.shape[1]:].tolist())
+                del pre, pre_logits
         return out
 
     @property

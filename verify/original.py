@@ -1596,6 +1596,36 @@ class OriginalVipLlava:
 
     __call__ = forward
 
+    @torch.no_grad()
+    def extend(self, prefix: ReferenceOutput, more_ids: Sequence[int], keep_cache: bool = False) -> ReferenceOutput:
+        """``forward(ids + more_ids)`` computed from ``forward(ids, keep_cache=True)`` = ``prefix``: the text ids
+        ``more_ids`` (no image sentinel) are embedded at the positions after the prefix's spliced sequence and attend
+        to a copy of its key/value cache (``prefix`` stays usable for the next extension). The logits are the
+        prefix's followed by the new positions'. Prompts that share a prefix (system text and image) compute it once;
+        the original's ``generate`` ran each prompt whole, and the function is the same."""
+        import copy
+
+        ids = [int(i) for i in more_ids]
+        vocab = self.llm.config.vocab_size
+        if not ids or any(not 0 <= i < vocab for i in ids):
+            raise ValueError(f"extend needs text ids in [0, {vocab}), got {ids[:5]}")
+        if prefix.cache is None:
+            raise ValueError("extend needs forward(..., keep_cache=True)")
+        start = len(prefix.input_positions)
+        if self.max_length is not None and start + len(ids) > self.max_length:
+            raise ValueError(f"prefix + {len(ids)} ids exceed tokenizer_model_max_length {self.max_length}")
+        first_id = (prefix.input_positions[-1] + 1) if prefix.input_positions else 0
+        cache = copy.deepcopy(prefix.cache)
+        out = self.llm(
+            inputs_embeds=self.llm.get_input_embeddings()(torch.tensor([ids], dtype=torch.long)),
+            position_ids=torch.arange(start, start + len(ids), dtype=torch.long)[None],
+            use_cache=True,
+            **{_cache_argument(self.llm): cache},
+        )
+        logits = torch.cat([prefix.logits, out.logits[0].float()], dim=0)
+        positions = list(prefix.input_positions) + list(range(first_id, first_id + len(ids)))
+        return ReferenceOutput(logits=logits, input_positions=positions, cache=_returned_cache(out) if keep_cache else None)
+
     def _pick(self, logits_row: torch.Tensor) -> int:
         """The greedy choice among the ids the original could emit (``builder.py`` had resized the embeddings to
         ``len(tokenizer)``: ``self.emit_limit``)."""

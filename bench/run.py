@@ -499,7 +499,7 @@ def _step_notes(r: dict, steps: list[dict]) -> list[str]:
         fwd = secs.get("reference_forward", 0.0) + secs.get("converted_forward", 0.0)
         if fwd and r.get("seconds"):
             data = ((checks.get("files") or {}).get("numbers") or {}).get("data_pass") or {}
-            out.append(f"- {r['step']}: its own forward passes (one per model and prompt, timed inside the run) took {fwd:.1f} s "
+            out.append(f"- {r['step']}: its own prompt forwards (timed inside the run; a prefix that prompts share is computed once per model) took {fwd:.1f} s "
                        f"(reference {secs.get('reference_forward', 0):.1f}, converted {secs.get('converted_forward', 0):.1f}); "
                        f"wall / forward passes = {r['seconds'] / fwd:.2f}; decode {secs.get('reference_decode', 0):.1f} + "
                        f"{secs.get('converted_decode', 0):.1f} s, loads {secs.get('reference_load', 0):.1f} + {secs.get('converted_load', 0):.1f} s"

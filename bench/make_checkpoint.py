@@ -46,8 +46,8 @@ import torch
 from fixtures.build import SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TOKENIZER_MODEL, split_into_shards
 from verify.tiny import (
     TinySpec,
-    buffer_value,
     base_text_config,
+    buffer_value,
     clip_config,
     clip_preprocessor_config,
     is_legacy_buffer,
@@ -56,19 +56,49 @@ from verify.tiny import (
 )
 
 # CLIP ViT-L/14 at 336 px, the tower every ViP-LLaVA uses
-CLIP_L_336 = dict(vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16, image_size=336, patch_size=14)
+CLIP_L_336 = dict(
+    vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16, image_size=336, patch_size=14
+)
 
 SIZES: dict[str, TinySpec] = {
     # Llama-2 7B (Vicuna-1.5 7B)
-    "7b": TinySpec(vocab_size=32000, text_hidden=4096, text_intermediate=11008, text_layers=32, text_heads=32, text_kv_heads=32,
-                   max_position_embeddings=4096, **CLIP_L_336),
+    "7b": TinySpec(
+        vocab_size=32000,
+        text_hidden=4096,
+        text_intermediate=11008,
+        text_layers=32,
+        text_heads=32,
+        text_kv_heads=32,
+        max_position_embeddings=4096,
+        **CLIP_L_336,
+    ),
     # Llama-2 13B (Vicuna-1.5 13B)
-    "13b": TinySpec(vocab_size=32000, text_hidden=5120, text_intermediate=13824, text_layers=40, text_heads=40, text_kv_heads=40,
-                    max_position_embeddings=4096, **CLIP_L_336),
+    "13b": TinySpec(
+        vocab_size=32000,
+        text_hidden=5120,
+        text_intermediate=13824,
+        text_layers=40,
+        text_heads=40,
+        text_kv_heads=40,
+        max_position_embeddings=4096,
+        **CLIP_L_336,
+    ),
     # runs end to end in about a minute: the real 336 px / 576-patch geometry, small widths
-    "mini": TinySpec(vocab_size=997, text_hidden=512, text_intermediate=1376, text_layers=4, text_heads=8, text_kv_heads=8,
-                     vision_hidden=128, vision_intermediate=512, vision_layers=12, vision_heads=4, image_size=336, patch_size=14,
-                     max_position_embeddings=4096),
+    "mini": TinySpec(
+        vocab_size=997,
+        text_hidden=512,
+        text_intermediate=1376,
+        text_layers=4,
+        text_heads=8,
+        text_kv_heads=8,
+        vision_hidden=128,
+        vision_intermediate=512,
+        vision_layers=12,
+        vision_heads=4,
+        image_size=336,
+        patch_size=14,
+        max_position_embeddings=4096,
+    ),
 }
 DEFAULT_SHARDS = {"7b": 2, "13b": 3, "mini": 2}  # as on the Hub: mucai/vip-llava-7b has 2 .bin shards, 13b has 3
 
@@ -252,7 +282,9 @@ def write_shard(path: Path, spec: TinySpec, keys: list[tuple[str, tuple[int, ...
                 crc = zlib.crc32(f.read(rec.size))
             combined = _hash_combine(combined, crc)
         if sid is None or sid.size != 40:
-            raise RuntimeError(f"{path}: no 40-byte serialization_id record; torch {torch.__version__} changed its format")
+            raise RuntimeError(
+                f"{path}: no 40-byte serialization_id record; torch {torch.__version__} changed its format"
+            )
         f.seek(sid.data_offset)
         new_id = f.read(20) + f"{combined:020d}".encode()
         os.pwrite(fd, new_id, sid.data_offset)

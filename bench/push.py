@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not isinstance(op, CommitOperationAdd) or op.path_in_repo in added:
                     raise AssertionError(f"unexpected operation {op!r}")
                 src = op.path_or_fileobj
-                added[op.path_in_repo] = hashlib.sha256(src).hexdigest() if isinstance(src, bytes) else _sha256(Path(src))
+                added[op.path_in_repo] = (
+                    hashlib.sha256(src).hexdigest() if isinstance(src, bytes) else _sha256(Path(src))
+                )
                 if op.path_in_repo in ("README.md", "verification.json"):
                     texts[op.path_in_repo] = (src if isinstance(src, bytes) else Path(src).read_bytes()).decode()
             self.commits.append({"files": added, "texts": texts, "deleted": deleted})
@@ -70,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     code = convert_main([*conv_args, "--push-to-hub", REPO_ID])
     seconds = time.perf_counter() - t
     out_dir = Path(conv_args[conv_args.index("--output") + 1])
-    result: dict = {"exit": code, "seconds": round(seconds, 1), "calls": [name for name, _ in api.calls], "commits": len(api.commits)}
+    result: dict = {
+        "exit": code,
+        "seconds": round(seconds, 1),
+        "calls": [name for name, _ in api.calls],
+        "commits": len(api.commits),
+    }
     if api.commits:
         commit = api.commits[0]
         manifest = json.loads((out_dir / "conversion.json").read_text())
@@ -81,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         result["hashes_match_manifest"] = all(pushed.get(n) == d for n, d in outputs.items())
         result["extra_files"] = sorted(set(pushed) - set(outputs))
         report = json.loads(commit["texts"].get("verification.json", "{}") or "{}")
-        result["verification"] = {"passed": report.get("passed"), "dtype": (report.get("settings") or {}).get("dtype"),
-                                  "prompts": len((report.get("settings") or {}).get("prompts") or []),
-                                  "checks": {c["name"]: [c["status"], round(c.get("seconds", 0), 1)] for c in report.get("checks", [])}}
+        result["verification"] = {
+            "passed": report.get("passed"),
+            "dtype": (report.get("settings") or {}).get("dtype"),
+            "prompts": len((report.get("settings") or {}).get("prompts") or []),
+            "checks": {c["name"]: [c["status"], round(c.get("seconds", 0), 1)] for c in report.get("checks", [])},
+        }
     args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(json.dumps(result, indent=2, sort_keys=True))
     return code

@@ -35,7 +35,8 @@ def _content() -> str:
     """Jinja: the text of one message, as the original built it: one '<image>\\n' per image item, then the text."""
     return (
         "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
-        "{%- else -%}{%- set text = ('<image>\\n' * (message['content'] | selectattr('type', 'equalto', 'image') | list | length))"
+        "{%- else -%}{%- set text = ('<image>\\n' * (message['content'] | selectattr('type', 'equalto', 'image') | "
+        "list | length))"
         " + (message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ')) -%}"
         "{%- endif -%}"
     )
@@ -86,7 +87,8 @@ CHAT_TEMPLATE_V1 = (
 # tokenizer adds its own BOS in front, exactly as the original's tokenizer did (two BOS ids, as trained).
 CHAT_TEMPLATE_LLAMA_3 = (
     _system(SYSTEM_V3)
-    + "{%- if ns.system -%}{{- '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n' + ns.system + '<|eot_id|>' -}}{%- endif -%}"
+    + "{%- if ns.system -%}{{- '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n' + ns.system + "
+      "'<|eot_id|>' -}}{%- endif -%}"
     "{%- for message in messages[ns.start:] -%}"
     + _content()
     + "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' -}}"
@@ -143,7 +145,9 @@ class Backbone:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt, eos_token=eos_token)
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, eos_token=eos_token
+        )
 
     def prompt_for(self, question: str) -> str:
         """The original single-turn prompt for one image and ``question``."""
@@ -241,7 +245,8 @@ def detect(original_cfg: dict, vocab: Mapping[str, int], where: str, forced: str
     if not candidates:
         known = sorted({b.original_model_type for b in BACKBONES.values()})
         raise ConversionError(
-            f"{where}: model_type {mt!r} is not a ViP-LLaVA backbone this tool knows (expected one of {', '.join(known)})"
+            f"{where}: model_type {mt!r} is not a ViP-LLaVA backbone this tool knows (expected one of "
+            f"{', '.join(known)})"
         )
     marked = [b for b in candidates if b.marker_token is not None and b.marker_token in vocab]
     if marked:

@@ -19,7 +19,14 @@ from .safejson import type_name
 FEATURE_LAYERS = (-2, -5, -8, -11, 6)
 ROW_MULTIPLE = 64
 _TEXT_KEYS_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-_VISION_KEYS_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
+_VISION_KEYS_REQUIRED = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+)
 
 
 def padded_rows(vocab: int, multiple: int = ROW_MULTIPLE) -> int:
@@ -113,10 +120,14 @@ def check_text_numbers(original: dict, where: str) -> None:
     _check_numbers(original, _TEXT_NUMBERS, _TEXT_OPTIONAL, where)
     heads, kv = original.get("num_attention_heads"), original.get("num_key_value_heads")
     if "hidden_size" in original and heads and original["hidden_size"] % heads and original.get("head_dim") is None:
-        raise ConversionError(f"{where}: hidden_size {original['hidden_size']} is not a multiple of num_attention_heads "
-                              f"{heads}; fix the config")
+        raise ConversionError(
+            f"{where}: hidden_size {original['hidden_size']} is not a multiple of num_attention_heads "
+            f"{heads}; fix the config"
+        )
     if heads and kv and heads % kv:
-        raise ConversionError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}; fix the config")
+        raise ConversionError(
+            f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}; fix the config"
+        )
     for key in ("rope_scaling",):
         if original.get(key) is not None and not isinstance(original[key], dict):
             raise _bad(where, key, original[key], "null or a JSON object")
@@ -128,8 +139,10 @@ def check_text_numbers(original: dict, where: str) -> None:
 def check_vision_numbers(vc: dict, where: str) -> None:
     _check_numbers(vc, _VISION_NUMBERS, _VISION_OPTIONAL, where)
     if vc.get("hidden_size") and vc.get("num_attention_heads") and vc["hidden_size"] % vc["num_attention_heads"]:
-        raise ConversionError(f"{where}: vision hidden_size {vc['hidden_size']} is not a multiple of num_attention_heads "
-                              f"{vc['num_attention_heads']}; fix the vision config")
+        raise ConversionError(
+            f"{where}: vision hidden_size {vc['hidden_size']} is not a multiple of num_attention_heads "
+            f"{vc['num_attention_heads']}; fix the vision config"
+        )
 
 
 def check_preprocessor(pre: dict, where: str, channels: int = 3) -> None:
@@ -194,7 +207,9 @@ def vision_tower_config(vision_model_config: dict, where: str) -> dict:
 def check_original_config(original: dict, where: str) -> None:
     missing = [k for k in _TEXT_KEYS_REQUIRED if k not in original]
     if missing:
-        raise ConversionError(f"{where}: lacks {', '.join(missing)}; expected the config.json of a ViP-LLaVA checkpoint")
+        raise ConversionError(
+            f"{where}: lacks {', '.join(missing)}; expected the config.json of a ViP-LLaVA checkpoint"
+        )
     check_text_numbers(original, where)
     if "mm_hidden_size" not in original:
         raise ConversionError(
@@ -203,7 +218,9 @@ def check_original_config(original: dict, where: str) -> None:
         )
 
 
-def build_config(original: dict, vision: dict, ids: TokenIds, dtype: str, where: str, backbone: Backbone = VICUNA) -> dict:
+def build_config(
+    original: dict, vision: dict, ids: TokenIds, dtype: str, where: str, backbone: Backbone = VICUNA
+) -> dict:
     """The converted ``config.json`` as a plain dict (sorted when written)."""
     check_original_config(original, where)
     n_layers = len(FEATURE_LAYERS)
@@ -218,10 +235,13 @@ def build_config(original: dict, vision: dict, ids: TokenIds, dtype: str, where:
     if out_of_range:
         raise ConversionError(
             f"{where}: the vision model has {vision['num_hidden_layers']} layers, too few for feature layers "
-            f"{list(FEATURE_LAYERS)} (index {out_of_range[0]} is out of range); pass the vision model this checkpoint was trained with"
+            f"{list(FEATURE_LAYERS)} (index {out_of_range[0]} is out of range); pass the vision model this checkpoint "
+            "was trained with"
         )
     if vision["image_size"] % vision["patch_size"]:
-        raise ConversionError(f"{where}: image_size {vision['image_size']} is not a multiple of patch_size {vision['patch_size']}")
+        raise ConversionError(
+            f"{where}: image_size {vision['image_size']} is not a multiple of patch_size {vision['patch_size']}"
+        )
     heads = original["num_attention_heads"]
     text = {
         "model_type": backbone.text_model_type,
@@ -278,7 +298,12 @@ def suppressed_ids(ids: TokenIds) -> list[int]:
 def generation_config(ids: TokenIds) -> dict:
     """``generation_config.json``: the special ids, and ``suppress_tokens`` so that ``generate`` never emits an id
     the original could not (honoured from this file by transformers 4.37.2 and 5.x alike)."""
-    return {"bos_token_id": ids.bos, "eos_token_id": ids.eos, "pad_token_id": ids.pad, "suppress_tokens": suppressed_ids(ids)}
+    return {
+        "bos_token_id": ids.bos,
+        "eos_token_id": ids.eos,
+        "pad_token_id": ids.pad,
+        "suppress_tokens": suppressed_ids(ids),
+    }
 
 
 def load_vipllava_config(config_dict: dict):

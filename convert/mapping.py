@@ -159,7 +159,9 @@ class RuleTable:
 
     def inverse_key(self, target: str) -> str:
         """Original key for a canonical HF key (the inverse of :meth:`map_key` on mapped keys)."""
-        hits = [(c.rule, m.groups()) for c in self._rules if c.target_re is not None and (m := c.target_re.match(target))]
+        hits = [
+            (c.rule, m.groups()) for c in self._rules if c.target_re is not None and (m := c.target_re.match(target))
+        ]
         if len(hits) != 1:
             what = "no rule produces" if not hits else "several rules produce"
             raise ConversionError(f"{target}: {what} this canonical key")

@@ -67,7 +67,10 @@ def license_of(manifest: dict) -> tuple[str, str]:
                           "model you converted from.")
     if "vicuna" in low or "llama-2" in low or "llama2" in low:
         return "llama2", f"The base text model `{repo_id}` is Llama 2 based: the Llama 2 Community License applies."
-    return "other", f"The base text model `{repo_id}` is not a known Llama 2 derivative: its own license applies; check it."
+    return (
+        "other",
+        f"The base text model `{repo_id}` is not a known Llama 2 derivative: its own license applies; check it.",
+    )
 
 
 def _front_matter(manifest: dict, license_id: str) -> str:
@@ -75,7 +78,14 @@ def _front_matter(manifest: dict, license_id: str) -> str:
     lines = ["---", f"license: {license_id}"]
     if original.get("repo_id"):
         lines += ["base_model:", f"- {json.dumps(original['repo_id'])}"]
-    lines += ["pipeline_tag: image-text-to-text", "library_name: transformers", "tags:", "- vipllava", "- vip-llava", "---"]
+    lines += [
+        "pipeline_tag: image-text-to-text",
+        "library_name: transformers",
+        "tags:",
+        "- vipllava",
+        "- vip-llava",
+        "---",
+    ]
     return "\n".join(lines)
 
 
@@ -83,12 +93,17 @@ def _prompt_sentence(backbone: Backbone) -> str:
     if backbone.name == "vicuna":
         return ("The prompt format is the original ViP-LLaVA one (llava_v1): a system sentence, then `USER: <image>\\n"
                 "{question} ASSISTANT:`. The visual prompt (a box, arrow or scribble) is drawn on the image itself.")
-    return (f"The prompt format is the original ViP-LLaVA {backbone.title} one ({backbone.conv_mode}), as the chat template "
-            "in this repo writes it. The visual prompt (a box, arrow or scribble) is drawn on the image itself.")
+    return (
+        f"The prompt format is the original ViP-LLaVA {backbone.title} one ({backbone.conv_mode}), as the chat "
+        "template "
+        "in this repo writes it. The visual prompt (a box, arrow or scribble) is drawn on the image itself."
+    )
 
 
 def _usage(repo_id: str | None, dtype: str, backbone: Backbone) -> str:
-    torch_dtype = {"bfloat16": "torch.bfloat16", "float16": "torch.float16", "float32": "torch.float32"}.get(dtype, "torch.float16")
+    torch_dtype = {"bfloat16": "torch.bfloat16", "float16": "torch.float16", "float32": "torch.float32"}.get(
+        dtype, "torch.float16"
+    )
     repo = json.dumps(repo_id or "path/to/this/repo")
     prompt = json.dumps(backbone.prompt_for("{question}"))
     return f"""```python
@@ -129,7 +144,9 @@ IGNORE_MERGES = {"llama3": "4.40"}  # transformers 4.37-4.39 require tokenizers 
 
 def _recipe(repo_id: str | None, dtype: str, backbone: Backbone) -> str:
     """The usage snippet for releases without a pad-to-square processor; verify.compat runs the same recipe."""
-    torch_dtype = {"bfloat16": "torch.bfloat16", "float16": "torch.float16", "float32": "torch.float32"}.get(dtype, "torch.float16")
+    torch_dtype = {"bfloat16": "torch.bfloat16", "float16": "torch.float16", "float32": "torch.float32"}.get(
+        dtype, "torch.float16"
+    )
     repo = json.dumps(repo_id or "path/to/this/repo")
     prompt = json.dumps(backbone.prompt_for("{question}"))
     eager = ', attn_implementation="eager"' if backbone.name in EAGER_VERSIONS else ""
@@ -158,7 +175,8 @@ def pad_to_square(image, mean):
 image = pad_to_square(Image.open("image.png").convert("RGB"), image_processor.image_mean)
 pixel_values = image_processor(image, return_tensors="pt")["pixel_values"].to({torch_dtype})
 prompt = {prompt}.format(question="What is inside the red box?")
-if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= ({major}, {minor}):  # {major}.{minor}+: the expanded run
+if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= ({major}, {minor}):  # {major}.{minor}+: the
+expanded run
     prompt = prompt.replace("<image>", "<image>" * model.config.image_seq_length)  # (before: the model expands one)
 inputs = tokenizer(prompt, return_tensors="pt")
 output = model.generate(**inputs, pixel_values=pixel_values, max_new_tokens=200, do_sample=False)
@@ -183,8 +201,10 @@ def _older_versions(backbone: Backbone) -> list[str]:
            "centre-crops instead, and the answers change): use the recipe under Usage, which gives the processor's "
            f"`input_ids`, `pixel_values` and logits (measured on {_and(_from(RECIPE_VERSIONS, first))})."]
     if backbone.name in FIRST_VERSION:
-        out.append(f"{backbone.title} needs transformers {FIRST_VERSION[backbone.name]} or later (older releases do not "
-                   "know its text model).")
+        out.append(
+            f"{backbone.title} needs transformers {FIRST_VERSION[backbone.name]} or later (older releases do not "
+            "know its text model)."
+        )
     if backbone.name in EAGER_VERSIONS:
         out.append(f"On transformers {EAGER_VERSIONS[backbone.name]}, load with `attn_implementation=\"eager\"`: there "
                    f"VipLlava asks {backbone.title} for sdpa attention, which it refuses.")
@@ -196,7 +216,9 @@ def _older_versions(backbone: Backbone) -> list[str]:
     return out
 
 
-def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | None = None, *, repo_id: str | None = None) -> str:
+def model_card(
+    manifest: dict, report_json: dict, proven_versions: list[str] | None = None, *, repo_id: str | None = None
+) -> str:
     """The card for a converted repo: YAML front matter, then inputs, conversion settings, the verification table
     (the report's own status and measured line per check), the proven transformers versions (``None``: say which
     version verified it), usage with the exact prompt format, and the license note. ``repo_id`` only fills the
@@ -217,7 +239,8 @@ def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | N
     out += [
         f"# {name} (Hugging Face transformers format)",
         "",
-        f"ViP-LLaVA from {_ref(original)}, converted to transformers' `VipLlavaForConditionalGeneration` by {tool_line}, "
+        f"ViP-LLaVA from {_ref(original)}, converted to transformers' `VipLlavaForConditionalGeneration` by "
+        f"{tool_line}, "
         "and verified against an independent re-implementation of the original model before upload: "
         f"**{n_ok}/{len(checks)} checks passed**. `conversion.json` is the conversion manifest (inputs, settings, "
         "sha256 of every file), `verification.json` the full verification report.",
@@ -246,12 +269,14 @@ def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | N
         f"| torch | {env.get('torch', '?')} |",
         f"| python | {env.get('python', '?')} |",
         f"| seed (new embedding rows) | {settings.get('seed', '?')} |",
-        f"| dtype | requested `{settings.get('dtype', '?')}`; source `{settings.get('source_dtype', '?')}`; written `{settings.get('output_dtype', '?')}` |",
+        f"| dtype | requested `{settings.get('dtype', '?')}`; source `{settings.get('source_dtype', '?')}`; written "
+        f"`{settings.get('output_dtype', '?')}` |",
         f"| max shard size | {_size(settings.get('max_shard_size', '?'))} |",
         f"| source format | {_cell(settings.get('format', '?'))} |",
         f"| tensors mapped | {mapping.get('mapped', '?')} |",
         f"| keys dropped | {len(dropped)} ({_cell(', '.join(sorted(set(map(str, dropped.values())))) or 'none')}) |",
-        f"| embedding rows | {resize.get('original_rows', '?')} -> {resize.get('rows', '?')}; `<image>` = {resize.get('image_token_index', '?')}, pad = {resize.get('pad_token_id', '?')} |",
+        f"| embedding rows | {resize.get('original_rows', '?')} -> {resize.get('rows', '?')}; `<image>` = "
+        f"{resize.get('image_token_index', '?')}, pad = {resize.get('pad_token_id', '?')} |",
         f"| new rows | {_cell(resize.get('method', '?'))} (scale {resize.get('scale', '?')}) |",
         "",
         "Output files and their sha256:",
@@ -264,7 +289,11 @@ def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | N
 
     vset = report_json.get("settings", {})
     venv = report_json.get("environment", {})
-    verdict = "all checks passed" if report_json.get("passed") else f"FAILED: {', '.join(report_json.get('failed_checks', []))}"
+    verdict = (
+        "all checks passed"
+        if report_json.get("passed")
+        else f"FAILED: {', '.join(report_json.get('failed_checks', []))}"
+    )
     out += [
         "## Verification",
         "",
@@ -274,8 +303,11 @@ def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | N
         "| check | result | measured | what it establishes |",
         "| --- | --- | --- | --- |",
     ]
-    out += [f"| {_cell(c.get('name'))} | {_cell(c.get('status'))} | {_code_cell(c.get('summary', ''))} | {_cell(_CHECK_MEANING.get(c.get('name'), ''))} |"
-            for c in checks]
+    out += [
+        f"| {_cell(c.get('name'))} | {_cell(c.get('status'))} | {_code_cell(c.get('summary', ''))} | "
+        f"{_cell(_CHECK_MEANING.get(c.get('name'), ''))} |"
+        for c in checks
+    ]
     out.append("")
 
     out += ["## Proven transformers versions", ""]
@@ -312,6 +344,14 @@ def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | N
         "change the weights' terms.",
         "",
     ]
-    orig_link = f"[`{original['repo_id']}`](https://huggingface.co/{original['repo_id']}) and " if original.get("repo_id") else ""
-    out += [f"ViP-LLaVA's own terms of use: see the original release, {orig_link}[ViP-LLaVA on GitHub]({VIP_LLAVA_GITHUB}).", ""]
+    orig_link = (
+        f"[`{original['repo_id']}`](https://huggingface.co/{original['repo_id']}) and "
+        if original.get("repo_id")
+        else ""
+    )
+    out += [
+        f"ViP-LLaVA's own terms of use: see the original release, {orig_link}[ViP-LLaVA on "
+        f"GitHub]({VIP_LLAVA_GITHUB}).",
+        "",
+    ]
     return "\n".join(out)

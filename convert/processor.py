@@ -76,11 +76,15 @@ def load_base_tokenizer(text_dir: Path):
     from transformers import AutoTokenizer
 
     if not ((text_dir / "tokenizer.model").is_file() or (text_dir / "tokenizer.json").is_file()):
-        raise ConversionError(f"{text_dir}: no tokenizer.model or tokenizer.json; pass --text-model with the base tokenizer")
+        raise ConversionError(
+            f"{text_dir}: no tokenizer.model or tokenizer.json; pass --text-model with the base tokenizer"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(text_dir), legacy=True)
     except Exception as e:  # transformers raises many types here; the message is what the user needs
-        raise ConversionError(f"{text_dir}: tokenizer does not load ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+        raise ConversionError(
+            f"{text_dir}: tokenizer does not load ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+        ) from None
 
 
 def _base_config(text_dir: Path) -> dict:
@@ -126,10 +130,14 @@ def _read_sentencepiece(path: Path) -> list[tuple[str, float, int]]:
     try:
         m.ParseFromString(path.read_bytes())
     except Exception as e:  # protobuf's DecodeError and friends
-        raise ConversionError(f"{path}: not a sentencepiece model ({e.__class__.__name__}); re-download the text model") from None
+        raise ConversionError(
+            f"{path}: not a sentencepiece model ({e.__class__.__name__}); re-download the text model"
+        ) from None
     if m.trainer_spec.model_type != pb.TrainerSpec.BPE or not m.trainer_spec.byte_fallback:
-        raise ConversionError(f"{path}: expected a byte-fallback BPE sentencepiece model (Llama-2 / Phi-3), found model_type "
-                              f"{m.trainer_spec.model_type} byte_fallback {m.trainer_spec.byte_fallback}; pass the base text model")
+        raise ConversionError(
+            f"{path}: expected a byte-fallback BPE sentencepiece model (Llama-2 / Phi-3), found model_type "
+            f"{m.trainer_spec.model_type} byte_fallback {m.trainer_spec.byte_fallback}; pass the base text model"
+        )
     return [(p.piece, p.score, p.type) for p in m.pieces]
 
 
@@ -150,15 +158,19 @@ def _sentencepiece_backend(tok, text_dir: Path, rule: str):
         backend = Tokenizer(bpe)
     else:  # a base with only tokenizer.json: its BPE model as written (transformers' own object may be rebuilt)
         path = text_dir / "tokenizer.json"
-        backend = Tokenizer.from_file(str(path)) if path.is_file() else Tokenizer.from_str(tok.backend_tokenizer.to_str())
+        backend = (
+            Tokenizer.from_file(str(path)) if path.is_file() else Tokenizer.from_str(tok.backend_tokenizer.to_str())
+        )
         backend.post_processor = None
     added = [a for _, a in sorted(tok.added_tokens_decoder.items())]
     specials = [a.content for a in added if a.special]
     stripping = [a.content for a in added if a.lstrip or a.rstrip]
     if rule == "chunk" and stripping:  # matched after normalization, where spaces are already "▁": not the same strip
-        raise ConversionError(f"{text_dir / 'tokenizer_config.json'}: legacy is false and {stripping[0]} strips the "
-                              "whitespace next to it (lstrip/rstrip), a combination the converter cannot reproduce; "
-                              "pass the base text model the checkpoint was trained with (Vicuna v1.5's tokens strip nothing)")
+        raise ConversionError(
+            f"{text_dir / 'tokenizer_config.json'}: legacy is false and {stripping[0]} strips the "
+            "whitespace next to it (lstrip/rstrip), a combination the converter cannot reproduce; "
+            "pass the base text model the checkpoint was trained with (Vicuna v1.5's tokens strip nothing)"
+        )
     if rule == "chunk":
         lookahead = "|".join(re.escape(c) for c in sorted(specials, key=len, reverse=True))
         first = normalizers.Replace(Regex(r"\A(?!" + lookahead + ")" if lookahead else r"\A"), "\u2581")
@@ -211,18 +223,25 @@ def build_tokenizer(tok, text_dir: Path, vocab: int, backbone: Backbone = VICUNA
     existing = tok.get_vocab()
     for t in (IMAGE_TOKEN, PAD_TOKEN):
         if t in existing:
-            raise ConversionError(f"{text_dir}: tokenizer already has {t} (id {existing[t]}); expected a base text tokenizer")
+            raise ConversionError(
+                f"{text_dir}: tokenizer already has {t} (id {existing[t]}); expected a base text tokenizer"
+            )
     missing = [t for t in backbone.stop_tokens if t not in existing]
     if missing:
-        raise ConversionError(f"{text_dir}: tokenizer lacks {missing[0]}, the end-of-turn token of {backbone.title}; pass its base text model")
+        raise ConversionError(
+            f"{text_dir}: tokenizer lacks {missing[0]}, the end-of-turn token of {backbone.title}; pass its base text "
+            "model"
+        )
     rule = prefix_rule(text_dir, backbone)
     if rule == "none":
         _check_adds_bos(tok, text_dir)
     else:
         backend = _sentencepiece_backend(tok, text_dir, rule)
         if backend.get_vocab_size(with_added_tokens=True) != tokens or backend.get_vocab() != existing:
-            raise ConversionError(f"{text_dir}: tokenizer.model and the tokenizer files disagree on the vocabulary "
-                                  f"({backend.get_vocab_size(with_added_tokens=True)} vs {tokens} tokens); re-download the text model")
+            raise ConversionError(
+                f"{text_dir}: tokenizer.model and the tokenizer files disagree on the vocabulary "
+                f"({backend.get_vocab_size(with_added_tokens=True)} vs {tokens} tokens); re-download the text model"
+            )
         tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=tok.bos_token, eos_token=tok.eos_token,
                                       unk_token=tok.unk_token, clean_up_tokenization_spaces=False)
     tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
@@ -234,7 +253,12 @@ def build_tokenizer(tok, text_dir: Path, vocab: int, backbone: Backbone = VICUNA
     if tok.eos_token_id is not None and tok.eos_token_id not in eos:
         eos.append(tok.eos_token_id)
     info = TokenizerInfo(
-        ids=TokenIds(vocab=vocab, bos=tok.bos_token_id, eos=eos[0] if len(eos) == 1 else eos, tokens=None if tokens == vocab else tokens),
+        ids=TokenIds(
+            vocab=vocab,
+            bos=tok.bos_token_id,
+            eos=eos[0] if len(eos) == 1 else eos,
+            tokens=None if tokens == vocab else tokens,
+        ),
         bos_token=tok.bos_token,
         eos_token=tok.eos_token,
         unk_token=tok.unk_token,
@@ -261,7 +285,9 @@ def tokenizer_json(backend) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
-def write_tokenizer_files(out: Path, tok, info: TokenizerInfo, text_dir: Path, model_max_length: int, backbone: Backbone = VICUNA) -> None:
+def write_tokenizer_files(
+    out: Path, tok, info: TokenizerInfo, text_dir: Path, model_max_length: int, backbone: Backbone = VICUNA
+) -> None:
     """tokenizer.json, tokenizer.model (when the base has one), tokenizer_config.json, special_tokens_map.json."""
     (out / "tokenizer.json").write_text(tokenizer_json(tok.backend_tokenizer), encoding="utf-8")
     sentencepiece = backbone.tokenizer_kind == "sentencepiece"
@@ -273,7 +299,9 @@ def write_tokenizer_files(out: Path, tok, info: TokenizerInfo, text_dir: Path, m
     # map when decoding with skip_special_tokens=True; without the entries it printed "<image>" back (and Phi-3's
     # "</s>"), measured on 4.51.3 and 4.57.6. Vicuna's list is just ["<image>"].
     named = {info.bos_token, info.eos_token, info.unk_token, PAD_TOKEN, IMAGE_TOKEN}
-    additional = [IMAGE_TOKEN] + [a.content for _, a in sorted(tok.added_tokens_decoder.items()) if a.special and a.content not in named]
+    additional = [IMAGE_TOKEN] + [
+        a.content for _, a in sorted(tok.added_tokens_decoder.items()) if a.special and a.content not in named
+    ]
     cfg = {
         "additional_special_tokens": additional,
         "added_tokens_decoder": decoder,
@@ -317,7 +345,10 @@ def image_processor_config(preprocessor: dict, where: str) -> dict:
     if isinstance(crop, int):
         crop = {"height": crop, "width": crop}
     if not isinstance(size, dict) or "shortest_edge" not in size or not isinstance(crop, dict):
-        raise ConversionError(f"{where}: expected CLIP preprocessing (size.shortest_edge and crop_size), found size={size!r} crop_size={crop!r}")
+        raise ConversionError(
+            f"{where}: expected CLIP preprocessing (size.shortest_edge and crop_size), found size={size!r} "
+            f"crop_size={crop!r}"
+        )
     return {
         "crop_size": {"height": crop["height"], "width": crop["width"]},
         "do_center_crop": preprocessor.get("do_center_crop", True),
@@ -346,7 +377,9 @@ def processor_config(patch_size: int) -> dict:
     }
 
 
-def write_processor_files(out: Path, preprocessor: dict, patch_size: int, where: str, backbone: Backbone = VICUNA) -> None:
+def write_processor_files(
+    out: Path, preprocessor: dict, patch_size: int, where: str, backbone: Backbone = VICUNA
+) -> None:
     dump = lambda obj: json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"  # noqa: E731
     (out / "preprocessor_config.json").write_text(dump(image_processor_config(preprocessor, where)))
     (out / "processor_config.json").write_text(dump(processor_config(patch_size)))

@@ -59,7 +59,9 @@ class PublishResult:
     report: object  # verify.report.Report
     commit_message: str | None = None
     commit_url: str | None = None
-    files: list[str] = field(default_factory=list)  # the files of the commit (converted + README.md + verification.json)
+    files: list[str] = field(
+        default_factory=list
+    )  # the files of the commit (converted + README.md + verification.json)
     deleted: list[str] = field(default_factory=list)  # files of the branch that were not in the folder
 
     @property
@@ -86,7 +88,9 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     connection refused)."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    transport = tuple(b for b in HfHubHTTPError.__mro__[1:] if b.__module__.split(".")[0] in ("httpx", "httpx2", "requests"))
+    transport = tuple(
+        b for b in HfHubHTTPError.__mro__[1:] if b.__module__.split(".")[0] in ("httpx", "httpx2", "requests")
+    )
     return (HfHubHTTPError, OSError, *transport)
 
 
@@ -106,7 +110,9 @@ def _operations(folder: Path, manifest: dict, extra: dict[str, bytes]) -> list:
     ops = []
     for name in names:
         if name != MANIFEST and sha256_file(folder / name) != outputs[name]:
-            raise PublishError(f"{folder / name}: changed since verification (sha256 differs from conversion.json); nothing was pushed")
+            raise PublishError(
+                f"{folder / name}: changed since verification (sha256 differs from conversion.json); nothing was pushed"
+            )
         ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)))
     ops += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in sorted(extra.items())]
     return ops
@@ -169,7 +175,11 @@ def publish(
         REPORT: (json.dumps(report_json, indent=2, sort_keys=True) + "\n").encode(),
     }
     if progress:
-        print(f"hashing {len(manifest.get('outputs', {}))} files against {MANIFEST} before the push", file=sys.stderr, flush=True)
+        print(
+            f"hashing {len(manifest.get('outputs', {}))} files against {MANIFEST} before the push",
+            file=sys.stderr,
+            flush=True,
+        )
     operations = _operations(folder, manifest, extra)
     files = sorted(op.path_in_repo for op in operations)
     if api is None:
@@ -248,5 +258,8 @@ def preflight(repo_id: str) -> str | None:
     except HFValidationError as e:
         return f"--push-to-hub {repo_id!r}: not a valid repo id ({str(e).splitlines()[0]})"
     if HUB_API_FACTORY is None and constants.HF_HUB_OFFLINE:
-        return "--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set; unset it (inputs still come from the cache when present)"
+        return (
+            "--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set; unset it (inputs still come from the cache when "
+            "present)"
+        )
     return None

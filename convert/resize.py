@@ -92,7 +92,9 @@ def resize(
     head_dtype = head_dtype or out_dtype
     n, h = embed.shape
     if lm_head.shape != embed.shape:
-        raise ConversionError(f"lm_head.weight has shape {tuple(lm_head.shape)} but embed_tokens has {tuple(embed.shape)}")
+        raise ConversionError(
+            f"lm_head.weight has shape {tuple(lm_head.shape)} but embed_tokens has {tuple(embed.shape)}"
+        )
     if rows < n:
         raise ConversionError(f"cannot resize {n} embedding rows down to {rows}")
     check_seed(seed)

@@ -163,9 +163,13 @@ def parse_json(data: bytes | str, where: object, error: type[Exception] = InputF
     except UnicodeDecodeError as e:
         raise error(f"{clean(where)}: expected UTF-8 JSON, found an invalid byte at offset {e.start}; {hint}") from None
     except json.JSONDecodeError as e:
-        raise error(f"{clean(where)}: expected JSON, found {clean(e.msg)} at line {e.lineno} column {e.colno}; {hint}") from None
+        raise error(
+            f"{clean(where)}: expected JSON, found {clean(e.msg)} at line {e.lineno} column {e.colno}; {hint}"
+        ) from None
     except RecursionError:
-        raise error(f"{clean(where)}: expected JSON nested at most {max_depth} levels, found deeper nesting; {hint}") from None
+        raise error(
+            f"{clean(where)}: expected JSON nested at most {max_depth} levels, found deeper nesting; {hint}"
+        ) from None
     except _Refused as e:
         raise error(f"{clean(where)}: expected strict JSON, found {e}; {hint}") from None
     except ValueError as e:  # int() of a long literal and friends

@@ -53,16 +53,23 @@ def _child(req: dict) -> int:
 
 def serve() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import safetensors.torch  # noqa: F401
+    import sentencepiece  # noqa: F401
     import torch  # noqa: F401
+    import tqdm.auto  # noqa: F401
+    from transformers import (  # noqa: F401
+        LlamaTokenizer,
+        LlamaTokenizerFast,
+        PreTrainedTokenizerFast,
+        VipLlavaConfig,
+        VipLlavaForConditionalGeneration,
+    )
+
     import convert.cli  # noqa: F401
     import convert.pipeline  # noqa: F401
-    import sentencepiece  # noqa: F401
-    import safetensors.torch  # noqa: F401
-    import tqdm.auto  # noqa: F401
-    import verify.cli  # noqa: F401
     import verify.api  # noqa: F401
+    import verify.cli  # noqa: F401
     import verify.context  # noqa: F401
-    from transformers import LlamaTokenizer, LlamaTokenizerFast, PreTrainedTokenizerFast, VipLlavaConfig, VipLlavaForConditionalGeneration  # noqa: F401
 
     out = os.fdopen(os.dup(1), "w", buffering=1)
     out.write(json.dumps({"ready": True}) + "\n")

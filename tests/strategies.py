@@ -208,7 +208,9 @@ EDGE_SPECS = (
     spec(text_layers=32, vision_layers=24, vocab=32000, text_heads=8, text_head_dim=16),  # 7B-like depths
     spec(text_layers=40, vision_layers=24, vocab=32000, text_heads=4, text_head_dim=16, text_intermediate=128),
     spec(text_layers=2, vision_layers=12, vocab=997),  # the fixture's shape
-    spec(text_layers=11, vision_layers=MIN_VISION_LAYERS, vocab=62, text_heads=8, text_head_dim=16),  # h=128 > vocab, rows 64
+    spec(
+        text_layers=11, vision_layers=MIN_VISION_LAYERS, vocab=62, text_heads=8, text_head_dim=16
+    ),  # h=128 > vocab, rows 64
     spec(text_layers=10, vision_layers=17, vocab=63, legacy_buffers=False),  # 63 + 2 = 65 -> 128 rows
 )
 EDGE_CHECKPOINTS = tuple(Checkpoint(s, 0) for s in EDGE_SPECS) + (Checkpoint(EDGE_SPECS[6], 12345),)

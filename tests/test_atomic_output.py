@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -109,7 +109,9 @@ def work_seconds(tiny, zygote, tmp_path_factory):
     return min(times)
 
 
-def _run_child(fx, output: Path, extra: list[str], zygote: Zygote, fault: str | None = None, kill_after: float | None = None):
+def _run_child(
+    fx, output: Path, extra: list[str], zygote: Zygote, fault: str | None = None, kill_after: float | None = None
+):
     return zygote.run(_argv(fx, output, extra), fault=fault, kill_after=kill_after)
 
 
@@ -160,7 +162,9 @@ def test_sigkill_at_20_random_moments(tiny, converted, tmp_path, zygote, work_se
         if force:
             shutil.copytree(converted, out)
             before = _digests(out)
-        code, _ = _run_child(tiny, out, ["--force", "--seed", "7"] if force else [], zygote, kill_after=rng.uniform(0, work_seconds))
+        code, _ = _run_child(
+            tiny, out, ["--force", "--seed", "7"] if force else [], zygote, kill_after=rng.uniform(0, work_seconds)
+        )
         killed += code == -signal.SIGKILL
         if not out.exists():
             assert not force, "an existing output disappeared"

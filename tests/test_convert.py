@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from convert.pipeline import Options, convert
 from tests.conftest import run_convert
 from verify.checks import canonical  # an independent statement of the layout (prefix rules, not our table)
 
@@ -40,7 +39,11 @@ def test_strict_load_rows_and_ids(converted):
     from transformers import AutoTokenizer, VipLlavaForConditionalGeneration
 
     model, info = VipLlavaForConditionalGeneration.from_pretrained(str(converted), output_loading_info=True)
-    assert {k: len(v) for k, v in info.items() if k != "error_msgs"} == {"missing_keys": 0, "unexpected_keys": 0, "mismatched_keys": 0}
+    assert {k: len(v) for k, v in info.items() if k != "error_msgs"} == {
+        "missing_keys": 0,
+        "unexpected_keys": 0,
+        "mismatched_keys": 0,
+    }
     rows = model.get_input_embeddings().weight.shape[0]
     assert rows % 64 == 0 and rows == model.config.text_config.vocab_size == model.lm_head.weight.shape[0] == 1024
     tok = AutoTokenizer.from_pretrained(str(converted))

@@ -421,8 +421,11 @@ def backbone_fixtures(tmp_path_factory) -> dict[str, fb.FixturePaths]:
 
 def _text_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The decoder's tensors of an original state dict: ``model.*`` / ``lm_head.*`` minus vision and projector."""
-    return {k: v.float() for k, v in sd.items()
-            if k.startswith(("model.", "lm_head.")) and not k.startswith(("model.vision_tower.", "model.mm_projector."))}
+    return {
+        k: v.float()
+        for k, v in sd.items()
+        if k.startswith(("model.", "lm_head.")) and not k.startswith(("model.vision_tower.", "model.mm_projector."))
+    }
 
 
 def _causal_lm_from_original(directory: Path):
@@ -498,7 +501,9 @@ def test_new_backbone_key_layouts():
     for name in NEW_BACKBONES:
         spec = TinySpec.for_backbone(name)
         shapes = tiny.original_key_shapes(spec)
-        assert {k: s for k, s in shapes.items() if k.startswith(("model.vision_tower.", "model.mm_projector."))} == shared
+        assert {
+            k: s for k, s in shapes.items() if k.startswith(("model.vision_tower.", "model.mm_projector."))
+        } == shared
         assert not any("inv_freq" in k for k in shapes), name
         assert shapes["model.embed_tokens.weight"] == shapes["lm_head.weight"] == (spec.vocab_size, spec.text_hidden)
         assert list(shapes)[-1] == "lm_head.weight"
@@ -569,13 +574,20 @@ def test_new_backbone_layouts_on_disk(built, backbone_fixtures):
         assert json.loads((paths.original / "config.json").read_text()) == tiny.original_config(spec)
         assert json.loads((paths.text_model / "config.json").read_text()) == tiny.base_text_config(spec)
         manifest = json.loads((paths.root / fb.MANIFEST).read_text())
-        assert manifest["spec"]["backbone"] == name and set(manifest["files"]) == set(_tree_bytes(paths.root)) - {fb.MANIFEST}
+        assert manifest["spec"]["backbone"] == name and set(manifest["files"]) == set(_tree_bytes(paths.root)) - {
+            fb.MANIFEST
+        }
         wm = json.loads((paths.original / "pytorch_model.bin.index.json").read_text())["weight_map"]
         assert set(wm) == set(tiny.original_key_shapes(spec))
     base = json.loads((backbone_fixtures["phi3"].text_model / "config.json").read_text())
     assert (base["model_type"], base["architectures"], base["vocab_size"]) == ("phi3", ["Phi3ForCausalLM"], 1024)
     base = json.loads((backbone_fixtures["llama3"].text_model / "config.json").read_text())
-    assert (base["model_type"], base["vocab_size"], base["bos_token_id"], base["eos_token_id"]) == ("llama", 1000, 900, 901)
+    assert (base["model_type"], base["vocab_size"], base["bos_token_id"], base["eos_token_id"]) == (
+        "llama",
+        1000,
+        900,
+        901,
+    )
 
 
 def test_build_refuses_a_spec_of_another_backbone(tmp_path):
@@ -759,7 +771,9 @@ def test_demo_fixture_per_backbone_is_cached_and_tracks_its_data(tmp_path, monke
     changed = tmp_path / "changed.json"
     changed.write_bytes(tok.read_bytes() + b"\n")
     files = dict(fb.TEXT_MODEL_FILES)
-    files["llama3"] = fb.TextModelFiles((changed,), files["llama3"].tokenizer_config, files["llama3"].special_tokens_map)
+    files["llama3"] = fb.TextModelFiles(
+        (changed,), files["llama3"].tokenizer_config, files["llama3"].special_tokens_map
+    )
     before = fb._builder_fingerprint("llama3")
     monkeypatch.setattr(fb, "TEXT_MODEL_FILES", files)
     assert fb._builder_fingerprint("llama3") != before
@@ -780,7 +794,9 @@ def test_sample_conversations():
     for c in convs:
         assert list(c) == ["name", "image", "turns"]
         roles = [t["role"] for t in c["turns"]]
-        assert roles == ["user", "assistant"] * (len(roles) // 2) and all(set(t) == {"role", "text"} for t in c["turns"])
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and all(
+            set(t) == {"role", "text"} for t in c["turns"]
+        )
         assert c["turns"][-1]["text"] is None and all(isinstance(t["text"], str) and t["text"]
                                                       for t in c["turns"][:-1])
         text = "".join(t["text"] or "" for t in c["turns"])

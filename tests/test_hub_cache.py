@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -43,7 +42,11 @@ def test_hub_ids_convert_offline_and_record_revisions(hub, tmp_path, converted):
     out = tmp_path / "out"
     assert _convert(out) == 0
     m = json.loads((out / "conversion.json").read_text())
-    for key, repo_id in (("original", "mucai/vip-llava-tiny"), ("text_model", "lmsys/vicuna-tiny"), ("vision_model", "openai/clip-tiny")):
+    for key, repo_id in (
+        ("original", "mucai/vip-llava-tiny"),
+        ("text_model", "lmsys/vicuna-tiny"),
+        ("vision_model", "openai/clip-tiny"),
+    ):
         assert m["inputs"][key]["repo_id"] == repo_id and m["inputs"][key]["revision"] == commits[repo_id]
     # the same bytes as the local-path conversion, whatever the inputs' names
     for name, digest in m["outputs"].items():

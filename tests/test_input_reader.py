@@ -191,12 +191,16 @@ def test_output_is_flushed_and_dropped_behind_the_writer(tmp_path, monkeypatch):
     monkeypatch.setattr(writer.DropBehind, "STEP", 4096)
     calls: list[tuple] = []
     real_sync, real_drop = writer._sync_range, writer.drop_cached
-    monkeypatch.setattr(writer, "_sync_range", lambda fd, a, n, wait: (calls.append(("sync", a, n, wait)), real_sync(fd, a, n, wait)))
+    monkeypatch.setattr(
+        writer, "_sync_range", lambda fd, a, n, wait: (calls.append(("sync", a, n, wait)), real_sync(fd, a, n, wait))
+    )
     monkeypatch.setattr(writer, "drop_cached", lambda fd, a=0, n=0: (calls.append(("drop", a, n)), real_drop(fd, a, n)))
     sd = {f"t{i}": torch.full((1000,), float(i)) for i in range(10)}  # 40 kB of float32
     flusher = writer.DropBehind()
     path = tmp_path / "x.safetensors"
-    writer.write_shard(path, [OutTensor(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in sd.items()], flusher=flusher)
+    writer.write_shard(
+        path, [OutTensor(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in sd.items()], flusher=flusher
+    )
     flusher.close(path).result()
     flusher.shutdown()
     starts = [c for c in calls if c[0] == "sync" and not c[3]]

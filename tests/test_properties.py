@@ -33,14 +33,6 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
-from convert.config import TokenIds, build_config, load_vipllava_config, padded_rows, vision_tower_config
-from convert.errors import ConversionError
-from convert.layout import expected_shapes
-from convert.mapping import RULES, TABLE, RuleTable
-from convert.resize import SCALE, resize, sample_new_rows
-from verify.tiny import TinySpec, clip_config, original_config, vipllava_config
-
 from strategies import (
     EDGE_CHECKPOINTS,
     FEATURE_LAYERS,
@@ -58,6 +50,13 @@ from strategies import (
     legacy_buffer_keys,
     spec,
 )
+
+from convert.config import TokenIds, build_config, load_vipllava_config, padded_rows, vision_tower_config
+from convert.errors import ConversionError
+from convert.layout import expected_shapes
+from convert.mapping import RULES, TABLE, RuleTable
+from convert.resize import SCALE, resize, sample_new_rows
+from verify.tiny import TinySpec, clip_config, original_config, vipllava_config
 
 # ------------------------------------------------------------------------------------------
 # tiers
@@ -253,7 +252,11 @@ test_totality, test_totality_slow = tiers(_totality, dict(ckpt=checkpoints()))
 @example(ckpt=EDGE_CHECKPOINTS[6], data=None, bad="model.mm_projector.0.weight")
 @example(ckpt=EDGE_CHECKPOINTS[6], data=None, bad="model.layers.1.self_attn.q_proj.bias")
 @example(ckpt=EDGE_CHECKPOINTS[6], data=None, bad="language_model.model.embed_tokens.weight")
-@example(ckpt=EDGE_CHECKPOINTS[6], data=None, bad="model.vision_tower.vision_tower.vision_model.encoder.layers.007.mlp.fc1.bias")
+@example(
+    ckpt=EDGE_CHECKPOINTS[6],
+    data=None,
+    bad="model.vision_tower.vision_tower.vision_model.encoder.layers.007.mlp.fc1.bias",
+)
 def _foreign_keys_rejected(ckpt: Checkpoint, data, bad):
     if bad is None:
         bad = data.draw(foreign_keys(ckpt.shapes), label="bad")
@@ -381,7 +384,9 @@ EXPECTED_FAILURES = {
     # a bijection onto the right names, but up (I x h) lands on down (h x I): only shapes sees it
     "up_down_swapped": {"shapes"},
 }
-BREAK_EXAMPLE = Checkpoint(spec(text_layers=3, vision_layers=12, vocab=997, text_intermediate=24, legacy_buffers=True), 0)
+BREAK_EXAMPLE = Checkpoint(
+    spec(text_layers=3, vision_layers=12, vocab=997, text_intermediate=24, legacy_buffers=True), 0
+)
 
 
 def _failing_properties(table: RuleTable, ckpt: Checkpoint) -> set[str]:
@@ -516,9 +521,16 @@ def _resize_keeps_rows_and_seeds(emb: EmbedSpec, dtype, seed: int):
 
 test_resize_keeps_rows_and_seeds, test_resize_keeps_rows_and_seeds_slow = tiers(
     _resize_keeps_rows_and_seeds,
-    dict(emb=embed_specs(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**31 - 1)),
-    dict(emb=embed_specs(max_n=32000, max_h=512), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-         seed=st.integers(0, 2**31 - 1)),
+    dict(
+        emb=embed_specs(),
+        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+        seed=st.integers(0, 2**31 - 1),
+    ),
+    dict(
+        emb=embed_specs(max_n=32000, max_h=512),
+        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+        seed=st.integers(0, 2**31 - 1),
+    ),
 )
 
 @example(seed=2**32)

@@ -2,7 +2,8 @@
 sent; a verified one goes up complete, in one commit, with its model card and report; Hub errors are one line.
 
 The ONLY thing replaced is the object that talks to the Hub: :class:`RecordingHubApi`, injected as ``api=`` or
-through the ``convert.publish.HUB_API_FACTORY`` hook. Conversions, verification, the commit's operations and the card are real.
+through the ``convert.publish.HUB_API_FACTORY`` hook. Conversions, verification, the commit's operations and the card
+are real.
 The CLI tests run the full default verification (as ``--push-to-hub`` does); the library tests pass the real
 ``verify_repo`` with four of the sample prompts and 4 greedy tokens, to stay fast.
 """
@@ -49,8 +50,10 @@ def _http_error(status: int, url: str) -> HfHubHTTPError:
     # the error's own base class rather than naming the library
     http = importlib.import_module(HfHubHTTPError.__mro__[1].__module__.split(".")[0])
     response = http.Response(status, request=http.Request("POST", url))
-    return HfHubHTTPError(f"{status} Client Error: Unauthorized for url: {url}\nInvalid credentials in Authorization header",
-                          response=response)
+    return HfHubHTTPError(
+        f"{status} Client Error: Unauthorized for url: {url}\nInvalid credentials in Authorization header",
+        response=response,
+    )
 
 
 class RecordingHubApi:
@@ -60,7 +63,9 @@ class RecordingHubApi:
     the report. ``remote_files``: what the target branch already holds. ``fail_at``: the method that raises
     ``HfHubHTTPError`` (401). ``existing_public``: the repo already exists as a public repo."""
 
-    def __init__(self, fail_at: str | None = None, existing_public: bool = False, remote_files: list[str] | None = None):
+    def __init__(
+        self, fail_at: str | None = None, existing_public: bool = False, remote_files: list[str] | None = None
+    ):
         self.calls: list[tuple[str, dict]] = []
         self.commits: list[dict] = []
         self.fail_at = fail_at
@@ -169,10 +174,16 @@ def test_passing_conversion_is_pushed_in_one_complete_commit_with_card_and_repor
     assert commit["deleted"] == stale and result.deleted == stale
     report_json = json.loads(commit["texts"]["verification.json"])
     assert report_json["passed"] and [c["status"] for c in report_json["checks"]] == ["PASS"] * 9
-    assert report_json["environment"]["transformers"] and report_json["environment"]["tool"] == f"vipllava-harness {convert.__version__}"
+    assert (
+        report_json["environment"]["transformers"]
+        and report_json["environment"]["tool"] == f"vipllava-harness {convert.__version__}"
+    )
     manifest = json.loads((repo / "conversion.json").read_text())
     assert commit["texts"]["README.md"] == model_card(manifest, report_json, None, repo_id=REPO_ID)
-    assert kw["commit_message"] == f"Convert ViP-LLaVA with vipllava-harness {convert.__version__}: verify 9/9 checks passed"
+    assert (
+        kw["commit_message"]
+        == f"Convert ViP-LLaVA with vipllava-harness {convert.__version__}: verify 9/9 checks passed"
+    )
     assert kw["revision"] is None and kw["repo_id"] == REPO_ID and "logits: PASS" in kw["commit_description"]
     # the local output is untouched and still verifies (verify's files check rejects unlisted files)
     assert _local_state(repo) == before
@@ -183,7 +194,9 @@ def test_private_on_an_existing_public_repo_is_refused_before_uploading(repo):
     api = RecordingHubApi(existing_public=True)
     with pytest.raises(PublishError, match="exists and is public") as e:
         publish(repo, REPO_ID, private=True, api=api, verify=fast_verify)
-    assert "\n" not in str(e.value) and [name for name, _ in api.calls] == ["create_repo", "repo_info"] and not api.commits
+    assert (
+        "\n" not in str(e.value) and [name for name, _ in api.calls] == ["create_repo", "repo_info"] and not api.commits
+    )
 
 
 def test_http_error_exits_2_with_one_line(repo, hub, capsys):
@@ -191,7 +204,9 @@ def test_http_error_exits_2_with_one_line(repo, hub, capsys):
     code = publish_mod.run(repo, REPO_ID, private=False, revision=None, progress=False, verify=fast_verify)
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err, err
-    assert err.startswith(f"error: pushing to {REPO_ID} failed at create_commit: 401 Client Error") and "HF_TOKEN" in err, err
+    assert (
+        err.startswith(f"error: pushing to {REPO_ID} failed at create_commit: 401 Client Error") and "HF_TOKEN" in err
+    ), err
     assert err.endswith("no commit was made"), err
     hub.calls.clear()
     hub.fail_at = "create_repo"
@@ -207,8 +222,11 @@ def test_cli_refuses_to_push_a_conversion_that_fails_verification(tiny, hub, tmp
     import convert.resize as resize_module
 
     real = resize_module.sample_new_rows
-    monkeypatch.setattr(resize_module, "sample_new_rows",
-                        lambda embed, count, generator, scale=resize_module.SCALE: real(embed, count, generator, scale * 1e4))
+    monkeypatch.setattr(
+        resize_module,
+        "sample_new_rows",
+        lambda embed, count, generator, scale=resize_module.SCALE: real(embed, count, generator, scale * 1e4),
+    )
     out = tmp_path / "out"
     code = run_convert(tiny, out, "--push-to-hub", REPO_ID)
     captured = capsys.readouterr()
@@ -224,11 +242,23 @@ def test_cli_pushes_a_verified_conversion_to_a_new_private_branch(tiny, hub, tmp
     code = run_convert(tiny, out, "--push-to-hub", REPO_ID, "--private", "--push-branch", "conversion-v1")
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert [name for name, _ in hub.calls] == ["create_repo", "repo_info", "create_branch", "list_repo_files", "create_commit"]
-    assert hub.calls[0][1]["private"] is True and hub.calls[2][1] == {"repo_id": REPO_ID, "branch": "conversion-v1", "exist_ok": True}
+    assert [name for name, _ in hub.calls] == [
+        "create_repo",
+        "repo_info",
+        "create_branch",
+        "list_repo_files",
+        "create_commit",
+    ]
+    assert hub.calls[0][1]["private"] is True and hub.calls[2][1] == {
+        "repo_id": REPO_ID,
+        "branch": "conversion-v1",
+        "exist_ok": True,
+    }
     assert hub.calls[3][1]["revision"] == "conversion-v1"
     kw = hub.calls[4][1]
-    assert kw["revision"] == "conversion-v1" and kw["commit_message"].endswith(f"{convert.__version__}: verify 9/9 checks passed")
+    assert kw["revision"] == "conversion-v1" and kw["commit_message"].endswith(
+        f"{convert.__version__}: verify 9/9 checks passed"
+    )
     local = _local_state(out)
     assert set(hub.commits[0]["files"]) == set(local) | {"README.md", "verification.json"}
     assert all(hub.commits[0]["files"][n] == d for n, d in local.items())
@@ -268,8 +298,11 @@ def test_cli_push_while_offline_stops_before_converting(tiny, tmp_path, capsys, 
 def card_inputs(converted) -> tuple[dict, dict]:
     """The converted fixture's manifest, as if its inputs had come from the Hub, and a real verification report."""
     manifest = json.loads((converted / "conversion.json").read_text())
-    for key, repo_id, commit in (("original", "mucai/vip-llava-7b", "a" * 40), ("text_model", "lmsys/vicuna-7b-v1.5", "b" * 40),
-                                 ("vision_model", "openai/clip-vit-large-patch14-336", "c" * 40)):
+    for key, repo_id, commit in (
+        ("original", "mucai/vip-llava-7b", "a" * 40),
+        ("text_model", "lmsys/vicuna-7b-v1.5", "b" * 40),
+        ("vision_model", "openai/clip-vit-large-patch14-336", "c" * 40),
+    ):
         manifest["inputs"][key].update(repo_id=repo_id, revision=commit, source=repo_id)
     return manifest, json.loads(fast_verify(converted).to_json())
 
@@ -333,7 +366,9 @@ def test_model_card_prompt_format_license_and_local_inputs(card_inputs, converte
     assert '[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]' in card
     assert "VipLlavaForConditionalGeneration.from_pretrained(" in card and "AutoProcessor.from_pretrained(" in card
     assert "Llama 2 Community License" in card and "https://ai.meta.com/llama/license/" in card
-    assert "https://huggingface.co/mucai/vip-llava-7b" in card and "https://github.com/WisconsinAIVision/ViP-LLaVA" in card
+    assert (
+        "https://huggingface.co/mucai/vip-llava-7b" in card and "https://github.com/WisconsinAIVision/ViP-LLaVA" in card
+    )
     # local inputs: paths instead of revisions, no base_model, license assumed and said so
     local = json.loads((converted / "conversion.json").read_text())
     card = model_card(local, report_json, None)
@@ -363,11 +398,25 @@ def test_model_card_usage_snippet_runs_and_chat_template_matches(card_inputs, co
     assert scope["output"].shape[1] == scope["inputs"]["input_ids"].shape[1] + 4
 
 
-@pytest.mark.parametrize("backbone, license_id, words", [
-    ("llama3", "llama3", ["Meta Llama 3 Community License", "llava_llama_3",
-                          '"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n']),
-    ("phi3", "mit", ["MIT License (Phi-3)", "llava_phi_3", '<|user|>\\n<image>\\n{question}<|end|>\\n<|assistant|>\\n"']),
-])
+@pytest.mark.parametrize(
+    "backbone, license_id, words",
+    [
+        (
+            "llama3",
+            "llama3",
+            [
+                "Meta Llama 3 Community License",
+                "llava_llama_3",
+                '"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n',
+            ],
+        ),
+        (
+            "phi3",
+            "mit",
+            ["MIT License (Phi-3)", "llava_phi_3", '<|user|>\\n<image>\\n{question}<|end|>\\n<|assistant|>\\n"'],
+        ),
+    ],
+)
 def test_model_card_of_other_backbones_names_their_format_and_license(card_inputs, backbone, license_id, words):
     """The card of a Llama-3 or Phi-3 conversion shows that backbone's original prompt (the Python literal of the
     chat template's rendering) and its base model's license, not Vicuna's."""

@@ -61,9 +61,17 @@ class OriginalSentencepiece:
         self.legacy = legacy
         cfg = json.loads((base / "tokenizer_config.json").read_text())
         decoder = cfg.get("added_tokens_decoder") or {
-            "0": {"content": "<unk>", "special": True}, "1": {"content": "<s>", "special": True}, "2": {"content": "</s>", "special": True}}
-        self.added = {e["content"]: (int(i), bool(e.get("special", True)), bool(e.get("rstrip", False))) for i, e in decoder.items()}
-        self.split_re = re.compile("(" + "|".join(re.escape(c) for c in sorted(self.added, key=len, reverse=True)) + ")")
+            "0": {"content": "<unk>", "special": True},
+            "1": {"content": "<s>", "special": True},
+            "2": {"content": "</s>", "special": True},
+        }
+        self.added = {
+            e["content"]: (int(i), bool(e.get("special", True)), bool(e.get("rstrip", False)))
+            for i, e in decoder.items()
+        }
+        self.split_re = re.compile(
+            "(" + "|".join(re.escape(c) for c in sorted(self.added, key=len, reverse=True)) + ")"
+        )
         self.unk_len = len(self.sp_noprefix.encode("<unk>", out_type=str))
         self.bos = self.sp.piece_to_id("<s>")
 
@@ -91,7 +99,13 @@ class OriginalSentencepiece:
                 p = p.lstrip()
             if p:
                 tokens.extend(self._segment(p))
-        if not self.legacy and len(tokens) > 1 and tokens[0] == "\u2581" and tokens[1] in self.added and self.added[tokens[1]][1]:
+        if (
+            not self.legacy
+            and len(tokens) > 1
+            and tokens[0] == "\u2581"
+            and tokens[1] in self.added
+            and self.added[tokens[1]][1]
+        ):
             tokens = tokens[1:]
         return tokens
 
@@ -122,7 +136,9 @@ _ORIGINAL: dict = {}
 def original(rv, backbone: str, variant=None):
     if (backbone, variant) not in _ORIGINAL:
         base = rv.base_tokenizer_dir(backbone, variant)
-        _ORIGINAL[backbone, variant] = OriginalLlama3(base) if backbone == "llama3" else OriginalSentencepiece(base, legacy=backbone == "phi3")
+        _ORIGINAL[backbone, variant] = (
+            OriginalLlama3(base) if backbone == "llama3" else OriginalSentencepiece(base, legacy=backbone == "phi3")
+        )
     return _ORIGINAL[backbone, variant]
 
 
@@ -212,9 +228,9 @@ def test_expected_side_gives_the_reference_ids(realvocab):
         orig = original(realvocab, backbone)
         cases = realvocab.reference_cases(backbone)
         if backbone == "vicuna":  # non-legacy: the reference texts start with text, so a chunk = sentencepiece + prefix
-            assert matched(lambda t: orig.encode(t)[1:], cases) == 46
+            assert matched(lambda t, orig=orig: orig.encode(t)[1:], cases) == 46
         else:
-            assert matched(lambda t: orig.image_prompt(t)[1:], cases) == 46
+            assert matched(lambda t, orig=orig: orig.image_prompt(t)[1:], cases) == 46
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,7 +301,9 @@ def test_planted_merges_by_piece_id_fail(realvocab, tmp_path_factory):
     vocab = data["model"]["vocab"]
     merges = [m.split(" ") if isinstance(m, str) else m for m in data["model"]["merges"]]
     by_id = sorted(merges, key=lambda m: vocab[m[0] + m[1]])
-    backend.model = models.BPE(vocab=vocab, merges=[tuple(m) for m in by_id], unk_token="<unk>", fuse_unk=True, byte_fallback=True)
+    backend.model = models.BPE(
+        vocab=vocab, merges=[tuple(m) for m in by_id], unk_token="<unk>", fuse_unk=True, byte_fallback=True
+    )
     tok = _as_tok(backend)
     cases = realvocab.reference_cases("vicuna")
     assert matched(lambda t: tok(t, add_special_tokens=False).input_ids, cases) < 46
@@ -314,7 +332,12 @@ def test_planted_per_segment_prefix_fails_on_vicuna_two_turn(realvocab, tmp_path
     tok = _as_tok(backend)
     orig = original(realvocab, "vicuna")
     prompt = "A chat USER: <image>\nHi ASSISTANT: Hello</s>USER: And? ASSISTANT:"
-    assert mismatch(lambda p: image_ids(_as_tok(_converted_backend(realvocab, tmp_path_factory)), p), orig.image_prompt, prompt) is None
+    assert (
+        mismatch(
+            lambda p: image_ids(_as_tok(_converted_backend(realvocab, tmp_path_factory)), p), orig.image_prompt, prompt
+        )
+        is None
+    )
     assert mismatch(lambda p: image_ids(tok, p), orig.image_prompt, prompt) is not None
 
 
@@ -324,7 +347,9 @@ def test_planted_llama3_base_without_bos_is_refused(realvocab):
     from convert.processor import build_tokenizer, load_base_tokenizer
 
     base = realvocab.base_tokenizer_dir("llama3", "no_bos")
-    with pytest.raises(ConversionError, match=r"tokenizer\.json: its post-processor \(ByteLevel\) adds no <\|begin_of_text\|>"):
+    with pytest.raises(
+        ConversionError, match=r"tokenizer\.json: its post-processor \(ByteLevel\) adds no <\|begin_of_text\|>"
+    ):
         build_tokenizer(load_base_tokenizer(base), base, ROWS["llama3"], LLAMA3)
     # ... and with such a base the original really lost a token after the image (same text, both bases).
     prompt = "<|begin_of_text|>Hi<image>\nWhat is it?"

@@ -9,10 +9,10 @@ are derived by hand with plain torch / numpy / PIL, never through the class unde
 from __future__ import annotations
 
 import io
-import shutil
-from collections.abc import Sequence
 import json
 import math
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +151,12 @@ def random_original_state(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
 
     def rnd(shape, key):
-        if key.endswith("norm.weight") or "layer_norm" in key and key.endswith("weight") or key.endswith("layrnorm.weight"):
+        if (
+            key.endswith("norm.weight")
+            or "layer_norm" in key
+            and key.endswith("weight")
+            or key.endswith("layrnorm.weight")
+        ):
             return 1.0 + 0.1 * torch.randn(shape, generator=g)
         if key.endswith("bias"):
             return 0.1 * torch.randn(shape, generator=g)
@@ -319,7 +324,9 @@ def test_tokenize_two_images_and_edges(world):
     model, sp = world["model"], world["sp"]
     prompt = "USER: <image>\nLeft <image>\nRight ASSISTANT:"
     a, b, c = prompt.split("<image>")
-    assert model.tokenize(prompt) == [1] + sp.encode(a) + [IMAGE_SENTINEL] + sp.encode(b) + [IMAGE_SENTINEL] + sp.encode(c)
+    assert model.tokenize(prompt) == [1] + sp.encode(a) + [IMAGE_SENTINEL] + sp.encode(b) + [
+        IMAGE_SENTINEL
+    ] + sp.encode(c)
     # adjacent images, and a prompt ending with an image
     assert model.tokenize("<image><image>") == [1, IMAGE_SENTINEL, IMAGE_SENTINEL]
     assert model.tokenize("hi <image>") == [1] + sp.encode("hi ") + [IMAGE_SENTINEL]
@@ -359,7 +366,9 @@ def test_tokenize_special_tokens_non_legacy_4_37(world, tmp_path):
     plain = _without_dummy_prefix(world["sp_path"])
     # the first chunk: "▁" + text with no dummy prefix is the ordinary encoding
     assert tok.encode("ASSISTANT: ok") == [1] + sp.encode("ASSISTANT: ok")
-    assert tok.encode("ASSISTANT: ok</s>USER: next") == [1] + sp.encode("ASSISTANT: ok") + [2] + plain.encode("USER: next")
+    assert tok.encode("ASSISTANT: ok</s>USER: next") == [1] + sp.encode("ASSISTANT: ok") + [2] + plain.encode(
+        "USER: next"
+    )
     assert tok.encode("a </s> b") == [1] + sp.encode("a ") + [2] + plain.encode(" b")
     # a lone "▁" before a leading special token is dropped
     assert tok.encode("</s>x") == [1, 2] + plain.encode("x")
@@ -388,7 +397,10 @@ def test_tokenize_special_tokens_non_legacy_4_31(world, tmp_path):
     assert tok.encode("a </s> b") == [1] + sp.encode("a ") + [2] + sp.encode(" b")
     # the chunk after <image> still begins with the dummy-prefix piece
     assert tok.encode_with_images("<image>\nWhat") == [1, IMAGE_SENTINEL] + sp.encode("\nWhat")
-    assert LlamaSlowTokenizer(write_text_model(tmp_path / "text_null", world["sp_path"], legacy=None), era="4.31.0").legacy is False
+    assert (
+        LlamaSlowTokenizer(write_text_model(tmp_path / "text_null", world["sp_path"], legacy=None), era="4.31.0").legacy
+        is False
+    )
 
 
 def test_plain_string_special_tokens_strip_whitespace_only_in_4_31(world, tmp_path):
@@ -433,7 +445,7 @@ def test_preprocess_pads_non_square_with_mean_colour(world):
     img = PIL.Image.new("RGB", (60, 30), (255, 0, 0))
     out = model.preprocess(img)
     assert out.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and out.dtype == torch.float32
-    pad = torch.tensor([(int(255 * m) / 255 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)])
+    pad = torch.tensor([(int(255 * m) / 255 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD, strict=True)])
     red = torch.tensor([(1.0 - CLIP_MEAN[0]) / CLIP_STD[0], (0 - CLIP_MEAN[1]) / CLIP_STD[1],
                         (0 - CLIP_MEAN[2]) / CLIP_STD[2]])
     for y, x in [(0, 0), (0, IMAGE_SIZE - 1), (IMAGE_SIZE - 1, 0), (IMAGE_SIZE - 1, IMAGE_SIZE - 1)]:
@@ -448,7 +460,9 @@ def test_preprocess_square_image_is_not_padded(world):
     img = rand_image(56, 56, seed=1)
     out = model.preprocess(img)
     resized = np.asarray(img.resize((IMAGE_SIZE, IMAGE_SIZE), resample=PIL.Image.Resampling.BICUBIC))
-    expected = ((resized * (1 / 255)).astype(np.float32) - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    expected = ((resized * (1 / 255)).astype(np.float32) - np.array(CLIP_MEAN, np.float32)) / np.array(
+        CLIP_STD, np.float32
+    )
     torch.testing.assert_close(out, torch.from_numpy(expected.transpose(2, 0, 1).copy()), atol=0, rtol=0)
 
 
@@ -647,7 +661,7 @@ def test_greedy_generation_is_argmax_step_by_step(world):
     assert got == model.generate_greedy(ids, img, max_new_tokens=5)
     assert 1 <= len(got) <= 5
     seq = list(ids)
-    for step, tok in enumerate(got):
+    for tok in got:
         logits = model.forward(seq, img).logits[-1]
         assert tok == int(torch.argmax(logits))
         seq.append(tok)
@@ -704,10 +718,14 @@ def test_conversation_renderer_reproduces_the_original_get_prompt(mode, case):
 def test_conversation_renderer_edge_rules():
     # the original skips the end-of-turn marker when the message already holds <|eot_id|> (Phi-3 copies the rule)
     t = [{"role": "user", "text": "hi<|eot_id|>"}, {"role": "assistant", "text": None}]
-    assert render_prompt(t, "llava_llama_3").endswith("user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert render_prompt(t, "llava_llama_3").endswith(
+        "user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert render_prompt(t, "llava_phi_3").endswith("<|user|>\nhi<|eot_id|><|assistant|>\n")
     # an empty string is an open turn, as `if message:` treats it
-    assert render_prompt([{"role": "user", "text": "q"}, {"role": "assistant", "text": ""}], "llava_v1").endswith("USER: q ASSISTANT:")
+    assert render_prompt([{"role": "user", "text": "q"}, {"role": "assistant", "text": ""}], "llava_v1").endswith(
+        "USER: q ASSISTANT:"
+    )
     # LLAMA_3 / Phi_3 assert a non-empty first user message; TWO does not
     for mode in ("llava_llama_3", "llava_phi_3"):
         with pytest.raises(ValueError, match="first message"):
@@ -721,15 +739,35 @@ def test_conversation_renderer_edge_rules():
 
 
 def test_backbone_records():
-    assert {n: b.conv_mode for n, b in BACKBONES.items()} == {"vicuna": "llava_v1", "llama3": "llava_llama_3", "phi3": "llava_phi_3"}
+    assert {n: b.conv_mode for n, b in BACKBONES.items()} == {
+        "vicuna": "llava_v1",
+        "llama3": "llava_llama_3",
+        "phi3": "llava_phi_3",
+    }
     assert set(CONV_MODES) == {"llava_v1", "llava_llama_3", "llava_phi_3"}
-    assert {n: b.stop_tokens for n, b in BACKBONES.items()} == {"vicuna": (), "llama3": ("<|eot_id|>",), "phi3": ("<|end|>",)}
+    assert {n: b.stop_tokens for n, b in BACKBONES.items()} == {
+        "vicuna": (),
+        "llama3": ("<|eot_id|>",),
+        "phi3": ("<|end|>",),
+    }
 
 
 def test_expected_layout_is_the_contract():
-    assert expected_layout(997, 997) == {"image": 997, "pad": 998, "rows": 1024, "original_rows": 997, "base_tokens": 997}
+    assert expected_layout(997, 997) == {
+        "image": 997,
+        "pad": 998,
+        "rows": 1024,
+        "original_rows": 997,
+        "base_tokens": 997,
+    }
     assert expected_layout(1000, 1000)["rows"] == 1024
-    assert expected_layout(1008, 1024) == {"image": 1008, "pad": 1009, "rows": 1024, "original_rows": 1024, "base_tokens": 1008}
+    assert expected_layout(1008, 1024) == {
+        "image": 1008,
+        "pad": 1009,
+        "rows": 1024,
+        "original_rows": 1024,
+        "base_tokens": 1008,
+    }
     assert expected_layout(32000, 32000)["rows"] == 32064
     assert expected_layout(128256, 128256)["rows"] == 128320
     assert expected_layout(32011, 32064)["rows"] == 32064
@@ -766,7 +804,10 @@ def backbone_fixtures(tmp_path_factory):
     out = {}
     for name in ("llama3", "phi3"):
         paths = build(root / name, backbone=name)
-        out[name] = {"paths": paths, "model": OriginalVipLlava.from_dirs(paths.original, paths.text_model, paths.vision_model)}
+        out[name] = {
+            "paths": paths,
+            "model": OriginalVipLlava.from_dirs(paths.original, paths.text_model, paths.vision_model),
+        }
     return out
 
 
@@ -848,7 +889,9 @@ def test_phi3_reference_logits_equal_a_direct_phi3_run(backbone_fixtures):
 
     sd = {k: v.float() for k, v in load_original_state_dict(orig).items()
           if not k.startswith(("model.vision_tower.", "model.mm_projector."))}
-    assert any(k.endswith("self_attn.qkv_proj.weight") for k in sd) and any(k.endswith("mlp.gate_up_proj.weight") for k in sd)
+    assert any(k.endswith("self_attn.qkv_proj.weight") for k in sd) and any(
+        k.endswith("mlp.gate_up_proj.weight") for k in sd
+    )
     direct.load_state_dict(sd, strict=True)
     turns = [{"role": "user", "text": "What is the capital of France?"}, {"role": "assistant", "text": None}]
     ids = model.tokenize(render_prompt(turns, "llava_phi_3"))
@@ -892,7 +935,9 @@ def test_greedy_generation_stops_on_the_end_of_turn_token(backbone_fixtures, inc
     """A terminator other than eos (<|eot_id|>) ends generation, and ids the resized original could not emit are
     never picked, on the cached path and on the full recomputation."""
     model = backbone_fixtures["llama3"]["model"]
-    ids = model.tokenize(render_prompt([{"role": "user", "text": "hi"}, {"role": "assistant", "text": None}], "llava_llama_3"))
+    ids = model.tokenize(
+        render_prompt([{"role": "user", "text": "hi"}, {"role": "assistant", "text": None}], "llava_llama_3")
+    )
 
     def forced(k, row):
         row[:] = -10.0
@@ -910,7 +955,9 @@ def test_greedy_generation_stops_on_the_end_of_turn_token(backbone_fixtures, inc
 
     handle = _steer_last_logits(phi3, beyond)
     try:
-        got = phi3.generate_greedy(phi3.tokenize("<|user|>\nhi<|end|>\n<|assistant|>\n"), max_new_tokens=3, incremental=incremental)
+        got = phi3.generate_greedy(
+            phi3.tokenize("<|user|>\nhi<|end|>\n<|assistant|>\n"), max_new_tokens=3, incremental=incremental
+        )
     finally:
         handle.remove()
     assert got and 1010 not in got
@@ -922,10 +969,12 @@ def _incremental_vs_full(model, prompts, max_new_tokens, atol):
     for text, images in prompts:
         ids = model.tokenize(text)
         inc, inc_rows = model.generate_greedy(ids, images, max_new_tokens=max_new_tokens, return_logits=True)
-        full, full_rows = model.generate_greedy(ids, images, max_new_tokens=max_new_tokens, incremental=False, return_logits=True)
+        full, full_rows = model.generate_greedy(
+            ids, images, max_new_tokens=max_new_tokens, incremental=False, return_logits=True
+        )
         assert inc == full, text
         assert len(inc_rows) == len(full_rows) == len(inc)
-        for a, b in zip(inc_rows, full_rows):
+        for a, b in zip(inc_rows, full_rows, strict=True):
             torch.testing.assert_close(a, b, atol=atol, rtol=0)
         steps += len(inc) - 1
     return steps
@@ -935,10 +984,19 @@ def _incremental_vs_full(model, prompts, max_new_tokens, atol):
 def test_incremental_generation_equals_full_recomputation(world, dtype, atol):
     """The cached continuation (one prompt forward, then one text-model step per token) gives the same tokens and,
     step by step, the same logits as re-running the whole spliced sequence for every token."""
-    model = world["model"] if dtype == torch.float32 else OriginalVipLlava.from_dirs(world["original"], world["text"], world["vision"], dtype=dtype)
-    prompts = [("USER: <image>\nWhat is shown? ASSISTANT:", [rand_image(40, 28, seed=8)]),
-               ("USER: <image>\nWhat colour? <image>\nAnd here? ASSISTANT:", [rand_image(28, 30, seed=3), rand_image(31, 28, seed=4)]),
-               ("USER: Hello world! ASSISTANT:", None)]
+    model = (
+        world["model"]
+        if dtype == torch.float32
+        else OriginalVipLlava.from_dirs(world["original"], world["text"], world["vision"], dtype=dtype)
+    )
+    prompts = [
+        ("USER: <image>\nWhat is shown? ASSISTANT:", [rand_image(40, 28, seed=8)]),
+        (
+            "USER: <image>\nWhat colour? <image>\nAnd here? ASSISTANT:",
+            [rand_image(28, 30, seed=3), rand_image(31, 28, seed=4)],
+        ),
+        ("USER: Hello world! ASSISTANT:", None),
+    ]
     # the eos row pushed down so that every prompt runs its full length through the cache
     handle = _steer_last_logits(model, lambda k, row: row.__setitem__(2, -1e4))
     try:
@@ -955,9 +1013,17 @@ def test_incremental_generation_on_the_tiny_fixtures(tiny, backbone_fixtures):
 
     img = [sample_images()["box"]]
     fixtures = {"vicuna": tiny, **{k: v["paths"] for k, v in backbone_fixtures.items()}}
-    prompts = {"vicuna": "USER: <image>\nWhat is inside the red box? ASSISTANT:",
-               "llama3": render_prompt([{"role": "user", "text": "<image>\nWhat is inside the red box?"}, {"role": "assistant", "text": None}], "llava_llama_3"),
-               "phi3": render_prompt([{"role": "user", "text": "<image>\nWhat is inside the red box?"}, {"role": "assistant", "text": None}], "llava_phi_3")}
+    prompts = {
+        "vicuna": "USER: <image>\nWhat is inside the red box? ASSISTANT:",
+        "llama3": render_prompt(
+            [{"role": "user", "text": "<image>\nWhat is inside the red box?"}, {"role": "assistant", "text": None}],
+            "llava_llama_3",
+        ),
+        "phi3": render_prompt(
+            [{"role": "user", "text": "<image>\nWhat is inside the red box?"}, {"role": "assistant", "text": None}],
+            "llava_phi_3",
+        ),
+    }
     for name, paths in fixtures.items():
         for dtype, atol in ((torch.bfloat16, 5e-2), (torch.float32, 1e-5)):
             model = OriginalVipLlava.from_dirs(paths.original, paths.text_model, paths.vision_model, dtype=dtype)
@@ -975,7 +1041,6 @@ def test_incremental_generation_on_the_tiny_fixtures(tiny, backbone_fixtures):
 import os  # noqa: E402
 import random  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 ERA_PYTHONS = {"4.37.2": "VIPLLAVA_TF437_PYTHON", "4.31.0": "VIPLLAVA_TF431_PYTHON"}
 HF_TOKENIZE = Path(__file__).with_name("hf_tokenize.py")
@@ -1002,8 +1067,13 @@ def transformers_ids(era: str, folder: Path, use_fast: bool, prompts: list[str])
     python = os.environ.get(ERA_PYTHONS[era])
     if not python or not Path(python).is_file():
         pytest.skip(f"{ERA_PYTHONS[era]} does not name a Python with transformers {era}")
-    run = subprocess.run([python, str(HF_TOKENIZE)], input=json.dumps({"folder": str(folder), "use_fast": use_fast, "prompts": prompts}),
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [python, str(HF_TOKENIZE)],
+        input=json.dumps({"folder": str(folder), "use_fast": use_fast, "prompts": prompts}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     last = run.stdout.rstrip("\n").rpartition("\n")[2]  # libraries may print lines of their own before it
     assert run.returncode == 0 and last.startswith("{"), f"{folder}: {run.stdout[:300]!r} {run.stderr[-2000:]}"
     got = json.loads(last)
@@ -1051,7 +1121,7 @@ def test_slow_tokenizer_equals_transformers_on_the_real_vocabulary(era, realvoca
     for name, folder in _vicuna_variants(realvocab.base_tokenizer_dir("vicuna"), tmp_path).items():
         want = transformers_ids(era, folder, False, prompts)
         tok = LlamaSlowTokenizer(folder, era=era)
-        bad = [p for p, w in zip(prompts, want["ids"]) if [tok.encode(c) for c in p.split("<image>")] != w]
+        bad = [p for p, w in zip(prompts, want["ids"], strict=True) if [tok.encode(c) for c in p.split("<image>")] != w]
         assert not bad, f"{name}: {len(bad)}/{len(prompts)} prompts differ from transformers {era}, e.g. {bad[0]!r}"
         assert len(tok) == want["len"]
 
@@ -1071,6 +1141,8 @@ def test_phi3_fast_tokenizer_equals_transformers_4_37_2(realvocab, tmp_path):
     for folder in (base, slow_only):
         want = transformers_ids("4.37.2", folder, True, prompts)
         tok = FastTokenizer(folder, "add_bos_token")
-        bad = [p for p, w in zip(prompts, want["ids"]) if [tok.encode(c) for c in p.split("<image>")] != w]
-        assert not bad, f"{folder.name} ({tok.source}): {len(bad)}/{len(prompts)} differ from transformers 4.37.2, e.g. {bad[0]!r}"
+        bad = [p for p, w in zip(prompts, want["ids"], strict=True) if [tok.encode(c) for c in p.split("<image>")] != w]
+        assert (
+            not bad
+        ), f"{folder.name} ({tok.source}): {len(bad)}/{len(prompts)} differ from transformers 4.37.2, e.g. {bad[0]!r}"
         assert len(tok) == want["len"] == 32011

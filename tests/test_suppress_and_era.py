@@ -38,7 +38,11 @@ def test_converted_repo_suppresses_exactly_t_to_rows(converted):
 
 def _rehash(repo: Path) -> None:
     m = json.loads((repo / "conversion.json").read_text())
-    m["outputs"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(repo.iterdir()) if p.name != "conversion.json"}
+    m["outputs"] = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(repo.iterdir())
+        if p.name != "conversion.json"
+    }
     (repo / "conversion.json").write_text(json.dumps(m, indent=2, sort_keys=True))
 
 
@@ -54,10 +58,14 @@ def test_strict_load_fails_on_a_wrong_suppression(converted, tmp_path, edit, mes
     edit(gen)
     (repo / "generation_config.json").write_text(json.dumps(gen, indent=2))
     _rehash(repo)
-    report = verify_repo(repo, prompts=PROMPTS, images=sample_images(), max_new_tokens=1, progress=False, only=["strict_load"])
+    report = verify_repo(
+        repo, prompts=PROMPTS, images=sample_images(), max_new_tokens=1, progress=False, only=["strict_load"]
+    )
     check = report.get("strict_load")
     assert check.failed and any(message in d for d in check.details), report.table()
-    clean = verify_repo(converted, prompts=PROMPTS, images=sample_images(), max_new_tokens=1, progress=False, only=["strict_load"])
+    clean = verify_repo(
+        converted, prompts=PROMPTS, images=sample_images(), max_new_tokens=1, progress=False, only=["strict_load"]
+    )
     assert clean.passed, clean.table()
 
 
@@ -85,11 +93,15 @@ def test_tokenizer_era_warns_with_counts_for_a_non_legacy_vicuna(tiny, converted
     differ = [p["name"] for p in prompts if new.encode_with_images(p["prompt"]) != old.encode_with_images(p["prompt"])]
     assert differ and set(differ) <= set(after_special)
     assert check.numbers["4.31.0"]["differ"] == len(differ)
-    assert check.summary.startswith(f"4.31.0-era tokenization differs on {len(differ)} of {len(prompts)} prompts, first at {differ[0]} ")
+    assert check.summary.startswith(
+        f"4.31.0-era tokenization differs on {len(differ)} of {len(prompts)} prompts, first at {differ[0]} "
+    )
 
 
 def test_tokenizer_era_passes_when_the_eras_agree(converted):
-    report = verify_repo(converted, prompts=sample_prompts(), images=sample_images(), progress=False, only=["tokenizer_era"])
+    report = verify_repo(
+        converted, prompts=sample_prompts(), images=sample_images(), progress=False, only=["tokenizer_era"]
+    )
     check = report.get("tokenizer_era")
     assert check.status == "PASS" and check.numbers["4.31.0"]["differ"] == 0, report.table()
     assert "identical on 9 of 9 prompts" in check.summary

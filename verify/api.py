@@ -53,9 +53,16 @@ def verify_repo(
     audit = None
     if ctx.manifest is None:
         audit = f"{repo} has no conversion.json (not written by this tool); the original inputs were given explicitly"
-    settings = {"dtype": ctx.dtype_name, "dtype_source": ctx.dtype_source, "memory_estimate": ctx.memory,
-                "inputs": {k: str(v) for k, v in vars(ctx.inputs).items()}, "backbone": ctx.backbone,
-                "conv_mode": ctx.conv_mode, "prompts": [p["name"] for p in ctx.prompts], "max_new_tokens": max_new_tokens}
+    settings = {
+        "dtype": ctx.dtype_name,
+        "dtype_source": ctx.dtype_source,
+        "memory_estimate": ctx.memory,
+        "inputs": {k: str(v) for k, v in vars(ctx.inputs).items()},
+        "backbone": ctx.backbone,
+        "conv_mode": ctx.conv_mode,
+        "prompts": [p["name"] for p in ctx.prompts],
+        "max_new_tokens": max_new_tokens,
+    }
     if str(folder) != str(repo):
         settings.update(repo_path=str(folder), repo_revision=commit)
     report = Report(repo=str(repo), settings=settings, audit=audit)
@@ -70,7 +77,11 @@ def verify_repo(
             try:
                 result = fn(ctx)
             except Exception as e:  # a check that cannot even run has failed; say why
-                result = Check(name, FAIL, f"could not run: {e.__class__.__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+                result = Check(
+                    name,
+                    FAIL,
+                    f"could not run: {e.__class__.__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+                )
             result.seconds = time.perf_counter() - t0
             report.checks.append(result)
             bar.update(1)

@@ -58,7 +58,7 @@ def _jsonable(v):
         return int(v)
     if isinstance(v, float):
         return float(v)
-    if hasattr(v, "value") and isinstance(getattr(v, "value"), int):  # PILImageResampling and friends
+    if hasattr(v, "value") and isinstance(v.value, int):  # PILImageResampling and friends
         return int(v.value)
     if isinstance(v, dict):
         return {str(k): _jsonable(x) for k, x in v.items() if x is not None}
@@ -190,7 +190,7 @@ def _collapse(ids, image_id):
     return ids[keep]
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:  # noqa: C901 - one probe script, run in a foreign transformers env
     warnings.filterwarnings("ignore")
     job = json.loads(open(argv[0], encoding="utf-8").read())
     out_dir = job["out"]
@@ -281,7 +281,10 @@ def main(argv: list[str]) -> int:
 
         tok = AutoTokenizer.from_pretrained(repo, **kw)
         probes = [_token_probe(tok, t) for t in job["token_probes"]]
-        chats = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in job.get("text_chat_probes", [])]
+        chats = [
+            tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+            for m in job.get("text_chat_probes", [])
+        ]
         out = {"class": type(tok).__name__, "settings": _tokenizer_settings(tok), "probes": probes, "chat": chats}
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is not None:  # what this tokenizers release kept of the BPE model's options
@@ -325,7 +328,9 @@ def main(argv: list[str]) -> int:
                 tensors[f"own_pixels_{i}"] = enc["pixel_values"].float().numpy()
             per_prompt.append({"name": p["name"], "images": n if imgs else 0})
         info["prompts"] = per_prompt
-        info["chat"] = [proc.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in job.get("chat_probes", [])]
+        info["chat"] = [
+            proc.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in job.get("chat_probes", [])
+        ]
         return info
 
     proc = step("processor", load_processor)
@@ -357,7 +362,10 @@ def main(argv: list[str]) -> int:
 
     # --- forward -----------------------------------------------------------------------------------------------
     def run(ids: np.ndarray, pixels):
-        kw = {"input_ids": torch.from_numpy(ids).unsqueeze(0), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        kw = {
+            "input_ids": torch.from_numpy(ids).unsqueeze(0),
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        }
         if pixels is not None:
             kw["pixel_values"] = torch.from_numpy(pixels).float()
         return kw
@@ -400,7 +408,9 @@ def main(argv: list[str]) -> int:
         def recipe_forward():
             with torch.no_grad():
                 for i in range(len(job["prompts"])):
-                    logits = model(**run(tensors[f"recipe_ids_{i}"], tensors.get(f"recipe_pixels_{i}")), use_cache=False).logits[0]
+                    logits = model(
+                        **run(tensors[f"recipe_ids_{i}"], tensors.get(f"recipe_pixels_{i}")), use_cache=False
+                    ).logits[0]
                     tensors[f"recipe_logits_{i}"] = logits.float().numpy()
             return len(job["prompts"])
 

@@ -46,18 +46,26 @@ def read_manifest(path: Path) -> dict:
     m = load_json(path, VerifyUsageError, dict, hint=fix)
     outputs = m.get("outputs", {})
     if not isinstance(outputs, dict):
-        raise VerifyUsageError(f"{path}: expected outputs to be an object of file name -> sha256, found {type_name(outputs)}; {fix}")
+        raise VerifyUsageError(
+            f"{path}: expected outputs to be an object of file name -> sha256, found {type_name(outputs)}; {fix}"
+        )
     for name, digest in outputs.items():
         confined(path.parent, name, VerifyUsageError, path, "output file")
         if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
-            raise VerifyUsageError(f"{path}: outputs[{safe_name(name)!r}] is {safe_name(repr(digest))}; expected a sha256 "
-                                   f"(64 lowercase hex digits); {fix}")
+            raise VerifyUsageError(
+                f"{path}: outputs[{safe_name(name)!r}] is {safe_name(repr(digest))}; expected a sha256 "
+                f"(64 lowercase hex digits); {fix}"
+            )
     for key in ("inputs", "settings"):
         if not isinstance(m.get(key, {}), dict):
             raise VerifyUsageError(f"{path}: expected {key} to be an object, found {type_name(m[key])}; {fix}")
     for role, rec in m.get("inputs", {}).items():
-        if not isinstance(rec, dict) or any(rec.get(k) is not None and not isinstance(rec[k], str) for k in ("path", "source")):
-            raise VerifyUsageError(f"{path}: inputs[{safe_name(role)!r}] must be an object whose path and source are strings; {fix}")
+        if not isinstance(rec, dict) or any(
+            rec.get(k) is not None and not isinstance(rec[k], str) for k in ("path", "source")
+        ):
+            raise VerifyUsageError(
+                f"{path}: inputs[{safe_name(role)!r}] must be an object whose path and source are strings; {fix}"
+            )
     return m
 
 
@@ -88,6 +96,7 @@ def default_prompts(backbone: str) -> list[dict]:
     """The bundled samples: ``prompts.json`` holds prompt strings written in the llava_v1 format, so a backbone of that
     mode (Vicuna) gets them; the others get the sample conversations (rendered later in the backbone's mode)."""
     from verify.fixtures.build import sample_conversations, sample_prompts
+
     from .original import BACKBONES
 
     return sample_prompts() if BACKBONES[backbone].conv_mode == "llava_v1" else sample_conversations()
@@ -99,7 +108,9 @@ def prepare_prompt(entry: dict, conv_mode: str, index: int = 0) -> dict:
     from .original import render_prompt
 
     if not isinstance(entry, dict) or ("prompt" not in entry and "turns" not in entry):
-        raise VerifyUsageError(f"prompt #{index}: expected {{name, prompt, image}} or {{name, turns, image}}, got {entry!r}"[:300])
+        raise VerifyUsageError(
+            f"prompt #{index}: expected {{name, prompt, image}} or {{name, turns, image}}, got {entry!r}"[:300]
+        )
     name = entry.get("name") or f"prompt{index}"
     out = {"name": name, "image": entry.get("image")}
     if entry.get("turns") is not None:
@@ -111,8 +122,13 @@ def prepare_prompt(entry: dict, conv_mode: str, index: int = 0) -> dict:
         except ValueError as e:
             raise VerifyUsageError(f"prompt {name!r}: {e}") from None
         if entry.get("prompt") is not None and entry["prompt"] != rendered:
-            raise VerifyUsageError(f"prompt {name!r}: gives both a prompt and turns, and the turns render differently in {conv_mode}")
-        out["turns"] = [{"role": t.get("role"), "text": t.get("text")} if isinstance(t, dict) else {"role": t[0], "text": t[1]} for t in turns]
+            raise VerifyUsageError(
+                f"prompt {name!r}: gives both a prompt and turns, and the turns render differently in {conv_mode}"
+            )
+        out["turns"] = [
+            {"role": t.get("role"), "text": t.get("text")} if isinstance(t, dict) else {"role": t[0], "text": t[1]}
+            for t in turns
+        ]
         out["prompt"] = rendered
     else:
         if not isinstance(entry["prompt"], str):
@@ -210,15 +226,21 @@ class OriginalTensors:
         d = directory if directory.is_dir() else directory.parent
         self.files: dict[str, Path] = {}
         self._open: dict[Path, object] = {}
-        idx = next((d / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (d / n).is_file()), None)
+        idx = next(
+            (d / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (d / n).is_file()), None
+        )
         if idx is not None:
             wm = load_json(idx, VerifyUsageError, dict, hint="re-download the checkpoint's index").get("weight_map")
             if not isinstance(wm, dict):
-                raise VerifyUsageError(f"{idx}: expected a weight_map object, found {type_name(wm)}; re-download the index")
+                raise VerifyUsageError(
+                    f"{idx}: expected a weight_map object, found {type_name(wm)}; re-download the index"
+                )
             shards = {v: confined(d, v, VerifyUsageError, idx, "shard") for v in set(wm.values()) if isinstance(v, str)}
             bad = next((k for k, v in wm.items() if not isinstance(v, str)), None)
             if bad is not None:
-                raise VerifyUsageError(f"{idx}: weight_map[{safe_name(bad)!r}] is not a file name; re-download the index")
+                raise VerifyUsageError(
+                    f"{idx}: weight_map[{safe_name(bad)!r}] is not a file name; re-download the index"
+                )
             self.files = {k: shards[v] for k, v in wm.items()}
         else:
             single = next((d / n for n in ("model.safetensors", "pytorch_model.bin") if (d / n).is_file()), None)
@@ -412,7 +434,9 @@ class Context:
         self.images = images
         for p in self.prompts:
             if p.get("image") and p["image"] not in images:
-                raise VerifyUsageError(f"prompt {p.get('name')!r} names image {p['image']!r}, which is not among the images")
+                raise VerifyUsageError(
+                    f"prompt {p.get('name')!r} names image {p['image']!r}, which is not among the images"
+                )
         self.stored_dtypes = self._stored_dtypes()
         self.dtype_source = "asked" if dtype is not None else "checkpoint"
         self.dtype_name = dtype if dtype is not None else _default_dtype(self.stored_dtypes)
@@ -462,17 +486,28 @@ class Context:
         except Exception as e:  # unreadable inputs: the checks that load them report it
             return {"error": f"{e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
         images = [x.count(IMAGE_SENTINEL) for x in ids]
-        sequences = [shape.sequence(len(x) - n, n) for x, n in zip(ids, images)]
+        sequences = [shape.sequence(len(x) - n, n) for x, n in zip(ids, images, strict=True)]
         generating = self.only is None or "generation" in self.only
-        est = estimate_memory(shape, self.dtype, self.stored_dtypes, sequences, images, self.max_new_tokens if generating else 0,
-                              arithmetic=self.arithmetic)
+        est = estimate_memory(
+            shape,
+            self.dtype,
+            self.stored_dtypes,
+            sequences,
+            images,
+            self.max_new_tokens if generating else 0,
+            arithmetic=self.arithmetic,
+        )
         source = "given" if limit is not None else "MemAvailable"
         limit = limit if limit is not None else available_memory()
         est.update({"limit": limit, "limit_source": source, "parameters": shape.parameters})
         if limit is not None and est["total"] > limit:
             big = max(est["parts"], key=est["parts"].get)
-            hint = ("pass --dtype float32-blocks (the weights stay as stored, read from the files; float32 arithmetic one "
-                    "block at a time)" if self.dtype != torch.bfloat16 else "free memory or verify fewer prompts (--prompts)")
+            hint = (
+                "pass --dtype float32-blocks (the weights stay as stored, read from the files; float32 arithmetic one "
+                "block at a time)"
+                if self.dtype != torch.bfloat16
+                else "free memory or verify fewer prompts (--prompts)"
+            )
             raise VerifyUsageError(
                 f"{self.repo}: a {self.dtype_name} run needs about {est['total'] / GiB:.1f} GiB of memory "
                 f"({big} {est['parts'][big] / GiB:.1f} GiB), {limit / GiB:.1f} GiB is available ({source}); {hint}"
@@ -551,7 +586,9 @@ class Context:
         from .original import OriginalVipLlava
 
         t0 = time.perf_counter()
-        ref = OriginalVipLlava.from_dirs(self.original_dir, self.inputs.text_model, self.inputs.vision_model, dtype=self.dtype)
+        ref = OriginalVipLlava.from_dirs(
+            self.original_dir, self.inputs.text_model, self.inputs.vision_model, dtype=self.dtype
+        )
         self.timings["reference_load"] = time.perf_counter() - t0
         return ref
 
@@ -737,11 +774,10 @@ class Context:
         that first forward for the logits check (no second prompt forward). The prompt forward runs in
         ``self.arithmetic`` (float32 blocks by default) and the greedy steps in the weights' dtype, as the
         reference's do: the first call of the model is the prompt, its cache is cast before the next."""
+        import copy
         import time
 
         from .compute import cast_cache, output_cache
-
-        import copy
 
         model = self.model
         inputs = self.parity_inputs
@@ -757,8 +793,12 @@ class Context:
                     x = inputs[members[0]]
                     P = sum(seq if t < 0 else 1 for t in x["ids"][:k])
                     with torch.no_grad():
-                        res = model(input_ids=torch.tensor([x["expanded"][:P]]), pixel_values=x["pixels"], use_cache=True,
-                                    logits_to_keep=0)
+                        res = model(
+                            input_ids=torch.tensor([x["expanded"][:P]]),
+                            pixel_values=x["pixels"],
+                            use_cache=True,
+                            logits_to_keep=0,
+                        )
                     pre, pre_logits = output_cache(res), res.logits[0].float()
                     del res
                     self._time("converted_forward", t0)
@@ -774,8 +814,15 @@ class Context:
                         f32.enabled = True
                     if not self.generating:
                         with torch.no_grad():
-                            logits = model(input_ids=ids[:, P:], **({"pixel_values": kw["pixel_values"]} if "pixel_values" in kw else {}),
-                                           **({"cache": kw["cache"], "use_cache": True} if "cache" in kw else {})).logits[0].float()
+                            logits = (
+                                model(
+                                    input_ids=ids[:, P:],
+                                    **({"pixel_values": kw["pixel_values"]} if "pixel_values" in kw else {}),
+                                    **({"cache": kw["cache"], "use_cache": True} if "cache" in kw else {}),
+                                )
+                                .logits[0]
+                                .float()
+                            )
                         self._time("converted_forward", t0)
                         out[i] = (logits if pre_logits is None else torch.cat([pre_logits, logits]), None)
                         continue
@@ -791,15 +838,23 @@ class Context:
                     handle = model.register_forward_hook(hook)
                     try:
                         with torch.no_grad():
-                            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                 max_new_tokens=self.max_new_tokens, do_sample=False, logits_to_keep=0, **kw)
+                            gen = model.generate(
+                                input_ids=ids,
+                                attention_mask=torch.ones_like(ids),
+                                max_new_tokens=self.max_new_tokens,
+                                do_sample=False,
+                                logits_to_keep=0,
+                                **kw,
+                            )
                     finally:
                         handle.remove()
                     logits, t1 = first[0]
                     if pre_logits is not None:
                         if logits.shape[0] != ids.shape[1] - P:
-                            raise RuntimeError(f"generate recomputed {logits.shape[0]} positions after a cached prefix of "
-                                               f"{P}, expected {ids.shape[1] - P}")
+                            raise RuntimeError(
+                                f"generate recomputed {logits.shape[0]} positions after a cached prefix of "
+                                f"{P}, expected {ids.shape[1] - P}"
+                            )
                         logits = torch.cat([pre_logits, logits])
                     self.timings["converted_forward"] = self.timings.get("converted_forward", 0.0) + t1 - t0
                     self._time("converted_decode", t1)

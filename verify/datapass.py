@@ -148,7 +148,7 @@ class _MetaUnpickler(pickle.Unpickler):
 
 def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     want = 1
-    for d, s in zip(reversed(shape), reversed(stride)):
+    for d, s in zip(reversed(shape), reversed(stride), strict=False):
         if d != 1 and s != want:
             return False
         want *= d
@@ -179,7 +179,10 @@ def torch_zip_locations(path: Path) -> dict[str, Located]:
                     if local[:4] != b"PK\x03\x04":
                         return {}
                     name_len, extra_len = struct.unpack("<HH", local[26:30])
-                    records[info.filename[len(prefix) + 5 :]] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
+                    records[info.filename[len(prefix) + 5 :]] = (
+                        info.header_offset + 30 + name_len + extra_len,
+                        info.file_size,
+                    )
     except (zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError, TypeError, EOFError, AttributeError):
         return {}
     out = {}
@@ -255,8 +258,12 @@ class PassResult:
 
     def describe(self) -> dict:
         """What the pass read, for the report: bytes of each side and seconds."""
-        return {"converted_bytes": self.bytes_converted, "original_bytes": self.bytes_original, "seconds": round(self.seconds, 2),
-                "tensors_compared": len(self.equal)}
+        return {
+            "converted_bytes": self.bytes_converted,
+            "original_bytes": self.bytes_original,
+            "seconds": round(self.seconds, 2),
+            "tensors_compared": len(self.equal),
+        }
 
 
 @dataclass(frozen=True)
@@ -340,8 +347,17 @@ def _stream_pairs(res: PassResult, shards: list[Path], pairs: list[Pair], hash_f
                   original_tensor: Callable[[str], torch.Tensor]) -> None:
     from convert.writer import InputStream
 
-    conv = InputStream(shards, drop=False) if hash_files else InputStream.ranges(
-        [(p.converted.path, p.converted.offset, p.converted.nbytes) for p in sorted(pairs, key=_conv_order(shards))], drop=False)
+    conv = (
+        InputStream(shards, drop=False)
+        if hash_files
+        else InputStream.ranges(
+            [
+                (p.converted.path, p.converted.offset, p.converted.nbytes)
+                for p in sorted(pairs, key=_conv_order(shards))
+            ],
+            drop=False,
+        )
+    )
     conv_pos = (lambda loc: conv.position(loc.path, loc.offset)) if hash_files else None
     pairs = sorted(pairs, key=_conv_order(shards))
     streamed = [p for p in pairs if p.original is not None]
@@ -353,7 +369,11 @@ def _stream_pairs(res: PassResult, shards: list[Path], pairs: list[Pair], hash_f
         cpos, opos = 0, 0
         for p in pairs:
             start = conv_pos(p.converted) if conv_pos else cpos
-            n_cmp = p.original.numel * p.converted.dtype.itemsize if p.original else _numel(p.original_shape) * p.converted.dtype.itemsize
+            n_cmp = (
+                p.original.numel * p.converted.dtype.itemsize
+                if p.original
+                else _numel(p.original_shape) * p.converted.dtype.itemsize
+            )
             if p.original is not None:
                 source = orig.take(opos, opos + p.original.nbytes)
                 opos += p.original.nbytes
@@ -371,8 +391,11 @@ def _stream_pairs(res: PassResult, shards: list[Path], pairs: list[Pair], hash_f
             if p.keep_rest:
                 rest = b"".join(bytes(v) for v in conv.take(start + n_cmp, start + p.converted.nbytes))
                 rows = p.converted.shape[0] - p.original_shape[0]
-                res.new_rows[p.name] = torch.frombuffer(bytearray(rest), dtype=p.converted.dtype).reshape(rows, *p.converted.shape[1:]) \
-                    if rows else torch.empty((0, *p.converted.shape[1:]), dtype=p.converted.dtype)
+                res.new_rows[p.name] = (
+                    torch.frombuffer(bytearray(rest), dtype=p.converted.dtype).reshape(rows, *p.converted.shape[1:])
+                    if rows
+                    else torch.empty((0, *p.converted.shape[1:]), dtype=p.converted.dtype)
+                )
             cpos += p.converted.nbytes
             if first is not None:
                 guards.append((p, bytes(first), bytes(last)))
@@ -386,8 +409,10 @@ def _stream_pairs(res: PassResult, shards: list[Path], pairs: list[Pair], hash_f
     for p, first, last in guards:
         t = original_tensor(p.key).detach().contiguous().reshape(-1).view(torch.uint8)
         if bytes(t[:GUARD].numpy()) != first or bytes(t[max(0, t.numel() - GUARD):].numpy()) != last:
-            res.problems.append(f"{p.key}: the bytes verify located at {p.original.path.name}:{p.original.offset} are not the "
-                                "tensor torch.load gives; this is a verifier bug (please report it)")
+            res.problems.append(
+                f"{p.key}: the bytes verify located at {p.original.path.name}:{p.original.offset} are not the "
+                "tensor torch.load gives; this is a verifier bug (please report it)"
+            )
             res.equal[p.name] = False
 
 

@@ -82,7 +82,9 @@ class Report:
                 lines.append(f"{'':<{w}}          {'':>7}    - {_printable(d, 300)}")
             if len(c.details) > 8:
                 lines.append(f"{'':<{w}}          {'':>7}    - ... {len(c.details) - 8} more (see --json)")
-        parts = (["audit"] if self.audit else []) + ([f"not applicable: {', '.join(self.not_applicable)}"] if self.not_applicable else [])
+        parts = (["audit"] if self.audit else []) + (
+            [f"not applicable: {', '.join(self.not_applicable)}"] if self.not_applicable else []
+        )
         na = f" ({'; '.join(parts)})" if parts else ""  # "audit" only for a repo without conversion.json
         if self.failed_checks:
             verdict = f"FAILED: {', '.join(self.failed_checks)}{na}"

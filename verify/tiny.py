@@ -197,7 +197,9 @@ class TinySpec:
         return bb.bos_token_id, bb.eos_token_id, bb.pad_token_id
 
     @classmethod
-    def for_real_vocab(cls, backbone: str, rows: int, tokens: int, token_ids: tuple[int, int, int | None]) -> "TinySpec":
+    def for_real_vocab(
+        cls, backbone: str, rows: int, tokens: int, token_ids: tuple[int, int, int | None]
+    ) -> "TinySpec":
         """Tiny dimensions with a REAL vocabulary: ``rows`` original embedding rows (32000 Vicuna, 128256 Llama-3,
         32064 Phi-3), a base tokenizer of ``tokens`` tokens and its (bos, eos, pad) ids."""
         base = cls.for_backbone(backbone)
@@ -501,7 +503,9 @@ def original_key_shapes(spec: TinySpec = TinySpec()) -> dict[str, tuple[int, ...
         clip = CLIPVisionModel(_clip_vision_config(spec, layers=1))
 
     text = _expand_layers(_meta_shapes(text_model), "model.layers.", spec.text_layers)
-    if spec.legacy_buffers and spec.backbone_info.rotary_buffers:  # 4.x LlamaAttention had rotary_emb (inv_freq) after o_proj
+    if (
+        spec.legacy_buffers and spec.backbone_info.rotary_buffers
+    ):  # 4.x LlamaAttention had rotary_emb (inv_freq) after o_proj
         with_buf = []
         for name, shape in text:
             with_buf.append((name, shape))

@@ -83,7 +83,7 @@ _VISION_OPTIONAL = {
 }
 
 
-def _bad(where: str, key: str, value: object, expected: str) -> ConversionError:
+def _bad(where: str, key: str | int, value: object, expected: str) -> ConversionError:
     return ConversionError(f"{where}: {key} is {safe_name(repr(value))} ({type_name(value)}); expected {expected}; "
                            "fix the config or pass the right model")
 
@@ -95,7 +95,7 @@ def check_int(cfg: dict, key: str, low: int, high: int, where: str) -> int:
     return v
 
 
-def check_real(cfg: dict, key: str, low: float, high: float, where: str) -> float:
+def check_real(cfg: dict, key: str | int, low: float, high: float, where: str) -> float:
     """A finite number with low < v <= high (an int is a number too)."""
     v = cfg[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low < v <= high:
@@ -162,8 +162,9 @@ def check_preprocessor(pre: dict, where: str, channels: int = 3) -> None:
             continue
         if not (isinstance(v, list) and len(v) == channels):
             raise _bad(where, key, v, f"a list of {channels} numbers")
+        by_index = dict(enumerate(v))
         for i in range(channels):
-            check_real(v, i, low, 1e3, f"{where}: {key}")
+            check_real(by_index, i, low, 1e3, f"{where}: {key}")
     if pre.get("rescale_factor") is not None:
         check_real(pre, "rescale_factor", 0.0, 1.0, where)
     if pre.get("resample") is not None:

@@ -11,7 +11,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +33,7 @@ from .layout import expected_shapes
 from .mapping import EMBED_KEY, LM_HEAD_KEY, KeyMapping, RuleTable, table_for
 from .preflight import check_no_overlap
 from .processor import build_tokenizer, load_base_tokenizer, write_processor_files, write_tokenizer_files
-from .resize import SCALE, check_seed, resize
+from .resize import SCALE, ResizeResult, check_seed, resize
 from .safejson import MAX_TOKENIZER_BYTES, load_json, read_bounded
 from .sources import Checkpoint, ResolvedInput, checked_sha256, open_checkpoint, resolve, sha256_file
 from .writer import (
@@ -303,12 +303,17 @@ def _convert_opened(
         start = reader.position(*loc)
         return (start, start + ckpt.info(src).nbytes)
 
+    job: Future[ResizeResult]  # submitted below, once the shards are planned; the resized tensors read it lazily
+
+    def resized_loader(t: str) -> Callable[[], torch.Tensor]:
+        return lambda: _resized(job, t)
+
     tensors: list[OutTensor] = []
     for src, tgt in mapping.mapped.items():
         if tgt in (EMBED_KEY, LM_HEAD_KEY):
             tensors.append(
                 OutTensor(
-                    tgt, resized_dtype[tgt], (rows, hidden), lambda t=tgt: _resized(job, t), source_span(src), late=True
+                    tgt, resized_dtype[tgt], (rows, hidden), resized_loader(tgt), source_span(src), late=True
                 )
             )
         else:
@@ -319,7 +324,7 @@ def _convert_opened(
                     tgt,
                     dtype,
                     tuple(ckpt.info(src).shape),
-                    lambda s=src, d=dtype: cast_checked(s, ckpt.get(s), d),
+                    _cast_loader(ckpt, src, dtype),
                     span,
                     verbatim=verbatim,
                 )
@@ -501,7 +506,11 @@ def cast_checked(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return out
 
 
-def _resized(job, key: str) -> torch.Tensor:
+def _cast_loader(ckpt: Checkpoint, src: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    return lambda: cast_checked(src, ckpt.get(src), dtype)
+
+
+def _resized(job: Future[ResizeResult], key: str) -> torch.Tensor:
     r = job.result()
     return r.embed if key == EMBED_KEY else r.lm_head
 

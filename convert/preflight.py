@@ -12,7 +12,10 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from .errors import ConversionError
 
@@ -178,8 +181,8 @@ class OnInterrupt:
 
     def __init__(self, message: str):
         self.message = message
-        self.cleanup = None
-        self._previous = None
+        self.cleanup: Callable[[], None] | None = None
+        self._previous: Callable[[int, FrameType | None], Any] | int | None = None
 
     def _handler(self, signum, frame):  # noqa: ARG002 (signal handler signature)
         try:

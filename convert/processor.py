@@ -171,6 +171,7 @@ def _sentencepiece_backend(tok, text_dir: Path, rule: str):
             "whitespace next to it (lstrip/rstrip), a combination the converter cannot reproduce; "
             "pass the base text model the checkpoint was trained with (Vicuna v1.5's tokens strip nothing)"
         )
+    first: normalizers.Normalizer
     if rule == "chunk":
         lookahead = "|".join(re.escape(c) for c in sorted(specials, key=len, reverse=True))
         first = normalizers.Replace(Regex(r"\A(?!" + lookahead + ")" if lookahead else r"\A"), "\u2581")

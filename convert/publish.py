@@ -29,9 +29,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .model_card import model_card
+
+if TYPE_CHECKING:
+    from verify.report import Report
 
 TOOL = "vipllava-harness"
 MANIFEST = "conversion.json"
@@ -39,7 +43,7 @@ CARD = "README.md"
 REPORT = "verification.json"
 PUBLICATION_FILES = (CARD, REPORT)
 
-HUB_API_FACTORY: Callable[[], object] | None = None
+HUB_API_FACTORY: Callable[[], Any] | None = None
 """Test hook: when set, :func:`publish` (and so ``python -m convert --push-to-hub``) builds its Hub client by
 calling this instead of ``huggingface_hub.HfApi``. Tests set it to a recording stand-in that never touches the
 network; nothing else in the publishing path is replaced."""
@@ -56,7 +60,7 @@ class PublishResult:
     repo_id: str
     revision: str | None
     pushed: bool
-    report: object  # verify.report.Report
+    report: Report
     commit_message: str | None = None
     commit_url: str | None = None
     files: list[str] = field(
@@ -139,8 +143,8 @@ def publish(
     *,
     private: bool | None = None,
     revision: str | None = None,
-    api: object | None = None,
-    verify: Callable[[Path], object] | None = None,
+    api: Any | None = None,
+    verify: Callable[[Path], Report] | None = None,
     proven_versions: list[str] | None = None,
     progress: bool = False,
 ) -> PublishResult:
@@ -222,7 +226,7 @@ def publish(
 
 
 def run(folder: Path, repo_id: str, *, private: bool, revision: str | None, progress: bool,
-        verify: Callable[[Path], object] | None = None) -> int:
+        verify: Callable[[Path], Report] | None = None) -> int:
     """The CLI step after a successful conversion: 0 pushed, 1 refused (verification failed), 2 push failed.
     ``verify`` as in :func:`publish` (the CLI passes none: the full verification)."""
     try:

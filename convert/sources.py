@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -322,6 +323,7 @@ def scan_pickle(path: Path) -> None:
     memo: dict[int, str] = {}
     memo_len = 0
     kinds: set[bool] = set()
+    arg: Any  # the opcode's argument: an int for the memo opcodes, a str for the string ones
     try:
         for op, arg, _ in pickletools.genops(data):
             name = op.name
@@ -432,7 +434,8 @@ def _record_offsets(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, i
     try:
         reader = torch._C.PyTorchFileReader(str(path))
         names = reader.get_all_records()
-        records = {reader.get_record_offset(n) for n in names if n.startswith("data/")}
+        # torch's stub for PyTorchFileReader lacks get_record_offset (present at runtime since torch 2.1)
+        records = {reader.get_record_offset(n) for n in names if n.startswith("data/")}  # type: ignore[attr-defined]
         order = next((n for n in names if n.endswith("byteorder")), None)
         if order is not None and reader.get_record(order).decode().strip() != sys.byteorder:
             return None  # torch swapped the bytes while loading: the file's bytes are not the tensors'

@@ -125,7 +125,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # reshape first: a 0-dim tensor cannot be viewed
+    return t.reshape(-1).view(torch.uint8).numpy().data  # reshape first: a 0-dim tensor cannot be viewed
 
 
 def shard_order(tensors: list[OutTensor]) -> list[OutTensor]:
@@ -638,6 +638,7 @@ class InputStream:
                     offset = 0
                     while offset < size:
                         pos = base + offset
+                        chunk: _Chunk | None
                         with self._cond:
                             while True:
                                 if self._cancelled or self._error is not None:
@@ -653,6 +654,7 @@ class InputStream:
                         if chunk is not None:
                             n = chunk.n
                             h.update(memoryview(chunk.buf)[:n])
+                            assert chunk.hashed is not None  # the reader hands off only chunks still to be hashed
                             chunk.hashed.set()
                         else:
                             f.seek(offset)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .context import MANIFEST, Context
+from .context import MANIFEST, Context, ConvertedTensors, OriginalTensors
 from .report import FAIL, NA, PASS, WARN, Check
 
 # max |logits diff| per verify --dtype: float32 arithmetic (float32-blocks computes the prompt in float32 over bf16
@@ -68,15 +68,18 @@ def run_data_pass(ctx: Context):
     hash_files = "files" in wanted and ctx.manifest is not None
     others = []
     if hash_files:
+        assert ctx.manifest is not None
         listed = {n for n in ctx.manifest.get("outputs", {}) if (ctx.repo / n).is_file()}
         others = [ctx.repo / n for n in sorted(listed - {p.name for p in shards})]
     pairs = []
     if wanted & {"mapping", "resize"}:
+        orig: OriginalTensors | None
+        conv: ConvertedTensors | None
         try:
             orig, conv = ctx.original_tensors, ctx.converted_tensors
         except Exception:  # unreadable input: the checks that need it say so themselves
             orig = conv = None
-        if orig is not None:
+        if orig is not None and conv is not None:
             keys = (
                 orig.keys() if "mapping" in wanted else [k for k in (ORIGINAL_EMBED, ORIGINAL_HEAD) if k in orig.files]
             )
@@ -128,8 +131,9 @@ def _max_abs_diff(ctx: Context, key: str, name: str) -> float:
 def check_files(ctx: Context) -> Check:
     """Every output file's sha256 matches the manifest; the safetensors index covers every tensor exactly once."""
     problems: list[str] = []
-    audit = ctx.manifest is None  # a repo this tool did not write: no recorded hashes, the shard layout still checked
-    outputs: dict = {} if audit else ctx.manifest.get("outputs", {})
+    manifest = ctx.manifest
+    audit = manifest is None  # a repo this tool did not write: no recorded hashes, the shard layout still checked
+    outputs: dict = {} if manifest is None else manifest.get("outputs", {})
     present = set() if audit else {p.name for p in ctx.repo.iterdir() if p.is_file()} - {MANIFEST}
     published = sorted(present & PUBLICATION_FILES)  # added when publishing, after the manifest was written
     present -= PUBLICATION_FILES

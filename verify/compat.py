@@ -294,6 +294,7 @@ def ensure_env(version: str, envs_dir: Path | None = None, create: bool = True, 
         ok, why = env_status(version, envs_dir)
         if ok:
             m = _read_marker(path)
+            assert m is not None  # env_status found the marker
             return EnvInfo(version, str(path), str(env_python(path)), False, m.get("create_seconds", 0.0),
                            m.get("venv_seconds", 0.0), m.get("pip_seconds", 0.0), m.get("packages", {}))
         if not create:
@@ -737,7 +738,7 @@ def judge(  # noqa: C901 - one verdict over many independent probe fields
             cannot=[
                 f"transformers {version} does not know {model_type} "
                 f"({errors.get('model', 'the model does not load')}); "
-                f"the first release that does is {'.'.join(map(str, BACKBONE_FROM[model_type]))}"
+                f"the first release that does is {'.'.join(map(str, BACKBONE_FROM[model_type or '']))}"
             ],
         )
     quiet = set() if cap.processor else {"processor"}  # expected to fail there: reported under "cannot"
@@ -829,13 +830,13 @@ def judge(  # noqa: C901 - one verdict over many independent probe fields
                     f"{seq}"
                 )
             a, b = probe.tensors.get(f"own_pixels_{i}"), ref.tensors.get(f"own_pixels_{i}")
-            if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
+            if (a is None) != (b is None) or (a is not None and b is not None and a.shape != b.shape):
                 processor_ok = False
                 details.append(
                     f"processor: pixel_values of {p['name']}: shape {None if a is None else a.shape} vs reference "
                     f"{None if b is None else b.shape}"
                 )
-            elif a is not None:
+            elif a is not None and b is not None:
                 d = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
                 d = d if math.isfinite(d) else math.inf
                 pix_max = max(pix_max, d)
@@ -914,13 +915,13 @@ def judge(  # noqa: C901 - one verdict over many independent probe fields
                 details.append(f"recipe: input_ids of {p['name']} differ from the reference's"
                                f"{' (each <image> counted as ' + str(seq) + ')' if cap.collapse else ''}")
             a, b = probe.tensors.get(f"recipe_pixels_{i}"), ref.tensors.get(f"own_pixels_{i}")
-            if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
+            if (a is None) != (b is None) or (a is not None and b is not None and a.shape != b.shape):
                 recipe_ok = False
                 details.append(
                     f"recipe: pixel_values of {p['name']}: shape {None if a is None else a.shape} vs reference "
                     f"{None if b is None else b.shape}"
                 )
-            elif a is not None:
+            elif a is not None and b is not None:
                 rec_pix = max(rec_pix, _max_diff(a, b))
             a, b = probe.tensors.get(f"recipe_logits_{i}"), ref.tensors.get(f"logits_{i}")
             if a is None or b is None or a.shape != b.shape:

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from convert.safejson import name as safe_name
 
 from .datapass import ST_DTYPES
 from .preflight import VerifyUsageError, audit_inputs_problem  # noqa: F401 (VerifyUsageError: re-exported)
+
+if TYPE_CHECKING:
+    from .original import FastTokenizer, LlamaSlowTokenizer
 
 MANIFEST = "conversion.json"
 # --dtype name -> the dtype both models' weights are held in. "float32-blocks" (the default for a bf16 checkpoint) holds
@@ -464,7 +468,8 @@ class Context:
         vcfg = clip_vision_config_from_dir(self.inputs.vision_model)
         heads = lcfg.num_attention_heads
         head_dim = getattr(lcfg, "head_dim", None) or lcfg.hidden_size // heads
-        patches = (vcfg.image_size // vcfg.patch_size) ** 2
+        # transformers types CLIP's image_size and patch_size as int | list | tuple | None; they are ints here
+        patches = (vcfg.image_size // vcfg.patch_size) ** 2  # type: ignore[operator]
         tensors = self.original_tensors
         return ModelShape(
             parameters=sum(tensors.get(k).numel() for k in tensors.keys()),
@@ -600,7 +605,7 @@ class Context:
         return load_base_tokenizer(self.backbone, self.inputs.text_model)
 
     @cached_property
-    def era_tokenizers(self) -> dict[str, object]:
+    def era_tokenizers(self) -> dict[str, LlamaSlowTokenizer | FastTokenizer]:
         """The original's tokenizer in every OTHER transformers era the reference restates ({era: tokenizer}; empty
         for the backbones the original ran with the fast tokenizer)."""
         from .original import DEFAULT_TOKENIZER_ERA, load_base_tokenizer, tokenizer_eras
@@ -733,7 +738,7 @@ class Context:
                 groups[key] = []
                 order.append(key)
             groups[key].append(i)
-        plan = []
+        plan: list[tuple[int, list[int]]] = []
         for key in order:
             members = groups[key]
             if key[0] == "whole" or len(members) == 1:
@@ -870,4 +875,8 @@ class Context:
     def converted_generations(self) -> list[list[int]]:
         if not self.generating:
             raise RuntimeError("generation was not requested (max_new_tokens 0 or the check not selected)")
-        return [tokens for _, tokens in self.converted_runs]
+        out = []
+        for _, tokens in self.converted_runs:
+            assert tokens is not None  # generating: every run generated
+            out.append(tokens)
+        return out

@@ -93,7 +93,8 @@ def safetensors_locations(path: Path) -> dict[str, Located]:
     for name, entry in header.items():
         if name == "__metadata__" or not isinstance(entry, dict):
             continue
-        dtype = ST_DTYPES.get(entry.get("dtype"))
+        dtype_name = entry.get("dtype")
+        dtype = ST_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         try:
             begin, end = (int(x) for x in entry["data_offsets"])
             shape = tuple(int(d) for d in entry["shape"])
@@ -229,6 +230,7 @@ class EmbeddingStats:
         if self.shift is None:
             self.shift = m[0].clone()
             self.col_sum = torch.zeros(self.hidden, dtype=torch.float64)
+        assert self.col_sum is not None
         d = m - self.shift
         self.col_sum += d.sum(0)
         self.sq_sum += float((d * d).sum())
@@ -236,11 +238,13 @@ class EmbeddingStats:
 
     @property
     def mean(self) -> torch.Tensor:
+        assert self.shift is not None and self.col_sum is not None, "mean of no rows"
         return self.shift + self.col_sum / self.rows
 
     @property
     def trace(self) -> float:
         """tr(Sigma) with the population covariance = mean squared distance of the rows from their mean."""
+        assert self.col_sum is not None, "trace of no rows"
         c = self.col_sum / self.rows
         return self.sq_sum / self.rows - float((c * c).sum())
 
@@ -284,12 +288,12 @@ def _same(a_views: Iterable[memoryview], b_views: Iterable[memoryview]) -> bool:
     """Whether two byte streams are equal (both are read to their ends)."""
     equal = True
     ia, ib = iter(a_views), iter(b_views)
-    a = b = memoryview(b"")
+    a: memoryview | None
+    b: memoryview | None
+    a_left = b_left = memoryview(b"")
     while True:
-        if not len(a):
-            a = next(ia, None)
-        if not len(b):
-            b = next(ib, None)
+        a = a_left if len(a_left) else next(ia, None)
+        b = b_left if len(b_left) else next(ib, None)
         if a is None or b is None:
             if a is not None and len(a) or b is not None and len(b):
                 equal = False
@@ -301,7 +305,7 @@ def _same(a_views: Iterable[memoryview], b_views: Iterable[memoryview]) -> bool:
         n = min(len(a), len(b))
         if n and equal:
             equal = _equal_bytes(a[:n], b[:n])
-        a, b = a[n:], b[n:]
+        a_left, b_left = a[n:], b[n:]
 
 
 def _equal_bytes(a: memoryview, b: memoryview) -> bool:
@@ -316,7 +320,7 @@ def _equal_bytes(a: memoryview, b: memoryview) -> bool:
 def _tensor_views(t: torch.Tensor, chunk: int = 1 << 22) -> Iterator[memoryview]:
     flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
     for i in range(0, flat.numel(), chunk):
-        yield memoryview(flat[i : i + chunk].numpy())
+        yield flat[i : i + chunk].numpy().data
 
 
 def run_pass(shards: list[Path], other_outputs: list[Path], pairs: list[Pair], hash_files: bool,
@@ -361,12 +365,14 @@ def _stream_pairs(res: PassResult, shards: list[Path], pairs: list[Pair], hash_f
     conv_pos = (lambda loc: conv.position(loc.path, loc.offset)) if hash_files else None
     pairs = sorted(pairs, key=_conv_order(shards))
     streamed = [p for p in pairs if p.original is not None]
-    orig = InputStream.ranges([(p.original.path, p.original.offset, p.original.nbytes) for p in streamed])
+    orig = InputStream.ranges([(o.path, o.offset, o.nbytes) for p in streamed if (o := p.original) is not None])
     conv.start()
     orig.start()
     guards: list[tuple[Pair, bytes, bytes]] = []
     try:
         cpos, opos = 0, 0
+        first: bytearray | None
+        last: bytearray | None
         for p in pairs:
             start = conv_pos(p.converted) if conv_pos else cpos
             n_cmp = (
@@ -377,8 +383,9 @@ def _stream_pairs(res: PassResult, shards: list[Path], pairs: list[Pair], hash_f
             if p.original is not None:
                 source = orig.take(opos, opos + p.original.nbytes)
                 opos += p.original.nbytes
-                first, last = bytearray(), bytearray()
-                source = _guarded(source, first, last)
+                head, tail = bytearray(), bytearray()
+                source = _guarded(source, head, tail)
+                first, last = head, tail
             else:
                 source = _tensor_views(original_tensor(p.key))
                 first = last = None
@@ -397,7 +404,7 @@ def _stream_pairs(res: PassResult, shards: list[Path], pairs: list[Pair], hash_f
                     else torch.empty((0, *p.converted.shape[1:]), dtype=p.converted.dtype)
                 )
             cpos += p.converted.nbytes
-            if first is not None:
+            if first is not None and last is not None:
                 guards.append((p, bytes(first), bytes(last)))
         digests = conv.finish()
         orig.finish()
@@ -406,9 +413,10 @@ def _stream_pairs(res: PassResult, shards: list[Path], pairs: list[Pair], hash_f
         conv.cancel()
         orig.cancel()
     res.digests = {p.name: d for p, d in digests.items()}
-    for p, first, last in guards:
+    for p, seen_first, seen_last in guards:
+        assert p.original is not None  # guards are kept for streamed pairs only
         t = original_tensor(p.key).detach().contiguous().reshape(-1).view(torch.uint8)
-        if bytes(t[:GUARD].numpy()) != first or bytes(t[max(0, t.numel() - GUARD):].numpy()) != last:
+        if bytes(t[:GUARD].numpy()) != seen_first or bytes(t[max(0, t.numel() - GUARD):].numpy()) != seen_last:
             res.problems.append(
                 f"{p.key}: the bytes verify located at {p.original.path.name}:{p.original.offset} are not the "
                 "tensor torch.load gives; this is a verifier bug (please report it)"
@@ -448,4 +456,4 @@ def _observed(views: Iterable[memoryview], dtype: torch.dtype, stats: EmbeddingS
 def _cast(views: Iterable[memoryview], src: torch.dtype, dst: torch.dtype) -> Iterator[memoryview]:
     for v in views:
         if len(v):
-            yield memoryview(torch.frombuffer(v, dtype=src).to(dst).view(torch.uint8).numpy())
+            yield torch.frombuffer(v, dtype=src).to(dst).view(torch.uint8).numpy().data

@@ -406,7 +406,7 @@ class LlamaSlowTokenizer:
         ordered += [t for t in specials["additional_special_tokens"] if t is not None]
         # Flags per content: the first AddedToken with that content wins; a content that only
         # ever appears as a plain string strips both sides.
-        self._strip: dict[str, tuple[bool, bool, bool]] = {}
+        self._strip: dict[str, tuple[bool | None, bool | None, bool]] = {}
         for tok in ordered:
             self._special_id(tok)
             if tok.lstrip is not None and tok.content not in self._strip:
@@ -425,6 +425,7 @@ class LlamaSlowTokenizer:
             if not isinstance(entry, dict) or "content" not in entry:
                 raise OriginalLoadError(f"{cfg_path}: added_tokens_decoder[{sid}] is not an AddedToken: {entry!r}")
             tok = _as_special(entry, wrap_plain=True)
+            assert tok is not None  # a dict entry always makes a token
             known[tok.content] = tok
             pid = self.sp.piece_to_id(tok.content)
             in_vocab = not (pid == self.sp.unk_id() and tok.content != self.sp.id_to_piece(pid))
@@ -535,6 +536,7 @@ class LlamaSlowTokenizer:
             return self.sp.encode(text, out_type=str)
         if not text.startswith((SPIECE_UNDERLINE, " ")):
             return self.sp_plain.encode(text, out_type=str)
+        assert self.unk_token is not None, "non-legacy tokenization needs the unk token"
         pieces = self.sp_plain.encode(self.unk_token + text, out_type=str)
         return pieces[self.unk_token_length:] if len(pieces) >= self.unk_token_length else pieces
 
@@ -586,10 +588,11 @@ class LlamaSlowTokenizer:
     def encode(self, text: str) -> list[int]:
         """``tokenizer(text).input_ids`` of the original slow tokenizer."""
         ids = [self._piece_id(p) for p in self.tokenize(text)]
+        # as transformers' build_inputs_with_special_tokens: [bos_token_id] even when it is None
         if self.add_bos_token:
-            ids = [self.bos_id] + ids
+            ids = [self.bos_id] + ids  # type: ignore[assignment]
         if self.add_eos_token:
-            ids = ids + [self.eos_id]
+            ids = ids + [self.eos_id]  # type: ignore[list-item]
         return ids
 
     def __len__(self) -> int:
@@ -785,10 +788,11 @@ class FastTokenizer:
         self.eos_id = self._required(self.eos_token, "eos_token", cfg_path)
         for sid, entry in (cfg.get("added_tokens_decoder") or {}).items():
             content = _token_content(entry)
-            if self.tk.token_to_id(content) != int(sid):
+            found = self.tk.token_to_id(content) if content is not None else None
+            if found != int(sid):
                 raise OriginalLoadError(
                     f"{cfg_path}: added token {content!r} has id {sid}, but {path.name} gives "
-                    f"{self.tk.token_to_id(content)}; the two files do not describe one tokenizer"
+                    f"{found}; the two files do not describe one tokenizer"
                 )
         vocab = self.tk.get_vocab(with_added_tokens=True)
         self._len = self.tk.get_vocab_size(with_added_tokens=True)
@@ -816,13 +820,13 @@ class FastTokenizer:
         if self.bos_policy == "post_processor":
             return list(self.tk.encode(text, add_special_tokens=True).ids)
         ids = list(self.tk.encode(text, add_special_tokens=False).ids)
-        if self.add_bos_token:
-            ids = [self.bos_id] + ids
+        if self.add_bos_token:  # as transformers: [bos_token_id] even when it is None
+            ids = [self.bos_id] + ids  # type: ignore[assignment]
         if self.add_eos_token and self.eos_id is not None:
             ids = ids + [self.eos_id]
         return ids
 
-    def tokens(self, ids: Sequence[int]) -> list[str]:
+    def tokens(self, ids: Sequence[int]) -> list[str | None]:  # None for an id the tokenizer lacks
         return [self.tk.id_to_token(int(i)) for i in ids]
 
     def encode_with_images(self, prompt: str, image_token: str = "<image>") -> list[int]:
@@ -1201,7 +1205,7 @@ def detect_backbone(original_dir: Path, text_model_dir: Path) -> str:
     return plain[0].name
 
 
-def load_base_tokenizer(backbone: str, text_model: Path, era: str | None = None):
+def load_base_tokenizer(backbone: str, text_model: Path, era: str | None = None) -> LlamaSlowTokenizer | FastTokenizer:
     """The tokenizer the original inference used for ``backbone`` (``LlamaSlowTokenizer`` or ``FastTokenizer``).
 
     ``era`` (one of :data:`TOKENIZER_ERAS`) picks the transformers release whose slow tokenizer is restated; only a
@@ -1476,7 +1480,8 @@ class OriginalVipLlava:
     @property
     def num_patches(self) -> int:
         c = self.vision.config
-        return (c.image_size // c.patch_size) ** 2
+        # transformers types CLIP's image_size and patch_size as int | list | tuple | None; they are ints here
+        return (c.image_size // c.patch_size) ** 2  # type: ignore[operator]
 
     def preprocess(self, image: PIL.Image.Image) -> torch.Tensor:
         """llava/mm_utils.py process_images for one image -> [3, crop_h, crop_w] float32."""
@@ -1589,6 +1594,7 @@ class OriginalVipLlava:
         img = 0
         for pos, tok in enumerate(ids):
             if tok == IMAGE_SENTINEL:
+                assert features is not None  # computed above whenever the prompt has images
                 feat = features[img]
                 pieces.append(feat)
                 positions.extend([pos] * feat.shape[0])

@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from types import MappingProxyType
+from typing import Any
 
 import torch
 
@@ -103,7 +104,7 @@ class Backbone:
     # transformers <= 4.31 (Vicuna ViP-LLaVA); 4.32 made it non-persistent (transformers PR #24998), and the
     # Llama-3 / Phi-3 variants were trained on 4.36+ (Phi-3's vendored model never had it persistent)
     rotary_buffers: bool
-    tiny: tuple[tuple[str, object], ...] = ()  # the tiny fixture's TinySpec fields (besides backbone)
+    tiny: tuple[tuple[str, Any], ...] = ()  # the tiny fixture's TinySpec fields (besides backbone)
     extra_fields: Callable[["TinySpec"], dict] = _no_extra_fields  # backbone-only text config fields
 
 
@@ -643,7 +644,8 @@ def build_reference_modules(spec: TinySpec, sd: dict[str, torch.Tensor], dtype: 
     text_model.load_state_dict({k: v.to(dtype) for k, v in text_state_dict(sd).items()}, strict=True)
     clip = CLIPVisionModel(_clip_vision_config(spec, layers=spec.vision_layers))
     clip.load_state_dict({k: v.to(dtype) for k, v in vision_state_dict(sd).items()}, strict=True)
-    return text_model.to(dtype).eval(), clip.to(dtype).eval()
+    # transformers types PreTrainedModel.to through a decorator that hides nn.Module.to's dtype overload
+    return text_model.to(dtype).eval(), clip.to(dtype).eval()  # type: ignore[arg-type]
 
 
 @torch.no_grad()

@@ -75,7 +75,7 @@ def _copy(src: Path, dst: Path, method: str) -> None:
                 n = fi.readinto(buf)
                 view = memoryview(buf)[:n]
                 while view:
-                    view = view[fo.write(view):]
+                    view = view[fo.write(view) :]
             if not n:
                 raise SystemExit(f"{src}: shrank while being copied")
             if drop:
@@ -151,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         for m in methods:
             r = run(args.files, m, out)
             results.append(r)
-            print(f"| {m} | {r['seconds']:.1f} s | {r['user']:.1f} | {r['sys']:.1f} | {r['machine_cpu']:.1f} | "
-                  f"{r['reclaim_scanned_pages'] * 4096 / 1e9:.1f} GB |", flush=True)
+            print(
+                f"| {m} | {r['seconds']:.1f} s | {r['user']:.1f} | {r['sys']:.1f} | {r['machine_cpu']:.1f} | "
+                f"{r['reclaim_scanned_pages'] * 4096 / 1e9:.1f} GB |",
+                flush=True,
+            )
     shutil.rmtree(out, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps({"bytes": total, "results": results}, indent=2) + "\n")

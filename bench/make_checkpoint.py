@@ -133,7 +133,7 @@ def init_rule(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
         fan_in = 1
         for d in shape[1:]:
             fan_in *= d
-        return 0.0, fan_in ** -0.5
+        return 0.0, fan_in**-0.5
     raise ValueError(f"no initialisation rule for {key} {shape}")
 
 
@@ -207,8 +207,14 @@ def zip_records(path: Path) -> list[Record]:
             if local[:4] != b"PK\x03\x04":
                 raise RuntimeError(f"{path}: no local header for {info.filename} at {info.header_offset}")
             ln, le = struct.unpack("<HH", local[26:30])
-            rec = Record(info.filename, info.header_offset, pos, info.header_offset + 30 + ln + le, info.file_size,
-                         bool(info.flag_bits & 0x08))
+            rec = Record(
+                info.filename,
+                info.header_offset,
+                pos,
+                info.header_offset + 30 + ln + le,
+                info.file_size,
+                bool(info.flag_bits & 0x08),
+            )
             if rec.descriptor:
                 f.seek(rec.data_offset + rec.size)
                 if f.read(4) != b"PK\x07\x08":
@@ -391,8 +397,15 @@ def check_format(spec: TinySpec, seed: int, original: Path, groups: list[list[st
                 raise RuntimeError(f"{name}: does not load back to the generated values")
 
 
-def build(out: Path, size: str, seed: int = 0, shards: int | None = None, workers: int | None = None,
-          check: bool | None = None, log=print) -> dict:
+def build(
+    out: Path,
+    size: str,
+    seed: int = 0,
+    shards: int | None = None,
+    workers: int | None = None,
+    check: bool | None = None,
+    log=print,
+) -> dict:
     spec = SIZES[size]
     shards = DEFAULT_SHARDS[size] if shards is None else shards
     workers = workers or os.cpu_count() or 1
@@ -466,8 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shards", type=int, default=None, help="number of .bin shards (default: 7b 2, 13b 3, mini 2)")
     ap.add_argument("--workers", type=int, default=None, help="threads filling tensors (default: all cores)")
-    ap.add_argument("--check-format", dest="check", action="store_true", default=None,
-                    help="compare every shard with torch.save of the materialised values (default for mini only)")
+    ap.add_argument(
+        "--check-format",
+        dest="check",
+        action="store_true",
+        default=None,
+        help="compare every shard with torch.save of the materialised values (default for mini only)",
+    )
     ap.add_argument("--no-check-format", dest="check", action="store_false")
     args = ap.parse_args(argv)
     try:
@@ -475,9 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.out}: {rec['size']}, {rec['parameters'] / 1e9:.3f} B parameters, {rec['tensors']} tensors, "
-          f"original {rec['original_bytes'] / 1e9:.2f} GB in {len(rec['shards'])} shards; "
-          f"weights written in {rec['weights_seconds']} s, total {rec['seconds']} s")
+    print(
+        f"{args.out}: {rec['size']}, {rec['parameters'] / 1e9:.3f} B parameters, {rec['tensors']} tensors, "
+        f"original {rec['original_bytes'] / 1e9:.2f} GB in {len(rec['shards'])} shards; "
+        f"weights written in {rec['weights_seconds']} s, total {rec['seconds']} s"
+    )
     return 0
 
 

@@ -48,8 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     class StreamingRecordingHubApi(RecordingHubApi):
         def create_commit(self, repo_id, operations, *, commit_message, commit_description=None, revision=None, **kw):
             operations = list(operations)
-            self._record("create_commit", repo_id=repo_id, commit_message=commit_message,
-                         commit_description=commit_description, revision=revision, **kw)
+            self._record(
+                "create_commit",
+                repo_id=repo_id,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                revision=revision,
+                **kw,
+            )
             added, texts, deleted = {}, {}, []
             for op in operations:
                 if isinstance(op, CommitOperationDelete):

@@ -201,8 +201,12 @@ def warm_input(folder: Path) -> dict:
             with open(f, "rb", buffering=0) as fh:
                 while n := fh.readinto(buf):
                     total += n
-    return {"dropped_first": cold, "warm_seconds": round(time.perf_counter() - t, 2), "bytes": total,
-            "cached_growth": _meminfo("Cached") - before}
+    return {
+        "dropped_first": cold,
+        "warm_seconds": round(time.perf_counter() - t, 2),
+        "bytes": total,
+        "cached_growth": _meminfo("Cached") - before,
+    }
 
 
 def _meminfo(field: str) -> int:
@@ -218,8 +222,16 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_step(name: str, argv: list[str], limit: int | None, timeout: float | None, drop: bool, log_path: Path,
-             env: dict | None = None, warm: Path | None = None) -> StepResult:
+def run_step(
+    name: str,
+    argv: list[str],
+    limit: int | None,
+    timeout: float | None,
+    drop: bool,
+    log_path: Path,
+    env: dict | None = None,
+    warm: Path | None = None,
+) -> StepResult:
     """Run one step; ``warm``: instead of starting cold, the page cache holds that folder (see :func:`warm_input`)."""
     warmed = warm_input(warm) if warm is not None else None
     cold = drop_caches() if drop and warm is None else False
@@ -230,8 +242,14 @@ def run_step(name: str, argv: list[str], limit: int | None, timeout: float | Non
     busy0, _ = _machine_busy_ticks()
     t0 = time.perf_counter()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        )
         sampler = Sampler(proc.pid, limit)
         sampler.start()
         try:
@@ -283,6 +301,7 @@ def summarize_collapsed(path: Path, top: int = 25) -> dict:
         for f in set(frames):
             if re.search(r" \((convert|verify|bench)/", f):
                 incl[f] += n
+
     def share(c: Counter) -> list:
         return [(f, round(100 * k / total, 1)) for f, k in c.most_common(top)] if total else []
 
@@ -333,8 +352,18 @@ def table(results: list[StepResult]) -> str:
         wall = f"{r.seconds:.1f} s" if r.seconds is not None else "-"
         if r.step == "cp" and r.seconds is not None and "fsync_seconds" in (r.extra or {}):
             wall = f"{r.seconds:.1f} + {r.extra['fsync_seconds']:.1f} s"
-        rows.append([name, wall, ratio, _gb(r.peak_anon_bytes),
-                     _gb(r.peak_rss_bytes), f"{r.cpu_seconds:.0f}", f"{r.other_cpu_seconds:.0f}", status])
+        rows.append(
+            [
+                name,
+                wall,
+                ratio,
+                _gb(r.peak_anon_bytes),
+                _gb(r.peak_rss_bytes),
+                f"{r.cpu_seconds:.0f}",
+                f"{r.other_cpu_seconds:.0f}",
+                status,
+            ]
+        )
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -533,10 +562,13 @@ def _paired_lines(report: dict) -> list[str]:
     for cache, pr in by_cache.items():
         if not pr:
             continue
-        lines += [f"Paired rounds, {cache} page cache (each `ours` against the `cp` run just before it): ours / cp = "
-                  + ", ".join(f"{p['ratio']:.2f}" for p in pr["pairs"])
-                  + f"; median {pr['median_ratio']:.2f}. cp took {pr['cp_range'][0]:.1f} to {pr['cp_range'][1]:.1f} s, "
-                  f"ours {pr['ours_range'][0]:.1f} to {pr['ours_range'][1]:.1f} s.", ""]
+        lines += [
+            f"Paired rounds, {cache} page cache (each `ours` against the `cp` run just before it): ours / cp = "
+            + ", ".join(f"{p['ratio']:.2f}" for p in pr["pairs"])
+            + f"; median {pr['median_ratio']:.2f}. cp took {pr['cp_range'][0]:.1f} to {pr['cp_range'][1]:.1f} s, "
+            f"ours {pr['ours_range'][0]:.1f} to {pr['ours_range'][1]:.1f} s.",
+            "",
+        ]
     return lines
 
 
@@ -553,8 +585,10 @@ def _step_notes(r: dict, steps: list[dict]) -> list[str]:
             f"{st.get('max_new_tokens')} new tokens; {checks}"
         )
         checks = {c["name"]: c for c in v.get("checks", [])}
-        secs = {**((checks.get("logits") or {}).get("numbers") or {}).get("seconds", {}),
-                **((checks.get("generation") or {}).get("numbers") or {}).get("seconds", {})}
+        secs = {
+            **((checks.get("logits") or {}).get("numbers") or {}).get("seconds", {}),
+            **((checks.get("generation") or {}).get("numbers") or {}).get("seconds", {}),
+        }
         fwd = secs.get("reference_forward", 0.0) + secs.get("converted_forward", 0.0)
         if fwd and r.get("seconds"):
             data = ((checks.get("files") or {}).get("numbers") or {}).get("data_pass") or {}
@@ -585,10 +619,12 @@ def _step_notes(r: dict, steps: list[dict]) -> list[str]:
             )
     if r["step"] == "floor" and extra.get("floor"):
         f = extra["floor"]
-        out.append(f"- floor: {f['floor_s']:.1f} s of forward passes, {f['dtype']}, {len(f['prompts'])} prompts of "
-                   f"{min(f['tokens'])}-{max(f['tokens'])} tokens: reference {sum(f['reference_forward_s']):.1f} s "
-                   f"(load {f['reference_load_s']:.1f} s), converted {sum(f['converted_forward_s']):.1f} s (load "
-                   f"{f['converted_load_s']:.1f} s); the step's wall time includes the loads and the tokenization")
+        out.append(
+            f"- floor: {f['floor_s']:.1f} s of forward passes, {f['dtype']}, {len(f['prompts'])} prompts of "
+            f"{min(f['tokens'])}-{max(f['tokens'])} tokens: reference {sum(f['reference_forward_s']):.1f} s "
+            f"(load {f['reference_load_s']:.1f} s), converted {sum(f['converted_forward_s']):.1f} s (load "
+            f"{f['converted_load_s']:.1f} s); the step's wall time includes the loads and the tokenization"
+        )
     if r["step"] == "push" and extra.get("push"):
         pu = extra["push"]
         ver = pu.get("verification") or {}
@@ -743,8 +779,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     def show(r: StepResult) -> None:
         r.round = round_
         results.append(r)
-        print(f"  {r.step}: {r.seconds:.1f} s, peak anon {_gb(r.peak_anon_bytes)}, peak rss {_gb(r.peak_rss_bytes)}, "
-              f"exit {r.returncode}{', killed: ' + r.killed if r.killed else ''}", flush=True)
+        print(
+            f"  {r.step}: {r.seconds:.1f} s, peak anon {_gb(r.peak_anon_bytes)}, peak rss {_gb(r.peak_rss_bytes)}, "
+            f"exit {r.returncode}{', killed: ' + r.killed if r.killed else ''}",
+            flush=True,
+        )
         save()
 
     states = ["cold", "warm"] if args.cache == "both" else [args.cache]
@@ -848,8 +887,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
             vjson = workdir / f"{step}-report.json"
             vjson.unlink(missing_ok=True)
             extra_args = shlex.split(args.verify_args) if step == "verify" else SHORT_VERIFY
-            r = run_step(step, [py, "-m", "verify", str(ours_out), "--json", str(vjson), "--quiet", *extra_args],
-                         limit, args.verify_timeout, drop, workdir / f"{step}.log")
+            r = run_step(
+                step,
+                [py, "-m", "verify", str(ours_out), "--json", str(vjson), "--quiet", *extra_args],
+                limit,
+                args.verify_timeout,
+                drop,
+                workdir / f"{step}.log",
+            )
             if vjson.is_file():
                 v = json.loads(vjson.read_text())
                 r.extra["report"] = v
@@ -912,8 +957,20 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         shutil.rmtree(prof_out, ignore_errors=True)
         raw = workdir / "ours-pyspy.txt"
         rate = 20
-        conv = [py, "-m", "convert", "--original", str(original), "--text-model", str(text_model), "--vision-model",
-                str(vision_model), "--output", str(prof_out), "--quiet"]
+        conv = [
+            py,
+            "-m",
+            "convert",
+            "--original",
+            str(original),
+            "--text-model",
+            str(text_model),
+            "--vision-model",
+            str(vision_model),
+            "--output",
+            str(prof_out),
+            "--quiet",
+        ]
         spy = shutil.which("py-spy")
         if spy is None:
             print("py-spy not installed (pip install py-spy): no profile", file=sys.stderr)

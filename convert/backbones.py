@@ -21,14 +21,26 @@ def _layer_rules(parts: dict[str, str]) -> tuple[tuple[str, str, str | None], ..
     return tuple((f"text.{name}", f"model.layers.{{}}.{p}.weight", f"{_LM}{p}.weight") for name, p in parts.items())
 
 
-LLAMA_LAYER_RULES = _layer_rules({
-    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
-})
+LLAMA_LAYER_RULES = _layer_rules(
+    {
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    }
+)
 # Phi-3 keeps q/k/v and gate/up fused; transformers' Phi3 has the same fused layout, so nothing is split.
-PHI3_LAYER_RULES = _layer_rules({
-    "qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj",
-})
+PHI3_LAYER_RULES = _layer_rules(
+    {
+        "qkv": "self_attn.qkv_proj",
+        "o": "self_attn.o_proj",
+        "gate_up": "mlp.gate_up_proj",
+        "down": "mlp.down_proj",
+    }
+)
 
 
 def _content() -> str:
@@ -66,8 +78,7 @@ SYSTEM_V3 = (
 
 # llava_v1 (SeparatorStyle.TWO): system + " ", then "USER: text " / "ASSISTANT: text</s>"; the open turn "ASSISTANT:".
 CHAT_TEMPLATE_V1 = (
-    _system(SYSTEM_V1)
-    + "{{- ns.system + ' ' -}}"
+    _system(SYSTEM_V1) + "{{- ns.system + ' ' -}}"
     "{%- for message in messages[ns.start:] -%}"
     "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
     "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}"
@@ -88,7 +99,7 @@ CHAT_TEMPLATE_V1 = (
 CHAT_TEMPLATE_LLAMA_3 = (
     _system(SYSTEM_V3)
     + "{%- if ns.system -%}{{- '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n' + ns.system + "
-      "'<|eot_id|>' -}}{%- endif -%}"
+    "'<|eot_id|>' -}}{%- endif -%}"
     "{%- for message in messages[ns.start:] -%}"
     + _content()
     + "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' -}}"
@@ -99,11 +110,8 @@ CHAT_TEMPLATE_LLAMA_3 = (
 
 # llava_phi_3 (SeparatorStyle.Phi_3). The original appends '<|end|>\n' unless the text holds '<|eot_id|>' (sic).
 CHAT_TEMPLATE_PHI_3 = (
-    _system(SYSTEM_V3)
-    + "{%- if ns.system -%}{{- '<|system|>\\n' + ns.system + '<|end|>\\n' -}}{%- endif -%}"
-    "{%- for message in messages[ns.start:] -%}"
-    + _content()
-    + "{{- '<|' + message['role'] + '|>\\n' -}}"
+    _system(SYSTEM_V3) + "{%- if ns.system -%}{{- '<|system|>\\n' + ns.system + '<|end|>\\n' -}}{%- endif -%}"
+    "{%- for message in messages[ns.start:] -%}" + _content() + "{{- '<|' + message['role'] + '|>\\n' -}}"
     "{%- if text -%}{{- text -}}{%- if '<|eot_id|>' not in text -%}{{- '<|end|>\\n' -}}{%- endif -%}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"

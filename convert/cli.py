@@ -35,14 +35,24 @@ def build_parser(prog: str | None = None) -> OneLineParser:
     p = OneLineParser(
         prog=prog or prog_name("convert", "vipllava-convert"),
         description="Convert an original ViP-LLaVA checkpoint into a canonical Hugging Face VipLlava repo. "
-                    "Exit 0 on success, 1 when --push-to-hub refused to push (a verification check failed), "
-                    "2 for bad usage or bad input (one line on stderr, nothing written), 130 when interrupted.",
+        "Exit 0 on success, 1 when --push-to-hub refused to push (a verification check failed), "
+        "2 for bad usage or bad input (one line on stderr, nothing written), 130 when interrupted.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s (vipllava-harness) {__version__}")
-    p.add_argument("--original", "--old_state_dict_id", dest="original", metavar="PATH|HUB_ID",
-                   help="folder or weights file of the original checkpoint, or a Hub id (owner/name[@revision])")
-    p.add_argument("--text-model", "--text_model_id", dest="text_model", metavar="PATH|HUB_ID",
-                   help="base text model holding the tokenizer (optional when the original folder has one)")
+    p.add_argument(
+        "--original",
+        "--old_state_dict_id",
+        dest="original",
+        metavar="PATH|HUB_ID",
+        help="folder or weights file of the original checkpoint, or a Hub id (owner/name[@revision])",
+    )
+    p.add_argument(
+        "--text-model",
+        "--text_model_id",
+        dest="text_model",
+        metavar="PATH|HUB_ID",
+        help="base text model holding the tokenizer (optional when the original folder has one)",
+    )
     p.add_argument(
         "--vision-model",
         "--vision_model_id",
@@ -52,21 +62,33 @@ def build_parser(prog: str | None = None) -> OneLineParser:
     )
     p.add_argument("--output", dest="output", metavar="DIR", help="local folder to write (must not exist or be empty)")
     p.add_argument("--seed", type=int, default=0, help="seed for the new embedding rows, 0 <= SEED < 2**32 (default 0)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="dtype of the written weights: auto keeps the source dtype (default)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="dtype of the written weights: auto keeps the source dtype (default)",
+    )
     p.add_argument(
         "--max-shard-size",
         default="5GB",
         metavar="SIZE",
         help="largest weight shard, e.g. 5GB, 500MB, 2GiB (default 5GB)",
     )
-    p.add_argument("--backbone", default="auto", choices=BACKBONE_CHOICES,
-                   help="text backbone (default auto: detected from the original config.json and the tokenizer)")
+    p.add_argument(
+        "--backbone",
+        default="auto",
+        choices=BACKBONE_CHOICES,
+        help="text backbone (default auto: detected from the original config.json and the tokenizer)",
+    )
     p.add_argument(
         "--force", action="store_true", help="replace an existing output (only after the new one is complete)"
     )
-    p.add_argument("--demo", metavar="DIR", help="convert the bundled tiny fixture into DIR, offline (with --backbone "
-                                                 "llama3|phi3: that backbone's fixture); takes no --original/--output")
+    p.add_argument(
+        "--demo",
+        metavar="DIR",
+        help="convert the bundled tiny fixture into DIR, offline (with --backbone "
+        "llama3|phi3: that backbone's fixture); takes no --original/--output",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON to FILE")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     hub = p.add_argument_group("publishing (see README, Publishing)")
@@ -130,8 +152,16 @@ def _flag_combination_problem(args: argparse.Namespace) -> str | None:
     if (args.private or args.push_branch) and not args.push_to_hub:
         return "--private and --push-branch only apply with --push-to-hub REPO_ID"
     if args.demo:
-        given = [f for f, v in (("--original", args.original), ("--text-model", args.text_model),
-                                ("--vision-model", args.vision_model), ("--output", args.output)) if v]
+        given = [
+            f
+            for f, v in (
+                ("--original", args.original),
+                ("--text-model", args.text_model),
+                ("--vision-model", args.vision_model),
+                ("--output", args.output),
+            )
+            if v
+        ]
         if given:
             return f"--demo DIR converts the bundled fixture into DIR; drop {', '.join(given)}"
     elif not args.original or not args.output:
@@ -205,8 +235,16 @@ def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt) -> i
             }
         else:
             sources = {"original": args.original, "text_model": args.text_model, "vision_model": args.vision_model}
-        opts = Options(**sources, output=output, seed=args.seed, dtype=args.dtype, max_shard_size=max_bytes,
-                       backbone=args.backbone, force=args.force, progress=progress)
+        opts = Options(
+            **sources,
+            output=output,
+            seed=args.seed,
+            dtype=args.dtype,
+            max_shard_size=max_bytes,
+            backbone=args.backbone,
+            force=args.force,
+            progress=progress,
+        )
         summary = convert(opts)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)

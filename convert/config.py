@@ -62,30 +62,49 @@ class TokenIds:
 # type, the sign and a bound far above any released model's value.
 _INT = "int"
 _TEXT_NUMBERS = {
-    "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 18), "num_hidden_layers": (1, 512),
-    "num_attention_heads": (1, 1024), "vocab_size": (1, 1 << 22), "mm_hidden_size": (1, 1 << 18),
+    "hidden_size": (1, 1 << 16),
+    "intermediate_size": (1, 1 << 18),
+    "num_hidden_layers": (1, 512),
+    "num_attention_heads": (1, 1024),
+    "vocab_size": (1, 1 << 22),
+    "mm_hidden_size": (1, 1 << 18),
 }
 _TEXT_OPTIONAL = {
-    "num_key_value_heads": (_INT, 1, 1024), "max_position_embeddings": (_INT, 1, 1 << 24),
-    "tokenizer_model_max_length": (_INT, 1, 1 << 24), "head_dim": (_INT, 1, 1 << 12),
-    "rms_norm_eps": (float, 0.0, 1.0), "rope_theta": (float, 0.0, 1e12), "initializer_range": (float, -1.0, 1e3),
-    "attention_dropout": (float, -1.0, 1.0), "resid_pdrop": (float, -1.0, 1.0), "embd_pdrop": (float, -1.0, 1.0),
-    "sliding_window": (_INT, 1, 1 << 24), "original_max_position_embeddings": (_INT, 1, 1 << 24),
+    "num_key_value_heads": (_INT, 1, 1024),
+    "max_position_embeddings": (_INT, 1, 1 << 24),
+    "tokenizer_model_max_length": (_INT, 1, 1 << 24),
+    "head_dim": (_INT, 1, 1 << 12),
+    "rms_norm_eps": (float, 0.0, 1.0),
+    "rope_theta": (float, 0.0, 1e12),
+    "initializer_range": (float, -1.0, 1e3),
+    "attention_dropout": (float, -1.0, 1.0),
+    "resid_pdrop": (float, -1.0, 1.0),
+    "embd_pdrop": (float, -1.0, 1.0),
+    "sliding_window": (_INT, 1, 1 << 24),
+    "original_max_position_embeddings": (_INT, 1, 1 << 24),
     "pretraining_tp": (_INT, 1, 1024),
 }
 _VISION_NUMBERS = {
-    "hidden_size": (1, 1 << 14), "intermediate_size": (1, 1 << 16), "num_hidden_layers": (1, 256),
-    "num_attention_heads": (1, 256), "image_size": (1, 1 << 13), "patch_size": (1, 1 << 10),
+    "hidden_size": (1, 1 << 14),
+    "intermediate_size": (1, 1 << 16),
+    "num_hidden_layers": (1, 256),
+    "num_attention_heads": (1, 256),
+    "image_size": (1, 1 << 13),
+    "patch_size": (1, 1 << 10),
 }
 _VISION_OPTIONAL = {
-    "num_channels": (_INT, 1, 16), "projection_dim": (_INT, 1, 1 << 16), "layer_norm_eps": (float, 0.0, 1.0),
+    "num_channels": (_INT, 1, 16),
+    "projection_dim": (_INT, 1, 1 << 16),
+    "layer_norm_eps": (float, 0.0, 1.0),
     "attention_dropout": (float, -1.0, 1.0),
 }
 
 
 def _bad(where: str, key: str | int, value: object, expected: str) -> ConversionError:
-    return ConversionError(f"{where}: {key} is {safe_name(repr(value))} ({type_name(value)}); expected {expected}; "
-                           "fix the config or pass the right model")
+    return ConversionError(
+        f"{where}: {key} is {safe_name(repr(value))} ({type_name(value)}); expected {expected}; "
+        "fix the config or pass the right model"
+    )
 
 
 def check_int(cfg: dict, key: str, low: int, high: int, where: str) -> int:
@@ -147,6 +166,7 @@ def check_vision_numbers(vc: dict, where: str) -> None:
 
 def check_preprocessor(pre: dict, where: str, channels: int = 3) -> None:
     """The CLIP image-processing settings, checked before anything is written (the processor files come last)."""
+
     def side(key: str, sub: tuple[str, ...]) -> None:
         v = pre.get(key)
         if isinstance(v, dict) and set(sub) <= set(v):
@@ -154,6 +174,7 @@ def check_preprocessor(pre: dict, where: str, channels: int = 3) -> None:
                 check_int(v, k, 1, 1 << 14, f"{where}: {key}")
         elif not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 14):
             raise _bad(where, key, v, f"an integer from 1 to 16384 or an object with {', '.join(sub)}")
+
     side("size", ("shortest_edge",))
     side("crop_size", ("height", "width"))
     for key, low in (("image_mean", -1e3), ("image_std", 0.0)):

@@ -10,8 +10,11 @@ from .backbones import BACKBONES, Backbone
 
 VIP_LLAVA_GITHUB = "https://github.com/WisconsinAIVision/ViP-LLaVA"
 
-_ROLES = (("original", "the original ViP-LLaVA checkpoint"), ("text_model", "the base text model, for the tokenizer"),
-          ("vision_model", "the CLIP vision model: config and image preprocessing"))
+_ROLES = (
+    ("original", "the original ViP-LLaVA checkpoint"),
+    ("text_model", "the base text model, for the tokenizer"),
+    ("vision_model", "the CLIP vision model: config and image preprocessing"),
+)
 
 # What each verify check establishes (qualitative; the thresholds are in each measured line and in verify's docs).
 _CHECK_MEANING = {
@@ -62,9 +65,11 @@ def license_of(manifest: dict) -> tuple[str, str]:
     repo_id = text.get("repo_id") or ""
     low = repo_id.lower()
     if not repo_id:
-        return "llama2", ("The base text model was given as a local path; ViP-LLaVA's released checkpoints are "
-                          "Vicuna v1.5 (Llama 2) based, so the Llama 2 Community License is assumed: check the base "
-                          "model you converted from.")
+        return "llama2", (
+            "The base text model was given as a local path; ViP-LLaVA's released checkpoints are "
+            "Vicuna v1.5 (Llama 2) based, so the Llama 2 Community License is assumed: check the base "
+            "model you converted from."
+        )
     if "vicuna" in low or "llama-2" in low or "llama2" in low:
         return "llama2", f"The base text model `{repo_id}` is Llama 2 based: the Llama 2 Community License applies."
     return (
@@ -91,8 +96,10 @@ def _front_matter(manifest: dict, license_id: str) -> str:
 
 def _prompt_sentence(backbone: Backbone) -> str:
     if backbone.name == "vicuna":
-        return ("The prompt format is the original ViP-LLaVA one (llava_v1): a system sentence, then `USER: <image>\\n"
-                "{question} ASSISTANT:`. The visual prompt (a box, arrow or scribble) is drawn on the image itself.")
+        return (
+            "The prompt format is the original ViP-LLaVA one (llava_v1): a system sentence, then `USER: <image>\\n"
+            "{question} ASSISTANT:`. The visual prompt (a box, arrow or scribble) is drawn on the image itself."
+        )
     return (
         f"The prompt format is the original ViP-LLaVA {backbone.title} one ({backbone.conv_mode}), as the chat "
         "template "
@@ -196,23 +203,29 @@ def _and(items: list[str]) -> str:
 def _older_versions(backbone: Backbone) -> list[str]:
     """What the matrix measured on releases before the newest, for this backbone."""
     first = FIRST_VERSION.get(backbone.name, "4.37")
-    out = [f"On transformers {first} to 4.48 the model and tokenizer work, but no `AutoProcessor` pads the image to a "
-           f"square (`LlavaImageProcessor`, with `do_pad`, arrives in {PROCESSOR_FROM}; a plain CLIP processor "
-           "centre-crops instead, and the answers change): use the recipe under Usage, which gives the processor's "
-           f"`input_ids`, `pixel_values` and logits (measured on {_and(_from(RECIPE_VERSIONS, first))})."]
+    out = [
+        f"On transformers {first} to 4.48 the model and tokenizer work, but no `AutoProcessor` pads the image to a "
+        f"square (`LlavaImageProcessor`, with `do_pad`, arrives in {PROCESSOR_FROM}; a plain CLIP processor "
+        "centre-crops instead, and the answers change): use the recipe under Usage, which gives the processor's "
+        f"`input_ids`, `pixel_values` and logits (measured on {_and(_from(RECIPE_VERSIONS, first))})."
+    ]
     if backbone.name in FIRST_VERSION:
         out.append(
             f"{backbone.title} needs transformers {FIRST_VERSION[backbone.name]} or later (older releases do not "
             "know its text model)."
         )
     if backbone.name in EAGER_VERSIONS:
-        out.append(f"On transformers {EAGER_VERSIONS[backbone.name]}, load with `attn_implementation=\"eager\"`: there "
-                   f"VipLlava asks {backbone.title} for sdpa attention, which it refuses.")
+        out.append(
+            f'On transformers {EAGER_VERSIONS[backbone.name]}, load with `attn_implementation="eager"`: there '
+            f"VipLlava asks {backbone.title} for sdpa attention, which it refuses."
+        )
     if backbone.name in IGNORE_MERGES:
-        out.append(f"For exact {backbone.title} tokenization use transformers {IGNORE_MERGES[backbone.name]} or later: "
-                   "older releases require tokenizers < 0.19, which drops the tokenizer's `ignore_merges` option, so "
-                   "some words are split differently (588 of the 128000 in the Llama-3 vocabulary, measured with "
-                   "tokenizers 0.15.1).")
+        out.append(
+            f"For exact {backbone.title} tokenization use transformers {IGNORE_MERGES[backbone.name]} or later: "
+            "older releases require tokenizers < 0.19, which drops the tokenizer's `ignore_merges` option, so "
+            "some words are split differently (588 of the 128000 in the Llama-3 vocabulary, measured with "
+            "tokenizers 0.15.1)."
+        )
     return out
 
 
@@ -312,14 +325,20 @@ def model_card(
 
     out += ["## Proven transformers versions", ""]
     if proven_versions:
-        out.append(f"Proven to load and compute the same on transformers {', '.join(proven_versions)} "
-                   "(vipllava-harness's version matrix, `python -m verify.compat`).")
+        out.append(
+            f"Proven to load and compute the same on transformers {', '.join(proven_versions)} "
+            "(vipllava-harness's version matrix, `python -m verify.compat`)."
+        )
     elif venv.get("transformers"):
-        out.append(f"Verified with transformers {venv['transformers']} (torch {venv.get('torch', '?')}); "
-                   "no other transformers version was checked for this upload.")
+        out.append(
+            f"Verified with transformers {venv['transformers']} (torch {venv.get('torch', '?')}); "
+            "no other transformers version was checked for this upload."
+        )
     else:
-        out.append(f"Converted with transformers {env.get('transformers', '?')}; the verification report does not "
-                   "record its environment, and no other version was checked for this upload.")
+        out.append(
+            f"Converted with transformers {env.get('transformers', '?')}; the verification report does not "
+            "record its environment, and no other version was checked for this upload."
+        )
     out.append("")
     out += [" ".join(_older_versions(backbone)), ""]
 

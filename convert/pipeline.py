@@ -269,8 +269,10 @@ def _convert_opened(
     head_dtype = ckpt.info(ORIGINAL_LM_HEAD).dtype if opts.dtype == "auto" else out_dtype
     for key, dtype in ((ORIGINAL_EMBED, out_dtype), (ORIGINAL_LM_HEAD, head_dtype)):
         if dtype not in _DTYPE_NAME:
-            raise ConversionError(f"{key}: stored as {ckpt.info(key).dtype}; expected a floating-point matrix, "
-                                  "pass --dtype bfloat16, float16 or float32")
+            raise ConversionError(
+                f"{key}: stored as {ckpt.info(key).dtype}; expected a floating-point matrix, "
+                "pass --dtype bfloat16, float16 or float32"
+            )
     cfg = build_config(
         original_cfg, vision_cfg, tinfo.ids, _DTYPE_NAME[out_dtype], str(orig_dir / "config.json"), backbone
     )
@@ -312,9 +314,7 @@ def _convert_opened(
     for src, tgt in mapping.mapped.items():
         if tgt in (EMBED_KEY, LM_HEAD_KEY):
             tensors.append(
-                OutTensor(
-                    tgt, resized_dtype[tgt], (rows, hidden), resized_loader(tgt), source_span(src), late=True
-                )
+                OutTensor(tgt, resized_dtype[tgt], (rows, hidden), resized_loader(tgt), source_span(src), late=True)
             )
         else:
             dtype, span = out_dtype_for(src), source_span(src)
@@ -374,7 +374,7 @@ def _convert_opened(
             "scale": SCALE,
             "seed": opts.seed,
             "method": "mu + sqrt(scale/n) * (E - mu)^T g, g ~ N(0, I_n); float64; one generator, embed rows then "
-                      "lm_head rows",
+            "lm_head rows",
             "resized": [EMBED_KEY, LM_HEAD_KEY],
         },
     }
@@ -469,8 +469,10 @@ def check_sentencepiece(path: Path) -> None:
                 f"({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
             )
     if problem:
-        raise ConversionError(f"{path}: expected a sentencepiece model, found {problem}; re-download the tokenizer, or "
-                              "remove tokenizer.model if the folder's tokenizer.json is the tokenizer")
+        raise ConversionError(
+            f"{path}: expected a sentencepiece model, found {problem}; re-download the tokenizer, or "
+            "remove tokenizer.model if the folder's tokenizer.json is the tokenizer"
+        )
 
 
 @contextmanager
@@ -516,8 +518,13 @@ def _resized(job: Future[ResizeResult], key: str) -> torch.Tensor:
 
 
 def _write_repo(
-    output: Path, opts: Options, shards: list[list[OutTensor]], write_text_files, manifest: dict,
-    reader: InputStream, input_records: Callable[[], dict],
+    output: Path,
+    opts: Options,
+    shards: list[list[OutTensor]],
+    write_text_files,
+    manifest: dict,
+    reader: InputStream,
+    input_records: Callable[[], dict],
 ) -> None:
     """The only place that writes: shards (streamed), index, text files, then the manifest with every hash."""
     from tqdm.auto import tqdm

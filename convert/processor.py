@@ -59,8 +59,14 @@ class TokenizerInfo:
 
 
 def _added_entry(added) -> dict:
-    return {"content": added.content, "lstrip": added.lstrip, "normalized": added.normalized, "rstrip": added.rstrip,
-            "single_word": added.single_word, "special": added.special}
+    return {
+        "content": added.content,
+        "lstrip": added.lstrip,
+        "normalized": added.normalized,
+        "rstrip": added.rstrip,
+        "single_word": added.single_word,
+        "special": added.special,
+    }
 
 
 def _base_add_bos(text_dir: Path) -> bool:
@@ -153,8 +159,13 @@ def _sentencepiece_backend(tok, text_dir: Path, rule: str):
     if model_file.is_file():
         pieces = _read_sentencepiece(model_file)
         unk = next((p for p, _, t in pieces if t == 2), None)
-        bpe = models.BPE(vocab={p: i for i, (p, _, _) in enumerate(pieces)}, merges=spm_merges(pieces), unk_token=unk,
-                         fuse_unk=True, byte_fallback=True)
+        bpe = models.BPE(
+            vocab={p: i for i, (p, _, _) in enumerate(pieces)},
+            merges=spm_merges(pieces),
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
         backend = Tokenizer(bpe)
     else:  # a base with only tokenizer.json: its BPE model as written (transformers' own object may be rebuilt)
         path = text_dir / "tokenizer.json"
@@ -179,16 +190,42 @@ def _sentencepiece_backend(tok, text_dir: Path, rule: str):
         first = normalizers.Prepend("\u2581")
     backend.normalizer = normalizers.Sequence([first, normalizers.Replace(" ", "\u2581")])
     backend.pre_tokenizer = None
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
-    backend.add_special_tokens([AddedToken(a.content, single_word=a.single_word, lstrip=a.lstrip, rstrip=a.rstrip,
-                                           normalized=rule == "chunk", special=True) for a in added if a.special])
-    backend.add_tokens([AddedToken(a.content, single_word=a.single_word, lstrip=a.lstrip, rstrip=a.rstrip,
-                                   normalized=rule == "chunk", special=False) for a in added if not a.special])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.add_special_tokens(
+        [
+            AddedToken(
+                a.content,
+                single_word=a.single_word,
+                lstrip=a.lstrip,
+                rstrip=a.rstrip,
+                normalized=rule == "chunk",
+                special=True,
+            )
+            for a in added
+            if a.special
+        ]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(
+                a.content,
+                single_word=a.single_word,
+                lstrip=a.lstrip,
+                rstrip=a.rstrip,
+                normalized=rule == "chunk",
+                special=False,
+            )
+            for a in added
+            if not a.special
+        ]
+    )
     if _base_config(text_dir).get("add_bos_token", True) and tok.bos_token is not None:
         bos = tok.bos_token
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, backend.token_to_id(bos))])
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, backend.token_to_id(bos))]
+        )
     return backend
 
 
@@ -243,8 +280,13 @@ def build_tokenizer(tok, text_dir: Path, vocab: int, backbone: Backbone = VICUNA
                 f"{text_dir}: tokenizer.model and the tokenizer files disagree on the vocabulary "
                 f"({backend.get_vocab_size(with_added_tokens=True)} vs {tokens} tokens); re-download the text model"
             )
-        tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=tok.bos_token, eos_token=tok.eos_token,
-                                      unk_token=tok.unk_token, clean_up_tokenization_spaces=False)
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+            unk_token=tok.unk_token,
+            clean_up_tokenization_spaces=False,
+        )
     tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     tok.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
     got = (tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.convert_tokens_to_ids(PAD_TOKEN))
@@ -280,8 +322,11 @@ def tokenizer_json(backend) -> str:
     data = json.loads(backend.to_str())
     model = data.get("model") or {}
     merges = model.get("merges")
-    if model.get("type") == "BPE" and isinstance(merges, list) and all(
-            isinstance(m, list) and len(m) == 2 and " " not in m[0] + m[1] for m in merges):
+    if (
+        model.get("type") == "BPE"
+        and isinstance(merges, list)
+        and all(isinstance(m, list) and len(m) == 2 and " " not in m[0] + m[1] for m in merges)
+    ):
         model["merges"] = [f"{a} {b}" for a, b in merges]
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
@@ -319,18 +364,24 @@ def write_tokenizer_files(
         "tokenizer_class": backbone.tokenizer_class,
     }
     if sentencepiece:  # the slow-tokenizer settings (transformers 4.x, use_fast=False)
-        cfg.update({
-            "add_bos_token": info.add_bos_token,
-            "add_eos_token": False,
-            "legacy": info.prefix_rule != "chunk",  # the converted tokenizer.json's rule, for the record
-            "sp_model_kwargs": {},
-            "spaces_between_special_tokens": False,
-            "unk_token": info.unk_token,
-            "use_default_system_prompt": False,
-        })
+        cfg.update(
+            {
+                "add_bos_token": info.add_bos_token,
+                "add_eos_token": False,
+                "legacy": info.prefix_rule != "chunk",  # the converted tokenizer.json's rule, for the record
+                "sp_model_kwargs": {},
+                "spaces_between_special_tokens": False,
+                "unk_token": info.unk_token,
+                "use_default_system_prompt": False,
+            }
+        )
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    special = {"additional_special_tokens": additional, "bos_token": info.bos_token, "eos_token": info.eos_token,
-               "pad_token": PAD_TOKEN}
+    special = {
+        "additional_special_tokens": additional,
+        "bos_token": info.bos_token,
+        "eos_token": info.eos_token,
+        "pad_token": PAD_TOKEN,
+    }
     if info.unk_token is not None:
         special["unk_token"] = info.unk_token
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")

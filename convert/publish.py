@@ -109,8 +109,10 @@ def _operations(folder: Path, manifest: dict, extra: dict[str, bytes]) -> list:
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
     expected = sorted({*outputs, MANIFEST})
     if names != expected:
-        raise PublishError(f"{folder}: its files changed since verification (now {len(names)}, conversion.json lists "
-                           f"{len(expected)}); nothing was pushed")
+        raise PublishError(
+            f"{folder}: its files changed since verification (now {len(names)}, conversion.json lists "
+            f"{len(expected)}); nothing was pushed"
+        )
     ops = []
     for name in names:
         if name != MANIFEST and sha256_file(folder / name) != outputs[name]:
@@ -199,8 +201,10 @@ def publish(
         if private:
             stage = "repo_info"
             if getattr(api.repo_info(repo_id), "private", None) is False:
-                raise PublishError(f"{repo_id}: exists and is public, and --private does not change an existing repo's "
-                                   "visibility; nothing was uploaded (make it private on the Hub, or drop --private)")
+                raise PublishError(
+                    f"{repo_id}: exists and is public, and --private does not change an existing repo's "
+                    "visibility; nothing was uploaded (make it private on the Hub, or drop --private)"
+                )
         if revision and revision != "main":
             stage = "create_branch"
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -211,22 +215,43 @@ def publish(
         stage = "create_commit"
         # ONE commit by construction: upload_folder may split a large folder into several commits ("(part N)")
         info = api.create_commit(
-            repo_id, [*(CommitOperationDelete(path_in_repo=p) for p in stale), *operations], commit_message=message,
-            commit_description="\n".join(f"{c.name}: {c.status} {c.summary}" for c in report.checks), revision=revision,
+            repo_id,
+            [*(CommitOperationDelete(path_in_repo=p) for p in stale), *operations],
+            commit_message=message,
+            commit_description="\n".join(f"{c.name}: {c.status} {c.summary}" for c in report.checks),
+            revision=revision,
         )
     except _hub_errors() as e:
         first = (str(e).splitlines() or [e.__class__.__name__])[0]
         status = getattr(getattr(e, "response", None), "status_code", None)
-        hint = ("check the token (HF_TOKEN or `hf auth login`) and your write access to " + repo_id
-                if status in (401, 403) or "token" in first.lower() else "check the network and the repo id")
+        hint = (
+            "check the token (HF_TOKEN or `hf auth login`) and your write access to " + repo_id
+            if status in (401, 403) or "token" in first.lower()
+            else "check the network and the repo id"
+        )
         done = "no commit was made" if stage == "create_commit" else "nothing was uploaded"
         raise PublishError(f"pushing to {repo_id} failed at {stage}: {first}; {hint}; {done}") from None
-    return PublishResult(repo_id=repo_id, revision=revision, pushed=True, report=report, commit_message=message,
-                         commit_url=getattr(info, "commit_url", None), files=files, deleted=stale)
+    return PublishResult(
+        repo_id=repo_id,
+        revision=revision,
+        pushed=True,
+        report=report,
+        commit_message=message,
+        commit_url=getattr(info, "commit_url", None),
+        files=files,
+        deleted=stale,
+    )
 
 
-def run(folder: Path, repo_id: str, *, private: bool, revision: str | None, progress: bool,
-        verify: Callable[[Path], Report] | None = None) -> int:
+def run(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool,
+    revision: str | None,
+    progress: bool,
+    verify: Callable[[Path], Report] | None = None,
+) -> int:
     """The CLI step after a successful conversion: 0 pushed, 1 refused (verification failed), 2 push failed.
     ``verify`` as in :func:`publish` (the CLI passes none: the full verification)."""
     try:
@@ -240,8 +265,11 @@ def run(folder: Path, repo_id: str, *, private: bool, revision: str | None, prog
     print(result.report.table())
     if result.refused:
         failed = [c for c in result.report.checks if c.failed]
-        print(f"error: not pushed to {repo_id}: verification failed ({', '.join(c.name for c in failed)}); nothing was "
-              f"sent to the Hub; the converted folder stays at {folder}", file=sys.stderr)
+        print(
+            f"error: not pushed to {repo_id}: verification failed ({', '.join(c.name for c in failed)}); nothing was "
+            f"sent to the Hub; the converted folder stays at {folder}",
+            file=sys.stderr,
+        )
         for c in failed:
             more = f" (+{len(c.details) - 1} more)" if len(c.details) > 1 else ""
             print(f"  {c.name}: {c.summary}" + (f"; {c.details[0]}{more}" if c.details else ""), file=sys.stderr)

@@ -83,7 +83,12 @@ def _check_cast(name: str, t: torch.Tensor) -> None:
 
 
 def resize(
-    embed: torch.Tensor, lm_head: torch.Tensor, rows: int, seed: int, out_dtype: torch.dtype, scale: float = SCALE,
+    embed: torch.Tensor,
+    lm_head: torch.Tensor,
+    rows: int,
+    seed: int,
+    out_dtype: torch.dtype,
+    scale: float = SCALE,
     head_dtype: torch.dtype | None = None,
 ) -> ResizeResult:
     """Both matrices padded to ``rows``; original rows copied bit for bit (then cast to ``out_dtype``; the

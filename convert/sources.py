@@ -166,8 +166,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
             raise ConversionError(f"{path}: truncated safetensors file ({size} bytes); re-download it")
         (n,) = struct.unpack("<Q", head)
         if n > min(size - 8, SAFETENSORS_MAX_HEADER):
-            raise ConversionError(f"{path}: corrupt safetensors header (claims {n} bytes, expected at most "
-                                  f"{min(size - 8, SAFETENSORS_MAX_HEADER)}); re-download it")
+            raise ConversionError(
+                f"{path}: corrupt safetensors header (claims {n} bytes, expected at most "
+                f"{min(size - 8, SAFETENSORS_MAX_HEADER)}); re-download it"
+            )
         raw = f.read(n)
     header = parse_json(raw, f"{path} (safetensors header)", ConversionError, dict, hint=fix)
     meta = header.pop("__metadata__", None)
@@ -194,16 +196,20 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
             raise ConversionError(
                 f"{where}: expected a shape of non-negative integers, found {safe_name(shape)}; {fix}"
             )
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) and x >= 0 for x in offsets)
-                and offsets[0] <= offsets[1]):
-            raise ConversionError(f"{where}: expected data_offsets [begin, end] of integers with 0 <= begin <= end, "
-                                  f"found {safe_name(offsets)}; {fix}")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_int(x) and x >= 0 for x in offsets)
+            and offsets[0] <= offsets[1]
+        ):
+            raise ConversionError(
+                f"{where}: expected data_offsets [begin, end] of integers with 0 <= begin <= end, "
+                f"found {safe_name(offsets)}; {fix}"
+            )
         begin, stop = offsets
         expected = TensorInfo(_SAFETENSORS_DTYPES[dtype], tuple(shape)).nbytes
         if stop - begin != expected:
-            raise ConversionError(
-                f"{where}: spans {stop - begin} bytes but its dtype and shape need {expected}; {fix}"
-            )
+            raise ConversionError(f"{where}: spans {stop - begin} bytes but its dtype and shape need {expected}; {fix}")
         spans.append((begin, stop, key))
     end = 0
     for begin, stop, key in sorted(spans):
@@ -313,8 +319,16 @@ def scan_pickle(path: Path) -> None:
     bounded by :data:`MAX_PICKLE_BYTES`."""
     try:
         data = _read_state_pickle(path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, UnicodeDecodeError, EOFError, ValueError,
-            struct.error, OSError):
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+        UnicodeDecodeError,
+        EOFError,
+        ValueError,
+        struct.error,
+        OSError,
+    ):
         raise ConversionError(
             f"{path}: truncated or corrupt (not a readable zip-format torch checkpoint; a legacy pre-1.6 file must be "
             "re-saved with a current torch); re-download it"
@@ -391,12 +405,16 @@ class _PickleShard:
                 "do not load it with weights_only=False"
             ) from None
         if not isinstance(obj, dict):
-            raise ConversionError(f"{path}: expected a flat dict of name -> tensor, found {type(obj).__name__}; "
-                                  "pass a checkpoint saved from a state dict")
+            raise ConversionError(
+                f"{path}: expected a flat dict of name -> tensor, found {type(obj).__name__}; "
+                "pass a checkpoint saved from a state dict"
+            )
         bad = next(((k, v) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
         if bad is not None:
-            raise ConversionError(f"{path}: expected a flat dict of name -> tensor, found {safe_name(bad[0])!r} -> "
-                                  f"{type(bad[1]).__name__}; pass a checkpoint saved from a state dict")
+            raise ConversionError(
+                f"{path}: expected a flat dict of name -> tensor, found {safe_name(bad[0])!r} -> "
+                f"{type(bad[1]).__name__}; pass a checkpoint saved from a state dict"
+            )
         self._offsets = _record_offsets(path, obj)
         # torch.save keeps the lazy negation / conjugation bits of a view (``torch._neg_view``, ``x.conj()``): the
         # file holds the un-negated bytes. Resolve them here, and never copy such a tensor's bytes verbatim.

@@ -218,7 +218,7 @@ class _BufferedSink:
     def write(self, buf: memoryview) -> None:
         view = memoryview(buf)
         while view:  # a raw file may write less than asked
-            view = view[self.f.write(view):]
+            view = view[self.f.write(view) :]
         self.size += len(buf)
         if self.flusher is not None:
             self.flusher.advance(self.path, self.size)
@@ -454,8 +454,14 @@ class InputStream:
     WARM_BYTES = 6 << 30  # page cache, not our memory; capped at a third of what the machine has available
     WARM_STEP = 1 << 28
 
-    def __init__(self, files: list[Path], *, hashing: bool = True, drop: bool = True,
-                 _spans: list[tuple[Path, int, int]] | None = None):
+    def __init__(
+        self,
+        files: list[Path],
+        *,
+        hashing: bool = True,
+        drop: bool = True,
+        _spans: list[tuple[Path, int, int]] | None = None,
+    ):
         self.files = list(files)
         self.starts: dict[Path, int] = {}
         self.sizes: dict[Path, int] = {}

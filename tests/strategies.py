@@ -81,8 +81,16 @@ _TEXT_LAYER_PARTS = (
 )
 _CLIP_LAYER_PARTS = tuple(
     f"{m}.{wb}"
-    for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-              "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")
+    for m in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "layer_norm1",
+        "layer_norm2",
+        "mlp.fc1",
+        "mlp.fc2",
+    )
     for wb in ("weight", "bias")
 )
 ORIGINAL_VISION = "model.vision_tower.vision_tower.vision_model."
@@ -95,12 +103,21 @@ def documented_original_keys(text_layers: int, vision_layers: int, legacy_buffer
     keys = {ORIGINAL_EMBED, "model.norm.weight", ORIGINAL_LM_HEAD}
     keys |= {f"model.layers.{i}.{p}" for i in range(text_layers) for p in _TEXT_LAYER_PARTS}
     v = ORIGINAL_VISION
-    keys |= {v + "embeddings.class_embedding", v + "embeddings.patch_embedding.weight",
-             v + "embeddings.position_embedding.weight", v + "pre_layrnorm.weight", v + "pre_layrnorm.bias",
-             v + "post_layernorm.weight", v + "post_layernorm.bias"}
+    keys |= {
+        v + "embeddings.class_embedding",
+        v + "embeddings.patch_embedding.weight",
+        v + "embeddings.position_embedding.weight",
+        v + "pre_layrnorm.weight",
+        v + "pre_layrnorm.bias",
+        v + "post_layernorm.weight",
+        v + "post_layernorm.bias",
+    }
     keys |= {f"{v}encoder.layers.{i}.{p}" for i in range(vision_layers) for p in _CLIP_LAYER_PARTS}
-    keys |= {f"model.mm_projector.{m}.{wb}" for m in ("clip_layernorm", "final_linear.0", "final_linear.2")
-             for wb in ("weight", "bias")}
+    keys |= {
+        f"model.mm_projector.{m}.{wb}"
+        for m in ("clip_layernorm", "final_linear.0", "final_linear.2")
+        for wb in ("weight", "bias")
+    }
     if legacy_buffers:
         keys |= {f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(text_layers)}
         keys.add(v + "embeddings.position_ids")
@@ -121,6 +138,7 @@ def _any_depth_layout() -> frozenset[str]:
 # ------------------------------------------------------------------------------------------
 # generated checkpoints
 # ------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -147,10 +165,21 @@ def shuffled_shapes(spec: TinySpec, order_seed: int) -> dict[str, tuple[int, ...
     return {k: shapes[k] for k in keys}
 
 
-def spec(vocab: int = 997, text_layers: int = 2, vision_layers: int = 12, text_heads: int = 2,
-         text_head_dim: int = 8, text_kv_heads: int = 1, text_intermediate: int = 24, vision_heads: int = 2,
-         vision_head_dim: int = 8, vision_intermediate: int = 40, patch_size: int = 2, grid: int = 3,
-         legacy_buffers: bool = True) -> TinySpec:
+def spec(
+    vocab: int = 997,
+    text_layers: int = 2,
+    vision_layers: int = 12,
+    text_heads: int = 2,
+    text_head_dim: int = 8,
+    text_kv_heads: int = 1,
+    text_intermediate: int = 24,
+    vision_heads: int = 2,
+    vision_head_dim: int = 8,
+    vision_intermediate: int = 40,
+    patch_size: int = 2,
+    grid: int = 3,
+    legacy_buffers: bool = True,
+) -> TinySpec:
     """A ``TinySpec`` from the generator's parameters (heads * head_dim = hidden)."""
     return TinySpec(
         vocab_size=vocab,
@@ -174,8 +203,9 @@ def vocab_sizes(max_vocab: int = MAX_VOCAB) -> st.SearchStrategy[int]:
 
 
 @st.composite
-def specs(draw, max_text_layers: int = MAX_TEXT_LAYERS, max_vision_layers: int = MAX_VISION_LAYERS,
-          max_vocab: int = MAX_VOCAB) -> TinySpec:
+def specs(
+    draw, max_text_layers: int = MAX_TEXT_LAYERS, max_vision_layers: int = MAX_VISION_LAYERS, max_vocab: int = MAX_VOCAB
+) -> TinySpec:
     text_heads = draw(st.sampled_from([1, 2, 4, 8]))
     kv_heads = draw(st.sampled_from([d for d in (1, 2, 4, 8) if text_heads % d == 0]))
     return spec(
@@ -228,8 +258,21 @@ def foreign_keys(draw, shapes: dict[str, tuple[int, ...]]) -> str:
     """A key near (or far from) the original layout that is NOT in it, for any layer count < 100."""
     keys = sorted(shapes)
     layered = [k for k in keys if ".layers." in k]
-    kind = draw(st.sampled_from(["extra", "leading_zero", "truncated", "plain_llava", "converted_name",
-                                 "prefixed", "inserted", "bad_index", "case"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "extra",
+                "leading_zero",
+                "truncated",
+                "plain_llava",
+                "converted_name",
+                "prefixed",
+                "inserted",
+                "bad_index",
+                "case",
+            ]
+        )
+    )
     if kind == "extra":
         key = f"model.{draw(_IDENT)}.{draw(st.sampled_from(['weight', 'bias']))}"
     elif kind == "leading_zero":
@@ -242,10 +285,17 @@ def foreign_keys(draw, shapes: dict[str, tuple[int, ...]]) -> str:
     elif kind == "plain_llava":
         key = f"model.mm_projector.{draw(st.sampled_from(['0', '2']))}.{draw(st.sampled_from(['weight', 'bias']))}"
     elif kind == "converted_name":
-        key = draw(st.sampled_from(["language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
-                                    "multi_modal_projector.linear_1.weight",
-                                    "vision_tower.vision_model.post_layernorm.bias",
-                                    "language_model.model.layers.0.mlp.up_proj.weight"]))
+        key = draw(
+            st.sampled_from(
+                [
+                    "language_model.model.embed_tokens.weight",
+                    "language_model.lm_head.weight",
+                    "multi_modal_projector.linear_1.weight",
+                    "vision_tower.vision_model.post_layernorm.bias",
+                    "language_model.model.layers.0.mlp.up_proj.weight",
+                ]
+            )
+        )
     elif kind == "prefixed":
         key = draw(st.sampled_from(["module.", "model.", "base_model.", "_orig_mod."])) + draw(st.sampled_from(keys))
     elif kind == "inserted":
@@ -270,6 +320,7 @@ def foreign_keys(draw, shapes: dict[str, tuple[int, ...]]) -> str:
 # ------------------------------------------------------------------------------------------
 # embedding matrices for the resize
 # ------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class EmbedSpec:
@@ -307,5 +358,11 @@ def embed_specs(draw, max_n: int = 3000, max_h: int = 256) -> EmbedSpec:
     n = draw(st.one_of(st.sampled_from([v for v in (1, 2, 3, 62, 63, 64, 997) if v <= max_n]), st.integers(1, max_n)))
     h = draw(st.one_of(st.sampled_from([1, 2, 64, max_h]), st.integers(1, max_h)))
     rank = draw(st.one_of(st.just(h), st.integers(1, h)))  # full rank, or an exactly singular covariance
-    return EmbedSpec(n=n, h=h, rank=rank, scale=draw(st.sampled_from([1e-3, 0.02, 0.5, 1.0, 4.0])),
-                     offset=draw(st.sampled_from([0.0, 0.1, 1.0])), seed=draw(st.integers(0, 2**31 - 1)))  # see build()
+    return EmbedSpec(
+        n=n,
+        h=h,
+        rank=rank,
+        scale=draw(st.sampled_from([1e-3, 0.02, 0.5, 1.0, 4.0])),
+        offset=draw(st.sampled_from([0.0, 0.1, 1.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )  # see build()

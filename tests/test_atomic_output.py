@@ -62,8 +62,9 @@ class Zygote:
     def __init__(self):
         env = dict(os.environ, HF_HUB_OFFLINE="1")
         env.pop(FAULT_ENV, None)
-        self.p = subprocess.Popen([sys.executable, "-c", _ZYGOTE], env=env, stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
+        self.p = subprocess.Popen(
+            [sys.executable, "-c", _ZYGOTE], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         assert self.p.stdout.readline().strip() == "ready"
 
     def run(self, argv: list[str], fault: str | None = None, kill_after: float | None = None) -> tuple[int, float]:
@@ -87,8 +88,18 @@ class Zygote:
 
 
 def _argv(fx, output: Path, extra: list[str]) -> list[str]:
-    return ["--original", str(fx.original), "--text-model", str(fx.text_model), "--vision-model", str(fx.vision_model),
-            "--output", str(output), "--quiet", *extra]
+    return [
+        "--original",
+        str(fx.original),
+        "--text-model",
+        str(fx.text_model),
+        "--vision-model",
+        str(fx.vision_model),
+        "--output",
+        str(output),
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -55,8 +55,14 @@ def upstream_style(converted, tiny, tmp_path_factory) -> Path:
 
     dst = tmp_path_factory.mktemp("audit") / "upstream"
     shutil.copytree(converted, dst)
-    for name in ("conversion.json", "chat_template.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                 "special_tokens_map.json"):
+    for name in (
+        "conversion.json",
+        "chat_template.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ):
         (dst / name).unlink(missing_ok=True)
     pre = json.loads((tiny.vision_model / "preprocessor_config.json").read_text())  # CLIPImageProcessor, no do_pad
     assert pre["image_processor_type"] == "CLIPImageProcessor" and "do_pad" not in pre
@@ -102,8 +108,16 @@ def test_an_upstream_style_repo_fails_exactly_on_what_differs(upstream_style, ti
 def test_audit_from_the_command_line_and_its_exit_codes(honest, tiny, tmp_path, capsys):
     from verify.cli import main
 
-    args = [str(honest), "--original", str(tiny.original), "--text-model", str(tiny.text_model),
-            "--vision-model", str(tiny.vision_model), "--quiet"]
+    args = [
+        str(honest),
+        "--original",
+        str(tiny.original),
+        "--text-model",
+        str(tiny.text_model),
+        "--vision-model",
+        str(tiny.vision_model),
+        "--quiet",
+    ]
     assert main(args + ["--only", "files"]) == 1  # N/A alone is no evidence
     assert (
         capsys.readouterr().out.splitlines()[-1] == "NOT PASSED: no applicable check ran (audit; not applicable: files)"

@@ -14,13 +14,19 @@ from convert.errors import ConversionError
 
 # Produced by running the ORIGINAL llava/conversation.py (provenance in tests/original_prompts.json): (a) user
 # "<image>\nWhat is shown?", assistant None; (b) the same, assistant "A cat.", user "What colour?", assistant None.
-ORIGINAL_PROMPTS = {(mode, case): text for mode, cases in json.loads(
-    (Path(__file__).with_name("original_prompts.json")).read_text())["prompts"].items() for case, text in cases.items()}
+ORIGINAL_PROMPTS = {
+    (mode, case): text
+    for mode, cases in json.loads((Path(__file__).with_name("original_prompts.json")).read_text())["prompts"].items()
+    for case, text in cases.items()
+}
 _IMAGE_Q = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}
 CONVERSATIONS = {
     "a": [_IMAGE_Q],
-    "b": [_IMAGE_Q, {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
-          {"role": "user", "content": [{"type": "text", "text": "What colour?"}]}],
+    "b": [
+        _IMAGE_Q,
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What colour?"}]},
+    ],
 }
 
 
@@ -77,8 +83,13 @@ def test_detect_refuses(model_type, forced, words):
 
 @pytest.mark.parametrize(
     "rows, tokens, image, pad, padded",
-    [(32000, None, 32000, 32001, 32064), (128256, None, 128256, 128257, 128320), (32064, 32011, 32011, 32012, 32064),
-     (32064, 32063, 32063, 32064, 32128), (997, None, 997, 998, 1024)],
+    [
+        (32000, None, 32000, 32001, 32064),
+        (128256, None, 128256, 128257, 128320),
+        (32064, 32011, 32011, 32012, 32064),
+        (32064, 32063, 32063, 32064, 32128),
+        (997, None, 997, 998, 1024),
+    ],
 )
 def test_token_layout(rows, tokens, image, pad, padded):
     ids = TokenIds(vocab=rows, bos=1, eos=2, tokens=tokens)
@@ -98,6 +109,7 @@ def test_backbone_tables_differ_only_in_the_decoder_projections():
 # --------------------------------------------------------------------------------------------------------------
 # end to end on each backbone's tiny fixture: convert (the CLI, auto-detected) then `python -m verify`
 # --------------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module", params=["llama3", "phi3"])
 def variant(request, tmp_path_factory):

@@ -56,6 +56,7 @@ def _plain_llava(fx, tmp):
             v = sd.pop(k)
             if "final_linear" in k:
                 sd[k.replace("final_linear.", "")] = v
+
     _rewrite_original(fx, m)
 
 
@@ -63,6 +64,7 @@ def _vocab_mismatch(fx, tmp):
     def m(sd):
         for k in ("model.embed_tokens.weight", "lm_head.weight"):
             sd[k] = torch.cat([sd[k], sd[k][:3]])
+
     _rewrite_original(fx, m, lambda cfg: cfg.__setitem__("vocab_size", 1000))
 
 
@@ -97,12 +99,14 @@ def _wrong_shape(fx, tmp):
     def m(sd):
         k = "model.layers.1.mlp.up_proj.weight"
         sd[k] = sd[k][:, :-1].clone()
+
     _rewrite_original(fx, m)
 
 
 def _nan_embedding(fx, tmp):
     def m(sd):
         sd["model.embed_tokens.weight"][5, 7] = float("nan")
+
     _rewrite_original(fx, m)
 
 
@@ -194,6 +198,7 @@ def _empty_folder(fx, tmp):
 def _inf_embedding(fx, tmp):
     def m(sd):
         sd["model.embed_tokens.weight"][0, 0] = float("inf")
+
     _rewrite_original(fx, m)
 
 
@@ -238,18 +243,21 @@ def _edit_json(path: Path, edit) -> None:
 def _cfg(key, value):
     def setup(fx, tmp):
         _edit_json(fx.original / "config.json", lambda c: c.__setitem__(key, value))
+
     return setup
 
 
 def _vision(key, value):
     def setup(fx, tmp):
         _edit_json(fx.vision_model / "config.json", lambda c: c["vision_config"].__setitem__(key, value))
+
     return setup
 
 
 def _pre(key, value):
     def setup(fx, tmp):
         _edit_json(fx.vision_model / "preprocessor_config.json", lambda c: c.__setitem__(key, value))
+
     return setup
 
 
@@ -258,6 +266,7 @@ def _raw(relpath: str, data: bytes | str):
         p = fx.root / relpath
         p.unlink()
         p.write_bytes(data.encode() if isinstance(data, str) else data)
+
     return setup
 
 
@@ -266,6 +275,7 @@ def _sparse(relpath: str, size: int):
         p = fx.root / relpath
         with open(p, "r+b") as f:
             f.truncate(size)  # the JSON text, then a hole: a huge file that costs no disk
+
     return setup
 
 
@@ -278,6 +288,7 @@ ST1 = "model-00001-of-00002.safetensors"
 
 def _st_edit(edit):
     """Rewrite the first safetensors shard's header: ``edit(entries, body)`` returns (header text, body)."""
+
     def setup(fx, tmp):
         _use(fx, "st")
         p = fx.original / ST1
@@ -287,6 +298,7 @@ def _st_edit(edit):
         text, body = edit(header, data[8 + n :])
         raw = text.encode()
         p.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+
     return setup
 
 
@@ -329,12 +341,14 @@ def _st_entry(key: str, fn):
         k = _tensors(h)[0]
         h[k][key] = fn(h[k][key])
         return json.dumps(h), body
+
     return edit
 
 
 def _st_text(fn):
     def edit(h, body):
         return fn(json.dumps(h), h), body
+
     return edit
 
 
@@ -353,6 +367,7 @@ def _st_header_claims_more(fx, tmp):
 def _index(edit):
     def setup(fx, tmp):
         _edit_json(fx.original / "pytorch_model.bin.index.json", lambda idx: edit(idx, fx, tmp))
+
     return setup
 
 
@@ -364,6 +379,7 @@ def _first_shard_as(name_fn):
         for k, v in wm.items():
             if v == old:
                 wm[k] = new
+
     return _index(edit)
 
 
@@ -389,6 +405,7 @@ def _shard_with_newline_name(fx, tmp):
 def _sd(mutate):
     def setup(fx, tmp):
         _rewrite_original(fx, mutate)
+
     return setup
 
 
@@ -431,6 +448,7 @@ def _non_tensor_value(fx, tmp):
 def _huge_in(key: str, where=(0, 0)):
     def m(sd):
         sd[key][where] = 1e38  # finite in bfloat16, beyond float16's 65504
+
     return _sd(m)
 
 
@@ -440,6 +458,7 @@ def _garbage_spm(data: bytes, backbone: str = "vicuna"):
             for part in ("original", "text_model", "vision_model"):
                 _use(fx, backbone, part)
         (fx.text_model / "tokenizer.model").write_bytes(data)
+
     return setup
 
 
@@ -478,6 +497,7 @@ def _single_file_shard_inside_output(fx, tmp):
 
 def _repo(edit_manifest):
     """verify rows: a copy of the converted template with its conversion.json edited."""
+
     def setup(fx, tmp):
         shutil.copytree(TEMPLATES["repo"], tmp / "repo")
         p = tmp / "repo" / "conversion.json"
@@ -497,6 +517,7 @@ def _repo(edit_manifest):
                 "--quiet",
             ],
         }
+
     return setup
 
 
@@ -894,8 +915,6 @@ CASES = [
 ]
 
 
-
-
 ROWS = CASES + ROUND2
 MAX_SECONDS = 30.0  # per row, on a loaded 2-core machine (a quiet one takes 0.2-2 s)
 MAX_EXTRA_RSS = 512 << 20  # peak resident memory above the interpreter's own (the pickle bomb alone expands to 1 GiB)
@@ -912,8 +931,15 @@ def templates(tmp_path_factory):
     TEMPLATES["st"] = build(root / "st", fmt="safetensors")
     TEMPLATES["phi3"] = build(root / "phi3", backbone="phi3")
     b = TEMPLATES["bin"]
-    convert(Options(original=str(b.original), text_model=str(b.text_model), vision_model=str(b.vision_model),
-                    output=root / "repo", progress=False))
+    convert(
+        Options(
+            original=str(b.original),
+            text_model=str(b.text_model),
+            vision_model=str(b.vision_model),
+            output=root / "repo",
+            progress=False,
+        )
+    )
     TEMPLATES["repo"] = root / "repo"
     yield TEMPLATES
 
@@ -961,8 +987,18 @@ def _argv(fx: FixturePaths, tree: Path, extra: list[str]) -> tuple[list[str], bo
     if extra and extra[0].startswith("@"):
         output, extra = tree / extra[0][1:], extra[1:]
     extra = [str(tree / a[1:]) if a.startswith("@") else a for a in extra]
-    argv = ["--original", str(fx.original), "--text-model", str(fx.text_model), "--vision-model", str(fx.vision_model),
-            "--output", str(output), "--quiet", *extra]
+    argv = [
+        "--original",
+        str(fx.original),
+        "--text-model",
+        str(fx.text_model),
+        "--vision-model",
+        str(fx.vision_model),
+        "--output",
+        str(output),
+        "--quiet",
+        *extra,
+    ]
     return argv + (["--force"] if force else []), force
 
 
@@ -1022,8 +1058,18 @@ def test_the_safetensors_library_refuses_every_header_we_refuse(row, tmp_path, t
 def _positive(runner, tmp_path, fx, output, *extra):
     io = tmp_path / "io"
     io.mkdir(exist_ok=True)
-    argv = ["--original", str(fx.original), "--text-model", str(fx.text_model), "--vision-model", str(fx.vision_model),
-            "--output", str(output), "--quiet", *extra]
+    argv = [
+        "--original",
+        str(fx.original),
+        "--text-model",
+        str(fx.text_model),
+        "--vision-model",
+        str(fx.vision_model),
+        "--output",
+        str(output),
+        "--quiet",
+        *extra,
+    ]
     result = runner.run("convert", argv, str(io))
     assert result["code"] == 0 and result["stderr"] == "", result
     return result
@@ -1058,6 +1104,7 @@ def test_lm_head_keeps_its_dtype(tmp_path, templates, runner):
     def m(sd):
         sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"].to(torch.float16)
         sd["lm_head.weight"][3, 5] = 1e38
+
     _rewrite_original(fx, m)
     head = original_state_dict(TinySpec(), seed=0)["lm_head.weight"]
     head[3, 5] = 1e38
@@ -1125,8 +1172,20 @@ def test_inputs_byte_identical_after_a_killed_force_run(point, tmp_path, templat
     before = tree_state(fx.root)
     io = tmp_path / "io"
     io.mkdir()
-    argv = ["--original", str(fx.original), "--text-model", str(fx.text_model), "--vision-model", str(fx.vision_model),
-            "--output", str(tmp_path / "out"), "--quiet", "--force", "--seed", "3"]
+    argv = [
+        "--original",
+        str(fx.original),
+        "--text-model",
+        str(fx.text_model),
+        "--vision-model",
+        str(fx.vision_model),
+        "--output",
+        str(tmp_path / "out"),
+        "--quiet",
+        "--force",
+        "--seed",
+        "3",
+    ]
     result = runner.run("convert", argv, str(io), env={FAULT_ENV: point})
     assert result["code"] == -9, result  # it really was killed there
     assert tree_state(fx.root) == before

@@ -39,11 +39,20 @@ def test_a_failed_cp_pairs_with_nothing_and_one_pair_gives_no_median():
 
 def test_cold_and_warm_rounds_are_paired_within_their_page_cache_state():
     """--cache both: cp, ours cold, then cp, ours warm, per round; a warm ours is never divided by a cold cp."""
+
     def r(step, seconds, round_, cache):
         return StepResult(step=step, command=step, seconds=seconds, returncode=0, round=round_, cache=cache)
 
-    runs = [r("cp", 30.0, 1, "cold"), r("ours", 33.0, 1, "cold"), r("cp", 15.0, 1, "warm"), r("ours", 18.0, 1, "warm"),
-            r("cp", 40.0, 2, "cold"), r("ours", 32.0, 2, "cold"), r("cp", 20.0, 2, "warm"), r("ours", 22.0, 2, "warm")]
+    runs = [
+        r("cp", 30.0, 1, "cold"),
+        r("ours", 33.0, 1, "cold"),
+        r("cp", 15.0, 1, "warm"),
+        r("ours", 18.0, 1, "warm"),
+        r("cp", 40.0, 2, "cold"),
+        r("ours", 32.0, 2, "cold"),
+        r("cp", 20.0, 2, "warm"),
+        r("ours", 22.0, 2, "warm"),
+    ]
     assert [p["ratio"] for p in paired_ratios(runs, "cold")["pairs"]] == [1.1, 0.8]
     assert [p["ratio"] for p in paired_ratios(runs, "warm")["pairs"]] == [1.2, 1.1]
     assert paired_ratios(runs, "warm")["median_ratio"] == 1.15
@@ -54,9 +63,17 @@ def test_cold_and_warm_rounds_are_paired_within_their_page_cache_state():
 def test_verify_rows_state_their_checks_and_the_ratio_to_the_floor():
     from bench.run import _step_notes
 
-    verify = {"step": "verify", "returncode": 0, "seconds": 600.0, "extra": {"report": {
-        "settings": {"dtype": "bfloat16", "prompts": ["a", "b"], "max_new_tokens": 8},
-        "checks": [{"name": "files", "status": "PASS", "seconds": 30.0}]}}}
+    verify = {
+        "step": "verify",
+        "returncode": 0,
+        "seconds": 600.0,
+        "extra": {
+            "report": {
+                "settings": {"dtype": "bfloat16", "prompts": ["a", "b"], "max_new_tokens": 8},
+                "checks": [{"name": "files", "status": "PASS", "seconds": 30.0}],
+            }
+        },
+    }
     floor = {
         "step": "floor",
         "returncode": 0,

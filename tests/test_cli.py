@@ -57,8 +57,18 @@ def places(tmp_path_factory) -> dict:
         json.dumps({"model_type": "vipllava", "architectures": ["VipLlavaForConditionalGeneration"]})
     )
     (root / "afile").write_text("{}")
-    return {k: str(v) for k, v in {"root": root, "full": root / "full", "adir": root / "adir", "llama": llama,
-                                   "original": orig, "vip": vip, "afile": root / "afile"}.items()}
+    return {
+        k: str(v)
+        for k, v in {
+            "root": root,
+            "full": root / "full",
+            "adir": root / "adir",
+            "llama": llama,
+            "original": orig,
+            "vip": vip,
+            "afile": root / "afile",
+        }.items()
+    }
 
 
 # (id, tool, argv0, argv, exit code, what the one line says). ``{name}`` is filled from ``places``.
@@ -335,8 +345,14 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def table(places) -> dict:
     rows = [(tool, argv0, [a.format(**places) for a in argv]) for _, tool, argv0, argv, _, _ in CASES]
-    done = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(rows)], capture_output=True, text=True, env=_env(),
-                          cwd=places["root"], timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _RUNNER, json.dumps(rows)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=places["root"],
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return dict(zip([c[0] for c in CASES], json.loads(done.stdout), strict=True))
 
@@ -347,9 +363,9 @@ def test_cli_table(case, table, places):
     got = table[name]
     message = message.format(**places)
     assert got["rc"] == code, got
-    assert (
-        not got["torch"] and not got["transformers"]
-    ), f"{name}: torch/transformers imported before the arguments were checked"
+    assert not got["torch"] and not got["transformers"], (
+        f"{name}: torch/transformers imported before the arguments were checked"
+    )
     if code == 2:
         lines = got["err"].splitlines()
         assert len(lines) == 1 and got["out"] == "", f"{name}: usage errors are ONE line on stderr: {got['err']!r}"
@@ -382,11 +398,14 @@ def test_output_hub_path_is_the_push_target():
 
 
 # --- the library API checks its arguments before any work ------------------------------------------------------
-@pytest.mark.parametrize("only, words", [
-    (["logit"], f"--only logit: no such check; the checks are {CHECKS}"),
-    ([], "no check named; a report with zero checks proves nothing"),
-    ("logits", "expected a list of check names"),
-])
+@pytest.mark.parametrize(
+    "only, words",
+    [
+        (["logit"], f"--only logit: no such check; the checks are {CHECKS}"),
+        ([], "no check named; a report with zero checks proves nothing"),
+        ("logits", "expected a list of check names"),
+    ],
+)
 def test_verify_repo_refuses_bad_check_names(converted, only, words):
     from verify.api import verify_repo
     from verify.context import VerifyUsageError
@@ -470,8 +489,14 @@ def test_verify_progress_names_the_check_and_shows_no_foreign_bar_nor_estimate(c
 
 
 def _interrupt(argv: list[str], after: float, tmp_path: Path) -> subprocess.CompletedProcess:
-    p = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=_env(VIPLLAVA_HARNESS_CACHE=str(tmp_path / "cache")), cwd=tmp_path)
+    p = subprocess.Popen(
+        [sys.executable, "-m", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(VIPLLAVA_HARNESS_CACHE=str(tmp_path / "cache")),
+        cwd=tmp_path,
+    )
     time.sleep(after)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)

@@ -28,8 +28,10 @@ from verify.compat_probe import _collapse
 
 IMAGE = 997
 SEQ = 9
-PROMPTS = [{"name": "p0", "prompt": "USER: <image>\nWhat? ASSISTANT:", "image": "box"},
-           {"name": "p1", "prompt": "USER: Hi? ASSISTANT:", "image": None}]
+PROMPTS = [
+    {"name": "p0", "prompt": "USER: <image>\nWhat? ASSISTANT:", "image": "box"},
+    {"name": "p1", "prompt": "USER: Hi? ASSISTANT:", "image": None},
+]
 EXPECTED = {
     "config.image_token_index": IMAGE,
     "config.image_seq_length": SEQ,
@@ -148,9 +150,9 @@ def _image_tokens_short(p):
 
 def _tokenizer_fails(p):
     p.result["steps"]["tokenizer"] = {"ok": False, "seconds": 0.0}
-    p.result["errors"][
-        "tokenizer"
-    ] = "ValueError: Tokenizer class TokenizersBackend does not exist or is not currently imported."
+    p.result["errors"]["tokenizer"] = (
+        "ValueError: Tokenizer class TokenizersBackend does not exist or is not currently imported."
+    )
     p.result.pop("tokenizer")
 
 
@@ -165,16 +167,24 @@ def test_clean_row_passes():
     assert row.image_tokens == [SEQ] and row.logits_max_diff == pytest.approx(2e-6, rel=0.1)
 
 
-@pytest.mark.parametrize("edit, column, detail", [
-    (_missing_keys, "missing", "3 missing keys"),
-    (_logits_off, "logits_ok", "logits max |diff| 0.001"),
-    (_load_error, "load_ok", "model: OSError"),
-    (_setting_ignored, "settings_ok", "reads config.vision_feature_layers = [-2], the files say [-2, -5, -8, -11, 6]"),
-    (_dummy_prefix_dropped, "tokenizer_ok", "'<image>\\nWhat' gives ['<0x0A>', 'W'] after <image>"),
-    (_image_tokens_short, "image_tokens_ok", "runs of [8] image tokens, expected 1 x 9"),
-    (_tokenizer_fails, "tokenizer_ok", "TokenizersBackend does not exist"),
-    (_pixels_off, "processor_ok", "pixel_values max |diff| 0.001"),
-], ids=lambda x: x.__name__.strip("_") if callable(x) else None)
+@pytest.mark.parametrize(
+    "edit, column, detail",
+    [
+        (_missing_keys, "missing", "3 missing keys"),
+        (_logits_off, "logits_ok", "logits max |diff| 0.001"),
+        (_load_error, "load_ok", "model: OSError"),
+        (
+            _setting_ignored,
+            "settings_ok",
+            "reads config.vision_feature_layers = [-2], the files say [-2, -5, -8, -11, 6]",
+        ),
+        (_dummy_prefix_dropped, "tokenizer_ok", "'<image>\\nWhat' gives ['<0x0A>', 'W'] after <image>"),
+        (_image_tokens_short, "image_tokens_ok", "runs of [8] image tokens, expected 1 x 9"),
+        (_tokenizer_fails, "tokenizer_ok", "TokenizersBackend does not exist"),
+        (_pixels_off, "processor_ok", "pixel_values max |diff| 0.001"),
+    ],
+    ids=lambda x: x.__name__.strip("_") if callable(x) else None,
+)
 def test_each_defect_fails_its_row(edit, column, detail):
     row = _row(edit)
     assert not row.passed and row.verdict == "FAIL"
@@ -207,9 +217,9 @@ def _recipe_one_token_on_new(p):  # one <image> where the model wants the expand
 
 def _processor_refused(p):
     p.result["steps"]["processor"] = {"ok": False, "seconds": 0.0}
-    p.result["errors"][
-        "processor"
-    ] = "TypeError: LlavaProcessor.__init__() got an unexpected keyword argument 'image_token'"
+    p.result["errors"]["processor"] = (
+        "TypeError: LlavaProcessor.__init__() got an unexpected keyword argument 'image_token'"
+    )
     p.result.pop("processor")
     for i in (0, 1):
         p.tensors.pop(f"own_ids_{i}")
@@ -220,15 +230,19 @@ def _processor_does_not_pad(p):  # loads, but a CLIP processor centre-crops inst
     p.tensors["own_pixels_0"] = p.tensors["own_pixels_0"] + np.float32(0.5)
 
 
-@pytest.mark.parametrize("edit, version, detail", [
-    (_greedy_off, "4.57.6", "greedy tokens of p1: [8, 9, 2], reference [8, 8, 2]"),
-    (_recipe_pixels_off, "4.37.2", "recipe: pixel_values max |diff| 0.001"),
-    (_recipe_logits_off, "4.45.2", "recipe: logits max |diff| 0.001"),
-    (_recipe_expanded_on_old, "4.37.2", "1 <image> became runs of [9], expected 1 x 1"),
-    (_recipe_one_token_on_new, "4.48.3", "1 <image> became runs of [1], expected 1 x 9"),
-    (_processor_refused, "4.49.0", "processor: TypeError"),
-    (_processor_does_not_pad, "5.24.0", "processor: pixel_values max |diff| 0.5"),
-], ids=lambda x: x.__name__.strip("_") if callable(x) else None)
+@pytest.mark.parametrize(
+    "edit, version, detail",
+    [
+        (_greedy_off, "4.57.6", "greedy tokens of p1: [8, 9, 2], reference [8, 8, 2]"),
+        (_recipe_pixels_off, "4.37.2", "recipe: pixel_values max |diff| 0.001"),
+        (_recipe_logits_off, "4.45.2", "recipe: logits max |diff| 0.001"),
+        (_recipe_expanded_on_old, "4.37.2", "1 <image> became runs of [9], expected 1 x 1"),
+        (_recipe_one_token_on_new, "4.48.3", "1 <image> became runs of [1], expected 1 x 9"),
+        (_processor_refused, "4.49.0", "processor: TypeError"),
+        (_processor_does_not_pad, "5.24.0", "processor: pixel_values max |diff| 0.5"),
+    ],
+    ids=lambda x: x.__name__.strip("_") if callable(x) else None,
+)
 def test_each_new_defect_fails_its_row(edit, version, detail):
     row = _row(edit, version)
     assert not row.passed and row.verdict == "FAIL"
@@ -271,9 +285,7 @@ def test_an_unknown_backbone_is_a_not_applicable_row_that_says_so():
 def test_default_attention_failing_says_eager():
     def sdpa_refused(p):
         p.result["steps"]["model_default_attention"] = {"ok": False, "seconds": 0.1}
-        p.result["errors"][
-            "model_default_attention"
-        ] = (
+        p.result["errors"]["model_default_attention"] = (
             "ValueError: Phi3ForCausalLM does not support an attention implementation through "
             "torch.nn.functional.scaled_dot_product_attention yet."
         )
@@ -296,9 +308,9 @@ def test_a_dropped_ignore_merges_is_said():
     p.tensors["recipe_ids_0"] = _collapse(p.tensors["recipe_ids_0"], IMAGE)
     dropped(p)
     row = judge(p, ref, expected, PROMPTS)
-    assert row.passed and any(
-        "tokenizers 0.15.1 drops the BPE option ignore_merges" in c for c in row.cannot
-    ), row.cannot
+    assert row.passed and any("tokenizers 0.15.1 drops the BPE option ignore_merges" in c for c in row.cannot), (
+        row.cannot
+    )
     p.result["tokenizer"]["bpe_options"]["ignore_merges"] = True
     assert not any("ignore_merges" in c for c in judge(p, ref, expected, PROMPTS).cannot)
 
@@ -343,8 +355,10 @@ def _env(version: str) -> None:
     try:
         compat.ensure_env(version, create=create)
     except compat.EnvError as e:
-        pytest.skip(f"no transformers {version} environment under {compat.default_envs_dir()} and it cannot be created "
-                    f"({e}); CI creates them with `python -m verify.compat --setup-only` before pytest")
+        pytest.skip(
+            f"no transformers {version} environment under {compat.default_envs_dir()} and it cannot be created "
+            f"({e}); CI creates them with `python -m verify.compat --setup-only` before pytest"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -388,9 +402,11 @@ def test_every_version_reads_non_default_settings(converted, tmp_path, all_envs)
     logits (so agreeing on them means something)."""
     repo = tmp_path / "nondefault"
     shutil.copytree(converted, repo)
-    edits = {"config.json": {"vision_feature_layers": [-3, -4, -7, -10, 5]},
-             "processor_config.json": {"vision_feature_select_strategy": "full", "num_additional_image_tokens": 0},
-             "preprocessor_config.json": {"do_pad": False}}
+    edits = {
+        "config.json": {"vision_feature_layers": [-3, -4, -7, -10, 5]},
+        "processor_config.json": {"vision_feature_select_strategy": "full", "num_additional_image_tokens": 0},
+        "preprocessor_config.json": {"do_pad": False},
+    }
     for name, change in edits.items():
         obj = json.loads((repo / name).read_text())
         obj.update(change)
@@ -416,8 +432,9 @@ def test_every_version_reads_non_default_settings(converted, tmp_path, all_envs)
             input_ids=torch.from_numpy(feed["own_ids_0"])[None], pixel_values=torch.from_numpy(feed["own_pixels_0"])
         ).logits[0]
     assert float(np.max(np.abs(logits.numpy() - feed["logits_0"]))) > 1e-3  # vision_feature_layers was read
-    pixels = AutoProcessor.from_pretrained(str(converted))(text=prompts[0]["prompt"], images=[sample_images()["wide"]],
-                                                           return_tensors="pt")["pixel_values"].numpy()
+    pixels = AutoProcessor.from_pretrained(str(converted))(
+        text=prompts[0]["prompt"], images=[sample_images()["wide"]], return_tensors="pt"
+    )["pixel_values"].numpy()
     assert pixels.shape == feed["own_pixels_0"].shape and not np.allclose(
         pixels, feed["own_pixels_0"]
     )  # do_pad was read
@@ -490,9 +507,14 @@ def test_matrix_catches_5x_layout_from_a_fresh_model(converted, tmp_path):
 # tokenizer.json for tokenizers 0.15+ (transformers 4.37-4.44)
 # ---------------------------------------------------------------------------------------------------------------
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-MERGE_TEXTS = compat.TOKEN_PROBES + [p["prompt"] for p in sample_prompts()] + [
-    "Hello, world! 123 4567 don't   x\t\ty \u0120\u0120 \u2581\u2581 <image><image> <|user|>\n<|end|><|assistant|>",
-    "the quick brown fox jumps over the lazy dog " * 5]
+MERGE_TEXTS = (
+    compat.TOKEN_PROBES
+    + [p["prompt"] for p in sample_prompts()]
+    + [
+        "Hello, world! 123 4567 don't   x\t\ty \u0120\u0120 \u2581\u2581 <image><image> <|user|>\n<|end|><|assistant|>",
+        "the quick brown fox jumps over the lazy dog " * 5,
+    ]
+)
 
 
 def _tokenizer_files(converted: Path) -> dict[str, str]:
@@ -616,10 +638,16 @@ def test_the_cards_recipe_gives_the_processors_inputs_and_tokens(converted, tmp_
     image = Path(__file__).resolve().parent.parent / "fixtures" / "images" / "wide.png"
     code = _recipe_snippet(converted, image) + (
         "\nimport numpy as np\nnp.savez(OUT, ids=inputs['input_ids'][0].numpy(), pixels=pixel_values.float().numpy(), "
-        "new=output[0][inputs['input_ids'].shape[1]:].numpy())\n")
+        "new=output[0][inputs['input_ids'].shape[1]:].numpy())\n"
+    )
     out = tmp_path / "recipe.npz"
-    p = subprocess.run([str(python), "-I", "-c", f"OUT = {str(out)!r}\n" + code], capture_output=True, text=True,
-                       env=compat._probe_env(), timeout=600)
+    p = subprocess.run(
+        [str(python), "-I", "-c", f"OUT = {str(out)!r}\n" + code],
+        capture_output=True,
+        text=True,
+        env=compat._probe_env(),
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     got = np.load(out)
 
@@ -632,7 +660,7 @@ def test_the_cards_recipe_gives_the_processors_inputs_and_tokens(converted, tmp_
     with Image.open(image) as im:
         enc = processor(text=text, images=[im.convert("RGB")], return_tensors="pt")
     model = VipLlavaForConditionalGeneration.from_pretrained(str(converted), dtype=torch.float32).eval()
-    want = model.generate(**enc, max_new_tokens=4, do_sample=False)[0, enc["input_ids"].shape[1]:].numpy()
+    want = model.generate(**enc, max_new_tokens=4, do_sample=False)[0, enc["input_ids"].shape[1] :].numpy()
     ids = got["ids"]
     if compat.capabilities(version).collapse:
         assert (ids == cfg["image_token_index"]).sum() == 1
@@ -647,7 +675,7 @@ def test_the_card_says_what_older_releases_cannot_per_backbone():
 
     cards = {b: model_card({"settings": {"backbone": b}}, {"checks": []}, None) for b in ("vicuna", "llama3", "phi3")}
     for b, card in cards.items():
-        section = card[card.index("## Proven transformers versions"):card.index("## Usage")]
+        section = card[card.index("## Proven transformers versions") : card.index("## Usage")]
         assert "LlavaImageProcessor" in section and "use the recipe" in section, b
         assert ("4.37.2" in section) == (b != "phi3")  # the recipe's measured versions start at the backbone's first
         assert ('attn_implementation=\\"eager\\"' in section or 'attn_implementation="eager"' in section) == (

@@ -62,8 +62,12 @@ def test_stored_weights_come_back_and_only_one_buffer_per_shape(converted):
         assert len(f32._pool) == len(shapes)  # reused across blocks, never one buffer per parameter
         assert f32.pool_bytes < sum(p.numel() * 4 for p in model.parameters())
     assert {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()} == before
-    ours = [h for m in model.modules() for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
-            if getattr(h, "__self__", None) is f32]
+    ours = [
+        h
+        for m in model.modules()
+        for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+        if getattr(h, "__self__", None) is f32
+    ]
     assert ours == [] and f32._pool == {}
 
 

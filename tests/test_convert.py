@@ -130,8 +130,17 @@ def test_seed_script_aliases_and_force(tiny, tmp_path):
     from convert.cli import main
 
     out = tmp_path / "aliased"
-    argv = ["--old_state_dict_id", str(tiny.original), "--text_model_id", str(tiny.text_model),
-            "--vision_model_id", str(tiny.vision_model), "--output", str(out), "--quiet"]
+    argv = [
+        "--old_state_dict_id",
+        str(tiny.original),
+        "--text_model_id",
+        str(tiny.text_model),
+        "--vision_model_id",
+        str(tiny.vision_model),
+        "--output",
+        str(out),
+        "--quiet",
+    ]
     assert main(argv) == 0
     before = _digests(out)
     assert main(argv + ["--force", "--seed", "3"]) == 0
@@ -167,7 +176,7 @@ def test_resize_new_rows_statistics(shape):
     assert torch.equal(r.embed[: shape[0]], E) and r.rows % 64 == 0
     mu = E.double().mean(0)
     tr = ((E.double() - mu) ** 2).sum(1).mean()
-    d = ((r.embed[shape[0]:].double() - mu) ** 2).sum(1) / (1e-5 * tr)
+    d = ((r.embed[shape[0] :].double() - mu) ** 2).sum(1) / (1e-5 * tr)
     assert 0.3 < d.mean().item() < 3.0
 
 
@@ -188,8 +197,9 @@ def test_non_legacy_base_tokenizer_is_reproduced_and_the_4_31_era_difference_rep
     assert run_convert(fx, tmp_path / "out") == 0
     assert "legacy is false" in capsys.readouterr().out
     prompts = [p for p in sample_prompts() if p["name"] in ("wide_colour", "image_then_space", "two_turn")]
-    report = verify_repo(tmp_path / "out", prompts=prompts, images=sample_images(), progress=False,
-                         only=["processor", "tokenizer_era"])
+    report = verify_repo(
+        tmp_path / "out", prompts=prompts, images=sample_images(), progress=False, only=["processor", "tokenizer_era"]
+    )
     assert report.get("processor").status == "PASS", report.table()
     era = report.get("tokenizer_era")
     assert report.passed and era.status == "WARN" and era.numbers["4.31.0"]["first"][0] == "two_turn", report.table()

@@ -33,8 +33,20 @@ def hub(tiny, tmp_path, monkeypatch):
 def _convert(out: Path, *extra: str) -> int:
     from convert.cli import main
 
-    return main(["--original", "mucai/vip-llava-tiny", "--text-model", "lmsys/vicuna-tiny",
-                 "--vision-model", "openai/clip-tiny", "--output", str(out), "--quiet", *extra])
+    return main(
+        [
+            "--original",
+            "mucai/vip-llava-tiny",
+            "--text-model",
+            "lmsys/vicuna-tiny",
+            "--vision-model",
+            "openai/clip-tiny",
+            "--output",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def test_hub_ids_convert_offline_and_record_revisions(hub, tmp_path, converted):
@@ -57,8 +69,19 @@ def test_revision_pin_is_honoured(hub, tmp_path, capsys):
     from convert.cli import main
 
     out = tmp_path / "out"
-    code = main(["--original", "mucai/vip-llava-tiny@" + "d" * 40, "--text-model", "lmsys/vicuna-tiny",
-                 "--vision-model", "openai/clip-tiny", "--output", str(out), "--quiet"])
+    code = main(
+        [
+            "--original",
+            "mucai/vip-llava-tiny@" + "d" * 40,
+            "--text-model",
+            "lmsys/vicuna-tiny",
+            "--vision-model",
+            "openai/clip-tiny",
+            "--output",
+            str(out),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "mucai/vip-llava-tiny@" in err and not out.exists()
 

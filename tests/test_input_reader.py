@@ -150,8 +150,16 @@ def test_conversion_copies_from_the_stream_and_reads_the_input_once(tmp_path, mo
 
     monkeypatch.setattr(InputStream, "take", spy_take)
     out = tmp_path / "out"
-    pipeline.convert(pipeline.Options(original=str(paths.original), output=out, text_model=str(paths.text_model),
-                                      vision_model=str(paths.vision_model), max_shard_size="200KB", progress=False))
+    pipeline.convert(
+        pipeline.Options(
+            original=str(paths.original),
+            output=out,
+            text_model=str(paths.text_model),
+            vision_model=str(paths.vision_model),
+            max_shard_size="200KB",
+            progress=False,
+        )
+    )
     (s,) = streams
     total = sum(f.stat().st_size for f in s.files)
     assert s.bytes_read == total  # read once, whole
@@ -177,8 +185,15 @@ def test_a_wrong_offset_is_caught_and_nothing_is_written(tmp_path, monkeypatch):
     monkeypatch.setattr(Checkpoint, "location", shifted)
     out = tmp_path / "out"
     with pytest.raises(ConversionError, match="converter bug"):
-        pipeline.convert(pipeline.Options(original=str(paths.original), output=out, text_model=str(paths.text_model),
-                                          vision_model=str(paths.vision_model), progress=False))
+        pipeline.convert(
+            pipeline.Options(
+                original=str(paths.original),
+                output=out,
+                text_model=str(paths.text_model),
+                vision_model=str(paths.vision_model),
+                progress=False,
+            )
+        )
     assert not out.exists() and not list(tmp_path.glob(".vipllava-tmp-*"))
 
 
@@ -229,8 +244,15 @@ def test_an_error_at_fsync_fails_the_run_and_leaves_nothing(tmp_path, monkeypatc
     monkeypatch.setattr(writer.os, "fsync", broken_fsync)
     out = tmp_path / "out"
     with pytest.raises(ConversionError, match="writing failed"):
-        pipeline.convert(pipeline.Options(original=str(paths.original), output=out, text_model=str(paths.text_model),
-                                          vision_model=str(paths.vision_model), progress=False))
+        pipeline.convert(
+            pipeline.Options(
+                original=str(paths.original),
+                output=out,
+                text_model=str(paths.text_model),
+                vision_model=str(paths.vision_model),
+                progress=False,
+            )
+        )
     assert not out.exists() and not list(tmp_path.glob(".vipllava-tmp-*"))
 
 
@@ -287,6 +309,13 @@ def test_an_input_changed_under_the_converter_fails_cleanly(tmp_path, monkeypatc
     monkeypatch.setattr(pipeline, "InputStream", Truncating)
     out = tmp_path / "out"
     with pytest.raises(ConversionError, match=r"pytorch_model-00001-of-00002\.bin: changed size since it was opened"):
-        pipeline.convert(pipeline.Options(original=str(paths.original), output=out, text_model=str(paths.text_model),
-                                          vision_model=str(paths.vision_model), progress=False))
+        pipeline.convert(
+            pipeline.Options(
+                original=str(paths.original),
+                output=out,
+                text_model=str(paths.text_model),
+                vision_model=str(paths.vision_model),
+                progress=False,
+            )
+        )
     assert not out.exists() and not list(tmp_path.glob(".vipllava-tmp-*"))

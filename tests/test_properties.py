@@ -499,7 +499,7 @@ def _resize_keeps_rows_and_seeds(emb: EmbedSpec, dtype, seed: int):
     bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
     assert torch.equal(r.embed[: emb.n].view(bits), e.view(bits))
     assert torch.equal(r.lm_head[: emb.n].view(bits), head.view(bits))
-    new = torch.cat([r.embed[emb.n:], r.lm_head[emb.n:]]).to(torch.float64)
+    new = torch.cat([r.embed[emb.n :], r.lm_head[emb.n :]]).to(torch.float64)
     assert torch.isfinite(new).all()
     # both matrices' new rows come from the EMBEDDING statistics: each within a chi-square tail bound of mu.
     # ||x - mu||^2 / tr(C) for x ~ N(mu, C) has a tail no heavier than chi2(1) above 1.54 (Szekely-Bakirov);
@@ -515,8 +515,8 @@ def _resize_keeps_rows_and_seeds(emb: EmbedSpec, dtype, seed: int):
     other = resize(e, head, rows, seed + 1, dtype)
     assert torch.equal(other.embed[: emb.n], r.embed[: emb.n])
     if tr > 0 and dtype == torch.float32:
-        assert not torch.equal(other.embed[emb.n:], r.embed[emb.n:])
-        assert not torch.equal(other.lm_head[emb.n:], r.lm_head[emb.n:])
+        assert not torch.equal(other.embed[emb.n :], r.embed[emb.n :])
+        assert not torch.equal(other.lm_head[emb.n :], r.lm_head[emb.n :])
 
 
 test_resize_keeps_rows_and_seeds, test_resize_keeps_rows_and_seeds_slow = tiers(
@@ -532,6 +532,7 @@ test_resize_keeps_rows_and_seeds, test_resize_keeps_rows_and_seeds_slow = tiers(
         seed=st.integers(0, 2**31 - 1),
     ),
 )
+
 
 @example(seed=2**32)
 @example(seed=2**32 - 1)
@@ -605,15 +606,21 @@ def _singular_covariance_stays_in_span(emb: EmbedSpec, dtype, seed: int):
     assert (res <= 1e-9 * dist + 1e-12 * (1 + mu_norm)).all(), f"off-span residual {res.max():.3g}"
     # through resize (float32 output): rounding moves a row by at most eps32 * ||x||
     r = resize(e, e.clone(), padded_rows(emb.n), seed, torch.float32)
-    new = torch.cat([r.embed[emb.n:], r.lm_head[emb.n:]])
+    new = torch.cat([r.embed[emb.n :], r.lm_head[emb.n :]])
     res, dist, _ = _residual_off_span(new, e)
     assert (res <= torch.finfo(torch.float32).eps * new.to(torch.float64).norm(dim=1) + 1e-12).all()
 
 
 test_singular_covariance_stays_in_span, test_singular_covariance_stays_in_span_slow = tiers(
     _singular_covariance_stays_in_span,
-    dict(emb=embed_specs().filter(lambda m: m.h > m.n - 1 or m.rank < m.h), dtype=st.just(torch.float32),
-         seed=st.integers(0, 2**31 - 1)),
-    dict(emb=embed_specs(max_n=4000, max_h=384).filter(lambda m: m.h > m.n - 1 or m.rank < m.h),
-         dtype=st.just(torch.float32), seed=st.integers(0, 2**31 - 1)),
+    dict(
+        emb=embed_specs().filter(lambda m: m.h > m.n - 1 or m.rank < m.h),
+        dtype=st.just(torch.float32),
+        seed=st.integers(0, 2**31 - 1),
+    ),
+    dict(
+        emb=embed_specs(max_n=4000, max_h=384).filter(lambda m: m.h > m.n - 1 or m.rank < m.h),
+        dtype=st.just(torch.float32),
+        seed=st.integers(0, 2**31 - 1),
+    ),
 )

@@ -37,8 +37,10 @@ REPO_ID = "someone/vip-llava-tiny-hf"
 PROMPTS = [p for p in sample_prompts() if p["name"] in ("wide_colour", "text_only", "two_turn", "image_then_space")]
 fast_verify = functools.partial(verify_repo, prompts=PROMPTS, images=sample_images(), max_new_tokens=4, progress=False)
 # the original llava_v1 format, spelled out here independently of convert.model_card
-LLAVA_V1 = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-            "detailed, and polite answers to the human's questions. USER: <image>\n{question} ASSISTANT:")
+LLAVA_V1 = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human's questions. USER: <image>\n{question} ASSISTANT:"
+)
 
 
 def _sha(path: Path) -> str:
@@ -96,8 +98,14 @@ class RecordingHubApi:
 
     def create_commit(self, repo_id, operations, *, commit_message, commit_description=None, revision=None, **kw):
         operations = list(operations)
-        self._record("create_commit", repo_id=repo_id, commit_message=commit_message,
-                     commit_description=commit_description, revision=revision, **kw)
+        self._record(
+            "create_commit",
+            repo_id=repo_id,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            revision=revision,
+            **kw,
+        )
         added, texts, deleted = {}, {}, []
         for op in operations:
             if isinstance(op, CommitOperationDelete):
@@ -317,8 +325,13 @@ def test_model_card_front_matter_and_sections(card_inputs):
     manifest, report_json = card_inputs
     card = model_card(manifest, report_json, None, repo_id=REPO_ID)
     meta, body = _front_matter(card)
-    assert meta == {"license": "llama2", "base_model": ["mucai/vip-llava-7b"], "pipeline_tag": "image-text-to-text",
-                    "library_name": "transformers", "tags": ["vipllava", "vip-llava"]}
+    assert meta == {
+        "license": "llama2",
+        "base_model": ["mucai/vip-llava-7b"],
+        "pipeline_tag": "image-text-to-text",
+        "library_name": "transformers",
+        "tags": ["vipllava", "vip-llava"],
+    }
     headings = re.findall(r"^## (.+)$", body, re.M)
     assert headings == ["Inputs", "Conversion", "Verification", "Proven transformers versions", "Usage", "License"]
     assert body.count("```python") == 2 and body.count("```") == 4  # usage, and the recipe for transformers < 4.49
@@ -362,7 +375,7 @@ def test_model_card_prompt_format_license_and_local_inputs(card_inputs, converte
     # the same format verify used for its sample prompts
     box = next(p for p in sample_prompts() if p["name"] == "box_inside")
     assert box["prompt"] == LLAVA_V1.format(question="What is inside the red box?")
-    assert 'processor.apply_chat_template(conversation, add_generation_prompt=True)' in card
+    assert "processor.apply_chat_template(conversation, add_generation_prompt=True)" in card
     assert '[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]' in card
     assert "VipLlavaForConditionalGeneration.from_pretrained(" in card and "AutoProcessor.from_pretrained(" in card
     assert "Llama 2 Community License" in card and "https://ai.meta.com/llama/license/" in card
@@ -390,8 +403,11 @@ def test_model_card_usage_snippet_runs_and_chat_template_matches(card_inputs, co
     card = model_card(manifest, report_json, None, repo_id=REPO_ID)
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     image = Path(__file__).resolve().parents[1] / "fixtures" / "images" / "box.png"
-    code = (code.replace(json.dumps(REPO_ID), json.dumps(str(converted))).replace('"image.png"', json.dumps(str(image)))
-            .replace("max_new_tokens=200", "max_new_tokens=4"))
+    code = (
+        code.replace(json.dumps(REPO_ID), json.dumps(str(converted)))
+        .replace('"image.png"', json.dumps(str(image)))
+        .replace("max_new_tokens=200", "max_new_tokens=4")
+    )
     scope: dict = {}
     exec(compile(code, "model-card-snippet", "exec"), scope)
     assert scope["prompt"] == LLAVA_V1.format(question=question)

@@ -42,6 +42,7 @@ def base_layout(folder: Path) -> tuple[int, tuple[int, int, int | None]]:
 
         def lookup(t):
             return decoder.get(t, sp.piece_to_id(t))
+
     ids = tuple(
         None if content(cfg.get(k)) is None else lookup(content(cfg.get(k)))
         for k in ("bos_token", "eos_token", "pad_token")
@@ -64,8 +65,15 @@ def convert_and_verify(realvocab, tmp_path_factory, backbone: str, slow_only: bo
     assert size == tokens
     fx = build_real_vocab(tmp_path_factory.mktemp(f"fx-{name}") / "tiny", base, backbone, rows, tokens, ids)
     repo = tmp_path_factory.mktemp(f"out-{name}") / "repo"
-    convert(Options(original=str(fx.original), text_model=str(fx.text_model), vision_model=str(fx.vision_model),
-                    output=repo, progress=False))
+    convert(
+        Options(
+            original=str(fx.original),
+            text_model=str(fx.text_model),
+            vision_model=str(fx.vision_model),
+            output=repo,
+            progress=False,
+        )
+    )
     return repo, verify_repo(repo, progress=False)
 
 

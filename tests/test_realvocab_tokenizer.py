@@ -35,6 +35,7 @@ ROWS = {"vicuna": 32000, "phi3": 32064, "llama3": 128256}
 # The original pipeline (expected side)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def tokenizer_image_token(prompt: str, encode, bos: int | None) -> list[int]:
     chunks = [encode(c) for c in prompt.split(IMAGE)]
     offset = 1 if chunks and chunks[0] and chunks[0][0] == bos else 0
@@ -80,7 +81,7 @@ class OriginalSentencepiece:
             return self.sp.encode(text, out_type=str)
         if not text.startswith(("\u2581", " ")):
             return self.sp_noprefix.encode(text, out_type=str)
-        return self.sp_noprefix.encode("<unk>" + text, out_type=str)[self.unk_len:]
+        return self.sp_noprefix.encode("<unk>" + text, out_type=str)[self.unk_len :]
 
     def tokenize(self, text: str) -> list[str]:
         if not text:
@@ -185,6 +186,7 @@ def image_ids(tok, prompt: str) -> list[int]:
 # 46/46 reference tokenizations
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def matched(encode, cases) -> int:
     return sum(encode(text) == ids for text, ids in cases)
 
@@ -251,8 +253,20 @@ def prompts(backbone: str):
     return st.lists(piece, max_size=8).map("".join)
 
 
-EXAMPLES = ["<image> What", "<image>\nWhat is it?", " What", "Hello</s> USER: hi", "</s>x", "x</s>Straße",
-            "a <image></s> b", "<|user|>\n<image>\nWhat?<|end|>\n<|assistant|>\n", "", "<image>", "  ", "\t\n x "]
+EXAMPLES = [
+    "<image> What",
+    "<image>\nWhat is it?",
+    " What",
+    "Hello</s> USER: hi",
+    "</s>x",
+    "x</s>Straße",
+    "a <image></s> b",
+    "<|user|>\n<image>\nWhat?<|end|>\n<|assistant|>\n",
+    "",
+    "<image>",
+    "  ",
+    "\t\n x ",
+]
 
 
 def mismatch(actual, expected, prompt: str):
@@ -267,6 +281,7 @@ def _property(backbone):
         tok = load_converted(converted_dir(realvocab, backbone, tmp_path_factory))
         orig = original(realvocab, backbone)
         assert image_ids(tok, prompt) == orig.image_prompt(prompt), prompt
+
     for e in EXAMPLES:
         run = example(prompt=e)(run)
     return run
@@ -280,6 +295,7 @@ test_property_llama3 = _property("llama3")
 # ---------------------------------------------------------------------------------------------------------------
 # Planted defects: each must make the check above fail
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _converted_backend(rv, tmp_path_factory, backbone="vicuna"):
     from tokenizers import Tokenizer
@@ -354,7 +370,7 @@ def test_planted_llama3_base_without_bos_is_refused(realvocab):
     # ... and with such a base the original really lost a token after the image (same text, both bases).
     prompt = "<|begin_of_text|>Hi<image>\nWhat is it?"
     shipped, with_bos = original(realvocab, "llama3", "no_bos"), original(realvocab, "llama3")
-    after = lambda ids: ids[ids.index(SENTINEL) + 1:]  # noqa: E731
+    after = lambda ids: ids[ids.index(SENTINEL) + 1 :]  # noqa: E731
     assert after(with_bos.image_prompt(prompt))[0] == 198  # "\n"
     assert after(shipped.image_prompt(prompt)) == after(with_bos.image_prompt(prompt))[1:]  # the "\n" is gone
 
@@ -369,8 +385,16 @@ def test_non_legacy_base_with_stripping_special_token_is_refused(realvocab, tmp_
     base = tmp_path / "base"
     shutil.copytree(realvocab.base_tokenizer_dir("vicuna"), base)
     cfg = json.loads((base / "tokenizer_config.json").read_text())
-    cfg["added_tokens_decoder"] = {"2": {"content": "</s>", "lstrip": False, "normalized": False, "rstrip": True,
-                                         "single_word": False, "special": True}}
+    cfg["added_tokens_decoder"] = {
+        "2": {
+            "content": "</s>",
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": True,
+            "single_word": False,
+            "special": True,
+        }
+    }
     (base / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert load_base_tokenizer(base).added_tokens_decoder[2].rstrip
     with pytest.raises(ConversionError, match=r"legacy is false and </s> strips the whitespace"):

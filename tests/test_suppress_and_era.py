@@ -19,11 +19,14 @@ from verify.api import verify_repo
 PROMPTS = [p for p in sample_prompts() if p["name"] == "text_only"]
 
 
-@pytest.mark.parametrize("vocab,tokens,first,last", [
-    (32000, None, 32000, 32063),  # Vicuna: <image>, <pad> and 62 sampled rows
-    (32064, 32011, 32011, 32063),  # Phi-3: the base tokenizer's 32011 tokens in 32064 rows
-    (128256, None, 128256, 128319),  # Llama-3
-])
+@pytest.mark.parametrize(
+    "vocab,tokens,first,last",
+    [
+        (32000, None, 32000, 32063),  # Vicuna: <image>, <pad> and 62 sampled rows
+        (32064, 32011, 32011, 32063),  # Phi-3: the base tokenizer's 32011 tokens in 32064 rows
+        (128256, None, 128256, 128319),  # Llama-3
+    ],
+)
 def test_suppressed_ids_are_every_id_from_the_base_tokenizer_length_to_the_rows(vocab, tokens, first, last):
     ids = TokenIds(vocab=vocab, bos=1, eos=2, tokens=tokens)
     assert suppressed_ids(ids) == list(range(first, last + 1))
@@ -46,11 +49,15 @@ def _rehash(repo: Path) -> None:
     (repo / "conversion.json").write_text(json.dumps(m, indent=2, sort_keys=True))
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda g: g.pop("suppress_tokens"), "suppress_tokens is None"),
-    (lambda g: g.__setitem__("suppress_tokens", g["suppress_tokens"][2:]), "lacks 2 id(s)"),
-    (lambda g: g.__setitem__("suppress_tokens", [5] + g["suppress_tokens"]), "holds 1 id(s) outside"),
-], ids=["missing", "too_few", "original_id"])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda g: g.pop("suppress_tokens"), "suppress_tokens is None"),
+        (lambda g: g.__setitem__("suppress_tokens", g["suppress_tokens"][2:]), "lacks 2 id(s)"),
+        (lambda g: g.__setitem__("suppress_tokens", [5] + g["suppress_tokens"]), "holds 1 id(s) outside"),
+    ],
+    ids=["missing", "too_few", "original_id"],
+)
 def test_strict_load_fails_on_a_wrong_suppression(converted, tmp_path, edit, message):
     repo = tmp_path / "repo"
     shutil.copytree(converted, repo)
@@ -83,8 +90,9 @@ def test_tokenizer_era_warns_with_counts_for_a_non_legacy_vicuna(tiny, converted
 
     text = _text_model_copy(tiny, tmp_path, legacy=False)
     prompts = sample_prompts()
-    report = verify_repo(converted, text_model=str(text), prompts=prompts, images=sample_images(), progress=False,
-                         only=["tokenizer_era"])
+    report = verify_repo(
+        converted, text_model=str(text), prompts=prompts, images=sample_images(), progress=False, only=["tokenizer_era"]
+    )
     check = report.get("tokenizer_era")
     assert check.status == "WARN" and report.passed, report.table()
     # only the prompts with text right after a special token (the two-turn prompt's "</s>USER:") can differ

@@ -73,8 +73,15 @@ def test_default_is_the_checkpoints_bf16_weights_in_float32_blocks_with_stated_t
 
 def test_bfloat16_when_asked(converted):
     """All-bf16 arithmetic (what a GPU user runs): passes within bf16's stated tolerance, nothing copied."""
-    report = verify_repo(converted, prompts=PROMPTS, images=sample_images(), max_new_tokens=4, progress=False,
-                         dtype="bfloat16", only=["logits", "generation"])
+    report = verify_repo(
+        converted,
+        prompts=PROMPTS,
+        images=sample_images(),
+        max_new_tokens=4,
+        progress=False,
+        dtype="bfloat16",
+        only=["logits", "generation"],
+    )
     assert report.passed, report.table()
     assert (report.settings["dtype"], report.settings["dtype_source"]) == ("bfloat16", "asked")
     assert report.get("logits").numbers["tolerance"] == 5e-2 and report.get("logits").numbers["max_abs_diff"] <= 5e-2
@@ -83,8 +90,15 @@ def test_bfloat16_when_asked(converted):
 
 
 def test_float32_when_asked(converted):
-    report = verify_repo(converted, prompts=PROMPTS[:1], images=sample_images(), max_new_tokens=2, progress=False,
-                         dtype="float32", only=["logits", "generation"])
+    report = verify_repo(
+        converted,
+        prompts=PROMPTS[:1],
+        images=sample_images(),
+        max_new_tokens=2,
+        progress=False,
+        dtype="float32",
+        only=["logits", "generation"],
+    )
     assert report.passed, report.table()
     assert (report.settings["dtype"], report.settings["dtype_source"]) == ("float32", "asked")
     assert report.get("logits").numbers["tolerance"] == 1e-4
@@ -143,10 +157,17 @@ def _full_size_shape(size: str) -> ModelShape:
     patches = (spec.image_size // spec.patch_size) ** 2
     return ModelShape(
         parameters=sum(math.prod(s) for s in original_key_shapes(spec).values()),
-        layers=spec.text_layers, hidden=spec.text_hidden, heads=spec.text_heads,
-        kv_dim=spec.text_kv_heads * (spec.text_hidden // spec.text_heads), intermediate=spec.text_intermediate,
-        vocab=spec.vocab_size, vision_layers=spec.vision_layers, vision_hidden=spec.vision_hidden,
-        vision_heads=spec.vision_heads, vision_intermediate=spec.vision_intermediate, vision_tokens=patches + 1,
+        layers=spec.text_layers,
+        hidden=spec.text_hidden,
+        heads=spec.text_heads,
+        kv_dim=spec.text_kv_heads * (spec.text_hidden // spec.text_heads),
+        intermediate=spec.text_intermediate,
+        vocab=spec.vocab_size,
+        vision_layers=spec.vision_layers,
+        vision_hidden=spec.vision_hidden,
+        vision_heads=spec.vision_heads,
+        vision_intermediate=spec.vision_intermediate,
+        vision_tokens=patches + 1,
         image_tokens=patches,
     )
 

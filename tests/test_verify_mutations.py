@@ -64,6 +64,7 @@ def swap_decoder_layers(repo):
         for k in [k for k in sd if k.startswith("language_model.model.layers.0.")]:
             j = k.replace("layers.0.", "layers.1.")
             sd[k], sd[j] = sd[j], sd[k]
+
     _edit_tensors(repo, fn)
 
 
@@ -81,25 +82,30 @@ def no_pad_to_square(repo):
 
 def image_id_differs(repo):
     """The tokenizer puts <image> at 998 and <pad> at 997; the config still says image_token_index 997."""
+
     def tok(t):
         for a in t["added_tokens"]:
             if a["content"] in ("<image>", "<pad>"):
                 a["id"] = 998 if a["content"] == "<image>" else 997
         t["added_tokens"].sort(key=lambda a: a["id"])
+
     _edit_json(repo, "tokenizer.json", tok)
 
     def cfg(c):
         d = c["added_tokens_decoder"]
         d["997"], d["998"] = d["998"], d["997"]
+
     _edit_json(repo, "tokenizer_config.json", cfg)
 
 
 def inflate_new_rows(repo):
     """New rows drawn with 100x the covariance: 10x the distance from mu."""
+
     def fn(sd):
         E = sd["language_model.model.embed_tokens.weight"]
         mu = E[:V].float().mean(0)
         E[V:] = (mu + 10 * (E[V:].float() - mu)).to(E.dtype)
+
     _edit_tensors(repo, fn)
 
 
@@ -116,9 +122,11 @@ def lose_a_shard(repo):
 
 def metaspace_first_tokenizer(repo):
     """The measured trap: a fast tokenizer that prepends the dummy prefix only to the first segment."""
+
     def fn(t):
         t["normalizer"] = None
         t["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+
     _edit_json(repo, "tokenizer.json", fn)
 
 
@@ -309,6 +317,7 @@ def llama3_generation_config_without_eot(repo):
 
 def llama3_image_id_is_t_minus_1(repo):
     """An off-by-one converter: <image> at T-1 = 999 (swapped with <|reserved_special_token_94|>), config to match."""
+
     def tok(t):
         for a in t["added_tokens"]:
             if a["content"] == "<image>":
@@ -316,12 +325,14 @@ def llama3_image_id_is_t_minus_1(repo):
             elif a["id"] == 999:
                 a["id"] = 1000
         t["added_tokens"].sort(key=lambda a: a["id"])
+
     _edit_json(repo, "tokenizer.json", tok)
 
     def cfg(c):
         d = c.get("added_tokens_decoder", {})
         if "999" in d and "1000" in d:
             d["999"], d["1000"] = d["1000"], d["999"]
+
     _edit_json(repo, "tokenizer_config.json", cfg)
     _edit_json(repo, "config.json", lambda c: c.__setitem__("image_token_index", 999))
 
@@ -344,9 +355,9 @@ def test_planted_backbone_defect_fails_the_right_check(llama3_repo, defect, must
     checks = sorted(must_fail | {"files"})
     report = _verify_backbone(llama3_repo, only=checks)
     assert must_fail <= set(report.failed_checks), report.table()
-    assert (
-        "files" not in report.failed_checks
-    ), report.table()  # the manifest was re-hashed: the targeted check caught it
+    assert "files" not in report.failed_checks, (
+        report.table()
+    )  # the manifest was re-hashed: the targeted check caught it
     details = [d for name in must_fail for d in report.get(name).details]
     assert any(says in d for d in details), report.table()
 

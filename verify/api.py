@@ -47,9 +47,18 @@ def verify_repo(
     check_vipllava_repo(folder)
     from tqdm.auto import tqdm
 
-    ctx = Context(folder, original=original, text_model=text_model, vision_model=vision_model,
-                  prompts=prompts, images=images, dtype=dtype, max_new_tokens=max_new_tokens, only=only,
-                  memory_limit=memory_limit)
+    ctx = Context(
+        folder,
+        original=original,
+        text_model=text_model,
+        vision_model=vision_model,
+        prompts=prompts,
+        images=images,
+        dtype=dtype,
+        max_new_tokens=max_new_tokens,
+        only=only,
+        memory_limit=memory_limit,
+    )
     audit = None
     if ctx.manifest is None:
         audit = f"{repo} has no conversion.json (not written by this tool); the original inputs were given explicitly"
@@ -69,8 +78,16 @@ def verify_repo(
     report.environment = _environment()
     selected = [(n, f) for n, f in ALL_CHECKS if only is None or n in only]
     # The bar names the running check; no time estimate (the checks differ in cost by orders of magnitude).
-    with _no_transformers_bars(), tqdm(total=len(selected), disable=not progress, leave=False, desc=selected[0][0],
-                                       bar_format="verify: {desc} ({n_fmt}/{total_fmt} done, {elapsed})") as bar:
+    with (
+        _no_transformers_bars(),
+        tqdm(
+            total=len(selected),
+            disable=not progress,
+            leave=False,
+            desc=selected[0][0],
+            bar_format="verify: {desc} ({n_fmt}/{total_fmt} done, {elapsed})",
+        ) as bar,
+    ):
         for name, fn in selected:
             bar.set_description_str(name)
             t0 = time.perf_counter()
@@ -111,5 +128,9 @@ def _environment() -> dict:
 
     from convert import __version__
 
-    return {"tool": f"vipllava-harness {__version__}", "transformers": transformers.__version__,
-            "torch": torch.__version__.split("+")[0], "python": platform.python_version()}
+    return {
+        "tool": f"vipllava-harness {__version__}",
+        "transformers": transformers.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "python": platform.python_version(),
+    }

@@ -366,10 +366,20 @@ def check_strict_load(ctx: Context) -> Check:
                 f"generation_config suppress_tokens holds {len(extra)} id(s) outside [T={T}, rows={lay['rows']}) "
                 f"(first {extra[:5]}): the original could emit those"
             )
-    numbers = {**counts, "backbone": ctx.backbone, "recorded_backbone": ctx.recorded_backbone, "base_tokens": T,
-               "original_rows": V, "expected": lay, "image_token_index": cfg.image_token_index,
-               "tokenizer_image_id": image_tok, "pad": pads, "rows": rows, "len_tokenizer": len(tok),
-               "suppress_tokens": len(suppress) if isinstance(suppress, list) else None}
+    numbers = {
+        **counts,
+        "backbone": ctx.backbone,
+        "recorded_backbone": ctx.recorded_backbone,
+        "base_tokens": T,
+        "original_rows": V,
+        "expected": lay,
+        "image_token_index": cfg.image_token_index,
+        "tokenizer_image_id": image_tok,
+        "pad": pads,
+        "rows": rows,
+        "len_tokenizer": len(tok),
+        "suppress_tokens": len(suppress) if isinstance(suppress, list) else None,
+    }
     summary = (
         f"missing {counts['missing_keys']}, unexpected {counts['unexpected_keys']}, mismatched "
         f"{counts['mismatched_keys']}; "
@@ -499,8 +509,10 @@ def check_resize(ctx: Context) -> Check:
     e = numbers.get("embed_tokens", {})
     hd = numbers.get("lm_head", {})
     if not added_total and not problems:
-        summary = (f"rows {numbers.get('embed_tokens_rows')} = V: no new rows (the original's {n} rows already hold "
-                   f"<image> {ctx.layout['image']} and <pad> {ctx.layout['pad']}); original rows bit-identical")
+        summary = (
+            f"rows {numbers.get('embed_tokens_rows')} = V: no new rows (the original's {n} rows already hold "
+            f"<image> {ctx.layout['image']} and <pad> {ctx.layout['pad']}); original rows bit-identical"
+        )
     else:
         summary = (
             f"rows {numbers.get('embed_tokens_rows')} (want {want_rows}), original {n} rows "
@@ -533,8 +545,8 @@ def check_processor(ctx: Context) -> Check:
                 min(len(got), len(x["expanded"])),
             )
             problems.append(
-                f"prompt {x['name']}: ids differ at position {i} (converted {got[i:i + 4]}, original "
-                f"{x['expanded'][i:i + 4]}; lengths {len(got)} vs {len(x['expanded'])})"
+                f"prompt {x['name']}: ids differ at position {i} (converted {got[i : i + 4]}, original "
+                f"{x['expanded'][i : i + 4]}; lengths {len(got)} vs {len(x['expanded'])})"
             )
     worst = 0.0
     for name, img in sorted(ctx.images.items()):
@@ -566,8 +578,13 @@ def check_tokenizer_era(ctx: Context) -> Check:
 
     others = ctx.era_tokenizers
     if not others:
-        return Check("tokenizer_era", NA, f"not applicable: the original {ctx.backbone} loaded the fast tokenizer "
-                     f"(use_fast=True), one tokenization in every era", {"applicable": False})
+        return Check(
+            "tokenizer_era",
+            NA,
+            f"not applicable: the original {ctx.backbone} loaded the fast tokenizer "
+            f"(use_fast=True), one tokenization in every era",
+            {"applicable": False},
+        )
     base = ctx.base_tokenizer
     numbers: dict = {
         "applicable": True,
@@ -582,12 +599,14 @@ def check_tokenizer_era(ctx: Context) -> Check:
             a, b = base.encode_with_images(p["prompt"]), tok.encode_with_images(p["prompt"])
             if a != b:
                 i = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-                differ.append((p["name"], i, b[i:i + 4], a[i:i + 4]))
+                differ.append((p["name"], i, b[i : i + 4], a[i : i + 4]))
         numbers[era] = {"differ": len(differ), "first": list(differ[0]) if differ else None}
         if differ:
             name, i, old, new = differ[0]
-            parts.append(f"{era}-era tokenization differs on {len(differ)} of {len(ctx.prompts)} prompts, first at "
-                         f"{name} position {i} ({era} {old} vs {DEFAULT_TOKENIZER_ERA} {new})")
+            parts.append(
+                f"{era}-era tokenization differs on {len(differ)} of {len(ctx.prompts)} prompts, first at "
+                f"{name} position {i} ({era} {old} vs {DEFAULT_TOKENIZER_ERA} {new})"
+            )
             details += [
                 f"{era}: prompt {n} differs from position {k} ({era} {o} vs {DEFAULT_TOKENIZER_ERA} {w})"
                 for n, k, o, w in differ
@@ -620,7 +639,7 @@ def hf_messages(turns: list[dict]) -> tuple[list[dict], bool]:
                 continue
             raise ValueError(f"turn {i} ({role}) is open; only the final assistant turn can be (the generation prompt)")
         if role == "user" and text.startswith(IMAGE_PREFIX):
-            content = [{"type": "image"}, {"type": "text", "text": text[len(IMAGE_PREFIX):]}]
+            content = [{"type": "image"}, {"type": "text", "text": text[len(IMAGE_PREFIX) :]}]
         else:
             content = [{"type": "text", "text": text}]
         messages.append({"role": role, "content": content})
@@ -631,8 +650,10 @@ def first_difference(got: str, want: str, context: int = 24) -> str:
     """Where two strings first differ, with repr() context on both sides."""
     i = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
     lo = max(0, i - context)
-    return (f"first difference at char {i} (lengths {len(got)} vs {len(want)}): converted {got[lo:i + context]!r} "
-            f"vs original {want[lo:i + context]!r}")
+    return (
+        f"first difference at char {i} (lengths {len(got)} vs {len(want)}): converted {got[lo : i + context]!r} "
+        f"vs original {want[lo : i + context]!r}"
+    )
 
 
 def check_chat_template(ctx: Context) -> Check:
@@ -725,10 +746,12 @@ def first_divergence(ctx: Context, index: int, tol: float) -> tuple[str, float] 
     captured: dict[str, torch.Tensor] = {}
     hooks = []
     for label, mod in _module_map(ctx.model).items():
+
         def hook(_m, _i, out, label=label):
             t = out[0] if isinstance(out, tuple) else out
             t = getattr(t, "last_hidden_state", t)
             captured[label] = t.detach().float()
+
         hooks.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad(), ctx.arithmetic_context(ctx.model):
@@ -788,11 +811,22 @@ def check_logits(ctx: Context) -> Check:
                 f"{ctx.parity_inputs[first_bad]['name']}",
             )
     others = ", ".join(f"{k} {v:g}" for k, v in LOGITS_TOL.items() if k != ctx.dtype_name)
-    numbers = {"max_abs_diff": worst, "tolerance": tol, "dtype": ctx.dtype_name, "dtype_source": ctx.dtype_source,
-               "tolerance_per_dtype": dict(LOGITS_TOL), "top1_agree": agree, "top1_decided": decided, "near_ties": ties,
-               "prompts": len(ctx.prompts), "seconds": _phase_seconds(ctx, "load", "forward")}
-    summary = (f"max |diff| {worst:.3g} <= {tol:g} ({ctx.dtype_name}; {others}) over {len(ctx.prompts)} prompts; "
-               f"top-1 {agree}/{decided} ({ties} near-ties excluded)")
+    numbers = {
+        "max_abs_diff": worst,
+        "tolerance": tol,
+        "dtype": ctx.dtype_name,
+        "dtype_source": ctx.dtype_source,
+        "tolerance_per_dtype": dict(LOGITS_TOL),
+        "top1_agree": agree,
+        "top1_decided": decided,
+        "near_ties": ties,
+        "prompts": len(ctx.prompts),
+        "seconds": _phase_seconds(ctx, "load", "forward"),
+    }
+    summary = (
+        f"max |diff| {worst:.3g} <= {tol:g} ({ctx.dtype_name}; {others}) over {len(ctx.prompts)} prompts; "
+        f"top-1 {agree}/{decided} ({ties} near-ties excluded)"
+    )
     if problems:
         summary = f"max |diff| {worst:.3g} (tol {tol:g}, {ctx.dtype_name}); top-1 {agree}/{decided}"
     return Check("logits", FAIL if problems else PASS, summary, numbers, problems)
@@ -829,16 +863,29 @@ def check_generation(ctx: Context) -> Check:
         if got != list(ref):
             beyond = sorted({t for t in got if t >= T})
             emitted_beyond.update(beyond)
-            note = (f"; ids {beyond} are >= len(base tokenizer) {T}, which the original could never emit "
-                    f"(generation_config.json suppress_tokens should hold them)") if beyond else ""
+            note = (
+                (
+                    f"; ids {beyond} are >= len(base tokenizer) {T}, which the original could never emit "
+                    f"(generation_config.json suppress_tokens should hold them)"
+                )
+                if beyond
+                else ""
+            )
             problems.append(f"prompt {x['name']}: converted {got} vs original {list(ref)}{note}")
     stops = ", ".join(f"{t} {i}" for t, i in terminators.items())
     n_bad = sum(1 for q in problems if q.startswith("prompt "))
     suppressed = _id_set(gen.get("suppress_tokens"))
-    numbers = {"prompts": len(ctx.parity_inputs), "max_new_tokens": n, "tokens_compared": total,
-               "terminators": terminators, "generation_config_eos": sorted(gen_eos), "base_tokens": T,
-               "suppress_tokens": len(suppressed), "emitted_beyond_base": sorted(emitted_beyond),
-               "seconds": _phase_seconds(ctx, "decode")}
+    numbers = {
+        "prompts": len(ctx.parity_inputs),
+        "max_new_tokens": n,
+        "tokens_compared": total,
+        "terminators": terminators,
+        "generation_config_eos": sorted(gen_eos),
+        "base_tokens": T,
+        "suppress_tokens": len(suppressed),
+        "emitted_beyond_base": sorted(emitted_beyond),
+        "seconds": _phase_seconds(ctx, "decode"),
+    }
     summary = (
         f"{len(ctx.parity_inputs) - n_bad}/{len(ctx.parity_inputs)} prompts identical over {n} greedy tokens ({total} "
         "tokens), "

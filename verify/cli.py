@@ -36,7 +36,7 @@ def _load_prompts(path: str) -> list[dict]:
     if not isinstance(data, list) or not all(isinstance(p, dict) and ("prompt" in p or "turns" in p) for p in data):
         raise VerifyUsageError(
             f'--prompts {path}: expected a JSON list of {{"name", "prompt", "image"}} or {{"name", "turns", "image"}} '
-            'objects'
+            "objects"
         )
     out = []
     for i, p in enumerate(data):
@@ -95,7 +95,7 @@ def build_parser(prog: str | None = None) -> OneLineParser:
         "--prompts",
         metavar="FILE",
         help="JSON list of {name, prompt, image} or {name, turns, image} (default: the bundled samples for the "
-             "backbone)",
+        "backbone)",
     )
     p.add_argument(
         "--images", metavar="DIR", help="folder of images named by the prompts (default: the bundled samples)"
@@ -117,8 +117,13 @@ def build_parser(prog: str | None = None) -> OneLineParser:
         metavar="N",
         help="tokens of greedy generation to compare, N >= 1 (default 8)",
     )
-    p.add_argument("--only", action="append", choices=CHECK_NAMES, metavar="CHECK",
-                   help=f"run only this check (repeatable); one of {', '.join(CHECK_NAMES)}")
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=CHECK_NAMES,
+        metavar="CHECK",
+        help=f"run only this check (repeatable); one of {', '.join(CHECK_NAMES)}",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -295,21 +295,34 @@ def ensure_env(version: str, envs_dir: Path | None = None, create: bool = True, 
         if ok:
             m = _read_marker(path)
             assert m is not None  # env_status found the marker
-            return EnvInfo(version, str(path), str(env_python(path)), False, m.get("create_seconds", 0.0),
-                           m.get("venv_seconds", 0.0), m.get("pip_seconds", 0.0), m.get("packages", {}))
+            return EnvInfo(
+                version,
+                str(path),
+                str(env_python(path)),
+                False,
+                m.get("create_seconds", 0.0),
+                m.get("venv_seconds", 0.0),
+                m.get("pip_seconds", 0.0),
+                m.get("packages", {}),
+            )
         if not create:
             raise EnvError(why)
         if _dist_version("torch") is None:
-            raise EnvError("torch is not installed in this environment; install it first (pip install torch==2.13.0) "
-                           "so the compat environments share it instead of downloading another")
+            raise EnvError(
+                "torch is not installed in this environment; install it first (pip install torch==2.13.0) "
+                "so the compat environments share it instead of downloading another"
+            )
         log(f"creating {path} (transformers {version}) ...")
         if path.exists():
             shutil.rmtree(path)
         t0 = time.perf_counter()
         # --without-pip: the env runs this interpreter's pip (it sees the system site-packages) and installs into
         # itself; skipping ensurepip saves ~15 s per environment
-        p = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(path)],
-                           capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(path)],
+            capture_output=True,
+            text=True,
+        )
         if p.returncode:
             raise EnvError(f"python -m venv {path} failed: {_tail(p.stderr)}")
         if sys.prefix != sys.base_prefix:  # we run inside a venv: share ITS site-packages, not only the base's
@@ -357,11 +370,17 @@ def ensure_env(version: str, envs_dir: Path | None = None, create: bool = True, 
                 f"{path}: pip installed its own torch ({live['torch'][0]}) instead of sharing this environment's"
             )
         seconds = t2 - t0
-        marker = {"format": MARKER_FORMAT, "transformers": version, "pins": list(pins(version)), **_this_interpreter(),
-                  "create_seconds": round(seconds, 2),
-                  "venv_seconds": round(t1 - t0, 2), "pip_seconds": round(t2 - t1, 2),
-                  "packages": {k: (v or [None])[0] for k, v in live.items()},
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        marker = {
+            "format": MARKER_FORMAT,
+            "transformers": version,
+            "pins": list(pins(version)),
+            **_this_interpreter(),
+            "create_seconds": round(seconds, 2),
+            "venv_seconds": round(t1 - t0, 2),
+            "pip_seconds": round(t2 - t1, 2),
+            "packages": {k: (v or [None])[0] for k, v in live.items()},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         (path / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         log(f"created {path} in {seconds:.1f} s (venv {t1 - t0:.1f} s, pip {t2 - t1:.1f} s)")
         return EnvInfo(
@@ -381,8 +400,11 @@ def _share_site_packages(path: Path) -> None:
     import sysconfig
 
     dirs = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()})
-    p = subprocess.run([str(env_python(path)), "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [str(env_python(path)), "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+    )
     target = Path(p.stdout.strip())
     lines = [f"import site; site.addsitedir({d!r})" for d in dirs if Path(d).is_dir()]
     (target / "_vipllava_parent_env.pth").write_text("\n".join(lines) + "\n")
@@ -452,8 +474,13 @@ def run_probe(
     (out / "job.json").write_text(json.dumps(job, indent=1, ensure_ascii=False))
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([str(python), "-I", str(PROBE), str(out / "job.json")], capture_output=True, text=True,
-                           env=_probe_env(), timeout=timeout)
+        p = subprocess.run(
+            [str(python), "-I", str(PROBE), str(out / "job.json")],
+            capture_output=True,
+            text=True,
+            env=_probe_env(),
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return Probe(label, error=f"probe timed out after {timeout:.0f} s", seconds=time.perf_counter() - t0)
     except OSError as e:
@@ -518,11 +545,23 @@ def expected_settings(repo: Path) -> dict:
     }
     for k in ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy", "image_token"):
         want[f"processor.{k}"] = proc.get(k)
-    for k in ("do_pad", "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-              "do_normalize", "image_mean", "image_std", "do_convert_rgb"):
+    for k in (
+        "do_pad",
+        "do_resize",
+        "size",
+        "resample",
+        "do_center_crop",
+        "crop_size",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+        "do_convert_rgb",
+    ):
         want[f"image_processor.{k}"] = pre.get(k)
     try:
-        bpe = (json.loads((repo / "tokenizer.json").read_text(encoding="utf-8")).get("model") or {})
+        bpe = json.loads((repo / "tokenizer.json").read_text(encoding="utf-8")).get("model") or {}
     except (OSError, ValueError, AttributeError):
         bpe = {}
     want["tokenizer_json.ignore_merges"] = bpe.get("ignore_merges") if isinstance(bpe, dict) else None
@@ -540,8 +579,11 @@ class Capabilities:
 
 def capabilities(version: str | None, model_type: str | None = None) -> Capabilities:
     v = version_tuple(version)
-    return Capabilities(processor=v >= PROCESSOR_FROM, collapse=v < EXPANDED_IDS_FROM,
-                        backbone=v >= BACKBONE_FROM.get(model_type or "", ()))
+    return Capabilities(
+        processor=v >= PROCESSOR_FROM,
+        collapse=v < EXPANDED_IDS_FROM,
+        backbone=v >= BACKBONE_FROM.get(model_type or "", ()),
+    )
 
 
 def same(a, b) -> bool:
@@ -616,7 +658,7 @@ def _first_difference(a, b, context: int = 24) -> str:
     b = b if b is not None else []
     i = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
     lo = max(0, i - context // 3)
-    return f"at {i}: {_short(a[lo:i + context])} vs reference {_short(b[lo:i + context])}"
+    return f"at {i}: {_short(a[lo : i + context])} vs reference {_short(b[lo : i + context])}"
 
 
 def _sentence(text, n: int = 200) -> str:
@@ -631,8 +673,14 @@ def _squash(text) -> str:
     return " ".join(str(text).split())
 
 
-def _check_tokenizer(name: str, tok: dict | None, ref: dict | None, details: list[str], notes: list[str] | None = None,
-                     loose_decode: bool = False) -> bool:
+def _check_tokenizer(
+    name: str,
+    tok: dict | None,
+    ref: dict | None,
+    details: list[str],
+    notes: list[str] | None = None,
+    loose_decode: bool = False,
+) -> bool:
     """ids and pieces must equal the reference's; decoded text too, except that with ``loose_decode`` (4.x's slow
     LlamaTokenizer, whose legacy decode drops the dummy-prefix space and respaces around special tokens) a
     whitespace-only difference is a note, not a failure."""
@@ -646,8 +694,10 @@ def _check_tokenizer(name: str, tok: dict | None, ref: dict | None, details: lis
                     continue
                 if what == "decoded" and loose_decode and _squash(mine.get(what)) == _squash(theirs.get(what)):
                     if notes is not None:
-                        notes.append(f"{name}: decoded {mine['text'][:30]!r} differs in whitespace only "
-                                     f"({_first_difference(mine.get(what), theirs.get(what), 12)})")
+                        notes.append(
+                            f"{name}: decoded {mine['text'][:30]!r} differs in whitespace only "
+                            f"({_first_difference(mine.get(what), theirs.get(what), 12)})"
+                        )
                     continue
                 ok = False
                 details.append(
@@ -674,7 +724,7 @@ def _check_tokenizer(name: str, tok: dict | None, ref: dict | None, details: lis
             if p is None:
                 continue
             toks = p.get("tokens") or []
-            after = toks[toks.index("<image>") + 1:][: len(want)] if "<image>" in toks else []
+            after = toks[toks.index("<image>") + 1 :][: len(want)] if "<image>" in toks else []
             good = len(after) == len(want) and all(
                 (t.startswith(w[:-1]) and len(t) > 1) if w.endswith("*") else t == w
                 for t, w in zip(after, want, strict=True)
@@ -699,8 +749,14 @@ def _expand(ids: np.ndarray, token, n) -> np.ndarray:
 
 
 def judge(  # noqa: C901 - one verdict over many independent probe fields
-    probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: float = LOGITS_TOL,
-    pixel_tol: float = PIXEL_TOL, model_type: str | None = None) -> Row:
+    probe: Probe,
+    ref: Probe,
+    expected: dict,
+    prompts: list[dict],
+    tol: float = LOGITS_TOL,
+    pixel_tol: float = PIXEL_TOL,
+    model_type: str | None = None,
+) -> Row:
     """The verdict on one environment's probe, against the files (``expected``) and the reference probe.
 
     What the release is expected to do comes from :func:`capabilities`: below 4.49 its ``AutoProcessor`` cannot
@@ -788,8 +844,12 @@ def judge(  # noqa: C901 - one verdict over many independent probe fields
                 "Llama-3 vocabulary, measured); transformers 4.40+ comes with tokenizers 0.19+"
             )
     if r.get("tokenizer_slow") is not None:
-        tokenizer_ok = _check_tokenizer("tokenizer(use_fast=False)", r["tokenizer_slow"], ref_tok, details, notes,
-                                        loose_decode=True) and tokenizer_ok
+        tokenizer_ok = (
+            _check_tokenizer(
+                "tokenizer(use_fast=False)", r["tokenizer_slow"], ref_tok, details, notes, loose_decode=True
+            )
+            and tokenizer_ok
+        )
 
     # processor: own ids and pixels against the reference's, chat template, image tokens
     processor_ok = not probe.error and steps.get("processor", {}).get("ok", False)
@@ -882,8 +942,10 @@ def judge(  # noqa: C901 - one verdict over many independent probe fields
             a, b = probe.tensors.get(f"greedy_{i}"), ref.tensors.get(f"greedy_{i}")
             if a is None or b is None or a.tolist() != b.tolist():
                 greedy_ok = False
-                details.append(f"greedy tokens of {p['name']}: {None if a is None else a.tolist()}, reference "
-                               f"{None if b is None else b.tolist()}")
+                details.append(
+                    f"greedy tokens of {p['name']}: {None if a is None else a.tolist()}, reference "
+                    f"{None if b is None else b.tolist()}"
+                )
     elif load_ok and "greedy" not in steps:
         details.append("greedy: not run")
 
@@ -904,16 +966,20 @@ def judge(  # noqa: C901 - one verdict over many independent probe fields
             runs = _runs(ids, image_id) if ids is not None and image_id is not None else []
             if len(runs) != n_img or any(x != (1 if cap.collapse else seq) for x in runs):
                 recipe_ok = False
-                details.append(f"recipe: {p['name']}: {n_img} <image> became runs of {runs}, expected {n_img} x "
-                               f"{1 if cap.collapse else seq}")
+                details.append(
+                    f"recipe: {p['name']}: {n_img} <image> became runs of {runs}, expected {n_img} x "
+                    f"{1 if cap.collapse else seq}"
+                )
             if (
                 ids is None
                 or want is None
                 or not np.array_equal(_expand(ids, image_id, seq) if cap.collapse else ids, want)
             ):
                 recipe_ok = False
-                details.append(f"recipe: input_ids of {p['name']} differ from the reference's"
-                               f"{' (each <image> counted as ' + str(seq) + ')' if cap.collapse else ''}")
+                details.append(
+                    f"recipe: input_ids of {p['name']} differ from the reference's"
+                    f"{' (each <image> counted as ' + str(seq) + ')' if cap.collapse else ''}"
+                )
             a, b = probe.tensors.get(f"recipe_pixels_{i}"), ref.tensors.get(f"own_pixels_{i}")
             if (a is None) != (b is None) or (a is not None and b is not None and a.shape != b.shape):
                 recipe_ok = False
@@ -927,8 +993,10 @@ def judge(  # noqa: C901 - one verdict over many independent probe fields
             if a is None or b is None or a.shape != b.shape:
                 recipe_ok = False
                 rec_logits = math.inf
-                details.append(f"recipe: logits of {p['name']}: shape {None if a is None else a.shape} vs reference "
-                               f"{None if b is None else b.shape}")
+                details.append(
+                    f"recipe: logits of {p['name']}: shape {None if a is None else a.shape} vs reference "
+                    f"{None if b is None else b.shape}"
+                )
             else:
                 rec_logits = max(rec_logits, _max_diff(a, b))
             if not cap.processor:
@@ -954,14 +1022,24 @@ def judge(  # noqa: C901 - one verdict over many independent probe fields
     if "model_default_attention" in steps:
         needs_eager = load_ok and not steps["model_default_attention"].get("ok", False)
         if needs_eager:
-            cannot.append(f"default attention: {_sentence(errors.get('model_default_attention'))} Load with "
-                          'attn_implementation="eager"')
+            cannot.append(
+                f"default attention: {_sentence(errors.get('model_default_attention'))} Load with "
+                'attn_implementation="eager"'
+            )
         elif not load_ok and not steps["model_default_attention"].get("ok", False):
             details.append(f"model_default_attention: {errors.get('model_default_attention')}")
 
     processor_pass = (processor_ok and image_tokens_ok) or not cap.processor
-    passed = bool(keys_ok and settings_ok and tokenizer_ok and processor_pass and logits_ok and greedy_ok
-                  and (recipe_ok or cap.processor) and not probe.error)
+    passed = bool(
+        keys_ok
+        and settings_ok
+        and tokenizer_ok
+        and processor_pass
+        and logits_ok
+        and greedy_ok
+        and (recipe_ok or cap.processor)
+        and not probe.error
+    )
     classes = {
         "tokenizer": (r.get("tokenizer") or {}).get("class"),
         "tokenizer_use_fast_false": (r.get("tokenizer_slow") or {}).get("class"),
@@ -1148,9 +1226,19 @@ def _finite(obj):
     return obj
 
 
-def run_matrix(repo: str | Path, versions=VERSIONS, envs_dir: Path | None = None, create: bool = True,
-               prompts: list[dict] | None = None, images: dict | None = None, tol: float = LOGITS_TOL,
-               keep: Path | None = None, timeout: float = 1800, jobs: int | None = None, log=None) -> Matrix:
+def run_matrix(
+    repo: str | Path,
+    versions=VERSIONS,
+    envs_dir: Path | None = None,
+    create: bool = True,
+    prompts: list[dict] | None = None,
+    images: dict | None = None,
+    tol: float = LOGITS_TOL,
+    keep: Path | None = None,
+    timeout: float = 1800,
+    jobs: int | None = None,
+    log=None,
+) -> Matrix:
     """Probe the current environment (the reference) and each version's environment; judge every row."""
     repo = Path(repo)
     if not repo.is_dir() or not (repo / "config.json").is_file():
@@ -1194,14 +1282,29 @@ def run_matrix(repo: str | Path, versions=VERSIONS, envs_dir: Path | None = None
         def probe(v: str) -> Row:
             env = envs[v]
             if isinstance(env, str):
-                return judge(Probe(v, error=f"environment: {env}", env={"error": env}), ref, expected, prompts, tol,
-                             model_type=model_type)
+                return judge(
+                    Probe(v, error=f"environment: {env}", env={"error": env}),
+                    ref,
+                    expected,
+                    prompts,
+                    tol,
+                    model_type=model_type,
+                )
             if ref.error:
                 p = Probe(v, error="no reference (the current environment's probe failed)", env=env)
             else:
                 log(f"probing transformers {v} ...")
-                p = run_probe(v, env["python"], repo, work, prompts, image_files, inputs, timeout,
-                              collapse=capabilities(v).collapse)
+                p = run_probe(
+                    v,
+                    env["python"],
+                    repo,
+                    work,
+                    prompts,
+                    image_files,
+                    inputs,
+                    timeout,
+                    collapse=capabilities(v).collapse,
+                )
                 p.env = env
             row = judge(p, ref, expected, prompts, tol, model_type=model_type)
             if row.transformers not in (None, v):
@@ -1214,16 +1317,20 @@ def run_matrix(repo: str | Path, versions=VERSIONS, envs_dir: Path | None = None
         workers = max(1, min(len(versions), jobs or DEFAULT_JOBS))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             rows = list(pool.map(probe, versions))
-        return Matrix(str(repo), ref_row, rows, tol, time.perf_counter() - t0, (ref.result or {}).get("versions", {}),
-                      model_type)
+        return Matrix(
+            str(repo), ref_row, rows, tol, time.perf_counter() - t0, (ref.result or {}).get("versions", {}), model_type
+        )
     finally:
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m verify.compat", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m verify.compat",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("repo", nargs="?", help="the converted repo")
     ap.add_argument(
         "--versions",
@@ -1258,7 +1365,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help=f"probes (or, with --setup-only, environment creations) run at once (default {DEFAULT_JOBS}; a probe uses "
-             "one CPU)",
+        "one CPU)",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)

@@ -126,13 +126,27 @@ def _tokenizer_settings(tok) -> dict:
     }
 
 
-_IMAGE_PROCESSOR_KEYS = ("do_pad", "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
-                         "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+_IMAGE_PROCESSOR_KEYS = (
+    "do_pad",
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+)
 
 
 def _processor_settings(proc) -> dict:
-    out = {f"processor.{k}": _jsonable(getattr(proc, k, "<absent>"))
-           for k in ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy", "image_token")}
+    out = {
+        f"processor.{k}": _jsonable(getattr(proc, k, "<absent>"))
+        for k in ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy", "image_token")
+    }
     ip = getattr(proc, "image_processor", None)
     for k in _IMAGE_PROCESSOR_KEYS:
         out[f"image_processor.{k}"] = _jsonable(getattr(ip, k, "<absent>"))
@@ -371,6 +385,7 @@ def main(argv: list[str]) -> int:  # noqa: C901 - one probe script, run in a for
         return kw
 
     if model is not None:
+
         def forward():
             feed = dict(np.load(job["inputs"])) if job.get("inputs") else tensors
             n = 0
@@ -397,9 +412,15 @@ def main(argv: list[str]) -> int:  # noqa: C901 - one probe script, run in a for
                     if collapse:
                         ids = _collapse(ids, image_id)
                     kw = run(ids, feed.get(f"own_pixels_{i}"))
-                    out = model.generate(**kw, max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1,
-                                         pad_token_id=settings.get("generation_config.pad_token_id"))
-                    tensors[f"greedy_{i}"] = out[0, len(ids):].numpy().astype(np.int64)
+                    out = model.generate(
+                        **kw,
+                        max_new_tokens=new,
+                        min_new_tokens=new,
+                        do_sample=False,
+                        num_beams=1,
+                        pad_token_id=settings.get("generation_config.pad_token_id"),
+                    )
+                    tensors[f"greedy_{i}"] = out[0, len(ids) :].numpy().astype(np.int64)
             return new
 
         if job.get("new_tokens"):

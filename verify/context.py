@@ -175,9 +175,15 @@ class ModelShape:
         return text_ids + images * self.image_tokens
 
 
-def estimate_memory(shape: ModelShape, dtype: torch.dtype, stored: tuple[torch.dtype | None, torch.dtype | None],
-                    sequences: list[int], images: list[int], max_new_tokens: int,
-                    arithmetic: torch.dtype | None = None) -> dict:
+def estimate_memory(
+    shape: ModelShape,
+    dtype: torch.dtype,
+    stored: tuple[torch.dtype | None, torch.dtype | None],
+    sequences: list[int],
+    images: list[int],
+    max_new_tokens: int,
+    arithmetic: torch.dtype | None = None,
+) -> dict:
     """Peak anonymous memory (bytes) of a verify run, by part.
 
     * weights: both models are read from their files in the dtype they are stored in (memory-mapped, page cache,
@@ -213,14 +219,22 @@ def estimate_memory(shape: ModelShape, dtype: torch.dtype, stored: tuple[torch.d
         "kv_cache": 2 * shape.layers * S * shape.kv_dim * b,
         "attention": shape.heads * S * S * (4 + b),
         "activations": S * (3 * shape.intermediate + 6 * shape.hidden) * b + S * shape.vocab * (4 + b),
-        "vision": n_img * ((shape.vision_layers + 1) * shape.vision_tokens * shape.vision_hidden * b
-                           + shape.vision_heads * shape.vision_tokens ** 2 * (4 + b)
-                           + shape.vision_tokens * shape.vision_intermediate * b),
+        "vision": n_img
+        * (
+            (shape.vision_layers + 1) * shape.vision_tokens * shape.vision_hidden * b
+            + shape.vision_heads * shape.vision_tokens**2 * (4 + b)
+            + shape.vision_tokens * shape.vision_intermediate * b
+        ),
         "runtime": RUNTIME_BYTES,
     }
-    return {"dtype": str(dtype).removeprefix("torch."), "arithmetic": str(arithmetic).removeprefix("torch."),
-            "weight_copies": copies, "longest_sequence": S,
-            "parts": parts, "total": sum(parts.values())}
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "arithmetic": str(arithmetic).removeprefix("torch."),
+        "weight_copies": copies,
+        "longest_sequence": S,
+        "parts": parts,
+        "total": sum(parts.values()),
+    }
 
 
 class OriginalTensors:
@@ -473,11 +487,18 @@ class Context:
         tensors = self.original_tensors
         return ModelShape(
             parameters=sum(tensors.get(k).numel() for k in tensors.keys()),
-            layers=lcfg.num_hidden_layers, hidden=lcfg.hidden_size, heads=heads,
+            layers=lcfg.num_hidden_layers,
+            hidden=lcfg.hidden_size,
+            heads=heads,
             kv_dim=(getattr(lcfg, "num_key_value_heads", None) or heads) * head_dim,
-            intermediate=lcfg.intermediate_size, vocab=lcfg.vocab_size,
-            vision_layers=vcfg.num_hidden_layers, vision_hidden=vcfg.hidden_size, vision_heads=vcfg.num_attention_heads,
-            vision_intermediate=vcfg.intermediate_size, vision_tokens=patches + 1, image_tokens=patches,
+            intermediate=lcfg.intermediate_size,
+            vocab=lcfg.vocab_size,
+            vision_layers=vcfg.num_hidden_layers,
+            vision_hidden=vcfg.hidden_size,
+            vision_heads=vcfg.num_attention_heads,
+            vision_intermediate=vcfg.intermediate_size,
+            vision_tokens=patches + 1,
+            image_tokens=patches,
         )
 
     def _check_memory(self, limit: int | None) -> dict:
@@ -610,8 +631,11 @@ class Context:
         for the backbones the original ran with the fast tokenizer)."""
         from .original import DEFAULT_TOKENIZER_ERA, load_base_tokenizer, tokenizer_eras
 
-        return {era: load_base_tokenizer(self.backbone, self.inputs.text_model, era=era)
-                for era in tokenizer_eras(self.backbone) if era != DEFAULT_TOKENIZER_ERA}
+        return {
+            era: load_base_tokenizer(self.backbone, self.inputs.text_model, era=era)
+            for era in tokenizer_eras(self.backbone)
+            if era != DEFAULT_TOKENIZER_ERA
+        }
 
     @cached_property
     def terminators(self) -> dict[str, int]:
@@ -662,8 +686,16 @@ class Context:
                 expanded.extend([image_id] * seq if t < 0 else [t])
             imgs = self.prompt_images(p)
             pixels = torch.stack([self.reference.preprocess(im) for im in imgs]) if imgs else None
-            out.append({"name": p["name"], "image": p.get("image") if imgs else None, "ids": ids, "expanded": expanded,
-                        "images": imgs, "pixels": pixels})
+            out.append(
+                {
+                    "name": p["name"],
+                    "image": p.get("image") if imgs else None,
+                    "ids": ids,
+                    "expanded": expanded,
+                    "images": imgs,
+                    "pixels": pixels,
+                }
+            )
         return out
 
     @property
@@ -863,7 +895,7 @@ class Context:
                         logits = torch.cat([pre_logits, logits])
                     self.timings["converted_forward"] = self.timings.get("converted_forward", 0.0) + t1 - t0
                     self._time("converted_decode", t1)
-                    out[i] = (logits, gen[0, ids.shape[1]:].tolist())
+                    out[i] = (logits, gen[0, ids.shape[1] :].tolist())
                 del pre, pre_logits
         return out
 

@@ -37,13 +37,28 @@ import numpy as np
 import torch
 
 ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 _STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
 }
 GUARD = 64  # bytes compared at each end of a located original tensor with what torch.load gives
 
@@ -323,8 +338,13 @@ def _tensor_views(t: torch.Tensor, chunk: int = 1 << 22) -> Iterator[memoryview]
         yield flat[i : i + chunk].numpy().data
 
 
-def run_pass(shards: list[Path], other_outputs: list[Path], pairs: list[Pair], hash_files: bool,
-             original_tensor: Callable[[str], torch.Tensor]) -> PassResult:
+def run_pass(
+    shards: list[Path],
+    other_outputs: list[Path],
+    pairs: list[Pair],
+    hash_files: bool,
+    original_tensor: Callable[[str], torch.Tensor],
+) -> PassResult:
     """Stream the shards (hashing them when ``hash_files``), compare every pair, hash the other outputs."""
     t0 = time.perf_counter()
     res = PassResult()
@@ -347,8 +367,13 @@ def run_pass(shards: list[Path], other_outputs: list[Path], pairs: list[Pair], h
     return res
 
 
-def _stream_pairs(res: PassResult, shards: list[Path], pairs: list[Pair], hash_files: bool,
-                  original_tensor: Callable[[str], torch.Tensor]) -> None:
+def _stream_pairs(
+    res: PassResult,
+    shards: list[Path],
+    pairs: list[Pair],
+    hash_files: bool,
+    original_tensor: Callable[[str], torch.Tensor],
+) -> None:
     from convert.writer import InputStream
 
     conv = (
@@ -416,7 +441,7 @@ def _stream_pairs(res: PassResult, shards: list[Path], pairs: list[Pair], hash_f
     for p, seen_first, seen_last in guards:
         assert p.original is not None  # guards are kept for streamed pairs only
         t = original_tensor(p.key).detach().contiguous().reshape(-1).view(torch.uint8)
-        if bytes(t[:GUARD].numpy()) != seen_first or bytes(t[max(0, t.numel() - GUARD):].numpy()) != seen_last:
+        if bytes(t[:GUARD].numpy()) != seen_first or bytes(t[max(0, t.numel() - GUARD) :].numpy()) != seen_last:
             res.problems.append(
                 f"{p.key}: the bytes verify located at {p.original.path.name}:{p.original.offset} are not the "
                 "tensor torch.load gives; this is a verifier bug (please report it)"

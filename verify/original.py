@@ -212,9 +212,7 @@ def list_checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | No
     for name in _SINGLE_FILES:
         if (folder / name).is_file():
             return [folder / name], None
-    raise OriginalLoadError(
-        f"no checkpoint in {folder}: expected one of {list(_INDEX_FILES) + list(_SINGLE_FILES)}"
-    )
+    raise OriginalLoadError(f"no checkpoint in {folder}: expected one of {list(_INDEX_FILES) + list(_SINGLE_FILES)}")
 
 
 def _read_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -284,8 +282,12 @@ def _as_special(value: Any, wrap_plain: bool) -> _SpecialToken | None:
     if value is None:
         return None
     if isinstance(value, dict):
-        return _SpecialToken(str(value["content"]), bool(value.get("lstrip", False)), bool(value.get("rstrip", False)),
-                             bool(value.get("single_word", False)))
+        return _SpecialToken(
+            str(value["content"]),
+            bool(value.get("lstrip", False)),
+            bool(value.get("rstrip", False)),
+            bool(value.get("single_word", False)),
+        )
     if isinstance(value, str):
         if (
             wrap_plain
@@ -431,12 +433,14 @@ class LlamaSlowTokenizer:
             in_vocab = not (pid == self.sp.unk_id() and tok.content != self.sp.id_to_piece(pid))
             if in_vocab and pid != int(sid):
                 raise OriginalLoadError(
-                    f"{cfg_path}: added token {tok.content!r} has id {sid}, but tokenizer.model has it at {pid}")
+                    f"{cfg_path}: added token {tok.content!r} has id {sid}, but tokenizer.model has it at {pid}"
+                )
             if not in_vocab:
                 if int(sid) < self.sp.get_piece_size():
                     raise OriginalLoadError(
                         f"{cfg_path}: added token {tok.content!r} claims id {sid}, which tokenizer.model gives to "
-                        f"{self.sp.id_to_piece(int(sid))!r}")
+                        f"{self.sp.id_to_piece(int(sid))!r}"
+                    )
                 self._ids[tok.content] = int(sid)
         return known
 
@@ -538,7 +542,7 @@ class LlamaSlowTokenizer:
             return self.sp_plain.encode(text, out_type=str)
         assert self.unk_token is not None, "non-legacy tokenization needs the unk token"
         pieces = self.sp_plain.encode(self.unk_token + text, out_type=str)
-        return pieces[self.unk_token_length:] if len(pieces) >= self.unk_token_length else pieces
+        return pieces[self.unk_token_length :] if len(pieces) >= self.unk_token_length else pieces
 
     # -- PreTrainedTokenizer.tokenize (4.31) ------------------------------------------------
     def _tokenize_431(self, text: str) -> list[str]:
@@ -703,8 +707,13 @@ def llama_fast_from_sentencepiece(model_file: Path, cfg: Mapping[str, Any], cfg_
     pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)] + [(p.piece, p.score) for p in proto.pieces[3:]]
     known = {p.piece: i for i, p in enumerate(proto.pieces)}
     vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
-    bpe = BPE(vocab, _sentencepiece_bpe_merges(pieces, known), unk_token=proto.trainer_spec.unk_piece,
-              fuse_unk=True, byte_fallback=True)
+    bpe = BPE(
+        vocab,
+        _sentencepiece_bpe_merges(pieces, known),
+        unk_token=proto.trainer_spec.unk_piece,
+        fuse_unk=True,
+        byte_fallback=True,
+    )
     tk = Tokenizer(bpe)
     tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
@@ -715,9 +724,14 @@ def llama_fast_from_sentencepiece(model_file: Path, cfg: Mapping[str, Any], cfg_
         if not isinstance(entry, dict) or "content" not in entry:
             raise OriginalLoadError(f"{cfg_path}: added_tokens_decoder[{sid}] is not an AddedToken: {entry!r}")
         special = bool(entry.get("special", False))
-        token = AddedToken(str(entry["content"]), single_word=bool(entry.get("single_word", False)),
-                           lstrip=bool(entry.get("lstrip", False)), rstrip=bool(entry.get("rstrip", False)),
-                           normalized=bool(entry.get("normalized", not special)), special=special)
+        token = AddedToken(
+            str(entry["content"]),
+            single_word=bool(entry.get("single_word", False)),
+            lstrip=bool(entry.get("lstrip", False)),
+            rstrip=bool(entry.get("rstrip", False)),
+            normalized=bool(entry.get("normalized", not special)),
+            special=special,
+        )
         (tk.add_special_tokens if special else tk.add_tokens)([token])
     named = [
         cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -727,8 +741,17 @@ def llama_fast_from_sentencepiece(model_file: Path, cfg: Mapping[str, Any], cfg_
         content = _token_content(value)
         if content is not None and tk.token_to_id(content) is None:
             flags = value if isinstance(value, dict) else {}
-            tk.add_special_tokens([AddedToken(content, lstrip=bool(flags.get("lstrip", False)),
-                                              rstrip=bool(flags.get("rstrip", False)), normalized=False, special=True)])
+            tk.add_special_tokens(
+                [
+                    AddedToken(
+                        content,
+                        lstrip=bool(flags.get("lstrip", False)),
+                        rstrip=bool(flags.get("rstrip", False)),
+                        normalized=False,
+                        special=True,
+                    )
+                ]
+            )
     return tk
 
 
@@ -948,24 +971,67 @@ def clip_preprocess(img: PIL.Image.Image, s: ClipPreprocessSettings) -> np.ndarr
 # --------------------------------------------------------------------------------------------
 
 _LLAMA_KEYS = {
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range",
-    "rms_norm_eps", "pad_token_id", "bos_token_id", "eos_token_id", "pretraining_tp",
-    "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
-    "attention_dropout", "mlp_bias", "head_dim",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "pretraining_tp",
+    "tie_word_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "attention_bias",
+    "attention_dropout",
+    "mlp_bias",
+    "head_dim",
 }
 _CLIP_VISION_KEYS = {
-    "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers", "num_attention_heads",
-    "num_channels", "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout",
-    "initializer_range", "initializer_factor",
+    "hidden_size",
+    "intermediate_size",
+    "projection_dim",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "attention_dropout",
+    "initializer_range",
+    "initializer_factor",
 }
 
 
 _PHI3_KEYS = {  # the fields the vendored configuration_phi3.py (April 2024) knows
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_act",
-    "max_position_embeddings", "original_max_position_embeddings", "initializer_range", "rms_norm_eps",
-    "tie_word_embeddings", "rope_theta", "bos_token_id", "eos_token_id", "pad_token_id", "sliding_window",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attention_dropout",
+    "hidden_act",
+    "max_position_embeddings",
+    "original_max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "rope_theta",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sliding_window",
 }
 
 
@@ -1150,14 +1216,36 @@ class Backbone:
 BACKBONES: Mapping[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone("vicuna", "llava_llama", None, "llava_v1", LlamaSlowTokenizer,
-                 llama_config_from_original, LlamaForCausalLM, ()),
-        Backbone("llama3", "llava_llama", "<|eot_id|>", "llava_llama_3",
-                 lambda d: FastTokenizer(d, "post_processor"), llama_config_from_original, LlamaForCausalLM,
-                 ("<|eot_id|>",)),
-        Backbone("phi3", "llava_phi3", None, "llava_phi_3",
-                 lambda d: FastTokenizer(d, "add_bos_token"), phi3_config_from_original, Phi3ForCausalLM,
-                 ("<|end|>",)),
+        Backbone(
+            "vicuna",
+            "llava_llama",
+            None,
+            "llava_v1",
+            LlamaSlowTokenizer,
+            llama_config_from_original,
+            LlamaForCausalLM,
+            (),
+        ),
+        Backbone(
+            "llama3",
+            "llava_llama",
+            "<|eot_id|>",
+            "llava_llama_3",
+            lambda d: FastTokenizer(d, "post_processor"),
+            llama_config_from_original,
+            LlamaForCausalLM,
+            ("<|eot_id|>",),
+        ),
+        Backbone(
+            "phi3",
+            "llava_phi3",
+            None,
+            "llava_phi_3",
+            lambda d: FastTokenizer(d, "add_bos_token"),
+            phi3_config_from_original,
+            Phi3ForCausalLM,
+            ("<|end|>",),
+        ),
     )
 }
 
@@ -1396,9 +1484,7 @@ class OriginalVipLlava:
         n_layers = len(FEATURE_LAYERS)
         mm_hidden = config.get("mm_hidden_size", n_layers * vcfg.hidden_size)
         if mm_hidden != n_layers * vcfg.hidden_size:
-            raise OriginalLoadError(
-                f"mm_hidden_size {mm_hidden} != {n_layers} x vision hidden size {vcfg.hidden_size}"
-            )
+            raise OriginalLoadError(f"mm_hidden_size {mm_hidden} != {n_layers} x vision hidden size {vcfg.hidden_size}")
         for idx in FEATURE_LAYERS:
             if not -(vcfg.num_hidden_layers + 1) <= idx <= vcfg.num_hidden_layers:
                 raise OriginalLoadError(f"feature layer {idx} out of range for {vcfg.num_hidden_layers} layers")
@@ -1416,10 +1502,10 @@ class OriginalVipLlava:
             if _LEGACY_ROTARY.match(key) or _LEGACY_POSITION_IDS.match(key):
                 continue
             if key.startswith(VISION_PREFIX):
-                sub = key[len(VISION_PREFIX):]
+                sub = key[len(VISION_PREFIX) :]
                 candidates = [sub]
                 if sub.startswith("vision_model."):
-                    candidates.append(sub[len("vision_model."):])
+                    candidates.append(sub[len("vision_model.") :])
                 else:
                     candidates.append("vision_model." + sub)
                 placed = next((c for c in candidates if c in vision_keys), None)
@@ -1427,7 +1513,7 @@ class OriginalVipLlava:
                     raise OriginalLoadError(f"vision tower: unexpected key {key!r}")
                 vis_sd[placed] = tensor.to(dtype)
             elif key.startswith(PROJECTOR_PREFIX):
-                sub = key[len(PROJECTOR_PREFIX):]
+                sub = key[len(PROJECTOR_PREFIX) :]
                 if sub not in PROJECTOR_KEYS:
                     raise OriginalLoadError(f"projector: unexpected key {key!r}")
                 proj_sd[sub] = tensor.to(dtype)
@@ -1614,10 +1700,12 @@ class OriginalVipLlava:
 
         hooks = []
         if capture:
+
             def make_hook(name):
                 def hook(_module, _inputs, output):
                     out = output[0] if isinstance(output, (tuple, list)) else output
                     trace[name] = out[0].float().clone()
+
                 return hook
 
             for i, layer in enumerate(self.llm.model.layers):

@@ -88,8 +88,10 @@ def resolve_repo(repo: str | Path) -> tuple[Path, str | None]:
     except LocalEntryNotFoundError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
         why = "HF_HUB_OFFLINE is set" if offline else str(e).splitlines()[0][:160]
-        raise VerifyUsageError(f"{text}: not in the local Hugging Face cache ({why}); download it once with network "
-                               "access, or pass a folder") from None
+        raise VerifyUsageError(
+            f"{text}: not in the local Hugging Face cache ({why}); download it once with network "
+            "access, or pass a folder"
+        ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise VerifyUsageError(f"{text}: could not fetch from the Hub ({str(e).splitlines()[0][:200]})") from None
     commit = local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else None
@@ -112,8 +114,11 @@ def check_vipllava_repo(folder: Path) -> dict:
     if model_type != "vipllava" or (
         arch is not None and ARCHITECTURE not in (arch if isinstance(arch, list) else [arch])
     ):
-        hint = ("this is an ORIGINAL ViP-LLaVA checkpoint: convert it first (python -m convert --original ...)"
-                if model_type in ("llava_llama", "llava_phi3", "llava_phi") else "pass a converted VipLlava repo")
+        hint = (
+            "this is an ORIGINAL ViP-LLaVA checkpoint: convert it first (python -m convert --original ...)"
+            if model_type in ("llava_llama", "llava_phi3", "llava_phi")
+            else "pass a converted VipLlava repo"
+        )
         raise VerifyUsageError(
             f"{cfg_path}: model_type {model_type!r}, architectures {arch!r}; expected model_type 'vipllava' "
             f"and {ARCHITECTURE}; {hint}"
@@ -132,6 +137,8 @@ def audit_inputs_problem(folder: Path, original, text_model, vision_model) -> st
         if not v
     ]
     if missing:
-        return (f"{folder}: no {MANIFEST} (a repo this tool did not write): auditing it needs the original inputs; "
-                f"pass {', '.join(missing)}")
+        return (
+            f"{folder}: no {MANIFEST} (a repo this tool did not write): auditing it needs the original inputs; "
+            f"pass {', '.join(missing)}"
+        )
     return None

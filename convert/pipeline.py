@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import MANIFEST, __version__
 from .backbones import detect
 from .config import (
     build_config,
@@ -53,7 +53,6 @@ from .writer import (
 DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14-336"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _DTYPE_NAME = {v: k for k, v in DTYPES.items()}
-MANIFEST = "conversion.json"
 ORIGINAL_EMBED = "model.embed_tokens.weight"
 ORIGINAL_LM_HEAD = "lm_head.weight"
 

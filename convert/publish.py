@@ -31,14 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import MANIFEST, __version__
 from .model_card import model_card
 
 if TYPE_CHECKING:
     from verify.report import Report
 
 TOOL = "vipllava-harness"
-MANIFEST = "conversion.json"
 CARD = "README.md"
 REPORT = "verification.json"
 PUBLICATION_FILES = (CARD, REPORT)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .context import MANIFEST, Context, ConvertedTensors, OriginalTensors
-from .report import FAIL, NA, PASS, WARN, Check
+from .report import FAIL, NA, PASS, WARN, Check, first_difference_index
 
 # max |logits diff| per verify --dtype: float32 arithmetic (float32-blocks computes the prompt in float32 over bf16
 # weights) allows kernel-order differences only; bf16 arithmetic rounds every product to 8 bits of mantissa.
@@ -540,10 +540,7 @@ def check_processor(ctx: Context) -> Check:
         got = proc(text=p["prompt"], return_tensors="pt", **kw)["input_ids"][0].tolist()
         n_ids += 1
         if got != x["expanded"]:
-            i = next(
-                (i for i, (a, b) in enumerate(zip(got, x["expanded"], strict=False)) if a != b),
-                min(len(got), len(x["expanded"])),
-            )
+            i = first_difference_index(got, x["expanded"])
             problems.append(
                 f"prompt {x['name']}: ids differ at position {i} (converted {got[i : i + 4]}, original "
                 f"{x['expanded'][i : i + 4]}; lengths {len(got)} vs {len(x['expanded'])})"
@@ -598,7 +595,7 @@ def check_tokenizer_era(ctx: Context) -> Check:
         for p in ctx.prompts:
             a, b = base.encode_with_images(p["prompt"]), tok.encode_with_images(p["prompt"])
             if a != b:
-                i = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+                i = first_difference_index(a, b)
                 differ.append((p["name"], i, b[i : i + 4], a[i : i + 4]))
         numbers[era] = {"differ": len(differ), "first": list(differ[0]) if differ else None}
         if differ:
@@ -648,7 +645,7 @@ def hf_messages(turns: list[dict]) -> tuple[list[dict], bool]:
 
 def first_difference(got: str, want: str, context: int = 24) -> str:
     """Where two strings first differ, with repr() context on both sides."""
-    i = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+    i = first_difference_index(got, want)
     lo = max(0, i - context)
     return (
         f"first difference at char {i} (lengths {len(got)} vs {len(want)}): converted {got[lo : i + context]!r} "

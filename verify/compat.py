@@ -63,6 +63,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .report import first_difference_index, json_safe
+
 # The versions a converted repo is proven on, oldest first:
 # - 4.37.2: the release that added VipLlava, and the original ViP-LLaVA code's pin (with tokenizers 0.15.1);
 # - 4.41.2: the first line that knows Phi-3 (4.40.2 raises KeyError 'phi3'; measured), newest patch;
@@ -656,7 +658,7 @@ def _first_difference(a, b, context: int = 24) -> str:
     """Where two sequences (token lists or strings) first differ, with a little context, for a detail line."""
     a = a if a is not None else []
     b = b if b is not None else []
-    i = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+    i = first_difference_index(a, b)
     lo = max(0, i - context // 3)
     return f"at {i}: {_short(a[lo : i + context])} vs reference {_short(b[lo : i + context])}"
 
@@ -1205,7 +1207,7 @@ class Matrix:
             "model_type": self.model_type,
             "rows": [{**asdict(r), "verdict": r.verdict} for r in self.rows],
         }
-        return json.dumps(_finite(data), indent=2, sort_keys=True) + "\n"
+        return json.dumps(json_safe(data), indent=2, sort_keys=True) + "\n"
 
 
 def _n(v) -> str:
@@ -1214,16 +1216,6 @@ def _n(v) -> str:
 
 def _ok(v: bool) -> str:
     return "ok" if v else "FAIL"
-
-
-def _finite(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def run_matrix(

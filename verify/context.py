@@ -22,12 +22,11 @@ from convert.safejson import clean, confined, load_json, type_name  # noqa: F401
 from convert.safejson import name as safe_name
 
 from .datapass import ST_DTYPES
-from .preflight import VerifyUsageError, audit_inputs_problem  # noqa: F401 (VerifyUsageError: re-exported)
+from .preflight import MANIFEST, VerifyUsageError, audit_inputs_problem  # noqa: F401 (VerifyUsageError: re-exported)
 
 if TYPE_CHECKING:
     from .original import FastTokenizer, LlamaSlowTokenizer
 
-MANIFEST = "conversion.json"
 # --dtype name -> the dtype both models' weights are held in. "float32-blocks" (the default for a bf16 checkpoint) holds
 # them as stored and runs every prompt forward in float32 arithmetic, one block at a time (``verify.compute``); the
 # greedy steps after the prompt run in the stored dtype.
@@ -351,7 +350,8 @@ class ConvertedTensors:
 CONVERTED_EMBED = "language_model.model.embed_tokens.weight"
 # checks that load a model (the converted one, the reference, or both); the others read files only
 MODEL_CHECKS = frozenset({"strict_load", "resize", "processor", "logits", "generation"})
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
+# the stored weight dtypes the dtype default and the memory estimate know (others count as unknown)
+_WEIGHT_DTYPES = frozenset({torch.bfloat16, torch.float32, torch.float16})
 
 
 def _safetensors_dtype(repo: Path, key: str) -> torch.dtype | None:
@@ -367,7 +367,8 @@ def _safetensors_dtype(repo: Path, key: str) -> torch.dtype | None:
         except (OSError, ValueError):
             continue
         if isinstance(header.get(key), dict):
-            return _SAFETENSORS_DTYPES.get(header[key].get("dtype"))
+            dtype = ST_DTYPES.get(header[key].get("dtype"))
+            return dtype if dtype in _WEIGHT_DTYPES else None
     return None
 
 

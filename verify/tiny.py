@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from .original import FEATURE_LAYERS  # the original's multilayer vision features: one home, the reference
+
 __all__ = [
     "TinySpec",
     "Backbone",
@@ -54,7 +56,6 @@ __all__ = [
     "sanity_report",
 ]
 
-FEATURE_LAYERS = (-2, -5, -8, -11, 6)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

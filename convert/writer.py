@@ -66,7 +66,7 @@ class OutTensor:
     """One tensor to write: its name, output dtype and shape, and how to get its values (called once).
 
     ``source`` is where its values lie in the input, as (start, end) positions in the concatenation of the
-    input weight files (see :class:`InputReader`); None where unknown."""
+    input weight files (see :class:`InputStream`); None where unknown."""
 
     name: str
     dtype: torch.dtype

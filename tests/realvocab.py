@@ -362,7 +362,7 @@ def _added_token_dict(content: str) -> dict:
 
 def _write_vicuna(d: Path) -> None:
     """lmsys/vicuna-7b-v1.5: tokenizer.model + tokenizer_config.json + special_tokens_map.json, no tokenizer.json.
-    Values as in that repo (ORIGINAL.md §7: legacy false, LlamaTokenizer, add_bos_token true, add_eos_token false,
+    Values as in that repo (legacy false, LlamaTokenizer, add_bos_token true, add_eos_token false,
     model_max_length 4096, pad_token null, padding_side right); the special tokens are AddedToken dicts there."""
     (d / "tokenizer.model").write_bytes(llama2_model_proto())
     _check_sentencepiece(d / "tokenizer.model", reference_cases("vicuna"))

@@ -1,7 +1,7 @@
 """Hypothesis strategies for the property tests of the key mapping and the embedding resize.
 
 What is generated: plausible ORIGINAL ViP-LLaVA checkpoints (Llama text model + frozen CLIP tower + ViP-LLaVA
-projector, ORIGINAL.md §2) as ``TinySpec``s, whose key -> shape dicts come from
+projector, the original code's state dict layout) as ``TinySpec``s, whose key -> shape dicts come from
 ``verify.tiny.original_key_shapes`` (meta device, nothing allocated, any size is free), with
 
 - any number of text layers, 1 to 80;
@@ -17,11 +17,11 @@ Hidden sizes are kept small on purpose: the meta-device model transformers build
 costs time per MODULE, not per parameter, so layer counts and vocab sizes span the full range while widths stay
 small.
 
-Phi-3 based checkpoints (``mucai/vip-llava-phi-3-mini-3.8B``: fused ``qkv_proj`` / ``gate_up_proj``) are not
-supported by the converter yet and are NOT generated here.
+Phi-3 based checkpoints (``mucai/vip-llava-phi-3-mini-3.8B``: fused ``qkv_proj`` / ``gate_up_proj``) are NOT
+generated here; their mapping is tested on the Phi-3 fixture in tests/test_backbones.py.
 
-Independent oracle: :func:`documented_original_keys` writes the original key layout out by hand from
-ORIGINAL.md §2 (and CLIP's 4.x module names), sharing nothing with the rule table or with ``verify.tiny``; it
+Independent oracle: :func:`documented_original_keys` writes the original key layout out by hand (the original
+code's state dict and CLIP's 4.x module names), sharing nothing with the rule table or with ``verify.tiny``; it
 is used to check the generator itself and to decide that a mutated key is really outside the layout.
 """
 
@@ -99,7 +99,7 @@ ORIGINAL_LM_HEAD = "lm_head.weight"
 
 
 def documented_original_keys(text_layers: int, vision_layers: int, legacy_buffers: bool) -> frozenset[str]:
-    """The original key set, written from ORIGINAL.md §2 without the rule table."""
+    """The original key set, written out by hand from the original layout, without the rule table."""
     keys = {ORIGINAL_EMBED, "model.norm.weight", ORIGINAL_LM_HEAD}
     keys |= {f"model.layers.{i}.{p}" for i in range(text_layers) for p in _TEXT_LAYER_PARTS}
     v = ORIGINAL_VISION
@@ -125,7 +125,7 @@ def documented_original_keys(text_layers: int, vision_layers: int, legacy_buffer
 
 
 def legacy_buffer_keys(text_layers: int) -> frozenset[str]:
-    """The keys ORIGINAL.md §2 says are dropped on purpose."""
+    """The keys dropped on purpose: the legacy buffers (``rotary_emb.inv_freq``, CLIP ``embeddings.position_ids``)."""
     return documented_original_keys(text_layers, 0, True) - documented_original_keys(text_layers, 0, False)
 
 

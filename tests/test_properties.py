@@ -2,12 +2,12 @@
 
 Generated data (see ``tests/strategies.py``): plausible ORIGINAL ViP-LLaVA checkpoints as key -> shape dicts (no
 tensor is allocated), 1-80 text layers, 11-48 vision layers, vocab 3-128256, with and without the legacy
-buffers. Phi-3 based checkpoints (fused ``qkv_proj`` / ``gate_up_proj``) are not supported by the converter yet
-and are not generated.
+buffers. Phi-3 based checkpoints (fused ``qkv_proj`` / ``gate_up_proj``) are not generated here; their mapping is
+tested on the Phi-3 fixture in tests/test_backbones.py.
 
 Every check compares against something derived without the rule table: the module tree of a meta-device
 ``VipLlavaForConditionalGeneration`` (``convert.layout.expected_shapes``) for the target names and shapes, the
-hand-written original layout of ORIGINAL.md §2 (``strategies.documented_original_keys``) for what is dropped
+hand-written original layout (``strategies.documented_original_keys``) for what is dropped
 and what is foreign, and plain arithmetic / linear algebra for the resize.
 
 The checks are plain functions taking a ``RuleTable`` (``assert_total(table, ...)`` ...): the ``@given`` tests
@@ -105,14 +105,15 @@ def smallest_multiple_of_64_at_least(x: int) -> int:
 
 def assert_total(table: RuleTable, keys) -> None:
     """Every key is mapped or dropped by a named drop rule; mapped + dropped partition the input; what is dropped
-    is exactly the legacy buffers of ORIGINAL.md §2."""
+    is exactly the legacy buffers."""
     keys = list(keys)
     m = table.map_keys(keys)  # raises ConversionError when a key is unclaimed or claimed twice
     assert set(m.mapped).isdisjoint(m.dropped), "a key is both mapped and dropped"
     assert set(m.mapped) | set(m.dropped) == set(keys), "mapped + dropped does not cover the input"
     text_layers = len({k.split(".")[2] for k in keys if k.startswith("model.layers.")})
     legacy = {k for k in legacy_buffer_keys(text_layers) if k in set(keys)}
-    assert set(m.dropped) == legacy, f"dropped {sorted(set(m.dropped) ^ legacy)[:5]} differently from ORIGINAL.md §2"
+    differ = sorted(set(m.dropped) ^ legacy)[:5]
+    assert set(m.dropped) == legacy, f"dropped {differ} differently from the documented legacy buffers"
     drop_rules = {r.name for r in table.rules if r.target is None}
     assert set(m.dropped.values()) <= drop_rules, "a dropped key does not name a drop rule"
 

@@ -772,7 +772,8 @@ def first_divergence(ctx: Context, index: int, tol: float) -> tuple[str, float] 
 
 def check_logits(ctx: Context) -> Check:
     """Max |logits diff| over the original vocabulary on every sample prompt within the dtype's tolerance, and
-    100% top-1 agreement at every position whose reference top-2 margin exceeds the tolerance."""
+    100% top-1 agreement at every position whose reference top-2 margin exceeds twice the tolerance (a position
+    with a smaller margin is counted as a tie, where both top-1 choices are correct within the tolerance)."""
     tol = LOGITS_TOL[ctx.dtype_name]
     V = ctx.original_vocab
     problems, worst, agree, decided, ties = [], 0.0, 0, 0, 0

@@ -3,7 +3,8 @@
 The original checkpoint (``mucai/vip-llava-7b``) is a ``LlavaLlamaForCausalLM`` state dict saved by
 transformers 4.x: a Llama decoder under ``model.*`` / ``lm_head.weight``, the frozen CLIP vision tower
 under ``model.vision_tower.vision_tower.vision_model.*`` and the ViP-LLaVA projector under
-``model.mm_projector.{clip_layernorm,final_linear.0,final_linear.2}.*`` (see /work/shared/ORIGINAL.md).
+``model.mm_projector.{clip_layernorm,final_linear.0,final_linear.2}.*`` (the layout the original
+ViP-LLaVA code's ``LlavaLlamaForCausalLM.state_dict()`` saves; :mod:`verify.original` restates it).
 This module produces the same layout at toy sizes, plus the configs that go with it, and the
 ``VipLlavaConfig`` a correct conversion should target.
 

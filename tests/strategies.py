@@ -31,9 +31,12 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
+import pytest
+from hypothesis import example, settings
 from hypothesis import strategies as st
 
-from verify.tiny import TinySpec, original_key_shapes
+from convert.layout import expected_shapes
+from verify.tiny import TinySpec, original_key_shapes, vipllava_config
 
 FEATURE_LAYERS = (-2, -5, -8, -11, 6)
 MAX_TEXT_LAYERS = 80
@@ -366,3 +369,35 @@ def embed_specs(draw, max_n: int = 3000, max_h: int = 256) -> EmbedSpec:
         offset=draw(st.sampled_from([0.0, 0.1, 1.0])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )  # see build()
+
+
+# ------------------------------------------------------------------------------------------
+# shared by the property tests (tests/test_mapping.py, test_config.py, test_resize.py)
+# ------------------------------------------------------------------------------------------
+
+
+def slow_tier(test):
+    """The slow tier of a property test: the "slow" hypothesis profile (more examples), marked ``slow`` (run with
+    ``pytest -m slow``). Goes above ``@given``."""
+    return pytest.mark.slow(settings(settings.get_profile("slow"))(test))
+
+
+def edge_examples(fn=None, **other):
+    """Pin the edge checkpoints (1 / 80 text layers, 11 / 48 vision layers, vocab 3 / 997 / 32000 / 128256,
+    h > vocab, with / without legacy buffers, shuffled key order) on a ``body(ckpt, **other)``."""
+    if fn is None:
+        return lambda f: edge_examples(f, **other)
+    for ckpt in EDGE_CHECKPOINTS:
+        fn = example(ckpt=ckpt, **other)(fn)
+    return fn
+
+
+@lru_cache(maxsize=32)
+def expected_for(spec_: TinySpec) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape transformers expects, from the independently built ``VipLlavaConfig``."""
+    return expected_shapes(vipllava_config(spec_))
+
+
+def smallest_multiple_of_64_at_least(x: int) -> int:
+    """By definition, by search (not the converter's ceiling formula)."""
+    return next(r for r in range(x, x + 64) if r % 64 == 0)

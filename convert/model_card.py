@@ -159,6 +159,10 @@ def _recipe(repo_id: str | None, dtype: str, backbone: Backbone) -> str:
     eager = ', attn_implementation="eager"' if backbone.name in EAGER_VERSIONS else ""
     eager_note = f"  # eager: needed on transformers {EAGER_VERSIONS[backbone.name]}" if eager else ""
     major, minor = EXPANDED_FROM
+    version_check = (  # one line of the snippet, built here to keep this source file's lines short
+        'if tuple(int(x) for x in transformers.__version__.split(".")[:2]) '
+        f">= ({major}, {minor}):  # {major}.{minor}+: the expanded run"
+    )
     return f"""```python
 import torch
 import transformers
@@ -182,8 +186,7 @@ def pad_to_square(image, mean):
 image = pad_to_square(Image.open("image.png").convert("RGB"), image_processor.image_mean)
 pixel_values = image_processor(image, return_tensors="pt")["pixel_values"].to({torch_dtype})
 prompt = {prompt}.format(question="What is inside the red box?")
-if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= ({major}, {minor}):  # {major}.{minor}+: the
-expanded run
+{version_check}
     prompt = prompt.replace("<image>", "<image>" * model.config.image_seq_length)  # (before: the model expands one)
 inputs = tokenizer(prompt, return_tensors="pt")
 output = model.generate(**inputs, pixel_values=pixel_values, max_new_tokens=200, do_sample=False)

@@ -20,7 +20,7 @@ What it does, as upstream did:
 
 Adapted only where transformers 5.24 would otherwise refuse to run it at all, none of which changes its cost:
 the rename table targets 5.x module names (``model.language_model.*``, ``model.vision_tower.*``,
-``model.multi_modal_projector.*``; upstream's 4.x names fail the strict load, ORIGINAL.md §6); the CLIP
+``model.multi_modal_projector.*``; upstream's 4.x names fail the strict load); the CLIP
 ``position_ids`` buffer is skipped like ``inv_freq`` (non-persistent since 4.31); the vision config is read from
 ``--vision-model`` (upstream always used the default CLIP-L/336, which equals it for 7B/13B, but not for the
 ``mini`` benchmark shape); the row count comes from the checkpoint instead of a hard-coded 32000;

@@ -75,7 +75,7 @@ def _copy(src: Path, dst: Path, method: str) -> None:
                 n = fi.readinto(buf)
                 view = memoryview(buf)[:n]
                 while view:
-                    view = view[fo.write(view):]
+                    view = view[fo.write(view) :]
             if not n:
                 raise SystemExit(f"{src}: shrank while being copied")
             if drop:
@@ -95,7 +95,12 @@ def run(files: list[Path], method: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     subprocess.run(["sync"], check=False)
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    r0, c0, b0, v0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN), _busy(), _vmstat()
+    r0, c0, b0, v0 = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+        _busy(),
+        _vmstat(),
+    )
     t0 = time.perf_counter()
     if method == "cp":
         subprocess.run(["cp", *map(str, files), str(out)], check=True)
@@ -103,7 +108,12 @@ def run(files: list[Path], method: str, out: Path) -> dict:
         for f in files:
             _copy(f, out / f.name, method)
     wall = time.perf_counter() - t0
-    r1, c1, b1, v1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN), _busy(), _vmstat()
+    r1, c1, b1, v1 = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+        _busy(),
+        _vmstat(),
+    )
     shutil.rmtree(out)
     return {
         "method": method,
@@ -120,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None, help="scratch folder on the same disk (default: beside the first file)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="scratch folder on the same disk (default: beside the first file)"
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if not os.access("/proc/sys/vm/drop_caches", os.W_OK):
@@ -139,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         for m in methods:
             r = run(args.files, m, out)
             results.append(r)
-            print(f"| {m} | {r['seconds']:.1f} s | {r['user']:.1f} | {r['sys']:.1f} | {r['machine_cpu']:.1f} | "
-                  f"{r['reclaim_scanned_pages'] * 4096 / 1e9:.1f} GB |", flush=True)
+            print(
+                f"| {m} | {r['seconds']:.1f} s | {r['user']:.1f} | {r['sys']:.1f} | {r['machine_cpu']:.1f} | "
+                f"{r['reclaim_scanned_pages'] * 4096 / 1e9:.1f} GB |",
+                flush=True,
+            )
     shutil.rmtree(out, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps({"bytes": total, "results": results}, indent=2) + "\n")

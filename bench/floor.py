@@ -67,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"converted {x['name']}: {times[-1]:.1f} s", flush=True)
     out["converted_forward_s"] = times
     out["floor_s"] = round(sum(out["reference_forward_s"]) + sum(out["converted_forward_s"]), 2)
-    print(f"floor: {out['floor_s']:.1f} s of forward passes ({len(inputs)} prompts x 2 models); loads "
-          f"{out['reference_load_s']:.1f} + {out['converted_load_s']:.1f} s", flush=True)
+    print(
+        f"floor: {out['floor_s']:.1f} s of forward passes ({len(inputs)} prompts x 2 models); loads "
+        f"{out['reference_load_s']:.1f} + {out['converted_load_s']:.1f} s",
+        flush=True,
+    )
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
     return 0

@@ -46,8 +46,8 @@ import torch
 from fixtures.build import SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TOKENIZER_MODEL, split_into_shards
 from verify.tiny import (
     TinySpec,
-    buffer_value,
     base_text_config,
+    buffer_value,
     clip_config,
     clip_preprocessor_config,
     is_legacy_buffer,
@@ -56,19 +56,49 @@ from verify.tiny import (
 )
 
 # CLIP ViT-L/14 at 336 px, the tower every ViP-LLaVA uses
-CLIP_L_336 = dict(vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16, image_size=336, patch_size=14)
+CLIP_L_336 = dict(
+    vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16, image_size=336, patch_size=14
+)
 
 SIZES: dict[str, TinySpec] = {
     # Llama-2 7B (Vicuna-1.5 7B)
-    "7b": TinySpec(vocab_size=32000, text_hidden=4096, text_intermediate=11008, text_layers=32, text_heads=32, text_kv_heads=32,
-                   max_position_embeddings=4096, **CLIP_L_336),
+    "7b": TinySpec(
+        vocab_size=32000,
+        text_hidden=4096,
+        text_intermediate=11008,
+        text_layers=32,
+        text_heads=32,
+        text_kv_heads=32,
+        max_position_embeddings=4096,
+        **CLIP_L_336,
+    ),
     # Llama-2 13B (Vicuna-1.5 13B)
-    "13b": TinySpec(vocab_size=32000, text_hidden=5120, text_intermediate=13824, text_layers=40, text_heads=40, text_kv_heads=40,
-                    max_position_embeddings=4096, **CLIP_L_336),
+    "13b": TinySpec(
+        vocab_size=32000,
+        text_hidden=5120,
+        text_intermediate=13824,
+        text_layers=40,
+        text_heads=40,
+        text_kv_heads=40,
+        max_position_embeddings=4096,
+        **CLIP_L_336,
+    ),
     # runs end to end in about a minute: the real 336 px / 576-patch geometry, small widths
-    "mini": TinySpec(vocab_size=997, text_hidden=512, text_intermediate=1376, text_layers=4, text_heads=8, text_kv_heads=8,
-                     vision_hidden=128, vision_intermediate=512, vision_layers=12, vision_heads=4, image_size=336, patch_size=14,
-                     max_position_embeddings=4096),
+    "mini": TinySpec(
+        vocab_size=997,
+        text_hidden=512,
+        text_intermediate=1376,
+        text_layers=4,
+        text_heads=8,
+        text_kv_heads=8,
+        vision_hidden=128,
+        vision_intermediate=512,
+        vision_layers=12,
+        vision_heads=4,
+        image_size=336,
+        patch_size=14,
+        max_position_embeddings=4096,
+    ),
 }
 DEFAULT_SHARDS = {"7b": 2, "13b": 3, "mini": 2}  # as on the Hub: mucai/vip-llava-7b has 2 .bin shards, 13b has 3
 
@@ -103,7 +133,7 @@ def init_rule(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
         fan_in = 1
         for d in shape[1:]:
             fan_in *= d
-        return 0.0, fan_in ** -0.5
+        return 0.0, fan_in**-0.5
     raise ValueError(f"no initialisation rule for {key} {shape}")
 
 
@@ -177,8 +207,14 @@ def zip_records(path: Path) -> list[Record]:
             if local[:4] != b"PK\x03\x04":
                 raise RuntimeError(f"{path}: no local header for {info.filename} at {info.header_offset}")
             ln, le = struct.unpack("<HH", local[26:30])
-            rec = Record(info.filename, info.header_offset, pos, info.header_offset + 30 + ln + le, info.file_size,
-                         bool(info.flag_bits & 0x08))
+            rec = Record(
+                info.filename,
+                info.header_offset,
+                pos,
+                info.header_offset + 30 + ln + le,
+                info.file_size,
+                bool(info.flag_bits & 0x08),
+            )
             if rec.descriptor:
                 f.seek(rec.data_offset + rec.size)
                 if f.read(4) != b"PK\x07\x08":
@@ -252,7 +288,9 @@ def write_shard(path: Path, spec: TinySpec, keys: list[tuple[str, tuple[int, ...
                 crc = zlib.crc32(f.read(rec.size))
             combined = _hash_combine(combined, crc)
         if sid is None or sid.size != 40:
-            raise RuntimeError(f"{path}: no 40-byte serialization_id record; torch {torch.__version__} changed its format")
+            raise RuntimeError(
+                f"{path}: no 40-byte serialization_id record; torch {torch.__version__} changed its format"
+            )
         f.seek(sid.data_offset)
         new_id = f.read(20) + f"{combined:020d}".encode()
         os.pwrite(fd, new_id, sid.data_offset)
@@ -359,8 +397,15 @@ def check_format(spec: TinySpec, seed: int, original: Path, groups: list[list[st
                 raise RuntimeError(f"{name}: does not load back to the generated values")
 
 
-def build(out: Path, size: str, seed: int = 0, shards: int | None = None, workers: int | None = None,
-          check: bool | None = None, log=print) -> dict:
+def build(
+    out: Path,
+    size: str,
+    seed: int = 0,
+    shards: int | None = None,
+    workers: int | None = None,
+    check: bool | None = None,
+    log=print,
+) -> dict:
     spec = SIZES[size]
     shards = DEFAULT_SHARDS[size] if shards is None else shards
     workers = workers or os.cpu_count() or 1
@@ -434,8 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shards", type=int, default=None, help="number of .bin shards (default: 7b 2, 13b 3, mini 2)")
     ap.add_argument("--workers", type=int, default=None, help="threads filling tensors (default: all cores)")
-    ap.add_argument("--check-format", dest="check", action="store_true", default=None,
-                    help="compare every shard with torch.save of the materialised values (default for mini only)")
+    ap.add_argument(
+        "--check-format",
+        dest="check",
+        action="store_true",
+        default=None,
+        help="compare every shard with torch.save of the materialised values (default for mini only)",
+    )
     ap.add_argument("--no-check-format", dest="check", action="store_false")
     args = ap.parse_args(argv)
     try:
@@ -443,9 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.out}: {rec['size']}, {rec['parameters'] / 1e9:.3f} B parameters, {rec['tensors']} tensors, "
-          f"original {rec['original_bytes'] / 1e9:.2f} GB in {len(rec['shards'])} shards; "
-          f"weights written in {rec['weights_seconds']} s, total {rec['seconds']} s")
+    print(
+        f"{args.out}: {rec['size']}, {rec['parameters'] / 1e9:.3f} B parameters, {rec['tensors']} tensors, "
+        f"original {rec['original_bytes'] / 1e9:.2f} GB in {len(rec['shards'])} shards; "
+        f"weights written in {rec['weights_seconds']} s, total {rec['seconds']} s"
+    )
     return 0
 
 

@@ -1,35 +1,25 @@
 """``python -m convert ... --push-to-hub`` end to end at full size, through the recording Hub stand-in of
-``tests/test_publish.py`` (nothing leaves the machine).
+``tests/recording_hub.py`` (nothing leaves the machine).
 
     python -m bench.push --json OUT.json -- <python -m convert arguments, without --push-to-hub>
 
 Runs the converter's CLI in this process with ``--push-to-hub someone/vip-llava-bench`` and the stand-in installed
 through ``convert.publish.HUB_API_FACTORY``: conversion, the full default verification the push gate runs, the
-model card and the commit. The stand-in is ``tests.test_publish.RecordingHubApi`` with one change: it hashes each
-committed file in 16 MiB chunks instead of reading it whole (a 5 GB shard would otherwise count as 5 GB of this
-process's memory). The JSON says what the commit held and whether every pushed file's sha256 is the one the
+model card and the commit. The stand-in is ``tests.recording_hub.RecordingHubApi``, the one the publishing tests
+use; it hashes each committed file in 16 MiB chunks (a 5 GB shard never counts as 5 GB of this process's memory).
+The JSON says what the commit held and whether every pushed file's sha256 is the one the
 folder's manifest records.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO_ID = "someone/vip-llava-bench"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 24):
-            h.update(b)
-    return h.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,38 +29,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     conv_args = [a for a in args.convert_args if a != "--"]
 
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-
     import convert.publish as publish_mod
     from convert.cli import main as convert_main
-    from tests.test_publish import RecordingHubApi
+    from tests.recording_hub import RecordingHubApi
 
-    class StreamingRecordingHubApi(RecordingHubApi):
-        def create_commit(self, repo_id, operations, *, commit_message, commit_description=None, revision=None, **kw):
-            operations = list(operations)
-            self._record("create_commit", repo_id=repo_id, commit_message=commit_message,
-                         commit_description=commit_description, revision=revision, **kw)
-            added, texts, deleted = {}, {}, []
-            for op in operations:
-                if isinstance(op, CommitOperationDelete):
-                    deleted.append(op.path_in_repo)
-                    continue
-                if not isinstance(op, CommitOperationAdd) or op.path_in_repo in added:
-                    raise AssertionError(f"unexpected operation {op!r}")
-                src = op.path_or_fileobj
-                added[op.path_in_repo] = hashlib.sha256(src).hexdigest() if isinstance(src, bytes) else _sha256(Path(src))
-                if op.path_in_repo in ("README.md", "verification.json"):
-                    texts[op.path_in_repo] = (src if isinstance(src, bytes) else Path(src).read_bytes()).decode()
-            self.commits.append({"files": added, "texts": texts, "deleted": deleted})
-            return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{'f' * 40}", oid="f" * 40)
-
-    api = StreamingRecordingHubApi()
+    api = RecordingHubApi()
     publish_mod.HUB_API_FACTORY = lambda: api
     t = time.perf_counter()
     code = convert_main([*conv_args, "--push-to-hub", REPO_ID])
     seconds = time.perf_counter() - t
     out_dir = Path(conv_args[conv_args.index("--output") + 1])
-    result: dict = {"exit": code, "seconds": round(seconds, 1), "calls": [name for name, _ in api.calls], "commits": len(api.commits)}
+    result: dict = {
+        "exit": code,
+        "seconds": round(seconds, 1),
+        "calls": [name for name, _ in api.calls],
+        "commits": len(api.commits),
+    }
     if api.commits:
         commit = api.commits[0]
         manifest = json.loads((out_dir / "conversion.json").read_text())
@@ -81,9 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         result["hashes_match_manifest"] = all(pushed.get(n) == d for n, d in outputs.items())
         result["extra_files"] = sorted(set(pushed) - set(outputs))
         report = json.loads(commit["texts"].get("verification.json", "{}") or "{}")
-        result["verification"] = {"passed": report.get("passed"), "dtype": (report.get("settings") or {}).get("dtype"),
-                                  "prompts": len((report.get("settings") or {}).get("prompts") or []),
-                                  "checks": {c["name"]: [c["status"], round(c.get("seconds", 0), 1)] for c in report.get("checks", [])}}
+        result["verification"] = {
+            "passed": report.get("passed"),
+            "dtype": (report.get("settings") or {}).get("dtype"),
+            "prompts": len((report.get("settings") or {}).get("prompts") or []),
+            "checks": {c["name"]: [c["status"], round(c.get("seconds", 0), 1)] for c in report.get("checks", [])},
+        }
     args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(json.dumps(result, indent=2, sort_keys=True))
     return code

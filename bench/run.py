@@ -201,8 +201,12 @@ def warm_input(folder: Path) -> dict:
             with open(f, "rb", buffering=0) as fh:
                 while n := fh.readinto(buf):
                     total += n
-    return {"dropped_first": cold, "warm_seconds": round(time.perf_counter() - t, 2), "bytes": total,
-            "cached_growth": _meminfo("Cached") - before}
+    return {
+        "dropped_first": cold,
+        "warm_seconds": round(time.perf_counter() - t, 2),
+        "bytes": total,
+        "cached_growth": _meminfo("Cached") - before,
+    }
 
 
 def _meminfo(field: str) -> int:
@@ -218,8 +222,16 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_step(name: str, argv: list[str], limit: int | None, timeout: float | None, drop: bool, log_path: Path,
-             env: dict | None = None, warm: Path | None = None) -> StepResult:
+def run_step(
+    name: str,
+    argv: list[str],
+    limit: int | None,
+    timeout: float | None,
+    drop: bool,
+    log_path: Path,
+    env: dict | None = None,
+    warm: Path | None = None,
+) -> StepResult:
     """Run one step; ``warm``: instead of starting cold, the page cache holds that folder (see :func:`warm_input`)."""
     warmed = warm_input(warm) if warm is not None else None
     cold = drop_caches() if drop and warm is None else False
@@ -230,8 +242,14 @@ def run_step(name: str, argv: list[str], limit: int | None, timeout: float | Non
     busy0, _ = _machine_busy_ticks()
     t0 = time.perf_counter()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        )
         sampler = Sampler(proc.pid, limit)
         sampler.start()
         try:
@@ -250,7 +268,7 @@ def run_step(name: str, argv: list[str], limit: int | None, timeout: float | Non
     res.cpu_seconds = round(sum(sampler.tree_ticks.values()) / ticks_per_s, 1)
     res.other_cpu_seconds = round(max(0.0, (busy1 - busy0) / ticks_per_s - res.cpu_seconds), 1)
     res.extra["samples"] = sampler.samples
-    text = [l for l in re.split(r"[\r\n]+", log_path.read_text(errors="replace")) if l.strip()]
+    text = [ln for ln in re.split(r"[\r\n]+", log_path.read_text(errors="replace")) if ln.strip()]
     res.tail = "\n".join(text[-15:])
     return res
 
@@ -276,12 +294,17 @@ def summarize_collapsed(path: Path, top: int = 25) -> dict:
         if stack.startswith("Thread._bootstrap"):
             continue
         total += n
-        frames = [re.sub(r" \((?:.*?/site-packages/|/work/main/|.*?/lib/python3\.\d+/)", " (", f) for f in stack.split(";")]
+        frames = [
+            re.sub(r" \((?:.*?/site-packages/|/work/main/|.*?/lib/python3\.\d+/)", " (", f) for f in stack.split(";")
+        ]
         self_c[re.sub(r":\d+\)$", ")", frames[-1])] += n
         for f in set(frames):
             if re.search(r" \((convert|verify|bench)/", f):
                 incl[f] += n
-    share = lambda c: [(f, round(100 * k / total, 1)) for f, k in c.most_common(top)] if total else []
+
+    def share(c: Counter) -> list:
+        return [(f, round(100 * k / total, 1)) for f, k in c.most_common(top)] if total else []
+
     return {"samples": total, "self": share(self_c), "inclusive": share(incl)}
 
 
@@ -318,16 +341,29 @@ def table(results: list[StepResult]) -> str:
             status = "ok"
         else:
             status = f"exit {r.returncode}"
-        ratio = (f"{durable_seconds(r) / floor:.2f}" if floor and r.seconds and r.returncode == 0 and r.step in ("cp", "ours", "baseline")
-                 else "-")
+        ratio = (
+            f"{durable_seconds(r) / floor:.2f}"
+            if floor and r.seconds and r.returncode == 0 and r.step in ("cp", "ours", "baseline")
+            else "-"
+        )
         name = f"{r.step} ({r.round})" if rounds > 1 else r.step
         if mixed:
             name += f", {r.cache}"
         wall = f"{r.seconds:.1f} s" if r.seconds is not None else "-"
         if r.step == "cp" and r.seconds is not None and "fsync_seconds" in (r.extra or {}):
             wall = f"{r.seconds:.1f} + {r.extra['fsync_seconds']:.1f} s"
-        rows.append([name, wall, ratio, _gb(r.peak_anon_bytes),
-                     _gb(r.peak_rss_bytes), f"{r.cpu_seconds:.0f}", f"{r.other_cpu_seconds:.0f}", status])
+        rows.append(
+            [
+                name,
+                wall,
+                ratio,
+                _gb(r.peak_anon_bytes),
+                _gb(r.peak_rss_bytes),
+                f"{r.cpu_seconds:.0f}",
+                f"{r.other_cpu_seconds:.0f}",
+                status,
+            ]
+        )
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -351,9 +387,12 @@ def paired_ratios(results: list[StepResult], cache: str | None = None) -> dict |
     ratios = sorted(o / c for c, o in pairs)
     mid = len(ratios) // 2
     median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
-    return {"pairs": [{"cp": c, "ours": o, "ratio": round(o / c, 3)} for c, o in pairs], "median_ratio": round(median, 3),
-            "cp_range": [min(c for c, _ in pairs), max(c for c, _ in pairs)],
-            "ours_range": [min(o for _, o in pairs), max(o for _, o in pairs)]}
+    return {
+        "pairs": [{"cp": c, "ours": o, "ratio": round(o / c, 3)} for c, o in pairs],
+        "median_ratio": round(median, 3),
+        "cp_range": [min(c for c, _ in pairs), max(c for c, _ in pairs)],
+        "ours_range": [min(o for _, o in pairs), max(o for _, o in pairs)],
+    }
 
 
 def _sh(cmd: str) -> str:
@@ -364,7 +403,14 @@ def _sh(cmd: str) -> str:
 
 
 def machine(workdir: Path) -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?")
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        "?",
+    )
     return {
         "nproc": _sh("nproc"),
         "cpu": cpu,
@@ -402,24 +448,40 @@ def markdown(report: dict) -> str:
         m["free_g"],
         "```",
         "",
-        *([f"Code: commit `{m['git_head']}`"
-           + (f", with uncommitted changes in {', '.join(l.split()[-1] for l in m.get('git_dirty', []) if l.strip())}."
-              if any(l.strip() for l in m.get("git_dirty", [])) else ", clean tree."), ""] if m.get("git_head") else []),
+        *(
+            [
+                f"Code: commit `{m['git_head']}`"
+                + (
+                    ", with uncommitted changes in "
+                    f"{', '.join(ln.split()[-1] for ln in m.get('git_dirty', []) if ln.strip())}."
+                    if any(ln.strip() for ln in m.get("git_dirty", []))
+                    else ", clean tree."
+                ),
+                "",
+            ]
+            if m.get("git_head")
+            else []
+        ),
         f"Input: `bench.make_checkpoint --size {report['size']} --seed {report['seed']}`: "
         f"{gen.get('parameters', 0) / 1e9:.3f} B parameters, {gen.get('tensors', '?')} tensors, "
         f"{_gb(gen.get('original_bytes'))} of bf16 `.bin` shards ({len(gen.get('shards', {}))}); "
-        + (f"generated in {gen['generate_seconds']:.1f} s, peak anon {_gb(gen.get('generate_peak_anon'))}."
-           if gen.get("generate_seconds") else "reused from an earlier generation."),
+        + (
+            f"generated in {gen['generate_seconds']:.1f} s, peak anon {_gb(gen.get('generate_peak_anon'))}."
+            if gen.get("generate_seconds")
+            else "reused from an earlier generation."
+        ),
         "",
         "Page cache: " + _cache_line(report["steps"]),
         "",
         table([StepResult(**{k: v for k, v in r.items()}) for r in report["steps"]]),
         "",
         *_paired_lines(report),
-        "`x cp` = wall time / (wall time of `cp -r` of the same shards + `sync` of the copies). `peak anon` = maximum over 50 ms samples of "
+        "`x cp` = wall time / (wall time of `cp -r` of the same shards + `sync` of the copies). `peak anon` = maximum "
+        "over 50 ms samples of "
         "the sum of `RssAnon` over the step's process tree (file-backed mmap pages and page cache excluded); "
         "`peak RSS sum` adds `RssFile` and `RssShmem` per process (informational: a file page mapped twice or by two "
-        "processes counts twice, so it can exceed physical memory). `CPU s (others)` = CPU seconds used by everything else on the "
+        "processes counts twice, so it can exceed physical memory). `CPU s (others)` = CPU seconds used by everything "
+        "else on the "
         "machine during the step: concurrent load.",
         "",
     ]
@@ -428,23 +490,44 @@ def markdown(report: dict) -> str:
         if r.get("round", 1) > 1 and not (r.get("killed") or r.get("returncode") not in (0, None)):
             continue  # the notes of round 1 stand for the repeats
         if r["step"] == "cp" and "fsync_seconds" in extra:
-            lines.append(f"- cp: wall = `cp -r` + `sync` of the copied files ({extra['fsync_seconds']:.1f} s of it the sync); "
-                         "our converter fsyncs its output, cp and the baseline do not, so `x cp` divides by the sum.")
+            lines.append(
+                f"- cp: wall = `cp -r` + `sync` of the copied files ({extra['fsync_seconds']:.1f} s of it the sync); "
+                "our converter fsyncs its output, cp and the baseline do not, so `x cp` divides by the sum."
+            )
         if r["step"] == "baseline" and extra.get("phases"):
-            order = ["setup", "torch_load", "rename_load_state_dict", "sigma", "mvn_cholesky", "resize_sample", "save_pretrained"]
+            order = [
+                "setup",
+                "torch_load",
+                "rename_load_state_dict",
+                "sigma",
+                "mvn_cholesky",
+                "resize_sample",
+                "save_pretrained",
+            ]
             ph = extra["phases"]
-            lines.append("- baseline phases (s): " + ", ".join(f"{k} {ph[k]}" for k in sorted(ph, key=lambda k: (k not in order, order.index(k) if k in order else 0, k))))
+            lines.append(
+                "- baseline phases (s): "
+                + ", ".join(
+                    f"{k} {ph[k]}"
+                    for k in sorted(ph, key=lambda k: (k not in order, order.index(k) if k in order else 0, k))
+                )
+            )
         if r["step"] == "ours" and extra.get("summary"):
             lines.append("- ours: " + extra["summary"])
         lines += _step_notes(r, report["steps"])
         if r.get("killed") or (r.get("returncode") not in (0, None)):
-            last = [l.strip() for l in re.split(r"[\r\n]+", r.get("tail", "")) if l.strip()][-3:]
+            last = [ln.strip() for ln in re.split(r"[\r\n]+", r.get("tail", "")) if ln.strip()][-3:]
             lines.append(f"- {r['step']}: last output lines:\n\n```\n" + "\n".join(last) + "\n```")
     prof = report.get("profile")
     if prof:
-        lines += ["", f"py-spy profile of `ours` ({prof['samples']} samples at {prof['rate']} Hz, wall "
-                      f"{prof['seconds']:.1f} s under the profiler, `--idle` so I/O waits count; main thread only).", "",
-                  "Inclusive share of samples, our code by line:", ""]
+        lines += [
+            "",
+            f"py-spy profile of `ours` ({prof['samples']} samples at {prof['rate']} Hz, wall "
+            f"{prof['seconds']:.1f} s under the profiler, `--idle` so I/O waits count; main thread only).",
+            "",
+            "Inclusive share of samples, our code by line:",
+            "",
+        ]
         lines += [f"- {share}% `{fn}`" for fn, share in prof["inclusive"][:18]]
         lines += ["", "Self share (leaf functions):", ""]
         lines += [f"- {share}% `{fn}`" for fn, share in prof["self"][:12]]
@@ -460,9 +543,12 @@ def _cache_line(steps: list[dict]) -> str:
     if warm:
         w = [r["extra"]["warmed"] for r in warm if (r.get("extra") or {}).get("warmed")]
         grown = min((x["cached_growth"] / max(x["bytes"], 1) for x in w), default=0)
-        return ("`cold` steps start with a dropped page cache; `warm` steps with a dropped page cache into which the input "
-                f"was then read once, untimed (as right after a download; the page cache grew by at least {100 * grown:.0f}% "
-                "of the input each time).")
+        return (
+            "`cold` steps start with a dropped page cache; `warm` steps with a dropped page cache into which the input "
+            "was then read once, untimed (as right after a download; the page cache grew by at least "
+            f"{100 * grown:.0f}% "
+            "of the input each time)."
+        )
     if all(r["cold_cache"] for r in steps):
         return "dropped before every step (cold cache)."
     return "NOT dropped (warm cache for some steps): compare with care."
@@ -476,10 +562,13 @@ def _paired_lines(report: dict) -> list[str]:
     for cache, pr in by_cache.items():
         if not pr:
             continue
-        lines += [f"Paired rounds, {cache} page cache (each `ours` against the `cp` run just before it): ours / cp = "
-                  + ", ".join(f"{p['ratio']:.2f}" for p in pr["pairs"])
-                  + f"; median {pr['median_ratio']:.2f}. cp took {pr['cp_range'][0]:.1f} to {pr['cp_range'][1]:.1f} s, "
-                  f"ours {pr['ours_range'][0]:.1f} to {pr['ours_range'][1]:.1f} s.", ""]
+        lines += [
+            f"Paired rounds, {cache} page cache (each `ours` against the `cp` run just before it): ours / cp = "
+            + ", ".join(f"{p['ratio']:.2f}" for p in pr["pairs"])
+            + f"; median {pr['median_ratio']:.2f}. cp took {pr['cp_range'][0]:.1f} to {pr['cp_range'][1]:.1f} s, "
+            f"ours {pr['ours_range'][0]:.1f} to {pr['ours_range'][1]:.1f} s.",
+            "",
+        ]
     return lines
 
 
@@ -491,48 +580,71 @@ def _step_notes(r: dict, steps: list[dict]) -> list[str]:
         v = extra["report"]
         st = v.get("settings") or {}
         checks = ", ".join(f"{c['name']} {c['status']} {c.get('seconds', 0):.1f} s" for c in v.get("checks", []))
-        out.append(f"- {r['step']}: exit {r['returncode']}, dtype {st.get('dtype')}, {len(st.get('prompts') or [])} prompts, "
-                   f"{st.get('max_new_tokens')} new tokens; {checks}")
+        out.append(
+            f"- {r['step']}: exit {r['returncode']}, dtype {st.get('dtype')}, {len(st.get('prompts') or [])} prompts, "
+            f"{st.get('max_new_tokens')} new tokens; {checks}"
+        )
         checks = {c["name"]: c for c in v.get("checks", [])}
-        secs = {**((checks.get("logits") or {}).get("numbers") or {}).get("seconds", {}),
-                **((checks.get("generation") or {}).get("numbers") or {}).get("seconds", {})}
+        secs = {
+            **((checks.get("logits") or {}).get("numbers") or {}).get("seconds", {}),
+            **((checks.get("generation") or {}).get("numbers") or {}).get("seconds", {}),
+        }
         fwd = secs.get("reference_forward", 0.0) + secs.get("converted_forward", 0.0)
         if fwd and r.get("seconds"):
             data = ((checks.get("files") or {}).get("numbers") or {}).get("data_pass") or {}
-            out.append(f"- {r['step']}: its own prompt forwards (timed inside the run; a prefix that prompts share is computed once per model) took {fwd:.1f} s "
-                       f"(reference {secs.get('reference_forward', 0):.1f}, converted {secs.get('converted_forward', 0):.1f}); "
-                       f"wall / forward passes = {r['seconds'] / fwd:.2f}; decode {secs.get('reference_decode', 0):.1f} + "
-                       f"{secs.get('converted_decode', 0):.1f} s, loads {secs.get('reference_load', 0):.1f} + {secs.get('converted_load', 0):.1f} s"
-                       + (f"; the data pass read {data.get('converted_bytes', 0) / 1e9:.2f} GB converted + "
-                          f"{data.get('original_bytes', 0) / 1e9:.2f} GB original in {data.get('seconds', 0):.1f} s "
-                          f"({(data.get('converted_bytes', 0) + data.get('original_bytes', 0)) / 1e9 / max(data.get('seconds', 0), 1e-9):.2f} GB/s; "
-                          "its time is counted in `files`, the first check to use it)" if data else ""))
+            data_gb = (data.get("converted_bytes", 0) + data.get("original_bytes", 0)) / 1e9
+            out.append(
+                f"- {r['step']}: its own prompt forwards (timed inside the run; a prefix that prompts share is "
+                f"computed once per model) took "
+                f"{fwd:.1f} s "
+                f"(reference {secs.get('reference_forward', 0):.1f}, converted "
+                f"{secs.get('converted_forward', 0):.1f}); "
+                f"wall / forward passes = {r['seconds'] / fwd:.2f}; decode {secs.get('reference_decode', 0):.1f} + "
+                f"{secs.get('converted_decode', 0):.1f} s, loads {secs.get('reference_load', 0):.1f} + "
+                f"{secs.get('converted_load', 0):.1f} s"
+                + (
+                    f"; the data pass read {data.get('converted_bytes', 0) / 1e9:.2f} GB converted + "
+                    f"{data.get('original_bytes', 0) / 1e9:.2f} GB original in {data.get('seconds', 0):.1f} s "
+                    f"({data_gb / max(data.get('seconds', 0), 1e-9):.2f} GB/s; "
+                    "its time is counted in `files`, the first check to use it)"
+                    if data
+                    else ""
+                )
+            )
         floor = next((x for x in steps if x["step"] == "floor" and (x.get("extra") or {}).get("floor")), None)
         if r["step"] == "verify" and floor and r.get("seconds"):
             f = floor["extra"]["floor"]
-            out.append(f"- verify / floor = {r['seconds']:.1f} / {f['floor_s']:.1f} s = {r['seconds'] / f['floor_s']:.2f} "
-                       f"(floor: the forward passes alone, {len(f['prompts'])} prompts x 2 models, {f['dtype']})")
+            out.append(
+                f"- verify / floor = {r['seconds']:.1f} / {f['floor_s']:.1f} s = {r['seconds'] / f['floor_s']:.2f} "
+                f"(floor: the forward passes alone, {len(f['prompts'])} prompts x 2 models, {f['dtype']})"
+            )
     if r["step"] == "floor" and extra.get("floor"):
         f = extra["floor"]
-        out.append(f"- floor: {f['floor_s']:.1f} s of forward passes, {f['dtype']}, {len(f['prompts'])} prompts of "
-                   f"{min(f['tokens'])}-{max(f['tokens'])} tokens: reference {sum(f['reference_forward_s']):.1f} s "
-                   f"(load {f['reference_load_s']:.1f} s), converted {sum(f['converted_forward_s']):.1f} s (load "
-                   f"{f['converted_load_s']:.1f} s); the step's wall time includes the loads and the tokenization")
+        out.append(
+            f"- floor: {f['floor_s']:.1f} s of forward passes, {f['dtype']}, {len(f['prompts'])} prompts of "
+            f"{min(f['tokens'])}-{max(f['tokens'])} tokens: reference {sum(f['reference_forward_s']):.1f} s "
+            f"(load {f['reference_load_s']:.1f} s), converted {sum(f['converted_forward_s']):.1f} s (load "
+            f"{f['converted_load_s']:.1f} s); the step's wall time includes the loads and the tokenization"
+        )
     if r["step"] == "push" and extra.get("push"):
         pu = extra["push"]
         ver = pu.get("verification") or {}
-        out.append(f"- push: exit {pu['exit']}, Hub calls {' -> '.join(pu['calls'])}; {pu.get('commits')} commit of "
-                   f"{pu.get('files_pushed')} files ({(pu.get('bytes_pushed') or 0) / 1e9:.2f} GB), every sha256 as in the "
-                   f"manifest: {pu.get('hashes_match_manifest')}, added {', '.join(pu.get('extra_files') or [])}; the gate's "
-                   f"verification: passed {ver.get('passed')}, {ver.get('dtype')}, {ver.get('prompts')} prompts; "
-                   + ", ".join(f"{k} {v[0]} {v[1]} s" for k, v in (ver.get("checks") or {}).items()))
+        out.append(
+            f"- push: exit {pu['exit']}, Hub calls {' -> '.join(pu['calls'])}; {pu.get('commits')} commit of "
+            f"{pu.get('files_pushed')} files ({(pu.get('bytes_pushed') or 0) / 1e9:.2f} GB), every sha256 as in the "
+            f"manifest: {pu.get('hashes_match_manifest')}, added {', '.join(pu.get('extra_files') or [])}; the gate's "
+            f"verification: passed {ver.get('passed')}, {ver.get('dtype')}, {ver.get('prompts')} prompts; "
+            + ", ".join(f"{k} {v[0]} {v[1]} s" for k, v in (ver.get("checks") or {}).items())
+        )
     return out
 
 
 def write_md(report: dict, path: Path = BENCHMARKS_MD) -> None:
     section = markdown(report)
-    header = ("# Benchmarks\n\nWritten by `python -m bench.run --write-md`; one section per size, replaced on every run "
-              "of that size. See `bench/run.py` for what is measured and how.\n\n")
+    header = (
+        "# Benchmarks\n\nWritten by `python -m bench.run --write-md`; one section per size, replaced on every run "
+        "of that size. See `bench/run.py` for what is measured and how.\n\n"
+    )
     text = path.read_text() if path.exists() else header
     sid = re.escape(report.get("section") or report["size"])
     pat = re.compile(rf"<!-- bench:{sid} start -->.*?<!-- bench:{sid} end -->\n", re.S)
@@ -556,40 +668,63 @@ def ensure_input(workdir: Path, size: str, seed: int, limit: int | None, drop: b
     if inp.exists():
         shutil.rmtree(inp)
     print(f"generating the {size} checkpoint into {inp} ...", flush=True)
-    res = run_step("generate", [sys.executable, "-m", "bench.make_checkpoint", str(inp), "--size", size, "--seed", str(seed)],
-                   limit, None, drop, workdir / "generate.log")
+    res = run_step(
+        "generate",
+        [sys.executable, "-m", "bench.make_checkpoint", str(inp), "--size", size, "--seed", str(seed)],
+        limit,
+        None,
+        drop,
+        workdir / "generate.log",
+    )
     if res.returncode != 0:
         raise SystemExit(f"checkpoint generation failed (exit {res.returncode}):\n{res.tail}")
     rec = json.loads(rec_path.read_text())
     rec["generate_seconds"] = res.seconds
     rec["generate_peak_anon"] = res.peak_anon_bytes
     rec_path.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
-    print(f"  {res.seconds:.1f} s, peak anon {_gb(res.peak_anon_bytes)}, {rec['original_bytes'] / 1e9:.2f} GB", flush=True)
+    print(
+        f"  {res.seconds:.1f} s, peak anon {_gb(res.peak_anon_bytes)}, {rec['original_bytes'] / 1e9:.2f} GB", flush=True
+    )
     return rec
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear script of benchmark steps
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["mini", "7b", "13b"])
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default /tmp/vipllava-bench-SIZE)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and our output afterwards")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
-    ap.add_argument("--mem-limit-gb", type=float, default=20.0, help="kill a step whose tree exceeds this much anonymous memory")
+    ap.add_argument(
+        "--mem-limit-gb", type=float, default=20.0, help="kill a step whose tree exceeds this much anonymous memory"
+    )
     ap.add_argument("--verify-timeout", type=float, default=1800.0)
     ap.add_argument("--verify-args", default="", help="extra arguments for python -m verify (e.g. '--dtype bfloat16')")
-    ap.add_argument("--repeat", type=int, default=1, help="run cp and ours this many times, interleaved (cp, ours, cp, ours, ...), "
-                    "and report each ours/cp ratio and their median; baseline and verify run in the first round only")
-    ap.add_argument("--cache", choices=["cold", "warm", "both"], default="cold",
-                    help="page cache before each cp/ours run: cold (dropped), warm (the input read into it first, as right "
-                    "after a download) or both (every round runs cp, ours cold, then cp, ours warm)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run cp and ours this many times, interleaved (cp, ours, cp, ours, ...), "
+        "and report each ours/cp ratio and their median; baseline and verify run in the first round only",
+    )
+    ap.add_argument(
+        "--cache",
+        choices=["cold", "warm", "both"],
+        default="cold",
+        help="page cache before each cp/ours run: cold (dropped), warm (the input read into it first, as right "
+        "after a download) or both (every round runs cp, ours cold, then cp, ours warm)",
+    )
     ap.add_argument("--no-drop-caches", action="store_true")
     ap.add_argument("--profile", action="store_true", help="one more run of ours under py-spy (not timed in the table)")
-    ap.add_argument("--json", type=Path, default=None, help="where to write the report (default WORKDIR/../bench-SIZE.json)")
+    ap.add_argument(
+        "--json", type=Path, default=None, help="where to write the report (default WORKDIR/../bench-SIZE.json)"
+    )
     ap.add_argument("--write-md", action="store_true", help=f"put the table into {BENCHMARKS_MD.name}")
     ap.add_argument("--note", action="append", default=[], help="a note for BENCHMARKS.md (repeatable)")
     ap.add_argument("--section", help="name of the BENCHMARKS.md section to replace (default: the size)")
-    ap.add_argument("--md-from", type=Path, metavar="JSON", help="only re-render BENCHMARKS.md from a report this tool wrote")
+    ap.add_argument(
+        "--md-from", type=Path, metavar="JSON", help="only re-render BENCHMARKS.md from a report this tool wrote"
+    )
     args = ap.parse_args(argv)
     if args.md_from:
         report = json.loads(args.md_from.read_text())
@@ -645,8 +780,11 @@ def main(argv: list[str] | None = None) -> int:
     def show(r: StepResult) -> None:
         r.round = round_
         results.append(r)
-        print(f"  {r.step}: {r.seconds:.1f} s, peak anon {_gb(r.peak_anon_bytes)}, peak rss {_gb(r.peak_rss_bytes)}, "
-              f"exit {r.returncode}{', killed: ' + r.killed if r.killed else ''}", flush=True)
+        print(
+            f"  {r.step}: {r.seconds:.1f} s, peak anon {_gb(r.peak_anon_bytes)}, peak rss {_gb(r.peak_rss_bytes)}, "
+            f"exit {r.returncode}{', killed: ' + r.killed if r.killed else ''}",
+            flush=True,
+        )
         save()
 
     states = ["cold", "warm"] if args.cache == "both" else [args.cache]
@@ -656,8 +794,13 @@ def main(argv: list[str] | None = None) -> int:
     verify_dtype = "float32-blocks"
     for round_, step, cache in plan:
         warm = original if cache == "warm" else None
-        print(f"step {step}" + (f" (round {round_})" if args.repeat > 1 else "") + (f", {cache} cache" if len(states) > 1 else "")
-              + " ...", flush=True)
+        print(
+            f"step {step}"
+            + (f" (round {round_})" if args.repeat > 1 else "")
+            + (f", {cache} cache" if len(states) > 1 else "")
+            + " ...",
+            flush=True,
+        )
         if step == "cp":
             shutil.rmtree(ours_out, ignore_errors=True)  # free its space (13B: input + two copies fill the disk)
             dst = workdir / "cp-scratch"
@@ -674,9 +817,28 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(dst, ignore_errors=True)
             jpath = workdir / "baseline-phases.json"
             jpath.unlink(missing_ok=True)
-            r = run_step("baseline", [py, "-m", "bench.baseline", "--original", str(original), "--text-model", str(text_model),
-                                      "--vision-model", str(vision_model), "--output", str(dst), "--json", str(jpath)],
-                         limit, None, drop, workdir / "baseline.log")
+            r = run_step(
+                "baseline",
+                [
+                    py,
+                    "-m",
+                    "bench.baseline",
+                    "--original",
+                    str(original),
+                    "--text-model",
+                    str(text_model),
+                    "--vision-model",
+                    str(vision_model),
+                    "--output",
+                    str(dst),
+                    "--json",
+                    str(jpath),
+                ],
+                limit,
+                None,
+                drop,
+                workdir / "baseline.log",
+            )
             if jpath.is_file():
                 r.extra["phases"] = json.loads(jpath.read_text())["phases"]
             r.output_bytes = du(dst) if dst.exists() else None
@@ -685,15 +847,38 @@ def main(argv: list[str] | None = None) -> int:
         elif step == "ours":
             shutil.rmtree(ours_out, ignore_errors=True)
             jpath = workdir / "ours-summary.json"
-            r = run_step("ours", [py, "-m", "convert", "--original", str(original), "--text-model", str(text_model),
-                                  "--vision-model", str(vision_model), "--output", str(ours_out), "--quiet", "--json", str(jpath)],
-                         limit, None, drop, workdir / "ours.log", warm=warm)
+            r = run_step(
+                "ours",
+                [
+                    py,
+                    "-m",
+                    "convert",
+                    "--original",
+                    str(original),
+                    "--text-model",
+                    str(text_model),
+                    "--vision-model",
+                    str(vision_model),
+                    "--output",
+                    str(ours_out),
+                    "--quiet",
+                    "--json",
+                    str(jpath),
+                ],
+                limit,
+                None,
+                drop,
+                workdir / "ours.log",
+                warm=warm,
+            )
             if jpath.is_file():
                 s = json.loads(jpath.read_text())
                 r.extra["converter"] = s
-                r.extra["summary"] = (f"{s['mapped']} tensors mapped, {s['dropped']} dropped, rows {s['original_rows']} -> "
-                                      f"{s['rows']}, {s['shards']} shards, {s['output_bytes'] / 1e9:.2f} GB, "
-                                      f"its own clock {s['seconds']:.1f} s")
+                r.extra["summary"] = (
+                    f"{s['mapped']} tensors mapped, {s['dropped']} dropped, rows {s['original_rows']} -> "
+                    f"{s['rows']}, {s['shards']} shards, {s['output_bytes'] / 1e9:.2f} GB, "
+                    f"its own clock {s['seconds']:.1f} s"
+                )
             r.output_bytes = du(ours_out) if ours_out.exists() else None
             show(r)
         elif step in ("verify", "verify-short"):
@@ -703,8 +888,14 @@ def main(argv: list[str] | None = None) -> int:
             vjson = workdir / f"{step}-report.json"
             vjson.unlink(missing_ok=True)
             extra_args = shlex.split(args.verify_args) if step == "verify" else SHORT_VERIFY
-            r = run_step(step, [py, "-m", "verify", str(ours_out), "--json", str(vjson), "--quiet", *extra_args],
-                         limit, args.verify_timeout, drop, workdir / f"{step}.log")
+            r = run_step(
+                step,
+                [py, "-m", "verify", str(ours_out), "--json", str(vjson), "--quiet", *extra_args],
+                limit,
+                args.verify_timeout,
+                drop,
+                workdir / f"{step}.log",
+            )
             if vjson.is_file():
                 v = json.loads(vjson.read_text())
                 r.extra["report"] = v
@@ -717,8 +908,14 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             fjson = workdir / "floor.json"
             fjson.unlink(missing_ok=True)
-            r = run_step("floor", [py, "-m", "bench.floor", str(ours_out), "--dtype", verify_dtype, "--json", str(fjson)],
-                         limit, args.verify_timeout, drop, workdir / "floor.log")
+            r = run_step(
+                "floor",
+                [py, "-m", "bench.floor", str(ours_out), "--dtype", verify_dtype, "--json", str(fjson)],
+                limit,
+                args.verify_timeout,
+                drop,
+                workdir / "floor.log",
+            )
             if fjson.is_file():
                 r.extra["floor"] = json.loads(fjson.read_text())
             show(r)
@@ -727,9 +924,30 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(dst, ignore_errors=True)
             pjson = workdir / "push.json"
             pjson.unlink(missing_ok=True)
-            r = run_step("push", [py, "-m", "bench.push", "--json", str(pjson), "--", "--original", str(original), "--text-model",
-                                  str(text_model), "--vision-model", str(vision_model), "--output", str(dst), "--quiet"],
-                         limit, args.verify_timeout, drop, workdir / "push.log")
+            r = run_step(
+                "push",
+                [
+                    py,
+                    "-m",
+                    "bench.push",
+                    "--json",
+                    str(pjson),
+                    "--",
+                    "--original",
+                    str(original),
+                    "--text-model",
+                    str(text_model),
+                    "--vision-model",
+                    str(vision_model),
+                    "--output",
+                    str(dst),
+                    "--quiet",
+                ],
+                limit,
+                args.verify_timeout,
+                drop,
+                workdir / "push.log",
+            )
             if pjson.is_file():
                 r.extra["push"] = json.loads(pjson.read_text())
             shutil.rmtree(dst, ignore_errors=True)
@@ -740,15 +958,33 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(prof_out, ignore_errors=True)
         raw = workdir / "ours-pyspy.txt"
         rate = 20
-        conv = [py, "-m", "convert", "--original", str(original), "--text-model", str(text_model), "--vision-model",
-                str(vision_model), "--output", str(prof_out), "--quiet"]
+        conv = [
+            py,
+            "-m",
+            "convert",
+            "--original",
+            str(original),
+            "--text-model",
+            str(text_model),
+            "--vision-model",
+            str(vision_model),
+            "--output",
+            str(prof_out),
+            "--quiet",
+        ]
         spy = shutil.which("py-spy")
         if spy is None:
             print("py-spy not installed (pip install py-spy): no profile", file=sys.stderr)
         else:
             print("profiling ours under py-spy ...", flush=True)
-            r = run_step("ours-profiled", [spy, "record", "--format", "raw", "--rate", str(rate), "--idle", "--output", str(raw),
-                                           "--", *conv], limit, None, drop, workdir / "ours-pyspy.log")
+            r = run_step(
+                "ours-profiled",
+                [spy, "record", "--format", "raw", "--rate", str(rate), "--idle", "--output", str(raw), "--", *conv],
+                limit,
+                None,
+                drop,
+                workdir / "ours-pyspy.log",
+            )
             shutil.rmtree(prof_out, ignore_errors=True)
             if raw.is_file():
                 report["profile"] = {"rate": rate, "seconds": r.seconds, **summarize_collapsed(raw)}
@@ -761,7 +997,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     for c, pr in report["paired_by_cache"].items():
         if pr:
-            print(f"\n{c} cache: ours / cp per round: {', '.join(str(p['ratio']) for p in pr['pairs'])}; median {pr['median_ratio']}")
+            print(
+                f"\n{c} cache: ours / cp per round: {', '.join(str(p['ratio']) for p in pr['pairs'])}; median "
+                f"{pr['median_ratio']}"
+            )
     print(f"\nreport: {report_path}")
     if args.write_md:
         write_md(report)

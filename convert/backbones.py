@@ -21,21 +21,34 @@ def _layer_rules(parts: dict[str, str]) -> tuple[tuple[str, str, str | None], ..
     return tuple((f"text.{name}", f"model.layers.{{}}.{p}.weight", f"{_LM}{p}.weight") for name, p in parts.items())
 
 
-LLAMA_LAYER_RULES = _layer_rules({
-    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
-})
+LLAMA_LAYER_RULES = _layer_rules(
+    {
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    }
+)
 # Phi-3 keeps q/k/v and gate/up fused; transformers' Phi3 has the same fused layout, so nothing is split.
-PHI3_LAYER_RULES = _layer_rules({
-    "qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj",
-})
+PHI3_LAYER_RULES = _layer_rules(
+    {
+        "qkv": "self_attn.qkv_proj",
+        "o": "self_attn.o_proj",
+        "gate_up": "mlp.gate_up_proj",
+        "down": "mlp.down_proj",
+    }
+)
 
 
 def _content() -> str:
     """Jinja: the text of one message, as the original built it: one '<image>\\n' per image item, then the text."""
     return (
         "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
-        "{%- else -%}{%- set text = ('<image>\\n' * (message['content'] | selectattr('type', 'equalto', 'image') | list | length))"
+        "{%- else -%}{%- set text = ('<image>\\n' * (message['content'] | selectattr('type', 'equalto', 'image') | "
+        "list | length))"
         " + (message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ')) -%}"
         "{%- endif -%}"
     )
@@ -65,8 +78,7 @@ SYSTEM_V3 = (
 
 # llava_v1 (SeparatorStyle.TWO): system + " ", then "USER: text " / "ASSISTANT: text</s>"; the open turn "ASSISTANT:".
 CHAT_TEMPLATE_V1 = (
-    _system(SYSTEM_V1)
-    + "{{- ns.system + ' ' -}}"
+    _system(SYSTEM_V1) + "{{- ns.system + ' ' -}}"
     "{%- for message in messages[ns.start:] -%}"
     "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
     "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}"
@@ -86,7 +98,8 @@ CHAT_TEMPLATE_V1 = (
 # tokenizer adds its own BOS in front, exactly as the original's tokenizer did (two BOS ids, as trained).
 CHAT_TEMPLATE_LLAMA_3 = (
     _system(SYSTEM_V3)
-    + "{%- if ns.system -%}{{- '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n' + ns.system + '<|eot_id|>' -}}{%- endif -%}"
+    + "{%- if ns.system -%}{{- '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n' + ns.system + "
+    "'<|eot_id|>' -}}{%- endif -%}"
     "{%- for message in messages[ns.start:] -%}"
     + _content()
     + "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' -}}"
@@ -97,11 +110,8 @@ CHAT_TEMPLATE_LLAMA_3 = (
 
 # llava_phi_3 (SeparatorStyle.Phi_3). The original appends '<|end|>\n' unless the text holds '<|eot_id|>' (sic).
 CHAT_TEMPLATE_PHI_3 = (
-    _system(SYSTEM_V3)
-    + "{%- if ns.system -%}{{- '<|system|>\\n' + ns.system + '<|end|>\\n' -}}{%- endif -%}"
-    "{%- for message in messages[ns.start:] -%}"
-    + _content()
-    + "{{- '<|' + message['role'] + '|>\\n' -}}"
+    _system(SYSTEM_V3) + "{%- if ns.system -%}{{- '<|system|>\\n' + ns.system + '<|end|>\\n' -}}{%- endif -%}"
+    "{%- for message in messages[ns.start:] -%}" + _content() + "{{- '<|' + message['role'] + '|>\\n' -}}"
     "{%- if text -%}{{- text -}}{%- if '<|eot_id|>' not in text -%}{{- '<|end|>\\n' -}}{%- endif -%}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
@@ -143,7 +153,9 @@ class Backbone:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt, eos_token=eos_token)
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, eos_token=eos_token
+        )
 
     def prompt_for(self, question: str) -> str:
         """The original single-turn prompt for one image and ``question``."""
@@ -241,7 +253,8 @@ def detect(original_cfg: dict, vocab: Mapping[str, int], where: str, forced: str
     if not candidates:
         known = sorted({b.original_model_type for b in BACKBONES.values()})
         raise ConversionError(
-            f"{where}: model_type {mt!r} is not a ViP-LLaVA backbone this tool knows (expected one of {', '.join(known)})"
+            f"{where}: model_type {mt!r} is not a ViP-LLaVA backbone this tool knows (expected one of "
+            f"{', '.join(known)})"
         )
     marked = [b for b in candidates if b.marker_token is not None and b.marker_token in vocab]
     if marked:

@@ -19,7 +19,14 @@ from .safejson import type_name
 FEATURE_LAYERS = (-2, -5, -8, -11, 6)
 ROW_MULTIPLE = 64
 _TEXT_KEYS_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-_VISION_KEYS_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
+_VISION_KEYS_REQUIRED = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+)
 
 
 def padded_rows(vocab: int, multiple: int = ROW_MULTIPLE) -> int:
@@ -55,30 +62,49 @@ class TokenIds:
 # type, the sign and a bound far above any released model's value.
 _INT = "int"
 _TEXT_NUMBERS = {
-    "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 18), "num_hidden_layers": (1, 512),
-    "num_attention_heads": (1, 1024), "vocab_size": (1, 1 << 22), "mm_hidden_size": (1, 1 << 18),
+    "hidden_size": (1, 1 << 16),
+    "intermediate_size": (1, 1 << 18),
+    "num_hidden_layers": (1, 512),
+    "num_attention_heads": (1, 1024),
+    "vocab_size": (1, 1 << 22),
+    "mm_hidden_size": (1, 1 << 18),
 }
 _TEXT_OPTIONAL = {
-    "num_key_value_heads": (_INT, 1, 1024), "max_position_embeddings": (_INT, 1, 1 << 24),
-    "tokenizer_model_max_length": (_INT, 1, 1 << 24), "head_dim": (_INT, 1, 1 << 12),
-    "rms_norm_eps": (float, 0.0, 1.0), "rope_theta": (float, 0.0, 1e12), "initializer_range": (float, -1.0, 1e3),
-    "attention_dropout": (float, -1.0, 1.0), "resid_pdrop": (float, -1.0, 1.0), "embd_pdrop": (float, -1.0, 1.0),
-    "sliding_window": (_INT, 1, 1 << 24), "original_max_position_embeddings": (_INT, 1, 1 << 24),
+    "num_key_value_heads": (_INT, 1, 1024),
+    "max_position_embeddings": (_INT, 1, 1 << 24),
+    "tokenizer_model_max_length": (_INT, 1, 1 << 24),
+    "head_dim": (_INT, 1, 1 << 12),
+    "rms_norm_eps": (float, 0.0, 1.0),
+    "rope_theta": (float, 0.0, 1e12),
+    "initializer_range": (float, -1.0, 1e3),
+    "attention_dropout": (float, -1.0, 1.0),
+    "resid_pdrop": (float, -1.0, 1.0),
+    "embd_pdrop": (float, -1.0, 1.0),
+    "sliding_window": (_INT, 1, 1 << 24),
+    "original_max_position_embeddings": (_INT, 1, 1 << 24),
     "pretraining_tp": (_INT, 1, 1024),
 }
 _VISION_NUMBERS = {
-    "hidden_size": (1, 1 << 14), "intermediate_size": (1, 1 << 16), "num_hidden_layers": (1, 256),
-    "num_attention_heads": (1, 256), "image_size": (1, 1 << 13), "patch_size": (1, 1 << 10),
+    "hidden_size": (1, 1 << 14),
+    "intermediate_size": (1, 1 << 16),
+    "num_hidden_layers": (1, 256),
+    "num_attention_heads": (1, 256),
+    "image_size": (1, 1 << 13),
+    "patch_size": (1, 1 << 10),
 }
 _VISION_OPTIONAL = {
-    "num_channels": (_INT, 1, 16), "projection_dim": (_INT, 1, 1 << 16), "layer_norm_eps": (float, 0.0, 1.0),
+    "num_channels": (_INT, 1, 16),
+    "projection_dim": (_INT, 1, 1 << 16),
+    "layer_norm_eps": (float, 0.0, 1.0),
     "attention_dropout": (float, -1.0, 1.0),
 }
 
 
-def _bad(where: str, key: str, value: object, expected: str) -> ConversionError:
-    return ConversionError(f"{where}: {key} is {safe_name(repr(value))} ({type_name(value)}); expected {expected}; "
-                           "fix the config or pass the right model")
+def _bad(where: str, key: str | int, value: object, expected: str) -> ConversionError:
+    return ConversionError(
+        f"{where}: {key} is {safe_name(repr(value))} ({type_name(value)}); expected {expected}; "
+        "fix the config or pass the right model"
+    )
 
 
 def check_int(cfg: dict, key: str, low: int, high: int, where: str) -> int:
@@ -88,7 +114,7 @@ def check_int(cfg: dict, key: str, low: int, high: int, where: str) -> int:
     return v
 
 
-def check_real(cfg: dict, key: str, low: float, high: float, where: str) -> float:
+def check_real(cfg: dict, key: str | int, low: float, high: float, where: str) -> float:
     """A finite number with low < v <= high (an int is a number too)."""
     v = cfg[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low < v <= high:
@@ -113,10 +139,14 @@ def check_text_numbers(original: dict, where: str) -> None:
     _check_numbers(original, _TEXT_NUMBERS, _TEXT_OPTIONAL, where)
     heads, kv = original.get("num_attention_heads"), original.get("num_key_value_heads")
     if "hidden_size" in original and heads and original["hidden_size"] % heads and original.get("head_dim") is None:
-        raise ConversionError(f"{where}: hidden_size {original['hidden_size']} is not a multiple of num_attention_heads "
-                              f"{heads}; fix the config")
+        raise ConversionError(
+            f"{where}: hidden_size {original['hidden_size']} is not a multiple of num_attention_heads "
+            f"{heads}; fix the config"
+        )
     if heads and kv and heads % kv:
-        raise ConversionError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}; fix the config")
+        raise ConversionError(
+            f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}; fix the config"
+        )
     for key in ("rope_scaling",):
         if original.get(key) is not None and not isinstance(original[key], dict):
             raise _bad(where, key, original[key], "null or a JSON object")
@@ -128,12 +158,15 @@ def check_text_numbers(original: dict, where: str) -> None:
 def check_vision_numbers(vc: dict, where: str) -> None:
     _check_numbers(vc, _VISION_NUMBERS, _VISION_OPTIONAL, where)
     if vc.get("hidden_size") and vc.get("num_attention_heads") and vc["hidden_size"] % vc["num_attention_heads"]:
-        raise ConversionError(f"{where}: vision hidden_size {vc['hidden_size']} is not a multiple of num_attention_heads "
-                              f"{vc['num_attention_heads']}; fix the vision config")
+        raise ConversionError(
+            f"{where}: vision hidden_size {vc['hidden_size']} is not a multiple of num_attention_heads "
+            f"{vc['num_attention_heads']}; fix the vision config"
+        )
 
 
 def check_preprocessor(pre: dict, where: str, channels: int = 3) -> None:
     """The CLIP image-processing settings, checked before anything is written (the processor files come last)."""
+
     def side(key: str, sub: tuple[str, ...]) -> None:
         v = pre.get(key)
         if isinstance(v, dict) and set(sub) <= set(v):
@@ -141,6 +174,7 @@ def check_preprocessor(pre: dict, where: str, channels: int = 3) -> None:
                 check_int(v, k, 1, 1 << 14, f"{where}: {key}")
         elif not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 14):
             raise _bad(where, key, v, f"an integer from 1 to 16384 or an object with {', '.join(sub)}")
+
     side("size", ("shortest_edge",))
     side("crop_size", ("height", "width"))
     for key, low in (("image_mean", -1e3), ("image_std", 0.0)):
@@ -149,8 +183,9 @@ def check_preprocessor(pre: dict, where: str, channels: int = 3) -> None:
             continue
         if not (isinstance(v, list) and len(v) == channels):
             raise _bad(where, key, v, f"a list of {channels} numbers")
+        by_index = dict(enumerate(v))
         for i in range(channels):
-            check_real(v, i, low, 1e3, f"{where}: {key}")
+            check_real(by_index, i, low, 1e3, f"{where}: {key}")
     if pre.get("rescale_factor") is not None:
         check_real(pre, "rescale_factor", 0.0, 1.0, where)
     if pre.get("resample") is not None:
@@ -194,7 +229,9 @@ def vision_tower_config(vision_model_config: dict, where: str) -> dict:
 def check_original_config(original: dict, where: str) -> None:
     missing = [k for k in _TEXT_KEYS_REQUIRED if k not in original]
     if missing:
-        raise ConversionError(f"{where}: lacks {', '.join(missing)}; expected the config.json of a ViP-LLaVA checkpoint")
+        raise ConversionError(
+            f"{where}: lacks {', '.join(missing)}; expected the config.json of a ViP-LLaVA checkpoint"
+        )
     check_text_numbers(original, where)
     if "mm_hidden_size" not in original:
         raise ConversionError(
@@ -203,7 +240,9 @@ def check_original_config(original: dict, where: str) -> None:
         )
 
 
-def build_config(original: dict, vision: dict, ids: TokenIds, dtype: str, where: str, backbone: Backbone = VICUNA) -> dict:
+def build_config(
+    original: dict, vision: dict, ids: TokenIds, dtype: str, where: str, backbone: Backbone = VICUNA
+) -> dict:
     """The converted ``config.json`` as a plain dict (sorted when written)."""
     check_original_config(original, where)
     n_layers = len(FEATURE_LAYERS)
@@ -218,10 +257,13 @@ def build_config(original: dict, vision: dict, ids: TokenIds, dtype: str, where:
     if out_of_range:
         raise ConversionError(
             f"{where}: the vision model has {vision['num_hidden_layers']} layers, too few for feature layers "
-            f"{list(FEATURE_LAYERS)} (index {out_of_range[0]} is out of range); pass the vision model this checkpoint was trained with"
+            f"{list(FEATURE_LAYERS)} (index {out_of_range[0]} is out of range); pass the vision model this checkpoint "
+            "was trained with"
         )
     if vision["image_size"] % vision["patch_size"]:
-        raise ConversionError(f"{where}: image_size {vision['image_size']} is not a multiple of patch_size {vision['patch_size']}")
+        raise ConversionError(
+            f"{where}: image_size {vision['image_size']} is not a multiple of patch_size {vision['patch_size']}"
+        )
     heads = original["num_attention_heads"]
     text = {
         "model_type": backbone.text_model_type,
@@ -278,7 +320,12 @@ def suppressed_ids(ids: TokenIds) -> list[int]:
 def generation_config(ids: TokenIds) -> dict:
     """``generation_config.json``: the special ids, and ``suppress_tokens`` so that ``generate`` never emits an id
     the original could not (honoured from this file by transformers 4.37.2 and 5.x alike)."""
-    return {"bos_token_id": ids.bos, "eos_token_id": ids.eos, "pad_token_id": ids.pad, "suppress_tokens": suppressed_ids(ids)}
+    return {
+        "bos_token_id": ids.bos,
+        "eos_token_id": ids.eos,
+        "pad_token_id": ids.pad,
+        "suppress_tokens": suppressed_ids(ids),
+    }
 
 
 def load_vipllava_config(config_dict: dict):

@@ -159,7 +159,9 @@ class RuleTable:
 
     def inverse_key(self, target: str) -> str:
         """Original key for a canonical HF key (the inverse of :meth:`map_key` on mapped keys)."""
-        hits = [(c.rule, m.groups()) for c in self._rules if c.target_re is not None and (m := c.target_re.match(target))]
+        hits = [
+            (c.rule, m.groups()) for c in self._rules if c.target_re is not None and (m := c.target_re.match(target))
+        ]
         if len(hits) != 1:
             what = "no rule produces" if not hits else "several rules produce"
             raise ConversionError(f"{target}: {what} this canonical key")
@@ -198,7 +200,9 @@ class RuleTable:
             shown = ", ".join(sorted(unmapped)[:10]) + (f" (+{len(unmapped) - 10} more)" if len(unmapped) > 10 else "")
             raise ConversionError(
                 f"{len(unmapped)} original key(s) match no mapping rule: {shown}; "
-                "expected the ViP-LLaVA layout (see ORIGINAL.md)"
+                "expected the ViP-LLaVA layout (model.layers.*, model.vision_tower.vision_tower.vision_model.*, "
+                "model.mm_projector.{clip_layernorm,final_linear.0,final_linear.2}.*, lm_head.weight); pass an "
+                "original ViP-LLaVA checkpoint as released (mucai/vip-llava-*)"
             )
         targets: dict[str, str] = {}
         for src, tgt in mapped.items():

@@ -10,8 +10,11 @@ from .backbones import BACKBONES, Backbone
 
 VIP_LLAVA_GITHUB = "https://github.com/WisconsinAIVision/ViP-LLaVA"
 
-_ROLES = (("original", "the original ViP-LLaVA checkpoint"), ("text_model", "the base text model, for the tokenizer"),
-          ("vision_model", "the CLIP vision model: config and image preprocessing"))
+_ROLES = (
+    ("original", "the original ViP-LLaVA checkpoint"),
+    ("text_model", "the base text model, for the tokenizer"),
+    ("vision_model", "the CLIP vision model: config and image preprocessing"),
+)
 
 # What each verify check establishes (qualitative; the thresholds are in each measured line and in verify's docs).
 _CHECK_MEANING = {
@@ -62,12 +65,17 @@ def license_of(manifest: dict) -> tuple[str, str]:
     repo_id = text.get("repo_id") or ""
     low = repo_id.lower()
     if not repo_id:
-        return "llama2", ("The base text model was given as a local path; ViP-LLaVA's released checkpoints are "
-                          "Vicuna v1.5 (Llama 2) based, so the Llama 2 Community License is assumed: check the base "
-                          "model you converted from.")
+        return "llama2", (
+            "The base text model was given as a local path; ViP-LLaVA's released checkpoints are "
+            "Vicuna v1.5 (Llama 2) based, so the Llama 2 Community License is assumed: check the base "
+            "model you converted from."
+        )
     if "vicuna" in low or "llama-2" in low or "llama2" in low:
         return "llama2", f"The base text model `{repo_id}` is Llama 2 based: the Llama 2 Community License applies."
-    return "other", f"The base text model `{repo_id}` is not a known Llama 2 derivative: its own license applies; check it."
+    return (
+        "other",
+        f"The base text model `{repo_id}` is not a known Llama 2 derivative: its own license applies; check it.",
+    )
 
 
 def _front_matter(manifest: dict, license_id: str) -> str:
@@ -75,20 +83,34 @@ def _front_matter(manifest: dict, license_id: str) -> str:
     lines = ["---", f"license: {license_id}"]
     if original.get("repo_id"):
         lines += ["base_model:", f"- {json.dumps(original['repo_id'])}"]
-    lines += ["pipeline_tag: image-text-to-text", "library_name: transformers", "tags:", "- vipllava", "- vip-llava", "---"]
+    lines += [
+        "pipeline_tag: image-text-to-text",
+        "library_name: transformers",
+        "tags:",
+        "- vipllava",
+        "- vip-llava",
+        "---",
+    ]
     return "\n".join(lines)
 
 
 def _prompt_sentence(backbone: Backbone) -> str:
     if backbone.name == "vicuna":
-        return ("The prompt format is the original ViP-LLaVA one (llava_v1): a system sentence, then `USER: <image>\\n"
-                "{question} ASSISTANT:`. The visual prompt (a box, arrow or scribble) is drawn on the image itself.")
-    return (f"The prompt format is the original ViP-LLaVA {backbone.title} one ({backbone.conv_mode}), as the chat template "
-            "in this repo writes it. The visual prompt (a box, arrow or scribble) is drawn on the image itself.")
+        return (
+            "The prompt format is the original ViP-LLaVA one (llava_v1): a system sentence, then `USER: <image>\\n"
+            "{question} ASSISTANT:`. The visual prompt (a box, arrow or scribble) is drawn on the image itself."
+        )
+    return (
+        f"The prompt format is the original ViP-LLaVA {backbone.title} one ({backbone.conv_mode}), as the chat "
+        "template "
+        "in this repo writes it. The visual prompt (a box, arrow or scribble) is drawn on the image itself."
+    )
 
 
 def _usage(repo_id: str | None, dtype: str, backbone: Backbone) -> str:
-    torch_dtype = {"bfloat16": "torch.bfloat16", "float16": "torch.float16", "float32": "torch.float32"}.get(dtype, "torch.float16")
+    torch_dtype = {"bfloat16": "torch.bfloat16", "float16": "torch.float16", "float32": "torch.float32"}.get(
+        dtype, "torch.float16"
+    )
     repo = json.dumps(repo_id or "path/to/this/repo")
     prompt = json.dumps(backbone.prompt_for("{question}"))
     return f"""```python
@@ -129,12 +151,18 @@ IGNORE_MERGES = {"llama3": "4.40"}  # transformers 4.37-4.39 require tokenizers 
 
 def _recipe(repo_id: str | None, dtype: str, backbone: Backbone) -> str:
     """The usage snippet for releases without a pad-to-square processor; verify.compat runs the same recipe."""
-    torch_dtype = {"bfloat16": "torch.bfloat16", "float16": "torch.float16", "float32": "torch.float32"}.get(dtype, "torch.float16")
+    torch_dtype = {"bfloat16": "torch.bfloat16", "float16": "torch.float16", "float32": "torch.float32"}.get(
+        dtype, "torch.float16"
+    )
     repo = json.dumps(repo_id or "path/to/this/repo")
     prompt = json.dumps(backbone.prompt_for("{question}"))
     eager = ', attn_implementation="eager"' if backbone.name in EAGER_VERSIONS else ""
     eager_note = f"  # eager: needed on transformers {EAGER_VERSIONS[backbone.name]}" if eager else ""
     major, minor = EXPANDED_FROM
+    version_check = (  # one line of the snippet, built here to keep this source file's lines short
+        'if tuple(int(x) for x in transformers.__version__.split(".")[:2]) '
+        f">= ({major}, {minor}):  # {major}.{minor}+: the expanded run"
+    )
     return f"""```python
 import torch
 import transformers
@@ -158,7 +186,7 @@ def pad_to_square(image, mean):
 image = pad_to_square(Image.open("image.png").convert("RGB"), image_processor.image_mean)
 pixel_values = image_processor(image, return_tensors="pt")["pixel_values"].to({torch_dtype})
 prompt = {prompt}.format(question="What is inside the red box?")
-if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= ({major}, {minor}):  # {major}.{minor}+: the expanded run
+{version_check}
     prompt = prompt.replace("<image>", "<image>" * model.config.image_seq_length)  # (before: the model expands one)
 inputs = tokenizer(prompt, return_tensors="pt")
 output = model.generate(**inputs, pixel_values=pixel_values, max_new_tokens=200, do_sample=False)
@@ -178,25 +206,35 @@ def _and(items: list[str]) -> str:
 def _older_versions(backbone: Backbone) -> list[str]:
     """What the matrix measured on releases before the newest, for this backbone."""
     first = FIRST_VERSION.get(backbone.name, "4.37")
-    out = [f"On transformers {first} to 4.48 the model and tokenizer work, but no `AutoProcessor` pads the image to a "
-           f"square (`LlavaImageProcessor`, with `do_pad`, arrives in {PROCESSOR_FROM}; a plain CLIP processor "
-           "centre-crops instead, and the answers change): use the recipe under Usage, which gives the processor's "
-           f"`input_ids`, `pixel_values` and logits (measured on {_and(_from(RECIPE_VERSIONS, first))})."]
+    out = [
+        f"On transformers {first} to 4.48 the model and tokenizer work, but no `AutoProcessor` pads the image to a "
+        f"square (`LlavaImageProcessor`, with `do_pad`, arrives in {PROCESSOR_FROM}; a plain CLIP processor "
+        "centre-crops instead, and the answers change): use the recipe under Usage, which gives the processor's "
+        f"`input_ids`, `pixel_values` and logits (measured on {_and(_from(RECIPE_VERSIONS, first))})."
+    ]
     if backbone.name in FIRST_VERSION:
-        out.append(f"{backbone.title} needs transformers {FIRST_VERSION[backbone.name]} or later (older releases do not "
-                   "know its text model).")
+        out.append(
+            f"{backbone.title} needs transformers {FIRST_VERSION[backbone.name]} or later (older releases do not "
+            "know its text model)."
+        )
     if backbone.name in EAGER_VERSIONS:
-        out.append(f"On transformers {EAGER_VERSIONS[backbone.name]}, load with `attn_implementation=\"eager\"`: there "
-                   f"VipLlava asks {backbone.title} for sdpa attention, which it refuses.")
+        out.append(
+            f'On transformers {EAGER_VERSIONS[backbone.name]}, load with `attn_implementation="eager"`: there '
+            f"VipLlava asks {backbone.title} for sdpa attention, which it refuses."
+        )
     if backbone.name in IGNORE_MERGES:
-        out.append(f"For exact {backbone.title} tokenization use transformers {IGNORE_MERGES[backbone.name]} or later: "
-                   "older releases require tokenizers < 0.19, which drops the tokenizer's `ignore_merges` option, so "
-                   "some words are split differently (588 of the 128000 in the Llama-3 vocabulary, measured with "
-                   "tokenizers 0.15.1).")
+        out.append(
+            f"For exact {backbone.title} tokenization use transformers {IGNORE_MERGES[backbone.name]} or later: "
+            "older releases require tokenizers < 0.19, which drops the tokenizer's `ignore_merges` option, so "
+            "some words are split differently (588 of the 128000 in the Llama-3 vocabulary, measured with "
+            "tokenizers 0.15.1)."
+        )
     return out
 
 
-def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | None = None, *, repo_id: str | None = None) -> str:
+def model_card(
+    manifest: dict, report_json: dict, proven_versions: list[str] | None = None, *, repo_id: str | None = None
+) -> str:
     """The card for a converted repo: YAML front matter, then inputs, conversion settings, the verification table
     (the report's own status and measured line per check), the proven transformers versions (``None``: say which
     version verified it), usage with the exact prompt format, and the license note. ``repo_id`` only fills the
@@ -217,7 +255,8 @@ def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | N
     out += [
         f"# {name} (Hugging Face transformers format)",
         "",
-        f"ViP-LLaVA from {_ref(original)}, converted to transformers' `VipLlavaForConditionalGeneration` by {tool_line}, "
+        f"ViP-LLaVA from {_ref(original)}, converted to transformers' `VipLlavaForConditionalGeneration` by "
+        f"{tool_line}, "
         "and verified against an independent re-implementation of the original model before upload: "
         f"**{n_ok}/{len(checks)} checks passed**. `conversion.json` is the conversion manifest (inputs, settings, "
         "sha256 of every file), `verification.json` the full verification report.",
@@ -246,12 +285,14 @@ def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | N
         f"| torch | {env.get('torch', '?')} |",
         f"| python | {env.get('python', '?')} |",
         f"| seed (new embedding rows) | {settings.get('seed', '?')} |",
-        f"| dtype | requested `{settings.get('dtype', '?')}`; source `{settings.get('source_dtype', '?')}`; written `{settings.get('output_dtype', '?')}` |",
+        f"| dtype | requested `{settings.get('dtype', '?')}`; source `{settings.get('source_dtype', '?')}`; written "
+        f"`{settings.get('output_dtype', '?')}` |",
         f"| max shard size | {_size(settings.get('max_shard_size', '?'))} |",
         f"| source format | {_cell(settings.get('format', '?'))} |",
         f"| tensors mapped | {mapping.get('mapped', '?')} |",
         f"| keys dropped | {len(dropped)} ({_cell(', '.join(sorted(set(map(str, dropped.values())))) or 'none')}) |",
-        f"| embedding rows | {resize.get('original_rows', '?')} -> {resize.get('rows', '?')}; `<image>` = {resize.get('image_token_index', '?')}, pad = {resize.get('pad_token_id', '?')} |",
+        f"| embedding rows | {resize.get('original_rows', '?')} -> {resize.get('rows', '?')}; `<image>` = "
+        f"{resize.get('image_token_index', '?')}, pad = {resize.get('pad_token_id', '?')} |",
         f"| new rows | {_cell(resize.get('method', '?'))} (scale {resize.get('scale', '?')}) |",
         "",
         "Output files and their sha256:",
@@ -264,7 +305,11 @@ def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | N
 
     vset = report_json.get("settings", {})
     venv = report_json.get("environment", {})
-    verdict = "all checks passed" if report_json.get("passed") else f"FAILED: {', '.join(report_json.get('failed_checks', []))}"
+    verdict = (
+        "all checks passed"
+        if report_json.get("passed")
+        else f"FAILED: {', '.join(report_json.get('failed_checks', []))}"
+    )
     out += [
         "## Verification",
         "",
@@ -274,20 +319,29 @@ def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | N
         "| check | result | measured | what it establishes |",
         "| --- | --- | --- | --- |",
     ]
-    out += [f"| {_cell(c.get('name'))} | {_cell(c.get('status'))} | {_code_cell(c.get('summary', ''))} | {_cell(_CHECK_MEANING.get(c.get('name'), ''))} |"
-            for c in checks]
+    out += [
+        f"| {_cell(c.get('name'))} | {_cell(c.get('status'))} | {_code_cell(c.get('summary', ''))} | "
+        f"{_cell(_CHECK_MEANING.get(c.get('name'), ''))} |"
+        for c in checks
+    ]
     out.append("")
 
     out += ["## Proven transformers versions", ""]
     if proven_versions:
-        out.append(f"Proven to load and compute the same on transformers {', '.join(proven_versions)} "
-                   "(vipllava-harness's version matrix, `python -m verify.compat`).")
+        out.append(
+            f"Proven to load and compute the same on transformers {', '.join(proven_versions)} "
+            "(vipllava-harness's version matrix, `python -m verify.compat`)."
+        )
     elif venv.get("transformers"):
-        out.append(f"Verified with transformers {venv['transformers']} (torch {venv.get('torch', '?')}); "
-                   "no other transformers version was checked for this upload.")
+        out.append(
+            f"Verified with transformers {venv['transformers']} (torch {venv.get('torch', '?')}); "
+            "no other transformers version was checked for this upload."
+        )
     else:
-        out.append(f"Converted with transformers {env.get('transformers', '?')}; the verification report does not "
-                   "record its environment, and no other version was checked for this upload.")
+        out.append(
+            f"Converted with transformers {env.get('transformers', '?')}; the verification report does not "
+            "record its environment, and no other version was checked for this upload."
+        )
     out.append("")
     out += [" ".join(_older_versions(backbone)), ""]
 
@@ -312,6 +366,14 @@ def model_card(manifest: dict, report_json: dict, proven_versions: list[str] | N
         "change the weights' terms.",
         "",
     ]
-    orig_link = f"[`{original['repo_id']}`](https://huggingface.co/{original['repo_id']}) and " if original.get("repo_id") else ""
-    out += [f"ViP-LLaVA's own terms of use: see the original release, {orig_link}[ViP-LLaVA on GitHub]({VIP_LLAVA_GITHUB}).", ""]
+    orig_link = (
+        f"[`{original['repo_id']}`](https://huggingface.co/{original['repo_id']}) and "
+        if original.get("repo_id")
+        else ""
+    )
+    out += [
+        f"ViP-LLaVA's own terms of use: see the original release, {orig_link}[ViP-LLaVA on "
+        f"GitHub]({VIP_LLAVA_GITHUB}).",
+        "",
+    ]
     return "\n".join(out)

@@ -7,35 +7,52 @@ The steps are small pure functions (``convert.mapping``, ``convert.config``, ``c
 from __future__ import annotations
 
 import errno
-import json
 import os
-from contextlib import contextmanager
 import platform
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import MANIFEST, __version__
 from .backbones import detect
-from .config import build_config, check_original_config, check_preprocessor, generation_config, load_vipllava_config, vision_tower_config
+from .config import (
+    build_config,
+    check_original_config,
+    check_preprocessor,
+    generation_config,
+    load_vipllava_config,
+    vision_tower_config,
+)
 from .errors import ConversionError
 from .layout import expected_shapes
 from .mapping import EMBED_KEY, LM_HEAD_KEY, KeyMapping, RuleTable, table_for
+from .preflight import check_no_overlap
 from .processor import build_tokenizer, load_base_tokenizer, write_processor_files, write_tokenizer_files
-from .resize import SCALE, check_seed, resize
+from .resize import SCALE, ResizeResult, check_seed, resize
 from .safejson import MAX_TOKENIZER_BYTES, load_json, read_bounded
 from .sources import Checkpoint, ResolvedInput, checked_sha256, open_checkpoint, resolve, sha256_file
-from .writer import DropBehind, InputStream, OutTensor, atomic_directory, check_output, index_json, parse_size, plan_shards, shard_names, write_json, write_shard
-from .preflight import check_no_overlap
+from .writer import (
+    DropBehind,
+    InputStream,
+    OutTensor,
+    atomic_directory,
+    check_output,
+    index_json,
+    parse_size,
+    plan_shards,
+    shard_names,
+    write_json,
+    write_shard,
+)
 
 DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14-336"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _DTYPE_NAME = {v: k for k, v in DTYPES.items()}
-MANIFEST = "conversion.json"
 ORIGINAL_EMBED = "model.embed_tokens.weight"
 ORIGINAL_LM_HEAD = "lm_head.weight"
 
@@ -104,14 +121,18 @@ def _has_tokenizer(directory: Path) -> bool:
 
 
 def _refuse_converted(original_cfg: dict, keys: list[str], where: Path) -> None:
-    if original_cfg.get("model_type") == "vipllava" or any(k.startswith(("language_model.", "multi_modal_projector.")) for k in keys):
+    if original_cfg.get("model_type") == "vipllava" or any(
+        k.startswith(("language_model.", "multi_modal_projector.")) for k in keys
+    ):
         raise ConversionError(
             f"{where}: this is already a converted HF VipLlava repo (model_type {original_cfg.get('model_type')!r}); "
             "pass the ORIGINAL ViP-LLaVA checkpoint, or run `python -m verify` on this folder"
         )
 
 
-def _check_shapes(ckpt: Checkpoint, mapping: KeyMapping, expected: dict[str, tuple[int, ...]], vocab: int, table: RuleTable) -> None:
+def _check_shapes(
+    ckpt: Checkpoint, mapping: KeyMapping, expected: dict[str, tuple[int, ...]], vocab: int, table: RuleTable
+) -> None:
     produced = set(mapping.mapped.values())
     missing = sorted(set(expected) - produced)
     if missing:
@@ -139,7 +160,10 @@ def _check_shapes(ckpt: Checkpoint, mapping: KeyMapping, expected: dict[str, tup
             want = (vocab,) + want[1:]
         got = ckpt.info(src).shape
         if tuple(got) != tuple(want):
-            raise ConversionError(f"{src}: shape {tuple(got)} but the config implies {tuple(want)}; the checkpoint and its config.json disagree")
+            raise ConversionError(
+                f"{src}: shape {tuple(got)} but the config implies {tuple(want)}; the checkpoint and its config.json "
+                "disagree"
+            )
 
 
 def output_path(given: Path) -> Path:
@@ -149,8 +173,10 @@ def output_path(given: Path) -> Path:
     if path.is_symlink():
         target = Path(os.path.realpath(path))
         if not target.exists():
-            raise ConversionError(f"{path}: --output is a symlink to {target}, which does not exist; remove the link or "
-                                  "pass the folder's real path")
+            raise ConversionError(
+                f"{path}: --output is a symlink to {target}, which does not exist; remove the link or "
+                "pass the folder's real path"
+            )
         return target
     return path
 
@@ -164,7 +190,11 @@ def convert(opts: Options) -> Summary:
     output = output_path(opts.output)
 
     orig = resolve(opts.original, "--original", allow_patterns=["*.json", "*.bin", "*.safetensors", "*.model"])
-    text = orig if opts.text_model is None else resolve(opts.text_model, "--text-model", allow_patterns=["*.json", "*.model", "*.txt"])
+    text = (
+        orig
+        if opts.text_model is None
+        else resolve(opts.text_model, "--text-model", allow_patterns=["*.json", "*.model", "*.txt"])
+    )
     vision = resolve(opts.vision_model or DEFAULT_VISION_MODEL, "--vision-model", allow_patterns=["*.json"])
     roles = {"--original": orig.path, "--text-model": text.path, "--vision-model": vision.path}
     check_no_overlap(output, roles)
@@ -177,13 +207,17 @@ def convert(opts: Options) -> Summary:
     _refuse_converted(original_cfg, keys, orig.path)
     check_original_config(original_cfg, str(orig_dir / "config.json"))
     if ORIGINAL_EMBED not in ckpt.weight_map or ORIGINAL_LM_HEAD not in ckpt.weight_map:
-        raise ConversionError(f"{orig.path}: lacks {ORIGINAL_EMBED} or {ORIGINAL_LM_HEAD}; the checkpoint is incomplete")
+        raise ConversionError(
+            f"{orig.path}: lacks {ORIGINAL_EMBED} or {ORIGINAL_LM_HEAD}; the checkpoint is incomplete"
+        )
     # every file actually read, through its symlinks: none may lie in the output's way
     check_no_overlap(output, {f"--original file {f.name}": f for f in ckpt.files})
     for key in (ORIGINAL_EMBED, ORIGINAL_LM_HEAD):
         if len(ckpt.info(key).shape) != 2:
-            raise ConversionError(f"{key}: shape {tuple(ckpt.info(key).shape)}; expected a 2-D matrix (rows x hidden_size); "
-                                  "the checkpoint is damaged, re-download it")
+            raise ConversionError(
+                f"{key}: shape {tuple(ckpt.info(key).shape)}; expected a 2-D matrix (rows x hidden_size); "
+                "the checkpoint is damaged, re-download it"
+            )
     # The input weight files are read from here on (the disk starts on the first ones while the tokenizer, config
     # and plan are built); whatever stops the run stops the reader too.
     reader = InputStream(ckpt.files).start()
@@ -191,13 +225,25 @@ def convert(opts: Options) -> Summary:
         return _convert_opened(opts, start, max_bytes, output, orig, text, vision, original_cfg, ckpt, keys, reader)
 
 
-def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, orig: ResolvedInput, text: ResolvedInput,
-                    vision: ResolvedInput, original_cfg: dict, ckpt: Checkpoint, keys: list[str], reader: InputStream) -> Summary:
+def _convert_opened(
+    opts: Options,
+    start: float,
+    max_bytes: int,
+    output: Path,
+    orig: ResolvedInput,
+    text: ResolvedInput,
+    vision: ResolvedInput,
+    original_cfg: dict,
+    ckpt: Checkpoint,
+    keys: list[str],
+    reader: InputStream,
+) -> Summary:
     orig_dir = orig.directory
     vocab, hidden = ckpt.info(ORIGINAL_EMBED).shape
     if original_cfg.get("vocab_size") != vocab:
         raise ConversionError(
-            f"{orig_dir / 'config.json'}: vocab_size {original_cfg.get('vocab_size')} but {ORIGINAL_EMBED} has {vocab} rows"
+            f"{orig_dir / 'config.json'}: vocab_size {original_cfg.get('vocab_size')} but {ORIGINAL_EMBED} has {vocab} "
+            "rows"
         )
 
     if opts.text_model is None and not _has_tokenizer(orig_dir):
@@ -222,9 +268,13 @@ def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, o
     head_dtype = ckpt.info(ORIGINAL_LM_HEAD).dtype if opts.dtype == "auto" else out_dtype
     for key, dtype in ((ORIGINAL_EMBED, out_dtype), (ORIGINAL_LM_HEAD, head_dtype)):
         if dtype not in _DTYPE_NAME:
-            raise ConversionError(f"{key}: stored as {ckpt.info(key).dtype}; expected a floating-point matrix, "
-                                  "pass --dtype bfloat16, float16 or float32")
-    cfg = build_config(original_cfg, vision_cfg, tinfo.ids, _DTYPE_NAME[out_dtype], str(orig_dir / "config.json"), backbone)
+            raise ConversionError(
+                f"{key}: stored as {ckpt.info(key).dtype}; expected a floating-point matrix, "
+                "pass --dtype bfloat16, float16 or float32"
+            )
+    cfg = build_config(
+        original_cfg, vision_cfg, tinfo.ids, _DTYPE_NAME[out_dtype], str(orig_dir / "config.json"), backbone
+    )
     expected = expected_shapes(load_vipllava_config(cfg))
     _check_shapes(ckpt, mapping, expected, vocab, table)
 
@@ -254,20 +304,37 @@ def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, o
         start = reader.position(*loc)
         return (start, start + ckpt.info(src).nbytes)
 
+    job: Future[ResizeResult]  # submitted below, once the shards are planned; the resized tensors read it lazily
+
+    def resized_loader(t: str) -> Callable[[], torch.Tensor]:
+        return lambda: _resized(job, t)
+
     tensors: list[OutTensor] = []
     for src, tgt in mapping.mapped.items():
         if tgt in (EMBED_KEY, LM_HEAD_KEY):
-            tensors.append(OutTensor(tgt, resized_dtype[tgt], (rows, hidden), lambda t=tgt: _resized(job, t), source_span(src), late=True))
+            tensors.append(
+                OutTensor(tgt, resized_dtype[tgt], (rows, hidden), resized_loader(tgt), source_span(src), late=True)
+            )
         else:
             dtype, span = out_dtype_for(src), source_span(src)
             verbatim = span is not None and dtype == ckpt.info(src).dtype
-            tensors.append(OutTensor(tgt, dtype, tuple(ckpt.info(src).shape), lambda s=src, d=dtype: cast_checked(s, ckpt.get(s), d), span,
-                                     verbatim=verbatim))
+            tensors.append(
+                OutTensor(
+                    tgt,
+                    dtype,
+                    tuple(ckpt.info(src).shape),
+                    _cast_loader(ckpt, src, dtype),
+                    span,
+                    verbatim=verbatim,
+                )
+            )
     shards = plan_shards(tensors, max_bytes)
     # The resize runs on a thread while the other shards are written (the two matrices are planned last); its
     # errors (a non-finite embedding) surface when the writer reaches them, and the output is then discarded.
     resizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resize")
-    job = resizer.submit(resize, ckpt.get(ORIGINAL_EMBED), ckpt.get(ORIGINAL_LM_HEAD), rows, opts.seed, out_dtype, head_dtype=head_dtype)
+    job = resizer.submit(
+        resize, ckpt.get(ORIGINAL_EMBED), ckpt.get(ORIGINAL_LM_HEAD), rows, opts.seed, out_dtype, head_dtype=head_dtype
+    )
     resizer.shutdown(wait=False)
 
     def input_records() -> dict:
@@ -282,7 +349,11 @@ def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, o
     manifest = {
         "format": 1,
         "tool": {"name": "vipllava-harness", "version": __version__},
-        "environment": {"torch": torch.__version__.split("+")[0], "transformers": _transformers_version(), "python": platform.python_version()},
+        "environment": {
+            "torch": torch.__version__.split("+")[0],
+            "transformers": _transformers_version(),
+            "python": platform.python_version(),
+        },
         "settings": {
             "backbone": backbone.name,
             "seed": opts.seed,
@@ -301,7 +372,8 @@ def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, o
             "pad_token_id": tinfo.ids.pad,
             "scale": SCALE,
             "seed": opts.seed,
-            "method": "mu + sqrt(scale/n) * (E - mu)^T g, g ~ N(0, I_n); float64; one generator, embed rows then lm_head rows",
+            "method": "mu + sqrt(scale/n) * (E - mu)^T g, g ~ N(0, I_n); float64; one generator, embed rows then "
+            "lm_head rows",
             "resized": [EMBED_KEY, LM_HEAD_KEY],
         },
     }
@@ -309,16 +381,25 @@ def _convert_opened(opts: Options, start: float, max_bytes: int, output: Path, o
 
     def write_text_files(folder: Path) -> None:
         write_json(folder / "config.json", {**cfg, "transformers_version": _transformers_version()})
-        write_json(folder / "generation_config.json", {**generation_config(tinfo.ids), "transformers_version": _transformers_version()})
+        write_json(
+            folder / "generation_config.json",
+            {**generation_config(tinfo.ids), "transformers_version": _transformers_version()},
+        )
         write_tokenizer_files(folder, tok, tinfo, text.directory, max_len, backbone)
-        write_processor_files(folder, preprocessor, vision_cfg["patch_size"], str(vision.directory / "preprocessor_config.json"), backbone)
+        write_processor_files(
+            folder, preprocessor, vision_cfg["patch_size"], str(vision.directory / "preprocessor_config.json"), backbone
+        )
 
     try:
         _write_repo(output, opts, shards, write_text_files, manifest, reader, input_records)
     except OSError as e:
         where = e.filename or output
-        hint = "free some space or choose another --output" if e.errno == errno.ENOSPC else "check the --output location"
-        raise ConversionError(f"{where}: writing failed ({e.strerror or e}); {hint}; no output was left behind") from None
+        hint = (
+            "free some space or choose another --output" if e.errno == errno.ENOSPC else "check the --output location"
+        )
+        raise ConversionError(
+            f"{where}: writing failed ({e.strerror or e}); {hint}; no output was left behind"
+        ) from None
     finally:
         reader.cancel()  # an early error stops the input reader at once (a no-op after a finished run)
     return Summary(
@@ -347,7 +428,8 @@ def _tokenizer_notes(text_dir: Path) -> list[str]:
     if legacy is not False:
         return []
     return [
-        f"{p}: legacy is false; the converted tokenizer gives transformers 4.37.2's ids (the original's pinned version: "
+        f"{p}: legacy is false; the converted tokenizer gives transformers 4.37.2's ids (the original's pinned "
+        "version: "
         "the leading piece once per <image> chunk, none after </s>). Originals run with transformers 4.31 tokenized "
         "text right after </s> differently (multi-turn prompts); run `python -m verify` with your prompts to see it"
     ]
@@ -381,10 +463,15 @@ def check_sentencepiece(path: Path) -> None:
             pieces = sp.get_piece_size()
             problem = None if pieces > 0 else "a model with no pieces"
         except (RuntimeError, OSError, TypeError) as e:
-            problem = f"a file sentencepiece cannot load ({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
+            problem = (
+                "a file sentencepiece cannot load "
+                f"({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
+            )
     if problem:
-        raise ConversionError(f"{path}: expected a sentencepiece model, found {problem}; re-download the tokenizer, or "
-                              "remove tokenizer.model if the folder's tokenizer.json is the tokenizer")
+        raise ConversionError(
+            f"{path}: expected a sentencepiece model, found {problem}; re-download the tokenizer, or "
+            "remove tokenizer.model if the folder's tokenizer.json is the tokenizer"
+        )
 
 
 @contextmanager
@@ -413,20 +500,30 @@ def cast_checked(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
         if bad.any():
             i = int(bad.reshape(-1).nonzero()[0])
             raise ConversionError(
-                f"{name}: holds {t.reshape(-1)[i].item():.6g} (element {i}), beyond the range of {str(dtype).removeprefix('torch.')}; "
+                f"{name}: holds {t.reshape(-1)[i].item():.6g} (element {i}), beyond the range of "
+                f"{str(dtype).removeprefix('torch.')}; "
                 "it would become Inf, pass --dtype auto, bfloat16 or float32"
             )
     return out
 
 
-def _resized(job, key: str) -> torch.Tensor:
+def _cast_loader(ckpt: Checkpoint, src: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    return lambda: cast_checked(src, ckpt.get(src), dtype)
+
+
+def _resized(job: Future[ResizeResult], key: str) -> torch.Tensor:
     r = job.result()
     return r.embed if key == EMBED_KEY else r.lm_head
 
 
 def _write_repo(
-    output: Path, opts: Options, shards: list[list[OutTensor]], write_text_files, manifest: dict,
-    reader: InputStream, input_records: Callable[[], dict],
+    output: Path,
+    opts: Options,
+    shards: list[list[OutTensor]],
+    write_text_files,
+    manifest: dict,
+    reader: InputStream,
+    input_records: Callable[[], dict],
 ) -> None:
     """The only place that writes: shards (streamed), index, text files, then the manifest with every hash."""
     from tqdm.auto import tqdm
@@ -442,10 +539,14 @@ def _write_repo(
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="text-files") as side:
             text_files = side.submit(write_text_files, tmp)
             try:
-                with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not opts.progress) as bar:
+                with tqdm(
+                    total=total, unit="B", unit_scale=True, desc="writing shards", disable=not opts.progress
+                ) as bar:
                     flushed = []
-                    for shard, name in zip(shards, names):
-                        outputs[name] = write_shard(tmp / name, shard, on_bytes=bar.update, stream=reader, flusher=flusher)
+                    for shard, name in zip(shards, names, strict=True):
+                        outputs[name] = write_shard(
+                            tmp / name, shard, on_bytes=bar.update, stream=reader, flusher=flusher
+                        )
                         flushed.append(flusher.close(tmp / name))
                     for f in flushed:
                         f.result()  # a write error surfacing at fsync (EIO, ENOSPC) stops the run here
@@ -461,11 +562,21 @@ def _write_repo(
 
 
 def _index_files(directory: Path) -> list[Path]:
-    return [p for p in (directory / "model.safetensors.index.json", directory / "pytorch_model.bin.index.json") if p.is_file()]
+    return [
+        p
+        for p in (directory / "model.safetensors.index.json", directory / "pytorch_model.bin.index.json")
+        if p.is_file()
+    ]
 
 
 def _tokenizer_files(directory: Path) -> list[Path]:
-    names = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+    names = (
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+    )
     return [directory / n for n in names if (directory / n).is_file()]
 
 

@@ -12,7 +12,10 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from .errors import ConversionError
 
@@ -45,14 +48,18 @@ def check_no_overlap(output: Path, inputs: dict[str, Path]) -> None:
         folder = real if real.is_dir() else real.parent
         if out == folder or out in folder.parents or folder in out.parents:
             rel = "is" if out == folder else "contains" if out in folder.parents else "lies inside"
-            raise ConversionError(f"{output}: --output {rel} {what} ({folder}); expected a folder apart from every input, "
-                                  "choose another --output (nothing was written)")
+            raise ConversionError(
+                f"{output}: --output {rel} {what} ({folder}); expected a folder apart from every input, "
+                "choose another --output (nothing was written)"
+            )
 
 
 def check_seed(seed: int) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
-        raise ConversionError(f"--seed {seed!r}: expected an integer with 0 <= seed < 2**32 (torch's generator keeps 32 bits); "
-                              "pass a smaller --seed")
+        raise ConversionError(
+            f"--seed {seed!r}: expected an integer with 0 <= seed < 2**32 (torch's generator keeps 32 bits); "
+            "pass a smaller --seed"
+        )
 
 
 def _probe_writable(folder: Path) -> str | None:
@@ -119,7 +126,9 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are ONE line on stderr, exit 2, worded like every other error of the tools
     (``error: --dtype 'fp8': expected one of auto, bfloat16, float16, float32; see PROG --help``)."""
 
-    _CHOICE = re.compile(r"argument (?P<flag>[^/:]+)(?:/[^:]*)?: invalid choice: (?P<value>.*) \(choose from (?P<choices>.*)\)$")
+    _CHOICE = re.compile(
+        r"argument (?P<flag>[^/:]+)(?:/[^:]*)?: invalid choice: (?P<value>.*) \(choose from (?P<choices>.*)\)$"
+    )
     _TYPED = re.compile(r"argument (?P<flag>[^/:]+)(?:/[^:]*)?: invalid (?P<type>int|float) value: (?P<value>.*)$")
 
     def error(self, message: str):  # noqa: D102 (argparse's hook)
@@ -172,8 +181,8 @@ class OnInterrupt:
 
     def __init__(self, message: str):
         self.message = message
-        self.cleanup = None
-        self._previous = None
+        self.cleanup: Callable[[], None] | None = None
+        self._previous: Callable[[int, FrameType | None], Any] | int | None = None
 
     def _handler(self, signum, frame):  # noqa: ARG002 (signal handler signature)
         try:

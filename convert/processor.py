@@ -59,8 +59,14 @@ class TokenizerInfo:
 
 
 def _added_entry(added) -> dict:
-    return {"content": added.content, "lstrip": added.lstrip, "normalized": added.normalized, "rstrip": added.rstrip,
-            "single_word": added.single_word, "special": added.special}
+    return {
+        "content": added.content,
+        "lstrip": added.lstrip,
+        "normalized": added.normalized,
+        "rstrip": added.rstrip,
+        "single_word": added.single_word,
+        "special": added.special,
+    }
 
 
 def _base_add_bos(text_dir: Path) -> bool:
@@ -76,11 +82,15 @@ def load_base_tokenizer(text_dir: Path):
     from transformers import AutoTokenizer
 
     if not ((text_dir / "tokenizer.model").is_file() or (text_dir / "tokenizer.json").is_file()):
-        raise ConversionError(f"{text_dir}: no tokenizer.model or tokenizer.json; pass --text-model with the base tokenizer")
+        raise ConversionError(
+            f"{text_dir}: no tokenizer.model or tokenizer.json; pass --text-model with the base tokenizer"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(text_dir), legacy=True)
     except Exception as e:  # transformers raises many types here; the message is what the user needs
-        raise ConversionError(f"{text_dir}: tokenizer does not load ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+        raise ConversionError(
+            f"{text_dir}: tokenizer does not load ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+        ) from None
 
 
 def _base_config(text_dir: Path) -> dict:
@@ -126,10 +136,14 @@ def _read_sentencepiece(path: Path) -> list[tuple[str, float, int]]:
     try:
         m.ParseFromString(path.read_bytes())
     except Exception as e:  # protobuf's DecodeError and friends
-        raise ConversionError(f"{path}: not a sentencepiece model ({e.__class__.__name__}); re-download the text model") from None
+        raise ConversionError(
+            f"{path}: not a sentencepiece model ({e.__class__.__name__}); re-download the text model"
+        ) from None
     if m.trainer_spec.model_type != pb.TrainerSpec.BPE or not m.trainer_spec.byte_fallback:
-        raise ConversionError(f"{path}: expected a byte-fallback BPE sentencepiece model (Llama-2 / Phi-3), found model_type "
-                              f"{m.trainer_spec.model_type} byte_fallback {m.trainer_spec.byte_fallback}; pass the base text model")
+        raise ConversionError(
+            f"{path}: expected a byte-fallback BPE sentencepiece model (Llama-2 / Phi-3), found model_type "
+            f"{m.trainer_spec.model_type} byte_fallback {m.trainer_spec.byte_fallback}; pass the base text model"
+        )
     return [(p.piece, p.score, p.type) for p in m.pieces]
 
 
@@ -145,20 +159,30 @@ def _sentencepiece_backend(tok, text_dir: Path, rule: str):
     if model_file.is_file():
         pieces = _read_sentencepiece(model_file)
         unk = next((p for p, _, t in pieces if t == 2), None)
-        bpe = models.BPE(vocab={p: i for i, (p, _, _) in enumerate(pieces)}, merges=spm_merges(pieces), unk_token=unk,
-                         fuse_unk=True, byte_fallback=True)
+        bpe = models.BPE(
+            vocab={p: i for i, (p, _, _) in enumerate(pieces)},
+            merges=spm_merges(pieces),
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
         backend = Tokenizer(bpe)
     else:  # a base with only tokenizer.json: its BPE model as written (transformers' own object may be rebuilt)
         path = text_dir / "tokenizer.json"
-        backend = Tokenizer.from_file(str(path)) if path.is_file() else Tokenizer.from_str(tok.backend_tokenizer.to_str())
+        backend = (
+            Tokenizer.from_file(str(path)) if path.is_file() else Tokenizer.from_str(tok.backend_tokenizer.to_str())
+        )
         backend.post_processor = None
     added = [a for _, a in sorted(tok.added_tokens_decoder.items())]
     specials = [a.content for a in added if a.special]
     stripping = [a.content for a in added if a.lstrip or a.rstrip]
     if rule == "chunk" and stripping:  # matched after normalization, where spaces are already "▁": not the same strip
-        raise ConversionError(f"{text_dir / 'tokenizer_config.json'}: legacy is false and {stripping[0]} strips the "
-                              "whitespace next to it (lstrip/rstrip), a combination the converter cannot reproduce; "
-                              "pass the base text model the checkpoint was trained with (Vicuna v1.5's tokens strip nothing)")
+        raise ConversionError(
+            f"{text_dir / 'tokenizer_config.json'}: legacy is false and {stripping[0]} strips the "
+            "whitespace next to it (lstrip/rstrip), a combination the converter cannot reproduce; "
+            "pass the base text model the checkpoint was trained with (Vicuna v1.5's tokens strip nothing)"
+        )
+    first: normalizers.Normalizer
     if rule == "chunk":
         lookahead = "|".join(re.escape(c) for c in sorted(specials, key=len, reverse=True))
         first = normalizers.Replace(Regex(r"\A(?!" + lookahead + ")" if lookahead else r"\A"), "\u2581")
@@ -166,16 +190,42 @@ def _sentencepiece_backend(tok, text_dir: Path, rule: str):
         first = normalizers.Prepend("\u2581")
     backend.normalizer = normalizers.Sequence([first, normalizers.Replace(" ", "\u2581")])
     backend.pre_tokenizer = None
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
-    backend.add_special_tokens([AddedToken(a.content, single_word=a.single_word, lstrip=a.lstrip, rstrip=a.rstrip,
-                                           normalized=rule == "chunk", special=True) for a in added if a.special])
-    backend.add_tokens([AddedToken(a.content, single_word=a.single_word, lstrip=a.lstrip, rstrip=a.rstrip,
-                                   normalized=rule == "chunk", special=False) for a in added if not a.special])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.add_special_tokens(
+        [
+            AddedToken(
+                a.content,
+                single_word=a.single_word,
+                lstrip=a.lstrip,
+                rstrip=a.rstrip,
+                normalized=rule == "chunk",
+                special=True,
+            )
+            for a in added
+            if a.special
+        ]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(
+                a.content,
+                single_word=a.single_word,
+                lstrip=a.lstrip,
+                rstrip=a.rstrip,
+                normalized=rule == "chunk",
+                special=False,
+            )
+            for a in added
+            if not a.special
+        ]
+    )
     if _base_config(text_dir).get("add_bos_token", True) and tok.bos_token is not None:
         bos = tok.bos_token
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, backend.token_to_id(bos))])
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, backend.token_to_id(bos))]
+        )
     return backend
 
 
@@ -211,20 +261,32 @@ def build_tokenizer(tok, text_dir: Path, vocab: int, backbone: Backbone = VICUNA
     existing = tok.get_vocab()
     for t in (IMAGE_TOKEN, PAD_TOKEN):
         if t in existing:
-            raise ConversionError(f"{text_dir}: tokenizer already has {t} (id {existing[t]}); expected a base text tokenizer")
+            raise ConversionError(
+                f"{text_dir}: tokenizer already has {t} (id {existing[t]}); expected a base text tokenizer"
+            )
     missing = [t for t in backbone.stop_tokens if t not in existing]
     if missing:
-        raise ConversionError(f"{text_dir}: tokenizer lacks {missing[0]}, the end-of-turn token of {backbone.title}; pass its base text model")
+        raise ConversionError(
+            f"{text_dir}: tokenizer lacks {missing[0]}, the end-of-turn token of {backbone.title}; pass its base text "
+            "model"
+        )
     rule = prefix_rule(text_dir, backbone)
     if rule == "none":
         _check_adds_bos(tok, text_dir)
     else:
         backend = _sentencepiece_backend(tok, text_dir, rule)
         if backend.get_vocab_size(with_added_tokens=True) != tokens or backend.get_vocab() != existing:
-            raise ConversionError(f"{text_dir}: tokenizer.model and the tokenizer files disagree on the vocabulary "
-                                  f"({backend.get_vocab_size(with_added_tokens=True)} vs {tokens} tokens); re-download the text model")
-        tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=tok.bos_token, eos_token=tok.eos_token,
-                                      unk_token=tok.unk_token, clean_up_tokenization_spaces=False)
+            raise ConversionError(
+                f"{text_dir}: tokenizer.model and the tokenizer files disagree on the vocabulary "
+                f"({backend.get_vocab_size(with_added_tokens=True)} vs {tokens} tokens); re-download the text model"
+            )
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+            unk_token=tok.unk_token,
+            clean_up_tokenization_spaces=False,
+        )
     tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     tok.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
     got = (tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.convert_tokens_to_ids(PAD_TOKEN))
@@ -234,7 +296,12 @@ def build_tokenizer(tok, text_dir: Path, vocab: int, backbone: Backbone = VICUNA
     if tok.eos_token_id is not None and tok.eos_token_id not in eos:
         eos.append(tok.eos_token_id)
     info = TokenizerInfo(
-        ids=TokenIds(vocab=vocab, bos=tok.bos_token_id, eos=eos[0] if len(eos) == 1 else eos, tokens=None if tokens == vocab else tokens),
+        ids=TokenIds(
+            vocab=vocab,
+            bos=tok.bos_token_id,
+            eos=eos[0] if len(eos) == 1 else eos,
+            tokens=None if tokens == vocab else tokens,
+        ),
         bos_token=tok.bos_token,
         eos_token=tok.eos_token,
         unk_token=tok.unk_token,
@@ -255,13 +322,18 @@ def tokenizer_json(backend) -> str:
     data = json.loads(backend.to_str())
     model = data.get("model") or {}
     merges = model.get("merges")
-    if model.get("type") == "BPE" and isinstance(merges, list) and all(
-            isinstance(m, list) and len(m) == 2 and " " not in m[0] + m[1] for m in merges):
+    if (
+        model.get("type") == "BPE"
+        and isinstance(merges, list)
+        and all(isinstance(m, list) and len(m) == 2 and " " not in m[0] + m[1] for m in merges)
+    ):
         model["merges"] = [f"{a} {b}" for a, b in merges]
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
-def write_tokenizer_files(out: Path, tok, info: TokenizerInfo, text_dir: Path, model_max_length: int, backbone: Backbone = VICUNA) -> None:
+def write_tokenizer_files(
+    out: Path, tok, info: TokenizerInfo, text_dir: Path, model_max_length: int, backbone: Backbone = VICUNA
+) -> None:
     """tokenizer.json, tokenizer.model (when the base has one), tokenizer_config.json, special_tokens_map.json."""
     (out / "tokenizer.json").write_text(tokenizer_json(tok.backend_tokenizer), encoding="utf-8")
     sentencepiece = backbone.tokenizer_kind == "sentencepiece"
@@ -273,7 +345,9 @@ def write_tokenizer_files(out: Path, tok, info: TokenizerInfo, text_dir: Path, m
     # map when decoding with skip_special_tokens=True; without the entries it printed "<image>" back (and Phi-3's
     # "</s>"), measured on 4.51.3 and 4.57.6. Vicuna's list is just ["<image>"].
     named = {info.bos_token, info.eos_token, info.unk_token, PAD_TOKEN, IMAGE_TOKEN}
-    additional = [IMAGE_TOKEN] + [a.content for _, a in sorted(tok.added_tokens_decoder.items()) if a.special and a.content not in named]
+    additional = [IMAGE_TOKEN] + [
+        a.content for _, a in sorted(tok.added_tokens_decoder.items()) if a.special and a.content not in named
+    ]
     cfg = {
         "additional_special_tokens": additional,
         "added_tokens_decoder": decoder,
@@ -290,18 +364,24 @@ def write_tokenizer_files(out: Path, tok, info: TokenizerInfo, text_dir: Path, m
         "tokenizer_class": backbone.tokenizer_class,
     }
     if sentencepiece:  # the slow-tokenizer settings (transformers 4.x, use_fast=False)
-        cfg.update({
-            "add_bos_token": info.add_bos_token,
-            "add_eos_token": False,
-            "legacy": info.prefix_rule != "chunk",  # the converted tokenizer.json's rule, for the record
-            "sp_model_kwargs": {},
-            "spaces_between_special_tokens": False,
-            "unk_token": info.unk_token,
-            "use_default_system_prompt": False,
-        })
+        cfg.update(
+            {
+                "add_bos_token": info.add_bos_token,
+                "add_eos_token": False,
+                "legacy": info.prefix_rule != "chunk",  # the converted tokenizer.json's rule, for the record
+                "sp_model_kwargs": {},
+                "spaces_between_special_tokens": False,
+                "unk_token": info.unk_token,
+                "use_default_system_prompt": False,
+            }
+        )
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    special = {"additional_special_tokens": additional, "bos_token": info.bos_token, "eos_token": info.eos_token,
-               "pad_token": PAD_TOKEN}
+    special = {
+        "additional_special_tokens": additional,
+        "bos_token": info.bos_token,
+        "eos_token": info.eos_token,
+        "pad_token": PAD_TOKEN,
+    }
     if info.unk_token is not None:
         special["unk_token"] = info.unk_token
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")
@@ -317,7 +397,10 @@ def image_processor_config(preprocessor: dict, where: str) -> dict:
     if isinstance(crop, int):
         crop = {"height": crop, "width": crop}
     if not isinstance(size, dict) or "shortest_edge" not in size or not isinstance(crop, dict):
-        raise ConversionError(f"{where}: expected CLIP preprocessing (size.shortest_edge and crop_size), found size={size!r} crop_size={crop!r}")
+        raise ConversionError(
+            f"{where}: expected CLIP preprocessing (size.shortest_edge and crop_size), found size={size!r} "
+            f"crop_size={crop!r}"
+        )
     return {
         "crop_size": {"height": crop["height"], "width": crop["width"]},
         "do_center_crop": preprocessor.get("do_center_crop", True),
@@ -346,7 +429,9 @@ def processor_config(patch_size: int) -> dict:
     }
 
 
-def write_processor_files(out: Path, preprocessor: dict, patch_size: int, where: str, backbone: Backbone = VICUNA) -> None:
+def write_processor_files(
+    out: Path, preprocessor: dict, patch_size: int, where: str, backbone: Backbone = VICUNA
+) -> None:
     dump = lambda obj: json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"  # noqa: E731
     (out / "preprocessor_config.json").write_text(dump(image_processor_config(preprocessor, where)))
     (out / "processor_config.json").write_text(dump(processor_config(patch_size)))

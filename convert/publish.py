@@ -29,17 +29,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import MANIFEST, __version__
 from .model_card import model_card
 
+if TYPE_CHECKING:
+    from verify.report import Report
+
 TOOL = "vipllava-harness"
-MANIFEST = "conversion.json"
 CARD = "README.md"
 REPORT = "verification.json"
 PUBLICATION_FILES = (CARD, REPORT)
 
-HUB_API_FACTORY: Callable[[], object] | None = None
+HUB_API_FACTORY: Callable[[], Any] | None = None
 """Test hook: when set, :func:`publish` (and so ``python -m convert --push-to-hub``) builds its Hub client by
 calling this instead of ``huggingface_hub.HfApi``. Tests set it to a recording stand-in that never touches the
 network; nothing else in the publishing path is replaced."""
@@ -56,10 +59,12 @@ class PublishResult:
     repo_id: str
     revision: str | None
     pushed: bool
-    report: object  # verify.report.Report
+    report: Report
     commit_message: str | None = None
     commit_url: str | None = None
-    files: list[str] = field(default_factory=list)  # the files of the commit (converted + README.md + verification.json)
+    files: list[str] = field(
+        default_factory=list
+    )  # the files of the commit (converted + README.md + verification.json)
     deleted: list[str] = field(default_factory=list)  # files of the branch that were not in the folder
 
     @property
@@ -86,7 +91,9 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     connection refused)."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    transport = tuple(b for b in HfHubHTTPError.__mro__[1:] if b.__module__.split(".")[0] in ("httpx", "httpx2", "requests"))
+    transport = tuple(
+        b for b in HfHubHTTPError.__mro__[1:] if b.__module__.split(".")[0] in ("httpx", "httpx2", "requests")
+    )
     return (HfHubHTTPError, OSError, *transport)
 
 
@@ -101,12 +108,16 @@ def _operations(folder: Path, manifest: dict, extra: dict[str, bytes]) -> list:
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
     expected = sorted({*outputs, MANIFEST})
     if names != expected:
-        raise PublishError(f"{folder}: its files changed since verification (now {len(names)}, conversion.json lists "
-                           f"{len(expected)}); nothing was pushed")
+        raise PublishError(
+            f"{folder}: its files changed since verification (now {len(names)}, conversion.json lists "
+            f"{len(expected)}); nothing was pushed"
+        )
     ops = []
     for name in names:
         if name != MANIFEST and sha256_file(folder / name) != outputs[name]:
-            raise PublishError(f"{folder / name}: changed since verification (sha256 differs from conversion.json); nothing was pushed")
+            raise PublishError(
+                f"{folder / name}: changed since verification (sha256 differs from conversion.json); nothing was pushed"
+            )
         ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)))
     ops += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in sorted(extra.items())]
     return ops
@@ -133,8 +144,8 @@ def publish(
     *,
     private: bool | None = None,
     revision: str | None = None,
-    api: object | None = None,
-    verify: Callable[[Path], object] | None = None,
+    api: Any | None = None,
+    verify: Callable[[Path], Report] | None = None,
     proven_versions: list[str] | None = None,
     progress: bool = False,
 ) -> PublishResult:
@@ -169,7 +180,11 @@ def publish(
         REPORT: (json.dumps(report_json, indent=2, sort_keys=True) + "\n").encode(),
     }
     if progress:
-        print(f"hashing {len(manifest.get('outputs', {}))} files against {MANIFEST} before the push", file=sys.stderr, flush=True)
+        print(
+            f"hashing {len(manifest.get('outputs', {}))} files against {MANIFEST} before the push",
+            file=sys.stderr,
+            flush=True,
+        )
     operations = _operations(folder, manifest, extra)
     files = sorted(op.path_in_repo for op in operations)
     if api is None:
@@ -185,8 +200,10 @@ def publish(
         if private:
             stage = "repo_info"
             if getattr(api.repo_info(repo_id), "private", None) is False:
-                raise PublishError(f"{repo_id}: exists and is public, and --private does not change an existing repo's "
-                                   "visibility; nothing was uploaded (make it private on the Hub, or drop --private)")
+                raise PublishError(
+                    f"{repo_id}: exists and is public, and --private does not change an existing repo's "
+                    "visibility; nothing was uploaded (make it private on the Hub, or drop --private)"
+                )
         if revision and revision != "main":
             stage = "create_branch"
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -197,22 +214,43 @@ def publish(
         stage = "create_commit"
         # ONE commit by construction: upload_folder may split a large folder into several commits ("(part N)")
         info = api.create_commit(
-            repo_id, [*(CommitOperationDelete(path_in_repo=p) for p in stale), *operations], commit_message=message,
-            commit_description="\n".join(f"{c.name}: {c.status} {c.summary}" for c in report.checks), revision=revision,
+            repo_id,
+            [*(CommitOperationDelete(path_in_repo=p) for p in stale), *operations],
+            commit_message=message,
+            commit_description="\n".join(f"{c.name}: {c.status} {c.summary}" for c in report.checks),
+            revision=revision,
         )
     except _hub_errors() as e:
         first = (str(e).splitlines() or [e.__class__.__name__])[0]
         status = getattr(getattr(e, "response", None), "status_code", None)
-        hint = ("check the token (HF_TOKEN or `hf auth login`) and your write access to " + repo_id
-                if status in (401, 403) or "token" in first.lower() else "check the network and the repo id")
+        hint = (
+            "check the token (HF_TOKEN or `hf auth login`) and your write access to " + repo_id
+            if status in (401, 403) or "token" in first.lower()
+            else "check the network and the repo id"
+        )
         done = "no commit was made" if stage == "create_commit" else "nothing was uploaded"
         raise PublishError(f"pushing to {repo_id} failed at {stage}: {first}; {hint}; {done}") from None
-    return PublishResult(repo_id=repo_id, revision=revision, pushed=True, report=report, commit_message=message,
-                         commit_url=getattr(info, "commit_url", None), files=files, deleted=stale)
+    return PublishResult(
+        repo_id=repo_id,
+        revision=revision,
+        pushed=True,
+        report=report,
+        commit_message=message,
+        commit_url=getattr(info, "commit_url", None),
+        files=files,
+        deleted=stale,
+    )
 
 
-def run(folder: Path, repo_id: str, *, private: bool, revision: str | None, progress: bool,
-        verify: Callable[[Path], object] | None = None) -> int:
+def run(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool,
+    revision: str | None,
+    progress: bool,
+    verify: Callable[[Path], Report] | None = None,
+) -> int:
     """The CLI step after a successful conversion: 0 pushed, 1 refused (verification failed), 2 push failed.
     ``verify`` as in :func:`publish` (the CLI passes none: the full verification)."""
     try:
@@ -226,8 +264,11 @@ def run(folder: Path, repo_id: str, *, private: bool, revision: str | None, prog
     print(result.report.table())
     if result.refused:
         failed = [c for c in result.report.checks if c.failed]
-        print(f"error: not pushed to {repo_id}: verification failed ({', '.join(c.name for c in failed)}); nothing was "
-              f"sent to the Hub; the converted folder stays at {folder}", file=sys.stderr)
+        print(
+            f"error: not pushed to {repo_id}: verification failed ({', '.join(c.name for c in failed)}); nothing was "
+            f"sent to the Hub; the converted folder stays at {folder}",
+            file=sys.stderr,
+        )
         for c in failed:
             more = f" (+{len(c.details) - 1} more)" if len(c.details) > 1 else ""
             print(f"  {c.name}: {c.summary}" + (f"; {c.details[0]}{more}" if c.details else ""), file=sys.stderr)
@@ -248,5 +289,8 @@ def preflight(repo_id: str) -> str | None:
     except HFValidationError as e:
         return f"--push-to-hub {repo_id!r}: not a valid repo id ({str(e).splitlines()[0]})"
     if HUB_API_FACTORY is None and constants.HF_HUB_OFFLINE:
-        return "--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set; unset it (inputs still come from the cache when present)"
+        return (
+            "--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set; unset it (inputs still come from the cache when "
+            "present)"
+        )
     return None

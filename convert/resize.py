@@ -83,7 +83,12 @@ def _check_cast(name: str, t: torch.Tensor) -> None:
 
 
 def resize(
-    embed: torch.Tensor, lm_head: torch.Tensor, rows: int, seed: int, out_dtype: torch.dtype, scale: float = SCALE,
+    embed: torch.Tensor,
+    lm_head: torch.Tensor,
+    rows: int,
+    seed: int,
+    out_dtype: torch.dtype,
+    scale: float = SCALE,
     head_dtype: torch.dtype | None = None,
 ) -> ResizeResult:
     """Both matrices padded to ``rows``; original rows copied bit for bit (then cast to ``out_dtype``; the
@@ -92,7 +97,9 @@ def resize(
     head_dtype = head_dtype or out_dtype
     n, h = embed.shape
     if lm_head.shape != embed.shape:
-        raise ConversionError(f"lm_head.weight has shape {tuple(lm_head.shape)} but embed_tokens has {tuple(embed.shape)}")
+        raise ConversionError(
+            f"lm_head.weight has shape {tuple(lm_head.shape)} but embed_tokens has {tuple(embed.shape)}"
+        )
     if rows < n:
         raise ConversionError(f"cannot resize {n} embedding rows down to {rows}")
     check_seed(seed)

@@ -74,16 +74,20 @@ def read_bounded(path: Path, limit: int, error: type[Exception] = InputFileError
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{clean(path)}: expected a regular {what}, found a special file; pass the real file")
     if st.st_size > limit:
-        raise error(f"{clean(path)}: expected a {what} of at most {_size(limit)}, found {_size(st.st_size)}; "
-                    "this is not the right file, or it is corrupt")
+        raise error(
+            f"{clean(path)}: expected a {what} of at most {_size(limit)}, found {_size(st.st_size)}; "
+            "this is not the right file, or it is corrupt"
+        )
     try:
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except OSError as e:
         raise error(f"{clean(path)}: cannot read the {what} ({e.strerror}); check the file") from None
     if len(data) > limit:
-        raise error(f"{clean(path)}: expected a {what} of at most {_size(limit)}, found more (it grew while read); "
-                    "this is not the right file")
+        raise error(
+            f"{clean(path)}: expected a {what} of at most {_size(limit)}, found more (it grew while read); "
+            "this is not the right file"
+        )
     return data
 
 
@@ -143,8 +147,15 @@ def _check_str(s: str) -> None:
         raise _Refused("a string with a lone surrogate (not encodable as UTF-8)") from None
 
 
-_TYPE_NAMES = {dict: "a JSON object", list: "a JSON array", str: "a JSON string", int: "an integer",
-               float: "a number", bool: "true or false", type(None): "null"}
+_TYPE_NAMES = {
+    dict: "a JSON object",
+    list: "a JSON array",
+    str: "a JSON string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    type(None): "null",
+}
 
 
 def type_name(value: object) -> str:
@@ -153,8 +164,14 @@ def type_name(value: object) -> str:
     return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
-def parse_json(data: bytes | str, where: object, error: type[Exception] = InputFileError, expect: type | None = dict,
-               max_depth: int = MAX_DEPTH, hint: str = "fix or re-download it"):
+def parse_json(
+    data: bytes | str,
+    where: object,
+    error: type[Exception] = InputFileError,
+    expect: type | None = dict,
+    max_depth: int = MAX_DEPTH,
+    hint: str = "fix or re-download it",
+):
     """Strictly parsed JSON (see the module docstring); ``where`` names the source in messages."""
     try:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else data
@@ -163,27 +180,39 @@ def parse_json(data: bytes | str, where: object, error: type[Exception] = InputF
     except UnicodeDecodeError as e:
         raise error(f"{clean(where)}: expected UTF-8 JSON, found an invalid byte at offset {e.start}; {hint}") from None
     except json.JSONDecodeError as e:
-        raise error(f"{clean(where)}: expected JSON, found {clean(e.msg)} at line {e.lineno} column {e.colno}; {hint}") from None
+        raise error(
+            f"{clean(where)}: expected JSON, found {clean(e.msg)} at line {e.lineno} column {e.colno}; {hint}"
+        ) from None
     except RecursionError:
-        raise error(f"{clean(where)}: expected JSON nested at most {max_depth} levels, found deeper nesting; {hint}") from None
+        raise error(
+            f"{clean(where)}: expected JSON nested at most {max_depth} levels, found deeper nesting; {hint}"
+        ) from None
     except _Refused as e:
         raise error(f"{clean(where)}: expected strict JSON, found {e}; {hint}") from None
     except ValueError as e:  # int() of a long literal and friends
         raise error(f"{clean(where)}: expected JSON, found an unreadable value ({clean(str(e), 80)}); {hint}") from None
     if expect is not None and not isinstance(obj, expect):
-        raise error(f"{clean(where)}: expected {_TYPE_NAMES.get(expect, expect.__name__)} at the top level, found "
-                    f"{type_name(obj)}; {hint}")
+        raise error(
+            f"{clean(where)}: expected {_TYPE_NAMES.get(expect, expect.__name__)} at the top level, found "
+            f"{type_name(obj)}; {hint}"
+        )
     return obj
 
 
-def load_json(path: Path, error: type[Exception] = InputFileError, expect: type | None = dict,
-              limit: int = MAX_JSON_BYTES, hint: str = "fix or re-download it"):
+def load_json(
+    path: Path,
+    error: type[Exception] = InputFileError,
+    expect: type | None = dict,
+    limit: int = MAX_JSON_BYTES,
+    hint: str = "fix or re-download it",
+):
     """A JSON file read with :func:`read_bounded` and parsed with :func:`parse_json`."""
     return parse_json(read_bounded(path, limit, error, "JSON file"), path, error, expect, hint=hint)
 
 
-def confined(directory: Path, entry: object, error: type[Exception] = InputFileError, where: object = None,
-             what: str = "file") -> Path:
+def confined(
+    directory: Path, entry: object, error: type[Exception] = InputFileError, where: object = None, what: str = "file"
+) -> Path:
     """``directory / entry`` for a file name taken from an input (an index's shard, a manifest's output), refused
     BEFORE anything is opened unless it is a plain name in ``directory``: a string, no path separator, not ``.``
     or ``..``, no NUL, and, if it is a symlink, resolving inside ``directory`` (or, for a Hugging Face cache
@@ -191,10 +220,11 @@ def confined(directory: Path, entry: object, error: type[Exception] = InputFileE
     where = clean(where if where is not None else directory)
     if not isinstance(entry, str):
         raise error(f"{where}: expected a {what} name (a string), found {type_name(entry)}; fix or re-download it")
-    if (not entry or entry in (".", "..") or "/" in entry or "\\" in entry or "\x00" in entry
-            or os.path.isabs(entry)):
-        raise error(f"{where}: names {what} {name(entry)!r}; expected a plain file name inside {clean(directory)} "
-                    "(no path, no '..'); refusing to open it, fix or re-download it")
+    if not entry or entry in (".", "..") or "/" in entry or "\\" in entry or "\x00" in entry or os.path.isabs(entry):
+        raise error(
+            f"{where}: names {what} {name(entry)!r}; expected a plain file name inside {clean(directory)} "
+            "(no path, no '..'); refusing to open it, fix or re-download it"
+        )
     path = Path(directory) / entry
     if path.is_symlink() or os.path.realpath(path) != os.path.join(os.path.realpath(directory), entry):
         root = Path(os.path.realpath(directory))
@@ -203,6 +233,8 @@ def confined(directory: Path, entry: object, error: type[Exception] = InputFileE
             allowed.append(root.parent.parent / "blobs")
         target = Path(os.path.realpath(path))
         if not any(target.parent == a or a in target.parents for a in allowed):
-            raise error(f"{where}: {what} {name(entry)!r} is a symlink to {clean(target)}, outside "
-                        f"{clean(directory)}; refusing to open it, copy the file into the folder")
+            raise error(
+                f"{where}: {what} {name(entry)!r} is a symlink to {clean(target)}, outside "
+                f"{clean(directory)}; refusing to open it, copy the file into the folder"
+            )
     return path

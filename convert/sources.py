@@ -9,7 +9,6 @@ error that names the file.
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import os
 import pickletools
@@ -22,6 +21,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,7 +84,9 @@ def resolve(source: str | os.PathLike, what: str, allow_patterns: list[str] | No
         local = snapshot_download(repo_id, revision=revision or None, allow_patterns=allow_patterns)
     except LocalEntryNotFoundError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-        hint = "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else str(e).splitlines()[0]
+        hint = (
+            "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else str(e).splitlines()[0]
+        )
         raise ConversionError(
             f"{what} {text!r}: Hub repo unavailable ({hint}); download it once with network access, "
             "or pass a local folder"
@@ -164,13 +166,17 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
             raise ConversionError(f"{path}: truncated safetensors file ({size} bytes); re-download it")
         (n,) = struct.unpack("<Q", head)
         if n > min(size - 8, SAFETENSORS_MAX_HEADER):
-            raise ConversionError(f"{path}: corrupt safetensors header (claims {n} bytes, expected at most "
-                                  f"{min(size - 8, SAFETENSORS_MAX_HEADER)}); re-download it")
+            raise ConversionError(
+                f"{path}: corrupt safetensors header (claims {n} bytes, expected at most "
+                f"{min(size - 8, SAFETENSORS_MAX_HEADER)}); re-download it"
+            )
         raw = f.read(n)
     header = parse_json(raw, f"{path} (safetensors header)", ConversionError, dict, hint=fix)
     meta = header.pop("__metadata__", None)
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        raise ConversionError(f"{path}: safetensors __metadata__ must map names to strings, found {type_name(meta)}; {fix}")
+        raise ConversionError(
+            f"{path}: safetensors __metadata__ must map names to strings, found {type_name(meta)}; {fix}"
+        )
     data_start = 8 + n
     data_len = size - data_start
     spans = []
@@ -178,22 +184,32 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
         where = f"{path}: tensor {safe_name(key)!r}"
         if not isinstance(entry, dict) or not _ENTRY_KEYS <= set(entry):  # other keys are ignored, as the library does
             found = sorted(entry) if isinstance(entry, dict) else type_name(entry)
-            raise ConversionError(f"{where}: expected a header entry with dtype, shape and data_offsets, found {safe_name(found)}; {fix}")
+            raise ConversionError(
+                f"{where}: expected a header entry with dtype, shape and data_offsets, found {safe_name(found)}; {fix}"
+            )
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
-            raise ConversionError(f"{where}: dtype {safe_name(dtype)!r} is not one of {', '.join(_SAFETENSORS_DTYPES)}; {fix}")
+            raise ConversionError(
+                f"{where}: dtype {safe_name(dtype)!r} is not one of {', '.join(_SAFETENSORS_DTYPES)}; {fix}"
+            )
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise ConversionError(f"{where}: expected a shape of non-negative integers, found {safe_name(shape)}; {fix}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) and x >= 0 for x in offsets)
-                and offsets[0] <= offsets[1]):
-            raise ConversionError(f"{where}: expected data_offsets [begin, end] of integers with 0 <= begin <= end, "
-                                  f"found {safe_name(offsets)}; {fix}")
+            raise ConversionError(
+                f"{where}: expected a shape of non-negative integers, found {safe_name(shape)}; {fix}"
+            )
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_int(x) and x >= 0 for x in offsets)
+            and offsets[0] <= offsets[1]
+        ):
+            raise ConversionError(
+                f"{where}: expected data_offsets [begin, end] of integers with 0 <= begin <= end, "
+                f"found {safe_name(offsets)}; {fix}"
+            )
         begin, stop = offsets
         expected = TensorInfo(_SAFETENSORS_DTYPES[dtype], tuple(shape)).nbytes
         if stop - begin != expected:
-            raise ConversionError(
-                f"{where}: spans {stop - begin} bytes but its dtype and shape need {expected}; {fix}"
-            )
+            raise ConversionError(f"{where}: spans {stop - begin} bytes but its dtype and shape need {expected}; {fix}")
         spans.append((begin, stop, key))
     end = 0
     for begin, stop, key in sorted(spans):
@@ -206,7 +222,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
             f"{path}: truncated (header needs {data_start + end} bytes, file has {size}); re-download it"
         )
     if end != data_len:
-        raise ConversionError(f"{path}: {data_len - end} bytes after the last tensor that the header does not cover; {fix}")
+        raise ConversionError(
+            f"{path}: {data_len - end} bytes after the last tensor that the header does not cover; {fix}"
+        )
     return header, data_start
 
 
@@ -277,13 +295,15 @@ def _read_state_pickle(path: Path) -> bytes:
         info = names[0]
         if info.file_size > MAX_PICKLE_BYTES:
             raise ConversionError(
-                f"{path}: data.pkl claims {info.file_size} bytes, expected at most {MAX_PICKLE_BYTES} for a state dict; "
+                f"{path}: data.pkl claims {info.file_size} bytes, expected at most {MAX_PICKLE_BYTES} for a state "
+                "dict; "
                 "this is not a weights checkpoint, refusing to read it"
             )
         packed = next((i for i in infos if i.compress_type != zipfile.ZIP_STORED), None)
         if packed is not None:
             raise ConversionError(
-                f"{path}: record {safe_name(packed.filename)} is compressed; expected uncompressed records as torch.save "
+                f"{path}: record {safe_name(packed.filename)} is compressed; expected uncompressed records as "
+                "torch.save "
                 "writes them; re-save the checkpoint with torch.save or download it again"
             )
         with z.open(info) as f:
@@ -299,8 +319,16 @@ def scan_pickle(path: Path) -> None:
     bounded by :data:`MAX_PICKLE_BYTES`."""
     try:
         data = _read_state_pickle(path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, UnicodeDecodeError, EOFError, ValueError,
-            struct.error, OSError):
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+        UnicodeDecodeError,
+        EOFError,
+        ValueError,
+        struct.error,
+        OSError,
+    ):
         raise ConversionError(
             f"{path}: truncated or corrupt (not a readable zip-format torch checkpoint; a legacy pre-1.6 file must be "
             "re-saved with a current torch); re-download it"
@@ -309,6 +337,7 @@ def scan_pickle(path: Path) -> None:
     memo: dict[int, str] = {}
     memo_len = 0
     kinds: set[bool] = set()
+    arg: Any  # the opcode's argument: an int for the memo opcodes, a str for the string ones
     try:
         for op, arg, _ in pickletools.genops(data):
             name = op.name
@@ -319,19 +348,24 @@ def scan_pickle(path: Path) -> None:
                 found = f"{module}.{attr}"  # as Python 3 resolves it (__builtin__.exec -> builtins.exec)
             elif name == "STACK_GLOBAL":
                 if last[0] is None or last[1] is None:
-                    raise ConversionError(f"{path}: pickle builds a global it does not name plainly; refusing to load it")
+                    raise ConversionError(
+                        f"{path}: pickle builds a global it does not name plainly; refusing to load it"
+                    )
                 found = f"{last[0]}.{last[1]}"
             if found is not None and found not in ALLOWED_GLOBALS:
                 raise ConversionError(
                     f"{path}: pickle references {safe_name(found)}, which is not a tensor, storage or plain container; "
-                    "refusing to load it (it could run code); get the checkpoint from a trusted source or as safetensors"
+                    "refusing to load it (it could run code); get the checkpoint from a trusted source or as "
+                    "safetensors"
                 )
             if "UNICODE" in name or name.endswith("STRING"):
                 last.append(str(arg))
             elif name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
                 kinds.add(name == "MEMOIZE")
                 if len(kinds) > 1:  # torch.save never mixes them; keeping track of both would cost unbounded memory
-                    raise ConversionError(f"{path}: pickle mixes PUT and MEMOIZE; refusing to load it, re-save it with torch.save")
+                    raise ConversionError(
+                        f"{path}: pickle mixes PUT and MEMOIZE; refusing to load it, re-save it with torch.save"
+                    )
                 slot = memo_len if name == "MEMOIZE" else int(arg)
                 memo_len += name == "MEMOIZE"
                 if last[1] is not None:
@@ -371,12 +405,16 @@ class _PickleShard:
                 "do not load it with weights_only=False"
             ) from None
         if not isinstance(obj, dict):
-            raise ConversionError(f"{path}: expected a flat dict of name -> tensor, found {type(obj).__name__}; "
-                                  "pass a checkpoint saved from a state dict")
+            raise ConversionError(
+                f"{path}: expected a flat dict of name -> tensor, found {type(obj).__name__}; "
+                "pass a checkpoint saved from a state dict"
+            )
         bad = next(((k, v) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
         if bad is not None:
-            raise ConversionError(f"{path}: expected a flat dict of name -> tensor, found {safe_name(bad[0])!r} -> "
-                                  f"{type(bad[1]).__name__}; pass a checkpoint saved from a state dict")
+            raise ConversionError(
+                f"{path}: expected a flat dict of name -> tensor, found {safe_name(bad[0])!r} -> "
+                f"{type(bad[1]).__name__}; pass a checkpoint saved from a state dict"
+            )
         self._offsets = _record_offsets(path, obj)
         # torch.save keeps the lazy negation / conjugation bits of a view (``torch._neg_view``, ``x.conj()``): the
         # file holds the un-negated bytes. Resolve them here, and never copy such a tensor's bytes verbatim.
@@ -414,7 +452,8 @@ def _record_offsets(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, i
     try:
         reader = torch._C.PyTorchFileReader(str(path))
         names = reader.get_all_records()
-        records = {reader.get_record_offset(n) for n in names if n.startswith("data/")}
+        # torch's stub for PyTorchFileReader lacks get_record_offset (present at runtime since torch 2.1)
+        records = {reader.get_record_offset(n) for n in names if n.startswith("data/")}  # type: ignore[attr-defined]
         order = next((n for n in names if n.endswith("byteorder")), None)
         if order is not None and reader.get_record(order).decode().strip() != sys.byteorder:
             return None  # torch swapped the bytes while loading: the file's bytes are not the tensors'
@@ -483,7 +522,12 @@ def open_checkpoint(path: Path) -> Checkpoint:
         return _open_files(path.parent, files, fmt)
     directory = path
     # safetensors first: it never executes code
-    for name, fmt in ((SAFE_INDEX, "safetensors"), (SAFE_SINGLE, "safetensors"), (BIN_INDEX, "bin"), (BIN_SINGLE, "bin")):
+    for name, fmt in (
+        (SAFE_INDEX, "safetensors"),
+        (SAFE_SINGLE, "safetensors"),
+        (BIN_INDEX, "bin"),
+        (BIN_SINGLE, "bin"),
+    ):
         if (directory / name).is_file():
             if name.endswith(".index.json"):
                 return _open_indexed(directory / name)
@@ -509,11 +553,15 @@ def _open_indexed(index_path: Path) -> Checkpoint:
     index = load_json(index_path, ConversionError, dict, MAX_JSON_BYTES, hint="re-download the checkpoint's index")
     raw_map = index.get("weight_map")
     if not isinstance(raw_map, dict):
-        raise ConversionError(f"{index_path}: expected a weight_map object, found {type_name(raw_map)}; re-download the index")
+        raise ConversionError(
+            f"{index_path}: expected a weight_map object, found {type_name(raw_map)}; re-download the index"
+        )
     bad = next(((k, v) for k, v in raw_map.items() if not isinstance(v, str)), None)
     if bad is not None:
-        raise ConversionError(f"{index_path}: weight_map[{safe_name(bad[0])!r}] is {type_name(bad[1])}; expected a shard "
-                              "file name; re-download the index")
+        raise ConversionError(
+            f"{index_path}: weight_map[{safe_name(bad[0])!r}] is {type_name(bad[1])}; expected a shard "
+            "file name; re-download the index"
+        )
     # every shard name is confined to the folder BEFORE any file is looked at
     paths = {n: confined(directory, n, ConversionError, index_path, "shard") for n in set(raw_map.values())}
     names = sorted(paths)
@@ -530,15 +578,25 @@ def _open_indexed(index_path: Path) -> Checkpoint:
     for f in files:
         for key in ckpt._shard(f).keys():
             if key in seen:
-                raise ConversionError(f"{safe_name(key)}: present in two shards, {seen[key].name} and {f.name}; the checkpoint is inconsistent")
+                raise ConversionError(
+                    f"{safe_name(key)}: present in two shards, {seen[key].name} and {f.name}; the checkpoint is "
+                    "inconsistent"
+                )
             seen[key] = f
     for key, name in raw_map.items():
         if key not in seen:
-            raise ConversionError(f"{index_path}: names {safe_name(key)} in {safe_name(name)} but no shard holds it; re-download {safe_name(name)}")
+            raise ConversionError(
+                f"{index_path}: names {safe_name(key)} in {safe_name(name)} but no shard holds it; re-download "
+                f"{safe_name(name)}"
+            )
         if seen[key].name != name:
-            raise ConversionError(f"{index_path}: places {safe_name(key)} in {safe_name(name)} but it is in {seen[key].name}")
+            raise ConversionError(
+                f"{index_path}: places {safe_name(key)} in {safe_name(name)} but it is in {seen[key].name}"
+            )
     extra = sorted(set(seen) - set(raw_map))
     if extra:
-        raise ConversionError(f"{seen[extra[0]]}: holds {safe_name(extra[0])} which the index {index_path.name} does not list")
+        raise ConversionError(
+            f"{seen[extra[0]]}: holds {safe_name(extra[0])} which the index {index_path.name} does not list"
+        )
     ckpt.weight_map = {k: seen[k] for k in raw_map}
     return ckpt

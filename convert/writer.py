@@ -66,7 +66,7 @@ class OutTensor:
     """One tensor to write: its name, output dtype and shape, and how to get its values (called once).
 
     ``source`` is where its values lie in the input, as (start, end) positions in the concatenation of the
-    input weight files (see :class:`InputReader`); None where unknown."""
+    input weight files (see :class:`InputStream`); None where unknown."""
 
     name: str
     dtype: torch.dtype
@@ -110,7 +110,11 @@ def _header(tensors: list[OutTensor]) -> bytes:
     entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
-        entries[t.name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        entries[t.name] = {
+            "dtype": _DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json.dumps(entries, separators=(",", ":")).encode()
     raw += b" " * (-(len(raw) + 8) % 8)  # data starts 8-byte aligned, padded with spaces as safetensors does
@@ -121,7 +125,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # reshape first: a 0-dim tensor cannot be viewed
+    return t.reshape(-1).view(torch.uint8).numpy().data  # reshape first: a 0-dim tensor cannot be viewed
 
 
 def shard_order(tensors: list[OutTensor]) -> list[OutTensor]:
@@ -171,10 +175,16 @@ def write_shard(
                         last = (last + bytes(view[-_GUARD:]))[-_GUARD:]
                         stream.used_by(emit(view))
                     want = _tensor_bytes(spec.produce())
-                    if len(want) != spec.nbytes or bytes(want[:_GUARD]) != bytes(first) or bytes(want[-_GUARD:] if len(want) else b"") != last:
+                    if (
+                        len(want) != spec.nbytes
+                        or bytes(want[:_GUARD]) != bytes(first)
+                        or bytes(want[-_GUARD:] if len(want) else b"") != last
+                    ):
                         raise ConversionError(
-                            f"{spec.name}: the input bytes at stream positions {spec.source[0]}..{spec.source[1]} are not the "
-                            "tensor torch loads from there; this is a converter bug (please report it), nothing was written"
+                            f"{spec.name}: the input bytes at stream positions {spec.source[0]}..{spec.source[1]} are "
+                            "not the "
+                            "tensor torch loads from there; this is a converter bug (please report it), nothing was "
+                            "written"
                         )
                 else:
                     value = spec.produce()
@@ -208,7 +218,7 @@ class _BufferedSink:
     def write(self, buf: memoryview) -> None:
         view = memoryview(buf)
         while view:  # a raw file may write less than asked
-            view = view[self.f.write(view):]
+            view = view[self.f.write(view) :]
         self.size += len(buf)
         if self.flusher is not None:
             self.flusher.advance(self.path, self.size)
@@ -230,7 +240,9 @@ class _DirectSink:
     STAGE = 1 << 24
 
     def __init__(self, path: Path):
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)  # then the umask, like open()
+        self.fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666
+        )  # then the umask, like open()
         self.bufs = [mmap.mmap(-1, self.STAGE), mmap.mmap(-1, self.STAGE)]
         self.views = [memoryview(b) for b in self.bufs]
         self.turn = 0
@@ -442,8 +454,14 @@ class InputStream:
     WARM_BYTES = 6 << 30  # page cache, not our memory; capped at a third of what the machine has available
     WARM_STEP = 1 << 28
 
-    def __init__(self, files: list[Path], *, hashing: bool = True, drop: bool = True,
-                 _spans: list[tuple[Path, int, int]] | None = None):
+    def __init__(
+        self,
+        files: list[Path],
+        *,
+        hashing: bool = True,
+        drop: bool = True,
+        _spans: list[tuple[Path, int, int]] | None = None,
+    ):
         self.files = list(files)
         self.starts: dict[Path, int] = {}
         self.sizes: dict[Path, int] = {}
@@ -600,7 +618,10 @@ class InputStream:
 
     def _fail(self, e: BaseException, path) -> None:
         if isinstance(e, OSError):  # an input problem, not an output one: say which file
-            e = ConversionError(f"{e.filename or path}: reading failed ({e.strerror or e}); check that the input file is intact and readable")
+            e = ConversionError(
+                f"{e.filename or path}: reading failed ({e.strerror or e}); check that the input file is intact and "
+                "readable"
+            )
         with self._cond:
             if self._error is None:
                 self._error = e
@@ -616,10 +637,14 @@ class InputStream:
                 h = hashlib.sha256()
                 with open(path, "rb", buffering=0) as f:
                     if os.fstat(f.fileno()).st_size != size:
-                        raise ConversionError(f"{path}: changed size since it was opened ({size} bytes then); is another program writing it?")
+                        raise ConversionError(
+                            f"{path}: changed size since it was opened ({size} bytes then); is another program writing "
+                            "it?"
+                        )
                     offset = 0
                     while offset < size:
                         pos = base + offset
+                        chunk: _Chunk | None
                         with self._cond:
                             while True:
                                 if self._cancelled or self._error is not None:
@@ -635,12 +660,16 @@ class InputStream:
                         if chunk is not None:
                             n = chunk.n
                             h.update(memoryview(chunk.buf)[:n])
+                            assert chunk.hashed is not None  # the reader hands off only chunks still to be hashed
                             chunk.hashed.set()
                         else:
                             f.seek(offset)
                             n = _read_full(f, memoryview(own)[: min(self.CHUNK, size - offset)])
                             if not n:
-                                raise ConversionError(f"{path}: shrank while being read ({offset} of {size} bytes); is another program writing it?")
+                                raise ConversionError(
+                                    f"{path}: shrank while being read ({offset} of {size} bytes); is another program "
+                                    "writing it?"
+                                )
                             h.update(memoryview(own)[:n])
                         offset += n
                         with self._cond:
@@ -679,9 +708,13 @@ class InputStream:
             fd = f.fileno()
             have = os.fstat(fd).st_size
             if whole and have != size:
-                raise ConversionError(f"{path}: changed size since it was opened ({size} bytes then); is another program writing it?")
+                raise ConversionError(
+                    f"{path}: changed size since it was opened ({size} bytes then); is another program writing it?"
+                )
             if not whole and have < first + size:
-                raise ConversionError(f"{path}: {have} bytes, but bytes up to {first + size} were to be read; is the file truncated?")
+                raise ConversionError(
+                    f"{path}: {have} bytes, but bytes up to {first + size} were to be read; is the file truncated?"
+                )
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, first, size, os.POSIX_FADV_SEQUENTIAL)
             if first:
@@ -700,7 +733,10 @@ class InputStream:
                         hashed_before = self._hash_pos >= base + offset + want
                 n = _read_full(f, memoryview(buf)[:want])
                 if n < want:
-                    raise ConversionError(f"{path}: shrank while being read ({first + offset + n} of {first + size} bytes); is another program writing it?")
+                    raise ConversionError(
+                        f"{path}: shrank while being read ({first + offset + n} of {first + size} bytes); is another "
+                        "program writing it?"
+                    )
                 if self.drop:
                     drop_cached(fd, first + offset, n)  # the bytes are in our buffer now
                 chunk = _Chunk(base + offset, n, buf, None if hashed_before else threading.Event())
@@ -726,7 +762,7 @@ def _available_memory() -> int:
 
 
 def index_json(shards: list[list[OutTensor]], names: list[str]) -> dict:
-    weight_map = {t.name: name for shard, name in zip(shards, names) for t in shard}
+    weight_map = {t.name: name for shard, name in zip(shards, names, strict=True) for t in shard}
     total = sum(t.nbytes for shard in shards for t in shard)
     return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
 

@@ -31,7 +31,15 @@ def converted(tiny, tmp_path_factory) -> Path:
     from convert.pipeline import Options, convert
 
     out = tmp_path_factory.mktemp("converted") / "repo"
-    convert(Options(original=str(tiny.original), text_model=str(tiny.text_model), vision_model=str(tiny.vision_model), output=out, progress=False))
+    convert(
+        Options(
+            original=str(tiny.original),
+            text_model=str(tiny.text_model),
+            vision_model=str(tiny.vision_model),
+            output=out,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -39,8 +47,18 @@ def run_convert(tiny, output: Path, *extra: str) -> int:
     """Run the CLI in-process on the tiny fixture (or on what ``extra`` overrides)."""
     from convert.cli import main
 
-    args = ["--original", str(tiny.original), "--text-model", str(tiny.text_model), "--vision-model", str(tiny.vision_model),
-            "--output", str(output), "--quiet", *extra]
+    args = [
+        "--original",
+        str(tiny.original),
+        "--text-model",
+        str(tiny.text_model),
+        "--vision-model",
+        str(tiny.vision_model),
+        "--output",
+        str(output),
+        "--quiet",
+        *extra,
+    ]
     return main(args)
 
 
@@ -74,8 +92,15 @@ def backbone_pair(tmp_path_factory):
             root = tmp_path_factory.mktemp(f"pair-{backbone}")
             paths = build(root / "tiny", backbone=backbone)
             out = root / "repo"
-            convert(Options(original=str(paths.original), text_model=str(paths.text_model),
-                            vision_model=str(paths.vision_model), output=out, progress=False))
+            convert(
+                Options(
+                    original=str(paths.original),
+                    text_model=str(paths.text_model),
+                    vision_model=str(paths.vision_model),
+                    output=out,
+                    progress=False,
+                )
+            )
             made[backbone] = (paths, out)
         return made[backbone]
 

@@ -53,16 +53,23 @@ def _child(req: dict) -> int:
 
 def serve() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import safetensors.torch  # noqa: F401
+    import sentencepiece  # noqa: F401
     import torch  # noqa: F401
+    import tqdm.auto  # noqa: F401
+    from transformers import (  # noqa: F401
+        LlamaTokenizer,
+        LlamaTokenizerFast,
+        PreTrainedTokenizerFast,
+        VipLlavaConfig,
+        VipLlavaForConditionalGeneration,
+    )
+
     import convert.cli  # noqa: F401
     import convert.pipeline  # noqa: F401
-    import sentencepiece  # noqa: F401
-    import safetensors.torch  # noqa: F401
-    import tqdm.auto  # noqa: F401
-    import verify.cli  # noqa: F401
     import verify.api  # noqa: F401
+    import verify.cli  # noqa: F401
     import verify.context  # noqa: F401
-    from transformers import LlamaTokenizer, LlamaTokenizerFast, PreTrainedTokenizerFast, VipLlavaConfig, VipLlavaForConditionalGeneration  # noqa: F401
 
     out = os.fdopen(os.dup(1), "w", buffering=1)
     out.write(json.dumps({"ready": True}) + "\n")
@@ -93,12 +100,17 @@ def serve() -> None:
                 done, status, ru = os.wait4(pid, 0)
                 break
             time.sleep(0.01)
-        out.write(json.dumps({
-            "code": os.waitstatus_to_exitcode(status),
-            "seconds": time.perf_counter() - t0,
-            "maxrss_kb": ru.ru_maxrss,
-            "base_kb": base,
-        }) + "\n")
+        out.write(
+            json.dumps(
+                {
+                    "code": os.waitstatus_to_exitcode(status),
+                    "seconds": time.perf_counter() - t0,
+                    "maxrss_kb": ru.ru_maxrss,
+                    "base_kb": base,
+                }
+            )
+            + "\n"
+        )
 
 
 class Runner:
@@ -107,17 +119,37 @@ class Runner:
     def __init__(self, cwd: str, env: dict | None = None):
         import subprocess
 
-        self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, cwd=cwd, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+        )
         line = self.proc.stdout.readline()
         if not line or not json.loads(line).get("ready"):
             raise RuntimeError("the fork server did not start")
 
-    def run(self, tool: str, argv: list[str], workdir: str, timeout: float = 60.0,
-            extra_address_space: int = 3 << 30, env: dict | None = None) -> dict:
-        req = {"tool": tool, "argv": argv, "cwd": workdir, "stdout": os.path.join(workdir, "stdout.txt"),
-               "stderr": os.path.join(workdir, "stderr.txt"), "timeout": timeout,
-               "extra_address_space": extra_address_space, "env": env or {}}
+    def run(
+        self,
+        tool: str,
+        argv: list[str],
+        workdir: str,
+        timeout: float = 60.0,
+        extra_address_space: int = 3 << 30,
+        env: dict | None = None,
+    ) -> dict:
+        req = {
+            "tool": tool,
+            "argv": argv,
+            "cwd": workdir,
+            "stdout": os.path.join(workdir, "stdout.txt"),
+            "stderr": os.path.join(workdir, "stderr.txt"),
+            "timeout": timeout,
+            "extra_address_space": extra_address_space,
+            "env": env or {},
+        }
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         reply = json.loads(self.proc.stdout.readline())

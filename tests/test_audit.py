@@ -18,11 +18,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from verify.fixtures.build import sample_images, sample_prompts
 
 # square and non-square images, the text right after <image>, a text-only prompt, two turns
-PROMPTS = [p for p in sample_prompts() if p["name"] in ("square_describe", "wide_colour", "text_only", "two_turn", "image_then_space")]
+PROMPTS = [
+    p
+    for p in sample_prompts()
+    if p["name"] in ("square_describe", "wide_colour", "text_only", "two_turn", "image_then_space")
+]
 
 
 def _inputs(tiny) -> dict:
@@ -32,7 +35,9 @@ def _inputs(tiny) -> dict:
 def _verify(repo: Path, tiny, **kw):
     from verify.api import verify_repo
 
-    return verify_repo(repo, prompts=PROMPTS, images=sample_images(), max_new_tokens=3, progress=False, **_inputs(tiny), **kw)
+    return verify_repo(
+        repo, prompts=PROMPTS, images=sample_images(), max_new_tokens=3, progress=False, **_inputs(tiny), **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +55,14 @@ def upstream_style(converted, tiny, tmp_path_factory) -> Path:
 
     dst = tmp_path_factory.mktemp("audit") / "upstream"
     shutil.copytree(converted, dst)
-    for name in ("conversion.json", "chat_template.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                 "special_tokens_map.json"):
+    for name in (
+        "conversion.json",
+        "chat_template.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ):
         (dst / name).unlink(missing_ok=True)
     pre = json.loads((tiny.vision_model / "preprocessor_config.json").read_text())  # CLIPImageProcessor, no do_pad
     assert pre["image_processor_type"] == "CLIPImageProcessor" and "do_pad" not in pre
@@ -97,15 +108,28 @@ def test_an_upstream_style_repo_fails_exactly_on_what_differs(upstream_style, ti
 def test_audit_from_the_command_line_and_its_exit_codes(honest, tiny, tmp_path, capsys):
     from verify.cli import main
 
-    args = [str(honest), "--original", str(tiny.original), "--text-model", str(tiny.text_model),
-            "--vision-model", str(tiny.vision_model), "--quiet"]
+    args = [
+        str(honest),
+        "--original",
+        str(tiny.original),
+        "--text-model",
+        str(tiny.text_model),
+        "--vision-model",
+        str(tiny.vision_model),
+        "--quiet",
+    ]
     assert main(args + ["--only", "files"]) == 1  # N/A alone is no evidence
-    assert capsys.readouterr().out.splitlines()[-1] == "NOT PASSED: no applicable check ran (audit; not applicable: files)"
+    assert (
+        capsys.readouterr().out.splitlines()[-1] == "NOT PASSED: no applicable check ran (audit; not applicable: files)"
+    )
     assert main(args + ["--only", "files", "--only", "mapping", "--json", str(tmp_path / "r.json")]) == 0
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["audit"] is True and data["passed"] is True and [c["status"] for c in data["checks"]] == ["N/A", "PASS"]
     assert main([str(honest), "--quiet"]) == 2
-    assert "auditing it needs the original inputs; pass --original, --text-model, --vision-model" in capsys.readouterr().err
+    assert (
+        "auditing it needs the original inputs; pass --original, --text-model, --vision-model"
+        in capsys.readouterr().err
+    )
 
 
 def test_audit_of_a_hub_id_from_the_cache(honest, tiny, tmp_path, monkeypatch, capsys):
@@ -121,8 +145,22 @@ def test_audit_of_a_hub_id_from_the_cache(honest, tiny, tmp_path, monkeypatch, c
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     from verify.cli import main
 
-    code = main([f"someone/vip-llava-tiny-hf@{commit}", "--original", str(tiny.original), "--text-model", str(tiny.text_model),
-                 "--vision-model", str(tiny.vision_model), "--quiet", "--only", "mapping", "--json", str(tmp_path / "r.json")])
+    code = main(
+        [
+            f"someone/vip-llava-tiny-hf@{commit}",
+            "--original",
+            str(tiny.original),
+            "--text-model",
+            str(tiny.text_model),
+            "--vision-model",
+            str(tiny.vision_model),
+            "--quiet",
+            "--only",
+            "mapping",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     data = json.loads((tmp_path / "r.json").read_text())

@@ -14,13 +14,19 @@ from convert.errors import ConversionError
 
 # Produced by running the ORIGINAL llava/conversation.py (provenance in tests/original_prompts.json): (a) user
 # "<image>\nWhat is shown?", assistant None; (b) the same, assistant "A cat.", user "What colour?", assistant None.
-ORIGINAL_PROMPTS = {(mode, case): text for mode, cases in json.loads(
-    (Path(__file__).with_name("original_prompts.json")).read_text())["prompts"].items() for case, text in cases.items()}
+ORIGINAL_PROMPTS = {
+    (mode, case): text
+    for mode, cases in json.loads((Path(__file__).with_name("original_prompts.json")).read_text())["prompts"].items()
+    for case, text in cases.items()
+}
 _IMAGE_Q = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}
 CONVERSATIONS = {
     "a": [_IMAGE_Q],
-    "b": [_IMAGE_Q, {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
-          {"role": "user", "content": [{"type": "text", "text": "What colour?"}]}],
+    "b": [
+        _IMAGE_Q,
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What colour?"}]},
+    ],
 }
 
 
@@ -33,13 +39,17 @@ def test_chat_template_reproduces_the_original_prompt(name, conv):
 
 def test_chat_template_through_transformers_is_the_same_text():
     """The sandboxed renderer we use for the card is what transformers' apply_chat_template gives."""
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"x": 0}, unk_token="x")), eos_token="</s>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"x": 0}, unk_token="x")), eos_token="</s>"
+    )
     for b in BACKBONES.values():
         for conv, messages in CONVERSATIONS.items():
-            got = tok.apply_chat_template(messages, chat_template=b.chat_template, add_generation_prompt=True, tokenize=False)
+            got = tok.apply_chat_template(
+                messages, chat_template=b.chat_template, add_generation_prompt=True, tokenize=False
+            )
             assert got == ORIGINAL_PROMPTS[(b.conv_mode, conv)], (b.name, conv)
 
 
@@ -73,8 +83,13 @@ def test_detect_refuses(model_type, forced, words):
 
 @pytest.mark.parametrize(
     "rows, tokens, image, pad, padded",
-    [(32000, None, 32000, 32001, 32064), (128256, None, 128256, 128257, 128320), (32064, 32011, 32011, 32012, 32064),
-     (32064, 32063, 32063, 32064, 32128), (997, None, 997, 998, 1024)],
+    [
+        (32000, None, 32000, 32001, 32064),
+        (128256, None, 128256, 128257, 128320),
+        (32064, 32011, 32011, 32012, 32064),
+        (32064, 32063, 32063, 32064, 32128),
+        (997, None, 997, 998, 1024),
+    ],
 )
 def test_token_layout(rows, tokens, image, pad, padded):
     ids = TokenIds(vocab=rows, bos=1, eos=2, tokens=tokens)
@@ -95,10 +110,10 @@ def test_backbone_tables_differ_only_in_the_decoder_projections():
 # end to end on each backbone's tiny fixture: convert (the CLI, auto-detected) then `python -m verify`
 # --------------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module", params=["llama3", "phi3"])
 def variant(request, tmp_path_factory):
     from fixtures.build import build
-
     from tests.conftest import run_convert
 
     fx = build(tmp_path_factory.mktemp(f"fx-{request.param}") / "tiny", backbone=request.param)
@@ -114,7 +129,9 @@ def test_variant_converts_with_its_layout(variant):
     m = json.loads((out / "conversion.json").read_text())
     tok_cfg = json.loads((fx.text_model / "tokenizer_config.json").read_text())
     base = json.loads((fx.text_model / "tokenizer.json").read_text())
-    tokens = len(base["model"]["vocab"]) + len([t for t in base["added_tokens"] if t["content"] not in base["model"]["vocab"]])
+    tokens = len(base["model"]["vocab"]) + len(
+        [t for t in base["added_tokens"] if t["content"] not in base["model"]["vocab"]]
+    )
     rows = json.loads((fx.original / "config.json").read_text())["vocab_size"]
     assert m["settings"]["backbone"] == name
     assert cfg["text_config"]["model_type"] == b.text_model_type
@@ -137,7 +154,9 @@ def test_variant_verifies(variant):
     report = verify_repo(out, progress=False, max_new_tokens=4)
     # tokenizer_era is N/A for Llama-3 / Phi-3 (their original ran the fast tokenizer: one tokenization in every era)
     expected_na = {"tokenizer_era"} if name in ("llama3", "phi3") else set()
-    failed = [(c.name, c.status, c.summary) for c in report.checks if c.status != ("N/A" if c.name in expected_na else "PASS")]
+    failed = [
+        (c.name, c.status, c.summary) for c in report.checks if c.status != ("N/A" if c.name in expected_na else "PASS")
+    ]
     assert not failed, failed
     names = {c.name for c in report.checks}
     assert {"logits", "generation", "chat_template", "processor", "strict_load", "resize", "mapping", "files"} <= names
@@ -154,7 +173,8 @@ def test_backbone_flag_contradicting_the_config_is_refused(tiny, tmp_path, capsy
 
 
 def test_demo_with_a_backbone_converts_that_backbones_fixture(tmp_path, monkeypatch):
-    """`python -m convert --demo DIR --backbone phi3` builds (into a private cache here) and converts the Phi-3 fixture."""
+    """`python -m convert --demo DIR --backbone phi3` builds (into a private cache here) and converts the Phi-3
+    fixture."""
     from convert.cli import main
 
     monkeypatch.setenv("VIPLLAVA_HARNESS_CACHE", str(tmp_path / "cache"))

@@ -24,7 +24,11 @@ CHECKS = "files, mapping, strict_load, resize, processor, tokenizer_era, chat_te
 
 
 def _env(**extra) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+    }
     env.update(extra)
     return env
 
@@ -44,13 +48,27 @@ def places(tmp_path_factory) -> dict:
         f.truncate(8 << 30)
     orig = root / "original"
     orig.mkdir()
-    (orig / "config.json").write_text(json.dumps({"model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"]}))
+    (orig / "config.json").write_text(
+        json.dumps({"model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"]})
+    )
     vip = root / "vip"
     vip.mkdir()
-    (vip / "config.json").write_text(json.dumps({"model_type": "vipllava", "architectures": ["VipLlavaForConditionalGeneration"]}))
+    (vip / "config.json").write_text(
+        json.dumps({"model_type": "vipllava", "architectures": ["VipLlavaForConditionalGeneration"]})
+    )
     (root / "afile").write_text("{}")
-    return {k: str(v) for k, v in {"root": root, "full": root / "full", "adir": root / "adir", "llama": llama,
-                                   "original": orig, "vip": vip, "afile": root / "afile"}.items()}
+    return {
+        k: str(v)
+        for k, v in {
+            "root": root,
+            "full": root / "full",
+            "adir": root / "adir",
+            "llama": llama,
+            "original": orig,
+            "vip": vip,
+            "afile": root / "afile",
+        }.items()
+    }
 
 
 # (id, tool, argv0, argv, exit code, what the one line says). ``{name}`` is filled from ``places``.
@@ -58,57 +76,249 @@ CASES = [
     ("convert-version", "convert", "python -m", ["--version"], 0, "python -m convert (vipllava-harness) 0.1.0"),
     ("convert-help-name", "convert", "vipllava-convert", ["--help"], 0, "usage: vipllava-convert"),
     ("convert-help-dtype-choices", "convert", "python -m", ["--help"], 0, "{{auto,bfloat16,float16,float32}}"),
-    ("convert-dtype", "convert", "python -m", ["--dtype", "fp8", "--demo", "{root}/d1"], 2,
-     "--dtype 'fp8': expected one of auto, bfloat16, float16, float32; see python -m convert --help"),
-    ("convert-backbone", "convert", "python -m", ["--backbone", "mistral", "--demo", "{root}/d1"], 2, "--backbone 'mistral': expected one of auto, vicuna, llama3, phi3"),
-    ("convert-seed-negative", "convert", "python -m", ["--seed", "-1", "--demo", "{root}/d1"], 2, "--seed -1: expected an integer with 0 <= seed < 2**32"),
-    ("convert-seed-huge", "convert", "python -m", ["--seed", str(2**32), "--demo", "{root}/d1"], 2, "--seed 4294967296"),
-    ("convert-seed-text", "convert", "python -m", ["--seed", "abc", "--demo", "{root}/d1"], 2, "--seed 'abc': expected an integer"),
-    ("convert-shard-zero", "convert", "python -m", ["--max-shard-size", "0", "--demo", "{root}/d1"], 2, "--max-shard-size '0': must be positive"),
-    ("convert-shard-unit", "convert", "python -m", ["--max-shard-size", "5XB", "--demo", "{root}/d1"], 2, "expected a size like 5GB"),
-    ("convert-output-not-empty", "convert", "python -m", ["--demo", "{full}"], 2, "exists and is not empty; pass --force"),
-    ("convert-output-parent-missing", "convert", "python -m", ["--original", "{original}", "--output", "{root}/no/such/out"], 2,
-     "the parent folder of --output does not exist"),
+    (
+        "convert-dtype",
+        "convert",
+        "python -m",
+        ["--dtype", "fp8", "--demo", "{root}/d1"],
+        2,
+        "--dtype 'fp8': expected one of auto, bfloat16, float16, float32; see python -m convert --help",
+    ),
+    (
+        "convert-backbone",
+        "convert",
+        "python -m",
+        ["--backbone", "mistral", "--demo", "{root}/d1"],
+        2,
+        "--backbone 'mistral': expected one of auto, vicuna, llama3, phi3",
+    ),
+    (
+        "convert-seed-negative",
+        "convert",
+        "python -m",
+        ["--seed", "-1", "--demo", "{root}/d1"],
+        2,
+        "--seed -1: expected an integer with 0 <= seed < 2**32",
+    ),
+    (
+        "convert-seed-huge",
+        "convert",
+        "python -m",
+        ["--seed", str(2**32), "--demo", "{root}/d1"],
+        2,
+        "--seed 4294967296",
+    ),
+    (
+        "convert-seed-text",
+        "convert",
+        "python -m",
+        ["--seed", "abc", "--demo", "{root}/d1"],
+        2,
+        "--seed 'abc': expected an integer",
+    ),
+    (
+        "convert-shard-zero",
+        "convert",
+        "python -m",
+        ["--max-shard-size", "0", "--demo", "{root}/d1"],
+        2,
+        "--max-shard-size '0': must be positive",
+    ),
+    (
+        "convert-shard-unit",
+        "convert",
+        "python -m",
+        ["--max-shard-size", "5XB", "--demo", "{root}/d1"],
+        2,
+        "expected a size like 5GB",
+    ),
+    (
+        "convert-output-not-empty",
+        "convert",
+        "python -m",
+        ["--demo", "{full}"],
+        2,
+        "exists and is not empty; pass --force",
+    ),
+    (
+        "convert-output-parent-missing",
+        "convert",
+        "python -m",
+        ["--original", "{original}", "--output", "{root}/no/such/out"],
+        2,
+        "the parent folder of --output does not exist",
+    ),
     ("convert-output-is-file", "convert", "python -m", ["--demo", "{afile}"], 2, "exists and is a file"),
-    ("convert-json-folder-missing", "convert", "python -m", ["--demo", "{root}/d1", "--json", "{root}/missing/s.json"], 2,
-     "--json {root}/missing/s.json: the folder {root}/missing does not exist"),
-    ("convert-json-inside-output", "convert", "python -m", ["--demo", "{root}/d1", "--json", "{root}/d1/s.json"], 2,
-     "inside the output folder, where it would be a file conversion.json does not list"),
-    ("convert-json-is-folder", "convert", "python -m", ["--demo", "{root}/d1", "--json", "{adir}"], 2, "is a folder; pass a file name"),
-    ("convert-demo-and-original", "convert", "python -m", ["--demo", "{root}/d1", "--original", "{original}"], 2,
-     "--demo DIR converts the bundled fixture into DIR; drop --original"),
+    (
+        "convert-json-folder-missing",
+        "convert",
+        "python -m",
+        ["--demo", "{root}/d1", "--json", "{root}/missing/s.json"],
+        2,
+        "--json {root}/missing/s.json: the folder {root}/missing does not exist",
+    ),
+    (
+        "convert-json-inside-output",
+        "convert",
+        "python -m",
+        ["--demo", "{root}/d1", "--json", "{root}/d1/s.json"],
+        2,
+        "inside the output folder, where it would be a file conversion.json does not list",
+    ),
+    (
+        "convert-json-is-folder",
+        "convert",
+        "python -m",
+        ["--demo", "{root}/d1", "--json", "{adir}"],
+        2,
+        "is a folder; pass a file name",
+    ),
+    (
+        "convert-demo-and-original",
+        "convert",
+        "python -m",
+        ["--demo", "{root}/d1", "--original", "{original}"],
+        2,
+        "--demo DIR converts the bundled fixture into DIR; drop --original",
+    ),
     ("convert-nothing", "convert", "python -m", [], 2, "--original and --output required (or --demo DIR)"),
     ("convert-no-output", "convert", "python -m", ["--original", "{original}"], 2, "--output required"),
-    ("convert-revision-refused", "convert", "python -m", ["--demo", "{root}/d1", "--revision", "v1"], 2,
-     "--revision v1: ambiguous here (Hub tools read it as the SOURCE revision)"),
-    ("convert-push-branch-alone", "convert", "python -m", ["--demo", "{root}/d1", "--push-branch", "v1"], 2,
-     "--private and --push-branch only apply with --push-to-hub"),
-    ("convert-bad-repo-id", "convert", "python -m", ["--demo", "{root}/d1", "--push-to-hub", "not a repo"], 2, "not a valid repo id"),
-    ("convert-output-hub-path-needs-output", "convert", "python -m", ["--original", "{original}", "--output_hub_path", "me/repo"], 2,
-     "the local copy still needs --output DIR"),
-    ("convert-output-hub-path-offline", "convert", "python -m", ["--demo", "{root}/d1", "--output_hub_path", "me/repo"], 2,
-     "--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set"),
+    (
+        "convert-revision-refused",
+        "convert",
+        "python -m",
+        ["--demo", "{root}/d1", "--revision", "v1"],
+        2,
+        "--revision v1: ambiguous here (Hub tools read it as the SOURCE revision)",
+    ),
+    (
+        "convert-push-branch-alone",
+        "convert",
+        "python -m",
+        ["--demo", "{root}/d1", "--push-branch", "v1"],
+        2,
+        "--private and --push-branch only apply with --push-to-hub",
+    ),
+    (
+        "convert-bad-repo-id",
+        "convert",
+        "python -m",
+        ["--demo", "{root}/d1", "--push-to-hub", "not a repo"],
+        2,
+        "not a valid repo id",
+    ),
+    (
+        "convert-output-hub-path-needs-output",
+        "convert",
+        "python -m",
+        ["--original", "{original}", "--output_hub_path", "me/repo"],
+        2,
+        "the local copy still needs --output DIR",
+    ),
+    (
+        "convert-output-hub-path-offline",
+        "convert",
+        "python -m",
+        ["--demo", "{root}/d1", "--output_hub_path", "me/repo"],
+        2,
+        "--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set",
+    ),
     ("convert-unknown-option", "convert", "python -m", ["--outptu", "x"], 2, "unrecognized arguments: --outptu x"),
     ("verify-version", "verify", "vipllava-verify", ["--version"], 0, "vipllava-verify (vipllava-harness) 0.1.0"),
     ("verify-help-name", "verify", "vipllava-verify", ["--help"], 0, "usage: vipllava-verify"),
     ("verify-help-checks", "verify", "python -m", ["--help"], 0, "run only this check (repeatable); one of files,"),
-    ("verify-only-unknown", "verify", "python -m", ["{vip}", "--only", "bogus"], 2,
-     "--only 'bogus': expected one of files, mapping, strict_load, resize, processor, tokenizer_era, chat_template, logits, generation"),
+    (
+        "verify-only-unknown",
+        "verify",
+        "python -m",
+        ["{vip}", "--only", "bogus"],
+        2,
+        "--only 'bogus': expected one of files, mapping, strict_load, resize, processor, tokenizer_era, chat_template, "
+        "logits, generation",
+    ),
     ("verify-dtype", "verify", "python -m", ["{vip}", "--dtype", "float64"], 2, "--dtype 'float64': expected one of"),
-    ("verify-tokens-negative", "verify", "python -m", ["{vip}", "--max-new-tokens", "-1"], 2, "--max-new-tokens -1: expected a whole number >= 1"),
-    ("verify-tokens-zero", "verify", "python -m", ["{vip}", "--max-new-tokens", "0"], 2, "--max-new-tokens 0: expected a whole number >= 1"),
-    ("verify-json-folder-missing", "verify", "python -m", ["{vip}", "--json", "{root}/missing/r.json"], 2,
-     "--json {root}/missing/r.json: the folder {root}/missing does not exist"),
-    ("verify-no-such-repo", "verify", "python -m", ["{root}/nope"], 2, "{root}/nope: not a folder (no such path), and not a Hub id"),
+    (
+        "verify-tokens-negative",
+        "verify",
+        "python -m",
+        ["{vip}", "--max-new-tokens", "-1"],
+        2,
+        "--max-new-tokens -1: expected a whole number >= 1",
+    ),
+    (
+        "verify-tokens-zero",
+        "verify",
+        "python -m",
+        ["{vip}", "--max-new-tokens", "0"],
+        2,
+        "--max-new-tokens 0: expected a whole number >= 1",
+    ),
+    (
+        "verify-json-folder-missing",
+        "verify",
+        "python -m",
+        ["{vip}", "--json", "{root}/missing/r.json"],
+        2,
+        "--json {root}/missing/r.json: the folder {root}/missing does not exist",
+    ),
+    (
+        "verify-no-such-repo",
+        "verify",
+        "python -m",
+        ["{root}/nope"],
+        2,
+        "{root}/nope: not a folder (no such path), and not a Hub id",
+    ),
     ("verify-repo-is-file", "verify", "python -m", ["{afile}"], 2, "is a file; pass the repo folder"),
-    ("verify-plain-llama", "verify", "python -m", ["{llama}", "--original", "{original}", "--text-model", "{adir}", "--vision-model", "{adir}"], 2,
-     "{llama}/config.json: model_type 'llama', architectures ['LlamaForCausalLM']; expected model_type 'vipllava'"),
-    ("verify-original-checkpoint", "verify", "python -m", ["{original}"], 2, "this is an ORIGINAL ViP-LLaVA checkpoint: convert it first"),
-    ("verify-hub-id-not-cached", "verify", "python -m", ["someone/not-cached@v1"], 2, "someone/not-cached@v1: not in the local Hugging Face cache (HF_HUB_OFFLINE is set)"),
-    ("verify-audit-needs-inputs", "verify", "python -m", ["{vip}"], 2,
-     "no conversion.json (a repo this tool did not write): auditing it needs the original inputs; pass --original, --text-model, --vision-model"),
-    ("verify-original-missing", "verify", "python -m", ["{vip}", "--original", "{root}/nope"], 2, "--original '{root}/nope': no such file or folder"),
-    ("verify-prompts-missing", "verify", "python -m", ["{vip}", "--prompts", "{root}/nope.json"], 2, "--prompts {root}/nope.json: unreadable"),
+    (
+        "verify-plain-llama",
+        "verify",
+        "python -m",
+        ["{llama}", "--original", "{original}", "--text-model", "{adir}", "--vision-model", "{adir}"],
+        2,
+        "{llama}/config.json: model_type 'llama', architectures ['LlamaForCausalLM']; expected model_type 'vipllava'",
+    ),
+    (
+        "verify-original-checkpoint",
+        "verify",
+        "python -m",
+        ["{original}"],
+        2,
+        "this is an ORIGINAL ViP-LLaVA checkpoint: convert it first",
+    ),
+    (
+        "verify-hub-id-not-cached",
+        "verify",
+        "python -m",
+        ["someone/not-cached@v1"],
+        2,
+        "someone/not-cached@v1: not in the local Hugging Face cache (HF_HUB_OFFLINE is set)",
+    ),
+    (
+        "verify-audit-needs-inputs",
+        "verify",
+        "python -m",
+        ["{vip}"],
+        2,
+        "no conversion.json (a repo this tool did not write): auditing it needs the original inputs; pass --original, "
+        "--text-model, --vision-model",
+    ),
+    (
+        "verify-original-missing",
+        "verify",
+        "python -m",
+        ["{vip}", "--original", "{root}/nope"],
+        2,
+        "--original '{root}/nope': no such file or folder",
+    ),
+    (
+        "verify-prompts-missing",
+        "verify",
+        "python -m",
+        ["{vip}", "--prompts", "{root}/nope.json"],
+        2,
+        "--prompts {root}/nope.json: unreadable",
+    ),
     ("verify-no-repo", "verify", "python -m", [], 2, "the following arguments are required: repo"),
 ]
 
@@ -125,7 +335,8 @@ for tool, argv0, argv in rows:
             rc = mod.main(argv)
         except SystemExit as e:  # main() returns argparse's exit codes; this would be a bug
             rc = f"SystemExit({e.code})"
-    out.append({"rc": rc, "argparse": "see python -m" in err.getvalue() or "see vipllava-" in err.getvalue(), "err": err.getvalue(), "out": std.getvalue(), "seconds": time.perf_counter() - t0,
+    out.append({"rc": rc, "argparse": "see python -m" in err.getvalue() or "see vipllava-" in err.getvalue(), "err":
+    err.getvalue(), "out": std.getvalue(), "seconds": time.perf_counter() - t0,
                 "torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules})
 print(json.dumps(out))
 """
@@ -134,10 +345,16 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def table(places) -> dict:
     rows = [(tool, argv0, [a.format(**places) for a in argv]) for _, tool, argv0, argv, _, _ in CASES]
-    done = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(rows)], capture_output=True, text=True, env=_env(),
-                          cwd=places["root"], timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _RUNNER, json.dumps(rows)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=places["root"],
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
-    return dict(zip([c[0] for c in CASES], json.loads(done.stdout)))
+    return dict(zip([c[0] for c in CASES], json.loads(done.stdout), strict=True))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -146,7 +363,9 @@ def test_cli_table(case, table, places):
     got = table[name]
     message = message.format(**places)
     assert got["rc"] == code, got
-    assert not got["torch"] and not got["transformers"], f"{name}: torch/transformers imported before the arguments were checked"
+    assert not got["torch"] and not got["transformers"], (
+        f"{name}: torch/transformers imported before the arguments were checked"
+    )
     if code == 2:
         lines = got["err"].splitlines()
         assert len(lines) == 1 and got["out"] == "", f"{name}: usage errors are ONE line on stderr: {got['err']!r}"
@@ -179,11 +398,14 @@ def test_output_hub_path_is_the_push_target():
 
 
 # --- the library API checks its arguments before any work ------------------------------------------------------
-@pytest.mark.parametrize("only, words", [
-    (["logit"], f"--only logit: no such check; the checks are {CHECKS}"),
-    ([], "no check named; a report with zero checks proves nothing"),
-    ("logits", "expected a list of check names"),
-])
+@pytest.mark.parametrize(
+    "only, words",
+    [
+        (["logit"], f"--only logit: no such check; the checks are {CHECKS}"),
+        ([], "no check named; a report with zero checks proves nothing"),
+        ("logits", "expected a list of check names"),
+    ],
+)
 def test_verify_repo_refuses_bad_check_names(converted, only, words):
     from verify.api import verify_repo
     from verify.context import VerifyUsageError
@@ -206,9 +428,13 @@ def test_a_report_without_applicable_checks_never_passes():
 
     assert not Report(repo="r").passed
     assert "NOT PASSED" in Report(repo="r").table()
-    na_only = Report(repo="r", checks=[Check("files", NA, "not applicable: no conversion.json")], audit="no conversion.json")
+    na_only = Report(
+        repo="r", checks=[Check("files", NA, "not applicable: no conversion.json")], audit="no conversion.json"
+    )
     assert not na_only.passed and "NOT PASSED: no applicable check ran" in na_only.table()
-    mixed = Report(repo="r", checks=[Check("files", NA, "n/a"), Check("mapping", PASS, "ok")], audit="no conversion.json")
+    mixed = Report(
+        repo="r", checks=[Check("files", NA, "n/a"), Check("mapping", PASS, "ok")], audit="no conversion.json"
+    )
     assert mixed.passed and "ALL APPLICABLE CHECKS PASSED (audit; not applicable: files)" in mixed.table()
     # a repo this tool wrote whose N/A check is backbone-specific (tokenizer_era on Llama-3 / Phi-3) is no audit
     own = Report(repo="r", checks=[Check("tokenizer_era", NA, "n/a"), Check("mapping", PASS, "ok")])
@@ -220,7 +446,11 @@ def test_convert_api_checks_numbers_before_reading(tiny, tmp_path):
     from convert.errors import ConversionError
     from convert.pipeline import Options, convert
 
-    for kw, words in (({"seed": -1}, "--seed"), ({"max_shard_size": "0"}, "--max-shard-size"), ({"dtype": "fp8"}, "--dtype")):
+    for kw, words in (
+        ({"seed": -1}, "--seed"),
+        ({"max_shard_size": "0"}, "--max-shard-size"),
+        ({"dtype": "fp8"}, "--dtype"),
+    ):
         with pytest.raises(ConversionError, match=re.escape(words)):
             convert(Options(original=str(tmp_path / "not-read"), output=tmp_path / "out", progress=False, **kw))
     assert not (tmp_path / "out").exists()
@@ -228,7 +458,9 @@ def test_convert_api_checks_numbers_before_reading(tiny, tmp_path):
 
 # --- real runs ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
-def test_output_follows_the_umask_and_says_when_it_builds_the_fixture(tmp_path, monkeypatch, capsys, umask, dir_mode, file_mode):
+def test_output_follows_the_umask_and_says_when_it_builds_the_fixture(
+    tmp_path, monkeypatch, capsys, umask, dir_mode, file_mode
+):
     from convert.cli import main
 
     monkeypatch.setenv("VIPLLAVA_HARNESS_CACHE", str(tmp_path / "cache"))  # a cold cache: the fixture is built
@@ -257,8 +489,14 @@ def test_verify_progress_names_the_check_and_shows_no_foreign_bar_nor_estimate(c
 
 
 def _interrupt(argv: list[str], after: float, tmp_path: Path) -> subprocess.CompletedProcess:
-    p = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=_env(VIPLLAVA_HARNESS_CACHE=str(tmp_path / "cache")), cwd=tmp_path)
+    p = subprocess.Popen(
+        [sys.executable, "-m", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(VIPLLAVA_HARNESS_CACHE=str(tmp_path / "cache")),
+        cwd=tmp_path,
+    )
     time.sleep(after)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)

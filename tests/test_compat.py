@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,23 +28,56 @@ from verify.compat_probe import _collapse
 
 IMAGE = 997
 SEQ = 9
-PROMPTS = [{"name": "p0", "prompt": "USER: <image>\nWhat? ASSISTANT:", "image": "box"},
-           {"name": "p1", "prompt": "USER: Hi? ASSISTANT:", "image": None}]
-EXPECTED = {"config.image_token_index": IMAGE, "config.image_seq_length": SEQ, "config.vision_feature_layers": [-2, -5, -8, -11, 6],
-            "processor.patch_size": 14, "image_processor.do_pad": True}
+PROMPTS = [
+    {"name": "p0", "prompt": "USER: <image>\nWhat? ASSISTANT:", "image": "box"},
+    {"name": "p1", "prompt": "USER: Hi? ASSISTANT:", "image": None},
+]
+EXPECTED = {
+    "config.image_token_index": IMAGE,
+    "config.image_seq_length": SEQ,
+    "config.vision_feature_layers": [-2, -5, -8, -11, 6],
+    "processor.patch_size": 14,
+    "image_processor.do_pad": True,
+}
 
 
 def _reference() -> Probe:
     rng = np.random.default_rng(0)
     ids0 = np.array([1, 309, 940, 917] + [IMAGE] * SEQ + [917, 13, 958, 345, 311, 940], dtype=np.int64)
     ids1 = np.array([1, 309, 940, 356, 311, 940], dtype=np.int64)
-    tok = {"class": "Fast", "chat": ["USER: <image>\nHi ASSISTANT:"], "probes": [
-        {"text": "<image>\nWhat", "ids": [1, IMAGE, 917, 13, 958, 345], "tokens": ["<s>", "<image>", "\u2581", "<0x0A>", "W", "hat"], "decoded": "\nWhat"},
-        {"text": "<image> What", "ids": [1, IMAGE, 917, 356], "tokens": ["<s>", "<image>", "\u2581", "\u2581What"], "decoded": " What"},
-    ]}
+    tok = {
+        "class": "Fast",
+        "chat": ["USER: <image>\nHi ASSISTANT:"],
+        "probes": [
+            {
+                "text": "<image>\nWhat",
+                "ids": [1, IMAGE, 917, 13, 958, 345],
+                "tokens": ["<s>", "<image>", "\u2581", "<0x0A>", "W", "hat"],
+                "decoded": "\nWhat",
+            },
+            {
+                "text": "<image> What",
+                "ids": [1, IMAGE, 917, 356],
+                "tokens": ["<s>", "<image>", "\u2581", "\u2581What"],
+                "decoded": " What",
+            },
+        ],
+    }
     result = {
-        "steps": {n: {"ok": True, "seconds": 0.1} for n in ("model", "model_default_attention", "tokenizer", "tokenizer_slow",
-                                                             "processor", "recipe", "forward", "greedy", "recipe_forward")},
+        "steps": {
+            n: {"ok": True, "seconds": 0.1}
+            for n in (
+                "model",
+                "model_default_attention",
+                "tokenizer",
+                "tokenizer_slow",
+                "processor",
+                "recipe",
+                "forward",
+                "greedy",
+                "recipe_forward",
+            )
+        },
         "errors": {},
         "versions": {"transformers": "9.9.9"},
         "loading_info": {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []},
@@ -53,10 +85,15 @@ def _reference() -> Probe:
         "tokenizer": tok,
         "processor": {"class": "LlavaProcessor", "chat": ["x"], "prompts": []},
     }
-    tensors = {"own_ids_0": ids0, "own_ids_1": ids1, "own_pixels_0": rng.standard_normal((1, 3, 42, 42)).astype(np.float32),
-               "logits_0": rng.standard_normal((len(ids0), 64)).astype(np.float32),
-               "logits_1": rng.standard_normal((len(ids1), 64)).astype(np.float32),
-               "greedy_0": np.array([5, 6, 7], dtype=np.int64), "greedy_1": np.array([8, 8, 2], dtype=np.int64)}
+    tensors = {
+        "own_ids_0": ids0,
+        "own_ids_1": ids1,
+        "own_pixels_0": rng.standard_normal((1, 3, 42, 42)).astype(np.float32),
+        "logits_0": rng.standard_normal((len(ids0), 64)).astype(np.float32),
+        "logits_1": rng.standard_normal((len(ids1), 64)).astype(np.float32),
+        "greedy_0": np.array([5, 6, 7], dtype=np.int64),
+        "greedy_1": np.array([8, 8, 2], dtype=np.int64),
+    }
     for k in ("ids_0", "ids_1", "pixels_0"):  # the recipe gives the processor's inputs, and so its logits
         tensors[f"recipe_{k}"] = tensors[f"own_{k}"].copy()
     for k in ("logits_0", "logits_1"):
@@ -79,7 +116,9 @@ def _nothing(p):
 
 
 def _missing_keys(p):
-    p.result["loading_info"]["missing_keys"] = [f"vision_tower.vision_model.encoder.layers.{i}.mlp.fc1.weight" for i in range(3)]
+    p.result["loading_info"]["missing_keys"] = [
+        f"vision_tower.vision_model.encoder.layers.{i}.mlp.fc1.weight" for i in range(3)
+    ]
 
 
 def _logits_off(p):
@@ -111,7 +150,9 @@ def _image_tokens_short(p):
 
 def _tokenizer_fails(p):
     p.result["steps"]["tokenizer"] = {"ok": False, "seconds": 0.0}
-    p.result["errors"]["tokenizer"] = "ValueError: Tokenizer class TokenizersBackend does not exist or is not currently imported."
+    p.result["errors"]["tokenizer"] = (
+        "ValueError: Tokenizer class TokenizersBackend does not exist or is not currently imported."
+    )
     p.result.pop("tokenizer")
 
 
@@ -126,16 +167,24 @@ def test_clean_row_passes():
     assert row.image_tokens == [SEQ] and row.logits_max_diff == pytest.approx(2e-6, rel=0.1)
 
 
-@pytest.mark.parametrize("edit, column, detail", [
-    (_missing_keys, "missing", "3 missing keys"),
-    (_logits_off, "logits_ok", "logits max |diff| 0.001"),
-    (_load_error, "load_ok", "model: OSError"),
-    (_setting_ignored, "settings_ok", "reads config.vision_feature_layers = [-2], the files say [-2, -5, -8, -11, 6]"),
-    (_dummy_prefix_dropped, "tokenizer_ok", "'<image>\\nWhat' gives ['<0x0A>', 'W'] after <image>"),
-    (_image_tokens_short, "image_tokens_ok", "runs of [8] image tokens, expected 1 x 9"),
-    (_tokenizer_fails, "tokenizer_ok", "TokenizersBackend does not exist"),
-    (_pixels_off, "processor_ok", "pixel_values max |diff| 0.001"),
-], ids=lambda x: x.__name__.strip("_") if callable(x) else None)
+@pytest.mark.parametrize(
+    "edit, column, detail",
+    [
+        (_missing_keys, "missing", "3 missing keys"),
+        (_logits_off, "logits_ok", "logits max |diff| 0.001"),
+        (_load_error, "load_ok", "model: OSError"),
+        (
+            _setting_ignored,
+            "settings_ok",
+            "reads config.vision_feature_layers = [-2], the files say [-2, -5, -8, -11, 6]",
+        ),
+        (_dummy_prefix_dropped, "tokenizer_ok", "'<image>\\nWhat' gives ['<0x0A>', 'W'] after <image>"),
+        (_image_tokens_short, "image_tokens_ok", "runs of [8] image tokens, expected 1 x 9"),
+        (_tokenizer_fails, "tokenizer_ok", "TokenizersBackend does not exist"),
+        (_pixels_off, "processor_ok", "pixel_values max |diff| 0.001"),
+    ],
+    ids=lambda x: x.__name__.strip("_") if callable(x) else None,
+)
 def test_each_defect_fails_its_row(edit, column, detail):
     row = _row(edit)
     assert not row.passed and row.verdict == "FAIL"
@@ -168,7 +217,9 @@ def _recipe_one_token_on_new(p):  # one <image> where the model wants the expand
 
 def _processor_refused(p):
     p.result["steps"]["processor"] = {"ok": False, "seconds": 0.0}
-    p.result["errors"]["processor"] = "TypeError: LlavaProcessor.__init__() got an unexpected keyword argument 'image_token'"
+    p.result["errors"]["processor"] = (
+        "TypeError: LlavaProcessor.__init__() got an unexpected keyword argument 'image_token'"
+    )
     p.result.pop("processor")
     for i in (0, 1):
         p.tensors.pop(f"own_ids_{i}")
@@ -179,15 +230,19 @@ def _processor_does_not_pad(p):  # loads, but a CLIP processor centre-crops inst
     p.tensors["own_pixels_0"] = p.tensors["own_pixels_0"] + np.float32(0.5)
 
 
-@pytest.mark.parametrize("edit, version, detail", [
-    (_greedy_off, "4.57.6", "greedy tokens of p1: [8, 9, 2], reference [8, 8, 2]"),
-    (_recipe_pixels_off, "4.37.2", "recipe: pixel_values max |diff| 0.001"),
-    (_recipe_logits_off, "4.45.2", "recipe: logits max |diff| 0.001"),
-    (_recipe_expanded_on_old, "4.37.2", "1 <image> became runs of [9], expected 1 x 1"),
-    (_recipe_one_token_on_new, "4.48.3", "1 <image> became runs of [1], expected 1 x 9"),
-    (_processor_refused, "4.49.0", "processor: TypeError"),
-    (_processor_does_not_pad, "5.24.0", "processor: pixel_values max |diff| 0.5"),
-], ids=lambda x: x.__name__.strip("_") if callable(x) else None)
+@pytest.mark.parametrize(
+    "edit, version, detail",
+    [
+        (_greedy_off, "4.57.6", "greedy tokens of p1: [8, 9, 2], reference [8, 8, 2]"),
+        (_recipe_pixels_off, "4.37.2", "recipe: pixel_values max |diff| 0.001"),
+        (_recipe_logits_off, "4.45.2", "recipe: logits max |diff| 0.001"),
+        (_recipe_expanded_on_old, "4.37.2", "1 <image> became runs of [9], expected 1 x 1"),
+        (_recipe_one_token_on_new, "4.48.3", "1 <image> became runs of [1], expected 1 x 9"),
+        (_processor_refused, "4.49.0", "processor: TypeError"),
+        (_processor_does_not_pad, "5.24.0", "processor: pixel_values max |diff| 0.5"),
+    ],
+    ids=lambda x: x.__name__.strip("_") if callable(x) else None,
+)
 def test_each_new_defect_fails_its_row(edit, version, detail):
     row = _row(edit, version)
     assert not row.passed and row.verdict == "FAIL"
@@ -196,7 +251,9 @@ def test_each_new_defect_fails_its_row(edit, version, detail):
 
 def test_from_4_49_the_recipe_is_reported_not_required():
     row = _row(_recipe_pixels_off, "4.49.0")
-    assert row.passed and not row.recipe_ok and any("not needed on 4.49.0: recipe: pixel_values" in n for n in row.notes), row.notes
+    assert (
+        row.passed and not row.recipe_ok and any("not needed on 4.49.0: recipe: pixel_values" in n for n in row.notes)
+    ), row.notes
     assert "differs (not needed)" in compat.Matrix("r", _row(_nothing), [row], 1e-5, 0.0).table()
 
 
@@ -228,7 +285,10 @@ def test_an_unknown_backbone_is_a_not_applicable_row_that_says_so():
 def test_default_attention_failing_says_eager():
     def sdpa_refused(p):
         p.result["steps"]["model_default_attention"] = {"ok": False, "seconds": 0.1}
-        p.result["errors"]["model_default_attention"] = "ValueError: Phi3ForCausalLM does not support an attention implementation through torch.nn.functional.scaled_dot_product_attention yet."
+        p.result["errors"]["model_default_attention"] = (
+            "ValueError: Phi3ForCausalLM does not support an attention implementation through "
+            "torch.nn.functional.scaled_dot_product_attention yet."
+        )
 
     row = _row(sdpa_refused, "4.44.2", model_type="phi3")
     assert row.passed and row.needs_eager is True
@@ -248,13 +308,20 @@ def test_a_dropped_ignore_merges_is_said():
     p.tensors["recipe_ids_0"] = _collapse(p.tensors["recipe_ids_0"], IMAGE)
     dropped(p)
     row = judge(p, ref, expected, PROMPTS)
-    assert row.passed and any("tokenizers 0.15.1 drops the BPE option ignore_merges" in c for c in row.cannot), row.cannot
+    assert row.passed and any("tokenizers 0.15.1 drops the BPE option ignore_merges" in c for c in row.cannot), (
+        row.cannot
+    )
     p.result["tokenizer"]["bpe_options"]["ignore_merges"] = True
     assert not any("ignore_merges" in c for c in judge(p, ref, expected, PROMPTS).cannot)
 
 
 def test_a_probe_that_could_not_run_fails():
-    row = judge(Probe("4.51.3", error="environment: pip install transformers==4.51.3 failed: no network"), _reference(), EXPECTED, PROMPTS)
+    row = judge(
+        Probe("4.51.3", error="environment: pip install transformers==4.51.3 failed: no network"),
+        _reference(),
+        EXPECTED,
+        PROMPTS,
+    )
     assert not row.passed and not row.load_ok and row.logits_max_diff is None
     assert "no network" in row.details[0]
 
@@ -288,8 +355,10 @@ def _env(version: str) -> None:
     try:
         compat.ensure_env(version, create=create)
     except compat.EnvError as e:
-        pytest.skip(f"no transformers {version} environment under {compat.default_envs_dir()} and it cannot be created "
-                    f"({e}); CI creates them with `python -m verify.compat --setup-only` before pytest")
+        pytest.skip(
+            f"no transformers {version} environment under {compat.default_envs_dir()} and it cannot be created "
+            f"({e}); CI creates them with `python -m verify.compat --setup-only` before pytest"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +383,11 @@ def test_matrix_passes_on_the_converted_tiny_repo(converted, all_envs):
         assert (row.missing, row.unexpected, row.mismatched) == (0, 0, 0)
         assert row.tokenizer_ok and row.settings_ok and row.greedy_ok and row.recipe_ok
         assert row.logits_max_diff is not None and row.logits_max_diff <= 1e-5
-        assert row.recipe_logits_max_diff is not None and row.recipe_logits_max_diff <= 1e-5 and row.recipe_pixel_max_diff <= 1e-5
+        assert (
+            row.recipe_logits_max_diff is not None
+            and row.recipe_logits_max_diff <= 1e-5
+            and row.recipe_pixel_max_diff <= 1e-5
+        )
         if compat.capabilities(row.transformers).processor:  # 4.49+: AutoProcessor pads to square and expands <image>
             assert row.processor_ok and row.image_tokens and set(row.image_tokens) == {SEQ}
         else:  # the row says it cannot, and why
@@ -329,9 +402,11 @@ def test_every_version_reads_non_default_settings(converted, tmp_path, all_envs)
     logits (so agreeing on them means something)."""
     repo = tmp_path / "nondefault"
     shutil.copytree(converted, repo)
-    edits = {"config.json": {"vision_feature_layers": [-3, -4, -7, -10, 5]},
-             "processor_config.json": {"vision_feature_select_strategy": "full", "num_additional_image_tokens": 0},
-             "preprocessor_config.json": {"do_pad": False}}
+    edits = {
+        "config.json": {"vision_feature_layers": [-3, -4, -7, -10, 5]},
+        "processor_config.json": {"vision_feature_select_strategy": "full", "num_additional_image_tokens": 0},
+        "preprocessor_config.json": {"do_pad": False},
+    }
     for name, change in edits.items():
         obj = json.loads((repo / name).read_text())
         obj.update(change)
@@ -349,13 +424,20 @@ def test_every_version_reads_non_default_settings(converted, tmp_path, all_envs)
     from transformers import AutoProcessor, VipLlavaForConditionalGeneration
 
     feed = np.load(tmp_path / "work" / "current" / "tensors.npz")
-    base = VipLlavaForConditionalGeneration.from_pretrained(str(converted), dtype=torch.float32, attn_implementation="eager").eval()
+    base = VipLlavaForConditionalGeneration.from_pretrained(
+        str(converted), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
-        logits = base(input_ids=torch.from_numpy(feed["own_ids_0"])[None], pixel_values=torch.from_numpy(feed["own_pixels_0"])).logits[0]
+        logits = base(
+            input_ids=torch.from_numpy(feed["own_ids_0"])[None], pixel_values=torch.from_numpy(feed["own_pixels_0"])
+        ).logits[0]
     assert float(np.max(np.abs(logits.numpy() - feed["logits_0"]))) > 1e-3  # vision_feature_layers was read
-    pixels = AutoProcessor.from_pretrained(str(converted))(text=prompts[0]["prompt"], images=[sample_images()["wide"]],
-                                                           return_tensors="pt")["pixel_values"].numpy()
-    assert pixels.shape == feed["own_pixels_0"].shape and not np.allclose(pixels, feed["own_pixels_0"])  # do_pad was read
+    pixels = AutoProcessor.from_pretrained(str(converted))(
+        text=prompts[0]["prompt"], images=[sample_images()["wide"]], return_tensors="pt"
+    )["pixel_values"].numpy()
+    assert pixels.shape == feed["own_pixels_0"].shape and not np.allclose(
+        pixels, feed["own_pixels_0"]
+    )  # do_pad was read
 
 
 def _saved_by_5x(converted: Path, out: Path, from_config: bool) -> None:
@@ -425,9 +507,14 @@ def test_matrix_catches_5x_layout_from_a_fresh_model(converted, tmp_path):
 # tokenizer.json for tokenizers 0.15+ (transformers 4.37-4.44)
 # ---------------------------------------------------------------------------------------------------------------
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-MERGE_TEXTS = compat.TOKEN_PROBES + [p["prompt"] for p in sample_prompts()] + [
-    "Hello, world! 123 4567 don't   x\t\ty \u0120\u0120 \u2581\u2581 <image><image> <|user|>\n<|end|><|assistant|>",
-    "the quick brown fox jumps over the lazy dog " * 5]
+MERGE_TEXTS = (
+    compat.TOKEN_PROBES
+    + [p["prompt"] for p in sample_prompts()]
+    + [
+        "Hello, world! 123 4567 don't   x\t\ty \u0120\u0120 \u2581\u2581 <image><image> <|user|>\n<|end|><|assistant|>",
+        "the quick brown fox jumps over the lazy dog " * 5,
+    ]
+)
 
 
 def _tokenizer_files(converted: Path) -> dict[str, str]:
@@ -453,7 +540,9 @@ def test_tokenizer_json_writes_merges_as_strings_with_the_same_ids(converted):
         a, b = Tokenizer.from_str(text), Tokenizer.from_str(as_pairs)
         assert [a.encode(t).ids for t in MERGE_TEXTS] == [b.encode(t).ids for t in MERGE_TEXTS], name
     base = Tokenizer.from_file(str(FIXTURES / "phi3" / "tokenizer.json"))
-    assert [base.encode(t).ids for t in MERGE_TEXTS] == [Tokenizer.from_str(files["phi3"]).encode(t).ids for t in MERGE_TEXTS]
+    assert [base.encode(t).ids for t in MERGE_TEXTS] == [
+        Tokenizer.from_str(files["phi3"]).encode(t).ids for t in MERGE_TEXTS
+    ]
 
 
 def test_tokenizer_json_keeps_pairs_when_a_piece_has_a_space():
@@ -471,7 +560,6 @@ def test_tokenizers_0_15_reads_the_tokenizer_json_with_the_same_ids(converted, t
     tokenizer.json of every backbone and gives tokenizers 0.23's ids; the pairs form (what tokenizers 0.23 itself
     writes) is refused there, so the check can fail."""
     import subprocess
-    import sys
 
     from tokenizers import Tokenizer
 
@@ -485,14 +573,27 @@ def test_tokenizers_0_15_reads_the_tokenizer_json_with_the_same_ids(converted, t
     paths["pairs"] = tmp_path / "pairs.json"
     paths["pairs"].write_text(Tokenizer.from_str(files["vicuna"]).to_str(), encoding="utf-8")
     (tmp_path / "texts.json").write_text(json.dumps(MERGE_TEXTS))
-    code = ("import json, sys, tokenizers\nfrom tokenizers import Tokenizer\nout = {'version': tokenizers.__version__}\n"
-            "texts = json.load(open(sys.argv[1]))\n"
-            "for name, path in json.loads(sys.argv[2]).items():\n"
-            "    try:\n        t = Tokenizer.from_file(path); out[name] = [t.encode(x).ids for x in texts]\n"
-            "    except Exception as e:\n        out[name] = repr(e)\n"
-            "print(json.dumps(out))")
-    p = subprocess.run([str(python), "-I", "-c", code, str(tmp_path / "texts.json"), json.dumps({k: str(v) for k, v in paths.items()})],
-                       capture_output=True, text=True, timeout=300)
+    code = (
+        "import json, sys, tokenizers\nfrom tokenizers import Tokenizer\nout = {'version': tokenizers.__version__}\n"
+        "texts = json.load(open(sys.argv[1]))\n"
+        "for name, path in json.loads(sys.argv[2]).items():\n"
+        "    try:\n        t = Tokenizer.from_file(path); out[name] = [t.encode(x).ids for x in texts]\n"
+        "    except Exception as e:\n        out[name] = repr(e)\n"
+        "print(json.dumps(out))"
+    )
+    p = subprocess.run(
+        [
+            str(python),
+            "-I",
+            "-c",
+            code,
+            str(tmp_path / "texts.json"),
+            json.dumps({k: str(v) for k, v in paths.items()}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     old = json.loads(p.stdout.strip().splitlines()[-1])
     assert old["version"].startswith("0.15.")
@@ -511,8 +612,13 @@ def _recipe_snippet(repo: Path, image: Path) -> str:
     blocks = re.findall(r"```python\n(.*?)```", model_card(manifest, {"checks": []}, None), re.S)
     assert len(blocks) == 2 and "CLIPImageProcessor" in blocks[1]
     code = blocks[1]
-    for a, b in (('"path/to/this/repo"', json.dumps(str(repo))), ('"image.png"', json.dumps(str(image))),
-                 ("max_new_tokens=200", "max_new_tokens=4"), ("torch.bfloat16", "torch.float32"), ("torch.float16", "torch.float32")):
+    for a, b in (
+        ('"path/to/this/repo"', json.dumps(str(repo))),
+        ('"image.png"', json.dumps(str(image))),
+        ("max_new_tokens=200", "max_new_tokens=4"),
+        ("torch.bfloat16", "torch.float32"),
+        ("torch.float16", "torch.float32"),
+    ):
         assert a in code or a.startswith("torch."), a
         code = code.replace(a, b)
     return code
@@ -532,10 +638,16 @@ def test_the_cards_recipe_gives_the_processors_inputs_and_tokens(converted, tmp_
     image = Path(__file__).resolve().parent.parent / "fixtures" / "images" / "wide.png"
     code = _recipe_snippet(converted, image) + (
         "\nimport numpy as np\nnp.savez(OUT, ids=inputs['input_ids'][0].numpy(), pixels=pixel_values.float().numpy(), "
-        "new=output[0][inputs['input_ids'].shape[1]:].numpy())\n")
+        "new=output[0][inputs['input_ids'].shape[1]:].numpy())\n"
+    )
     out = tmp_path / "recipe.npz"
-    p = subprocess.run([str(python), "-I", "-c", f"OUT = {str(out)!r}\n" + code], capture_output=True, text=True,
-                       env=compat._probe_env(), timeout=600)
+    p = subprocess.run(
+        [str(python), "-I", "-c", f"OUT = {str(out)!r}\n" + code],
+        capture_output=True,
+        text=True,
+        env=compat._probe_env(),
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     got = np.load(out)
 
@@ -548,7 +660,7 @@ def test_the_cards_recipe_gives_the_processors_inputs_and_tokens(converted, tmp_
     with Image.open(image) as im:
         enc = processor(text=text, images=[im.convert("RGB")], return_tensors="pt")
     model = VipLlavaForConditionalGeneration.from_pretrained(str(converted), dtype=torch.float32).eval()
-    want = model.generate(**enc, max_new_tokens=4, do_sample=False)[0, enc["input_ids"].shape[1]:].numpy()
+    want = model.generate(**enc, max_new_tokens=4, do_sample=False)[0, enc["input_ids"].shape[1] :].numpy()
     ids = got["ids"]
     if compat.capabilities(version).collapse:
         assert (ids == cfg["image_token_index"]).sum() == 1
@@ -563,11 +675,16 @@ def test_the_card_says_what_older_releases_cannot_per_backbone():
 
     cards = {b: model_card({"settings": {"backbone": b}}, {"checks": []}, None) for b in ("vicuna", "llama3", "phi3")}
     for b, card in cards.items():
-        section = card[card.index("## Proven transformers versions"):card.index("## Usage")]
+        section = card[card.index("## Proven transformers versions") : card.index("## Usage")]
         assert "LlavaImageProcessor" in section and "use the recipe" in section, b
         assert ("4.37.2" in section) == (b != "phi3")  # the recipe's measured versions start at the backbone's first
-        assert ('attn_implementation=\\"eager\\"' in section or 'attn_implementation="eager"' in section) == (b == "phi3"), b
+        assert ('attn_implementation=\\"eager\\"' in section or 'attn_implementation="eager"' in section) == (
+            b == "phi3"
+        ), b
         assert ("ignore_merges" in section) == (b == "llama3"), b
         recipe = re.findall(r"```python\n(.*?)```", card, re.S)[1]
         assert ('attn_implementation="eager"' in recipe) == (b == "phi3"), b
-    assert "On transformers 4.41 to 4.44, load with" in cards["phi3"] and "needs transformers 4.41 or later" in cards["phi3"]
+    assert (
+        "On transformers 4.41 to 4.44, load with" in cards["phi3"]
+        and "needs transformers 4.41 or later" in cards["phi3"]
+    )

@@ -31,9 +31,9 @@ def test_float32_blocks_compute_what_a_float32_model_computes(backbone_pair, bac
         got = [r[0].logits if side == "reference" else r[0] for r in getattr(blocks32, f"{side}_runs")]
         want = [r[0].logits if side == "reference" else r[0] for r in getattr(full32, f"{side}_runs")]
         low = [r[0].logits if side == "reference" else r[0] for r in getattr(bf16, f"{side}_runs")]
-        worst = max((a - b).abs().max().item() for a, b in zip(got, want))
+        worst = max((a - b).abs().max().item() for a, b in zip(got, want, strict=True))
         assert worst <= 1e-6, (side, worst)
-        assert max((a - b).abs().max().item() for a, b in zip(low, want)) > 1e-3, side
+        assert max((a - b).abs().max().item() for a, b in zip(low, want, strict=True)) > 1e-3, side
     # the weights were never copied: both models still hold their bf16 parameters
     for model in (blocks32.model, blocks32.reference.llm, blocks32.reference.vision):
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -44,7 +44,9 @@ def test_default_verify_of_each_backbone_passes_in_float32_blocks(backbone_pair)
 
     for backbone in BACKBONES:
         _, repo = backbone_pair(backbone)
-        report = verify_repo(repo, images=sample_images(), max_new_tokens=4, progress=False, only=["logits", "generation"])
+        report = verify_repo(
+            repo, images=sample_images(), max_new_tokens=4, progress=False, only=["logits", "generation"]
+        )
         assert report.passed, report.table()
         assert report.settings["dtype"] == "float32-blocks"
         assert report.get("logits").numbers["max_abs_diff"] <= 1e-4
@@ -60,8 +62,12 @@ def test_stored_weights_come_back_and_only_one_buffer_per_shape(converted):
         assert len(f32._pool) == len(shapes)  # reused across blocks, never one buffer per parameter
         assert f32.pool_bytes < sum(p.numel() * 4 for p in model.parameters())
     assert {n: (p.data_ptr(), p.dtype) for n, p in model.named_parameters()} == before
-    ours = [h for m in model.modules() for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
-            if getattr(h, "__self__", None) is f32]
+    ours = [
+        h
+        for m in model.modules()
+        for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+        if getattr(h, "__self__", None) is f32
+    ]
     assert ours == [] and f32._pool == {}
 
 
@@ -116,7 +122,10 @@ def test_default_prompts_share_their_system_text_and_image(converted):
     ctx = _ctx(converted, "float32-blocks")
     names = [x["name"] for x in ctx.parity_inputs]
     groups = [[names[i] for i in members] for k, members in ctx.shared_prefixes if k]
-    assert sorted(map(sorted, groups)) == [["box_inside", "image_then_space", "two_turn"], ["image_no_newline", "square_describe"]]
+    assert sorted(map(sorted, groups)) == [
+        ["box_inside", "image_then_space", "two_turn"],
+        ["image_no_newline", "square_describe"],
+    ]
     assert sorted(i for _, m in ctx.shared_prefixes for i in m) == list(range(len(names)))  # every prompt exactly once
 
 
@@ -128,14 +137,27 @@ def test_a_shared_prefix_gives_the_logits_and_tokens_of_whole_prompts(backbone_p
 
     _, repo = backbone_pair(backbone)
     # Llama-3's and Phi-3's default conversations each show another image: one more on the box makes a group
-    prompts = None if backbone == "vicuna" else [*sample_conversations(), {"name": "box_again", "image": "box", "turns": [
-        {"role": "user", "text": "<image>\nWhat colour is the box?"}, {"role": "assistant", "text": None}]}]
+    prompts = (
+        None
+        if backbone == "vicuna"
+        else [
+            *sample_conversations(),
+            {
+                "name": "box_again",
+                "image": "box",
+                "turns": [
+                    {"role": "user", "text": "<image>\nWhat colour is the box?"},
+                    {"role": "assistant", "text": None},
+                ],
+            },
+        ]
+    )
     shared, whole = _ctx(repo, "float32-blocks", prompts), _unshared(_ctx(repo, "float32-blocks", prompts))
     assert any(k for k, _ in shared.shared_prefixes)
-    for a, b in zip(shared.reference_runs, whole.reference_runs):
+    for a, b in zip(shared.reference_runs, whole.reference_runs, strict=True):
         assert a[0].input_positions == b[0].input_positions and a[1] == b[1]
         assert (a[0].logits - b[0].logits).abs().max().item() <= 1e-5
-    for a, b in zip(shared.converted_runs, whole.converted_runs):
+    for a, b in zip(shared.converted_runs, whole.converted_runs, strict=True):
         assert a[1] == b[1] and a[0].shape == b[0].shape
         assert (a[0] - b[0]).abs().max().item() <= 1e-5
 

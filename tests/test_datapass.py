@@ -43,8 +43,14 @@ def test_located_bytes_are_the_tensors_torch_reads(tmp_path, fmt):
 
 def test_what_cannot_be_located_is_left_out(tmp_path):
     """Non-contiguous storage and a pickle with foreign classes: not located (read through torch.load instead)."""
-    torch.save({"plain": torch.arange(6.0), "transposed": torch.arange(12.0).reshape(3, 4).t(),
-                "view": torch.arange(10, dtype=torch.int64)[2:7]}, tmp_path / "x.bin")
+    torch.save(
+        {
+            "plain": torch.arange(6.0),
+            "transposed": torch.arange(12.0).reshape(3, 4).t(),
+            "view": torch.arange(10, dtype=torch.int64)[2:7],
+        },
+        tmp_path / "x.bin",
+    )
     locs = datapass.locate(tmp_path / "x.bin")
     assert set(locs) == {"plain", "view"}
     data = (tmp_path / "x.bin").read_bytes()
@@ -63,13 +69,15 @@ def test_the_pass_reads_each_byte_once_and_agrees_with_the_direct_computation(co
     mapped = [k for k in orig.keys() if checks.canonical(k) is not None]
     assert len(r.equal) == len(mapped) == 226 and all(r.equal.values()) and not r.problems
     assert r.bytes_original == sum(orig.get(k).numel() * orig.get(k).element_size() for k in mapped)
-    assert r.digests == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in converted.iterdir() if p.name != "conversion.json"}
+    assert r.digests == {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in converted.iterdir() if p.name != "conversion.json"
+    }
     E = orig.get("model.embed_tokens.weight").double()
     assert r.stats.rows == E.shape[0]
     assert torch.allclose(r.stats.mean, E.mean(0), rtol=0, atol=1e-15)
     assert r.stats.trace == pytest.approx(((E - E.mean(0)) ** 2).sum(1).mean().item(), rel=1e-12)
     for name in (checks.EMBED, checks.HEAD):
-        assert torch.equal(r.new_rows[name], conv.get(name)[E.shape[0]:])
+        assert torch.equal(r.new_rows[name], conv.get(name)[E.shape[0] :])
 
 
 def test_only_files_reads_no_original(converted):
@@ -86,7 +94,11 @@ def test_only_files_reads_no_original(converted):
 
 def _rehash(repo: Path) -> None:
     m = json.loads((repo / "conversion.json").read_text())
-    m["outputs"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(repo.iterdir()) if p.name != "conversion.json"}
+    m["outputs"] = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(repo.iterdir())
+        if p.name != "conversion.json"
+    }
     (repo / "conversion.json").write_text(json.dumps(m, indent=2, sort_keys=True))
 
 
@@ -97,7 +109,9 @@ def test_a_cast_output_is_compared_after_the_cast_and_one_changed_value_fails(ti
 
     repo = tmp_path / "f32"
     assert run_convert(tiny, repo, "--dtype", "float32") == 0
-    report = verify_repo(repo, prompts=PROMPTS, images=sample_images(), progress=False, only=["files", "mapping", "resize"])
+    report = verify_repo(
+        repo, prompts=PROMPTS, images=sample_images(), progress=False, only=["files", "mapping", "resize"]
+    )
     assert report.passed, report.table()
     assert report.get("mapping").numbers["bit_identical"] == 226
     f = repo / "model.safetensors"
@@ -108,7 +122,10 @@ def test_a_cast_output_is_compared_after_the_cast_and_one_changed_value_fails(ti
     _rehash(repo)
     report = verify_repo(repo, prompts=PROMPTS, images=sample_images(), progress=False, only=["files", "mapping"])
     assert report.failed_checks == ["mapping"], report.table()
-    assert any(d.startswith("language_model.model.layers.1.mlp.down_proj.weight: values differ") for d in report.get("mapping").details)
+    assert any(
+        d.startswith("language_model.model.layers.1.mlp.down_proj.weight: values differ")
+        for d in report.get("mapping").details
+    )
 
 
 def test_a_wrong_location_is_a_verifier_bug_not_a_pass(converted, tmp_path, monkeypatch):
@@ -127,8 +144,10 @@ def test_a_wrong_location_is_a_verifier_bug_not_a_pass(converted, tmp_path, monk
     monkeypatch.setattr(datapass, "torch_zip_locations", shifted)
     report = verify_repo(repo, prompts=PROMPTS, images=sample_images(), progress=False, only=["mapping"])
     assert report.failed_checks == ["mapping"]
-    assert any("model.layers.0.self_attn.q_proj.weight: the bytes verify located" in d and "verifier bug" in d
-               for d in report.get("mapping").details), report.table()
+    assert any(
+        "model.layers.0.self_attn.q_proj.weight: the bytes verify located" in d and "verifier bug" in d
+        for d in report.get("mapping").details
+    ), report.table()
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 17, 4099])

@@ -25,6 +25,7 @@ SPACE = "\u2581"
 # helpers / shared fixtures
 # ------------------------------------------------------------------------------------------
 
+
 def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -62,6 +63,7 @@ def towers(sd):
 # ------------------------------------------------------------------------------------------
 # tokenizer
 # ------------------------------------------------------------------------------------------
+
 
 def test_tokenizer_pieces_and_space_newline_property():
     import sentencepiece as spm
@@ -101,6 +103,7 @@ def test_text_model_dir_loads_with_transformers(built):
 # key layout and values
 # ------------------------------------------------------------------------------------------
 
+
 def test_state_dict_matches_key_shapes(sd):
     shapes = tiny.original_key_shapes(TinySpec())
     assert list(sd) == list(shapes)
@@ -112,15 +115,25 @@ def test_key_layout_is_the_original_one(sd):
     spec = TinySpec()
     keys = set(sd)
     v = "model.vision_tower.vision_tower.vision_model."
-    for k in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
-              "model.layers.1.self_attn.rotary_emb.inv_freq", "model.layers.1.mlp.gate_proj.weight",
-              v + "embeddings.class_embedding", v + "embeddings.patch_embedding.weight",
-              v + "embeddings.position_embedding.weight", v + "embeddings.position_ids",
-              v + "pre_layrnorm.bias", v + "post_layernorm.weight",
-              v + f"encoder.layers.{spec.vision_layers - 1}.self_attn.out_proj.bias",
-              v + "encoder.layers.0.mlp.fc2.bias", v + "encoder.layers.0.layer_norm2.weight",
-              "model.mm_projector.clip_layernorm.weight", "model.mm_projector.final_linear.0.bias",
-              "model.mm_projector.final_linear.2.weight"):
+    for k in (
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "model.layers.1.self_attn.rotary_emb.inv_freq",
+        "model.layers.1.mlp.gate_proj.weight",
+        v + "embeddings.class_embedding",
+        v + "embeddings.patch_embedding.weight",
+        v + "embeddings.position_embedding.weight",
+        v + "embeddings.position_ids",
+        v + "pre_layrnorm.bias",
+        v + "post_layernorm.weight",
+        v + f"encoder.layers.{spec.vision_layers - 1}.self_attn.out_proj.bias",
+        v + "encoder.layers.0.mlp.fc2.bias",
+        v + "encoder.layers.0.layer_norm2.weight",
+        "model.mm_projector.clip_layernorm.weight",
+        "model.mm_projector.final_linear.0.bias",
+        "model.mm_projector.final_linear.2.weight",
+    ):
         assert k in keys, k
     assert sd["model.mm_projector.clip_layernorm.weight"].shape == (5 * spec.vision_hidden,)
     assert sd["model.mm_projector.final_linear.0.weight"].shape == (spec.text_hidden, 5 * spec.vision_hidden)
@@ -168,10 +181,21 @@ def test_values_are_seeded(sd):
 
 
 def test_key_shapes_scale_to_7b_without_allocation():
-    spec = TinySpec(vocab_size=32000, text_hidden=4096, text_intermediate=11008, text_layers=32,
-                    text_heads=32, text_kv_heads=32, vision_hidden=1024, vision_intermediate=4096,
-                    vision_layers=24, vision_heads=16, image_size=336, patch_size=14,
-                    max_position_embeddings=4096)
+    spec = TinySpec(
+        vocab_size=32000,
+        text_hidden=4096,
+        text_intermediate=11008,
+        text_layers=32,
+        text_heads=32,
+        text_kv_heads=32,
+        vision_hidden=1024,
+        vision_intermediate=4096,
+        vision_layers=24,
+        vision_heads=16,
+        image_size=336,
+        patch_size=14,
+        max_position_embeddings=4096,
+    )
     shapes = tiny.original_key_shapes(spec)
     assert shapes["model.mm_projector.final_linear.0.weight"] == (4096, 5120)
     assert shapes["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"] == (1, 577)
@@ -183,6 +207,7 @@ def test_key_shapes_scale_to_7b_without_allocation():
 # ------------------------------------------------------------------------------------------
 # forward sanity
 # ------------------------------------------------------------------------------------------
+
 
 def test_tiny_forward_is_finite_and_informative(sd):
     rep = tiny.sanity_report(TinySpec(), sd)
@@ -206,9 +231,11 @@ def test_planted_defects_change_outputs(sd):
     base_logits, base_feats = run(sd)
 
     swapped = dict(sd)
-    for name in [k[len("model.layers.0."):] for k in sd if k.startswith("model.layers.0.")]:
+    for name in [k[len("model.layers.0.") :] for k in sd if k.startswith("model.layers.0.")]:
         swapped["model.layers.0." + name], swapped["model.layers.1." + name] = (
-            sd["model.layers.1." + name], sd["model.layers.0." + name])
+            sd["model.layers.1." + name],
+            sd["model.layers.0." + name],
+        )
     assert (run(swapped)[0] - base_logits).abs().max() > 0.1
 
     zeroed = dict(sd)
@@ -224,6 +251,7 @@ def test_planted_defects_change_outputs(sd):
 # ------------------------------------------------------------------------------------------
 # configs
 # ------------------------------------------------------------------------------------------
+
 
 def test_configs(built):
     spec = TinySpec()
@@ -267,6 +295,7 @@ def test_spec_validation():
 # files on disk
 # ------------------------------------------------------------------------------------------
 
+
 def test_build_is_byte_identical(built, tmp_path):
     again = fb.build(tmp_path / "b")
     assert _tree_bytes(built.root) == _tree_bytes(again.root)
@@ -280,8 +309,12 @@ def test_build_is_byte_identical_across_processes(built, tmp_path):
 
 def test_build_layout_and_index(built, sd):
     files = sorted(os.listdir(built.original))
-    assert files == ["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
-                     "pytorch_model.bin.index.json"]
+    assert files == [
+        "config.json",
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+        "pytorch_model.bin.index.json",
+    ]
     index = json.loads((built.original / "pytorch_model.bin.index.json").read_text())
     wm = index["weight_map"]
     assert list(wm) == sorted(wm) and set(wm) == set(sd)
@@ -298,15 +331,23 @@ def test_build_layout_and_index(built, sd):
         assert t.dtype == sd[k].dtype and torch.equal(t, sd[k]), k
         if not tiny.is_legacy_buffer(k):
             assert t.dtype == torch.bfloat16
-    assert sorted(os.listdir(built.text_model)) == ["config.json", "special_tokens_map.json",
-                                                     "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(os.listdir(built.text_model)) == [
+        "config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     assert sorted(os.listdir(built.vision_model)) == ["config.json", "preprocessor_config.json"]
 
 
 def test_safetensors_and_single_file(tmp_path, sd):
     p = fb.build(tmp_path / "st", fmt="safetensors")
-    assert sorted(os.listdir(p.original)) == ["config.json", "model-00001-of-00002.safetensors",
-                                              "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    assert sorted(os.listdir(p.original)) == [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
     loaded = _load_original(p.original)
     assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
     index = json.loads((p.original / "model.safetensors.index.json").read_text())
@@ -359,8 +400,10 @@ def test_demo_fixture_is_cached_and_rebuilt_when_broken(tmp_path, monkeypatch):
 # prompts and images
 # ------------------------------------------------------------------------------------------
 
-SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 
 
 def test_sample_prompts():
@@ -398,9 +441,15 @@ def test_sample_images():
 
 
 def test_committed_fixture_size_is_small():
-    committed = [FIXTURES / "tokenizer.model", FIXTURES / "prompts.json", *FIXTURES.glob("images/*.png"),
-                 *FIXTURES.glob("text/*"), FIXTURES / "conversations.json", FIXTURES / "llama3" / "tokenizer.json",
-                 FIXTURES / "phi3" / "tokenizer.json"]
+    committed = [
+        FIXTURES / "tokenizer.model",
+        FIXTURES / "prompts.json",
+        *FIXTURES.glob("images/*.png"),
+        *FIXTURES.glob("text/*"),
+        FIXTURES / "conversations.json",
+        FIXTURES / "llama3" / "tokenizer.json",
+        FIXTURES / "phi3" / "tokenizer.json",
+    ]
     assert sum(p.stat().st_size for p in committed) < 300_000
 
 
@@ -409,8 +458,10 @@ def test_committed_fixture_size_is_small():
 # ------------------------------------------------------------------------------------------
 
 NEW_BACKBONES = ("llama3", "phi3")
-LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
-                 "that the user provides, and assist the user with a variety of tasks using natural language.")
+LLAMA3_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content "
+    "that the user provides, and assist the user with a variety of tasks using natural language."
+)
 
 
 @pytest.fixture(scope="module")
@@ -421,8 +472,11 @@ def backbone_fixtures(tmp_path_factory) -> dict[str, fb.FixturePaths]:
 
 def _text_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The decoder's tensors of an original state dict: ``model.*`` / ``lm_head.*`` minus vision and projector."""
-    return {k: v.float() for k, v in sd.items()
-            if k.startswith(("model.", "lm_head.")) and not k.startswith(("model.vision_tower.", "model.mm_projector."))}
+    return {
+        k: v.float()
+        for k, v in sd.items()
+        if k.startswith(("model.", "lm_head.")) and not k.startswith(("model.vision_tower.", "model.mm_projector."))
+    }
 
 
 def _causal_lm_from_original(directory: Path):
@@ -478,12 +532,28 @@ def test_original_configs_of_new_backbones():
     assert (llama3["bos_token_id"], llama3["eos_token_id"]) == (900, 901) and "pad_token_id" not in llama3
     phi3 = tiny.original_config(TinySpec.for_backbone("phi3"))
     assert (phi3["model_type"], phi3["architectures"]) == ("llava_phi3", ["LlavaPhi3ForCausalLM"])
-    expected = {"vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512,
-                "original_max_position_embeddings": 512, "sliding_window": 511, "rope_theta": 10000.0,
-                "rope_scaling": None, "rms_norm_eps": 1e-5, "hidden_act": "silu", "embd_pdrop": 0.0,
-                "resid_pdrop": 0.0, "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 997,
-                "pad_token_id": 997, "tie_word_embeddings": False}  # the contract's list
+    expected = {
+        "vocab_size": 1024,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 512,
+        "original_max_position_embeddings": 512,
+        "sliding_window": 511,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "embd_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 997,
+        "pad_token_id": 997,
+        "tie_word_embeddings": False,
+    }  # the contract's list
     assert {k: phi3[k] for k in expected} == expected
     vicuna = tiny.original_config(TinySpec())
     mm = {k: v for k, v in vicuna.items() if k.startswith("mm_")}
@@ -498,7 +568,9 @@ def test_new_backbone_key_layouts():
     for name in NEW_BACKBONES:
         spec = TinySpec.for_backbone(name)
         shapes = tiny.original_key_shapes(spec)
-        assert {k: s for k, s in shapes.items() if k.startswith(("model.vision_tower.", "model.mm_projector."))} == shared
+        assert {
+            k: s for k, s in shapes.items() if k.startswith(("model.vision_tower.", "model.mm_projector."))
+        } == shared
         assert not any("inv_freq" in k for k in shapes), name
         assert shapes["model.embed_tokens.weight"] == shapes["lm_head.weight"] == (spec.vocab_size, spec.text_hidden)
         assert list(shapes)[-1] == "lm_head.weight"
@@ -517,9 +589,9 @@ def test_phi3_lm_head_rows_beyond_the_tokenizer_are_zero():
     spec = TinySpec.for_backbone("phi3")
     sd = tiny.original_state_dict(spec, seed=0)
     head = sd["lm_head.weight"].float()
-    assert head[spec.tokenizer_len:].abs().max() == 0
+    assert head[spec.tokenizer_len :].abs().max() == 0
     assert (head[: spec.tokenizer_len].abs().sum(1) > 0).all()
-    assert sd["model.embed_tokens.weight"].float()[spec.tokenizer_len:].std() > 0.1  # only lm_head is zeroed
+    assert sd["model.embed_tokens.weight"].float()[spec.tokenizer_len :].std() > 0.1  # only lm_head is zeroed
     # the zeroing draws nothing: with T = V the same seed gives the same values everywhere else
     full = tiny.original_state_dict(TinySpec(backbone="phi3", vocab_size=1024), seed=0)
     assert all(torch.equal(full[k], sd[k]) for k in sd if k != "lm_head.weight")
@@ -539,7 +611,7 @@ def test_new_backbone_text_weights_load_strictly(backbone_fixtures, name):
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     assert torch.isfinite(logits).all() and logits[..., : spec.tokenizer_len].std() > 0.1
-    assert (logits[..., spec.tokenizer_len:] == 0).all()  # phi3: ids the tokenizer cannot produce are never argmax
+    assert (logits[..., spec.tokenizer_len :] == 0).all()  # phi3: ids the tokenizer cannot produce are never argmax
     rebuilt, _ = tiny.build_reference_modules(spec, sd)
     assert type(rebuilt) is type(model)
 
@@ -548,8 +620,13 @@ def test_new_backbone_text_weights_load_strictly(backbone_fixtures, name):
 def test_new_backbone_build_is_deterministic_and_cli_agrees(backbone_fixtures, name, tmp_path):
     again = fb.build(tmp_path / "again", backbone=name, spec=TinySpec.for_backbone(name))
     assert _tree_bytes(backbone_fixtures[name].root) == _tree_bytes(again.root)
-    subprocess.run([sys.executable, "-m", "fixtures.build", str(tmp_path / "cli"), "--backbone", name],
-                   check=True, cwd=REPO, timeout=120, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "fixtures.build", str(tmp_path / "cli"), "--backbone", name],
+        check=True,
+        cwd=REPO,
+        timeout=120,
+        capture_output=True,
+    )
     assert _tree_bytes(backbone_fixtures[name].root) == _tree_bytes(tmp_path / "cli")
     other_seed = fb.build(tmp_path / "seed1", backbone=name, seed=1)
     shards = [p for p in _tree_bytes(again.original) if p.endswith(".bin")]
@@ -558,9 +635,16 @@ def test_new_backbone_build_is_deterministic_and_cli_agrees(backbone_fixtures, n
 
 def test_new_backbone_layouts_on_disk(built, backbone_fixtures):
     vicuna_vision = _tree_bytes(built.vision_model)
-    text_files = {"llama3": ["config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"],
-                  "phi3": ["config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-                           "tokenizer_config.json"]}
+    text_files = {
+        "llama3": ["config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"],
+        "phi3": [
+            "config.json",
+            "special_tokens_map.json",
+            "tokenizer.json",
+            "tokenizer.model",
+            "tokenizer_config.json",
+        ],
+    }
     for name, paths in backbone_fixtures.items():
         assert sorted(os.listdir(paths.original)) == sorted(os.listdir(built.original)), name
         assert sorted(os.listdir(paths.text_model)) == text_files[name]
@@ -569,13 +653,20 @@ def test_new_backbone_layouts_on_disk(built, backbone_fixtures):
         assert json.loads((paths.original / "config.json").read_text()) == tiny.original_config(spec)
         assert json.loads((paths.text_model / "config.json").read_text()) == tiny.base_text_config(spec)
         manifest = json.loads((paths.root / fb.MANIFEST).read_text())
-        assert manifest["spec"]["backbone"] == name and set(manifest["files"]) == set(_tree_bytes(paths.root)) - {fb.MANIFEST}
+        assert manifest["spec"]["backbone"] == name and set(manifest["files"]) == set(_tree_bytes(paths.root)) - {
+            fb.MANIFEST
+        }
         wm = json.loads((paths.original / "pytorch_model.bin.index.json").read_text())["weight_map"]
         assert set(wm) == set(tiny.original_key_shapes(spec))
     base = json.loads((backbone_fixtures["phi3"].text_model / "config.json").read_text())
     assert (base["model_type"], base["architectures"], base["vocab_size"]) == ("phi3", ["Phi3ForCausalLM"], 1024)
     base = json.loads((backbone_fixtures["llama3"].text_model / "config.json").read_text())
-    assert (base["model_type"], base["vocab_size"], base["bos_token_id"], base["eos_token_id"]) == ("llama", 1000, 900, 901)
+    assert (base["model_type"], base["vocab_size"], base["bos_token_id"], base["eos_token_id"]) == (
+        "llama",
+        1000,
+        900,
+        901,
+    )
 
 
 def test_build_refuses_a_spec_of_another_backbone(tmp_path):
@@ -590,12 +681,21 @@ def test_build_refuses_a_spec_of_another_backbone(tmp_path):
 
 # ---- llama3 tokenizer ----
 
+
 def _llama3_special_ids() -> dict[str, int]:
     """The contract's named specials (900 + k mirrors Llama-3's 128000 + k)."""
-    return {"<|begin_of_text|>": 900, "<|end_of_text|>": 901, "<|reserved_special_token_0|>": 902,
-            "<|reserved_special_token_3|>": 905, "<|start_header_id|>": 906, "<|end_header_id|>": 907,
-            "<|reserved_special_token_4|>": 908, "<|eot_id|>": 909, "<|reserved_special_token_5|>": 910,
-            "<|reserved_special_token_94|>": 999}
+    return {
+        "<|begin_of_text|>": 900,
+        "<|end_of_text|>": 901,
+        "<|reserved_special_token_0|>": 902,
+        "<|reserved_special_token_3|>": 905,
+        "<|start_header_id|>": 906,
+        "<|end_header_id|>": 907,
+        "<|reserved_special_token_4|>": 908,
+        "<|eot_id|>": 909,
+        "<|reserved_special_token_5|>": 910,
+        "<|reserved_special_token_94|>": 999,
+    }
 
 
 def test_llama3_tokenizer_facts(backbone_fixtures):
@@ -604,8 +704,10 @@ def test_llama3_tokenizer_facts(backbone_fixtures):
     from fixtures import make_llama3_tokenizer as ml
 
     committed = FIXTURES / "llama3" / "tokenizer.json"
-    for tok in (PreTrainedTokenizerFast(tokenizer_file=str(committed)),
-                AutoTokenizer.from_pretrained(backbone_fixtures["llama3"].text_model)):
+    for tok in (
+        PreTrainedTokenizerFast(tokenizer_file=str(committed)),
+        AutoTokenizer.from_pretrained(backbone_fixtures["llama3"].text_model),
+    ):
         assert len(tok) == 1000
         assert tok.backend_tokenizer.get_vocab_size(with_added_tokens=False) == 900
         assert {t: tok.convert_tokens_to_ids(t) for t in _llama3_special_ids()} == _llama3_special_ids()
@@ -654,6 +756,7 @@ def test_llama3_rendered_prompts_keep_specials_whole(backbone_fixtures):
 
 # ---- phi3 tokenizer ----
 
+
 def test_phi3_tokenizer_facts(backbone_fixtures):
     import sentencepiece as spm
     from tokenizers import Tokenizer
@@ -661,17 +764,27 @@ def test_phi3_tokenizer_facts(backbone_fixtures):
 
     from fixtures import make_phi3_tokenizer as mp
 
-    contract = {"<|endoftext|>": 997, "<|assistant|>": 998, "<|placeholder1|>": 999, "<|placeholder4|>": 1002,
-                "<|system|>": 1003, "<|end|>": 1004, "<|placeholder5|>": 1005, "<|placeholder6|>": 1006,
-                "<|user|>": 1007}
+    contract = {
+        "<|endoftext|>": 997,
+        "<|assistant|>": 998,
+        "<|placeholder1|>": 999,
+        "<|placeholder4|>": 1002,
+        "<|system|>": 1003,
+        "<|end|>": 1004,
+        "<|placeholder5|>": 1005,
+        "<|placeholder6|>": 1006,
+        "<|user|>": 1007,
+    }
     fast = Tokenizer.from_file(str(FIXTURES / "phi3" / "tokenizer.json"))
     sp = spm.SentencePieceProcessor(model_file=str(FIXTURES / "tokenizer.model"))
     assert fast.get_vocab_size(with_added_tokens=True) == 1008
     assert {t: fast.token_to_id(t) for t in contract} == contract
     assert [fast.token_to_id(t) for t in mp.special_tokens()] == list(range(997, 1008))
     added = {t["content"]: t for t in json.loads((FIXTURES / "phi3" / "tokenizer.json").read_text())["added_tokens"]}
-    assert all(added[t]["special"] and not (added[t]["normalized"] or added[t]["lstrip"] or added[t]["rstrip"])
-               for t in contract)
+    assert all(
+        added[t]["special"] and not (added[t]["normalized"] or added[t]["lstrip"] or added[t]["rstrip"])
+        for t in contract
+    )
     texts = [t["text"] for c in fb.sample_conversations() for t in c["turns"] if t["text"]]
     texts += [" two  spaces ", "\nWhat", "12345"]
     for text in texts:
@@ -682,18 +795,41 @@ def test_phi3_tokenizer_facts(backbone_fixtures):
     for text in texts + ["<|user|>\n<image>\nWhat is shown?<|end|>\n<|assistant|>\n"]:
         assert auto(text).input_ids == fast.encode(text).ids, text
     tc = json.loads((backbone_fixtures["phi3"].text_model / "tokenizer_config.json").read_text())
-    assert {k: tc[k] for k in ("tokenizer_class", "legacy", "add_bos_token", "add_eos_token", "bos_token",
-                               "eos_token", "unk_token", "pad_token")} == {
-        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>", "pad_token": "<|endoftext|>"}
+    assert {
+        k: tc[k]
+        for k in (
+            "tokenizer_class",
+            "legacy",
+            "add_bos_token",
+            "add_eos_token",
+            "bos_token",
+            "eos_token",
+            "unk_token",
+            "pad_token",
+        )
+    } == {
+        "tokenizer_class": "LlamaTokenizer",
+        "legacy": False,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<unk>",
+        "pad_token": "<|endoftext|>",
+    }
     assert {int(i) for i in tc["added_tokens_decoder"]} == {0, 1, 2, *range(997, 1008)}
     assert (backbone_fixtures["phi3"].text_model / "tokenizer.model").read_bytes() == sp.serialized_model_proto()
 
 
 def test_phi3_tokenizer_pipeline_is_legacy_llama():
     d = json.loads((FIXTURES / "phi3" / "tokenizer.json").read_text())
-    assert d["normalizer"] == {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPACE},
-                               {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]}
+    assert d["normalizer"] == {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": SPACE},
+            {"type": "Replace", "pattern": {"String": " "}, "content": SPACE},
+        ],
+    }
     assert d["pre_tokenizer"] is None
     assert (d["model"]["type"], d["model"]["byte_fallback"], d["model"]["unk_token"]) == ("BPE", True, "<unk>")
     assert [x["type"] for x in d["decoder"]["decoders"]] == ["Replace", "ByteFallback", "Fuse", "Strip"]
@@ -709,28 +845,41 @@ def test_phi3_rendered_prompts_keep_specials_whole(backbone_fixtures):
         roles = [t["role"] for t in conv["turns"]]
         done = [t for t in conv["turns"] if t["text"]]
         assert ids[:2] == [1, 1003]  # <s> (add_bos_token), <|system|>
-        assert (ids.count(1007), ids.count(998), ids.count(1004)) == (roles.count("user"), roles.count("assistant"),
-                                                                      1 + len(done))
+        assert (ids.count(1007), ids.count(998), ids.count(1004)) == (
+            roles.count("user"),
+            roles.count("assistant"),
+            1 + len(done),
+        )
         assert ids[-3:] == [998] + tok("\n", add_special_tokens=False).input_ids
 
 
 # ---- regeneration and the committed files ----
+
 
 def test_backbone_tokenizers_are_regenerable():
     from fixtures import make_llama3_tokenizer as ml
     from fixtures import make_phi3_tokenizer as mp
 
     assert ml.train().encode("utf-8") == (FIXTURES / "llama3" / "tokenizer.json").read_bytes()
-    assert mp.build_tokenizer(mp.MODEL_PATH.read_bytes()).encode("utf-8") == \
-        (FIXTURES / "phi3" / "tokenizer.json").read_bytes()
+    assert (
+        mp.build_tokenizer(mp.MODEL_PATH.read_bytes()).encode("utf-8")
+        == (FIXTURES / "phi3" / "tokenizer.json").read_bytes()
+    )
     # another process (another hash seed for the trainer's maps) writes the same bytes too
-    out = subprocess.run([sys.executable, "-m", "fixtures.make_llama3_tokenizer", "--check"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONHASHSEED": "7"})
+    out = subprocess.run(
+        [sys.executable, "-m", "fixtures.make_llama3_tokenizer", "--check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONHASHSEED": "7"},
+    )
     assert out.returncode == 0 and out.stdout.strip() == "up to date", out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("module_name, special", [("make_llama3_tokenizer", "<|eot_id|>"),
-                                                  ("make_phi3_tokenizer", "<|user|>")])
+@pytest.mark.parametrize(
+    "module_name, special", [("make_llama3_tokenizer", "<|eot_id|>"), ("make_phi3_tokenizer", "<|user|>")]
+)
 def test_tokenizer_check_catches_a_stale_file(tmp_path, monkeypatch, capsys, module_name, special):
     import importlib
 
@@ -759,7 +908,9 @@ def test_demo_fixture_per_backbone_is_cached_and_tracks_its_data(tmp_path, monke
     changed = tmp_path / "changed.json"
     changed.write_bytes(tok.read_bytes() + b"\n")
     files = dict(fb.TEXT_MODEL_FILES)
-    files["llama3"] = fb.TextModelFiles((changed,), files["llama3"].tokenizer_config, files["llama3"].special_tokens_map)
+    files["llama3"] = fb.TextModelFiles(
+        (changed,), files["llama3"].tokenizer_config, files["llama3"].special_tokens_map
+    )
     before = fb._builder_fingerprint("llama3")
     monkeypatch.setattr(fb, "TEXT_MODEL_FILES", files)
     assert fb._builder_fingerprint("llama3") != before
@@ -767,11 +918,15 @@ def test_demo_fixture_per_backbone_is_cached_and_tracks_its_data(tmp_path, monke
     monkeypatch.setenv("VIPLLAVA_HARNESS_CACHE", str(tmp_path))
     q = fb.demo_fixture(backbone="phi3")
     assert q.root == tmp_path / "tiny-fixture-phi3-v1" and (q.text_model / "tokenizer.model").is_file()
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["changed.json", "tiny-fixture-llama3-v1",
-                                                            "tiny-fixture-phi3-v1"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == [
+        "changed.json",
+        "tiny-fixture-llama3-v1",
+        "tiny-fixture-phi3-v1",
+    ]
 
 
 # ---- conversations ----
+
 
 def test_sample_conversations():
     convs = fb.sample_conversations()
@@ -780,9 +935,10 @@ def test_sample_conversations():
     for c in convs:
         assert list(c) == ["name", "image", "turns"]
         roles = [t["role"] for t in c["turns"]]
-        assert roles == ["user", "assistant"] * (len(roles) // 2) and all(set(t) == {"role", "text"} for t in c["turns"])
-        assert c["turns"][-1]["text"] is None and all(isinstance(t["text"], str) and t["text"]
-                                                      for t in c["turns"][:-1])
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and all(
+            set(t) == {"role", "text"} for t in c["turns"]
+        )
+        assert c["turns"][-1]["text"] is None and all(isinstance(t["text"], str) and t["text"] for t in c["turns"][:-1])
         text = "".join(t["text"] or "" for t in c["turns"])
         assert text.count("<image>") == (c["image"] is not None)
         assert c["image"] is None or (c["image"] in images and c["turns"][0]["text"].startswith("<image>\n"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -34,8 +33,20 @@ def hub(tiny, tmp_path, monkeypatch):
 def _convert(out: Path, *extra: str) -> int:
     from convert.cli import main
 
-    return main(["--original", "mucai/vip-llava-tiny", "--text-model", "lmsys/vicuna-tiny",
-                 "--vision-model", "openai/clip-tiny", "--output", str(out), "--quiet", *extra])
+    return main(
+        [
+            "--original",
+            "mucai/vip-llava-tiny",
+            "--text-model",
+            "lmsys/vicuna-tiny",
+            "--vision-model",
+            "openai/clip-tiny",
+            "--output",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def test_hub_ids_convert_offline_and_record_revisions(hub, tmp_path, converted):
@@ -43,7 +54,11 @@ def test_hub_ids_convert_offline_and_record_revisions(hub, tmp_path, converted):
     out = tmp_path / "out"
     assert _convert(out) == 0
     m = json.loads((out / "conversion.json").read_text())
-    for key, repo_id in (("original", "mucai/vip-llava-tiny"), ("text_model", "lmsys/vicuna-tiny"), ("vision_model", "openai/clip-tiny")):
+    for key, repo_id in (
+        ("original", "mucai/vip-llava-tiny"),
+        ("text_model", "lmsys/vicuna-tiny"),
+        ("vision_model", "openai/clip-tiny"),
+    ):
         assert m["inputs"][key]["repo_id"] == repo_id and m["inputs"][key]["revision"] == commits[repo_id]
     # the same bytes as the local-path conversion, whatever the inputs' names
     for name, digest in m["outputs"].items():
@@ -54,8 +69,19 @@ def test_revision_pin_is_honoured(hub, tmp_path, capsys):
     from convert.cli import main
 
     out = tmp_path / "out"
-    code = main(["--original", "mucai/vip-llava-tiny@" + "d" * 40, "--text-model", "lmsys/vicuna-tiny",
-                 "--vision-model", "openai/clip-tiny", "--output", str(out), "--quiet"])
+    code = main(
+        [
+            "--original",
+            "mucai/vip-llava-tiny@" + "d" * 40,
+            "--text-model",
+            "lmsys/vicuna-tiny",
+            "--vision-model",
+            "openai/clip-tiny",
+            "--output",
+            str(out),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "mucai/vip-llava-tiny@" in err and not out.exists()
 

@@ -150,8 +150,16 @@ def test_conversion_copies_from_the_stream_and_reads_the_input_once(tmp_path, mo
 
     monkeypatch.setattr(InputStream, "take", spy_take)
     out = tmp_path / "out"
-    pipeline.convert(pipeline.Options(original=str(paths.original), output=out, text_model=str(paths.text_model),
-                                      vision_model=str(paths.vision_model), max_shard_size="200KB", progress=False))
+    pipeline.convert(
+        pipeline.Options(
+            original=str(paths.original),
+            output=out,
+            text_model=str(paths.text_model),
+            vision_model=str(paths.vision_model),
+            max_shard_size="200KB",
+            progress=False,
+        )
+    )
     (s,) = streams
     total = sum(f.stat().st_size for f in s.files)
     assert s.bytes_read == total  # read once, whole
@@ -177,8 +185,15 @@ def test_a_wrong_offset_is_caught_and_nothing_is_written(tmp_path, monkeypatch):
     monkeypatch.setattr(Checkpoint, "location", shifted)
     out = tmp_path / "out"
     with pytest.raises(ConversionError, match="converter bug"):
-        pipeline.convert(pipeline.Options(original=str(paths.original), output=out, text_model=str(paths.text_model),
-                                          vision_model=str(paths.vision_model), progress=False))
+        pipeline.convert(
+            pipeline.Options(
+                original=str(paths.original),
+                output=out,
+                text_model=str(paths.text_model),
+                vision_model=str(paths.vision_model),
+                progress=False,
+            )
+        )
     assert not out.exists() and not list(tmp_path.glob(".vipllava-tmp-*"))
 
 
@@ -191,12 +206,16 @@ def test_output_is_flushed_and_dropped_behind_the_writer(tmp_path, monkeypatch):
     monkeypatch.setattr(writer.DropBehind, "STEP", 4096)
     calls: list[tuple] = []
     real_sync, real_drop = writer._sync_range, writer.drop_cached
-    monkeypatch.setattr(writer, "_sync_range", lambda fd, a, n, wait: (calls.append(("sync", a, n, wait)), real_sync(fd, a, n, wait)))
+    monkeypatch.setattr(
+        writer, "_sync_range", lambda fd, a, n, wait: (calls.append(("sync", a, n, wait)), real_sync(fd, a, n, wait))
+    )
     monkeypatch.setattr(writer, "drop_cached", lambda fd, a=0, n=0: (calls.append(("drop", a, n)), real_drop(fd, a, n)))
     sd = {f"t{i}": torch.full((1000,), float(i)) for i in range(10)}  # 40 kB of float32
     flusher = writer.DropBehind()
     path = tmp_path / "x.safetensors"
-    writer.write_shard(path, [OutTensor(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in sd.items()], flusher=flusher)
+    writer.write_shard(
+        path, [OutTensor(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in sd.items()], flusher=flusher
+    )
     flusher.close(path).result()
     flusher.shutdown()
     starts = [c for c in calls if c[0] == "sync" and not c[3]]
@@ -225,8 +244,15 @@ def test_an_error_at_fsync_fails_the_run_and_leaves_nothing(tmp_path, monkeypatc
     monkeypatch.setattr(writer.os, "fsync", broken_fsync)
     out = tmp_path / "out"
     with pytest.raises(ConversionError, match="writing failed"):
-        pipeline.convert(pipeline.Options(original=str(paths.original), output=out, text_model=str(paths.text_model),
-                                          vision_model=str(paths.vision_model), progress=False))
+        pipeline.convert(
+            pipeline.Options(
+                original=str(paths.original),
+                output=out,
+                text_model=str(paths.text_model),
+                vision_model=str(paths.vision_model),
+                progress=False,
+            )
+        )
     assert not out.exists() and not list(tmp_path.glob(".vipllava-tmp-*"))
 
 
@@ -283,6 +309,13 @@ def test_an_input_changed_under_the_converter_fails_cleanly(tmp_path, monkeypatc
     monkeypatch.setattr(pipeline, "InputStream", Truncating)
     out = tmp_path / "out"
     with pytest.raises(ConversionError, match=r"pytorch_model-00001-of-00002\.bin: changed size since it was opened"):
-        pipeline.convert(pipeline.Options(original=str(paths.original), output=out, text_model=str(paths.text_model),
-                                          vision_model=str(paths.vision_model), progress=False))
+        pipeline.convert(
+            pipeline.Options(
+                original=str(paths.original),
+                output=out,
+                text_model=str(paths.text_model),
+                vision_model=str(paths.vision_model),
+                progress=False,
+            )
+        )
     assert not out.exists() and not list(tmp_path.glob(".vipllava-tmp-*"))

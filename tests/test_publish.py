@@ -1,8 +1,9 @@
 """Publishing (``python -m convert --push-to-hub``, ``convert.publish``): a repo that fails verification is never
 sent; a verified one goes up complete, in one commit, with its model card and report; Hub errors are one line.
 
-The ONLY thing replaced is the object that talks to the Hub: :class:`RecordingHubApi`, injected as ``api=`` or
-through the ``convert.publish.HUB_API_FACTORY`` hook. Conversions, verification, the commit's operations and the card are real.
+The ONLY thing replaced is the object that talks to the Hub: :class:`tests.recording_hub.RecordingHubApi`, injected
+as ``api=`` or through the ``convert.publish.HUB_API_FACTORY`` hook. Conversions, verification, the commit's
+operations and the card are real.
 The CLI tests run the full default verification (as ``--push-to-hub`` does); the library tests pass the real
 ``verify_repo`` with four of the sample prompts and 4 greedy tokens, to stay fast.
 """
@@ -11,17 +12,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import json
 import re
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file, save_file
 
 import convert
@@ -30,86 +27,21 @@ from convert.model_card import model_card
 from convert.publish import PublishError, publish
 from fixtures.build import sample_images, sample_prompts
 from tests.conftest import run_convert
+from tests.recording_hub import RecordingHubApi
 from verify.api import verify_repo
 
 REPO_ID = "someone/vip-llava-tiny-hf"
 PROMPTS = [p for p in sample_prompts() if p["name"] in ("wide_colour", "text_only", "two_turn", "image_then_space")]
 fast_verify = functools.partial(verify_repo, prompts=PROMPTS, images=sample_images(), max_new_tokens=4, progress=False)
 # the original llava_v1 format, spelled out here independently of convert.model_card
-LLAVA_V1 = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-            "detailed, and polite answers to the human's questions. USER: <image>\n{question} ASSISTANT:")
+LLAVA_V1 = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human's questions. USER: <image>\n{question} ASSISTANT:"
+)
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _http_error(status: int, url: str) -> HfHubHTTPError:
-    # HfHubHTTPError needs a response of the HTTP library huggingface_hub uses (httpx2 for hub 2.x): find it from
-    # the error's own base class rather than naming the library
-    http = importlib.import_module(HfHubHTTPError.__mro__[1].__module__.split(".")[0])
-    response = http.Response(status, request=http.Request("POST", url))
-    return HfHubHTTPError(f"{status} Client Error: Unauthorized for url: {url}\nInvalid credentials in Authorization header",
-                          response=response)
-
-
-class RecordingHubApi:
-    """The network boundary's stand-in: the few ``HfApi`` methods publishing uses, recorded, never touching the
-    network. ``create_commit`` records, per operation, the path in the repo and the sha256 of its content AT CALL
-    TIME (read from the file it points to, or the bytes given), the deleted paths, and the text of the card and
-    the report. ``remote_files``: what the target branch already holds. ``fail_at``: the method that raises
-    ``HfHubHTTPError`` (401). ``existing_public``: the repo already exists as a public repo."""
-
-    def __init__(self, fail_at: str | None = None, existing_public: bool = False, remote_files: list[str] | None = None):
-        self.calls: list[tuple[str, dict]] = []
-        self.commits: list[dict] = []
-        self.fail_at = fail_at
-        self.existing_public = existing_public
-        self.remote_files = remote_files if remote_files is not None else [".gitattributes"]
-        self._private: bool | None = None
-
-    def _record(self, name: str, **kwargs) -> None:
-        self.calls.append((name, kwargs))
-        if name == self.fail_at:
-            raise _http_error(401, f"https://huggingface.co/api/{name}")
-
-    def create_repo(self, repo_id, *, private=None, exist_ok=False, **kw):
-        self._record("create_repo", repo_id=repo_id, private=private, exist_ok=exist_ok, **kw)
-        self._private = False if self.existing_public else bool(private)
-        return f"https://huggingface.co/{repo_id}"
-
-    def repo_info(self, repo_id, **kw):
-        self._record("repo_info", repo_id=repo_id, **kw)
-        return SimpleNamespace(id=repo_id, private=self._private)
-
-    def create_branch(self, repo_id, *, branch, exist_ok=False, **kw):
-        self._record("create_branch", repo_id=repo_id, branch=branch, exist_ok=exist_ok, **kw)
-
-    def list_repo_files(self, repo_id, *, revision=None, **kw):
-        self._record("list_repo_files", repo_id=repo_id, revision=revision, **kw)
-        return list(self.remote_files)
-
-    def create_commit(self, repo_id, operations, *, commit_message, commit_description=None, revision=None, **kw):
-        operations = list(operations)
-        self._record("create_commit", repo_id=repo_id, commit_message=commit_message,
-                     commit_description=commit_description, revision=revision, **kw)
-        added, texts, deleted = {}, {}, []
-        for op in operations:
-            if isinstance(op, CommitOperationDelete):
-                deleted.append(op.path_in_repo)
-                continue
-            assert isinstance(op, CommitOperationAdd), op
-            src = op.path_or_fileobj
-            data = src if isinstance(src, bytes) else Path(src).read_bytes()
-            assert op.path_in_repo not in added, f"{op.path_in_repo} added twice"
-            added[op.path_in_repo] = hashlib.sha256(data).hexdigest()
-            if op.path_in_repo in ("README.md", "verification.json"):
-                texts[op.path_in_repo] = data.decode()
-        self.commits.append({"files": added, "texts": texts, "deleted": deleted})
-        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{'f' * 40}", oid="f" * 40)
-
-    def __getattr__(self, name):  # any other Hub call is a test failure, not a silent no-op
-        raise AssertionError(f"unexpected Hub call: {name}")
 
 
 @pytest.fixture()
@@ -169,10 +101,16 @@ def test_passing_conversion_is_pushed_in_one_complete_commit_with_card_and_repor
     assert commit["deleted"] == stale and result.deleted == stale
     report_json = json.loads(commit["texts"]["verification.json"])
     assert report_json["passed"] and [c["status"] for c in report_json["checks"]] == ["PASS"] * 9
-    assert report_json["environment"]["transformers"] and report_json["environment"]["tool"] == f"vipllava-harness {convert.__version__}"
+    assert (
+        report_json["environment"]["transformers"]
+        and report_json["environment"]["tool"] == f"vipllava-harness {convert.__version__}"
+    )
     manifest = json.loads((repo / "conversion.json").read_text())
     assert commit["texts"]["README.md"] == model_card(manifest, report_json, None, repo_id=REPO_ID)
-    assert kw["commit_message"] == f"Convert ViP-LLaVA with vipllava-harness {convert.__version__}: verify 9/9 checks passed"
+    assert (
+        kw["commit_message"]
+        == f"Convert ViP-LLaVA with vipllava-harness {convert.__version__}: verify 9/9 checks passed"
+    )
     assert kw["revision"] is None and kw["repo_id"] == REPO_ID and "logits: PASS" in kw["commit_description"]
     # the local output is untouched and still verifies (verify's files check rejects unlisted files)
     assert _local_state(repo) == before
@@ -183,7 +121,9 @@ def test_private_on_an_existing_public_repo_is_refused_before_uploading(repo):
     api = RecordingHubApi(existing_public=True)
     with pytest.raises(PublishError, match="exists and is public") as e:
         publish(repo, REPO_ID, private=True, api=api, verify=fast_verify)
-    assert "\n" not in str(e.value) and [name for name, _ in api.calls] == ["create_repo", "repo_info"] and not api.commits
+    assert (
+        "\n" not in str(e.value) and [name for name, _ in api.calls] == ["create_repo", "repo_info"] and not api.commits
+    )
 
 
 def test_http_error_exits_2_with_one_line(repo, hub, capsys):
@@ -191,7 +131,9 @@ def test_http_error_exits_2_with_one_line(repo, hub, capsys):
     code = publish_mod.run(repo, REPO_ID, private=False, revision=None, progress=False, verify=fast_verify)
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err, err
-    assert err.startswith(f"error: pushing to {REPO_ID} failed at create_commit: 401 Client Error") and "HF_TOKEN" in err, err
+    assert (
+        err.startswith(f"error: pushing to {REPO_ID} failed at create_commit: 401 Client Error") and "HF_TOKEN" in err
+    ), err
     assert err.endswith("no commit was made"), err
     hub.calls.clear()
     hub.fail_at = "create_repo"
@@ -207,8 +149,11 @@ def test_cli_refuses_to_push_a_conversion_that_fails_verification(tiny, hub, tmp
     import convert.resize as resize_module
 
     real = resize_module.sample_new_rows
-    monkeypatch.setattr(resize_module, "sample_new_rows",
-                        lambda embed, count, generator, scale=resize_module.SCALE: real(embed, count, generator, scale * 1e4))
+    monkeypatch.setattr(
+        resize_module,
+        "sample_new_rows",
+        lambda embed, count, generator, scale=resize_module.SCALE: real(embed, count, generator, scale * 1e4),
+    )
     out = tmp_path / "out"
     code = run_convert(tiny, out, "--push-to-hub", REPO_ID)
     captured = capsys.readouterr()
@@ -224,11 +169,23 @@ def test_cli_pushes_a_verified_conversion_to_a_new_private_branch(tiny, hub, tmp
     code = run_convert(tiny, out, "--push-to-hub", REPO_ID, "--private", "--push-branch", "conversion-v1")
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert [name for name, _ in hub.calls] == ["create_repo", "repo_info", "create_branch", "list_repo_files", "create_commit"]
-    assert hub.calls[0][1]["private"] is True and hub.calls[2][1] == {"repo_id": REPO_ID, "branch": "conversion-v1", "exist_ok": True}
+    assert [name for name, _ in hub.calls] == [
+        "create_repo",
+        "repo_info",
+        "create_branch",
+        "list_repo_files",
+        "create_commit",
+    ]
+    assert hub.calls[0][1]["private"] is True and hub.calls[2][1] == {
+        "repo_id": REPO_ID,
+        "branch": "conversion-v1",
+        "exist_ok": True,
+    }
     assert hub.calls[3][1]["revision"] == "conversion-v1"
     kw = hub.calls[4][1]
-    assert kw["revision"] == "conversion-v1" and kw["commit_message"].endswith(f"{convert.__version__}: verify 9/9 checks passed")
+    assert kw["revision"] == "conversion-v1" and kw["commit_message"].endswith(
+        f"{convert.__version__}: verify 9/9 checks passed"
+    )
     local = _local_state(out)
     assert set(hub.commits[0]["files"]) == set(local) | {"README.md", "verification.json"}
     assert all(hub.commits[0]["files"][n] == d for n, d in local.items())
@@ -268,8 +225,11 @@ def test_cli_push_while_offline_stops_before_converting(tiny, tmp_path, capsys, 
 def card_inputs(converted) -> tuple[dict, dict]:
     """The converted fixture's manifest, as if its inputs had come from the Hub, and a real verification report."""
     manifest = json.loads((converted / "conversion.json").read_text())
-    for key, repo_id, commit in (("original", "mucai/vip-llava-7b", "a" * 40), ("text_model", "lmsys/vicuna-7b-v1.5", "b" * 40),
-                                 ("vision_model", "openai/clip-vit-large-patch14-336", "c" * 40)):
+    for key, repo_id, commit in (
+        ("original", "mucai/vip-llava-7b", "a" * 40),
+        ("text_model", "lmsys/vicuna-7b-v1.5", "b" * 40),
+        ("vision_model", "openai/clip-vit-large-patch14-336", "c" * 40),
+    ):
         manifest["inputs"][key].update(repo_id=repo_id, revision=commit, source=repo_id)
     return manifest, json.loads(fast_verify(converted).to_json())
 
@@ -284,8 +244,13 @@ def test_model_card_front_matter_and_sections(card_inputs):
     manifest, report_json = card_inputs
     card = model_card(manifest, report_json, None, repo_id=REPO_ID)
     meta, body = _front_matter(card)
-    assert meta == {"license": "llama2", "base_model": ["mucai/vip-llava-7b"], "pipeline_tag": "image-text-to-text",
-                    "library_name": "transformers", "tags": ["vipllava", "vip-llava"]}
+    assert meta == {
+        "license": "llama2",
+        "base_model": ["mucai/vip-llava-7b"],
+        "pipeline_tag": "image-text-to-text",
+        "library_name": "transformers",
+        "tags": ["vipllava", "vip-llava"],
+    }
     headings = re.findall(r"^## (.+)$", body, re.M)
     assert headings == ["Inputs", "Conversion", "Verification", "Proven transformers versions", "Usage", "License"]
     assert body.count("```python") == 2 and body.count("```") == 4  # usage, and the recipe for transformers < 4.49
@@ -329,11 +294,13 @@ def test_model_card_prompt_format_license_and_local_inputs(card_inputs, converte
     # the same format verify used for its sample prompts
     box = next(p for p in sample_prompts() if p["name"] == "box_inside")
     assert box["prompt"] == LLAVA_V1.format(question="What is inside the red box?")
-    assert 'processor.apply_chat_template(conversation, add_generation_prompt=True)' in card
+    assert "processor.apply_chat_template(conversation, add_generation_prompt=True)" in card
     assert '[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]' in card
     assert "VipLlavaForConditionalGeneration.from_pretrained(" in card and "AutoProcessor.from_pretrained(" in card
     assert "Llama 2 Community License" in card and "https://ai.meta.com/llama/license/" in card
-    assert "https://huggingface.co/mucai/vip-llava-7b" in card and "https://github.com/WisconsinAIVision/ViP-LLaVA" in card
+    assert (
+        "https://huggingface.co/mucai/vip-llava-7b" in card and "https://github.com/WisconsinAIVision/ViP-LLaVA" in card
+    )
     # local inputs: paths instead of revisions, no base_model, license assumed and said so
     local = json.loads((converted / "conversion.json").read_text())
     card = model_card(local, report_json, None)
@@ -355,19 +322,36 @@ def test_model_card_usage_snippet_runs_and_chat_template_matches(card_inputs, co
     card = model_card(manifest, report_json, None, repo_id=REPO_ID)
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     image = Path(__file__).resolve().parents[1] / "fixtures" / "images" / "box.png"
-    code = (code.replace(json.dumps(REPO_ID), json.dumps(str(converted))).replace('"image.png"', json.dumps(str(image)))
-            .replace("max_new_tokens=200", "max_new_tokens=4"))
+    code = (
+        code.replace(json.dumps(REPO_ID), json.dumps(str(converted)))
+        .replace('"image.png"', json.dumps(str(image)))
+        .replace("max_new_tokens=200", "max_new_tokens=4")
+    )
     scope: dict = {}
     exec(compile(code, "model-card-snippet", "exec"), scope)
     assert scope["prompt"] == LLAVA_V1.format(question=question)
     assert scope["output"].shape[1] == scope["inputs"]["input_ids"].shape[1] + 4
 
 
-@pytest.mark.parametrize("backbone, license_id, words", [
-    ("llama3", "llama3", ["Meta Llama 3 Community License", "llava_llama_3",
-                          '"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n']),
-    ("phi3", "mit", ["MIT License (Phi-3)", "llava_phi_3", '<|user|>\\n<image>\\n{question}<|end|>\\n<|assistant|>\\n"']),
-])
+@pytest.mark.parametrize(
+    "backbone, license_id, words",
+    [
+        (
+            "llama3",
+            "llama3",
+            [
+                "Meta Llama 3 Community License",
+                "llava_llama_3",
+                '"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n',
+            ],
+        ),
+        (
+            "phi3",
+            "mit",
+            ["MIT License (Phi-3)", "llava_phi_3", '<|user|>\\n<image>\\n{question}<|end|>\\n<|assistant|>\\n"'],
+        ),
+    ],
+)
 def test_model_card_of_other_backbones_names_their_format_and_license(card_inputs, backbone, license_id, words):
     """The card of a Llama-3 or Phi-3 conversion shows that backbone's original prompt (the Python literal of the
     chat template's rendering) and its base model's license, not Vicuna's."""

@@ -10,7 +10,6 @@ tokenizer with ``use_fast=False``); the converter accepts it, so verify must run
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -43,7 +42,11 @@ def base_layout(folder: Path) -> tuple[int, tuple[int, int, int | None]]:
 
         def lookup(t):
             return decoder.get(t, sp.piece_to_id(t))
-    ids = tuple(None if content(cfg.get(k)) is None else lookup(content(cfg.get(k))) for k in ("bos_token", "eos_token", "pad_token"))
+
+    ids = tuple(
+        None if content(cfg.get(k)) is None else lookup(content(cfg.get(k)))
+        for k in ("bos_token", "eos_token", "pad_token")
+    )
     return size, ids
 
 
@@ -62,8 +65,15 @@ def convert_and_verify(realvocab, tmp_path_factory, backbone: str, slow_only: bo
     assert size == tokens
     fx = build_real_vocab(tmp_path_factory.mktemp(f"fx-{name}") / "tiny", base, backbone, rows, tokens, ids)
     repo = tmp_path_factory.mktemp(f"out-{name}") / "repo"
-    convert(Options(original=str(fx.original), text_model=str(fx.text_model), vision_model=str(fx.vision_model),
-                    output=repo, progress=False))
+    convert(
+        Options(
+            original=str(fx.original),
+            text_model=str(fx.text_model),
+            vision_model=str(fx.vision_model),
+            output=repo,
+            progress=False,
+        )
+    )
     return repo, verify_repo(repo, progress=False)
 
 
@@ -97,13 +107,18 @@ def test_real_vicuna_reports_the_4_31_era_difference(real_conversion):
         return
     assert era.status == "WARN" and not era.failed
     assert era.numbers["4.31.0"]["differ"] >= 1 and era.numbers["4.31.0"]["first"][0] == "two_turn"
-    assert era.summary.startswith(f"4.31.0-era tokenization differs on {era.numbers['4.31.0']['differ']} of {len(report.settings['prompts'])} prompts")
+    assert era.summary.startswith(
+        f"4.31.0-era tokenization differs on {era.numbers['4.31.0']['differ']} of {len(report.settings['prompts'])} "
+        "prompts"
+    )
 
 
 def test_slow_only_phi3_original_verifies(realvocab, tmp_path_factory):
     """A Phi-3 base folder with only tokenizer.model: the original builder loaded it with use_fast=True, i.e. the
     fast tokenizer transformers 4.37.2 converted itself; verify restates that and runs every check."""
     repo, report = convert_and_verify(realvocab, tmp_path_factory, "phi3", slow_only=True)
-    assert not (Path(json.loads((repo / "conversion.json").read_text())["inputs"]["text_model"]["path"]) / "tokenizer.json").exists()
+    assert not (
+        Path(json.loads((repo / "conversion.json").read_text())["inputs"]["text_model"]["path"]) / "tokenizer.json"
+    ).exists()
     assert not any("not found" in c.summary for c in report.checks), report.table()
     assert report.passed, report.table()

@@ -35,6 +35,7 @@ ROWS = {"vicuna": 32000, "phi3": 32064, "llama3": 128256}
 # The original pipeline (expected side)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def tokenizer_image_token(prompt: str, encode, bos: int | None) -> list[int]:
     chunks = [encode(c) for c in prompt.split(IMAGE)]
     offset = 1 if chunks and chunks[0] and chunks[0][0] == bos else 0
@@ -61,9 +62,17 @@ class OriginalSentencepiece:
         self.legacy = legacy
         cfg = json.loads((base / "tokenizer_config.json").read_text())
         decoder = cfg.get("added_tokens_decoder") or {
-            "0": {"content": "<unk>", "special": True}, "1": {"content": "<s>", "special": True}, "2": {"content": "</s>", "special": True}}
-        self.added = {e["content"]: (int(i), bool(e.get("special", True)), bool(e.get("rstrip", False))) for i, e in decoder.items()}
-        self.split_re = re.compile("(" + "|".join(re.escape(c) for c in sorted(self.added, key=len, reverse=True)) + ")")
+            "0": {"content": "<unk>", "special": True},
+            "1": {"content": "<s>", "special": True},
+            "2": {"content": "</s>", "special": True},
+        }
+        self.added = {
+            e["content"]: (int(i), bool(e.get("special", True)), bool(e.get("rstrip", False)))
+            for i, e in decoder.items()
+        }
+        self.split_re = re.compile(
+            "(" + "|".join(re.escape(c) for c in sorted(self.added, key=len, reverse=True)) + ")"
+        )
         self.unk_len = len(self.sp_noprefix.encode("<unk>", out_type=str))
         self.bos = self.sp.piece_to_id("<s>")
 
@@ -72,7 +81,7 @@ class OriginalSentencepiece:
             return self.sp.encode(text, out_type=str)
         if not text.startswith(("\u2581", " ")):
             return self.sp_noprefix.encode(text, out_type=str)
-        return self.sp_noprefix.encode("<unk>" + text, out_type=str)[self.unk_len:]
+        return self.sp_noprefix.encode("<unk>" + text, out_type=str)[self.unk_len :]
 
     def tokenize(self, text: str) -> list[str]:
         if not text:
@@ -91,7 +100,13 @@ class OriginalSentencepiece:
                 p = p.lstrip()
             if p:
                 tokens.extend(self._segment(p))
-        if not self.legacy and len(tokens) > 1 and tokens[0] == "\u2581" and tokens[1] in self.added and self.added[tokens[1]][1]:
+        if (
+            not self.legacy
+            and len(tokens) > 1
+            and tokens[0] == "\u2581"
+            and tokens[1] in self.added
+            and self.added[tokens[1]][1]
+        ):
             tokens = tokens[1:]
         return tokens
 
@@ -122,7 +137,9 @@ _ORIGINAL: dict = {}
 def original(rv, backbone: str, variant=None):
     if (backbone, variant) not in _ORIGINAL:
         base = rv.base_tokenizer_dir(backbone, variant)
-        _ORIGINAL[backbone, variant] = OriginalLlama3(base) if backbone == "llama3" else OriginalSentencepiece(base, legacy=backbone == "phi3")
+        _ORIGINAL[backbone, variant] = (
+            OriginalLlama3(base) if backbone == "llama3" else OriginalSentencepiece(base, legacy=backbone == "phi3")
+        )
     return _ORIGINAL[backbone, variant]
 
 
@@ -169,6 +186,7 @@ def image_ids(tok, prompt: str) -> list[int]:
 # 46/46 reference tokenizations
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def matched(encode, cases) -> int:
     return sum(encode(text) == ids for text, ids in cases)
 
@@ -212,9 +230,9 @@ def test_expected_side_gives_the_reference_ids(realvocab):
         orig = original(realvocab, backbone)
         cases = realvocab.reference_cases(backbone)
         if backbone == "vicuna":  # non-legacy: the reference texts start with text, so a chunk = sentencepiece + prefix
-            assert matched(lambda t: orig.encode(t)[1:], cases) == 46
+            assert matched(lambda t, orig=orig: orig.encode(t)[1:], cases) == 46
         else:
-            assert matched(lambda t: orig.image_prompt(t)[1:], cases) == 46
+            assert matched(lambda t, orig=orig: orig.image_prompt(t)[1:], cases) == 46
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,8 +253,20 @@ def prompts(backbone: str):
     return st.lists(piece, max_size=8).map("".join)
 
 
-EXAMPLES = ["<image> What", "<image>\nWhat is it?", " What", "Hello</s> USER: hi", "</s>x", "x</s>Straße",
-            "a <image></s> b", "<|user|>\n<image>\nWhat?<|end|>\n<|assistant|>\n", "", "<image>", "  ", "\t\n x "]
+EXAMPLES = [
+    "<image> What",
+    "<image>\nWhat is it?",
+    " What",
+    "Hello</s> USER: hi",
+    "</s>x",
+    "x</s>Straße",
+    "a <image></s> b",
+    "<|user|>\n<image>\nWhat?<|end|>\n<|assistant|>\n",
+    "",
+    "<image>",
+    "  ",
+    "\t\n x ",
+]
 
 
 def mismatch(actual, expected, prompt: str):
@@ -251,6 +281,7 @@ def _property(backbone):
         tok = load_converted(converted_dir(realvocab, backbone, tmp_path_factory))
         orig = original(realvocab, backbone)
         assert image_ids(tok, prompt) == orig.image_prompt(prompt), prompt
+
     for e in EXAMPLES:
         run = example(prompt=e)(run)
     return run
@@ -264,6 +295,7 @@ test_property_llama3 = _property("llama3")
 # ---------------------------------------------------------------------------------------------------------------
 # Planted defects: each must make the check above fail
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _converted_backend(rv, tmp_path_factory, backbone="vicuna"):
     from tokenizers import Tokenizer
@@ -285,7 +317,9 @@ def test_planted_merges_by_piece_id_fail(realvocab, tmp_path_factory):
     vocab = data["model"]["vocab"]
     merges = [m.split(" ") if isinstance(m, str) else m for m in data["model"]["merges"]]
     by_id = sorted(merges, key=lambda m: vocab[m[0] + m[1]])
-    backend.model = models.BPE(vocab=vocab, merges=[tuple(m) for m in by_id], unk_token="<unk>", fuse_unk=True, byte_fallback=True)
+    backend.model = models.BPE(
+        vocab=vocab, merges=[tuple(m) for m in by_id], unk_token="<unk>", fuse_unk=True, byte_fallback=True
+    )
     tok = _as_tok(backend)
     cases = realvocab.reference_cases("vicuna")
     assert matched(lambda t: tok(t, add_special_tokens=False).input_ids, cases) < 46
@@ -314,7 +348,12 @@ def test_planted_per_segment_prefix_fails_on_vicuna_two_turn(realvocab, tmp_path
     tok = _as_tok(backend)
     orig = original(realvocab, "vicuna")
     prompt = "A chat USER: <image>\nHi ASSISTANT: Hello</s>USER: And? ASSISTANT:"
-    assert mismatch(lambda p: image_ids(_as_tok(_converted_backend(realvocab, tmp_path_factory)), p), orig.image_prompt, prompt) is None
+    assert (
+        mismatch(
+            lambda p: image_ids(_as_tok(_converted_backend(realvocab, tmp_path_factory)), p), orig.image_prompt, prompt
+        )
+        is None
+    )
     assert mismatch(lambda p: image_ids(tok, p), orig.image_prompt, prompt) is not None
 
 
@@ -324,12 +363,14 @@ def test_planted_llama3_base_without_bos_is_refused(realvocab):
     from convert.processor import build_tokenizer, load_base_tokenizer
 
     base = realvocab.base_tokenizer_dir("llama3", "no_bos")
-    with pytest.raises(ConversionError, match=r"tokenizer\.json: its post-processor \(ByteLevel\) adds no <\|begin_of_text\|>"):
+    with pytest.raises(
+        ConversionError, match=r"tokenizer\.json: its post-processor \(ByteLevel\) adds no <\|begin_of_text\|>"
+    ):
         build_tokenizer(load_base_tokenizer(base), base, ROWS["llama3"], LLAMA3)
     # ... and with such a base the original really lost a token after the image (same text, both bases).
     prompt = "<|begin_of_text|>Hi<image>\nWhat is it?"
     shipped, with_bos = original(realvocab, "llama3", "no_bos"), original(realvocab, "llama3")
-    after = lambda ids: ids[ids.index(SENTINEL) + 1:]  # noqa: E731
+    after = lambda ids: ids[ids.index(SENTINEL) + 1 :]  # noqa: E731
     assert after(with_bos.image_prompt(prompt))[0] == 198  # "\n"
     assert after(shipped.image_prompt(prompt)) == after(with_bos.image_prompt(prompt))[1:]  # the "\n" is gone
 
@@ -344,8 +385,16 @@ def test_non_legacy_base_with_stripping_special_token_is_refused(realvocab, tmp_
     base = tmp_path / "base"
     shutil.copytree(realvocab.base_tokenizer_dir("vicuna"), base)
     cfg = json.loads((base / "tokenizer_config.json").read_text())
-    cfg["added_tokens_decoder"] = {"2": {"content": "</s>", "lstrip": False, "normalized": False, "rstrip": True,
-                                         "single_word": False, "special": True}}
+    cfg["added_tokens_decoder"] = {
+        "2": {
+            "content": "</s>",
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": True,
+            "single_word": False,
+            "special": True,
+        }
+    }
     (base / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert load_base_tokenizer(base).added_tokens_decoder[2].rstrip
     with pytest.raises(ConversionError, match=r"legacy is false and </s> strips the whitespace"):

@@ -9,10 +9,10 @@ are derived by hand with plain torch / numpy / PIL, never through the class unde
 from __future__ import annotations
 
 import io
-import shutil
-from collections.abc import Sequence
 import json
 import math
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -83,66 +83,145 @@ def train_sentencepiece(path: Path, vocab_size: int = 400) -> None:
 
 
 def _added(content: str) -> dict:
-    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False,
-            "rstrip": False, "single_word": False}
+    return {
+        "__type": "AddedToken",
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+    }
 
 
 def write_text_model(folder: Path, sp_model: Path, **extra) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.model").write_bytes(sp_model.read_bytes())
-    cfg = {"add_bos_token": True, "add_eos_token": False, "bos_token": _added("<s>"),
-           "eos_token": _added("</s>"), "unk_token": _added("<unk>"), "clean_up_tokenization_spaces": False,
-           "model_max_length": 2048, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
-           "tokenizer_class": "LlamaTokenizer"}
+    cfg = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": _added("<s>"),
+        "eos_token": _added("</s>"),
+        "unk_token": _added("<unk>"),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 2048,
+        "pad_token": None,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+    }
     cfg.update(extra)
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     return folder
 
 
 def vision_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(hidden_size=VISION_HIDDEN, intermediate_size=40, num_hidden_layers=VISION_LAYERS,
-                            num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH,
-                            hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=8)
+    return CLIPVisionConfig(
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=40,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=8,
+    )
 
 
 def write_vision_model(folder: Path, size=None, crop=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     vc = vision_config().to_dict()
-    full = {"model_type": "clip", "architectures": ["CLIPModel"], "projection_dim": 8,
-            "text_config": {"model_type": "clip_text_model", "hidden_size": 16},
-            "vision_config": {k: vc[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                  "num_attention_heads", "image_size", "patch_size",
-                                                  "hidden_act", "layer_norm_eps", "projection_dim")}}
+    full = {
+        "model_type": "clip",
+        "architectures": ["CLIPModel"],
+        "projection_dim": 8,
+        "text_config": {"model_type": "clip_text_model", "hidden_size": 16},
+        "vision_config": {
+            k: vc[k]
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "image_size",
+                "patch_size",
+                "hidden_act",
+                "layer_norm_eps",
+                "projection_dim",
+            )
+        },
+    }
     full["vision_config"]["model_type"] = "clip_vision_model"
     (folder / "config.json").write_text(json.dumps(full))
-    pre = {"crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE} if crop is None else crop,
-           "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
-           "do_resize": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "resample": 3,
-           "rescale_factor": 1 / 255, "size": {"shortest_edge": IMAGE_SIZE} if size is None else size,
-           "image_processor_type": "CLIPImageProcessor"}
+    pre = {
+        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE} if crop is None else crop,
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": IMAGE_SIZE} if size is None else size,
+        "image_processor_type": "CLIPImageProcessor",
+    }
     (folder / "preprocessor_config.json").write_text(json.dumps(pre))
     return folder
 
 
 def llama_config(vocab: int) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                       rms_norm_eps=1e-5, tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
 
 
 def original_config(vocab: int) -> dict:
     return {
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
-        "vocab_size": vocab, "hidden_size": HIDDEN, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-5, "hidden_act": "silu", "rope_theta": 10000.0, "rope_scaling": None,
-        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-        "pretraining_tp": 1, "torch_dtype": "bfloat16", "transformers_version": "4.31.0", "use_cache": True,
-        "mm_vision_tower": "clip_4layers_336", "mm_hidden_size": 5 * VISION_HIDDEN,
-        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-        "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
-        "mm_patch_merge_type": "flat", "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right",
-        "use_mm_proj": True, "freeze_mm_mlp_adapter": False, "tune_mm_mlp_adapter": False,
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava_llama",
+        "vocab_size": vocab,
+        "hidden_size": HIDDEN,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "pretraining_tp": 1,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.31.0",
+        "use_cache": True,
+        "mm_vision_tower": "clip_4layers_336",
+        "mm_hidden_size": 5 * VISION_HIDDEN,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "image_aspect_ratio": "pad",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "mm_patch_merge_type": "flat",
+        "tokenizer_model_max_length": 2048,
+        "tokenizer_padding_side": "right",
+        "use_mm_proj": True,
+        "freeze_mm_mlp_adapter": False,
+        "tune_mm_mlp_adapter": False,
     }
 
 
@@ -151,7 +230,12 @@ def random_original_state(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
 
     def rnd(shape, key):
-        if key.endswith("norm.weight") or "layer_norm" in key and key.endswith("weight") or key.endswith("layrnorm.weight"):
+        if (
+            key.endswith("norm.weight")
+            or "layer_norm" in key
+            and key.endswith("weight")
+            or key.endswith("layrnorm.weight")
+        ):
             return 1.0 + 0.1 * torch.randn(shape, generator=g)
         if key.endswith("bias"):
             return 0.1 * torch.randn(shape, generator=g)
@@ -168,7 +252,7 @@ def random_original_state(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     for k, t in llm.state_dict().items():
         state[k] = rnd(tuple(t.shape), k)
     for k, t in vis.state_dict().items():
-        k = k[len("vision_model."):] if k.startswith("vision_model.") else k
+        k = k[len("vision_model.") :] if k.startswith("vision_model.") else k
         state["model.vision_tower.vision_tower.vision_model." + k] = rnd(tuple(t.shape), k)
     mm = 5 * VISION_HIDDEN
     state["model.mm_projector.clip_layernorm.weight"] = 1.0 + 0.1 * torch.randn(mm, generator=g)
@@ -191,7 +275,7 @@ def write_original(folder: Path, state: dict[str, torch.Tensor], vocab: int, lay
         torch.save(state, folder / "pytorch_model.bin")
     elif layout in ("bin-sharded", "safetensors-sharded"):
         keys = sorted(state)
-        halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+        halves = [keys[: len(keys) // 2], keys[len(keys) // 2 :]]
         weight_map = {}
         for n, part in enumerate(halves, start=1):
             if layout == "bin-sharded":
@@ -226,8 +310,17 @@ def world(tmp_path_factory):
     text = write_text_model(root / "text_model", sp_path)
     vision = write_vision_model(root / "vision_model")
     model = OriginalVipLlava.from_dirs(original, text, vision)
-    return {"root": root, "sp_path": sp_path, "sp": sp, "vocab": vocab, "state": state, "original": original,
-            "text": text, "vision": vision, "model": model}
+    return {
+        "root": root,
+        "sp_path": sp_path,
+        "sp": sp,
+        "vocab": vocab,
+        "state": state,
+        "original": original,
+        "text": text,
+        "vision": vision,
+        "model": model,
+    }
 
 
 def rand_image(w: int, h: int, seed: int) -> PIL.Image.Image:
@@ -281,8 +374,13 @@ def test_image_features_match_hand_derivation(world):
     feats = torch.cat([states[i][:, 1:] for i in (-2, -5, -8, -11, 6)], dim=-1)
     assert feats.shape == (2, N_PATCHES, 5 * VISION_HIDDEN)
     pp = "model.mm_projector."
-    x = F.layer_norm(feats, (feats.shape[-1],), sd[pp + "clip_layernorm.weight"].float(),
-                     sd[pp + "clip_layernorm.bias"].float(), 1e-5)
+    x = F.layer_norm(
+        feats,
+        (feats.shape[-1],),
+        sd[pp + "clip_layernorm.weight"].float(),
+        sd[pp + "clip_layernorm.bias"].float(),
+        1e-5,
+    )
     x = F.linear(x, sd[pp + "final_linear.0.weight"].float(), sd[pp + "final_linear.0.bias"].float())
     x = 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
     expected = F.linear(x, sd[pp + "final_linear.2.weight"].float(), sd[pp + "final_linear.2.bias"].float())
@@ -319,7 +417,9 @@ def test_tokenize_two_images_and_edges(world):
     model, sp = world["model"], world["sp"]
     prompt = "USER: <image>\nLeft <image>\nRight ASSISTANT:"
     a, b, c = prompt.split("<image>")
-    assert model.tokenize(prompt) == [1] + sp.encode(a) + [IMAGE_SENTINEL] + sp.encode(b) + [IMAGE_SENTINEL] + sp.encode(c)
+    assert model.tokenize(prompt) == [1] + sp.encode(a) + [IMAGE_SENTINEL] + sp.encode(b) + [
+        IMAGE_SENTINEL
+    ] + sp.encode(c)
     # adjacent images, and a prompt ending with an image
     assert model.tokenize("<image><image>") == [1, IMAGE_SENTINEL, IMAGE_SENTINEL]
     assert model.tokenize("hi <image>") == [1] + sp.encode("hi ") + [IMAGE_SENTINEL]
@@ -359,7 +459,9 @@ def test_tokenize_special_tokens_non_legacy_4_37(world, tmp_path):
     plain = _without_dummy_prefix(world["sp_path"])
     # the first chunk: "▁" + text with no dummy prefix is the ordinary encoding
     assert tok.encode("ASSISTANT: ok") == [1] + sp.encode("ASSISTANT: ok")
-    assert tok.encode("ASSISTANT: ok</s>USER: next") == [1] + sp.encode("ASSISTANT: ok") + [2] + plain.encode("USER: next")
+    assert tok.encode("ASSISTANT: ok</s>USER: next") == [1] + sp.encode("ASSISTANT: ok") + [2] + plain.encode(
+        "USER: next"
+    )
     assert tok.encode("a </s> b") == [1] + sp.encode("a ") + [2] + plain.encode(" b")
     # a lone "▁" before a leading special token is dropped
     assert tok.encode("</s>x") == [1, 2] + plain.encode("x")
@@ -388,7 +490,10 @@ def test_tokenize_special_tokens_non_legacy_4_31(world, tmp_path):
     assert tok.encode("a </s> b") == [1] + sp.encode("a ") + [2] + sp.encode(" b")
     # the chunk after <image> still begins with the dummy-prefix piece
     assert tok.encode_with_images("<image>\nWhat") == [1, IMAGE_SENTINEL] + sp.encode("\nWhat")
-    assert LlamaSlowTokenizer(write_text_model(tmp_path / "text_null", world["sp_path"], legacy=None), era="4.31.0").legacy is False
+    assert (
+        LlamaSlowTokenizer(write_text_model(tmp_path / "text_null", world["sp_path"], legacy=None), era="4.31.0").legacy
+        is False
+    )
 
 
 def test_plain_string_special_tokens_strip_whitespace_only_in_4_31(world, tmp_path):
@@ -396,8 +501,9 @@ def test_plain_string_special_tokens_strip_whitespace_only_in_4_31(world, tmp_pa
     text_dir = write_text_model(tmp_path / "text_map", world["sp_path"])
     # special_tokens_map.json with plain strings: in transformers 4.31 such tokens strip both sides; 4.37 wraps
     # them in AddedTokens that strip nothing
-    (text_dir / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                                   "unk_token": _added("<unk>")}))
+    (text_dir / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": _added("<unk>")})
+    )
     from verify.original import LlamaSlowTokenizer
 
     tok = LlamaSlowTokenizer(text_dir, era="4.31.0")
@@ -433,9 +539,10 @@ def test_preprocess_pads_non_square_with_mean_colour(world):
     img = PIL.Image.new("RGB", (60, 30), (255, 0, 0))
     out = model.preprocess(img)
     assert out.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and out.dtype == torch.float32
-    pad = torch.tensor([(int(255 * m) / 255 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)])
-    red = torch.tensor([(1.0 - CLIP_MEAN[0]) / CLIP_STD[0], (0 - CLIP_MEAN[1]) / CLIP_STD[1],
-                        (0 - CLIP_MEAN[2]) / CLIP_STD[2]])
+    pad = torch.tensor([(int(255 * m) / 255 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD, strict=True)])
+    red = torch.tensor(
+        [(1.0 - CLIP_MEAN[0]) / CLIP_STD[0], (0 - CLIP_MEAN[1]) / CLIP_STD[1], (0 - CLIP_MEAN[2]) / CLIP_STD[2]]
+    )
     for y, x in [(0, 0), (0, IMAGE_SIZE - 1), (IMAGE_SIZE - 1, 0), (IMAGE_SIZE - 1, IMAGE_SIZE - 1)]:
         torch.testing.assert_close(out[:, y, x], pad, atol=1e-6, rtol=0)
     torch.testing.assert_close(out[:, IMAGE_SIZE // 2, IMAGE_SIZE // 2], red, atol=1e-6, rtol=0)
@@ -448,7 +555,9 @@ def test_preprocess_square_image_is_not_padded(world):
     img = rand_image(56, 56, seed=1)
     out = model.preprocess(img)
     resized = np.asarray(img.resize((IMAGE_SIZE, IMAGE_SIZE), resample=PIL.Image.Resampling.BICUBIC))
-    expected = ((resized * (1 / 255)).astype(np.float32) - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    expected = ((resized * (1 / 255)).astype(np.float32) - np.array(CLIP_MEAN, np.float32)) / np.array(
+        CLIP_STD, np.float32
+    )
     torch.testing.assert_close(out, torch.from_numpy(expected.transpose(2, 0, 1).copy()), atol=0, rtol=0)
 
 
@@ -478,7 +587,7 @@ def test_preprocess_offsets_resize_and_crop(world, tmp_path):
         out = model.preprocess(img)
         resized = np.asarray(img.resize((69, 31), resample=PIL.Image.Resampling.BICUBIC))
         left = (69 - 31) // 2
-        arr = ((resized[:, left:left + 31] * (1 / 255)).astype(np.float32) - mean) / std
+        arr = ((resized[:, left : left + 31] * (1 / 255)).astype(np.float32) - mean) / std
         torch.testing.assert_close(out, torch.from_numpy(arr.transpose(2, 0, 1).copy()), atol=0, rtol=0)
     finally:
         model.image_settings = saved
@@ -494,9 +603,11 @@ def plain_llm(world) -> LlamaForCausalLM:
     cfg = llama_config(world["vocab"])
     cfg._attn_implementation = "eager"
     llm = LlamaForCausalLM(cfg)
-    sd = {k: v.float() for k, v in world["state"].items()
-          if not k.startswith("model.vision_tower") and not k.startswith("model.mm_projector")
-          and "rotary_emb" not in k}
+    sd = {
+        k: v.float()
+        for k, v in world["state"].items()
+        if not k.startswith("model.vision_tower") and not k.startswith("model.mm_projector") and "rotary_emb" not in k
+    }
     llm.load_state_dict(sd, strict=True)
     return llm.eval()
 
@@ -525,9 +636,9 @@ def test_splice_lengths_positions_and_prefix_logits(world):
     # the spliced rows are the projected image features, text rows the embeddings
     emb = out.trace["decoder.embeddings"]
     feats = model.image_features(torch.stack([model.preprocess(im) for im in images]))
-    torch.testing.assert_close(emb[first:first + N_PATCHES], feats[0])
+    torch.testing.assert_close(emb[first : first + N_PATCHES], feats[0])
     second = expected_positions.index(ids.index(IMAGE_SENTINEL, first + 1))
-    torch.testing.assert_close(emb[second:second + N_PATCHES], feats[1])
+    torch.testing.assert_close(emb[second : second + N_PATCHES], feats[1])
     table = world["state"]["model.embed_tokens.weight"].float()
     torch.testing.assert_close(emb[first + N_PATCHES], table[ids[first + 1]])
 
@@ -605,9 +716,14 @@ def test_loader_refuses_unknown_key(world, tmp_path):
         OriginalVipLlava.from_dirs(folder, world["text"], world["vision"])
 
 
-@pytest.mark.parametrize("key", ["model.mm_projector.final_linear.2.bias",
-                                 "model.vision_tower.vision_tower.vision_model.encoder.layers.3.mlp.fc1.bias",
-                                 "lm_head.weight"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "model.mm_projector.final_linear.2.bias",
+        "model.vision_tower.vision_tower.vision_model.encoder.layers.3.mlp.fc1.bias",
+        "lm_head.weight",
+    ],
+)
 def test_loader_refuses_missing_key(world, tmp_path, key):
     state = {k: v for k, v in world["state"].items() if k != key}
     folder = write_original(tmp_path / "missing", state, world["vocab"])
@@ -647,7 +763,7 @@ def test_greedy_generation_is_argmax_step_by_step(world):
     assert got == model.generate_greedy(ids, img, max_new_tokens=5)
     assert 1 <= len(got) <= 5
     seq = list(ids)
-    for step, tok in enumerate(got):
+    for tok in got:
         logits = model.forward(seq, img).logits[-1]
         assert tok == int(torch.argmax(logits))
         seq.append(tok)
@@ -684,13 +800,20 @@ from verify.original import (  # noqa: E402
 )
 
 ONE_TURN = [{"role": "user", "text": "<image>\nWhat is shown?"}, {"role": "assistant", "text": None}]
-TWO_TURNS = [{"role": "user", "text": "<image>\nWhat is shown?"}, {"role": "assistant", "text": "A cat."},
-             {"role": "user", "text": "What colour?"}, {"role": "assistant", "text": None}]
+TWO_TURNS = [
+    {"role": "user", "text": "<image>\nWhat is shown?"},
+    {"role": "assistant", "text": "A cat."},
+    {"role": "user", "text": "What colour?"},
+    {"role": "assistant", "text": None},
+]
 
 # Produced by RUNNING the original llava/conversation.py; see the provenance in tests/original_prompts.json.
 # (a) = ONE_TURN, (b) = TWO_TURNS.
-ORIGINAL_PROMPTS = {(mode, case): text for mode, cases in json.loads(
-    (Path(__file__).with_name("original_prompts.json")).read_text())["prompts"].items() for case, text in cases.items()}
+ORIGINAL_PROMPTS = {
+    (mode, case): text
+    for mode, cases in json.loads((Path(__file__).with_name("original_prompts.json")).read_text())["prompts"].items()
+    for case, text in cases.items()
+}
 
 
 @pytest.mark.parametrize("mode,case", sorted(ORIGINAL_PROMPTS), ids=[f"{m}-{c}" for m, c in sorted(ORIGINAL_PROMPTS)])
@@ -704,10 +827,14 @@ def test_conversation_renderer_reproduces_the_original_get_prompt(mode, case):
 def test_conversation_renderer_edge_rules():
     # the original skips the end-of-turn marker when the message already holds <|eot_id|> (Phi-3 copies the rule)
     t = [{"role": "user", "text": "hi<|eot_id|>"}, {"role": "assistant", "text": None}]
-    assert render_prompt(t, "llava_llama_3").endswith("user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert render_prompt(t, "llava_llama_3").endswith(
+        "user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert render_prompt(t, "llava_phi_3").endswith("<|user|>\nhi<|eot_id|><|assistant|>\n")
     # an empty string is an open turn, as `if message:` treats it
-    assert render_prompt([{"role": "user", "text": "q"}, {"role": "assistant", "text": ""}], "llava_v1").endswith("USER: q ASSISTANT:")
+    assert render_prompt([{"role": "user", "text": "q"}, {"role": "assistant", "text": ""}], "llava_v1").endswith(
+        "USER: q ASSISTANT:"
+    )
     # LLAMA_3 / Phi_3 assert a non-empty first user message; TWO does not
     for mode in ("llava_llama_3", "llava_phi_3"):
         with pytest.raises(ValueError, match="first message"):
@@ -721,15 +848,35 @@ def test_conversation_renderer_edge_rules():
 
 
 def test_backbone_records():
-    assert {n: b.conv_mode for n, b in BACKBONES.items()} == {"vicuna": "llava_v1", "llama3": "llava_llama_3", "phi3": "llava_phi_3"}
+    assert {n: b.conv_mode for n, b in BACKBONES.items()} == {
+        "vicuna": "llava_v1",
+        "llama3": "llava_llama_3",
+        "phi3": "llava_phi_3",
+    }
     assert set(CONV_MODES) == {"llava_v1", "llava_llama_3", "llava_phi_3"}
-    assert {n: b.stop_tokens for n, b in BACKBONES.items()} == {"vicuna": (), "llama3": ("<|eot_id|>",), "phi3": ("<|end|>",)}
+    assert {n: b.stop_tokens for n, b in BACKBONES.items()} == {
+        "vicuna": (),
+        "llama3": ("<|eot_id|>",),
+        "phi3": ("<|end|>",),
+    }
 
 
 def test_expected_layout_is_the_contract():
-    assert expected_layout(997, 997) == {"image": 997, "pad": 998, "rows": 1024, "original_rows": 997, "base_tokens": 997}
+    assert expected_layout(997, 997) == {
+        "image": 997,
+        "pad": 998,
+        "rows": 1024,
+        "original_rows": 997,
+        "base_tokens": 997,
+    }
     assert expected_layout(1000, 1000)["rows"] == 1024
-    assert expected_layout(1008, 1024) == {"image": 1008, "pad": 1009, "rows": 1024, "original_rows": 1024, "base_tokens": 1008}
+    assert expected_layout(1008, 1024) == {
+        "image": 1008,
+        "pad": 1009,
+        "rows": 1024,
+        "original_rows": 1024,
+        "base_tokens": 1008,
+    }
     assert expected_layout(32000, 32000)["rows"] == 32064
     assert expected_layout(128256, 128256)["rows"] == 128320
     assert expected_layout(32011, 32064)["rows"] == 32064
@@ -766,7 +913,10 @@ def backbone_fixtures(tmp_path_factory):
     out = {}
     for name in ("llama3", "phi3"):
         paths = build(root / name, backbone=name)
-        out[name] = {"paths": paths, "model": OriginalVipLlava.from_dirs(paths.original, paths.text_model, paths.vision_model)}
+        out[name] = {
+            "paths": paths,
+            "model": OriginalVipLlava.from_dirs(paths.original, paths.text_model, paths.vision_model),
+        }
     return out
 
 
@@ -790,9 +940,9 @@ def test_llama3_prompt_starts_with_two_bos_ids(backbone_fixtures):
     k = ids.index(IMAGE_SENTINEL)
     head, tail = prompt.split("<image>")
     assert ids[:k] == tk.encode(head).ids  # BOS (auto) + the literal BOS + ...
-    assert ids[k + 1:] == tk.encode(tail).ids[1:]
+    assert ids[k + 1 :] == tk.encode(tail).ids[1:]
     assert tk.encode(tail).ids[0] == 900
-    assert tk.decode(ids[k + 1:k + 2], skip_special_tokens=False).startswith("\n")
+    assert tk.decode(ids[k + 1 : k + 2], skip_special_tokens=False).startswith("\n")
     assert ids.count(IMAGE_SENTINEL) == 1
 
 
@@ -806,9 +956,9 @@ def test_phi3_tokenization_bos_and_underline_after_the_image(backbone_fixtures):
     assert ids[0] == 1 and ids[1] == tk.token_to_id("<|system|>") == 1003 and ids.count(1) == 1
     k = ids.index(IMAGE_SENTINEL)
     # Microsoft's normalizer (Prepend "\u2581") runs on every text segment between special tokens
-    assert [tk.id_to_token(i) for i in ids[k - 3:k]] == ["<|user|>", "\u2581", "<0x0A>"]
+    assert [tk.id_to_token(i) for i in ids[k - 3 : k]] == ["<|user|>", "\u2581", "<0x0A>"]
     assert tk.id_to_token(ids[k + 1]) == "\u2581" and tk.id_to_token(ids[k + 2]) == "<0x0A>"
-    assert ids[k + 1:] == tk.encode(prompt.split("<image>")[1], add_special_tokens=False).ids
+    assert ids[k + 1 :] == tk.encode(prompt.split("<image>")[1], add_special_tokens=False).ids
     # the fast tokenizer is the one the original inference used, and the file's own post-processor is replaced
     assert model.tokenizer.add_bos_token is True and model.tokenizer.bos_id == 1
 
@@ -838,17 +988,39 @@ def test_phi3_reference_logits_equal_a_direct_phi3_run(backbone_fixtures):
     model, orig = f["model"], f["paths"].original
     cfg = json.loads((orig / "config.json").read_text())
     assert cfg["model_type"] == "llava_phi3"
-    pc = Phi3Config(**{k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                            "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                                            "original_max_position_embeddings", "sliding_window", "rope_theta",
-                                            "rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id")})
+    pc = Phi3Config(
+        **{
+            k: cfg[k]
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "max_position_embeddings",
+                "original_max_position_embeddings",
+                "sliding_window",
+                "rope_theta",
+                "rms_norm_eps",
+                "bos_token_id",
+                "eos_token_id",
+                "pad_token_id",
+            )
+        }
+    )
     pc._attn_implementation = "eager"
     direct = Phi3ForCausalLM(pc).eval()
     from verify.original import load_original_state_dict
 
-    sd = {k: v.float() for k, v in load_original_state_dict(orig).items()
-          if not k.startswith(("model.vision_tower.", "model.mm_projector."))}
-    assert any(k.endswith("self_attn.qkv_proj.weight") for k in sd) and any(k.endswith("mlp.gate_up_proj.weight") for k in sd)
+    sd = {
+        k: v.float()
+        for k, v in load_original_state_dict(orig).items()
+        if not k.startswith(("model.vision_tower.", "model.mm_projector."))
+    }
+    assert any(k.endswith("self_attn.qkv_proj.weight") for k in sd) and any(
+        k.endswith("mlp.gate_up_proj.weight") for k in sd
+    )
     direct.load_state_dict(sd, strict=True)
     turns = [{"role": "user", "text": "What is the capital of France?"}, {"role": "assistant", "text": None}]
     ids = model.tokenize(render_prompt(turns, "llava_phi_3"))
@@ -892,7 +1064,9 @@ def test_greedy_generation_stops_on_the_end_of_turn_token(backbone_fixtures, inc
     """A terminator other than eos (<|eot_id|>) ends generation, and ids the resized original could not emit are
     never picked, on the cached path and on the full recomputation."""
     model = backbone_fixtures["llama3"]["model"]
-    ids = model.tokenize(render_prompt([{"role": "user", "text": "hi"}, {"role": "assistant", "text": None}], "llava_llama_3"))
+    ids = model.tokenize(
+        render_prompt([{"role": "user", "text": "hi"}, {"role": "assistant", "text": None}], "llava_llama_3")
+    )
 
     def forced(k, row):
         row[:] = -10.0
@@ -910,7 +1084,9 @@ def test_greedy_generation_stops_on_the_end_of_turn_token(backbone_fixtures, inc
 
     handle = _steer_last_logits(phi3, beyond)
     try:
-        got = phi3.generate_greedy(phi3.tokenize("<|user|>\nhi<|end|>\n<|assistant|>\n"), max_new_tokens=3, incremental=incremental)
+        got = phi3.generate_greedy(
+            phi3.tokenize("<|user|>\nhi<|end|>\n<|assistant|>\n"), max_new_tokens=3, incremental=incremental
+        )
     finally:
         handle.remove()
     assert got and 1010 not in got
@@ -922,10 +1098,12 @@ def _incremental_vs_full(model, prompts, max_new_tokens, atol):
     for text, images in prompts:
         ids = model.tokenize(text)
         inc, inc_rows = model.generate_greedy(ids, images, max_new_tokens=max_new_tokens, return_logits=True)
-        full, full_rows = model.generate_greedy(ids, images, max_new_tokens=max_new_tokens, incremental=False, return_logits=True)
+        full, full_rows = model.generate_greedy(
+            ids, images, max_new_tokens=max_new_tokens, incremental=False, return_logits=True
+        )
         assert inc == full, text
         assert len(inc_rows) == len(full_rows) == len(inc)
-        for a, b in zip(inc_rows, full_rows):
+        for a, b in zip(inc_rows, full_rows, strict=True):
             torch.testing.assert_close(a, b, atol=atol, rtol=0)
         steps += len(inc) - 1
     return steps
@@ -935,10 +1113,19 @@ def _incremental_vs_full(model, prompts, max_new_tokens, atol):
 def test_incremental_generation_equals_full_recomputation(world, dtype, atol):
     """The cached continuation (one prompt forward, then one text-model step per token) gives the same tokens and,
     step by step, the same logits as re-running the whole spliced sequence for every token."""
-    model = world["model"] if dtype == torch.float32 else OriginalVipLlava.from_dirs(world["original"], world["text"], world["vision"], dtype=dtype)
-    prompts = [("USER: <image>\nWhat is shown? ASSISTANT:", [rand_image(40, 28, seed=8)]),
-               ("USER: <image>\nWhat colour? <image>\nAnd here? ASSISTANT:", [rand_image(28, 30, seed=3), rand_image(31, 28, seed=4)]),
-               ("USER: Hello world! ASSISTANT:", None)]
+    model = (
+        world["model"]
+        if dtype == torch.float32
+        else OriginalVipLlava.from_dirs(world["original"], world["text"], world["vision"], dtype=dtype)
+    )
+    prompts = [
+        ("USER: <image>\nWhat is shown? ASSISTANT:", [rand_image(40, 28, seed=8)]),
+        (
+            "USER: <image>\nWhat colour? <image>\nAnd here? ASSISTANT:",
+            [rand_image(28, 30, seed=3), rand_image(31, 28, seed=4)],
+        ),
+        ("USER: Hello world! ASSISTANT:", None),
+    ]
     # the eos row pushed down so that every prompt runs its full length through the cache
     handle = _steer_last_logits(model, lambda k, row: row.__setitem__(2, -1e4))
     try:
@@ -955,9 +1142,17 @@ def test_incremental_generation_on_the_tiny_fixtures(tiny, backbone_fixtures):
 
     img = [sample_images()["box"]]
     fixtures = {"vicuna": tiny, **{k: v["paths"] for k, v in backbone_fixtures.items()}}
-    prompts = {"vicuna": "USER: <image>\nWhat is inside the red box? ASSISTANT:",
-               "llama3": render_prompt([{"role": "user", "text": "<image>\nWhat is inside the red box?"}, {"role": "assistant", "text": None}], "llava_llama_3"),
-               "phi3": render_prompt([{"role": "user", "text": "<image>\nWhat is inside the red box?"}, {"role": "assistant", "text": None}], "llava_phi_3")}
+    prompts = {
+        "vicuna": "USER: <image>\nWhat is inside the red box? ASSISTANT:",
+        "llama3": render_prompt(
+            [{"role": "user", "text": "<image>\nWhat is inside the red box?"}, {"role": "assistant", "text": None}],
+            "llava_llama_3",
+        ),
+        "phi3": render_prompt(
+            [{"role": "user", "text": "<image>\nWhat is inside the red box?"}, {"role": "assistant", "text": None}],
+            "llava_phi_3",
+        ),
+    }
     for name, paths in fixtures.items():
         for dtype, atol in ((torch.bfloat16, 5e-2), (torch.float32, 1e-5)):
             model = OriginalVipLlava.from_dirs(paths.original, paths.text_model, paths.vision_model, dtype=dtype)
@@ -975,7 +1170,6 @@ def test_incremental_generation_on_the_tiny_fixtures(tiny, backbone_fixtures):
 import os  # noqa: E402
 import random  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 ERA_PYTHONS = {"4.37.2": "VIPLLAVA_TF437_PYTHON", "4.31.0": "VIPLLAVA_TF431_PYTHON"}
 HF_TOKENIZE = Path(__file__).with_name("hf_tokenize.py")
@@ -984,8 +1178,31 @@ HF_TOKENIZE = Path(__file__).with_name("hf_tokenize.py")
 def random_prompts(n: int, specials: Sequence[str], seed: int = 0) -> list[str]:
     """Prompts mixing words, whitespace runs, newlines, tabs, non-ASCII, "\u2581", special tokens and <image>."""
     rng = random.Random(seed)
-    words = ["What", "is", "shown", "in", "the", "image", "USER", "ASSISTANT", ":", "?", "Hello", "über", "漢字", "🙂",
-             "123", "don't", "A", "a", "\u2581", "\u2581x", "x\u2581", "'s", "The picture has a smooth gradient"]
+    words = [
+        "What",
+        "is",
+        "shown",
+        "in",
+        "the",
+        "image",
+        "USER",
+        "ASSISTANT",
+        ":",
+        "?",
+        "Hello",
+        "über",
+        "漢字",
+        "🙂",
+        "123",
+        "don't",
+        "A",
+        "a",
+        "\u2581",
+        "\u2581x",
+        "x\u2581",
+        "'s",
+        "The picture has a smooth gradient",
+    ]
     seps = [" ", "  ", "   ", "\n", "\n\n", "\t", " \n", "", ""]
     out = []
     for _ in range(n):
@@ -1002,8 +1219,13 @@ def transformers_ids(era: str, folder: Path, use_fast: bool, prompts: list[str])
     python = os.environ.get(ERA_PYTHONS[era])
     if not python or not Path(python).is_file():
         pytest.skip(f"{ERA_PYTHONS[era]} does not name a Python with transformers {era}")
-    run = subprocess.run([python, str(HF_TOKENIZE)], input=json.dumps({"folder": str(folder), "use_fast": use_fast, "prompts": prompts}),
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [python, str(HF_TOKENIZE)],
+        input=json.dumps({"folder": str(folder), "use_fast": use_fast, "prompts": prompts}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     last = run.stdout.rstrip("\n").rpartition("\n")[2]  # libraries may print lines of their own before it
     assert run.returncode == 0 and last.startswith("{"), f"{folder}: {run.stdout[:300]!r} {run.stderr[-2000:]}"
     got = json.loads(last)
@@ -1024,11 +1246,24 @@ def _vicuna_variants(base: Path, tmp_path: Path) -> dict[str, Path]:
         "legacy null": ({**cfg, "legacy": None}, stm),
         "plain strings": ({**cfg, **plain}, plain),
         "plain strings, legacy": ({**cfg, **plain, "legacy": True}, plain),
-        "eos strips": ({**cfg, "eos_token": {**cfg["eos_token"], "lstrip": True, "rstrip": True}},
-                       {**stm, "eos_token": {**flags, "lstrip": True, "rstrip": True}}),
-        "added_tokens_decoder": ({**cfg, "added_tokens_decoder": {
-            str(i): {**{k: v for k, v in _added(c).items() if k != "__type"}, "special": True, "rstrip": c == "</s>"}
-            for i, c in enumerate(["<unk>", "<s>", "</s>"])}}, stm),
+        "eos strips": (
+            {**cfg, "eos_token": {**cfg["eos_token"], "lstrip": True, "rstrip": True}},
+            {**stm, "eos_token": {**flags, "lstrip": True, "rstrip": True}},
+        ),
+        "added_tokens_decoder": (
+            {
+                **cfg,
+                "added_tokens_decoder": {
+                    str(i): {
+                        **{k: v for k, v in _added(c).items() if k != "__type"},
+                        "special": True,
+                        "rstrip": c == "</s>",
+                    }
+                    for i, c in enumerate(["<unk>", "<s>", "</s>"])
+                },
+            },
+            stm,
+        ),
     }
     out = {}
     for name, (c, m) in variants.items():
@@ -1051,7 +1286,7 @@ def test_slow_tokenizer_equals_transformers_on_the_real_vocabulary(era, realvoca
     for name, folder in _vicuna_variants(realvocab.base_tokenizer_dir("vicuna"), tmp_path).items():
         want = transformers_ids(era, folder, False, prompts)
         tok = LlamaSlowTokenizer(folder, era=era)
-        bad = [p for p, w in zip(prompts, want["ids"]) if [tok.encode(c) for c in p.split("<image>")] != w]
+        bad = [p for p, w in zip(prompts, want["ids"], strict=True) if [tok.encode(c) for c in p.split("<image>")] != w]
         assert not bad, f"{name}: {len(bad)}/{len(prompts)} prompts differ from transformers {era}, e.g. {bad[0]!r}"
         assert len(tok) == want["len"]
 
@@ -1071,6 +1306,8 @@ def test_phi3_fast_tokenizer_equals_transformers_4_37_2(realvocab, tmp_path):
     for folder in (base, slow_only):
         want = transformers_ids("4.37.2", folder, True, prompts)
         tok = FastTokenizer(folder, "add_bos_token")
-        bad = [p for p, w in zip(prompts, want["ids"]) if [tok.encode(c) for c in p.split("<image>")] != w]
-        assert not bad, f"{folder.name} ({tok.source}): {len(bad)}/{len(prompts)} differ from transformers 4.37.2, e.g. {bad[0]!r}"
+        bad = [p for p, w in zip(prompts, want["ids"], strict=True) if [tok.encode(c) for c in p.split("<image>")] != w]
+        assert not bad, (
+            f"{folder.name} ({tok.source}): {len(bad)}/{len(prompts)} differ from transformers 4.37.2, e.g. {bad[0]!r}"
+        )
         assert len(tok) == want["len"] == 32011

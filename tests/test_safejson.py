@@ -10,18 +10,21 @@ import pytest
 from convert.safejson import InputFileError, clean, confined, load_json, parse_json, read_bounded
 
 
-@pytest.mark.parametrize("text, says", [
-    ("[1]", "expected a JSON object at the top level, found a JSON array"),
-    ('{"a": NaN}', "found NaN"),
-    ('{"a": -Infinity}', "found -Infinity"),
-    ('{"a": 1e999}', "overflows to inf"),
-    ('{"a": ' + "9" * 5000 + "}", "an integer of 5000 digits"),
-    ('{"a": 1, "a": 2}', "the key 'a' twice"),
-    ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "64 levels"),
-    ('{"a": ' + "[" * 70 + "]" * 70 + "}", "64 levels"),
-    ('{"a": "\\ud800"}', "lone surrogate"),
-    ('{"a": 1', "expected JSON, found"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("[1]", "expected a JSON object at the top level, found a JSON array"),
+        ('{"a": NaN}', "found NaN"),
+        ('{"a": -Infinity}', "found -Infinity"),
+        ('{"a": 1e999}', "overflows to inf"),
+        ('{"a": ' + "9" * 5000 + "}", "an integer of 5000 digits"),
+        ('{"a": 1, "a": 2}', "the key 'a' twice"),
+        ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "64 levels"),
+        ('{"a": ' + "[" * 70 + "]" * 70 + "}", "64 levels"),
+        ('{"a": "\\ud800"}', "lone surrogate"),
+        ('{"a": 1', "expected JSON, found"),
+    ],
+)
 def test_refused(text, says):
     with pytest.raises(InputFileError) as e:
         parse_json(text, "f.json")

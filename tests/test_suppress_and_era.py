@@ -19,11 +19,14 @@ from verify.api import verify_repo
 PROMPTS = [p for p in sample_prompts() if p["name"] == "text_only"]
 
 
-@pytest.mark.parametrize("vocab,tokens,first,last", [
-    (32000, None, 32000, 32063),  # Vicuna: <image>, <pad> and 62 sampled rows
-    (32064, 32011, 32011, 32063),  # Phi-3: the base tokenizer's 32011 tokens in 32064 rows
-    (128256, None, 128256, 128319),  # Llama-3
-])
+@pytest.mark.parametrize(
+    "vocab,tokens,first,last",
+    [
+        (32000, None, 32000, 32063),  # Vicuna: <image>, <pad> and 62 sampled rows
+        (32064, 32011, 32011, 32063),  # Phi-3: the base tokenizer's 32011 tokens in 32064 rows
+        (128256, None, 128256, 128319),  # Llama-3
+    ],
+)
 def test_suppressed_ids_are_every_id_from_the_base_tokenizer_length_to_the_rows(vocab, tokens, first, last):
     ids = TokenIds(vocab=vocab, bos=1, eos=2, tokens=tokens)
     assert suppressed_ids(ids) == list(range(first, last + 1))
@@ -38,15 +41,23 @@ def test_converted_repo_suppresses_exactly_t_to_rows(converted):
 
 def _rehash(repo: Path) -> None:
     m = json.loads((repo / "conversion.json").read_text())
-    m["outputs"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(repo.iterdir()) if p.name != "conversion.json"}
+    m["outputs"] = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(repo.iterdir())
+        if p.name != "conversion.json"
+    }
     (repo / "conversion.json").write_text(json.dumps(m, indent=2, sort_keys=True))
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda g: g.pop("suppress_tokens"), "suppress_tokens is None"),
-    (lambda g: g.__setitem__("suppress_tokens", g["suppress_tokens"][2:]), "lacks 2 id(s)"),
-    (lambda g: g.__setitem__("suppress_tokens", [5] + g["suppress_tokens"]), "holds 1 id(s) outside"),
-], ids=["missing", "too_few", "original_id"])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda g: g.pop("suppress_tokens"), "suppress_tokens is None"),
+        (lambda g: g.__setitem__("suppress_tokens", g["suppress_tokens"][2:]), "lacks 2 id(s)"),
+        (lambda g: g.__setitem__("suppress_tokens", [5] + g["suppress_tokens"]), "holds 1 id(s) outside"),
+    ],
+    ids=["missing", "too_few", "original_id"],
+)
 def test_strict_load_fails_on_a_wrong_suppression(converted, tmp_path, edit, message):
     repo = tmp_path / "repo"
     shutil.copytree(converted, repo)
@@ -54,10 +65,14 @@ def test_strict_load_fails_on_a_wrong_suppression(converted, tmp_path, edit, mes
     edit(gen)
     (repo / "generation_config.json").write_text(json.dumps(gen, indent=2))
     _rehash(repo)
-    report = verify_repo(repo, prompts=PROMPTS, images=sample_images(), max_new_tokens=1, progress=False, only=["strict_load"])
+    report = verify_repo(
+        repo, prompts=PROMPTS, images=sample_images(), max_new_tokens=1, progress=False, only=["strict_load"]
+    )
     check = report.get("strict_load")
     assert check.failed and any(message in d for d in check.details), report.table()
-    clean = verify_repo(converted, prompts=PROMPTS, images=sample_images(), max_new_tokens=1, progress=False, only=["strict_load"])
+    clean = verify_repo(
+        converted, prompts=PROMPTS, images=sample_images(), max_new_tokens=1, progress=False, only=["strict_load"]
+    )
     assert clean.passed, clean.table()
 
 
@@ -75,8 +90,9 @@ def test_tokenizer_era_warns_with_counts_for_a_non_legacy_vicuna(tiny, converted
 
     text = _text_model_copy(tiny, tmp_path, legacy=False)
     prompts = sample_prompts()
-    report = verify_repo(converted, text_model=str(text), prompts=prompts, images=sample_images(), progress=False,
-                         only=["tokenizer_era"])
+    report = verify_repo(
+        converted, text_model=str(text), prompts=prompts, images=sample_images(), progress=False, only=["tokenizer_era"]
+    )
     check = report.get("tokenizer_era")
     assert check.status == "WARN" and report.passed, report.table()
     # only the prompts with text right after a special token (the two-turn prompt's "</s>USER:") can differ
@@ -85,11 +101,15 @@ def test_tokenizer_era_warns_with_counts_for_a_non_legacy_vicuna(tiny, converted
     differ = [p["name"] for p in prompts if new.encode_with_images(p["prompt"]) != old.encode_with_images(p["prompt"])]
     assert differ and set(differ) <= set(after_special)
     assert check.numbers["4.31.0"]["differ"] == len(differ)
-    assert check.summary.startswith(f"4.31.0-era tokenization differs on {len(differ)} of {len(prompts)} prompts, first at {differ[0]} ")
+    assert check.summary.startswith(
+        f"4.31.0-era tokenization differs on {len(differ)} of {len(prompts)} prompts, first at {differ[0]} "
+    )
 
 
 def test_tokenizer_era_passes_when_the_eras_agree(converted):
-    report = verify_repo(converted, prompts=sample_prompts(), images=sample_images(), progress=False, only=["tokenizer_era"])
+    report = verify_repo(
+        converted, prompts=sample_prompts(), images=sample_images(), progress=False, only=["tokenizer_era"]
+    )
     check = report.get("tokenizer_era")
     assert check.status == "PASS" and check.numbers["4.31.0"]["differ"] == 0, report.table()
     assert "identical on 9 of 9 prompts" in check.summary

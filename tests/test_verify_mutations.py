@@ -23,7 +23,11 @@ V = 997
 
 def _rehash(repo: Path) -> None:
     m = json.loads((repo / "conversion.json").read_text())
-    m["outputs"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(repo.iterdir()) if p.name != "conversion.json"}
+    m["outputs"] = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(repo.iterdir())
+        if p.name != "conversion.json"
+    }
     (repo / "conversion.json").write_text(json.dumps(m, indent=2, sort_keys=True))
 
 
@@ -60,6 +64,7 @@ def swap_decoder_layers(repo):
         for k in [k for k in sd if k.startswith("language_model.model.layers.0.")]:
             j = k.replace("layers.0.", "layers.1.")
             sd[k], sd[j] = sd[j], sd[k]
+
     _edit_tensors(repo, fn)
 
 
@@ -77,25 +82,30 @@ def no_pad_to_square(repo):
 
 def image_id_differs(repo):
     """The tokenizer puts <image> at 998 and <pad> at 997; the config still says image_token_index 997."""
+
     def tok(t):
         for a in t["added_tokens"]:
             if a["content"] in ("<image>", "<pad>"):
                 a["id"] = 998 if a["content"] == "<image>" else 997
         t["added_tokens"].sort(key=lambda a: a["id"])
+
     _edit_json(repo, "tokenizer.json", tok)
 
     def cfg(c):
         d = c["added_tokens_decoder"]
         d["997"], d["998"] = d["998"], d["997"]
+
     _edit_json(repo, "tokenizer_config.json", cfg)
 
 
 def inflate_new_rows(repo):
     """New rows drawn with 100x the covariance: 10x the distance from mu."""
+
     def fn(sd):
         E = sd["language_model.model.embed_tokens.weight"]
         mu = E[:V].float().mean(0)
         E[V:] = (mu + 10 * (E[V:].float() - mu)).to(E.dtype)
+
     _edit_tensors(repo, fn)
 
 
@@ -112,9 +122,11 @@ def lose_a_shard(repo):
 
 def metaspace_first_tokenizer(repo):
     """The measured trap: a fast tokenizer that prepends the dummy prefix only to the first segment."""
+
     def fn(t):
         t["normalizer"] = None
         t["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+
     _edit_json(repo, "tokenizer.json", fn)
 
 
@@ -169,9 +181,13 @@ def test_tensor_left_out_of_the_index(tiny, tmp_path):
     repo = tmp_path / "sharded"
     assert run_convert(tiny, repo, "--max-shard-size", "200KB") == 0
     _edit_json(repo, "model.safetensors.index.json", lambda i: i["weight_map"].pop("language_model.model.norm.weight"))
-    report = verify_repo(repo, prompts=PROMPTS[:1], images=sample_images(), max_new_tokens=1, progress=False, only=["files"])
+    report = verify_repo(
+        repo, prompts=PROMPTS[:1], images=sample_images(), max_new_tokens=1, progress=False, only=["files"]
+    )
     check = report.get("files")
-    assert check.failed and any("language_model.model.norm.weight: in " in d and "not in the index" in d for d in check.details)
+    assert check.failed and any(
+        "language_model.model.norm.weight: in " in d and "not in the index" in d for d in check.details
+    )
 
 
 def test_added_token_mass_warns_when_above_an_original_token(converted, monkeypatch):
@@ -215,7 +231,9 @@ def test_publication_files_are_allowed_but_other_unlisted_files_fail(repo):
     (repo / "stale-shard.safetensors.bak").write_bytes(b"x")
     report = verify_repo(repo, prompts=PROMPTS[:1], images=sample_images(), progress=False, only=["files"])
     assert report.failed_checks == ["files"]
-    assert any("stale-shard.safetensors.bak: in the repo but not in conversion.json" in d for d in report.get("files").details)
+    assert any(
+        "stale-shard.safetensors.bak: in the repo but not in conversion.json" in d for d in report.get("files").details
+    )
 
 
 # --- the Llama-3 and Phi-3 backbones ----------------------------------------------------------------------------
@@ -254,7 +272,9 @@ def test_clean_backbone_repo_passes(backbone_repos, backbone):
     assert report.get("chat_template").numbers["identical"] == report.get("chat_template").numbers["compared"] > 0
     assert report.get("logits").numbers["max_abs_diff"] <= 1e-4
     lay = report.get("strict_load").numbers["expected"]
-    assert (lay["image"], lay["pad"], lay["rows"]) == {"llama3": (1000, 1001, 1024), "phi3": (1008, 1009, 1024)}[backbone]
+    assert (lay["image"], lay["pad"], lay["rows"]) == {"llama3": (1000, 1001, 1024), "phi3": (1008, 1009, 1024)}[
+        backbone
+    ]
     if backbone == "phi3":
         assert report.get("resize").summary.startswith("rows 1024 = V: no new rows")
 
@@ -283,7 +303,12 @@ def _edit_chat_template(repo: Path, fn) -> None:
 
 def llama3_header_without_blank_line(repo):
     """The template drops the "\\n\\n" after <|end_header_id|> (a plausible slip: Llama-3's own template has it)."""
-    _edit_chat_template(repo, lambda t: t.replace("<|end_header_id|>\\n\\n", "<|end_header_id|>").replace("<|end_header_id|>\n\n", "<|end_header_id|>"))
+    _edit_chat_template(
+        repo,
+        lambda t: t.replace("<|end_header_id|>\\n\\n", "<|end_header_id|>").replace(
+            "<|end_header_id|>\n\n", "<|end_header_id|>"
+        ),
+    )
 
 
 def llama3_generation_config_without_eot(repo):
@@ -292,6 +317,7 @@ def llama3_generation_config_without_eot(repo):
 
 def llama3_image_id_is_t_minus_1(repo):
     """An off-by-one converter: <image> at T-1 = 999 (swapped with <|reserved_special_token_94|>), config to match."""
+
     def tok(t):
         for a in t["added_tokens"]:
             if a["content"] == "<image>":
@@ -299,12 +325,14 @@ def llama3_image_id_is_t_minus_1(repo):
             elif a["id"] == 999:
                 a["id"] = 1000
         t["added_tokens"].sort(key=lambda a: a["id"])
+
     _edit_json(repo, "tokenizer.json", tok)
 
     def cfg(c):
         d = c.get("added_tokens_decoder", {})
         if "999" in d and "1000" in d:
             d["999"], d["1000"] = d["1000"], d["999"]
+
     _edit_json(repo, "tokenizer_config.json", cfg)
     _edit_json(repo, "config.json", lambda c: c.__setitem__("image_token_index", 999))
 
@@ -327,7 +355,9 @@ def test_planted_backbone_defect_fails_the_right_check(llama3_repo, defect, must
     checks = sorted(must_fail | {"files"})
     report = _verify_backbone(llama3_repo, only=checks)
     assert must_fail <= set(report.failed_checks), report.table()
-    assert "files" not in report.failed_checks, report.table()  # the manifest was re-hashed: the targeted check caught it
+    assert "files" not in report.failed_checks, (
+        report.table()
+    )  # the manifest was re-hashed: the targeted check caught it
     details = [d for name in must_fail for d in report.get(name).details]
     assert any(says in d for d in details), report.table()
 
@@ -336,13 +366,38 @@ def test_prompts_file_takes_conversations(llama3_repo, tmp_path):
     from verify.cli import main
 
     prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps([
-        {"name": "conv", "image": "box", "turns": [{"role": "user", "text": "<image>\nWhat is inside the red box?"},
-                                                     {"role": "assistant", "text": None}]},
-        {"name": "raw", "image": None, "prompt": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"},
-    ]))
+    prompts.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "conv",
+                    "image": "box",
+                    "turns": [
+                        {"role": "user", "text": "<image>\nWhat is inside the red box?"},
+                        {"role": "assistant", "text": None},
+                    ],
+                },
+                {
+                    "name": "raw",
+                    "image": None,
+                    "prompt": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>",
+                },
+            ]
+        )
+    )
     out = tmp_path / "r.json"
-    args = [str(llama3_repo), "--prompts", str(prompts), "--only", "chat_template", "--only", "processor", "--quiet", "--json", str(out)]
+    args = [
+        str(llama3_repo),
+        "--prompts",
+        str(prompts),
+        "--only",
+        "chat_template",
+        "--only",
+        "processor",
+        "--quiet",
+        "--json",
+        str(out),
+    ]
     assert main(args) == 0
     rep = json.loads(out.read_text())
     chat = next(c for c in rep["checks"] if c["name"] == "chat_template")

@@ -58,8 +58,9 @@ def test_converted_shards_hold_what_save_file_writes_for_the_same_dict(converted
         save_file(sd, str(ref), metadata={"format": "pt"})
         ours, _ = _layout(shard)
         theirs, _ = _layout(ref)
-        assert {k: (v["dtype"], v["shape"]) for k, v in ours.items() if k != "__metadata__"} == \
-            {k: (v["dtype"], v["shape"]) for k, v in theirs.items() if k != "__metadata__"}
+        assert {k: (v["dtype"], v["shape"]) for k, v in ours.items() if k != "__metadata__"} == {
+            k: (v["dtype"], v["shape"]) for k, v in theirs.items() if k != "__metadata__"
+        }
         with safe_open(str(shard), "pt") as a, safe_open(str(ref), "pt") as b:
             assert a.metadata() == b.metadata() == {"format": "pt"}
             assert sorted(a.keys()) == sorted(b.keys())

@@ -47,30 +47,58 @@ def verify_repo(
     check_vipllava_repo(folder)
     from tqdm.auto import tqdm
 
-    ctx = Context(folder, original=original, text_model=text_model, vision_model=vision_model,
-                  prompts=prompts, images=images, dtype=dtype, max_new_tokens=max_new_tokens, only=only,
-                  memory_limit=memory_limit)
+    ctx = Context(
+        folder,
+        original=original,
+        text_model=text_model,
+        vision_model=vision_model,
+        prompts=prompts,
+        images=images,
+        dtype=dtype,
+        max_new_tokens=max_new_tokens,
+        only=only,
+        memory_limit=memory_limit,
+    )
     audit = None
     if ctx.manifest is None:
         audit = f"{repo} has no conversion.json (not written by this tool); the original inputs were given explicitly"
-    settings = {"dtype": ctx.dtype_name, "dtype_source": ctx.dtype_source, "memory_estimate": ctx.memory,
-                "inputs": {k: str(v) for k, v in vars(ctx.inputs).items()}, "backbone": ctx.backbone,
-                "conv_mode": ctx.conv_mode, "prompts": [p["name"] for p in ctx.prompts], "max_new_tokens": max_new_tokens}
+    settings = {
+        "dtype": ctx.dtype_name,
+        "dtype_source": ctx.dtype_source,
+        "memory_estimate": ctx.memory,
+        "inputs": {k: str(v) for k, v in vars(ctx.inputs).items()},
+        "backbone": ctx.backbone,
+        "conv_mode": ctx.conv_mode,
+        "prompts": [p["name"] for p in ctx.prompts],
+        "max_new_tokens": max_new_tokens,
+    }
     if str(folder) != str(repo):
         settings.update(repo_path=str(folder), repo_revision=commit)
     report = Report(repo=str(repo), settings=settings, audit=audit)
     report.environment = _environment()
     selected = [(n, f) for n, f in ALL_CHECKS if only is None or n in only]
     # The bar names the running check; no time estimate (the checks differ in cost by orders of magnitude).
-    with _no_transformers_bars(), tqdm(total=len(selected), disable=not progress, leave=False, desc=selected[0][0],
-                                       bar_format="verify: {desc} ({n_fmt}/{total_fmt} done, {elapsed})") as bar:
+    with (
+        _no_transformers_bars(),
+        tqdm(
+            total=len(selected),
+            disable=not progress,
+            leave=False,
+            desc=selected[0][0],
+            bar_format="verify: {desc} ({n_fmt}/{total_fmt} done, {elapsed})",
+        ) as bar,
+    ):
         for name, fn in selected:
             bar.set_description_str(name)
             t0 = time.perf_counter()
             try:
                 result = fn(ctx)
             except Exception as e:  # a check that cannot even run has failed; say why
-                result = Check(name, FAIL, f"could not run: {e.__class__.__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+                result = Check(
+                    name,
+                    FAIL,
+                    f"could not run: {e.__class__.__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+                )
             result.seconds = time.perf_counter() - t0
             report.checks.append(result)
             bar.update(1)
@@ -100,5 +128,9 @@ def _environment() -> dict:
 
     from convert import __version__
 
-    return {"tool": f"vipllava-harness {__version__}", "transformers": transformers.__version__,
-            "torch": torch.__version__.split("+")[0], "python": platform.python_version()}
+    return {
+        "tool": f"vipllava-harness {__version__}",
+        "transformers": transformers.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "python": platform.python_version(),
+    }

@@ -10,11 +10,12 @@ import json
 import math
 import re
 from statistics import NormalDist
+from typing import Any
 
 import torch
 
-from .context import MANIFEST, Context
-from .report import FAIL, NA, PASS, WARN, Check
+from .context import MANIFEST, Context, ConvertedTensors, OriginalTensors
+from .report import FAIL, NA, PASS, WARN, Check, first_difference_index
 
 # max |logits diff| per verify --dtype: float32 arithmetic (float32-blocks computes the prompt in float32 over bf16
 # weights) allows kernel-order differences only; bf16 arithmetic rounds every product to 8 bits of mantissa.
@@ -67,16 +68,21 @@ def run_data_pass(ctx: Context):
     hash_files = "files" in wanted and ctx.manifest is not None
     others = []
     if hash_files:
+        assert ctx.manifest is not None
         listed = {n for n in ctx.manifest.get("outputs", {}) if (ctx.repo / n).is_file()}
         others = [ctx.repo / n for n in sorted(listed - {p.name for p in shards})]
     pairs = []
     if wanted & {"mapping", "resize"}:
+        orig: OriginalTensors | None
+        conv: ConvertedTensors | None
         try:
             orig, conv = ctx.original_tensors, ctx.converted_tensors
         except Exception:  # unreadable input: the checks that need it say so themselves
             orig = conv = None
-        if orig is not None:
-            keys = orig.keys() if "mapping" in wanted else [k for k in (ORIGINAL_EMBED, ORIGINAL_HEAD) if k in orig.files]
+        if orig is not None and conv is not None:
+            keys = (
+                orig.keys() if "mapping" in wanted else [k for k in (ORIGINAL_EMBED, ORIGINAL_HEAD) if k in orig.files]
+            )
             olocs, clocs = orig.locations(), conv.locations()
             for key in keys:
                 name = canonical(key)
@@ -85,7 +91,11 @@ def run_data_pass(ctx: Context):
                 a_dtype, a_shape = orig.meta(key)
                 b = clocs[name]
                 resized = name in (EMBED, HEAD)
-                fits = (b.shape[1:] == a_shape[1:] and b.shape[0] >= a_shape[0]) if resized and a_shape else b.shape == a_shape
+                fits = (
+                    (b.shape[1:] == a_shape[1:] and b.shape[0] >= a_shape[0])
+                    if resized and a_shape
+                    else b.shape == a_shape
+                )
                 if not fits:
                     continue  # the checks report the shapes; nothing to compare
                 o = olocs.get(key)
@@ -121,8 +131,9 @@ def _max_abs_diff(ctx: Context, key: str, name: str) -> float:
 def check_files(ctx: Context) -> Check:
     """Every output file's sha256 matches the manifest; the safetensors index covers every tensor exactly once."""
     problems: list[str] = []
-    audit = ctx.manifest is None  # a repo this tool did not write: no recorded hashes, the shard layout still checked
-    outputs: dict = {} if audit else ctx.manifest.get("outputs", {})
+    manifest = ctx.manifest
+    audit = manifest is None  # a repo this tool did not write: no recorded hashes, the shard layout still checked
+    outputs: dict = {} if manifest is None else manifest.get("outputs", {})
     present = set() if audit else {p.name for p in ctx.repo.iterdir() if p.is_file()} - {MANIFEST}
     published = sorted(present & PUBLICATION_FILES)  # added when publishing, after the manifest was written
     present -= PUBLICATION_FILES
@@ -165,13 +176,33 @@ def check_files(ctx: Context) -> Check:
         problems.append(f"{len(shards)} shards but no model.safetensors.index.json")
     elif not shards:
         problems.append("no safetensors weights in the repo")
-    numbers = {"files_hashed": len(outputs), "shards": len(shards), "tensors": len(headers), "indexed": n_indexed, "publication_files": published,
-               "data_pass": ctx.data_pass.describe()}
-    summary = f"{len(outputs)} files hashed, {len(shards)} shard(s), {len(headers)} tensors, index entries {n_indexed or 'n/a (single file)'}"
+    numbers = {
+        "files_hashed": len(outputs),
+        "shards": len(shards),
+        "tensors": len(headers),
+        "indexed": n_indexed,
+        "publication_files": published,
+        "data_pass": ctx.data_pass.describe(),
+    }
+    summary = (
+        f"{len(outputs)} files hashed, {len(shards)} shard(s), {len(headers)} tensors, index entries "
+        f"{n_indexed or 'n/a (single file)'}"
+    )
     if audit and not problems:
-        return Check("files", NA, f"not applicable: no {MANIFEST}, so no recorded hashes to compare the files with "
-                                  f"(the shard layout was checked: {len(shards)} shard(s), {len(headers)} tensors, each once)", numbers)
-    return Check("files", FAIL if problems else PASS, summary if not problems else f"{len(problems)} problem(s); {summary}", numbers, problems)
+        return Check(
+            "files",
+            NA,
+            f"not applicable: no {MANIFEST}, so no recorded hashes to compare the files with "
+            f"(the shard layout was checked: {len(shards)} shard(s), {len(headers)} tensors, each once)",
+            numbers,
+        )
+    return Check(
+        "files",
+        FAIL if problems else PASS,
+        summary if not problems else f"{len(problems)} problem(s); {summary}",
+        numbers,
+        problems,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -196,7 +227,7 @@ def check_mapping(ctx: Context) -> Check:
             continue
         if len(conv.where[name]) > 1:
             problems.append(f"{name}: stored {len(conv.where[name])} times")
-        (a_dtype, a_shape), (b_dtype, b_shape) = orig.meta(key), conv.meta(name)
+        (_, a_shape), (b_dtype, b_shape) = orig.meta(key), conv.meta(name)
         if out_dtype and str(b_dtype).removeprefix("torch.") != out_dtype and b_dtype.is_floating_point:
             problems.append(f"{name}: stored as {b_dtype}, manifest says {out_dtype}")
         if name in (EMBED, HEAD):
@@ -213,8 +244,17 @@ def check_mapping(ctx: Context) -> Check:
     problems += ctx.data_pass.problems
     extra = sorted(set(conv.keys()) - expected_names)
     problems += [f"{k}: extra tensor with no original counterpart" for k in extra[:10]]
-    numbers = {"original_tensors": len(orig.keys()), "dropped_buffers": dropped, "bit_identical": identical, "extra": len(extra), "output_dtype": out_dtype}
-    summary = f"{identical}/{len(expected_names)} tensors bit-identical{f' (as {out_dtype})' if out_dtype else ''}, {dropped} legacy buffers dropped, {len(extra)} extra"
+    numbers = {
+        "original_tensors": len(orig.keys()),
+        "dropped_buffers": dropped,
+        "bit_identical": identical,
+        "extra": len(extra),
+        "output_dtype": out_dtype,
+    }
+    summary = (
+        f"{identical}/{len(expected_names)} tensors bit-identical{f' (as {out_dtype})' if out_dtype else ''}, "
+        f"{dropped} legacy buffers dropped, {len(extra)} extra"
+    )
     return Check("mapping", FAIL if problems else PASS, summary, numbers, problems)
 
 
@@ -226,33 +266,11 @@ def _id_set(value) -> set:
     return set(value) if isinstance(value, (list, tuple)) else {value}
 
 
-def check_strict_load(ctx: Context) -> Check:
-    """``from_pretrained`` reports 0 missing / unexpected / mismatched keys; the token layout is the contract's
-    (T = len(base tokenizer), V = original rows: ``<image>`` = T, pad = T + 1, rows = max(V, ceil((T+2)/64)*64));
-    config, tokenizer and generation config agree on the special ids; the generation config suppresses exactly the ids
-    in [T, rows) (the original could never emit them); the backbone the converter recorded is the one the reference
-    detects."""
+def _special_id_problems(ctx: Context, tok: Any, gen: dict) -> tuple[list[str], dict[str, Any]]:
+    """Tokenizer, config, text config and generation config agree on the pad, bos and eos ids; pad is T + 1.
+    Returns the problems and the pad ids found."""
     problems = []
-    try:
-        model, info = ctx.loaded
-    except Exception as e:  # any load error is the finding
-        return Check("strict_load", FAIL, f"from_pretrained raised {e.__class__.__name__}: {str(e).splitlines()[0][:200]}")
-    counts = {k: len(info.get(k, [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
-    for k, n in counts.items():
-        if n:
-            problems.append(f"{k}: {n} ({', '.join(sorted(map(str, info[k]))[:3])})")
-    if ctx.recorded_backbone is not None and ctx.recorded_backbone != ctx.backbone:
-        problems.append(f"backbone: {MANIFEST} records {ctx.recorded_backbone!r}, the original is {ctx.backbone!r}")
     lay = ctx.layout
-    T, V = lay["base_tokens"], lay["original_rows"]
-    cfg = model.config
-    tok = ctx.tokenizer
-    gen = ctx.generation_config
-    image_tok = tok.convert_tokens_to_ids("<image>")
-    if image_tok != cfg.image_token_index:
-        problems.append(f"tokenizer maps <image> to {image_tok}, config image_token_index is {cfg.image_token_index}")
-    if cfg.image_token_index != lay["image"]:
-        problems.append(f"config image_token_index is {cfg.image_token_index}, expected T = {lay['image']} (the base tokenizer's {T} tokens come first)")
     pads = {
         "tokenizer.pad_token_id": tok.pad_token_id,
         "config.pad_token_id": ctx.config_dict.get("pad_token_id"),
@@ -275,9 +293,52 @@ def check_strict_load(ctx: Context) -> Check:
     gen_eos = _id_set(gen.get("eos_token_id"))
     text_eos = _id_set(ctx.config_dict.get("text_config", {}).get("eos_token_id"))
     if tok.eos_token_id is None or tok.eos_token_id not in gen_eos:
-        problems.append(f"eos ids disagree: tokenizer eos {tok.eos_token_id} is not in generation_config eos_token_id {gen.get('eos_token_id')}")
+        problems.append(
+            f"eos ids disagree: tokenizer eos {tok.eos_token_id} is not in generation_config eos_token_id "
+            f"{gen.get('eos_token_id')}"
+        )
     if not text_eos or not text_eos <= gen_eos:
-        problems.append(f"eos ids disagree: text_config eos_token_id {sorted(text_eos)} not within generation_config eos_token_id {gen.get('eos_token_id')}")
+        problems.append(
+            f"eos ids disagree: text_config eos_token_id {sorted(text_eos)} not within generation_config eos_token_id "
+            f"{gen.get('eos_token_id')}"
+        )
+    return problems, pads
+
+
+def check_strict_load(ctx: Context) -> Check:
+    """``from_pretrained`` reports 0 missing / unexpected / mismatched keys; the token layout is the contract's
+    (T = len(base tokenizer), V = original rows: ``<image>`` = T, pad = T + 1, rows = max(V, ceil((T+2)/64)*64));
+    config, tokenizer and generation config agree on the special ids; the generation config suppresses exactly the ids
+    in [T, rows) (the original could never emit them); the backbone the converter recorded is the one the reference
+    detects."""
+    problems = []
+    try:
+        model, info = ctx.loaded
+    except Exception as e:  # any load error is the finding
+        return Check(
+            "strict_load", FAIL, f"from_pretrained raised {e.__class__.__name__}: {str(e).splitlines()[0][:200]}"
+        )
+    counts = {k: len(info.get(k, [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    for k, n in counts.items():
+        if n:
+            problems.append(f"{k}: {n} ({', '.join(sorted(map(str, info[k]))[:3])})")
+    if ctx.recorded_backbone is not None and ctx.recorded_backbone != ctx.backbone:
+        problems.append(f"backbone: {MANIFEST} records {ctx.recorded_backbone!r}, the original is {ctx.backbone!r}")
+    lay = ctx.layout
+    T, V = lay["base_tokens"], lay["original_rows"]
+    cfg = model.config
+    tok = ctx.tokenizer
+    gen = ctx.generation_config
+    image_tok = tok.convert_tokens_to_ids("<image>")
+    if image_tok != cfg.image_token_index:
+        problems.append(f"tokenizer maps <image> to {image_tok}, config image_token_index is {cfg.image_token_index}")
+    if cfg.image_token_index != lay["image"]:
+        problems.append(
+            f"config image_token_index is {cfg.image_token_index}, expected T = {lay['image']} (the base tokenizer's "
+            f"{T} tokens come first)"
+        )
+    found, pads = _special_id_problems(ctx, tok, gen)
+    problems += found
     rows = model.get_input_embeddings().weight.shape[0]
     if rows != cfg.text_config.vocab_size:
         problems.append(f"embedding rows {rows} != text_config.vocab_size {cfg.text_config.vocab_size}")
@@ -289,24 +350,44 @@ def check_strict_load(ctx: Context) -> Check:
     suppress = gen.get("suppress_tokens")
     want_suppressed = set(range(T, lay["rows"]))
     if not isinstance(suppress, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in suppress):
-        problems.append(f"generation_config suppress_tokens is {suppress!r}; expected every id in [T={T}, rows={lay['rows']}) "
-                        "(the original could never emit them: it resized its embeddings to len(tokenizer))")
+        problems.append(
+            f"generation_config suppress_tokens is {suppress!r}; expected every id in [T={T}, rows={lay['rows']}) "
+            "(the original could never emit them: it resized its embeddings to len(tokenizer))"
+        )
     else:
         lacking, extra = sorted(want_suppressed - set(suppress)), sorted(set(suppress) - want_suppressed)
         if lacking:
-            problems.append(f"generation_config suppress_tokens lacks {len(lacking)} id(s) in [T={T}, rows={lay['rows']}) "
-                            f"(first {lacking[:5]}): generate can emit ids the original never could")
+            problems.append(
+                f"generation_config suppress_tokens lacks {len(lacking)} id(s) in [T={T}, rows={lay['rows']}) "
+                f"(first {lacking[:5]}): generate can emit ids the original never could"
+            )
         if extra:
-            problems.append(f"generation_config suppress_tokens holds {len(extra)} id(s) outside [T={T}, rows={lay['rows']}) "
-                            f"(first {extra[:5]}): the original could emit those")
-    numbers = {**counts, "backbone": ctx.backbone, "recorded_backbone": ctx.recorded_backbone, "base_tokens": T,
-               "original_rows": V, "expected": lay, "image_token_index": cfg.image_token_index,
-               "tokenizer_image_id": image_tok, "pad": pads, "rows": rows, "len_tokenizer": len(tok),
-               "suppress_tokens": len(suppress) if isinstance(suppress, list) else None}
-    summary = (f"missing {counts['missing_keys']}, unexpected {counts['unexpected_keys']}, mismatched {counts['mismatched_keys']}; "
-               f"{ctx.backbone}: T={T}, V={V} -> <image>={image_tok} (want {lay['image']}), pad={tok.pad_token_id} (want {lay['pad']}), "
-               f"rows {rows} (want {lay['rows']}) >= len(tokenizer) {len(tok)}; "
-               f"suppressed {len(suppress) if isinstance(suppress, list) else 'none'} (want [{T}, {lay['rows']}))")
+            problems.append(
+                f"generation_config suppress_tokens holds {len(extra)} id(s) outside [T={T}, rows={lay['rows']}) "
+                f"(first {extra[:5]}): the original could emit those"
+            )
+    numbers = {
+        **counts,
+        "backbone": ctx.backbone,
+        "recorded_backbone": ctx.recorded_backbone,
+        "base_tokens": T,
+        "original_rows": V,
+        "expected": lay,
+        "image_token_index": cfg.image_token_index,
+        "tokenizer_image_id": image_tok,
+        "pad": pads,
+        "rows": rows,
+        "len_tokenizer": len(tok),
+        "suppress_tokens": len(suppress) if isinstance(suppress, list) else None,
+    }
+    summary = (
+        f"missing {counts['missing_keys']}, unexpected {counts['unexpected_keys']}, mismatched "
+        f"{counts['mismatched_keys']}; "
+        f"{ctx.backbone}: T={T}, V={V} -> <image>={image_tok} (want {lay['image']}), pad={tok.pad_token_id} (want "
+        f"{lay['pad']}), "
+        f"rows {rows} (want {lay['rows']}) >= len(tokenizer) {len(tok)}; "
+        f"suppressed {len(suppress) if isinstance(suppress, list) else 'none'} (want [{T}, {lay['rows']}))"
+    )
     return Check("strict_load", FAIL if problems else PASS, summary, numbers, problems)
 
 
@@ -361,7 +442,13 @@ def check_resize(ctx: Context) -> Check:
     mu = stats.mean
     trace = stats.trace  # tr(Sigma) with the population covariance
     want_rows = ctx.layout["rows"]
-    numbers: dict = {"original_rows": n, "hidden": h, "trace_sigma": trace, "expected_rows": want_rows, "base_tokens": ctx.layout["base_tokens"]}
+    numbers: dict = {
+        "original_rows": n,
+        "hidden": h,
+        "trace_sigma": trace,
+        "expected_rows": want_rows,
+        "base_tokens": ctx.layout["base_tokens"],
+    }
     originals = {EMBED: ORIGINAL_EMBED, HEAD: ORIGINAL_HEAD}
     added_total = 0
     for name in (EMBED, HEAD):
@@ -373,7 +460,10 @@ def check_resize(ctx: Context) -> Check:
         short = "embed_tokens" if name == EMBED else "lm_head"
         numbers[f"{short}_rows"] = rows
         if rows != want_rows:
-            problems.append(f"{short}: {rows} rows, expected {want_rows} = max(V={n}, ceil((T+2)/64)*64) for T={ctx.layout['base_tokens']}")
+            problems.append(
+                f"{short}: {rows} rows, expected {want_rows} = max(V={n}, ceil((T+2)/64)*64) for "
+                f"T={ctx.layout['base_tokens']}"
+            )
         if rows < n:
             continue
         key = originals[name]
@@ -392,7 +482,9 @@ def check_resize(ctx: Context) -> Check:
         if d.max().item() > b["row_max"]:
             problems.append(f"{short}: a new row lies at d={d.max().item():.3g} (bound {b['row_max']:.3g})")
         if not b["mean_low"] <= d.mean().item() <= b["mean_high"]:
-            problems.append(f"{short}: mean d={d.mean().item():.3g} outside [{b['mean_low']:.3g}, {b['mean_high']:.3g}]")
+            problems.append(
+                f"{short}: mean d={d.mean().item():.3g} outside [{b['mean_low']:.3g}, {b['mean_high']:.3g}]"
+            )
     # probability mass on the added tokens (the lm_head rows come from the EMBEDDING statistics)
     masses = []
     if added_total:
@@ -411,20 +503,25 @@ def check_resize(ctx: Context) -> Check:
         numbers["mass_per_original_token"] = average_original
         if per_added_token > average_original:
             warnings.append(
-                f"the added tokens get {per_added_token:.3g} probability each on average, more than an average original token ({average_original:.3g})"
+                f"the added tokens get {per_added_token:.3g} probability each on average, more than an average "
+                f"original token ({average_original:.3g})"
             )
     e = numbers.get("embed_tokens", {})
     hd = numbers.get("lm_head", {})
     if not added_total and not problems:
-        summary = (f"rows {numbers.get('embed_tokens_rows')} = V: no new rows (the original's {n} rows already hold "
-                   f"<image> {ctx.layout['image']} and <pad> {ctx.layout['pad']}); original rows bit-identical")
+        summary = (
+            f"rows {numbers.get('embed_tokens_rows')} = V: no new rows (the original's {n} rows already hold "
+            f"<image> {ctx.layout['image']} and <pad> {ctx.layout['pad']}); original rows bit-identical"
+        )
     else:
         summary = (
             f"rows {numbers.get('embed_tokens_rows')} (want {want_rows}), original {n} rows "
             f"{'NOT ' if any('bit-identical' in q for q in problems) else ''}bit-identical, "
             f"d_max {e.get('d_max', float('nan')):.3g}/{hd.get('d_max', float('nan')):.3g} "
-            f"<= {e.get('row_max', float('nan')):.3g}, d_mean {e.get('d_mean', float('nan')):.3g}/{hd.get('d_mean', float('nan')):.3g} "
-            f"in [{e.get('mean_low', float('nan')):.3g}, {e.get('mean_high', float('nan')):.3g}] (p_false={FAMILY_FALSE_ALARM:g}); "
+            f"<= {e.get('row_max', float('nan')):.3g}, d_mean "
+            f"{e.get('d_mean', float('nan')):.3g}/{hd.get('d_mean', float('nan')):.3g} "
+            f"in [{e.get('mean_low', float('nan')):.3g}, {e.get('mean_high', float('nan')):.3g}] "
+            f"(p_false={FAMILY_FALSE_ALARM:g}); "
             f"mass on added {numbers.get('added_mass_mean', float('nan')):.3g}"
         )
     status = FAIL if problems else (WARN if warnings else PASS)
@@ -438,14 +535,15 @@ def check_processor(ctx: Context) -> Check:
     problems = []
     proc = ctx.processor
     n_ids = 0
-    for x, p in zip(ctx.parity_inputs, ctx.prompts):
+    for x, p in zip(ctx.parity_inputs, ctx.prompts, strict=False):
         kw = {"images": x["images"]} if x["images"] else {}
         got = proc(text=p["prompt"], return_tensors="pt", **kw)["input_ids"][0].tolist()
         n_ids += 1
         if got != x["expanded"]:
-            i = next((i for i, (a, b) in enumerate(zip(got, x["expanded"])) if a != b), min(len(got), len(x["expanded"])))
+            i = first_difference_index(got, x["expanded"])
             problems.append(
-                f"prompt {x['name']}: ids differ at position {i} (converted {got[i:i + 4]}, original {x['expanded'][i:i + 4]}; lengths {len(got)} vs {len(x['expanded'])})"
+                f"prompt {x['name']}: ids differ at position {i} (converted {got[i : i + 4]}, original "
+                f"{x['expanded'][i : i + 4]}; lengths {len(got)} vs {len(x['expanded'])})"
             )
     worst = 0.0
     for name, img in sorted(ctx.images.items()):
@@ -457,7 +555,10 @@ def check_processor(ctx: Context) -> Check:
         diff = (got.float() - ref.float()).abs().max().item()
         worst = max(worst, diff)
         if diff > PIXEL_TOL:
-            problems.append(f"image {name} ({img.size[0]}x{img.size[1]}): pixel_values differ by up to {diff:.3g} (tol {PIXEL_TOL:g})")
+            problems.append(
+                f"image {name} ({img.size[0]}x{img.size[1]}): pixel_values differ by up to {diff:.3g} (tol "
+                f"{PIXEL_TOL:g})"
+            )
     numbers = {"prompts": n_ids, "images": len(ctx.images), "pixel_max_abs_diff": worst, "pixel_tol": PIXEL_TOL}
     summary = f"{n_ids} prompts' ids, {len(ctx.images)} images; pixel max |diff| {worst:.3g} (tol {PIXEL_TOL:g})"
     return Check("processor", FAIL if problems else PASS, summary, numbers, problems)
@@ -474,28 +575,45 @@ def check_tokenizer_era(ctx: Context) -> Check:
 
     others = ctx.era_tokenizers
     if not others:
-        return Check("tokenizer_era", NA, f"not applicable: the original {ctx.backbone} loaded the fast tokenizer "
-                     f"(use_fast=True), one tokenization in every era", {"applicable": False})
+        return Check(
+            "tokenizer_era",
+            NA,
+            f"not applicable: the original {ctx.backbone} loaded the fast tokenizer "
+            f"(use_fast=True), one tokenization in every era",
+            {"applicable": False},
+        )
     base = ctx.base_tokenizer
-    numbers: dict = {"applicable": True, "reference_era": DEFAULT_TOKENIZER_ERA, "legacy": getattr(base, "legacy", None),
-                     "prompts": len(ctx.prompts)}
+    numbers: dict = {
+        "applicable": True,
+        "reference_era": DEFAULT_TOKENIZER_ERA,
+        "legacy": getattr(base, "legacy", None),
+        "prompts": len(ctx.prompts),
+    }
     details, parts = [], []
     for era, tok in others.items():
         differ = []
         for p in ctx.prompts:
             a, b = base.encode_with_images(p["prompt"]), tok.encode_with_images(p["prompt"])
             if a != b:
-                i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                differ.append((p["name"], i, b[i:i + 4], a[i:i + 4]))
+                i = first_difference_index(a, b)
+                differ.append((p["name"], i, b[i : i + 4], a[i : i + 4]))
         numbers[era] = {"differ": len(differ), "first": list(differ[0]) if differ else None}
         if differ:
             name, i, old, new = differ[0]
-            parts.append(f"{era}-era tokenization differs on {len(differ)} of {len(ctx.prompts)} prompts, first at "
-                         f"{name} position {i} ({era} {old} vs {DEFAULT_TOKENIZER_ERA} {new})")
-            details += [f"{era}: prompt {n} differs from position {k} ({era} {o} vs {DEFAULT_TOKENIZER_ERA} {w})" for n, k, o, w in differ]
+            parts.append(
+                f"{era}-era tokenization differs on {len(differ)} of {len(ctx.prompts)} prompts, first at "
+                f"{name} position {i} ({era} {old} vs {DEFAULT_TOKENIZER_ERA} {new})"
+            )
+            details += [
+                f"{era}: prompt {n} differs from position {k} ({era} {o} vs {DEFAULT_TOKENIZER_ERA} {w})"
+                for n, k, o, w in differ
+            ]
         else:
             parts.append(f"{era}-era tokenization identical on {len(ctx.prompts)} of {len(ctx.prompts)} prompts")
-    summary = "; ".join(parts) + f" (verified against {DEFAULT_TOKENIZER_ERA}, the original code's pin; legacy={numbers['legacy']})"
+    summary = (
+        "; ".join(parts)
+        + f" (verified against {DEFAULT_TOKENIZER_ERA}, the original code's pin; legacy={numbers['legacy']})"
+    )
     warned = any(numbers[era]["differ"] for era in others)
     return Check("tokenizer_era", WARN if warned else PASS, summary, numbers, details)
 
@@ -518,7 +636,7 @@ def hf_messages(turns: list[dict]) -> tuple[list[dict], bool]:
                 continue
             raise ValueError(f"turn {i} ({role}) is open; only the final assistant turn can be (the generation prompt)")
         if role == "user" and text.startswith(IMAGE_PREFIX):
-            content = [{"type": "image"}, {"type": "text", "text": text[len(IMAGE_PREFIX):]}]
+            content = [{"type": "image"}, {"type": "text", "text": text[len(IMAGE_PREFIX) :]}]
         else:
             content = [{"type": "text", "text": text}]
         messages.append({"role": role, "content": content})
@@ -527,10 +645,12 @@ def hf_messages(turns: list[dict]) -> tuple[list[dict], bool]:
 
 def first_difference(got: str, want: str, context: int = 24) -> str:
     """Where two strings first differ, with repr() context on both sides."""
-    i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    i = first_difference_index(got, want)
     lo = max(0, i - context)
-    return (f"first difference at char {i} (lengths {len(got)} vs {len(want)}): converted {got[lo:i + context]!r} "
-            f"vs original {want[lo:i + context]!r}")
+    return (
+        f"first difference at char {i} (lengths {len(got)} vs {len(want)}): converted {got[lo : i + context]!r} "
+        f"vs original {want[lo : i + context]!r}"
+    )
 
 
 def check_chat_template(ctx: Context) -> Check:
@@ -551,7 +671,10 @@ def check_chat_template(ctx: Context) -> Check:
             try:
                 got = obj.apply_chat_template(messages, add_generation_prompt=gen_prompt, tokenize=False)
             except Exception as e:  # no template, a template error: transformers' and jinja's own types
-                problems.append(f"conversation {p['name']}: {who}.apply_chat_template raised {e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                problems.append(
+                    f"conversation {p['name']}: {who}.apply_chat_template raised {e.__class__.__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}"
+                )
                 continue
             if isinstance(got, list) and len(got) == 1:
                 got = got[0]
@@ -559,9 +682,18 @@ def check_chat_template(ctx: Context) -> Check:
                 matched += 1
             else:
                 problems.append(f"conversation {p['name']} ({who}): {first_difference(str(got), p['prompt'])}")
-    numbers = {"source": source, "conversations": len(convs), "compared": compared, "identical": matched, "conv_mode": ctx.conv_mode}
+    numbers = {
+        "source": source,
+        "conversations": len(convs),
+        "compared": compared,
+        "identical": matched,
+        "conv_mode": ctx.conv_mode,
+    }
     where = "of the verified prompts" if source == "prompts" else "bundled (the prompts give no turns)"
-    summary = f"{matched}/{compared} renderings identical to the original {ctx.conv_mode} prompt ({len(convs)} conversations {where} x processor, tokenizer)"
+    summary = (
+        f"{matched}/{compared} renderings identical to the original {ctx.conv_mode} prompt ({len(convs)} conversations "
+        f"{where} x processor, tokenizer)"
+    )
     if not convs:
         problems.append("no conversations to compare")
     return Check("chat_template", FAIL if problems else PASS, summary, numbers, problems)
@@ -572,7 +704,10 @@ def _module_map(model) -> dict[str, torch.nn.Module]:
     """Trace name -> module of the converted model, across transformers' module layouts."""
     pats = (
         (re.compile(r"vision_tower\.(?:vision_model\.)?pre_layrnorm$"), lambda m: "vision.embeddings"),
-        (re.compile(r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)$"), lambda m: f"vision.layer.{m.group(1)}"),
+        (
+            re.compile(r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)$"),
+            lambda m: f"vision.layer.{m.group(1)}",
+        ),
         (re.compile(r"multi_modal_projector$"), lambda m: "projector"),
         (re.compile(r"language_model\.(?:model\.)?layers\.(\d+)$"), lambda m: f"decoder.layer.{m.group(1)}"),
         (re.compile(r"language_model\.(?:model\.)?norm$"), lambda m: "decoder.norm"),
@@ -590,7 +725,11 @@ def _trace_order(names) -> list[str]:
     def key(n: str):
         parts = n.split(".")
         stage = {"vision": 0, "projector": 1, "decoder": 2, "logits": 3}[parts[0]]
-        sub = 0 if parts[-1] == "embeddings" else (10**6 if parts[-1] == "norm" else int(parts[-1]) + 1 if parts[-1].isdigit() else 0)
+        sub = (
+            0
+            if parts[-1] == "embeddings"
+            else (10**6 if parts[-1] == "norm" else int(parts[-1]) + 1 if parts[-1].isdigit() else 0)
+        )
         return (stage, sub)
 
     return sorted(names, key=key)
@@ -604,15 +743,19 @@ def first_divergence(ctx: Context, index: int, tol: float) -> tuple[str, float] 
     captured: dict[str, torch.Tensor] = {}
     hooks = []
     for label, mod in _module_map(ctx.model).items():
+
         def hook(_m, _i, out, label=label):
             t = out[0] if isinstance(out, tuple) else out
             t = getattr(t, "last_hidden_state", t)
             captured[label] = t.detach().float()
+
         hooks.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad(), ctx.arithmetic_context(ctx.model):
             kw = {"pixel_values": x["pixels"]} if x["pixels"] is not None else {}
-            captured["logits"] = ctx.model(input_ids=torch.tensor([x["expanded"]]), **kw).logits[0, :, : ctx.original_vocab].float()
+            captured["logits"] = (
+                ctx.model(input_ids=torch.tensor([x["expanded"]]), **kw).logits[0, :, : ctx.original_vocab].float()
+            )
     finally:
         for hk in hooks:
             hk.remove()
@@ -629,12 +772,15 @@ def first_divergence(ctx: Context, index: int, tol: float) -> tuple[str, float] 
 
 def check_logits(ctx: Context) -> Check:
     """Max |logits diff| over the original vocabulary on every sample prompt within the dtype's tolerance, and
-    100% top-1 agreement at every position whose reference top-2 margin exceeds the tolerance."""
+    100% top-1 agreement at every position whose reference top-2 margin exceeds twice the tolerance (a position
+    with a smaller margin is counted as a tie, where both top-1 choices are correct within the tolerance)."""
     tol = LOGITS_TOL[ctx.dtype_name]
     V = ctx.original_vocab
     problems, worst, agree, decided, ties = [], 0.0, 0, 0, 0
     first_bad = None
-    for i, (x, ref, got) in enumerate(zip(ctx.parity_inputs, ctx.reference_outputs, ctx.converted_logits)):
+    for i, (x, ref, got) in enumerate(
+        zip(ctx.parity_inputs, ctx.reference_outputs, ctx.converted_logits, strict=False)
+    ):
         a, b = ref.logits.float(), got[:, :V]
         if a.shape != b.shape:
             problems.append(f"prompt {x['name']}: logits shape {tuple(b.shape)} vs original {tuple(a.shape)}")
@@ -649,18 +795,36 @@ def check_logits(ctx: Context) -> Check:
         agree += int((same & clear).sum())
         ties += int((~clear).sum())
         if diff > tol or not bool(same[clear].all()):
-            problems.append(f"prompt {x['name']}: max |diff| {diff:.3g} (tol {tol:g}), top-1 agree {int((same & clear).sum())}/{int(clear.sum())}")
+            problems.append(
+                f"prompt {x['name']}: max |diff| {diff:.3g} (tol {tol:g}), top-1 agree "
+                f"{int((same & clear).sum())}/{int(clear.sum())}"
+            )
             first_bad = first_bad if first_bad is not None else i
     if first_bad is not None:
         where = first_divergence(ctx, first_bad, tol)
         if where:
-            problems.insert(0, f"first divergence: {where[0]} (max |diff| {where[1]:.3g}) on prompt {ctx.parity_inputs[first_bad]['name']}")
+            problems.insert(
+                0,
+                f"first divergence: {where[0]} (max |diff| {where[1]:.3g}) on prompt "
+                f"{ctx.parity_inputs[first_bad]['name']}",
+            )
     others = ", ".join(f"{k} {v:g}" for k, v in LOGITS_TOL.items() if k != ctx.dtype_name)
-    numbers = {"max_abs_diff": worst, "tolerance": tol, "dtype": ctx.dtype_name, "dtype_source": ctx.dtype_source,
-               "tolerance_per_dtype": dict(LOGITS_TOL), "top1_agree": agree, "top1_decided": decided, "near_ties": ties,
-               "prompts": len(ctx.prompts), "seconds": _phase_seconds(ctx, "load", "forward")}
-    summary = (f"max |diff| {worst:.3g} <= {tol:g} ({ctx.dtype_name}; {others}) over {len(ctx.prompts)} prompts; "
-               f"top-1 {agree}/{decided} ({ties} near-ties excluded)")
+    numbers = {
+        "max_abs_diff": worst,
+        "tolerance": tol,
+        "dtype": ctx.dtype_name,
+        "dtype_source": ctx.dtype_source,
+        "tolerance_per_dtype": dict(LOGITS_TOL),
+        "top1_agree": agree,
+        "top1_decided": decided,
+        "near_ties": ties,
+        "prompts": len(ctx.prompts),
+        "seconds": _phase_seconds(ctx, "load", "forward"),
+    }
+    summary = (
+        f"max |diff| {worst:.3g} <= {tol:g} ({ctx.dtype_name}; {others}) over {len(ctx.prompts)} prompts; "
+        f"top-1 {agree}/{decided} ({ties} near-ties excluded)"
+    )
     if problems:
         summary = f"max |diff| {worst:.3g} (tol {tol:g}, {ctx.dtype_name}); top-1 {agree}/{decided}"
     return Check("logits", FAIL if problems else PASS, summary, numbers, problems)
@@ -685,28 +849,47 @@ def check_generation(ctx: Context) -> Check:
     T = ctx.layout["base_tokens"]
     for token, tid in terminators.items():
         if tid not in gen_eos:
-            problems.append(f"generation_config eos_token_id {gen.get('eos_token_id')} lacks the original terminator {token} ({tid})")
+            problems.append(
+                f"generation_config eos_token_id {gen.get('eos_token_id')} lacks the original terminator {token} "
+                f"({tid})"
+            )
     if n <= 0:
         return Check("generation", FAIL, f"--max-new-tokens {n}: no tokens to compare", {"max_new_tokens": n}, problems)
     emitted_beyond = set()
-    for x, ref, got in zip(ctx.parity_inputs, ctx.reference_generations, ctx.converted_generations):
+    for x, ref, got in zip(ctx.parity_inputs, ctx.reference_generations, ctx.converted_generations, strict=False):
         total += len(ref)
         if got != list(ref):
             beyond = sorted({t for t in got if t >= T})
             emitted_beyond.update(beyond)
-            note = (f"; ids {beyond} are >= len(base tokenizer) {T}, which the original could never emit "
-                    f"(generation_config.json suppress_tokens should hold them)") if beyond else ""
+            note = (
+                (
+                    f"; ids {beyond} are >= len(base tokenizer) {T}, which the original could never emit "
+                    f"(generation_config.json suppress_tokens should hold them)"
+                )
+                if beyond
+                else ""
+            )
             problems.append(f"prompt {x['name']}: converted {got} vs original {list(ref)}{note}")
     stops = ", ".join(f"{t} {i}" for t, i in terminators.items())
     n_bad = sum(1 for q in problems if q.startswith("prompt "))
     suppressed = _id_set(gen.get("suppress_tokens"))
-    numbers = {"prompts": len(ctx.parity_inputs), "max_new_tokens": n, "tokens_compared": total,
-               "terminators": terminators, "generation_config_eos": sorted(gen_eos), "base_tokens": T,
-               "suppress_tokens": len(suppressed), "emitted_beyond_base": sorted(emitted_beyond),
-               "seconds": _phase_seconds(ctx, "decode")}
-    summary = (f"{len(ctx.parity_inputs) - n_bad}/{len(ctx.parity_inputs)} prompts identical over {n} greedy tokens ({total} tokens), "
-               f"unmasked, through generation_config.json ({len(suppressed)} ids suppressed); "
-               f"stops on the original's [{stops}]: {'yes' if all(i in gen_eos for i in terminators.values()) else 'NO'}")
+    numbers = {
+        "prompts": len(ctx.parity_inputs),
+        "max_new_tokens": n,
+        "tokens_compared": total,
+        "terminators": terminators,
+        "generation_config_eos": sorted(gen_eos),
+        "base_tokens": T,
+        "suppress_tokens": len(suppressed),
+        "emitted_beyond_base": sorted(emitted_beyond),
+        "seconds": _phase_seconds(ctx, "decode"),
+    }
+    summary = (
+        f"{len(ctx.parity_inputs) - n_bad}/{len(ctx.parity_inputs)} prompts identical over {n} greedy tokens ({total} "
+        "tokens), "
+        f"unmasked, through generation_config.json ({len(suppressed)} ids suppressed); "
+        f"stops on the original's [{stops}]: {'yes' if all(i in gen_eos for i in terminators.values()) else 'NO'}"
+    )
     return Check("generation", FAIL if problems else PASS, summary, numbers, problems)
 
 

@@ -6,7 +6,6 @@ imported and before any weight is read."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -14,7 +13,15 @@ from pathlib import Path
 from convert import __version__
 from convert.preflight import OneLineParser, OnInterrupt, exit_process, file_destination_problem, prog_name
 
-from .preflight import CHECK_NAMES, VerifyUsageError, audit_inputs_problem, check_max_new_tokens, check_source, check_vipllava_repo, resolve_repo
+from .preflight import (
+    CHECK_NAMES,
+    VerifyUsageError,
+    audit_inputs_problem,
+    check_max_new_tokens,
+    check_source,
+    check_vipllava_repo,
+    resolve_repo,
+)
 
 DTYPE_CHOICES = ("float32-blocks", "bfloat16", "float32")
 
@@ -28,7 +35,8 @@ def _load_prompts(path: str) -> list[dict]:
         raise VerifyUsageError(f"--prompts {path}: unreadable ({e})") from None
     if not isinstance(data, list) or not all(isinstance(p, dict) and ("prompt" in p or "turns" in p) for p in data):
         raise VerifyUsageError(
-            f"--prompts {path}: expected a JSON list of {{\"name\", \"prompt\", \"image\"}} or {{\"name\", \"turns\", \"image\"}} objects"
+            f'--prompts {path}: expected a JSON list of {{"name", "prompt", "image"}} or {{"name", "turns", "image"}} '
+            "objects"
         )
     out = []
     for i, p in enumerate(data):
@@ -55,28 +63,67 @@ def _load_images(path: str) -> dict:
 
 
 def build_parser(prog: str | None = None) -> OneLineParser:
-    p = OneLineParser(prog=prog or prog_name("verify", "vipllava-verify"),
-                      description="Prove a converted VipLlava repo right against an independent re-implementation of the "
-                                  "original ViP-LLaVA. Exit 0 when every applicable check ran and passed, 1 when one failed, "
-                                  "2 for bad usage or input, 130 when interrupted.")
+    p = OneLineParser(
+        prog=prog or prog_name("verify", "vipllava-verify"),
+        description="Prove a converted VipLlava repo right against an independent re-implementation of the "
+        "original ViP-LLaVA. Exit 0 when every applicable check ran and passed, 1 when one failed, "
+        "2 for bad usage or input, 130 when interrupted.",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s (vipllava-harness) {__version__}")
-    p.add_argument("repo", help="the repo to verify: a folder (written by python -m convert, or by any other tool: an audit) "
-                                "or a Hub id owner/name[@revision] (through the Hugging Face cache)")
-    p.add_argument("--original", metavar="PATH|HUB_ID", help="original checkpoint (default: from conversion.json; required for an audit)")
-    p.add_argument("--text-model", metavar="PATH|HUB_ID", help="base text model with the tokenizer (default: from conversion.json; required for an audit)")
-    p.add_argument("--vision-model", metavar="PATH|HUB_ID", help="CLIP vision model (default: from conversion.json; required for an audit)")
+    p.add_argument(
+        "repo",
+        help="the repo to verify: a folder (written by python -m convert, or by any other tool: an audit) "
+        "or a Hub id owner/name[@revision] (through the Hugging Face cache)",
+    )
+    p.add_argument(
+        "--original",
+        metavar="PATH|HUB_ID",
+        help="original checkpoint (default: from conversion.json; required for an audit)",
+    )
+    p.add_argument(
+        "--text-model",
+        metavar="PATH|HUB_ID",
+        help="base text model with the tokenizer (default: from conversion.json; required for an audit)",
+    )
+    p.add_argument(
+        "--vision-model",
+        metavar="PATH|HUB_ID",
+        help="CLIP vision model (default: from conversion.json; required for an audit)",
+    )
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
-    p.add_argument("--prompts", metavar="FILE", help="JSON list of {name, prompt, image} or {name, turns, image} (default: the bundled samples for the backbone)")
-    p.add_argument("--images", metavar="DIR", help="folder of images named by the prompts (default: the bundled samples)")
-    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                   help="how both models compute. float32-blocks (default for a bf16 checkpoint, i.e. every released one): "
-                        "weights stay as stored (bf16, read from the files), each prompt forward runs in float32 one block "
-                        "(layer, vision tower, head) at a time, greedy steps in bf16; logits tolerance 1e-4. bfloat16: all "
-                        "in bf16, tolerance 0.05. float32: weights copied to float32 (runs only if its estimated memory "
-                        "fits), tolerance 1e-4")
-    p.add_argument("--max-new-tokens", type=int, default=8, metavar="N", help="tokens of greedy generation to compare, N >= 1 (default 8)")
-    p.add_argument("--only", action="append", choices=CHECK_NAMES, metavar="CHECK",
-                   help=f"run only this check (repeatable); one of {', '.join(CHECK_NAMES)}")
+    p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="JSON list of {name, prompt, image} or {name, turns, image} (default: the bundled samples for the "
+        "backbone)",
+    )
+    p.add_argument(
+        "--images", metavar="DIR", help="folder of images named by the prompts (default: the bundled samples)"
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=DTYPE_CHOICES,
+        help="how both models compute. float32-blocks (default for a bf16 checkpoint, i.e. every released one): "
+        "weights stay as stored (bf16, read from the files), each prompt forward runs in float32 one block "
+        "(layer, vision tower, head) at a time, greedy steps in bf16; logits tolerance 1e-4. bfloat16: all "
+        "in bf16, tolerance 0.05. float32: weights copied to float32 (runs only if its estimated memory "
+        "fits), tolerance 1e-4",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=8,
+        metavar="N",
+        help="tokens of greedy generation to compare, N >= 1 (default 8)",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=CHECK_NAMES,
+        metavar="CHECK",
+        help=f"run only this check (repeatable); one of {', '.join(CHECK_NAMES)}",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -106,7 +153,11 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
         problem = file_destination_problem(args.json, "--json") if args.json else None
         if problem:
             raise VerifyUsageError(problem)
-        for value, flag in ((args.original, "--original"), (args.text_model, "--text-model"), (args.vision_model, "--vision-model")):
+        for value, flag in (
+            (args.original, "--original"),
+            (args.text_model, "--text-model"),
+            (args.vision_model, "--vision-model"),
+        ):
             check_source(value, flag)
         prompts = _load_prompts(args.prompts) if args.prompts else None
         images = _load_images(args.images) if args.images else None
@@ -121,9 +172,18 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
     from .api import verify_repo
 
     try:
-        report = verify_repo(args.repo, original=args.original, text_model=args.text_model, vision_model=args.vision_model,
-                             prompts=prompts, images=images, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
-                             only=args.only, progress=not args.quiet)
+        report = verify_repo(
+            args.repo,
+            original=args.original,
+            text_model=args.text_model,
+            vision_model=args.vision_model,
+            prompts=prompts,
+            images=images,
+            dtype=args.dtype,
+            max_new_tokens=args.max_new_tokens,
+            only=args.only,
+            progress=not args.quiet,
+        )
     except VerifyUsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -63,6 +63,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .report import first_difference_index, json_safe
+
 # The versions a converted repo is proven on, oldest first:
 # - 4.37.2: the release that added VipLlava, and the original ViP-LLaVA code's pin (with tokenizers 0.15.1);
 # - 4.41.2: the first line that knows Phi-3 (4.40.2 raises KeyError 'phi3'; measured), newest patch;
@@ -124,7 +126,11 @@ CHAT_PROBES = [
 ]
 TEXT_CHAT_PROBES = [
     [{"role": "user", "content": "Hello?"}],
-    [{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Sure?"}],
+    [
+        {"role": "user", "content": "<image>\nWhat?"},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "Sure?"},
+    ],
 ]
 
 
@@ -178,8 +184,11 @@ def _dist_version(name: str) -> str | None:
 
 
 def _this_interpreter() -> dict:
-    return {"python": sys.version.split()[0], "base_executable": os.path.realpath(getattr(sys, "_base_executable", sys.executable)),
-            "torch": _dist_version("torch")}
+    return {
+        "python": sys.version.split()[0],
+        "base_executable": os.path.realpath(getattr(sys, "_base_executable", sys.executable)),
+        "torch": _dist_version("torch"),
+    }
 
 
 def _constraints(version: str) -> str:
@@ -194,11 +203,14 @@ def _constraints(version: str) -> str:
 
 def _live_versions(python: Path, timeout: float = 120) -> dict:
     """transformers' version and where torch comes from, as the env's interpreter sees them."""
-    code = ("import importlib.metadata as m, json\n"
-            "def v(n):\n"
-            "    try:\n        d = m.distribution(n); return [d.version, str(d.locate_file(''))]\n"
-            "    except m.PackageNotFoundError:\n        return None\n"
-            "print(json.dumps({n: v(n) for n in ('transformers', 'torch', 'tokenizers', 'huggingface_hub', 'numpy', 'sentencepiece')}))")
+    code = (
+        "import importlib.metadata as m, json\n"
+        "def v(n):\n"
+        "    try:\n        d = m.distribution(n); return [d.version, str(d.locate_file(''))]\n"
+        "    except m.PackageNotFoundError:\n        return None\n"
+        "print(json.dumps({n: v(n) for n in ('transformers', 'torch', 'tokenizers', 'huggingface_hub', 'numpy', "
+        "'sentencepiece')}))"
+    )
     p = subprocess.run([str(python), "-I", "-c", code], capture_output=True, text=True, timeout=timeout)
     if p.returncode:
         raise EnvError(f"{python}: does not run ({_tail(p.stderr, 1)})")
@@ -255,7 +267,11 @@ def env_status(version: str, envs_dir: Path) -> tuple[bool, str]:
     if list(m.get("pins") or []) != list(pins(version)):
         return False, f"{path}: made with {m.get('pins') or 'no extra pins'}, wants {list(pins(version)) or 'none'}"
     if m.get("python") != me["python"] or m.get("base_executable") != me["base_executable"]:
-        return False, f"{path}: made by Python {m.get('python')} at {m.get('base_executable')}, this is {me['python']} at {me['base_executable']}"
+        return (
+            False,
+            f"{path}: made by Python {m.get('python')} at {m.get('base_executable')}, this is {me['python']} at "
+            f"{me['base_executable']}",
+        )
     if not env_python(path).exists():
         return False, f"{path}: no interpreter"
     try:
@@ -280,21 +296,35 @@ def ensure_env(version: str, envs_dir: Path | None = None, create: bool = True, 
         ok, why = env_status(version, envs_dir)
         if ok:
             m = _read_marker(path)
-            return EnvInfo(version, str(path), str(env_python(path)), False, m.get("create_seconds", 0.0),
-                           m.get("venv_seconds", 0.0), m.get("pip_seconds", 0.0), m.get("packages", {}))
+            assert m is not None  # env_status found the marker
+            return EnvInfo(
+                version,
+                str(path),
+                str(env_python(path)),
+                False,
+                m.get("create_seconds", 0.0),
+                m.get("venv_seconds", 0.0),
+                m.get("pip_seconds", 0.0),
+                m.get("packages", {}),
+            )
         if not create:
             raise EnvError(why)
         if _dist_version("torch") is None:
-            raise EnvError("torch is not installed in this environment; install it first (pip install torch==2.13.0) "
-                           "so the compat environments share it instead of downloading another")
+            raise EnvError(
+                "torch is not installed in this environment; install it first (pip install torch==2.13.0) "
+                "so the compat environments share it instead of downloading another"
+            )
         log(f"creating {path} (transformers {version}) ...")
         if path.exists():
             shutil.rmtree(path)
         t0 = time.perf_counter()
         # --without-pip: the env runs this interpreter's pip (it sees the system site-packages) and installs into
         # itself; skipping ensurepip saves ~15 s per environment
-        p = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(path)],
-                           capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(path)],
+            capture_output=True,
+            text=True,
+        )
         if p.returncode:
             raise EnvError(f"python -m venv {path} failed: {_tail(p.stderr)}")
         if sys.prefix != sys.base_prefix:  # we run inside a venv: share ITS site-packages, not only the base's
@@ -305,11 +335,28 @@ def ensure_env(version: str, envs_dir: Path | None = None, create: bool = True, 
         env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
         # --no-compile: byte-compiling all of transformers doubled pip's CPU time (measured); the probe's first import
         # compiles just the modules it uses
-        p = subprocess.run([str(env_python(path)), "-m", "pip", "install", "--no-input", "--no-compile", "-c", str(path / "constraints.txt"),
-                            f"transformers=={version}", *pins(version)], capture_output=True, text=True, env=env)
+        p = subprocess.run(
+            [
+                str(env_python(path)),
+                "-m",
+                "pip",
+                "install",
+                "--no-input",
+                "--no-compile",
+                "-c",
+                str(path / "constraints.txt"),
+                f"transformers=={version}",
+                *pins(version),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         t2 = time.perf_counter()
         if p.returncode:
-            raise EnvError(f"pip install transformers=={version} {' '.join(pins(version))} failed: {_tail(p.stdout + p.stderr)}")
+            raise EnvError(
+                f"pip install transformers=={version} {' '.join(pins(version))} failed: {_tail(p.stdout + p.stderr)}"
+            )
         for pin in pins(version):
             name, _, want = pin.partition("==")
             have = (_live_versions(env_python(path)).get(name.replace("-", "_")) or [None])[0]
@@ -321,17 +368,33 @@ def ensure_env(version: str, envs_dir: Path | None = None, create: bool = True, 
             raise EnvError(f"{path}: pip left transformers {got}, wanted {version}")
         torch_at = (live.get("torch") or [None, ""])[1]
         if torch_at and Path(torch_at).resolve().is_relative_to(path.resolve()):
-            raise EnvError(f"{path}: pip installed its own torch ({live['torch'][0]}) instead of sharing this environment's")
+            raise EnvError(
+                f"{path}: pip installed its own torch ({live['torch'][0]}) instead of sharing this environment's"
+            )
         seconds = t2 - t0
-        marker = {"format": MARKER_FORMAT, "transformers": version, "pins": list(pins(version)), **_this_interpreter(),
-                  "create_seconds": round(seconds, 2),
-                  "venv_seconds": round(t1 - t0, 2), "pip_seconds": round(t2 - t1, 2),
-                  "packages": {k: (v or [None])[0] for k, v in live.items()},
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        marker = {
+            "format": MARKER_FORMAT,
+            "transformers": version,
+            "pins": list(pins(version)),
+            **_this_interpreter(),
+            "create_seconds": round(seconds, 2),
+            "venv_seconds": round(t1 - t0, 2),
+            "pip_seconds": round(t2 - t1, 2),
+            "packages": {k: (v or [None])[0] for k, v in live.items()},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         (path / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         log(f"created {path} in {seconds:.1f} s (venv {t1 - t0:.1f} s, pip {t2 - t1:.1f} s)")
-        return EnvInfo(version, str(path), str(env_python(path)), True, round(seconds, 2), round(t1 - t0, 2), round(t2 - t1, 2),
-                       marker["packages"])
+        return EnvInfo(
+            version,
+            str(path),
+            str(env_python(path)),
+            True,
+            round(seconds, 2),
+            round(t1 - t0, 2),
+            round(t2 - t1, 2),
+            marker["packages"],
+        )
 
 
 def _share_site_packages(path: Path) -> None:
@@ -339,8 +402,11 @@ def _share_site_packages(path: Path) -> None:
     import sysconfig
 
     dirs = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()})
-    p = subprocess.run([str(env_python(path)), "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [str(env_python(path)), "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+    )
     target = Path(p.stdout.strip())
     lines = [f"import site; site.addsitedir({d!r})" for d in dirs if Path(d).is_dir()]
     (target / "_vipllava_parent_env.pth").write_text("\n".join(lines) + "\n")
@@ -364,14 +430,32 @@ class Probe:
 
 def _probe_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-                "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-                "PYTHONWARNINGS": "ignore"})
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+            "PYTHONWARNINGS": "ignore",
+        }
+    )
     return env
 
 
-def run_probe(label: str, python: str | Path, repo: Path, work: Path, prompts: list[dict], image_files: dict,
-              inputs: Path | None, timeout: float = 1800, collapse: bool = False, new_tokens: int = NEW_TOKENS) -> Probe:
+def run_probe(
+    label: str,
+    python: str | Path,
+    repo: Path,
+    work: Path,
+    prompts: list[dict],
+    image_files: dict,
+    inputs: Path | None,
+    timeout: float = 1800,
+    collapse: bool = False,
+    new_tokens: int = NEW_TOKENS,
+) -> Probe:
     cfg = _read(Path(repo), "config.json")
     out = work / re.sub(r"[^A-Za-z0-9._-]", "_", label)
     out.mkdir(parents=True, exist_ok=True)
@@ -392,8 +476,13 @@ def run_probe(label: str, python: str | Path, repo: Path, work: Path, prompts: l
     (out / "job.json").write_text(json.dumps(job, indent=1, ensure_ascii=False))
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([str(python), "-I", str(PROBE), str(out / "job.json")], capture_output=True, text=True,
-                           env=_probe_env(), timeout=timeout)
+        p = subprocess.run(
+            [str(python), "-I", str(PROBE), str(out / "job.json")],
+            capture_output=True,
+            text=True,
+            env=_probe_env(),
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return Probe(label, error=f"probe timed out after {timeout:.0f} s", seconds=time.perf_counter() - t0)
     except OSError as e:
@@ -422,7 +511,11 @@ def _read(repo: Path, name: str) -> dict:
 def expected_settings(repo: Path) -> dict:
     """The values each version must read, straight from the repo's files (only keys the files have)."""
     repo = Path(repo)
-    cfg, gen, tokc = _read(repo, "config.json"), _read(repo, "generation_config.json"), _read(repo, "tokenizer_config.json")
+    cfg, gen, tokc = (
+        _read(repo, "config.json"),
+        _read(repo, "generation_config.json"),
+        _read(repo, "tokenizer_config.json"),
+    )
     proc = _read(repo, "processor_config.json")
     pre = _read(repo, "preprocessor_config.json") or proc.get("image_processor") or {}
     tc, vc = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
@@ -454,11 +547,23 @@ def expected_settings(repo: Path) -> dict:
     }
     for k in ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy", "image_token"):
         want[f"processor.{k}"] = proc.get(k)
-    for k in ("do_pad", "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-              "do_normalize", "image_mean", "image_std", "do_convert_rgb"):
+    for k in (
+        "do_pad",
+        "do_resize",
+        "size",
+        "resample",
+        "do_center_crop",
+        "crop_size",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+        "do_convert_rgb",
+    ):
         want[f"image_processor.{k}"] = pre.get(k)
     try:
-        bpe = (json.loads((repo / "tokenizer.json").read_text(encoding="utf-8")).get("model") or {})
+        bpe = json.loads((repo / "tokenizer.json").read_text(encoding="utf-8")).get("model") or {}
     except (OSError, ValueError, AttributeError):
         bpe = {}
     want["tokenizer_json.ignore_merges"] = bpe.get("ignore_merges") if isinstance(bpe, dict) else None
@@ -476,8 +581,11 @@ class Capabilities:
 
 def capabilities(version: str | None, model_type: str | None = None) -> Capabilities:
     v = version_tuple(version)
-    return Capabilities(processor=v >= PROCESSOR_FROM, collapse=v < EXPANDED_IDS_FROM,
-                        backbone=v >= BACKBONE_FROM.get(model_type or "", ()))
+    return Capabilities(
+        processor=v >= PROCESSOR_FROM,
+        collapse=v < EXPANDED_IDS_FROM,
+        backbone=v >= BACKBONE_FROM.get(model_type or "", ()),
+    )
 
 
 def same(a, b) -> bool:
@@ -487,7 +595,7 @@ def same(a, b) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     return a == b
@@ -550,9 +658,9 @@ def _first_difference(a, b, context: int = 24) -> str:
     """Where two sequences (token lists or strings) first differ, with a little context, for a detail line."""
     a = a if a is not None else []
     b = b if b is not None else []
-    i = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+    i = first_difference_index(a, b)
     lo = max(0, i - context // 3)
-    return f"at {i}: {_short(a[lo:i + context])} vs reference {_short(b[lo:i + context])}"
+    return f"at {i}: {_short(a[lo : i + context])} vs reference {_short(b[lo : i + context])}"
 
 
 def _sentence(text, n: int = 200) -> str:
@@ -567,8 +675,14 @@ def _squash(text) -> str:
     return " ".join(str(text).split())
 
 
-def _check_tokenizer(name: str, tok: dict | None, ref: dict | None, details: list[str], notes: list[str] | None = None,
-                     loose_decode: bool = False) -> bool:
+def _check_tokenizer(
+    name: str,
+    tok: dict | None,
+    ref: dict | None,
+    details: list[str],
+    notes: list[str] | None = None,
+    loose_decode: bool = False,
+) -> bool:
     """ids and pieces must equal the reference's; decoded text too, except that with ``loose_decode`` (4.x's slow
     LlamaTokenizer, whose legacy decode drops the dummy-prefix space and respaces around special tokens) a
     whitespace-only difference is a note, not a failure."""
@@ -576,24 +690,33 @@ def _check_tokenizer(name: str, tok: dict | None, ref: dict | None, details: lis
     if tok is None:
         return False
     if ref is not None:
-        for mine, theirs in zip(tok.get("probes", []), ref.get("probes", [])):
+        for mine, theirs in zip(tok.get("probes", []), ref.get("probes", []), strict=False):
             for what in ("ids", "tokens", "decoded"):
                 if mine.get(what) == theirs.get(what):
                     continue
                 if what == "decoded" and loose_decode and _squash(mine.get(what)) == _squash(theirs.get(what)):
                     if notes is not None:
-                        notes.append(f"{name}: decoded {mine['text'][:30]!r} differs in whitespace only "
-                                     f"({_first_difference(mine.get(what), theirs.get(what), 12)})")
+                        notes.append(
+                            f"{name}: decoded {mine['text'][:30]!r} differs in whitespace only "
+                            f"({_first_difference(mine.get(what), theirs.get(what), 12)})"
+                        )
                     continue
                 ok = False
-                details.append(f"{name}: {what} of {mine['text'][:30]!r} differ {_first_difference(mine.get(what), theirs.get(what))}")
+                details.append(
+                    f"{name}: {what} of {mine['text'][:30]!r} differ "
+                    f"{_first_difference(mine.get(what), theirs.get(what))}"
+                )
                 break
         if len(tok.get("probes", [])) != len(ref.get("probes", [])):
             ok = False
-            details.append(f"{name}: {len(tok.get('probes', []))} probe strings, reference {len(ref.get('probes', []))}")
+            details.append(
+                f"{name}: {len(tok.get('probes', []))} probe strings, reference {len(ref.get('probes', []))}"
+            )
         if tok.get("chat") != ref.get("chat"):
             ok = False
-            details.append(f"{name}: chat template renders {_short(tok.get('chat'))}, reference {_short(ref.get('chat'))}")
+            details.append(
+                f"{name}: chat template renders {_short(tok.get('chat'))}, reference {_short(ref.get('chat'))}"
+            )
     # sentencepiece's dummy prefix after <image> (Llama-style vocabularies only: pieces spelled with "▁")
     probes = {p["text"]: p for p in tok.get("probes", [])}
     spm = any(t.startswith("\u2581") for p in probes.values() for t in p.get("tokens") or [] if isinstance(t, str))
@@ -603,13 +726,17 @@ def _check_tokenizer(name: str, tok: dict | None, ref: dict | None, details: lis
             if p is None:
                 continue
             toks = p.get("tokens") or []
-            after = toks[toks.index("<image>") + 1:][: len(want)] if "<image>" in toks else []
+            after = toks[toks.index("<image>") + 1 :][: len(want)] if "<image>" in toks else []
             good = len(after) == len(want) and all(
-                (t.startswith(w[:-1]) and len(t) > 1) if w.endswith("*") else t == w for t, w in zip(after, want))
+                (t.startswith(w[:-1]) and len(t) > 1) if w.endswith("*") else t == w
+                for t, w in zip(after, want, strict=True)
+            )
             if not good:
                 ok = False
-                details.append(f"{name}: {text!r} gives {after} after <image>; the original (chunked sentencepiece) gives "
-                               f"{[w.replace('*', '...') for w in want]}")
+                details.append(
+                    f"{name}: {text!r} gives {after} after <image>; the original (chunked sentencepiece) gives "
+                    f"{[w.replace('*', '...') for w in want]}"
+                )
     return ok
 
 
@@ -623,8 +750,15 @@ def _expand(ids: np.ndarray, token, n) -> np.ndarray:
     return np.repeat(ids, np.where(ids == token, int(n), 1)) if token is not None and n else ids
 
 
-def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: float = LOGITS_TOL,
-          pixel_tol: float = PIXEL_TOL, model_type: str | None = None) -> Row:
+def judge(  # noqa: C901 - one verdict over many independent probe fields
+    probe: Probe,
+    ref: Probe,
+    expected: dict,
+    prompts: list[dict],
+    tol: float = LOGITS_TOL,
+    pixel_tol: float = PIXEL_TOL,
+    model_type: str | None = None,
+) -> Row:
     """The verdict on one environment's probe, against the files (``expected``) and the reference probe.
 
     What the release is expected to do comes from :func:`capabilities`: below 4.49 its ``AutoProcessor`` cannot
@@ -640,12 +774,31 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
         details.append(probe.error)
     steps, errors = r.get("steps", {}), r.get("errors", {})
     if not cap.backbone and not probe.error and not steps.get("model", {}).get("ok", False):
-        return Row(label=probe.label, transformers=version, env=probe.env, load_ok=False, missing=None, unexpected=None,
-                   mismatched=None, settings_ok=False, tokenizer_ok=False, processor_ok=False, image_tokens=[],
-                   image_tokens_ok=False, logits_max_diff=None, logits_ok=False, pixel_max_diff=None, passed=True,
-                   applicable=False, seconds=round(probe.seconds, 2),
-                   cannot=[f"transformers {version} does not know {model_type} ({errors.get('model', 'the model does not load')}); "
-                           f"the first release that does is {'.'.join(map(str, BACKBONE_FROM[model_type]))}"])
+        return Row(
+            label=probe.label,
+            transformers=version,
+            env=probe.env,
+            load_ok=False,
+            missing=None,
+            unexpected=None,
+            mismatched=None,
+            settings_ok=False,
+            tokenizer_ok=False,
+            processor_ok=False,
+            image_tokens=[],
+            image_tokens_ok=False,
+            logits_max_diff=None,
+            logits_ok=False,
+            pixel_max_diff=None,
+            passed=True,
+            applicable=False,
+            seconds=round(probe.seconds, 2),
+            cannot=[
+                f"transformers {version} does not know {model_type} "
+                f"({errors.get('model', 'the model does not load')}); "
+                f"the first release that does is {'.'.join(map(str, BACKBONE_FROM[model_type or '']))}"
+            ],
+        )
     quiet = set() if cap.processor else {"processor"}  # expected to fail there: reported under "cannot"
     for name, err in sorted(errors.items()):
         if name == "model_default_attention":
@@ -686,13 +839,19 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
         kept = (r["tokenizer"].get("bpe_options") or {}).get("ignore_merges")
         if kept is not True:
             tv = (r.get("versions") or {}).get("tokenizers")
-            cannot.append(f"tokenizer: tokenizers {tv} drops the BPE option ignore_merges (tokenizer.json says true; "
-                          f"it arrived in {'.'.join(map(str, IGNORE_MERGES_FROM))}): a word that is in the vocabulary but "
-                          "not reachable by merges is split into smaller pieces (588 of the 128000 words of the real "
-                          "Llama-3 vocabulary, measured); transformers 4.40+ comes with tokenizers 0.19+")
+            cannot.append(
+                f"tokenizer: tokenizers {tv} drops the BPE option ignore_merges (tokenizer.json says true; "
+                f"it arrived in {'.'.join(map(str, IGNORE_MERGES_FROM))}): a word that is in the vocabulary but "
+                "not reachable by merges is split into smaller pieces (588 of the 128000 words of the real "
+                "Llama-3 vocabulary, measured); transformers 4.40+ comes with tokenizers 0.19+"
+            )
     if r.get("tokenizer_slow") is not None:
-        tokenizer_ok = _check_tokenizer("tokenizer(use_fast=False)", r["tokenizer_slow"], ref_tok, details, notes,
-                                        loose_decode=True) and tokenizer_ok
+        tokenizer_ok = (
+            _check_tokenizer(
+                "tokenizer(use_fast=False)", r["tokenizer_slow"], ref_tok, details, notes, loose_decode=True
+            )
+            and tokenizer_ok
+        )
 
     # processor: own ids and pixels against the reference's, chat template, image tokens
     processor_ok = not probe.error and steps.get("processor", {}).get("ok", False)
@@ -706,7 +865,10 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
         rp = (ref.result or {}).get("processor") or {}
         if r["processor"].get("chat") != rp.get("chat"):
             processor_ok = False
-            details.append(f"processor: chat template renders {_short(r['processor'].get('chat'))}, reference {_short(rp.get('chat'))}")
+            details.append(
+                f"processor: chat template renders {_short(r['processor'].get('chat'))}, reference "
+                f"{_short(rp.get('chat'))}"
+            )
         pix_max = 0.0
         for i, p in enumerate(prompts):
             mine, theirs = probe.tensors.get(f"own_ids_{i}"), ref.tensors.get(f"own_ids_{i}")
@@ -716,18 +878,27 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
                 continue
             if theirs is not None and (mine.shape != theirs.shape or not np.array_equal(mine, theirs)):
                 processor_ok = False
-                details.append(f"processor: input_ids of {p['name']} differ from the reference ({len(mine)} vs {len(theirs)} tokens)")
+                details.append(
+                    f"processor: input_ids of {p['name']} differ from the reference ({len(mine)} vs {len(theirs)} "
+                    "tokens)"
+                )
             n_img = p["prompt"].count("<image>") if p.get("image") else 0
             runs = _runs(mine, image_id) if image_id is not None else []
             runs_all.extend(runs)
             if len(runs) != n_img or (seq is not None and any(x != seq for x in runs)):
                 image_tokens_ok = False
-                details.append(f"processor: {p['name']}: {n_img} <image> became runs of {runs} image tokens, expected {n_img} x {seq}")
+                details.append(
+                    f"processor: {p['name']}: {n_img} <image> became runs of {runs} image tokens, expected {n_img} x "
+                    f"{seq}"
+                )
             a, b = probe.tensors.get(f"own_pixels_{i}"), ref.tensors.get(f"own_pixels_{i}")
-            if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
+            if (a is None) != (b is None) or (a is not None and b is not None and a.shape != b.shape):
                 processor_ok = False
-                details.append(f"processor: pixel_values of {p['name']}: shape {None if a is None else a.shape} vs reference {None if b is None else b.shape}")
-            elif a is not None:
+                details.append(
+                    f"processor: pixel_values of {p['name']}: shape {None if a is None else a.shape} vs reference "
+                    f"{None if b is None else b.shape}"
+                )
+            elif a is not None and b is not None:
                 d = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
                 d = d if math.isfinite(d) else math.inf
                 pix_max = max(pix_max, d)
@@ -738,9 +909,12 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
         # an AutoProcessor that loads but does not pad / expand like the reference is as unusable as one that fails
         cannot.extend(f"AutoProcessor: {d.removeprefix('processor: ')}" for d in details[details_before_processor:])
         del details[details_before_processor:]
-        cannot.append(f"AutoProcessor with pad-to-square needs transformers {'.'.join(map(str, PROCESSOR_FROM))}+ "
-                      f"(LlavaImageProcessor); on {version} use the recipe (pad to square with the mean colour, "
-                      f"CLIPImageProcessor, {'one <image> per image' if cap.collapse else 'image_seq_length <image> tokens per image'})")
+        cannot.append(
+            f"AutoProcessor with pad-to-square needs transformers {'.'.join(map(str, PROCESSOR_FROM))}+ "
+            f"(LlavaImageProcessor); on {version} use the recipe (pad to square with the mean colour, "
+            "CLIPImageProcessor, "
+            f"{'one <image> per image' if cap.collapse else 'image_seq_length <image> tokens per image'})"
+        )
         runs_all = []
 
     # logits on the reference's inputs
@@ -753,7 +927,10 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
             if a is None or b is None or a.shape != b.shape:
                 logits_ok = False
                 max_diff = math.inf
-                details.append(f"logits of {p['name']}: shape {None if a is None else a.shape} vs reference {None if b is None else b.shape}")
+                details.append(
+                    f"logits of {p['name']}: shape {None if a is None else a.shape} vs reference "
+                    f"{None if b is None else b.shape}"
+                )
                 continue
             max_diff = max(max_diff, _max_diff(a, b))
         if max_diff > tol:
@@ -767,14 +944,20 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
             a, b = probe.tensors.get(f"greedy_{i}"), ref.tensors.get(f"greedy_{i}")
             if a is None or b is None or a.tolist() != b.tolist():
                 greedy_ok = False
-                details.append(f"greedy tokens of {p['name']}: {None if a is None else a.tolist()}, reference "
-                               f"{None if b is None else b.tolist()}")
+                details.append(
+                    f"greedy tokens of {p['name']}: {None if a is None else a.tolist()}, reference "
+                    f"{None if b is None else b.tolist()}"
+                )
     elif load_ok and "greedy" not in steps:
         details.append("greedy: not run")
 
     # the recipe (pad to square, CLIPImageProcessor, <image> collapsed or expanded): the reference's ids (expanded
     # as the model does), pixel_values and logits
-    recipe_ok = not probe.error and steps.get("recipe", {}).get("ok", False) and steps.get("recipe_forward", {}).get("ok", False)
+    recipe_ok = (
+        not probe.error
+        and steps.get("recipe", {}).get("ok", False)
+        and steps.get("recipe_forward", {}).get("ok", False)
+    )
     rec_logits = rec_pix = None
     details_before_recipe = len(details)
     if recipe_ok:
@@ -785,25 +968,37 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
             runs = _runs(ids, image_id) if ids is not None and image_id is not None else []
             if len(runs) != n_img or any(x != (1 if cap.collapse else seq) for x in runs):
                 recipe_ok = False
-                details.append(f"recipe: {p['name']}: {n_img} <image> became runs of {runs}, expected {n_img} x "
-                               f"{1 if cap.collapse else seq}")
-            if ids is None or want is None or not np.array_equal(_expand(ids, image_id, seq) if cap.collapse else ids, want):
+                details.append(
+                    f"recipe: {p['name']}: {n_img} <image> became runs of {runs}, expected {n_img} x "
+                    f"{1 if cap.collapse else seq}"
+                )
+            if (
+                ids is None
+                or want is None
+                or not np.array_equal(_expand(ids, image_id, seq) if cap.collapse else ids, want)
+            ):
                 recipe_ok = False
-                details.append(f"recipe: input_ids of {p['name']} differ from the reference's"
-                               f"{' (each <image> counted as ' + str(seq) + ')' if cap.collapse else ''}")
+                details.append(
+                    f"recipe: input_ids of {p['name']} differ from the reference's"
+                    f"{' (each <image> counted as ' + str(seq) + ')' if cap.collapse else ''}"
+                )
             a, b = probe.tensors.get(f"recipe_pixels_{i}"), ref.tensors.get(f"own_pixels_{i}")
-            if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
+            if (a is None) != (b is None) or (a is not None and b is not None and a.shape != b.shape):
                 recipe_ok = False
-                details.append(f"recipe: pixel_values of {p['name']}: shape {None if a is None else a.shape} vs reference "
-                               f"{None if b is None else b.shape}")
-            elif a is not None:
+                details.append(
+                    f"recipe: pixel_values of {p['name']}: shape {None if a is None else a.shape} vs reference "
+                    f"{None if b is None else b.shape}"
+                )
+            elif a is not None and b is not None:
                 rec_pix = max(rec_pix, _max_diff(a, b))
             a, b = probe.tensors.get(f"recipe_logits_{i}"), ref.tensors.get(f"logits_{i}")
             if a is None or b is None or a.shape != b.shape:
                 recipe_ok = False
                 rec_logits = math.inf
-                details.append(f"recipe: logits of {p['name']}: shape {None if a is None else a.shape} vs reference "
-                               f"{None if b is None else b.shape}")
+                details.append(
+                    f"recipe: logits of {p['name']}: shape {None if a is None else a.shape} vs reference "
+                    f"{None if b is None else b.shape}"
+                )
             else:
                 rec_logits = max(rec_logits, _max_diff(a, b))
             if not cap.processor:
@@ -817,7 +1012,11 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
     if cap.processor:  # the processor is the way here: the recipe is run and reported, not required
         notes.extend(f"not needed on {version}: {d}" for d in details[details_before_recipe:])
         del details[details_before_recipe:]
-        notes.extend(f"not needed on {version}: recipe: {_sentence(errors[k])}" for k in ("recipe", "recipe_forward") if k in errors)
+        notes.extend(
+            f"not needed on {version}: recipe: {_sentence(errors[k])}"
+            for k in ("recipe", "recipe_forward")
+            if k in errors
+        )
         details[:] = [d for d in details if not d.startswith(("recipe: ", "recipe_forward: "))]
 
     # the release's default attention
@@ -825,14 +1024,24 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
     if "model_default_attention" in steps:
         needs_eager = load_ok and not steps["model_default_attention"].get("ok", False)
         if needs_eager:
-            cannot.append(f"default attention: {_sentence(errors.get('model_default_attention'))} Load with "
-                          'attn_implementation="eager"')
+            cannot.append(
+                f"default attention: {_sentence(errors.get('model_default_attention'))} Load with "
+                'attn_implementation="eager"'
+            )
         elif not load_ok and not steps["model_default_attention"].get("ok", False):
             details.append(f"model_default_attention: {errors.get('model_default_attention')}")
 
     processor_pass = (processor_ok and image_tokens_ok) or not cap.processor
-    passed = bool(keys_ok and settings_ok and tokenizer_ok and processor_pass and logits_ok and greedy_ok
-                  and (recipe_ok or cap.processor) and not probe.error)
+    passed = bool(
+        keys_ok
+        and settings_ok
+        and tokenizer_ok
+        and processor_pass
+        and logits_ok
+        and greedy_ok
+        and (recipe_ok or cap.processor)
+        and not probe.error
+    )
     classes = {
         "tokenizer": (r.get("tokenizer") or {}).get("class"),
         "tokenizer_use_fast_false": (r.get("tokenizer_slow") or {}).get("class"),
@@ -840,14 +1049,34 @@ def judge(probe: Probe, ref: Probe, expected: dict, prompts: list[dict], tol: fl
         "image_processor": (r.get("processor") or {}).get("image_processor_class"),
     }
     return Row(
-        label=probe.label, transformers=(r.get("versions") or {}).get("transformers"), env=env, load_ok=bool(load_ok),
-        missing=counts["missing_keys"], unexpected=counts["unexpected_keys"], mismatched=counts["mismatched_keys"],
-        settings_ok=settings_ok, tokenizer_ok=bool(tokenizer_ok), processor_ok=bool(processor_ok), image_tokens=runs_all,
-        image_tokens_ok=bool(image_tokens_ok), logits_max_diff=max_diff, logits_ok=bool(logits_ok), pixel_max_diff=pix_max,
+        label=probe.label,
+        transformers=(r.get("versions") or {}).get("transformers"),
+        env=env,
+        load_ok=bool(load_ok),
+        missing=counts["missing_keys"],
+        unexpected=counts["unexpected_keys"],
+        mismatched=counts["mismatched_keys"],
+        settings_ok=settings_ok,
+        tokenizer_ok=bool(tokenizer_ok),
+        processor_ok=bool(processor_ok),
+        image_tokens=runs_all,
+        image_tokens_ok=bool(image_tokens_ok),
+        logits_max_diff=max_diff,
+        logits_ok=bool(logits_ok),
+        pixel_max_diff=pix_max,
         passed=passed,
-        details=details, notes=notes, loading_info=li, classes=classes, seconds=round(probe.seconds, 2),
-        greedy_ok=bool(greedy_ok), recipe_ok=bool(recipe_ok), recipe_logits_max_diff=rec_logits, recipe_pixel_max_diff=rec_pix,
-        processor_required=cap.processor, needs_eager=needs_eager, cannot=cannot,
+        details=details,
+        notes=notes,
+        loading_info=li,
+        classes=classes,
+        seconds=round(probe.seconds, 2),
+        greedy_ok=bool(greedy_ok),
+        recipe_ok=bool(recipe_ok),
+        recipe_logits_max_diff=rec_logits,
+        recipe_pixel_max_diff=rec_pix,
+        processor_required=cap.processor,
+        needs_eager=needs_eager,
+        cannot=cannot,
     )
 
 
@@ -869,8 +1098,21 @@ class Matrix:
         return self.reference.passed and all(r.passed for r in self.rows)
 
     def table(self) -> str:
-        head = ["transformers", "env", "load", "keys m/u/x", "settings", "tokenizer", "processor", "recipe", "image tokens",
-                "max|logits diff|", "greedy", "attention", "verdict"]
+        head = [
+            "transformers",
+            "env",
+            "load",
+            "keys m/u/x",
+            "settings",
+            "tokenizer",
+            "processor",
+            "recipe",
+            "image tokens",
+            "max|logits diff|",
+            "greedy",
+            "attention",
+            "verdict",
+        ]
         lines_ = []
         for row in [self.reference, *self.rows]:
             e = row.env
@@ -881,14 +1123,22 @@ class Matrix:
             else:
                 env_s = f"{'new' if e.get('created') else 'cached'} {e.get('create_seconds', 0):.1f}s"
             uniq = sorted(set(row.image_tokens))
-            diff = "-" if row.logits_max_diff is None else ("0" if row.logits_max_diff == 0 else f"{row.logits_max_diff:.2e}")
+            diff = (
+                "-"
+                if row.logits_max_diff is None
+                else ("0" if row.logits_max_diff == 0 else f"{row.logits_max_diff:.2e}")
+            )
             if row is self.reference and row.logits_max_diff is not None:
                 diff = "(reference)"
             label = f"{row.transformers} (current)" if row is self.reference else row.label
             if not row.applicable:
                 lines_.append([label, env_s, "n/a", "-", "-", "-", "-", "-", "-", "-", "-", "-", row.verdict])
                 continue
-            processor = _ok(row.processor_ok and row.image_tokens_ok) if row.processor_required or row.processor_ok else "cannot"
+            processor = (
+                _ok(row.processor_ok and row.image_tokens_ok)
+                if row.processor_required or row.processor_ok
+                else "cannot"
+            )
             if not row.recipe_ok:
                 recipe = "FAIL" if not row.processor_required else "differs (not needed)"
             else:
@@ -900,14 +1150,30 @@ class Matrix:
                 tokens += " FAIL"
             keys = f"{_n(row.missing)}/{_n(row.unexpected)}/{_n(row.mismatched)}"
             attention = "-" if row.needs_eager is None else "eager only" if row.needs_eager else "default"
-            cells = [label, env_s, _ok(row.load_ok), keys, _ok(row.settings_ok), _ok(row.tokenizer_ok), processor, recipe,
-                     tokens, diff, _ok(row.greedy_ok), attention, row.verdict]
+            cells = [
+                label,
+                env_s,
+                _ok(row.load_ok),
+                keys,
+                _ok(row.settings_ok),
+                _ok(row.tokenizer_ok),
+                processor,
+                recipe,
+                tokens,
+                diff,
+                _ok(row.greedy_ok),
+                attention,
+                row.verdict,
+            ]
             lines_.append(cells)
-        widths = [max(len(str(c)) for c in col) for col in zip(head, *lines_)]
-        fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-        out = [f"compat {self.repo}  (reference: this environment; logits tolerance {self.tolerance:g} fp32)", fmt(head),
-               "-" * (sum(widths) + 2 * (len(widths) - 1))]
-        for row, cells in zip([self.reference, *self.rows], lines_):
+        widths = [max(len(str(c)) for c in col) for col in zip(head, *lines_, strict=True)]
+        fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+        out = [
+            f"compat {self.repo}  (reference: this environment; logits tolerance {self.tolerance:g} fp32)",
+            fmt(head),
+            "-" * (sum(widths) + 2 * (len(widths) - 1)),
+        ]
+        for row, cells in zip([self.reference, *self.rows], lines_, strict=True):
             out.append(fmt(cells))
             for d in row.details[:8]:
                 out.append(f"    - {d}")
@@ -916,21 +1182,32 @@ class Matrix:
             for c in row.cannot:
                 out.append(f"    cannot: {c}")
             if row.notes:
-                out.append(f"    note: {row.notes[0]}" + (f" (+{len(row.notes) - 1} more such notes in --json)" if len(row.notes) > 1 else ""))
+                out.append(
+                    f"    note: {row.notes[0]}"
+                    + (f" (+{len(row.notes) - 1} more such notes in --json)" if len(row.notes) > 1 else "")
+                )
         out.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
         failed = [r.label for r in [self.reference, *self.rows] if not r.passed]
         na = [r.label for r in self.rows if not r.applicable]
-        out.append((f"ALL VERSIONS PASSED ({self.seconds:.1f} s)" + (f"; not applicable: {', '.join(na)}" if na else ""))
-                   if not failed else f"FAILED: {', '.join(failed)}")
+        out.append(
+            (f"ALL VERSIONS PASSED ({self.seconds:.1f} s)" + (f"; not applicable: {', '.join(na)}" if na else ""))
+            if not failed
+            else f"FAILED: {', '.join(failed)}"
+        )
         return "\n".join(out)
 
     def to_json(self) -> str:
-        data = {"repo": self.repo, "passed": self.passed, "tolerance": self.tolerance, "seconds": round(self.seconds, 2),
-                "reference_versions": self.reference_versions,
-                "reference": {**asdict(self.reference), "verdict": self.reference.verdict},
-                "model_type": self.model_type,
-                "rows": [{**asdict(r), "verdict": r.verdict} for r in self.rows]}
-        return json.dumps(_finite(data), indent=2, sort_keys=True) + "\n"
+        data = {
+            "repo": self.repo,
+            "passed": self.passed,
+            "tolerance": self.tolerance,
+            "seconds": round(self.seconds, 2),
+            "reference_versions": self.reference_versions,
+            "reference": {**asdict(self.reference), "verdict": self.reference.verdict},
+            "model_type": self.model_type,
+            "rows": [{**asdict(r), "verdict": r.verdict} for r in self.rows],
+        }
+        return json.dumps(json_safe(data), indent=2, sort_keys=True) + "\n"
 
 
 def _n(v) -> str:
@@ -941,19 +1218,19 @@ def _ok(v: bool) -> str:
     return "ok" if v else "FAIL"
 
 
-def _finite(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def run_matrix(repo: str | Path, versions=VERSIONS, envs_dir: Path | None = None, create: bool = True,
-               prompts: list[dict] | None = None, images: dict | None = None, tol: float = LOGITS_TOL,
-               keep: Path | None = None, timeout: float = 1800, jobs: int | None = None, log=None) -> Matrix:
+def run_matrix(
+    repo: str | Path,
+    versions=VERSIONS,
+    envs_dir: Path | None = None,
+    create: bool = True,
+    prompts: list[dict] | None = None,
+    images: dict | None = None,
+    tol: float = LOGITS_TOL,
+    keep: Path | None = None,
+    timeout: float = 1800,
+    jobs: int | None = None,
+    log=None,
+) -> Matrix:
     """Probe the current environment (the reference) and each version's environment; judge every row."""
     repo = Path(repo)
     if not repo.is_dir() or not (repo / "config.json").is_file():
@@ -997,14 +1274,29 @@ def run_matrix(repo: str | Path, versions=VERSIONS, envs_dir: Path | None = None
         def probe(v: str) -> Row:
             env = envs[v]
             if isinstance(env, str):
-                return judge(Probe(v, error=f"environment: {env}", env={"error": env}), ref, expected, prompts, tol,
-                             model_type=model_type)
+                return judge(
+                    Probe(v, error=f"environment: {env}", env={"error": env}),
+                    ref,
+                    expected,
+                    prompts,
+                    tol,
+                    model_type=model_type,
+                )
             if ref.error:
                 p = Probe(v, error="no reference (the current environment's probe failed)", env=env)
             else:
                 log(f"probing transformers {v} ...")
-                p = run_probe(v, env["python"], repo, work, prompts, image_files, inputs, timeout,
-                              collapse=capabilities(v).collapse)
+                p = run_probe(
+                    v,
+                    env["python"],
+                    repo,
+                    work,
+                    prompts,
+                    image_files,
+                    inputs,
+                    timeout,
+                    collapse=capabilities(v).collapse,
+                )
                 p.env = env
             row = judge(p, ref, expected, prompts, tol, model_type=model_type)
             if row.transformers not in (None, v):
@@ -1017,32 +1309,61 @@ def run_matrix(repo: str | Path, versions=VERSIONS, envs_dir: Path | None = None
         workers = max(1, min(len(versions), jobs or DEFAULT_JOBS))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             rows = list(pool.map(probe, versions))
-        return Matrix(str(repo), ref_row, rows, tol, time.perf_counter() - t0, (ref.result or {}).get("versions", {}),
-                      model_type)
+        return Matrix(
+            str(repo), ref_row, rows, tol, time.perf_counter() - t0, (ref.result or {}).get("versions", {}), model_type
+        )
     finally:
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m verify.compat", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m verify.compat",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("repo", nargs="?", help="the converted repo")
-    ap.add_argument("--versions", default=",".join(VERSIONS), help=f"comma-separated transformers versions (default {','.join(VERSIONS)})")
-    ap.add_argument("--envs", metavar="DIR", help=f"where the environments live (default ${ENVS_VAR} or ~/.cache/vipllava-harness/compat-envs)")
+    ap.add_argument(
+        "--versions",
+        default=",".join(VERSIONS),
+        help=f"comma-separated transformers versions (default {','.join(VERSIONS)})",
+    )
+    ap.add_argument(
+        "--envs",
+        metavar="DIR",
+        help=f"where the environments live (default ${ENVS_VAR} or ~/.cache/vipllava-harness/compat-envs)",
+    )
     ap.add_argument("--json", metavar="FILE", help="write the matrix as JSON")
     ap.add_argument("--tol", type=float, default=LOGITS_TOL, help=f"max |logits diff| (default {LOGITS_TOL:g}, fp32)")
-    ap.add_argument("--no-create", action="store_true", help="use existing environments only; a missing one fails its row")
-    ap.add_argument("--setup-only", action="store_true", help="create or reuse the environments, report their creation times, and stop")
+    ap.add_argument(
+        "--no-create", action="store_true", help="use existing environments only; a missing one fails its row"
+    )
+    ap.add_argument(
+        "--setup-only",
+        action="store_true",
+        help="create or reuse the environments, report their creation times, and stop",
+    )
     ap.add_argument("--keep", metavar="DIR", help="keep the probes' job files, tensors and stderr in DIR")
-    ap.add_argument("--prompts", metavar="FILE", help="JSON list of {name, prompt, image} (default: the bundled samples)")
-    ap.add_argument("--images", metavar="DIR", help="folder of images named by the prompts (default: the bundled samples)")
+    ap.add_argument(
+        "--prompts", metavar="FILE", help="JSON list of {name, prompt, image} (default: the bundled samples)"
+    )
+    ap.add_argument(
+        "--images", metavar="DIR", help="folder of images named by the prompts (default: the bundled samples)"
+    )
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per probe (default 1800)")
-    ap.add_argument("--jobs", type=int, default=None,
-                    help=f"probes (or, with --setup-only, environment creations) run at once (default {DEFAULT_JOBS}; a probe uses one CPU)")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help=f"probes (or, with --setup-only, environment creations) run at once (default {DEFAULT_JOBS}; a probe uses "
+        "one CPU)",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
-    log = (lambda msg: None) if args.quiet else (lambda msg: (sys.stderr.write(msg + "\n"), sys.stderr.flush()))  # one write: threads
+    log = (
+        (lambda msg: None) if args.quiet else (lambda msg: (sys.stderr.write(msg + "\n"), sys.stderr.flush()))
+    )  # one write: threads
     try:
         versions = [check_version(v.strip()) for v in args.versions.split(",") if v.strip()]
         if not versions:
@@ -1054,8 +1375,12 @@ def main(argv: list[str] | None = None) -> int:
             def setup(v: str) -> tuple[str, bool]:
                 try:
                     info = ensure_env(v, envs, create=not args.no_create, log=log)
-                    how = f"created in {info.create_seconds:.1f} s (venv {info.venv_seconds:.1f} s, pip {info.pip_seconds:.1f} s)" \
-                        if info.created else f"cached (created in {info.create_seconds:.1f} s)"
+                    how = (
+                        f"created in {info.create_seconds:.1f} s (venv {info.venv_seconds:.1f} s, pip "
+                        f"{info.pip_seconds:.1f} s)"
+                        if info.created
+                        else f"cached (created in {info.create_seconds:.1f} s)"
+                    )
                     return f"transformers {v:<10} {how}  {info.path}", True
                 except EnvError as e:
                     return f"transformers {v:<10} FAILED: {e}", False
@@ -1079,8 +1404,19 @@ def main(argv: list[str] | None = None) -> int:
                 images = _load_images(args.images) if args.images else None
             except VerifyUsageError as e:
                 raise CompatUsageError(str(e)) from None
-        m = run_matrix(args.repo, versions, envs, create=not args.no_create, prompts=prompts, images=images, tol=args.tol,
-                       keep=Path(args.keep) if args.keep else None, timeout=args.timeout, jobs=args.jobs, log=log)
+        m = run_matrix(
+            args.repo,
+            versions,
+            envs,
+            create=not args.no_create,
+            prompts=prompts,
+            images=images,
+            tol=args.tol,
+            keep=Path(args.keep) if args.keep else None,
+            timeout=args.timeout,
+            jobs=args.jobs,
+            log=log,
+        )
     except CompatUsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

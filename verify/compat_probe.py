@@ -58,7 +58,7 @@ def _jsonable(v):
         return int(v)
     if isinstance(v, float):
         return float(v)
-    if hasattr(v, "value") and isinstance(getattr(v, "value"), int):  # PILImageResampling and friends
+    if hasattr(v, "value") and isinstance(v.value, int):  # PILImageResampling and friends
         return int(v.value)
     if isinstance(v, dict):
         return {str(k): _jsonable(x) for k, x in v.items() if x is not None}
@@ -126,13 +126,27 @@ def _tokenizer_settings(tok) -> dict:
     }
 
 
-_IMAGE_PROCESSOR_KEYS = ("do_pad", "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
-                         "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+_IMAGE_PROCESSOR_KEYS = (
+    "do_pad",
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+)
 
 
 def _processor_settings(proc) -> dict:
-    out = {f"processor.{k}": _jsonable(getattr(proc, k, "<absent>"))
-           for k in ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy", "image_token")}
+    out = {
+        f"processor.{k}": _jsonable(getattr(proc, k, "<absent>"))
+        for k in ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy", "image_token")
+    }
     ip = getattr(proc, "image_processor", None)
     for k in _IMAGE_PROCESSOR_KEYS:
         out[f"image_processor.{k}"] = _jsonable(getattr(ip, k, "<absent>"))
@@ -190,7 +204,7 @@ def _collapse(ids, image_id):
     return ids[keep]
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:  # noqa: C901 - one probe script, run in a foreign transformers env
     warnings.filterwarnings("ignore")
     job = json.loads(open(argv[0], encoding="utf-8").read())
     out_dir = job["out"]
@@ -281,7 +295,10 @@ def main(argv: list[str]) -> int:
 
         tok = AutoTokenizer.from_pretrained(repo, **kw)
         probes = [_token_probe(tok, t) for t in job["token_probes"]]
-        chats = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in job.get("text_chat_probes", [])]
+        chats = [
+            tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+            for m in job.get("text_chat_probes", [])
+        ]
         out = {"class": type(tok).__name__, "settings": _tokenizer_settings(tok), "probes": probes, "chat": chats}
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is not None:  # what this tokenizers release kept of the BPE model's options
@@ -325,7 +342,9 @@ def main(argv: list[str]) -> int:
                 tensors[f"own_pixels_{i}"] = enc["pixel_values"].float().numpy()
             per_prompt.append({"name": p["name"], "images": n if imgs else 0})
         info["prompts"] = per_prompt
-        info["chat"] = [proc.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in job.get("chat_probes", [])]
+        info["chat"] = [
+            proc.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in job.get("chat_probes", [])
+        ]
         return info
 
     proc = step("processor", load_processor)
@@ -357,12 +376,16 @@ def main(argv: list[str]) -> int:
 
     # --- forward -----------------------------------------------------------------------------------------------
     def run(ids: np.ndarray, pixels):
-        kw = {"input_ids": torch.from_numpy(ids).unsqueeze(0), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        kw = {
+            "input_ids": torch.from_numpy(ids).unsqueeze(0),
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        }
         if pixels is not None:
             kw["pixel_values"] = torch.from_numpy(pixels).float()
         return kw
 
     if model is not None:
+
         def forward():
             feed = dict(np.load(job["inputs"])) if job.get("inputs") else tensors
             n = 0
@@ -389,9 +412,15 @@ def main(argv: list[str]) -> int:
                     if collapse:
                         ids = _collapse(ids, image_id)
                     kw = run(ids, feed.get(f"own_pixels_{i}"))
-                    out = model.generate(**kw, max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1,
-                                         pad_token_id=settings.get("generation_config.pad_token_id"))
-                    tensors[f"greedy_{i}"] = out[0, len(ids):].numpy().astype(np.int64)
+                    out = model.generate(
+                        **kw,
+                        max_new_tokens=new,
+                        min_new_tokens=new,
+                        do_sample=False,
+                        num_beams=1,
+                        pad_token_id=settings.get("generation_config.pad_token_id"),
+                    )
+                    tensors[f"greedy_{i}"] = out[0, len(ids) :].numpy().astype(np.int64)
             return new
 
         if job.get("new_tokens"):
@@ -400,7 +429,9 @@ def main(argv: list[str]) -> int:
         def recipe_forward():
             with torch.no_grad():
                 for i in range(len(job["prompts"])):
-                    logits = model(**run(tensors[f"recipe_ids_{i}"], tensors.get(f"recipe_pixels_{i}")), use_cache=False).logits[0]
+                    logits = model(
+                        **run(tensors[f"recipe_ids_{i}"], tensors.get(f"recipe_pixels_{i}")), use_cache=False
+                    ).logits[0]
                     tensors[f"recipe_logits_{i}"] = logits.float().numpy()
             return len(job["prompts"])
 

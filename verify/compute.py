@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Disjoint modules that together hold every parameter of ``model``: the outermost modules on each path that own
     a parameter themselves (a Linear, a norm, an embedding; CLIP's embeddings module, which owns the class embedding,
@@ -68,9 +69,11 @@ class Float32Blocks:
         if not self.enabled:
             return
         if self._active is not None:
-            raise RuntimeError(f"Float32Blocks: block {type(block).__name__} entered inside {type(self._active).__name__}")
+            raise RuntimeError(
+                f"Float32Blocks: block {type(block).__name__} entered inside {type(self._active).__name__}"
+            )
         params = [p for p in block.parameters() if p.is_floating_point() and p.dtype != torch.float32]
-        for p, buf in zip(params, self._buffers(params)):
+        for p, buf in zip(params, self._buffers(params), strict=True):
             buf.copy_(p.data)
             self._saved.append((p, p.data))
             p.data = buf

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,9 +22,11 @@ from convert.safejson import clean, confined, load_json, type_name  # noqa: F401
 from convert.safejson import name as safe_name
 
 from .datapass import ST_DTYPES
-from .preflight import VerifyUsageError, audit_inputs_problem  # noqa: F401 (VerifyUsageError: re-exported)
+from .preflight import MANIFEST, VerifyUsageError, audit_inputs_problem  # noqa: F401 (VerifyUsageError: re-exported)
 
-MANIFEST = "conversion.json"
+if TYPE_CHECKING:
+    from .original import FastTokenizer, LlamaSlowTokenizer
+
 # --dtype name -> the dtype both models' weights are held in. "float32-blocks" (the default for a bf16 checkpoint) holds
 # them as stored and runs every prompt forward in float32 arithmetic, one block at a time (``verify.compute``); the
 # greedy steps after the prompt run in the stored dtype.
@@ -46,18 +49,26 @@ def read_manifest(path: Path) -> dict:
     m = load_json(path, VerifyUsageError, dict, hint=fix)
     outputs = m.get("outputs", {})
     if not isinstance(outputs, dict):
-        raise VerifyUsageError(f"{path}: expected outputs to be an object of file name -> sha256, found {type_name(outputs)}; {fix}")
+        raise VerifyUsageError(
+            f"{path}: expected outputs to be an object of file name -> sha256, found {type_name(outputs)}; {fix}"
+        )
     for name, digest in outputs.items():
         confined(path.parent, name, VerifyUsageError, path, "output file")
         if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
-            raise VerifyUsageError(f"{path}: outputs[{safe_name(name)!r}] is {safe_name(repr(digest))}; expected a sha256 "
-                                   f"(64 lowercase hex digits); {fix}")
+            raise VerifyUsageError(
+                f"{path}: outputs[{safe_name(name)!r}] is {safe_name(repr(digest))}; expected a sha256 "
+                f"(64 lowercase hex digits); {fix}"
+            )
     for key in ("inputs", "settings"):
         if not isinstance(m.get(key, {}), dict):
             raise VerifyUsageError(f"{path}: expected {key} to be an object, found {type_name(m[key])}; {fix}")
     for role, rec in m.get("inputs", {}).items():
-        if not isinstance(rec, dict) or any(rec.get(k) is not None and not isinstance(rec[k], str) for k in ("path", "source")):
-            raise VerifyUsageError(f"{path}: inputs[{safe_name(role)!r}] must be an object whose path and source are strings; {fix}")
+        if not isinstance(rec, dict) or any(
+            rec.get(k) is not None and not isinstance(rec[k], str) for k in ("path", "source")
+        ):
+            raise VerifyUsageError(
+                f"{path}: inputs[{safe_name(role)!r}] must be an object whose path and source are strings; {fix}"
+            )
     return m
 
 
@@ -88,6 +99,7 @@ def default_prompts(backbone: str) -> list[dict]:
     """The bundled samples: ``prompts.json`` holds prompt strings written in the llava_v1 format, so a backbone of that
     mode (Vicuna) gets them; the others get the sample conversations (rendered later in the backbone's mode)."""
     from verify.fixtures.build import sample_conversations, sample_prompts
+
     from .original import BACKBONES
 
     return sample_prompts() if BACKBONES[backbone].conv_mode == "llava_v1" else sample_conversations()
@@ -99,7 +111,9 @@ def prepare_prompt(entry: dict, conv_mode: str, index: int = 0) -> dict:
     from .original import render_prompt
 
     if not isinstance(entry, dict) or ("prompt" not in entry and "turns" not in entry):
-        raise VerifyUsageError(f"prompt #{index}: expected {{name, prompt, image}} or {{name, turns, image}}, got {entry!r}"[:300])
+        raise VerifyUsageError(
+            f"prompt #{index}: expected {{name, prompt, image}} or {{name, turns, image}}, got {entry!r}"[:300]
+        )
     name = entry.get("name") or f"prompt{index}"
     out = {"name": name, "image": entry.get("image")}
     if entry.get("turns") is not None:
@@ -111,8 +125,13 @@ def prepare_prompt(entry: dict, conv_mode: str, index: int = 0) -> dict:
         except ValueError as e:
             raise VerifyUsageError(f"prompt {name!r}: {e}") from None
         if entry.get("prompt") is not None and entry["prompt"] != rendered:
-            raise VerifyUsageError(f"prompt {name!r}: gives both a prompt and turns, and the turns render differently in {conv_mode}")
-        out["turns"] = [{"role": t.get("role"), "text": t.get("text")} if isinstance(t, dict) else {"role": t[0], "text": t[1]} for t in turns]
+            raise VerifyUsageError(
+                f"prompt {name!r}: gives both a prompt and turns, and the turns render differently in {conv_mode}"
+            )
+        out["turns"] = [
+            {"role": t.get("role"), "text": t.get("text")} if isinstance(t, dict) else {"role": t[0], "text": t[1]}
+            for t in turns
+        ]
         out["prompt"] = rendered
     else:
         if not isinstance(entry["prompt"], str):
@@ -155,9 +174,15 @@ class ModelShape:
         return text_ids + images * self.image_tokens
 
 
-def estimate_memory(shape: ModelShape, dtype: torch.dtype, stored: tuple[torch.dtype | None, torch.dtype | None],
-                    sequences: list[int], images: list[int], max_new_tokens: int,
-                    arithmetic: torch.dtype | None = None) -> dict:
+def estimate_memory(
+    shape: ModelShape,
+    dtype: torch.dtype,
+    stored: tuple[torch.dtype | None, torch.dtype | None],
+    sequences: list[int],
+    images: list[int],
+    max_new_tokens: int,
+    arithmetic: torch.dtype | None = None,
+) -> dict:
     """Peak anonymous memory (bytes) of a verify run, by part.
 
     * weights: both models are read from their files in the dtype they are stored in (memory-mapped, page cache,
@@ -193,14 +218,22 @@ def estimate_memory(shape: ModelShape, dtype: torch.dtype, stored: tuple[torch.d
         "kv_cache": 2 * shape.layers * S * shape.kv_dim * b,
         "attention": shape.heads * S * S * (4 + b),
         "activations": S * (3 * shape.intermediate + 6 * shape.hidden) * b + S * shape.vocab * (4 + b),
-        "vision": n_img * ((shape.vision_layers + 1) * shape.vision_tokens * shape.vision_hidden * b
-                           + shape.vision_heads * shape.vision_tokens ** 2 * (4 + b)
-                           + shape.vision_tokens * shape.vision_intermediate * b),
+        "vision": n_img
+        * (
+            (shape.vision_layers + 1) * shape.vision_tokens * shape.vision_hidden * b
+            + shape.vision_heads * shape.vision_tokens**2 * (4 + b)
+            + shape.vision_tokens * shape.vision_intermediate * b
+        ),
         "runtime": RUNTIME_BYTES,
     }
-    return {"dtype": str(dtype).removeprefix("torch."), "arithmetic": str(arithmetic).removeprefix("torch."),
-            "weight_copies": copies, "longest_sequence": S,
-            "parts": parts, "total": sum(parts.values())}
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "arithmetic": str(arithmetic).removeprefix("torch."),
+        "weight_copies": copies,
+        "longest_sequence": S,
+        "parts": parts,
+        "total": sum(parts.values()),
+    }
 
 
 class OriginalTensors:
@@ -210,15 +243,21 @@ class OriginalTensors:
         d = directory if directory.is_dir() else directory.parent
         self.files: dict[str, Path] = {}
         self._open: dict[Path, object] = {}
-        idx = next((d / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (d / n).is_file()), None)
+        idx = next(
+            (d / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (d / n).is_file()), None
+        )
         if idx is not None:
             wm = load_json(idx, VerifyUsageError, dict, hint="re-download the checkpoint's index").get("weight_map")
             if not isinstance(wm, dict):
-                raise VerifyUsageError(f"{idx}: expected a weight_map object, found {type_name(wm)}; re-download the index")
+                raise VerifyUsageError(
+                    f"{idx}: expected a weight_map object, found {type_name(wm)}; re-download the index"
+                )
             shards = {v: confined(d, v, VerifyUsageError, idx, "shard") for v in set(wm.values()) if isinstance(v, str)}
             bad = next((k for k, v in wm.items() if not isinstance(v, str)), None)
             if bad is not None:
-                raise VerifyUsageError(f"{idx}: weight_map[{safe_name(bad)!r}] is not a file name; re-download the index")
+                raise VerifyUsageError(
+                    f"{idx}: weight_map[{safe_name(bad)!r}] is not a file name; re-download the index"
+                )
             self.files = {k: shards[v] for k, v in wm.items()}
         else:
             single = next((d / n for n in ("model.safetensors", "pytorch_model.bin") if (d / n).is_file()), None)
@@ -311,7 +350,8 @@ class ConvertedTensors:
 CONVERTED_EMBED = "language_model.model.embed_tokens.weight"
 # checks that load a model (the converted one, the reference, or both); the others read files only
 MODEL_CHECKS = frozenset({"strict_load", "resize", "processor", "logits", "generation"})
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
+# the stored weight dtypes the dtype default and the memory estimate know (others count as unknown)
+_WEIGHT_DTYPES = frozenset({torch.bfloat16, torch.float32, torch.float16})
 
 
 def _safetensors_dtype(repo: Path, key: str) -> torch.dtype | None:
@@ -327,7 +367,8 @@ def _safetensors_dtype(repo: Path, key: str) -> torch.dtype | None:
         except (OSError, ValueError):
             continue
         if isinstance(header.get(key), dict):
-            return _SAFETENSORS_DTYPES.get(header[key].get("dtype"))
+            dtype = ST_DTYPES.get(header[key].get("dtype"))
+            return dtype if dtype in _WEIGHT_DTYPES else None
     return None
 
 
@@ -412,7 +453,9 @@ class Context:
         self.images = images
         for p in self.prompts:
             if p.get("image") and p["image"] not in images:
-                raise VerifyUsageError(f"prompt {p.get('name')!r} names image {p['image']!r}, which is not among the images")
+                raise VerifyUsageError(
+                    f"prompt {p.get('name')!r} names image {p['image']!r}, which is not among the images"
+                )
         self.stored_dtypes = self._stored_dtypes()
         self.dtype_source = "asked" if dtype is not None else "checkpoint"
         self.dtype_name = dtype if dtype is not None else _default_dtype(self.stored_dtypes)
@@ -440,15 +483,23 @@ class Context:
         vcfg = clip_vision_config_from_dir(self.inputs.vision_model)
         heads = lcfg.num_attention_heads
         head_dim = getattr(lcfg, "head_dim", None) or lcfg.hidden_size // heads
-        patches = (vcfg.image_size // vcfg.patch_size) ** 2
+        # transformers types CLIP's image_size and patch_size as int | list | tuple | None; they are ints here
+        patches = (vcfg.image_size // vcfg.patch_size) ** 2  # type: ignore[operator]
         tensors = self.original_tensors
         return ModelShape(
             parameters=sum(tensors.get(k).numel() for k in tensors.keys()),
-            layers=lcfg.num_hidden_layers, hidden=lcfg.hidden_size, heads=heads,
+            layers=lcfg.num_hidden_layers,
+            hidden=lcfg.hidden_size,
+            heads=heads,
             kv_dim=(getattr(lcfg, "num_key_value_heads", None) or heads) * head_dim,
-            intermediate=lcfg.intermediate_size, vocab=lcfg.vocab_size,
-            vision_layers=vcfg.num_hidden_layers, vision_hidden=vcfg.hidden_size, vision_heads=vcfg.num_attention_heads,
-            vision_intermediate=vcfg.intermediate_size, vision_tokens=patches + 1, image_tokens=patches,
+            intermediate=lcfg.intermediate_size,
+            vocab=lcfg.vocab_size,
+            vision_layers=vcfg.num_hidden_layers,
+            vision_hidden=vcfg.hidden_size,
+            vision_heads=vcfg.num_attention_heads,
+            vision_intermediate=vcfg.intermediate_size,
+            vision_tokens=patches + 1,
+            image_tokens=patches,
         )
 
     def _check_memory(self, limit: int | None) -> dict:
@@ -462,17 +513,28 @@ class Context:
         except Exception as e:  # unreadable inputs: the checks that load them report it
             return {"error": f"{e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
         images = [x.count(IMAGE_SENTINEL) for x in ids]
-        sequences = [shape.sequence(len(x) - n, n) for x, n in zip(ids, images)]
+        sequences = [shape.sequence(len(x) - n, n) for x, n in zip(ids, images, strict=True)]
         generating = self.only is None or "generation" in self.only
-        est = estimate_memory(shape, self.dtype, self.stored_dtypes, sequences, images, self.max_new_tokens if generating else 0,
-                              arithmetic=self.arithmetic)
+        est = estimate_memory(
+            shape,
+            self.dtype,
+            self.stored_dtypes,
+            sequences,
+            images,
+            self.max_new_tokens if generating else 0,
+            arithmetic=self.arithmetic,
+        )
         source = "given" if limit is not None else "MemAvailable"
         limit = limit if limit is not None else available_memory()
         est.update({"limit": limit, "limit_source": source, "parameters": shape.parameters})
         if limit is not None and est["total"] > limit:
             big = max(est["parts"], key=est["parts"].get)
-            hint = ("pass --dtype float32-blocks (the weights stay as stored, read from the files; float32 arithmetic one "
-                    "block at a time)" if self.dtype != torch.bfloat16 else "free memory or verify fewer prompts (--prompts)")
+            hint = (
+                "pass --dtype float32-blocks (the weights stay as stored, read from the files; float32 arithmetic one "
+                "block at a time)"
+                if self.dtype != torch.bfloat16
+                else "free memory or verify fewer prompts (--prompts)"
+            )
             raise VerifyUsageError(
                 f"{self.repo}: a {self.dtype_name} run needs about {est['total'] / GiB:.1f} GiB of memory "
                 f"({big} {est['parts'][big] / GiB:.1f} GiB), {limit / GiB:.1f} GiB is available ({source}); {hint}"
@@ -551,7 +613,9 @@ class Context:
         from .original import OriginalVipLlava
 
         t0 = time.perf_counter()
-        ref = OriginalVipLlava.from_dirs(self.original_dir, self.inputs.text_model, self.inputs.vision_model, dtype=self.dtype)
+        ref = OriginalVipLlava.from_dirs(
+            self.original_dir, self.inputs.text_model, self.inputs.vision_model, dtype=self.dtype
+        )
         self.timings["reference_load"] = time.perf_counter() - t0
         return ref
 
@@ -563,13 +627,16 @@ class Context:
         return load_base_tokenizer(self.backbone, self.inputs.text_model)
 
     @cached_property
-    def era_tokenizers(self) -> dict[str, object]:
+    def era_tokenizers(self) -> dict[str, LlamaSlowTokenizer | FastTokenizer]:
         """The original's tokenizer in every OTHER transformers era the reference restates ({era: tokenizer}; empty
         for the backbones the original ran with the fast tokenizer)."""
         from .original import DEFAULT_TOKENIZER_ERA, load_base_tokenizer, tokenizer_eras
 
-        return {era: load_base_tokenizer(self.backbone, self.inputs.text_model, era=era)
-                for era in tokenizer_eras(self.backbone) if era != DEFAULT_TOKENIZER_ERA}
+        return {
+            era: load_base_tokenizer(self.backbone, self.inputs.text_model, era=era)
+            for era in tokenizer_eras(self.backbone)
+            if era != DEFAULT_TOKENIZER_ERA
+        }
 
     @cached_property
     def terminators(self) -> dict[str, int]:
@@ -620,8 +687,16 @@ class Context:
                 expanded.extend([image_id] * seq if t < 0 else [t])
             imgs = self.prompt_images(p)
             pixels = torch.stack([self.reference.preprocess(im) for im in imgs]) if imgs else None
-            out.append({"name": p["name"], "image": p.get("image") if imgs else None, "ids": ids, "expanded": expanded,
-                        "images": imgs, "pixels": pixels})
+            out.append(
+                {
+                    "name": p["name"],
+                    "image": p.get("image") if imgs else None,
+                    "ids": ids,
+                    "expanded": expanded,
+                    "images": imgs,
+                    "pixels": pixels,
+                }
+            )
         return out
 
     @property
@@ -696,7 +771,7 @@ class Context:
                 groups[key] = []
                 order.append(key)
             groups[key].append(i)
-        plan = []
+        plan: list[tuple[int, list[int]]] = []
         for key in order:
             members = groups[key]
             if key[0] == "whole" or len(members) == 1:
@@ -737,11 +812,10 @@ class Context:
         that first forward for the logits check (no second prompt forward). The prompt forward runs in
         ``self.arithmetic`` (float32 blocks by default) and the greedy steps in the weights' dtype, as the
         reference's do: the first call of the model is the prompt, its cache is cast before the next."""
+        import copy
         import time
 
         from .compute import cast_cache, output_cache
-
-        import copy
 
         model = self.model
         inputs = self.parity_inputs
@@ -757,8 +831,12 @@ class Context:
                     x = inputs[members[0]]
                     P = sum(seq if t < 0 else 1 for t in x["ids"][:k])
                     with torch.no_grad():
-                        res = model(input_ids=torch.tensor([x["expanded"][:P]]), pixel_values=x["pixels"], use_cache=True,
-                                    logits_to_keep=0)
+                        res = model(
+                            input_ids=torch.tensor([x["expanded"][:P]]),
+                            pixel_values=x["pixels"],
+                            use_cache=True,
+                            logits_to_keep=0,
+                        )
                     pre, pre_logits = output_cache(res), res.logits[0].float()
                     del res
                     self._time("converted_forward", t0)
@@ -774,8 +852,15 @@ class Context:
                         f32.enabled = True
                     if not self.generating:
                         with torch.no_grad():
-                            logits = model(input_ids=ids[:, P:], **({"pixel_values": kw["pixel_values"]} if "pixel_values" in kw else {}),
-                                           **({"cache": kw["cache"], "use_cache": True} if "cache" in kw else {})).logits[0].float()
+                            logits = (
+                                model(
+                                    input_ids=ids[:, P:],
+                                    **({"pixel_values": kw["pixel_values"]} if "pixel_values" in kw else {}),
+                                    **({"cache": kw["cache"], "use_cache": True} if "cache" in kw else {}),
+                                )
+                                .logits[0]
+                                .float()
+                            )
                         self._time("converted_forward", t0)
                         out[i] = (logits if pre_logits is None else torch.cat([pre_logits, logits]), None)
                         continue
@@ -791,19 +876,27 @@ class Context:
                     handle = model.register_forward_hook(hook)
                     try:
                         with torch.no_grad():
-                            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                 max_new_tokens=self.max_new_tokens, do_sample=False, logits_to_keep=0, **kw)
+                            gen = model.generate(
+                                input_ids=ids,
+                                attention_mask=torch.ones_like(ids),
+                                max_new_tokens=self.max_new_tokens,
+                                do_sample=False,
+                                logits_to_keep=0,
+                                **kw,
+                            )
                     finally:
                         handle.remove()
                     logits, t1 = first[0]
                     if pre_logits is not None:
                         if logits.shape[0] != ids.shape[1] - P:
-                            raise RuntimeError(f"generate recomputed {logits.shape[0]} positions after a cached prefix of "
-                                               f"{P}, expected {ids.shape[1] - P}")
+                            raise RuntimeError(
+                                f"generate recomputed {logits.shape[0]} positions after a cached prefix of "
+                                f"{P}, expected {ids.shape[1] - P}"
+                            )
                         logits = torch.cat([pre_logits, logits])
                     self.timings["converted_forward"] = self.timings.get("converted_forward", 0.0) + t1 - t0
                     self._time("converted_decode", t1)
-                    out[i] = (logits, gen[0, ids.shape[1]:].tolist())
+                    out[i] = (logits, gen[0, ids.shape[1] :].tolist())
                 del pre, pre_logits
         return out
 
@@ -815,4 +908,8 @@ class Context:
     def converted_generations(self) -> list[list[int]]:
         if not self.generating:
             raise RuntimeError("generation was not requested (max_new_tokens 0 or the check not selected)")
-        return [tokens for _, tokens in self.converted_runs]
+        out = []
+        for _, tokens in self.converted_runs:
+            assert tokens is not None  # generating: every run generated
+            out.append(tokens)
+        return out

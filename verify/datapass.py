@@ -37,13 +37,28 @@ import numpy as np
 import torch
 
 ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 _STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
 }
 GUARD = 64  # bytes compared at each end of a located original tensor with what torch.load gives
 
@@ -93,7 +108,8 @@ def safetensors_locations(path: Path) -> dict[str, Located]:
     for name, entry in header.items():
         if name == "__metadata__" or not isinstance(entry, dict):
             continue
-        dtype = ST_DTYPES.get(entry.get("dtype"))
+        dtype_name = entry.get("dtype")
+        dtype = ST_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         try:
             begin, end = (int(x) for x in entry["data_offsets"])
             shape = tuple(int(d) for d in entry["shape"])
@@ -148,7 +164,7 @@ class _MetaUnpickler(pickle.Unpickler):
 
 def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     want = 1
-    for d, s in zip(reversed(shape), reversed(stride)):
+    for d, s in zip(reversed(shape), reversed(stride), strict=False):
         if d != 1 and s != want:
             return False
         want *= d
@@ -179,7 +195,10 @@ def torch_zip_locations(path: Path) -> dict[str, Located]:
                     if local[:4] != b"PK\x03\x04":
                         return {}
                     name_len, extra_len = struct.unpack("<HH", local[26:30])
-                    records[info.filename[len(prefix) + 5 :]] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
+                    records[info.filename[len(prefix) + 5 :]] = (
+                        info.header_offset + 30 + name_len + extra_len,
+                        info.file_size,
+                    )
     except (zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError, TypeError, EOFError, AttributeError):
         return {}
     out = {}
@@ -226,6 +245,7 @@ class EmbeddingStats:
         if self.shift is None:
             self.shift = m[0].clone()
             self.col_sum = torch.zeros(self.hidden, dtype=torch.float64)
+        assert self.col_sum is not None
         d = m - self.shift
         self.col_sum += d.sum(0)
         self.sq_sum += float((d * d).sum())
@@ -233,11 +253,13 @@ class EmbeddingStats:
 
     @property
     def mean(self) -> torch.Tensor:
+        assert self.shift is not None and self.col_sum is not None, "mean of no rows"
         return self.shift + self.col_sum / self.rows
 
     @property
     def trace(self) -> float:
         """tr(Sigma) with the population covariance = mean squared distance of the rows from their mean."""
+        assert self.col_sum is not None, "trace of no rows"
         c = self.col_sum / self.rows
         return self.sq_sum / self.rows - float((c * c).sum())
 
@@ -255,8 +277,12 @@ class PassResult:
 
     def describe(self) -> dict:
         """What the pass read, for the report: bytes of each side and seconds."""
-        return {"converted_bytes": self.bytes_converted, "original_bytes": self.bytes_original, "seconds": round(self.seconds, 2),
-                "tensors_compared": len(self.equal)}
+        return {
+            "converted_bytes": self.bytes_converted,
+            "original_bytes": self.bytes_original,
+            "seconds": round(self.seconds, 2),
+            "tensors_compared": len(self.equal),
+        }
 
 
 @dataclass(frozen=True)
@@ -277,12 +303,12 @@ def _same(a_views: Iterable[memoryview], b_views: Iterable[memoryview]) -> bool:
     """Whether two byte streams are equal (both are read to their ends)."""
     equal = True
     ia, ib = iter(a_views), iter(b_views)
-    a = b = memoryview(b"")
+    a: memoryview | None
+    b: memoryview | None
+    a_left = b_left = memoryview(b"")
     while True:
-        if not len(a):
-            a = next(ia, None)
-        if not len(b):
-            b = next(ib, None)
+        a = a_left if len(a_left) else next(ia, None)
+        b = b_left if len(b_left) else next(ib, None)
         if a is None or b is None:
             if a is not None and len(a) or b is not None and len(b):
                 equal = False
@@ -294,7 +320,7 @@ def _same(a_views: Iterable[memoryview], b_views: Iterable[memoryview]) -> bool:
         n = min(len(a), len(b))
         if n and equal:
             equal = _equal_bytes(a[:n], b[:n])
-        a, b = a[n:], b[n:]
+        a_left, b_left = a[n:], b[n:]
 
 
 def _equal_bytes(a: memoryview, b: memoryview) -> bool:
@@ -309,11 +335,16 @@ def _equal_bytes(a: memoryview, b: memoryview) -> bool:
 def _tensor_views(t: torch.Tensor, chunk: int = 1 << 22) -> Iterator[memoryview]:
     flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
     for i in range(0, flat.numel(), chunk):
-        yield memoryview(flat[i : i + chunk].numpy())
+        yield flat[i : i + chunk].numpy().data
 
 
-def run_pass(shards: list[Path], other_outputs: list[Path], pairs: list[Pair], hash_files: bool,
-             original_tensor: Callable[[str], torch.Tensor]) -> PassResult:
+def run_pass(
+    shards: list[Path],
+    other_outputs: list[Path],
+    pairs: list[Pair],
+    hash_files: bool,
+    original_tensor: Callable[[str], torch.Tensor],
+) -> PassResult:
     """Stream the shards (hashing them when ``hash_files``), compare every pair, hash the other outputs."""
     t0 = time.perf_counter()
     res = PassResult()
@@ -336,29 +367,50 @@ def run_pass(shards: list[Path], other_outputs: list[Path], pairs: list[Pair], h
     return res
 
 
-def _stream_pairs(res: PassResult, shards: list[Path], pairs: list[Pair], hash_files: bool,
-                  original_tensor: Callable[[str], torch.Tensor]) -> None:
+def _stream_pairs(
+    res: PassResult,
+    shards: list[Path],
+    pairs: list[Pair],
+    hash_files: bool,
+    original_tensor: Callable[[str], torch.Tensor],
+) -> None:
     from convert.writer import InputStream
 
-    conv = InputStream(shards, drop=False) if hash_files else InputStream.ranges(
-        [(p.converted.path, p.converted.offset, p.converted.nbytes) for p in sorted(pairs, key=_conv_order(shards))], drop=False)
+    conv = (
+        InputStream(shards, drop=False)
+        if hash_files
+        else InputStream.ranges(
+            [
+                (p.converted.path, p.converted.offset, p.converted.nbytes)
+                for p in sorted(pairs, key=_conv_order(shards))
+            ],
+            drop=False,
+        )
+    )
     conv_pos = (lambda loc: conv.position(loc.path, loc.offset)) if hash_files else None
     pairs = sorted(pairs, key=_conv_order(shards))
     streamed = [p for p in pairs if p.original is not None]
-    orig = InputStream.ranges([(p.original.path, p.original.offset, p.original.nbytes) for p in streamed])
+    orig = InputStream.ranges([(o.path, o.offset, o.nbytes) for p in streamed if (o := p.original) is not None])
     conv.start()
     orig.start()
     guards: list[tuple[Pair, bytes, bytes]] = []
     try:
         cpos, opos = 0, 0
+        first: bytearray | None
+        last: bytearray | None
         for p in pairs:
             start = conv_pos(p.converted) if conv_pos else cpos
-            n_cmp = p.original.numel * p.converted.dtype.itemsize if p.original else _numel(p.original_shape) * p.converted.dtype.itemsize
+            n_cmp = (
+                p.original.numel * p.converted.dtype.itemsize
+                if p.original
+                else _numel(p.original_shape) * p.converted.dtype.itemsize
+            )
             if p.original is not None:
                 source = orig.take(opos, opos + p.original.nbytes)
                 opos += p.original.nbytes
-                first, last = bytearray(), bytearray()
-                source = _guarded(source, first, last)
+                head, tail = bytearray(), bytearray()
+                source = _guarded(source, head, tail)
+                first, last = head, tail
             else:
                 source = _tensor_views(original_tensor(p.key))
                 first = last = None
@@ -371,10 +423,13 @@ def _stream_pairs(res: PassResult, shards: list[Path], pairs: list[Pair], hash_f
             if p.keep_rest:
                 rest = b"".join(bytes(v) for v in conv.take(start + n_cmp, start + p.converted.nbytes))
                 rows = p.converted.shape[0] - p.original_shape[0]
-                res.new_rows[p.name] = torch.frombuffer(bytearray(rest), dtype=p.converted.dtype).reshape(rows, *p.converted.shape[1:]) \
-                    if rows else torch.empty((0, *p.converted.shape[1:]), dtype=p.converted.dtype)
+                res.new_rows[p.name] = (
+                    torch.frombuffer(bytearray(rest), dtype=p.converted.dtype).reshape(rows, *p.converted.shape[1:])
+                    if rows
+                    else torch.empty((0, *p.converted.shape[1:]), dtype=p.converted.dtype)
+                )
             cpos += p.converted.nbytes
-            if first is not None:
+            if first is not None and last is not None:
                 guards.append((p, bytes(first), bytes(last)))
         digests = conv.finish()
         orig.finish()
@@ -383,11 +438,14 @@ def _stream_pairs(res: PassResult, shards: list[Path], pairs: list[Pair], hash_f
         conv.cancel()
         orig.cancel()
     res.digests = {p.name: d for p, d in digests.items()}
-    for p, first, last in guards:
+    for p, seen_first, seen_last in guards:
+        assert p.original is not None  # guards are kept for streamed pairs only
         t = original_tensor(p.key).detach().contiguous().reshape(-1).view(torch.uint8)
-        if bytes(t[:GUARD].numpy()) != first or bytes(t[max(0, t.numel() - GUARD):].numpy()) != last:
-            res.problems.append(f"{p.key}: the bytes verify located at {p.original.path.name}:{p.original.offset} are not the "
-                                "tensor torch.load gives; this is a verifier bug (please report it)")
+        if bytes(t[:GUARD].numpy()) != seen_first or bytes(t[max(0, t.numel() - GUARD) :].numpy()) != seen_last:
+            res.problems.append(
+                f"{p.key}: the bytes verify located at {p.original.path.name}:{p.original.offset} are not the "
+                "tensor torch.load gives; this is a verifier bug (please report it)"
+            )
             res.equal[p.name] = False
 
 
@@ -423,4 +481,4 @@ def _observed(views: Iterable[memoryview], dtype: torch.dtype, stats: EmbeddingS
 def _cast(views: Iterable[memoryview], src: torch.dtype, dst: torch.dtype) -> Iterator[memoryview]:
     for v in views:
         if len(v):
-            yield memoryview(torch.frombuffer(v, dtype=src).to(dst).view(torch.uint8).numpy())
+            yield torch.frombuffer(v, dtype=src).to(dst).view(torch.uint8).numpy().data

@@ -198,19 +198,21 @@ def list_checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | No
             index = load_json(index_path, OriginalLoadError, dict, hint="re-download the checkpoint's index")
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise OriginalLoadError(f"{index_path}: expected a weight_map of tensor name -> shard file name; re-download the index")
+                raise OriginalLoadError(
+                    f"{index_path}: expected a weight_map of tensor name -> shard file name; re-download the index"
+                )
             files = sorted(set(weight_map.values()))
             paths = [confined(folder, f, OriginalLoadError, index_path, "shard") for f in files]
-            missing = [f for f, p in zip(files, paths) if not p.is_file()]
+            missing = [f for f, p in zip(files, paths, strict=True) if not p.is_file()]
             if missing:
-                raise OriginalLoadError(f"{index_path} names shard(s) that do not exist: {[clean(m, 100) for m in missing[:5]]}")
+                raise OriginalLoadError(
+                    f"{index_path} names shard(s) that do not exist: {[clean(m, 100) for m in missing[:5]]}"
+                )
             return paths, dict(weight_map)
     for name in _SINGLE_FILES:
         if (folder / name).is_file():
             return [folder / name], None
-    raise OriginalLoadError(
-        f"no checkpoint in {folder}: expected one of {list(_INDEX_FILES) + list(_SINGLE_FILES)}"
-    )
+    raise OriginalLoadError(f"no checkpoint in {folder}: expected one of {list(_INDEX_FILES) + list(_SINGLE_FILES)}")
 
 
 def _read_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -280,10 +282,16 @@ def _as_special(value: Any, wrap_plain: bool) -> _SpecialToken | None:
     if value is None:
         return None
     if isinstance(value, dict):
-        return _SpecialToken(str(value["content"]), bool(value.get("lstrip", False)), bool(value.get("rstrip", False)),
-                             bool(value.get("single_word", False)))
+        return _SpecialToken(
+            str(value["content"]),
+            bool(value.get("lstrip", False)),
+            bool(value.get("rstrip", False)),
+            bool(value.get("single_word", False)),
+        )
     if isinstance(value, str):
-        if wrap_plain:  # LlamaTokenizer.__init__ wraps bos/eos/unk/pad strings in AddedToken(lstrip=False, rstrip=False)
+        if (
+            wrap_plain
+        ):  # LlamaTokenizer.__init__ wraps bos/eos/unk/pad strings in AddedToken(lstrip=False, rstrip=False)
             return _SpecialToken(value, False, False)
         return _SpecialToken(value, None, None)
     raise OriginalLoadError(f"unsupported special-token entry: {value!r}")
@@ -299,7 +307,8 @@ def _split_on_tokens(text: str, contents: Sequence[str]) -> list[str]:
 
 
 def _spm_without_dummy_prefix(model_file: Path) -> spm.SentencePieceProcessor:
-    """The sentencepiece model with ``normalizer_spec.add_dummy_prefix`` off (4.37 ``get_spm_processor``, non-legacy)."""
+    """The sentencepiece model with ``normalizer_spec.add_dummy_prefix`` off (4.37 ``get_spm_processor``,
+    non-legacy)."""
     from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
     proto = model_pb2.ModelProto()
@@ -370,7 +379,9 @@ class LlamaSlowTokenizer:
         self.all_special_tokens = {t.content for a in _SPECIAL_ATTRS if (t := specials[a]) is not None}
         self.all_special_tokens |= {t.content for t in specials["additional_special_tokens"] if t is not None}
         self._contents = sorted(self._strip, key=len, reverse=True)
-        self._split_re = re.compile("(" + "|".join(re.escape(c) for c in self._contents) + ")") if self._contents else None
+        self._split_re = (
+            re.compile("(" + "|".join(re.escape(c) for c in self._contents) + ")") if self._contents else None
+        )
         if era != "4.31.0" and not self.legacy:
             if self.unk_token is None:
                 raise OriginalLoadError(f"{cfg_path}: non-legacy LlamaTokenizer needs an unk_token")
@@ -397,7 +408,7 @@ class LlamaSlowTokenizer:
         ordered += [t for t in specials["additional_special_tokens"] if t is not None]
         # Flags per content: the first AddedToken with that content wins; a content that only
         # ever appears as a plain string strips both sides.
-        self._strip: dict[str, tuple[bool, bool, bool]] = {}
+        self._strip: dict[str, tuple[bool | None, bool | None, bool]] = {}
         for tok in ordered:
             self._special_id(tok)
             if tok.lstrip is not None and tok.content not in self._strip:
@@ -406,30 +417,40 @@ class LlamaSlowTokenizer:
             self._strip.setdefault(tok.content, (True, True, False))
         return specials
 
+    def _added_tokens_437(self, decoder: Any, cfg_path: Path) -> dict[str, _SpecialToken]:
+        """from_pretrained's added_tokens_map from tokenizer_config.json's added_tokens_decoder; each token must sit
+        at its id in tokenizer.model or, when tokenizer.model lacks it, beyond tokenizer.model's pieces."""
+        known: dict[str, _SpecialToken] = {}
+        if not isinstance(decoder, dict):
+            raise OriginalLoadError(f"{cfg_path}: added_tokens_decoder must be an object")
+        for sid, entry in sorted(decoder.items(), key=lambda kv: int(kv[0])):
+            if not isinstance(entry, dict) or "content" not in entry:
+                raise OriginalLoadError(f"{cfg_path}: added_tokens_decoder[{sid}] is not an AddedToken: {entry!r}")
+            tok = _as_special(entry, wrap_plain=True)
+            assert tok is not None  # a dict entry always makes a token
+            known[tok.content] = tok
+            pid = self.sp.piece_to_id(tok.content)
+            in_vocab = not (pid == self.sp.unk_id() and tok.content != self.sp.id_to_piece(pid))
+            if in_vocab and pid != int(sid):
+                raise OriginalLoadError(
+                    f"{cfg_path}: added token {tok.content!r} has id {sid}, but tokenizer.model has it at {pid}"
+                )
+            if not in_vocab:
+                if int(sid) < self.sp.get_piece_size():
+                    raise OriginalLoadError(
+                        f"{cfg_path}: added token {tok.content!r} claims id {sid}, which tokenizer.model gives to "
+                        f"{self.sp.id_to_piece(int(sid))!r}"
+                    )
+                self._ids[tok.content] = int(sid)
+        return known
+
     def _specials_437(self, cfg: dict[str, Any], text_model: Path, cfg_path: Path) -> dict[str, Any]:
         values: dict[str, Any] = {a: cfg.get(a, _LLAMA_DEFAULTS.get(a)) for a in _SPECIAL_ATTRS}
         values["additional_special_tokens"] = list(cfg.get("additional_special_tokens") or [])
         known: dict[str, _SpecialToken] = {}  # from_pretrained's added_tokens_map
         decoder = cfg.get("added_tokens_decoder")
         if decoder is not None:
-            if not isinstance(decoder, dict):
-                raise OriginalLoadError(f"{cfg_path}: added_tokens_decoder must be an object")
-            for sid, entry in sorted(decoder.items(), key=lambda kv: int(kv[0])):
-                if not isinstance(entry, dict) or "content" not in entry:
-                    raise OriginalLoadError(f"{cfg_path}: added_tokens_decoder[{sid}] is not an AddedToken: {entry!r}")
-                tok = _as_special(entry, wrap_plain=True)
-                known[tok.content] = tok
-                pid = self.sp.piece_to_id(tok.content)
-                in_vocab = not (pid == self.sp.unk_id() and tok.content != self.sp.id_to_piece(pid))
-                if in_vocab and pid != int(sid):
-                    raise OriginalLoadError(
-                        f"{cfg_path}: added token {tok.content!r} has id {sid}, but tokenizer.model has it at {pid}")
-                if not in_vocab:
-                    if int(sid) < self.sp.get_piece_size():
-                        raise OriginalLoadError(
-                            f"{cfg_path}: added token {tok.content!r} claims id {sid}, which tokenizer.model gives to "
-                            f"{self.sp.id_to_piece(int(sid))!r}")
-                    self._ids[tok.content] = int(sid)
+            known = self._added_tokens_437(decoder, cfg_path)
         else:
             # legacy loading: special_tokens_map.json overrides the config's entries
             for key, value in _read_json(text_model / "special_tokens_map.json").items():
@@ -519,8 +540,9 @@ class LlamaSlowTokenizer:
             return self.sp.encode(text, out_type=str)
         if not text.startswith((SPIECE_UNDERLINE, " ")):
             return self.sp_plain.encode(text, out_type=str)
+        assert self.unk_token is not None, "non-legacy tokenization needs the unk token"
         pieces = self.sp_plain.encode(self.unk_token + text, out_type=str)
-        return pieces[self.unk_token_length:] if len(pieces) >= self.unk_token_length else pieces
+        return pieces[self.unk_token_length :] if len(pieces) >= self.unk_token_length else pieces
 
     # -- PreTrainedTokenizer.tokenize (4.31) ------------------------------------------------
     def _tokenize_431(self, text: str) -> list[str]:
@@ -570,10 +592,11 @@ class LlamaSlowTokenizer:
     def encode(self, text: str) -> list[int]:
         """``tokenizer(text).input_ids`` of the original slow tokenizer."""
         ids = [self._piece_id(p) for p in self.tokenize(text)]
+        # as transformers' build_inputs_with_special_tokens: [bos_token_id] even when it is None
         if self.add_bos_token:
-            ids = [self.bos_id] + ids
+            ids = [self.bos_id] + ids  # type: ignore[assignment]
         if self.add_eos_token:
-            ids = ids + [self.eos_id]
+            ids = ids + [self.eos_id]  # type: ignore[list-item]
         return ids
 
     def __len__(self) -> int:
@@ -677,13 +700,20 @@ def llama_fast_from_sentencepiece(model_file: Path, cfg: Mapping[str, Any], cfg_
         raise OriginalLoadError(f"{model_file}: not a sentencepiece model ({e})") from None
     if proto.trainer_spec.model_type != model_pb2.TrainerSpec.BPE:
         raise OriginalLoadError(
-            f"{model_file}: a sentencepiece model of type {proto.trainer_spec.model_type}; only BPE (Llama-2, Phi-3) is "
-            "restated for building the fast tokenizer; pass the base model's tokenizer.json")
+            f"{model_file}: a sentencepiece model of type {proto.trainer_spec.model_type}; only BPE (Llama-2, Phi-3) "
+            "is "
+            "restated for building the fast tokenizer; pass the base model's tokenizer.json"
+        )
     pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)] + [(p.piece, p.score) for p in proto.pieces[3:]]
     known = {p.piece: i for i, p in enumerate(proto.pieces)}
     vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
-    bpe = BPE(vocab, _sentencepiece_bpe_merges(pieces, known), unk_token=proto.trainer_spec.unk_piece,
-              fuse_unk=True, byte_fallback=True)
+    bpe = BPE(
+        vocab,
+        _sentencepiece_bpe_merges(pieces, known),
+        unk_token=proto.trainer_spec.unk_piece,
+        fuse_unk=True,
+        byte_fallback=True,
+    )
     tk = Tokenizer(bpe)
     tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
@@ -694,18 +724,34 @@ def llama_fast_from_sentencepiece(model_file: Path, cfg: Mapping[str, Any], cfg_
         if not isinstance(entry, dict) or "content" not in entry:
             raise OriginalLoadError(f"{cfg_path}: added_tokens_decoder[{sid}] is not an AddedToken: {entry!r}")
         special = bool(entry.get("special", False))
-        token = AddedToken(str(entry["content"]), single_word=bool(entry.get("single_word", False)),
-                           lstrip=bool(entry.get("lstrip", False)), rstrip=bool(entry.get("rstrip", False)),
-                           normalized=bool(entry.get("normalized", not special)), special=special)
+        token = AddedToken(
+            str(entry["content"]),
+            single_word=bool(entry.get("single_word", False)),
+            lstrip=bool(entry.get("lstrip", False)),
+            rstrip=bool(entry.get("rstrip", False)),
+            normalized=bool(entry.get("normalized", not special)),
+            special=special,
+        )
         (tk.add_special_tokens if special else tk.add_tokens)([token])
-    named = [cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")]
+    named = [
+        cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+    ]
     named += list(cfg.get("additional_special_tokens") or [])
     for value in named:
         content = _token_content(value)
         if content is not None and tk.token_to_id(content) is None:
             flags = value if isinstance(value, dict) else {}
-            tk.add_special_tokens([AddedToken(content, lstrip=bool(flags.get("lstrip", False)),
-                                              rstrip=bool(flags.get("rstrip", False)), normalized=False, special=True)])
+            tk.add_special_tokens(
+                [
+                    AddedToken(
+                        content,
+                        lstrip=bool(flags.get("lstrip", False)),
+                        rstrip=bool(flags.get("rstrip", False)),
+                        normalized=False,
+                        special=True,
+                    )
+                ]
+            )
     return tk
 
 
@@ -749,7 +795,8 @@ class FastTokenizer:
             self.source = "tokenizer.model (converted like transformers 4.37.2's LlamaConverter)"
         else:
             raise OriginalLoadError(
-                f"{path} not found: the original inference loaded this backbone's fast tokenizer (builder.py use_fast=True)"
+                f"{path} not found: the original inference loaded this backbone's fast tokenizer (builder.py "
+                "use_fast=True)"
                 + ("" if bos_policy == "post_processor" else " and there is no tokenizer.model to build it from")
             )
         self.bos_policy = bos_policy
@@ -764,10 +811,11 @@ class FastTokenizer:
         self.eos_id = self._required(self.eos_token, "eos_token", cfg_path)
         for sid, entry in (cfg.get("added_tokens_decoder") or {}).items():
             content = _token_content(entry)
-            if self.tk.token_to_id(content) != int(sid):
+            found = self.tk.token_to_id(content) if content is not None else None
+            if found != int(sid):
                 raise OriginalLoadError(
                     f"{cfg_path}: added token {content!r} has id {sid}, but {path.name} gives "
-                    f"{self.tk.token_to_id(content)}; the two files do not describe one tokenizer"
+                    f"{found}; the two files do not describe one tokenizer"
                 )
         vocab = self.tk.get_vocab(with_added_tokens=True)
         self._len = self.tk.get_vocab_size(with_added_tokens=True)
@@ -795,13 +843,13 @@ class FastTokenizer:
         if self.bos_policy == "post_processor":
             return list(self.tk.encode(text, add_special_tokens=True).ids)
         ids = list(self.tk.encode(text, add_special_tokens=False).ids)
-        if self.add_bos_token:
-            ids = [self.bos_id] + ids
+        if self.add_bos_token:  # as transformers: [bos_token_id] even when it is None
+            ids = [self.bos_id] + ids  # type: ignore[assignment]
         if self.add_eos_token and self.eos_id is not None:
             ids = ids + [self.eos_id]
         return ids
 
-    def tokens(self, ids: Sequence[int]) -> list[str]:
+    def tokens(self, ids: Sequence[int]) -> list[str | None]:  # None for an id the tokenizer lacks
         return [self.tk.id_to_token(int(i)) for i in ids]
 
     def encode_with_images(self, prompt: str, image_token: str = "<image>") -> list[int]:
@@ -923,24 +971,67 @@ def clip_preprocess(img: PIL.Image.Image, s: ClipPreprocessSettings) -> np.ndarr
 # --------------------------------------------------------------------------------------------
 
 _LLAMA_KEYS = {
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range",
-    "rms_norm_eps", "pad_token_id", "bos_token_id", "eos_token_id", "pretraining_tp",
-    "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
-    "attention_dropout", "mlp_bias", "head_dim",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "pretraining_tp",
+    "tie_word_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "attention_bias",
+    "attention_dropout",
+    "mlp_bias",
+    "head_dim",
 }
 _CLIP_VISION_KEYS = {
-    "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers", "num_attention_heads",
-    "num_channels", "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout",
-    "initializer_range", "initializer_factor",
+    "hidden_size",
+    "intermediate_size",
+    "projection_dim",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "attention_dropout",
+    "initializer_range",
+    "initializer_factor",
 }
 
 
 _PHI3_KEYS = {  # the fields the vendored configuration_phi3.py (April 2024) knows
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_act",
-    "max_position_embeddings", "original_max_position_embeddings", "initializer_range", "rms_norm_eps",
-    "tie_word_embeddings", "rope_theta", "bos_token_id", "eos_token_id", "pad_token_id", "sliding_window",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attention_dropout",
+    "hidden_act",
+    "max_position_embeddings",
+    "original_max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "rope_theta",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sliding_window",
 }
 
 
@@ -1033,7 +1124,9 @@ def _first_turn_rule(mode: ConversationMode, messages: list[tuple[str, str | Non
 def _render_llama_3(mode: ConversationMode, messages: list[tuple[str, str | None]]) -> str:
     # SeparatorStyle.LLAMA_3: sep/sep2 unused; the literal <|begin_of_text|> opens the system block.
     _first_turn_rule(mode, messages)
-    ret = f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{mode.system}<|eot_id|>" if mode.system else ""
+    ret = (
+        f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{mode.system}<|eot_id|>" if mode.system else ""
+    )
     for role, msg in messages:
         ret += "<|start_header_id|>" + role + "<|end_header_id|>\n\n"
         if msg:
@@ -1063,7 +1156,9 @@ CONV_MODES: Mapping[str, ConversationMode] = {
     m.name: m
     for m in (
         ConversationMode("llava_v1", SYSTEM_LLAVA_V1, ("USER", "ASSISTANT"), "two", " ", "</s>"),
-        ConversationMode("llava_llama_3", SYSTEM_VIP_V3, ("user", "assistant"), "llama_3", "<|begin_of_text|>", "<|end_of_text|>"),
+        ConversationMode(
+            "llava_llama_3", SYSTEM_VIP_V3, ("user", "assistant"), "llama_3", "<|begin_of_text|>", "<|end_of_text|>"
+        ),
         ConversationMode("llava_phi_3", SYSTEM_VIP_V3, ("user", "assistant"), "phi_3", "", "<|end|>"),
     )
 }
@@ -1094,7 +1189,7 @@ def render_prompt(turns: Sequence[Any], mode: str) -> str:
     if mode not in CONV_MODES:
         raise ValueError(f"conversation mode {mode!r}: expected one of {sorted(CONV_MODES)}")
     m = CONV_MODES[mode]
-    role_names = dict(zip(ROLES, m.roles))
+    role_names = dict(zip(ROLES, m.roles, strict=True))
     messages = [(role_names[r], text) for r, text in map(_turn, turns)]
     return _STYLES[m.style](m, messages)
 
@@ -1121,14 +1216,36 @@ class Backbone:
 BACKBONES: Mapping[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone("vicuna", "llava_llama", None, "llava_v1", LlamaSlowTokenizer,
-                 llama_config_from_original, LlamaForCausalLM, ()),
-        Backbone("llama3", "llava_llama", "<|eot_id|>", "llava_llama_3",
-                 lambda d: FastTokenizer(d, "post_processor"), llama_config_from_original, LlamaForCausalLM,
-                 ("<|eot_id|>",)),
-        Backbone("phi3", "llava_phi3", None, "llava_phi_3",
-                 lambda d: FastTokenizer(d, "add_bos_token"), phi3_config_from_original, Phi3ForCausalLM,
-                 ("<|end|>",)),
+        Backbone(
+            "vicuna",
+            "llava_llama",
+            None,
+            "llava_v1",
+            LlamaSlowTokenizer,
+            llama_config_from_original,
+            LlamaForCausalLM,
+            (),
+        ),
+        Backbone(
+            "llama3",
+            "llava_llama",
+            "<|eot_id|>",
+            "llava_llama_3",
+            lambda d: FastTokenizer(d, "post_processor"),
+            llama_config_from_original,
+            LlamaForCausalLM,
+            ("<|eot_id|>",),
+        ),
+        Backbone(
+            "phi3",
+            "llava_phi3",
+            None,
+            "llava_phi_3",
+            lambda d: FastTokenizer(d, "add_bos_token"),
+            phi3_config_from_original,
+            Phi3ForCausalLM,
+            ("<|end|>",),
+        ),
     )
 }
 
@@ -1176,7 +1293,7 @@ def detect_backbone(original_dir: Path, text_model_dir: Path) -> str:
     return plain[0].name
 
 
-def load_base_tokenizer(backbone: str, text_model: Path, era: str | None = None):
+def load_base_tokenizer(backbone: str, text_model: Path, era: str | None = None) -> LlamaSlowTokenizer | FastTokenizer:
     """The tokenizer the original inference used for ``backbone`` (``LlamaSlowTokenizer`` or ``FastTokenizer``).
 
     ``era`` (one of :data:`TOKENIZER_ERAS`) picks the transformers release whose slow tokenizer is restated; only a
@@ -1186,7 +1303,9 @@ def load_base_tokenizer(backbone: str, text_model: Path, era: str | None = None)
     if era is None:
         return factory(Path(text_model))
     if factory is not LlamaSlowTokenizer:
-        raise ValueError(f"{backbone}: the original loaded the fast tokenizer (use_fast=True); it has no tokenizer eras")
+        raise ValueError(
+            f"{backbone}: the original loaded the fast tokenizer (use_fast=True); it has no tokenizer eras"
+        )
     return LlamaSlowTokenizer(Path(text_model), era=era)
 
 
@@ -1196,7 +1315,8 @@ def tokenizer_eras(backbone: str) -> tuple[str, ...]:
 
 
 def terminator_ids(backbone: str, tokenizer) -> dict[str, int]:
-    """The original eval's ``eos_token_id`` list as {token: id}: the tokenizer's eos, then the backbone's end-of-turn tokens."""
+    """The original eval's ``eos_token_id`` list as {token: id}: the tokenizer's eos, then the backbone's end-of-turn
+    tokens."""
     out: dict[str, int] = {}
     eos_token = getattr(tokenizer, "eos_token", None) or "eos"
     if tokenizer.eos_id is None:
@@ -1216,7 +1336,13 @@ def expected_layout(base_tokens: int, original_rows: int, multiple: int = 64) ->
     T, V = int(base_tokens), int(original_rows)
     if T > V:
         raise OriginalLoadError(f"the base tokenizer has {T} tokens but the original embedding only {V} rows")
-    return {"image": T, "pad": T + 1, "rows": max(V, math.ceil((T + 2) / multiple) * multiple), "original_rows": V, "base_tokens": T}
+    return {
+        "image": T,
+        "pad": T + 1,
+        "rows": max(V, math.ceil((T + 2) / multiple) * multiple),
+        "original_rows": V,
+        "base_tokens": T,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -1266,7 +1392,8 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -
 
 
 def _cache_argument(llm: torch.nn.Module) -> str:
-    """The text model's keyword for the key/value cache: ``cache`` (transformers >= 5.2x), ``past_key_values`` before."""
+    """The text model's keyword for the key/value cache: ``cache`` (transformers >= 5.2x), ``past_key_values``
+    before."""
     import inspect
 
     return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
@@ -1334,7 +1461,7 @@ class OriginalVipLlava:
 
     # ---------------------------------------------------------------------------------------
     @classmethod
-    def from_dirs(
+    def from_dirs(  # noqa: C901 - load-time validation of every input file
         cls, original: Path, text_model: Path, vision_model: Path, dtype: torch.dtype = torch.float32
     ) -> "OriginalVipLlava":
         original, text_model, vision_model = Path(original), Path(text_model), Path(vision_model)
@@ -1357,9 +1484,7 @@ class OriginalVipLlava:
         n_layers = len(FEATURE_LAYERS)
         mm_hidden = config.get("mm_hidden_size", n_layers * vcfg.hidden_size)
         if mm_hidden != n_layers * vcfg.hidden_size:
-            raise OriginalLoadError(
-                f"mm_hidden_size {mm_hidden} != {n_layers} x vision hidden size {vcfg.hidden_size}"
-            )
+            raise OriginalLoadError(f"mm_hidden_size {mm_hidden} != {n_layers} x vision hidden size {vcfg.hidden_size}")
         for idx in FEATURE_LAYERS:
             if not -(vcfg.num_hidden_layers + 1) <= idx <= vcfg.num_hidden_layers:
                 raise OriginalLoadError(f"feature layer {idx} out of range for {vcfg.num_hidden_layers} layers")
@@ -1377,10 +1502,10 @@ class OriginalVipLlava:
             if _LEGACY_ROTARY.match(key) or _LEGACY_POSITION_IDS.match(key):
                 continue
             if key.startswith(VISION_PREFIX):
-                sub = key[len(VISION_PREFIX):]
+                sub = key[len(VISION_PREFIX) :]
                 candidates = [sub]
                 if sub.startswith("vision_model."):
-                    candidates.append(sub[len("vision_model."):])
+                    candidates.append(sub[len("vision_model.") :])
                 else:
                     candidates.append("vision_model." + sub)
                 placed = next((c for c in candidates if c in vision_keys), None)
@@ -1388,7 +1513,7 @@ class OriginalVipLlava:
                     raise OriginalLoadError(f"vision tower: unexpected key {key!r}")
                 vis_sd[placed] = tensor.to(dtype)
             elif key.startswith(PROJECTOR_PREFIX):
-                sub = key[len(PROJECTOR_PREFIX):]
+                sub = key[len(PROJECTOR_PREFIX) :]
                 if sub not in PROJECTOR_KEYS:
                     raise OriginalLoadError(f"projector: unexpected key {key!r}")
                 proj_sd[sub] = tensor.to(dtype)
@@ -1415,7 +1540,9 @@ class OriginalVipLlava:
         }
         for k, shape in want.items():
             if tuple(proj_sd[k].shape) != shape:
-                raise OriginalLoadError(f"projector: {PROJECTOR_PREFIX + k!r} has shape {tuple(proj_sd[k].shape)}, want {shape}")
+                raise OriginalLoadError(
+                    f"projector: {PROJECTOR_PREFIX + k!r} has shape {tuple(proj_sd[k].shape)}, want {shape}"
+                )
         if tied:
             llm.tie_weights()
         _materialize_meta_buffers(llm, "language model")
@@ -1429,7 +1556,8 @@ class OriginalVipLlava:
         tokenizer = backbone.tokenizer(text_model)
         if len(tokenizer) > lcfg.vocab_size:
             raise OriginalLoadError(
-                f"{text_model}: the tokenizer has {len(tokenizer)} tokens, the original model only {lcfg.vocab_size} rows"
+                f"{text_model}: the tokenizer has {len(tokenizer)} tokens, the original model only {lcfg.vocab_size} "
+                "rows"
             )
         settings = ClipPreprocessSettings.from_file(vision_model / "preprocessor_config.json")
         return cls(config, llm, vision, proj_sd, tokenizer, settings, dtype, backbone)
@@ -1438,7 +1566,8 @@ class OriginalVipLlava:
     @property
     def num_patches(self) -> int:
         c = self.vision.config
-        return (c.image_size // c.patch_size) ** 2
+        # transformers types CLIP's image_size and patch_size as int | list | tuple | None; they are ints here
+        return (c.image_size // c.patch_size) ** 2  # type: ignore[operator]
 
     def preprocess(self, image: PIL.Image.Image) -> torch.Tensor:
         """llava/mm_utils.py process_images for one image -> [3, crop_h, crop_w] float32."""
@@ -1468,7 +1597,9 @@ class OriginalVipLlava:
         feats = torch.cat([hs[i][:, 1:] for i in FEATURE_LAYERS], dim=-1)
         # in the dtype the tower computed in (float32 when its blocks are upcast around bf16 weights)
         p = {k: v.to(feats.dtype) for k, v in self.projector.items()}
-        x = F.layer_norm(feats, (feats.shape[-1],), p["clip_layernorm.weight"], p["clip_layernorm.bias"], self.projector_eps)
+        x = F.layer_norm(
+            feats, (feats.shape[-1],), p["clip_layernorm.weight"], p["clip_layernorm.bias"], self.projector_eps
+        )
         x = F.linear(x, p["final_linear.0.weight"], p["final_linear.0.bias"])
         x = F.gelu(x)  # nn.GELU() default: exact erf form
         return F.linear(x, p["final_linear.2.weight"], p["final_linear.2.bias"])
@@ -1482,7 +1613,7 @@ class OriginalVipLlava:
 
     # ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(
+    def forward(  # noqa: C901 - the original forward, restated branch for branch
         self,
         input_ids: Sequence[int],
         images: Sequence[PIL.Image.Image] | None = None,
@@ -1549,6 +1680,7 @@ class OriginalVipLlava:
         img = 0
         for pos, tok in enumerate(ids):
             if tok == IMAGE_SENTINEL:
+                assert features is not None  # computed above whenever the prompt has images
                 feat = features[img]
                 pieces.append(feat)
                 positions.extend([pos] * feat.shape[0])
@@ -1568,10 +1700,12 @@ class OriginalVipLlava:
 
         hooks = []
         if capture:
+
             def make_hook(name):
                 def hook(_module, _inputs, output):
                     out = output[0] if isinstance(output, (tuple, list)) else output
                     trace[name] = out[0].float().clone()
+
                 return hook
 
             for i, layer in enumerate(self.llm.model.layers):
@@ -1624,7 +1758,9 @@ class OriginalVipLlava:
         )
         logits = torch.cat([prefix.logits, out.logits[0].float()], dim=0)
         positions = list(prefix.input_positions) + list(range(first_id, first_id + len(ids)))
-        return ReferenceOutput(logits=logits, input_positions=positions, cache=_returned_cache(out) if keep_cache else None)
+        return ReferenceOutput(
+            logits=logits, input_positions=positions, cache=_returned_cache(out) if keep_cache else None
+        )
 
     def _pick(self, logits_row: torch.Tensor) -> int:
         """The greedy choice among the ids the original could emit (``builder.py`` had resized the embeddings to
@@ -1683,10 +1819,13 @@ class OriginalVipLlava:
         ids = [int(i) for i in input_ids]
         features = None
         if images:  # the vision tower and projector do not depend on the text: run them once
-            features = self._select_and_project(self._vision_hidden_states(torch.stack([self.preprocess(im) for im in images])))
+            features = self._select_and_project(
+                self._vision_hidden_states(torch.stack([self.preprocess(im) for im in images]))
+            )
         if incremental:
-            new, rows = self.continue_greedy(self.forward(ids, images, features=features, keep_cache=True, last_only=True),
-                                             max_new_tokens)
+            new, rows = self.continue_greedy(
+                self.forward(ids, images, features=features, keep_cache=True, last_only=True), max_new_tokens
+            )
             return (new, rows) if return_logits else new
         new, rows = [], []
         for _ in range(max_new_tokens):

@@ -12,7 +12,17 @@ from pathlib import Path
 
 #: The names of the checks, in the order they run. ``verify.checks.ALL_CHECKS`` pairs each with its function (a
 #: test asserts the two agree); this copy exists so the command line can list and validate names without torch.
-CHECK_NAMES = ("files", "mapping", "strict_load", "resize", "processor", "tokenizer_era", "chat_template", "logits", "generation")
+CHECK_NAMES = (
+    "files",
+    "mapping",
+    "strict_load",
+    "resize",
+    "processor",
+    "tokenizer_era",
+    "chat_template",
+    "logits",
+    "generation",
+)
 MANIFEST = "conversion.json"
 ARCHITECTURE = "VipLlavaForConditionalGeneration"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_./-]+)?$")
@@ -39,7 +49,9 @@ def check_only(only) -> list[str] | None:
     if unknown:
         raise VerifyUsageError(f"--only {unknown[0]}: no such check; the checks are {names}")
     if not only:
-        raise VerifyUsageError(f"--only: no check named; a report with zero checks proves nothing (the checks are {names})")
+        raise VerifyUsageError(
+            f"--only: no check named; a report with zero checks proves nothing (the checks are {names})"
+        )
     return list(dict.fromkeys(only))
 
 
@@ -76,8 +88,10 @@ def resolve_repo(repo: str | Path) -> tuple[Path, str | None]:
     except LocalEntryNotFoundError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
         why = "HF_HUB_OFFLINE is set" if offline else str(e).splitlines()[0][:160]
-        raise VerifyUsageError(f"{text}: not in the local Hugging Face cache ({why}); download it once with network "
-                               "access, or pass a folder") from None
+        raise VerifyUsageError(
+            f"{text}: not in the local Hugging Face cache ({why}); download it once with network "
+            "access, or pass a folder"
+        ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise VerifyUsageError(f"{text}: could not fetch from the Hub ({str(e).splitlines()[0][:200]})") from None
     commit = local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else None
@@ -97,11 +111,18 @@ def check_vipllava_repo(folder: Path) -> dict:
     if not isinstance(cfg, dict):
         raise VerifyUsageError(f"{cfg_path}: expected a JSON object")
     model_type, arch = cfg.get("model_type"), cfg.get("architectures")
-    if model_type != "vipllava" or (arch is not None and ARCHITECTURE not in (arch if isinstance(arch, list) else [arch])):
-        hint = ("this is an ORIGINAL ViP-LLaVA checkpoint: convert it first (python -m convert --original ...)"
-                if model_type in ("llava_llama", "llava_phi3", "llava_phi") else "pass a converted VipLlava repo")
-        raise VerifyUsageError(f"{cfg_path}: model_type {model_type!r}, architectures {arch!r}; expected model_type 'vipllava' "
-                               f"and {ARCHITECTURE}; {hint}")
+    if model_type != "vipllava" or (
+        arch is not None and ARCHITECTURE not in (arch if isinstance(arch, list) else [arch])
+    ):
+        hint = (
+            "this is an ORIGINAL ViP-LLaVA checkpoint: convert it first (python -m convert --original ...)"
+            if model_type in ("llava_llama", "llava_phi3", "llava_phi")
+            else "pass a converted VipLlava repo"
+        )
+        raise VerifyUsageError(
+            f"{cfg_path}: model_type {model_type!r}, architectures {arch!r}; expected model_type 'vipllava' "
+            f"and {ARCHITECTURE}; {hint}"
+        )
     return cfg
 
 
@@ -110,8 +131,14 @@ def audit_inputs_problem(folder: Path, original, text_model, vision_model) -> st
     inputs cannot be read from a record, so they must all be given."""
     if (folder / MANIFEST).is_file():
         return None
-    missing = [f for f, v in (("--original", original), ("--text-model", text_model), ("--vision-model", vision_model)) if not v]
+    missing = [
+        f
+        for f, v in (("--original", original), ("--text-model", text_model), ("--vision-model", vision_model))
+        if not v
+    ]
     if missing:
-        return (f"{folder}: no {MANIFEST} (a repo this tool did not write): auditing it needs the original inputs; "
-                f"pass {', '.join(missing)}")
+        return (
+            f"{folder}: no {MANIFEST} (a repo this tool did not write): auditing it needs the original inputs; "
+            f"pass {', '.join(missing)}"
+        )
     return None

@@ -30,7 +30,12 @@ def vipllava_context(request):
     if not repo:
         raise pytest.UsageError("verify.test_converted_repo needs --vipllava-repo PATH")
     try:
-        return Context(repo, original=opt("--vipllava-original"), text_model=opt("--vipllava-text-model"),
-                       vision_model=opt("--vipllava-vision-model"), dtype=opt("--vipllava-dtype"))
+        return Context(
+            repo,
+            original=opt("--vipllava-original"),
+            text_model=opt("--vipllava-text-model"),
+            vision_model=opt("--vipllava-vision-model"),
+            dtype=opt("--vipllava-dtype"),
+        )
     except VerifyUsageError as e:
         raise pytest.UsageError(str(e)) from None

@@ -30,14 +30,22 @@ class Check:
         return self.status != NA
 
 
-def _clean(obj):
+def json_safe(obj):
+    """``obj`` for strict JSON: every non-finite float as its string ("nan", "inf", "-inf"), keys as strings, tuples
+    as lists."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
+
+
+def first_difference_index(a, b) -> int:
+    """The first index at which two sequences (token lists, strings) differ; the shorter length when one is a
+    prefix of the other (their common length when they are equal)."""
+    return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 @dataclass
@@ -82,7 +90,9 @@ class Report:
                 lines.append(f"{'':<{w}}          {'':>7}    - {_printable(d, 300)}")
             if len(c.details) > 8:
                 lines.append(f"{'':<{w}}          {'':>7}    - ... {len(c.details) - 8} more (see --json)")
-        parts = (["audit"] if self.audit else []) + ([f"not applicable: {', '.join(self.not_applicable)}"] if self.not_applicable else [])
+        parts = (["audit"] if self.audit else []) + (
+            [f"not applicable: {', '.join(self.not_applicable)}"] if self.not_applicable else []
+        )
         na = f" ({'; '.join(parts)})" if parts else ""  # "audit" only for a repo without conversion.json
         if self.failed_checks:
             verdict = f"FAILED: {', '.join(self.failed_checks)}{na}"
@@ -106,4 +116,4 @@ class Report:
             "environment": self.environment,
             "checks": [asdict(c) for c in self.checks],
         }
-        return json.dumps(_clean(data), indent=2, sort_keys=True) + "\n"
+        return json.dumps(json_safe(data), indent=2, sort_keys=True) + "\n"

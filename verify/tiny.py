@@ -3,7 +3,8 @@
 The original checkpoint (``mucai/vip-llava-7b``) is a ``LlavaLlamaForCausalLM`` state dict saved by
 transformers 4.x: a Llama decoder under ``model.*`` / ``lm_head.weight``, the frozen CLIP vision tower
 under ``model.vision_tower.vision_tower.vision_model.*`` and the ViP-LLaVA projector under
-``model.mm_projector.{clip_layernorm,final_linear.0,final_linear.2}.*`` (see /work/shared/ORIGINAL.md).
+``model.mm_projector.{clip_layernorm,final_linear.0,final_linear.2}.*`` (the layout the original
+ViP-LLaVA code's ``LlavaLlamaForCausalLM.state_dict()`` saves; :mod:`verify.original` restates it).
 This module produces the same layout at toy sizes, plus the configs that go with it, and the
 ``VipLlavaConfig`` a correct conversion should target.
 
@@ -22,8 +23,11 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from types import MappingProxyType
+from typing import Any
 
 import torch
+
+from .original import FEATURE_LAYERS  # the original's multilayer vision features: one home, the reference
 
 __all__ = [
     "TinySpec",
@@ -53,7 +57,6 @@ __all__ = [
     "sanity_report",
 ]
 
-FEATURE_LAYERS = (-2, -5, -8, -11, 6)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -66,6 +69,7 @@ TEXT_PREFIX = "model."
 # --------------------------------------------------------------------------------------------
 # backbones: what differs between Vicuna, Llama-3 and Phi-3, as data
 # --------------------------------------------------------------------------------------------
+
 
 def _no_extra_fields(spec: "TinySpec") -> dict:
     return {}
@@ -103,28 +107,65 @@ class Backbone:
     # transformers <= 4.31 (Vicuna ViP-LLaVA); 4.32 made it non-persistent (transformers PR #24998), and the
     # Llama-3 / Phi-3 variants were trained on 4.36+ (Phi-3's vendored model never had it persistent)
     rotary_buffers: bool
-    tiny: tuple[tuple[str, object], ...] = ()  # the tiny fixture's TinySpec fields (besides backbone)
+    tiny: tuple[tuple[str, Any], ...] = ()  # the tiny fixture's TinySpec fields (besides backbone)
     extra_fields: Callable[["TinySpec"], dict] = _no_extra_fields  # backbone-only text config fields
 
 
-BACKBONES = MappingProxyType({
-    b.name: b for b in (
-        Backbone(name="vicuna", conv_mode="llava_v1", original_model_type="llava_llama",
-                 original_architecture="LlavaLlamaForCausalLM", base_model_type="llama",
-                 base_architecture="LlamaForCausalLM", hf_config="LlamaConfig", hf_model="LlamaForCausalLM",
-                 rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0, rotary_buffers=True),
-        Backbone(name="llama3", conv_mode="llava_llama_3", original_model_type="llava_llama",
-                 original_architecture="LlavaLlamaForCausalLM", base_model_type="llama",
-                 base_architecture="LlamaForCausalLM", hf_config="LlamaConfig", hf_model="LlamaForCausalLM",
-                 rope_theta=500000.0, bos_token_id=900, eos_token_id=901, pad_token_id=None, rotary_buffers=False,
-                 tiny=(("vocab_size", 1000), ("text_kv_heads", 2))),
-        Backbone(name="phi3", conv_mode="llava_phi_3", original_model_type="llava_phi3",
-                 original_architecture="LlavaPhi3ForCausalLM", base_model_type="phi3",
-                 base_architecture="Phi3ForCausalLM", hf_config="Phi3Config", hf_model="Phi3ForCausalLM",
-                 rope_theta=10000.0, bos_token_id=1, eos_token_id=997, pad_token_id=997, rotary_buffers=False,
-                 tiny=(("vocab_size", 1024), ("tokenizer_size", 1008)), extra_fields=_phi3_fields),
-    )
-})
+BACKBONES = MappingProxyType(
+    {
+        b.name: b
+        for b in (
+            Backbone(
+                name="vicuna",
+                conv_mode="llava_v1",
+                original_model_type="llava_llama",
+                original_architecture="LlavaLlamaForCausalLM",
+                base_model_type="llama",
+                base_architecture="LlamaForCausalLM",
+                hf_config="LlamaConfig",
+                hf_model="LlamaForCausalLM",
+                rope_theta=10000.0,
+                bos_token_id=1,
+                eos_token_id=2,
+                pad_token_id=0,
+                rotary_buffers=True,
+            ),
+            Backbone(
+                name="llama3",
+                conv_mode="llava_llama_3",
+                original_model_type="llava_llama",
+                original_architecture="LlavaLlamaForCausalLM",
+                base_model_type="llama",
+                base_architecture="LlamaForCausalLM",
+                hf_config="LlamaConfig",
+                hf_model="LlamaForCausalLM",
+                rope_theta=500000.0,
+                bos_token_id=900,
+                eos_token_id=901,
+                pad_token_id=None,
+                rotary_buffers=False,
+                tiny=(("vocab_size", 1000), ("text_kv_heads", 2)),
+            ),
+            Backbone(
+                name="phi3",
+                conv_mode="llava_phi_3",
+                original_model_type="llava_phi3",
+                original_architecture="LlavaPhi3ForCausalLM",
+                base_model_type="phi3",
+                base_architecture="Phi3ForCausalLM",
+                hf_config="Phi3Config",
+                hf_model="Phi3ForCausalLM",
+                rope_theta=10000.0,
+                bos_token_id=1,
+                eos_token_id=997,
+                pad_token_id=997,
+                rotary_buffers=False,
+                tiny=(("vocab_size", 1024), ("tokenizer_size", 1008)),
+                extra_fields=_phi3_fields,
+            ),
+        )
+    }
+)
 
 
 def get_backbone(name: str) -> Backbone:
@@ -197,12 +238,18 @@ class TinySpec:
         return bb.bos_token_id, bb.eos_token_id, bb.pad_token_id
 
     @classmethod
-    def for_real_vocab(cls, backbone: str, rows: int, tokens: int, token_ids: tuple[int, int, int | None]) -> "TinySpec":
+    def for_real_vocab(
+        cls, backbone: str, rows: int, tokens: int, token_ids: tuple[int, int, int | None]
+    ) -> "TinySpec":
         """Tiny dimensions with a REAL vocabulary: ``rows`` original embedding rows (32000 Vicuna, 128256 Llama-3,
         32064 Phi-3), a base tokenizer of ``tokens`` tokens and its (bos, eos, pad) ids."""
         base = cls.for_backbone(backbone)
-        fields = {**base.as_dict(), "vocab_size": rows, "tokenizer_size": None if tokens == rows else tokens,
-                  "token_ids": tuple(token_ids)}
+        fields = {
+            **base.as_dict(),
+            "vocab_size": rows,
+            "tokenizer_size": None if tokens == rows else tokens,
+            "token_ids": tuple(token_ids),
+        }
         return cls(**fields)
 
     @property
@@ -229,6 +276,7 @@ class TinySpec:
 # --------------------------------------------------------------------------------------------
 # configs
 # --------------------------------------------------------------------------------------------
+
 
 def _text_fields(spec: TinySpec, rms_norm_eps: float) -> dict:
     """The text-model fields of a config.json (the original's and the base model's share them)."""
@@ -385,8 +433,7 @@ def converted_rows(spec: TinySpec) -> int:
     return max(spec.vocab_size, padded_vocab_size(spec.tokenizer_len))
 
 
-def vipllava_config(spec: TinySpec = TinySpec(), image_token_index: int | None = None,
-                    pad_token_id: int | None = None):
+def vipllava_config(spec: TinySpec = TinySpec(), image_token_index: int | None = None, pad_token_id: int | None = None):
     """The ``VipLlavaConfig`` a correct conversion of the tiny original targets.
 
     Text rows = ``converted_rows(spec)``; ``<image>`` = T, ``<pad>`` = T + 1 (by default; T = the
@@ -421,6 +468,7 @@ def vipllava_config(spec: TinySpec = TinySpec(), image_token_index: int | None =
 # --------------------------------------------------------------------------------------------
 # key layout
 # --------------------------------------------------------------------------------------------
+
 
 def _text_config(spec: TinySpec, layers: int, rms_norm_eps: float = 1e-5, **overrides):
     """The backbone's transformers text config (``LlamaConfig`` / ``Phi3Config``) with ``layers`` layers."""
@@ -469,7 +517,7 @@ def _expand_layers(shapes: list[tuple[str, tuple[int, ...]]], marker: str, n: in
     block: list[tuple[str, tuple[int, ...]]] = []
     for name, shape in shapes:
         if name.startswith(marker + "0."):
-            block.append((name[len(marker) + 2:], shape))
+            block.append((name[len(marker) + 2 :], shape))
             continue
         if block:
             out += [(f"{marker}{i}.{rest}", s) for i in range(n) for rest, s in block]
@@ -501,7 +549,9 @@ def original_key_shapes(spec: TinySpec = TinySpec()) -> dict[str, tuple[int, ...
         clip = CLIPVisionModel(_clip_vision_config(spec, layers=1))
 
     text = _expand_layers(_meta_shapes(text_model), "model.layers.", spec.text_layers)
-    if spec.legacy_buffers and spec.backbone_info.rotary_buffers:  # 4.x LlamaAttention had rotary_emb (inv_freq) after o_proj
+    if (
+        spec.legacy_buffers and spec.backbone_info.rotary_buffers
+    ):  # 4.x LlamaAttention had rotary_emb (inv_freq) after o_proj
         with_buf = []
         for name, shape in text:
             with_buf.append((name, shape))
@@ -542,6 +592,7 @@ def is_legacy_buffer(key: str) -> bool:
 # values
 # --------------------------------------------------------------------------------------------
 
+
 def _init_kind(key: str, shape: tuple[int, ...]) -> tuple[str, float]:
     """(kind, scale) of the deterministic initialisation for one key."""
     if key.endswith(".bias"):
@@ -575,12 +626,13 @@ def _zero_unused_rows(spec: TinySpec, key: str, x: torch.Tensor) -> torch.Tensor
     if key != "lm_head.weight" or spec.tokenizer_len == spec.vocab_size:
         return x
     x = x.clone()
-    x[spec.tokenizer_len:] = 0.0
+    x[spec.tokenizer_len :] = 0.0
     return x
 
 
-def original_state_dict(spec: TinySpec = TinySpec(), seed: int = 0,
-                        dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def original_state_dict(
+    spec: TinySpec = TinySpec(), seed: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
     """A full ORIGINAL-layout state dict with deterministic, seeded, non-trivial values.
 
     ONE ``torch.Generator`` seeded with ``seed``; keys are drawn in sorted order (so the values do
@@ -614,18 +666,26 @@ def original_state_dict(spec: TinySpec = TinySpec(), seed: int = 0,
 # reference modules (sanity checks; NOT the original forward pass)
 # --------------------------------------------------------------------------------------------
 
+
 def text_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The Llama part of an original state dict, in ``LlamaForCausalLM`` names (no buffers)."""
-    return {k: v for k, v in sd.items()
-            if (k.startswith(TEXT_PREFIX) and not k.startswith(VISION_PREFIX)
-                and not k.startswith(PROJECTOR_PREFIX) and not is_legacy_buffer(k))
-            or k == "lm_head.weight"}
+    return {
+        k: v
+        for k, v in sd.items()
+        if (
+            k.startswith(TEXT_PREFIX)
+            and not k.startswith(VISION_PREFIX)
+            and not k.startswith(PROJECTOR_PREFIX)
+            and not is_legacy_buffer(k)
+        )
+        or k == "lm_head.weight"
+    }
 
 
 def vision_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The CLIP tower of an original state dict, in transformers-5 ``CLIPVisionModel`` names."""
     p = VISION_PREFIX + "vision_model."
-    return {k[len(p):]: v for k, v in sd.items() if k.startswith(p) and not is_legacy_buffer(k)}
+    return {k[len(p) :]: v for k, v in sd.items() if k.startswith(p) and not is_legacy_buffer(k)}
 
 
 def build_reference_modules(spec: TinySpec, sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
@@ -639,12 +699,12 @@ def build_reference_modules(spec: TinySpec, sd: dict[str, torch.Tensor], dtype: 
     text_model.load_state_dict({k: v.to(dtype) for k, v in text_state_dict(sd).items()}, strict=True)
     clip = CLIPVisionModel(_clip_vision_config(spec, layers=spec.vision_layers))
     clip.load_state_dict({k: v.to(dtype) for k, v in vision_state_dict(sd).items()}, strict=True)
-    return text_model.to(dtype).eval(), clip.to(dtype).eval()
+    # transformers types PreTrainedModel.to through a decorator that hides nn.Module.to's dtype overload
+    return text_model.to(dtype).eval(), clip.to(dtype).eval()  # type: ignore[arg-type]
 
 
 @torch.no_grad()
-def sanity_report(spec: TinySpec = TinySpec(), sd: dict[str, torch.Tensor] | None = None,
-                  seed: int = 0) -> dict:
+def sanity_report(spec: TinySpec = TinySpec(), sd: dict[str, torch.Tensor] | None = None, seed: int = 0) -> dict:
     """Forward the tiny towers once (fp32) and report the statistics the fixtures promise.
 
     Returns ``finite`` (no NaN/Inf anywhere), ``logits_std``, ``feature_min_pairwise_diff``
@@ -659,7 +719,7 @@ def sanity_report(spec: TinySpec = TinySpec(), sd: dict[str, torch.Tensor] | Non
     pixels = torch.randn(1, 3, spec.image_size, spec.image_size, generator=g)
     hs = clip(pixel_values=pixels, output_hidden_states=True).hidden_states
     feats = [hs[i] for i in FEATURE_LAYERS]
-    diffs = [(a - b).abs().max().item() for i, a in enumerate(feats) for b in feats[i + 1:]]
+    diffs = [(a - b).abs().max().item() for i, a in enumerate(feats) for b in feats[i + 1 :]]
     proj_keys = [k for k in sd if k.startswith(PROJECTOR_PREFIX)]
     finite = bool(torch.isfinite(logits).all()) and all(bool(torch.isfinite(h).all()) for h in hs)
     finite = finite and all(bool(torch.isfinite(sd[k].float()).all()) for k in proj_keys)

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from convert.writer import _DirectSink, _sync_range, drop_cached
+from convert.sinks import _DirectSink, _sync_range, drop_cached
 
 CHUNK = 1 << 22
 STEP = 1 << 28

@@ -217,6 +217,7 @@ def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt) -> i
         return _usage_error(parser, str(e))
 
     interrupt.cleanup = lambda: _remove_own_temporaries(output)
+    from . import faults
     from .pipeline import Options, convert
 
     progress = not args.quiet
@@ -245,7 +246,7 @@ def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt) -> i
             force=args.force,
             progress=progress,
         )
-        summary = convert(opts)
+        summary = convert(opts, fault=faults.from_env())  # the kill/ENOSPC test hook, read once per run
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

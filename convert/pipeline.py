@@ -15,11 +15,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import MANIFEST, __version__
-from .backbones import detect
+from .atomic import atomic_directory
+from .backbones import Backbone, detect
 from .config import (
     build_config,
     check_original_config,
@@ -29,32 +31,21 @@ from .config import (
     vision_tower_config,
 )
 from .errors import ConversionError
+from .faults import Fault, no_fault
+from .format import OutTensor, index_json, plan_shards, shard_names
 from .layout import expected_shapes
 from .mapping import EMBED_KEY, LM_HEAD_KEY, KeyMapping, RuleTable, table_for
-from .preflight import check_no_overlap
-from .processor import build_tokenizer, load_base_tokenizer, write_processor_files, write_tokenizer_files
+from .plan import DTYPE_NAME, DTYPES, ORIGINAL_EMBED, ORIGINAL_LM_HEAD, DtypeChoice, TensorPlan, choose_dtypes, plan
+from .preflight import check_no_overlap, check_output, parse_size
+from .processor import TokenizerInfo, build_tokenizer, load_base_tokenizer, write_processor_files, write_tokenizer_files
 from .resize import SCALE, ResizeResult, check_seed, resize
 from .safejson import MAX_TOKENIZER_BYTES, load_json, read_bounded
-from .sources import Checkpoint, ResolvedInput, checked_sha256, open_checkpoint, resolve, sha256_file
-from .writer import (
-    DropBehind,
-    InputStream,
-    OutTensor,
-    atomic_directory,
-    check_output,
-    index_json,
-    parse_size,
-    plan_shards,
-    shard_names,
-    write_json,
-    write_shard,
-)
+from .sinks import DropBehind
+from .sources import Checkpoint, ResolvedInput, TensorInfo, checked_sha256, open_checkpoint, resolve, sha256_file
+from .stream import InputStream
+from .writer import write_json, write_shard
 
 DEFAULT_VISION_MODEL = "openai/clip-vit-large-patch14-336"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_DTYPE_NAME = {v: k for k, v in DTYPES.items()}
-ORIGINAL_EMBED = "model.embed_tokens.weight"
-ORIGINAL_LM_HEAD = "lm_head.weight"
 
 
 @dataclass
@@ -181,8 +172,82 @@ def output_path(given: Path) -> Path:
     return path
 
 
-def convert(opts: Options) -> Summary:
+def convert(opts: Options, fault: Fault = no_fault) -> Summary:
+    """read -> map -> resize -> assemble -> write, each a named stage below; ``fault`` is the test hook of
+    :mod:`convert.faults` (the command line builds it from the environment)."""
     start = time.perf_counter()
+    inputs = _open_inputs(opts)
+    # The input weight files are read from here on (the disk starts on the first ones while the tokenizer, config
+    # and plan are built); whatever stops the run stops the reader too.
+    reader = InputStream(inputs.ckpt.files).start()
+    with _cancelled_at_exit(reader):
+        model = _read_model(opts, inputs)
+        small_digests = _hash_small_inputs(inputs, reader)
+        tensors = plan(
+            model.mapping,
+            _infos(inputs.ckpt, model.mapping),
+            _spans(inputs.ckpt, model.mapping, reader),
+            model.dtypes,
+            model.rows,
+        )
+        resize_job = _start_resize(inputs.ckpt, model, opts.seed)
+        shards = plan_shards(_out_tensors(tensors, inputs.ckpt, resize_job), inputs.max_bytes)
+        manifest = _manifest(opts, inputs, model)
+
+        def input_records() -> dict:
+            return _input_records(inputs, {**small_digests.result(), **reader.finish()})
+
+        _write(
+            inputs.output,
+            opts,
+            shards,
+            lambda folder: _write_text_files(folder, inputs, model),
+            manifest,
+            reader,
+            input_records,
+            fault,
+        )
+    return Summary(
+        output=inputs.output,
+        mapped=len(model.mapping.mapped),
+        dropped=len(model.mapping.dropped),
+        rows_added=model.rows - model.vocab,
+        rows=model.rows,
+        original_rows=model.vocab,
+        shards=len(shards),
+        output_bytes=sum(p.stat().st_size for p in inputs.output.iterdir()),
+        seconds=time.perf_counter() - start,
+        dtype=DTYPE_NAME[model.dtypes.embed],
+        notes=model.notes,
+    )
+
+
+@dataclass
+class _Inputs:
+    """Stage "read", part 1: the inputs the command line names, resolved, opened and checked against each other."""
+
+    output: Path
+    max_bytes: int
+    orig: ResolvedInput
+    text: ResolvedInput
+    vision: ResolvedInput
+    original_cfg: dict
+    ckpt: Checkpoint
+
+    def files(self) -> dict[str, tuple[ResolvedInput, list[Path]]]:
+        """Every input file the manifest names, per role."""
+        orig_dir = self.orig.directory
+        return {
+            "original": (self.orig, [orig_dir / "config.json", *self.ckpt.files, *_index_files(orig_dir)]),
+            "text_model": (self.text, _tokenizer_files(self.text.directory)),
+            "vision_model": (
+                self.vision,
+                [self.vision.directory / "config.json", self.vision.directory / "preprocessor_config.json"],
+            ),
+        }
+
+
+def _open_inputs(opts: Options) -> _Inputs:
     if opts.dtype != "auto" and opts.dtype not in DTYPES:
         raise ConversionError(f"--dtype {opts.dtype!r}: expected one of auto, {', '.join(DTYPES)}; pass one of them")
     check_seed(opts.seed)
@@ -203,8 +268,7 @@ def convert(opts: Options) -> Summary:
     orig_dir = orig.directory
     original_cfg = _read_json(orig_dir / "config.json", "the original checkpoint")
     ckpt = open_checkpoint(orig.path)
-    keys = ckpt.keys()
-    _refuse_converted(original_cfg, keys, orig.path)
+    _refuse_converted(original_cfg, ckpt.keys(), orig.path)
     check_original_config(original_cfg, str(orig_dir / "config.json"))
     if ORIGINAL_EMBED not in ckpt.weight_map or ORIGINAL_LM_HEAD not in ckpt.weight_map:
         raise ConversionError(
@@ -218,135 +282,130 @@ def convert(opts: Options) -> Summary:
                 f"{key}: shape {tuple(ckpt.info(key).shape)}; expected a 2-D matrix (rows x hidden_size); "
                 "the checkpoint is damaged, re-download it"
             )
-    # The input weight files are read from here on (the disk starts on the first ones while the tokenizer, config
-    # and plan are built); whatever stops the run stops the reader too.
-    reader = InputStream(ckpt.files).start()
-    with _cancelled_at_exit(reader):
-        return _convert_opened(opts, start, max_bytes, output, orig, text, vision, original_cfg, ckpt, keys, reader)
+    return _Inputs(output, max_bytes, orig, text, vision, original_cfg, ckpt)
 
 
-def _convert_opened(
-    opts: Options,
-    start: float,
-    max_bytes: int,
-    output: Path,
-    orig: ResolvedInput,
-    text: ResolvedInput,
-    vision: ResolvedInput,
-    original_cfg: dict,
-    ckpt: Checkpoint,
-    keys: list[str],
-    reader: InputStream,
-) -> Summary:
-    orig_dir = orig.directory
+@dataclass
+class _Model:
+    """Stage "read", part 2: what the small files say (tokenizer, backbone, configs) and what follows from them
+    (the key mapping, the token layout, the output dtypes and config)."""
+
+    vocab: int
+    hidden: int
+    backbone: Backbone
+    mapping: KeyMapping
+    tok: Any  # a tokenizers.Tokenizer
+    tinfo: TokenizerInfo
+    notes: list[str]
+    vision_cfg: dict
+    preprocessor: dict
+    dtypes: DtypeChoice
+    cfg: dict
+
+    @property
+    def rows(self) -> int:
+        return self.tinfo.ids.rows
+
+
+def _read_model(opts: Options, inputs: _Inputs) -> _Model:
+    ckpt, orig_dir, text = inputs.ckpt, inputs.orig.directory, inputs.text
     vocab, hidden = ckpt.info(ORIGINAL_EMBED).shape
-    if original_cfg.get("vocab_size") != vocab:
+    if inputs.original_cfg.get("vocab_size") != vocab:
         raise ConversionError(
-            f"{orig_dir / 'config.json'}: vocab_size {original_cfg.get('vocab_size')} but {ORIGINAL_EMBED} has {vocab} "
-            "rows"
+            f"{orig_dir / 'config.json'}: vocab_size {inputs.original_cfg.get('vocab_size')} but {ORIGINAL_EMBED} has "
+            f"{vocab} rows"
         )
 
     if opts.text_model is None and not _has_tokenizer(orig_dir):
         raise ConversionError(f"{orig_dir}: holds no tokenizer; pass --text-model (the base model with the tokenizer)")
     check_tokenizer_files(text.directory)
-    vision_file = vision.directory / "config.json"
+    vision_file = inputs.vision.directory / "config.json"
     vision_cfg = vision_tower_config(_read_json(vision_file, "--vision-model"), str(vision_file))
-    preprocessor_file = vision.directory / "preprocessor_config.json"
+    preprocessor_file = inputs.vision.directory / "preprocessor_config.json"
     preprocessor = _read_json(preprocessor_file, "--vision-model (image preprocessing)")
     check_preprocessor(preprocessor, str(preprocessor_file), vision_cfg["num_channels"])
 
     base_tok = load_base_tokenizer(text.directory)
-    backbone = detect(original_cfg, base_tok.get_vocab(), str(orig_dir / "config.json"), opts.backbone)
+    backbone = detect(inputs.original_cfg, base_tok.get_vocab(), str(orig_dir / "config.json"), opts.backbone)
     table = table_for(backbone.layer_rules)
-    mapping = table.map_keys(keys)
+    mapping = table.map_keys(ckpt.keys())
     tok, tinfo = build_tokenizer(base_tok, text.directory, vocab, backbone)
     notes = _tokenizer_notes(text.directory) if backbone.original_tokenizer == "slow" else []
 
-    embed_dtype = ckpt.info(ORIGINAL_EMBED).dtype
-    out_dtype = embed_dtype if opts.dtype == "auto" else DTYPES[opts.dtype]
-    # --dtype auto keeps every tensor's own dtype, the lm_head's too (it may differ from the embedding's)
-    head_dtype = ckpt.info(ORIGINAL_LM_HEAD).dtype if opts.dtype == "auto" else out_dtype
-    for key, dtype in ((ORIGINAL_EMBED, out_dtype), (ORIGINAL_LM_HEAD, head_dtype)):
-        if dtype not in _DTYPE_NAME:
-            raise ConversionError(
-                f"{key}: stored as {ckpt.info(key).dtype}; expected a floating-point matrix, "
-                "pass --dtype bfloat16, float16 or float32"
-            )
+    dtypes = choose_dtypes(opts.dtype, ckpt.info(ORIGINAL_EMBED), ckpt.info(ORIGINAL_LM_HEAD))
     cfg = build_config(
-        original_cfg, vision_cfg, tinfo.ids, _DTYPE_NAME[out_dtype], str(orig_dir / "config.json"), backbone
+        inputs.original_cfg,
+        vision_cfg,
+        tinfo.ids,
+        DTYPE_NAME[dtypes.embed],
+        str(orig_dir / "config.json"),
+        backbone,
     )
-    expected = expected_shapes(load_vipllava_config(cfg))
-    _check_shapes(ckpt, mapping, expected, vocab, table)
+    _check_shapes(ckpt, mapping, expected_shapes(load_vipllava_config(cfg)), vocab, table)
+    return _Model(vocab, hidden, backbone, mapping, tok, tinfo, notes, vision_cfg, preprocessor, dtypes, cfg)
 
-    # The weight files are read once, sequentially, by InputStream (hashing them), and the writer copies each
-    # verbatim tensor from its buffers; the small input files are hashed on a thread. The manifest waits for both.
-    input_files = {
-        "original": (orig, [orig_dir / "config.json", *ckpt.files, *_index_files(orig_dir)]),
-        "text_model": (text, _tokenizer_files(text.directory)),
-        "vision_model": (vision, [vision.directory / "config.json", vision.directory / "preprocessor_config.json"]),
-    }
-    small = [f for _, files in input_files.values() for f in files if f not in reader.starts]
+
+def _hash_small_inputs(inputs: _Inputs, reader: InputStream) -> Future[dict[Path, str]]:
+    """The sha256 of the small input files, on a thread (the weight files are hashed by the reader as they stream);
+    the manifest waits for both."""
+    small = [f for _, files in inputs.files().values() for f in files if f not in reader.starts]
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inputs-sha256")
-    small_digests = pool.submit(lambda: {f: sha256_file(f) for f in small})
+    digests = pool.submit(lambda: {f: sha256_file(f) for f in small})
     pool.shutdown(wait=False)
-    rows = tinfo.ids.rows
+    return digests
 
-    def out_dtype_for(src: str) -> torch.dtype:
-        d = ckpt.info(src).dtype
-        return d if opts.dtype == "auto" or not d.is_floating_point else DTYPES[opts.dtype]
 
-    resized_dtype = {EMBED_KEY: out_dtype, LM_HEAD_KEY: head_dtype}
+def _infos(ckpt: Checkpoint, mapping: KeyMapping) -> dict[str, TensorInfo]:
+    return {src: ckpt.info(src) for src in mapping.mapped}
 
-    def source_span(src: str) -> tuple[int, int] | None:
+
+def _spans(ckpt: Checkpoint, mapping: KeyMapping, reader: InputStream) -> dict[str, tuple[int, int] | None]:
+    """Where each mapped tensor's stored bytes lie in the input stream (None where they are not plain bytes)."""
+    spans: dict[str, tuple[int, int] | None] = {}
+    for src in mapping.mapped:
         loc = ckpt.location(src)
         if loc is None:
-            return None
-        start = reader.position(*loc)
-        return (start, start + ckpt.info(src).nbytes)
-
-    job: Future[ResizeResult]  # submitted below, once the shards are planned; the resized tensors read it lazily
-
-    def resized_loader(t: str) -> Callable[[], torch.Tensor]:
-        return lambda: _resized(job, t)
-
-    tensors: list[OutTensor] = []
-    for src, tgt in mapping.mapped.items():
-        if tgt in (EMBED_KEY, LM_HEAD_KEY):
-            tensors.append(
-                OutTensor(tgt, resized_dtype[tgt], (rows, hidden), resized_loader(tgt), source_span(src), late=True)
-            )
+            spans[src] = None
         else:
-            dtype, span = out_dtype_for(src), source_span(src)
-            verbatim = span is not None and dtype == ckpt.info(src).dtype
-            tensors.append(
-                OutTensor(
-                    tgt,
-                    dtype,
-                    tuple(ckpt.info(src).shape),
-                    _cast_loader(ckpt, src, dtype),
-                    span,
-                    verbatim=verbatim,
-                )
-            )
-    shards = plan_shards(tensors, max_bytes)
-    # The resize runs on a thread while the other shards are written (the two matrices are planned last); its
-    # errors (a non-finite embedding) surface when the writer reaches them, and the output is then discarded.
+            first = reader.position(*loc)
+            spans[src] = (first, first + ckpt.info(src).nbytes)
+    return spans
+
+
+def _start_resize(ckpt: Checkpoint, model: _Model, seed: int) -> Future[ResizeResult]:
+    """Stage "resize": on a thread while the other shards are written (the two matrices are planned last); its
+    errors (a non-finite embedding) surface when the writer reaches them, and the output is then discarded."""
     resizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resize")
     job = resizer.submit(
-        resize, ckpt.get(ORIGINAL_EMBED), ckpt.get(ORIGINAL_LM_HEAD), rows, opts.seed, out_dtype, head_dtype=head_dtype
+        resize,
+        ckpt.get(ORIGINAL_EMBED),
+        ckpt.get(ORIGINAL_LM_HEAD),
+        model.rows,
+        seed,
+        model.dtypes.embed,
+        head_dtype=model.dtypes.head,
     )
     resizer.shutdown(wait=False)
+    return job
 
-    def input_records() -> dict:
-        digests = {**small_digests.result(), **reader.finish()}
-        records = {}
-        for role, (inp, files) in input_files.items():
-            rec = inp.describe()
-            rec["files"] = {str(f.relative_to(inp.directory)): checked_sha256(f, digests[f]) for f in sorted(files)}
-            records[role] = rec
-        return records
 
-    manifest = {
+def _out_tensors(tensors: list[TensorPlan], ckpt: Checkpoint, resized: Future[ResizeResult]) -> list[OutTensor]:
+    """Stage "assemble": each planned tensor with the code that produces its values. The stream copies verbatim
+    ones from its buffers; the loader stays as the fallback and as the check of the copied bytes."""
+    out = []
+    for t in tensors:
+        if t.how == "resized":
+            out.append(OutTensor(t.target, t.dtype, t.shape, _resized_loader(resized, t.target), t.span, late=True))
+        else:
+            loader = _cast_loader(ckpt, t.source, t.dtype)
+            out.append(OutTensor(t.target, t.dtype, t.shape, loader, t.span, verbatim=t.how == "verbatim"))
+    return out
+
+
+def _manifest(opts: Options, inputs: _Inputs, model: _Model) -> dict:
+    """``conversion.json`` without its inputs and outputs (their hashes are known once everything is written)."""
+    embed_dtype = inputs.ckpt.info(ORIGINAL_EMBED).dtype
+    return {
         "format": 1,
         "tool": {"name": "vipllava-harness", "version": __version__},
         "environment": {
@@ -355,21 +414,21 @@ def _convert_opened(
             "python": platform.python_version(),
         },
         "settings": {
-            "backbone": backbone.name,
+            "backbone": model.backbone.name,
             "seed": opts.seed,
             "dtype": opts.dtype,
-            "output_dtype": _DTYPE_NAME[out_dtype],
-            "source_dtype": _DTYPE_NAME.get(embed_dtype, str(embed_dtype)),
-            "max_shard_size": max_bytes,
-            "format": ckpt.format,
+            "output_dtype": DTYPE_NAME[model.dtypes.embed],
+            "source_dtype": DTYPE_NAME.get(embed_dtype, str(embed_dtype)),
+            "max_shard_size": inputs.max_bytes,
+            "format": inputs.ckpt.format,
         },
-        "mapping": {"mapped": len(mapping.mapped), "dropped": dict(sorted(mapping.dropped.items()))},
+        "mapping": {"mapped": len(model.mapping.mapped), "dropped": dict(sorted(model.mapping.dropped.items()))},
         "resize": {
-            "original_rows": vocab,
-            "rows": rows,
-            "hidden_size": hidden,
-            "image_token_index": tinfo.ids.image,
-            "pad_token_id": tinfo.ids.pad,
+            "original_rows": model.vocab,
+            "rows": model.rows,
+            "hidden_size": model.hidden,
+            "image_token_index": model.tinfo.ids.image,
+            "pad_token_id": model.tinfo.ids.pad,
             "scale": SCALE,
             "seed": opts.seed,
             "method": "mu + sqrt(scale/n) * (E - mu)^T g, g ~ N(0, I_n); float64; one generator, embed rows then "
@@ -377,21 +436,48 @@ def _convert_opened(
             "resized": [EMBED_KEY, LM_HEAD_KEY],
         },
     }
-    max_len = original_cfg.get("tokenizer_model_max_length", original_cfg.get("max_position_embeddings", 2048))
 
-    def write_text_files(folder: Path) -> None:
-        write_json(folder / "config.json", {**cfg, "transformers_version": _transformers_version()})
-        write_json(
-            folder / "generation_config.json",
-            {**generation_config(tinfo.ids), "transformers_version": _transformers_version()},
-        )
-        write_tokenizer_files(folder, tok, tinfo, text.directory, max_len, backbone)
-        write_processor_files(
-            folder, preprocessor, vision_cfg["patch_size"], str(vision.directory / "preprocessor_config.json"), backbone
-        )
 
+def _input_records(inputs: _Inputs, digests: dict[Path, str]) -> dict:
+    records = {}
+    for role, (inp, files) in inputs.files().items():
+        rec = inp.describe()
+        rec["files"] = {str(f.relative_to(inp.directory)): checked_sha256(f, digests[f]) for f in sorted(files)}
+        records[role] = rec
+    return records
+
+
+def _write_text_files(folder: Path, inputs: _Inputs, model: _Model) -> None:
+    cfg = inputs.original_cfg
+    max_len = cfg.get("tokenizer_model_max_length", cfg.get("max_position_embeddings", 2048))
+    write_json(folder / "config.json", {**model.cfg, "transformers_version": _transformers_version()})
+    write_json(
+        folder / "generation_config.json",
+        {**generation_config(model.tinfo.ids), "transformers_version": _transformers_version()},
+    )
+    write_tokenizer_files(folder, model.tok, model.tinfo, inputs.text.directory, max_len, model.backbone)
+    write_processor_files(
+        folder,
+        model.preprocessor,
+        model.vision_cfg["patch_size"],
+        str(inputs.vision.directory / "preprocessor_config.json"),
+        model.backbone,
+    )
+
+
+def _write(
+    output: Path,
+    opts: Options,
+    shards: list[list[OutTensor]],
+    write_text_files: Callable[[Path], None],
+    manifest: dict,
+    reader: InputStream,
+    input_records: Callable[[], dict],
+    fault: Fault,
+) -> None:
+    """Stage "write", with a failed write turned into one line naming where."""
     try:
-        _write_repo(output, opts, shards, write_text_files, manifest, reader, input_records)
+        _write_repo(output, opts, shards, write_text_files, manifest, reader, input_records, fault)
     except OSError as e:
         where = e.filename or output
         hint = (
@@ -402,19 +488,6 @@ def _convert_opened(
         ) from None
     finally:
         reader.cancel()  # an early error stops the input reader at once (a no-op after a finished run)
-    return Summary(
-        output=output,
-        mapped=len(mapping.mapped),
-        dropped=len(mapping.dropped),
-        rows_added=rows - vocab,
-        rows=rows,
-        original_rows=vocab,
-        shards=len(shards),
-        output_bytes=sum(p.stat().st_size for p in output.iterdir()),
-        seconds=time.perf_counter() - start,
-        dtype=_DTYPE_NAME[out_dtype],
-        notes=notes,
-    )
 
 
 def _tokenizer_notes(text_dir: Path) -> list[str]:
@@ -511,19 +584,23 @@ def _cast_loader(ckpt: Checkpoint, src: str, dtype: torch.dtype) -> Callable[[],
     return lambda: cast_checked(src, ckpt.get(src), dtype)
 
 
-def _resized(job: Future[ResizeResult], key: str) -> torch.Tensor:
-    r = job.result()
-    return r.embed if key == EMBED_KEY else r.lm_head
+def _resized_loader(job: Future[ResizeResult], key: str) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        r = job.result()
+        return r.embed if key == EMBED_KEY else r.lm_head
+
+    return load
 
 
 def _write_repo(
     output: Path,
     opts: Options,
     shards: list[list[OutTensor]],
-    write_text_files,
+    write_text_files: Callable[[Path], None],
     manifest: dict,
     reader: InputStream,
     input_records: Callable[[], dict],
+    fault: Fault = no_fault,
 ) -> None:
     """The only place that writes: shards (streamed), index, text files, then the manifest with every hash."""
     from tqdm.auto import tqdm
@@ -531,7 +608,7 @@ def _write_repo(
     names = shard_names(len(shards))
     total = sum(t.nbytes for shard in shards for t in shard)
 
-    with atomic_directory(output, opts.force) as tmp:
+    with atomic_directory(output, opts.force, fault) as tmp:
         outputs: dict[str, str] = {}
         flusher = DropBehind()
         # The small files (config, tokenizer, processor) are written on a thread while the shards stream; leaving
@@ -545,7 +622,7 @@ def _write_repo(
                     flushed = []
                     for shard, name in zip(shards, names, strict=True):
                         outputs[name] = write_shard(
-                            tmp / name, shard, on_bytes=bar.update, stream=reader, flusher=flusher
+                            tmp / name, shard, on_bytes=bar.update, stream=reader, flusher=flusher, fault=fault
                         )
                         flushed.append(flusher.close(tmp / name))
                     for f in flushed:

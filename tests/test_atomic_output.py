@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from convert.writer import FAULT_ENV, TMP_PREFIX
+from convert.faults import FAULT_ENV
+from convert.preflight import TMP_PREFIX
 from tests.conftest import run_convert
 
 

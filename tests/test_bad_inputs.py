@@ -1164,7 +1164,7 @@ def test_verify_original_loaders_refuse_escaping_index_entries_before_opening(tm
 @pytest.mark.parametrize("point", ["tensor_write", "before_fsync", "before_rename", "after_exchange"])
 def test_inputs_byte_identical_after_a_killed_force_run(point, tmp_path, templates, runner):
     """SIGKILLed at each named point while replacing an existing output (--force): the inputs are untouched."""
-    from convert.writer import FAULT_ENV
+    from convert.faults import FAULT_ENV
 
     fx = _paths(tmp_path / "fx")
     shutil.copytree(templates["bin"].root, fx.root, symlinks=True)

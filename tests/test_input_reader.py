@@ -14,8 +14,9 @@ import torch
 
 from convert import pipeline
 from convert.errors import ConversionError
+from convert.format import OutTensor, plan_shards
 from convert.sources import Checkpoint, open_checkpoint
-from convert.writer import InputStream, OutTensor, plan_shards
+from convert.stream import InputStream
 from fixtures.build import build
 
 
@@ -200,21 +201,23 @@ def test_a_wrong_offset_is_caught_and_nothing_is_written(tmp_path, monkeypatch):
 def test_output_is_flushed_and_dropped_behind_the_writer(tmp_path, monkeypatch):
     """Every STEP bytes the flusher starts writeback of the new range and waits for and drops the one before;
     closing fsyncs and drops the rest; the file is intact."""
-    from convert import writer
+    from convert import sinks, writer
 
-    monkeypatch.setattr(writer, "DIRECT_IO", False)  # the page-cache path (file systems without O_DIRECT)
-    monkeypatch.setattr(writer.DropBehind, "STEP", 4096)
+    monkeypatch.setattr(sinks.DropBehind, "STEP", 4096)
     calls: list[tuple] = []
-    real_sync, real_drop = writer._sync_range, writer.drop_cached
+    real_sync, real_drop = sinks._sync_range, sinks.drop_cached
     monkeypatch.setattr(
-        writer, "_sync_range", lambda fd, a, n, wait: (calls.append(("sync", a, n, wait)), real_sync(fd, a, n, wait))
+        sinks, "_sync_range", lambda fd, a, n, wait: (calls.append(("sync", a, n, wait)), real_sync(fd, a, n, wait))
     )
-    monkeypatch.setattr(writer, "drop_cached", lambda fd, a=0, n=0: (calls.append(("drop", a, n)), real_drop(fd, a, n)))
+    monkeypatch.setattr(sinks, "drop_cached", lambda fd, a=0, n=0: (calls.append(("drop", a, n)), real_drop(fd, a, n)))
     sd = {f"t{i}": torch.full((1000,), float(i)) for i in range(10)}  # 40 kB of float32
-    flusher = writer.DropBehind()
+    flusher = sinks.DropBehind()
     path = tmp_path / "x.safetensors"
     writer.write_shard(
-        path, [OutTensor(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in sd.items()], flusher=flusher
+        path,
+        [OutTensor(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in sd.items()],
+        flusher=flusher,
+        direct=False,  # the page-cache path (file systems without O_DIRECT)
     )
     flusher.close(path).result()
     flusher.shutdown()
@@ -234,14 +237,12 @@ def test_an_error_at_fsync_fails_the_run_and_leaves_nothing(tmp_path, monkeypatc
     import errno
     import os
 
-    from convert import writer
-
     paths = build(tmp_path / "fx")
 
     def broken_fsync(fd):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(writer.os, "fsync", broken_fsync)
+    monkeypatch.setattr(os, "fsync", broken_fsync)
     out = tmp_path / "out"
     with pytest.raises(ConversionError, match="writing failed"):
         pipeline.convert(
@@ -260,21 +261,20 @@ def test_an_error_at_fsync_fails_the_run_and_leaves_nothing(tmp_path, monkeypatc
 def test_direct_and_buffered_writes_give_the_same_file(tmp_path, monkeypatch, stage):
     """Across staging-buffer boundaries, with a tail shorter than a block: the O_DIRECT file is the page-cache
     file, byte for byte, and its size is the true size (the padding is cut)."""
-    from convert import writer
+    from convert import sinks, writer
 
-    monkeypatch.setattr(writer._DirectSink, "STAGE", stage)
-    probe = writer.open_sink(tmp_path / "probe", None)
+    monkeypatch.setattr(sinks._DirectSink, "STAGE", stage)
+    probe = sinks.open_sink(tmp_path / "probe", None)
     probe.abort()
-    if not isinstance(probe, writer._DirectSink):
+    if not isinstance(probe, sinks._DirectSink):
         pytest.skip(f"{tmp_path}: this file system refuses O_DIRECT")
     g = torch.Generator().manual_seed(stage)
     sd = {f"t{i}": torch.randn(n, generator=g) for i, n in enumerate([1, 1023, 1024, 3000, 7, 5000, 2049])}
     tensors = [OutTensor(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in sd.items()]
     direct = tmp_path / "direct.safetensors"
     writer.write_shard(direct, tensors)
-    monkeypatch.setattr(writer, "DIRECT_IO", False)
     buffered = tmp_path / "buffered.safetensors"
-    writer.write_shard(buffered, tensors)
+    writer.write_shard(buffered, tensors, direct=False)
     assert direct.read_bytes() == buffered.read_bytes()
     assert direct.stat().st_size % 4096 != 0  # a padded tail was cut back
 
@@ -282,12 +282,12 @@ def test_direct_and_buffered_writes_give_the_same_file(tmp_path, monkeypatch, st
 def test_a_file_system_without_o_direct_falls_back_to_the_page_cache(tmp_path, monkeypatch):
     import errno
 
-    from convert import writer
+    from convert import sinks, writer
 
     def refuse(path):
         raise OSError(errno.EINVAL, "O_DIRECT not supported")
 
-    monkeypatch.setattr(writer, "_DirectSink", refuse)
+    monkeypatch.setattr(sinks, "_DirectSink", refuse)
     t = torch.arange(10.0)
     path = tmp_path / "x.safetensors"
     writer.write_shard(path, [OutTensor("t", t.dtype, (10,), lambda: t)])

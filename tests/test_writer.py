@@ -13,7 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from convert.writer import _DTYPE_NAMES, _SAFETENSORS_ORDER, OutTensor, write_shard
+from convert.format import _DTYPE_NAMES, _SAFETENSORS_ORDER, OutTensor
+from convert.writer import write_shard
 
 
 def _ours(path: Path, sd: dict[str, torch.Tensor]) -> Path:

@@ -374,7 +374,7 @@ def _stream_pairs(
     hash_files: bool,
     original_tensor: Callable[[str], torch.Tensor],
 ) -> None:
-    from convert.writer import InputStream
+    from convert.stream import InputStream
 
     conv = (
         InputStream(shards, drop=False)

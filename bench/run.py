@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -688,7 +689,7 @@ def ensure_input(workdir: Path, size: str, seed: int, limit: int | None, drop: b
     return rec
 
 
-def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear script of benchmark steps
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["mini", "7b", "13b"])
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default /tmp/vipllava-bench-SIZE)")
@@ -725,16 +726,209 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     ap.add_argument(
         "--md-from", type=Path, metavar="JSON", help="only re-render BENCHMARKS.md from a report this tool wrote"
     )
-    args = ap.parse_args(argv)
-    if args.md_from:
-        report = json.loads(args.md_from.read_text())
-        report["notes"] = report.get("notes", []) + list(args.note)
-        if args.section:
-            report["section"] = args.section
-        write_md(report)
-        print(f"wrote {BENCHMARKS_MD} from {args.md_from}")
-        return 0
+    return ap
 
+
+@dataclass
+class _Bench:
+    """One benchmark run: its options, folders and the results so far (saved after every step)."""
+
+    args: argparse.Namespace
+    workdir: Path
+    limit: int
+    drop: bool
+    states: list[str]
+    report: dict
+    report_path: Path
+    results: list[StepResult] = field(default_factory=list)
+    verify_dtype: str = "float32-blocks"
+    round_: int = 1
+
+    @property
+    def original(self) -> Path:
+        return self.workdir / "input" / "original"
+
+    @property
+    def ours_out(self) -> Path:
+        return self.workdir / "out-ours"
+
+    def sources(self) -> list[str]:
+        inp = self.workdir / "input"
+        return [
+            "--original",
+            str(inp / "original"),
+            "--text-model",
+            str(inp / "text-model"),
+            "--vision-model",
+            str(inp / "vision-model"),
+        ]
+
+    def save(self) -> None:
+        """The report so far (after every step: a run stopped early keeps what it measured)."""
+        report, states = self.report, self.states
+        report["steps"] = [asdict(r) for r in self.results]
+        report["paired"] = paired_ratios(self.results, states[0] if len(states) == 1 else "cold")
+        report["paired_by_cache"] = {c: paired_ratios(self.results, c) for c in states}
+        report["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+        self.report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+    def show(self, r: StepResult) -> None:
+        r.round = self.round_
+        self.results.append(r)
+        print(
+            f"  {r.step}: {r.seconds:.1f} s, peak anon {_gb(r.peak_anon_bytes)}, peak rss {_gb(r.peak_rss_bytes)}, "
+            f"exit {r.returncode}{', killed: ' + r.killed if r.killed else ''}",
+            flush=True,
+        )
+        self.save()
+
+
+def _step_cp(b: _Bench, warm: Path | None) -> None:
+    shutil.rmtree(b.ours_out, ignore_errors=True)  # free its space (13B: input + two copies fill the disk)
+    dst = b.workdir / "cp-scratch"
+    shutil.rmtree(dst, ignore_errors=True)
+    r = run_step("cp", ["cp", "-r", str(b.original), str(dst)], b.limit, None, b.drop, b.workdir / "cp.log", warm=warm)
+    t = time.perf_counter()
+    subprocess.run(["sync", *[str(p) for p in sorted(dst.iterdir())]], check=False)
+    r.extra["fsync_seconds"] = round(time.perf_counter() - t, 2)
+    r.output_bytes = du(dst)
+    shutil.rmtree(dst, ignore_errors=True)
+    b.show(r)
+
+
+def _step_baseline(b: _Bench, warm: Path | None) -> None:
+    dst = b.workdir / "out-baseline"
+    shutil.rmtree(dst, ignore_errors=True)
+    jpath = b.workdir / "baseline-phases.json"
+    jpath.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "bench.baseline", *b.sources(), "--output", str(dst), "--json", str(jpath)]
+    r = run_step("baseline", cmd, b.limit, None, b.drop, b.workdir / "baseline.log")
+    if jpath.is_file():
+        r.extra["phases"] = json.loads(jpath.read_text())["phases"]
+    r.output_bytes = du(dst) if dst.exists() else None
+    shutil.rmtree(dst, ignore_errors=True)
+    b.show(r)
+
+
+def _step_ours(b: _Bench, warm: Path | None) -> None:
+    shutil.rmtree(b.ours_out, ignore_errors=True)
+    jpath = b.workdir / "ours-summary.json"
+    cmd = [sys.executable, "-m", "convert", *b.sources(), "--output", str(b.ours_out), "--quiet", "--json", str(jpath)]
+    r = run_step("ours", cmd, b.limit, None, b.drop, b.workdir / "ours.log", warm=warm)
+    if jpath.is_file():
+        s = json.loads(jpath.read_text())
+        r.extra["converter"] = s
+        r.extra["summary"] = (
+            f"{s['mapped']} tensors mapped, {s['dropped']} dropped, rows {s['original_rows']} -> "
+            f"{s['rows']}, {s['shards']} shards, {s['output_bytes'] / 1e9:.2f} GB, "
+            f"its own clock {s['seconds']:.1f} s"
+        )
+    r.output_bytes = du(b.ours_out) if b.ours_out.exists() else None
+    b.show(r)
+
+
+def _step_verify(b: _Bench, step: str) -> None:
+    if not (b.ours_out / "conversion.json").is_file():
+        print("  skipped: no output of ours to verify", flush=True)
+        return
+    vjson = b.workdir / f"{step}-report.json"
+    vjson.unlink(missing_ok=True)
+    extra_args = shlex.split(b.args.verify_args) if step == "verify" else SHORT_VERIFY
+    cmd = [sys.executable, "-m", "verify", str(b.ours_out), "--json", str(vjson), "--quiet", *extra_args]
+    r = run_step(step, cmd, b.limit, b.args.verify_timeout, b.drop, b.workdir / f"{step}.log")
+    if vjson.is_file():
+        v = json.loads(vjson.read_text())
+        r.extra["report"] = v
+        if step == "verify":
+            b.verify_dtype = (v.get("settings") or {}).get("dtype") or b.verify_dtype
+    b.show(r)
+
+
+def _step_floor(b: _Bench, warm: Path | None) -> None:
+    if not (b.ours_out / "conversion.json").is_file():
+        print("  skipped: no output of ours", flush=True)
+        return
+    fjson = b.workdir / "floor.json"
+    fjson.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "bench.floor", str(b.ours_out), "--dtype", b.verify_dtype, "--json", str(fjson)]
+    r = run_step("floor", cmd, b.limit, b.args.verify_timeout, b.drop, b.workdir / "floor.log")
+    if fjson.is_file():
+        r.extra["floor"] = json.loads(fjson.read_text())
+    b.show(r)
+
+
+def _step_push(b: _Bench, warm: Path | None) -> None:
+    dst = b.workdir / "out-push"
+    shutil.rmtree(dst, ignore_errors=True)
+    pjson = b.workdir / "push.json"
+    pjson.unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.push",
+        "--json",
+        str(pjson),
+        "--",
+        *b.sources(),
+        "--output",
+        str(dst),
+        "--quiet",
+    ]
+    r = run_step("push", cmd, b.limit, b.args.verify_timeout, b.drop, b.workdir / "push.log")
+    if pjson.is_file():
+        r.extra["push"] = json.loads(pjson.read_text())
+    shutil.rmtree(dst, ignore_errors=True)
+    b.show(r)
+
+
+_STEPS: dict[str, Callable[[_Bench, Path | None], None]] = {
+    "cp": _step_cp,
+    "baseline": _step_baseline,
+    "ours": _step_ours,
+    "verify": lambda b, warm: _step_verify(b, "verify"),
+    "verify-short": lambda b, warm: _step_verify(b, "verify-short"),
+    "floor": _step_floor,
+    "push": _step_push,
+}
+
+
+def _profile(b: _Bench) -> None:
+    """One more run of ours under py-spy (not timed in the table)."""
+    prof_out = b.workdir / "out-ours-profiled"
+    shutil.rmtree(prof_out, ignore_errors=True)
+    raw = b.workdir / "ours-pyspy.txt"
+    rate = 20
+    conv = [sys.executable, "-m", "convert", *b.sources(), "--output", str(prof_out), "--quiet"]
+    spy = shutil.which("py-spy")
+    if spy is None:
+        print("py-spy not installed (pip install py-spy): no profile", file=sys.stderr)
+        return
+    print("profiling ours under py-spy ...", flush=True)
+    r = run_step(
+        "ours-profiled",
+        [spy, "record", "--format", "raw", "--rate", str(rate), "--idle", "--output", str(raw), "--", *conv],
+        b.limit,
+        None,
+        b.drop,
+        b.workdir / "ours-pyspy.log",
+    )
+    shutil.rmtree(prof_out, ignore_errors=True)
+    if raw.is_file():
+        b.report["profile"] = {"rate": rate, "seconds": r.seconds, **summarize_collapsed(raw)}
+
+
+def _render_only(args: argparse.Namespace) -> int:
+    report = json.loads(args.md_from.read_text())
+    report["notes"] = report.get("notes", []) + list(args.note)
+    if args.section:
+        report["section"] = args.section
+    write_md(report)
+    print(f"wrote {BENCHMARKS_MD} from {args.md_from}")
+    return 0
+
+
+def _start(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> _Bench:
+    """Check the options, make the work folder and the input checkpoint, and start the report."""
     if not args.size:
         ap.error("--size is required (unless --md-from)")
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
@@ -748,262 +942,64 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     if drop and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
         print("cannot drop the page cache here (not root): steps run warm-cache", file=sys.stderr)
         drop = False
-    py = sys.executable
-    command = "python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:])
     report: dict = {
         "size": args.size,
         "seed": args.seed,
         "date": _sh("date -u"),
-        "command": command,
+        "command": "python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(workdir),
         "steps": [],
         "notes": list(args.note),
         "section": args.section,
     }
-    gen = ensure_input(workdir, args.size, args.seed, limit, drop)
-    report["generator"] = gen
-    inp = workdir / "input"
-    original, text_model, vision_model = inp / "original", inp / "text-model", inp / "vision-model"
-    ours_out = workdir / "out-ours"
-    results: list[StepResult] = []
-
-    report_path = args.json or workdir.parent / f"bench-{args.size}.json"
-
-    def save() -> None:
-        """The report so far (after every step: a run stopped early keeps what it measured)."""
-        report["steps"] = [asdict(r) for r in results]
-        report["paired"] = paired_ratios(results, states[0] if len(states) == 1 else "cold")
-        report["paired_by_cache"] = {c: paired_ratios(results, c) for c in states}
-        report["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
-        report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-
-    def show(r: StepResult) -> None:
-        r.round = round_
-        results.append(r)
-        print(
-            f"  {r.step}: {r.seconds:.1f} s, peak anon {_gb(r.peak_anon_bytes)}, peak rss {_gb(r.peak_rss_bytes)}, "
-            f"exit {r.returncode}{', killed: ' + r.killed if r.killed else ''}",
-            flush=True,
-        )
-        save()
-
+    report["generator"] = ensure_input(workdir, args.size, args.seed, limit, drop)
     states = ["cold", "warm"] if args.cache == "both" else [args.cache]
-    # the cp/ours rounds first (each state in turn), then the steps that use the last output of ours
-    plan = [(k, s, c) for k in range(1, max(1, args.repeat) + 1) for c in states for s in ("cp", "ours") if s in steps]
-    plan += [(1, s, "cold") for s in STEPS if s in steps and s not in ("cp", "ours")]
-    verify_dtype = "float32-blocks"
-    for round_, step, cache in plan:
-        warm = original if cache == "warm" else None
+    report_path = args.json or workdir.parent / f"bench-{args.size}.json"
+    return _Bench(args, workdir, limit, drop, states, report, report_path)
+
+
+def _plan(b: _Bench) -> list[tuple[int, str, str]]:
+    """(round, step, cache): the cp/ours rounds first (each state in turn), then the steps that use the last output
+    of ours."""
+    steps = [s.strip() for s in b.args.steps.split(",") if s.strip()]
+    rounds = range(1, max(1, b.args.repeat) + 1)
+    plan = [(k, s, c) for k in rounds for c in b.states for s in ("cp", "ours") if s in steps]
+    return plan + [(1, s, "cold") for s in STEPS if s in steps and s not in ("cp", "ours")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.md_from:
+        return _render_only(args)
+    b = _start(ap, args, argv)
+    for round_, step, cache in _plan(b):
+        b.round_ = round_
         print(
             f"step {step}"
             + (f" (round {round_})" if args.repeat > 1 else "")
-            + (f", {cache} cache" if len(states) > 1 else "")
+            + (f", {cache} cache" if len(b.states) > 1 else "")
             + " ...",
             flush=True,
         )
-        if step == "cp":
-            shutil.rmtree(ours_out, ignore_errors=True)  # free its space (13B: input + two copies fill the disk)
-            dst = workdir / "cp-scratch"
-            shutil.rmtree(dst, ignore_errors=True)
-            r = run_step("cp", ["cp", "-r", str(original), str(dst)], limit, None, drop, workdir / "cp.log", warm=warm)
-            t = time.perf_counter()
-            subprocess.run(["sync", *[str(p) for p in sorted(dst.iterdir())]], check=False)
-            r.extra["fsync_seconds"] = round(time.perf_counter() - t, 2)
-            r.output_bytes = du(dst)
-            shutil.rmtree(dst, ignore_errors=True)
-            show(r)
-        elif step == "baseline":
-            dst = workdir / "out-baseline"
-            shutil.rmtree(dst, ignore_errors=True)
-            jpath = workdir / "baseline-phases.json"
-            jpath.unlink(missing_ok=True)
-            r = run_step(
-                "baseline",
-                [
-                    py,
-                    "-m",
-                    "bench.baseline",
-                    "--original",
-                    str(original),
-                    "--text-model",
-                    str(text_model),
-                    "--vision-model",
-                    str(vision_model),
-                    "--output",
-                    str(dst),
-                    "--json",
-                    str(jpath),
-                ],
-                limit,
-                None,
-                drop,
-                workdir / "baseline.log",
-            )
-            if jpath.is_file():
-                r.extra["phases"] = json.loads(jpath.read_text())["phases"]
-            r.output_bytes = du(dst) if dst.exists() else None
-            shutil.rmtree(dst, ignore_errors=True)
-            show(r)
-        elif step == "ours":
-            shutil.rmtree(ours_out, ignore_errors=True)
-            jpath = workdir / "ours-summary.json"
-            r = run_step(
-                "ours",
-                [
-                    py,
-                    "-m",
-                    "convert",
-                    "--original",
-                    str(original),
-                    "--text-model",
-                    str(text_model),
-                    "--vision-model",
-                    str(vision_model),
-                    "--output",
-                    str(ours_out),
-                    "--quiet",
-                    "--json",
-                    str(jpath),
-                ],
-                limit,
-                None,
-                drop,
-                workdir / "ours.log",
-                warm=warm,
-            )
-            if jpath.is_file():
-                s = json.loads(jpath.read_text())
-                r.extra["converter"] = s
-                r.extra["summary"] = (
-                    f"{s['mapped']} tensors mapped, {s['dropped']} dropped, rows {s['original_rows']} -> "
-                    f"{s['rows']}, {s['shards']} shards, {s['output_bytes'] / 1e9:.2f} GB, "
-                    f"its own clock {s['seconds']:.1f} s"
-                )
-            r.output_bytes = du(ours_out) if ours_out.exists() else None
-            show(r)
-        elif step in ("verify", "verify-short"):
-            if not (ours_out / "conversion.json").is_file():
-                print("  skipped: no output of ours to verify", flush=True)
-                continue
-            vjson = workdir / f"{step}-report.json"
-            vjson.unlink(missing_ok=True)
-            extra_args = shlex.split(args.verify_args) if step == "verify" else SHORT_VERIFY
-            r = run_step(
-                step,
-                [py, "-m", "verify", str(ours_out), "--json", str(vjson), "--quiet", *extra_args],
-                limit,
-                args.verify_timeout,
-                drop,
-                workdir / f"{step}.log",
-            )
-            if vjson.is_file():
-                v = json.loads(vjson.read_text())
-                r.extra["report"] = v
-                if step == "verify":
-                    verify_dtype = (v.get("settings") or {}).get("dtype") or verify_dtype
-            show(r)
-        elif step == "floor":
-            if not (ours_out / "conversion.json").is_file():
-                print("  skipped: no output of ours", flush=True)
-                continue
-            fjson = workdir / "floor.json"
-            fjson.unlink(missing_ok=True)
-            r = run_step(
-                "floor",
-                [py, "-m", "bench.floor", str(ours_out), "--dtype", verify_dtype, "--json", str(fjson)],
-                limit,
-                args.verify_timeout,
-                drop,
-                workdir / "floor.log",
-            )
-            if fjson.is_file():
-                r.extra["floor"] = json.loads(fjson.read_text())
-            show(r)
-        elif step == "push":
-            dst = workdir / "out-push"
-            shutil.rmtree(dst, ignore_errors=True)
-            pjson = workdir / "push.json"
-            pjson.unlink(missing_ok=True)
-            r = run_step(
-                "push",
-                [
-                    py,
-                    "-m",
-                    "bench.push",
-                    "--json",
-                    str(pjson),
-                    "--",
-                    "--original",
-                    str(original),
-                    "--text-model",
-                    str(text_model),
-                    "--vision-model",
-                    str(vision_model),
-                    "--output",
-                    str(dst),
-                    "--quiet",
-                ],
-                limit,
-                args.verify_timeout,
-                drop,
-                workdir / "push.log",
-            )
-            if pjson.is_file():
-                r.extra["push"] = json.loads(pjson.read_text())
-            shutil.rmtree(dst, ignore_errors=True)
-            show(r)
-
+        _STEPS[step](b, b.original if cache == "warm" else None)
     if args.profile:
-        prof_out = workdir / "out-ours-profiled"
-        shutil.rmtree(prof_out, ignore_errors=True)
-        raw = workdir / "ours-pyspy.txt"
-        rate = 20
-        conv = [
-            py,
-            "-m",
-            "convert",
-            "--original",
-            str(original),
-            "--text-model",
-            str(text_model),
-            "--vision-model",
-            str(vision_model),
-            "--output",
-            str(prof_out),
-            "--quiet",
-        ]
-        spy = shutil.which("py-spy")
-        if spy is None:
-            print("py-spy not installed (pip install py-spy): no profile", file=sys.stderr)
-        else:
-            print("profiling ours under py-spy ...", flush=True)
-            r = run_step(
-                "ours-profiled",
-                [spy, "record", "--format", "raw", "--rate", str(rate), "--idle", "--output", str(raw), "--", *conv],
-                limit,
-                None,
-                drop,
-                workdir / "ours-pyspy.log",
-            )
-            shutil.rmtree(prof_out, ignore_errors=True)
-            if raw.is_file():
-                report["profile"] = {"rate": rate, "seconds": r.seconds, **summarize_collapsed(raw)}
-
+        _profile(b)
     if not args.keep:
-        shutil.rmtree(ours_out, ignore_errors=True)
-        shutil.rmtree(inp, ignore_errors=True)
-    save()
+        shutil.rmtree(b.ours_out, ignore_errors=True)
+        shutil.rmtree(b.workdir / "input", ignore_errors=True)
+    b.save()
     print()
-    print(table(results))
-    for c, pr in report["paired_by_cache"].items():
+    print(table(b.results))
+    for c, pr in b.report["paired_by_cache"].items():
         if pr:
             print(
                 f"\n{c} cache: ours / cp per round: {', '.join(str(p['ratio']) for p in pr['pairs'])}; median "
                 f"{pr['median_ratio']}"
             )
-    print(f"\nreport: {report_path}")
+    print(f"\nreport: {b.report_path}")
     if args.write_md:
-        write_md(report)
+        write_md(b.report)
         print(f"wrote {BENCHMARKS_MD}")
     return 0
 

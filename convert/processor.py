@@ -43,6 +43,7 @@ from pathlib import Path
 from .backbones import CHAT_TEMPLATE_V1, VICUNA, Backbone  # noqa: F401  (CHAT_TEMPLATE_V1: re-exported)
 from .config import TokenIds
 from .errors import ConversionError
+from .writer import json_text, write_json
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -328,7 +329,7 @@ def tokenizer_json(backend) -> str:
         and all(isinstance(m, list) and len(m) == 2 and " " not in m[0] + m[1] for m in merges)
     ):
         model["merges"] = [f"{a} {b}" for a, b in merges]
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    return json_text(data, sort_keys=False)  # tokenizer.json: the order of its keys is transformers' own
 
 
 def write_tokenizer_files(
@@ -375,7 +376,7 @@ def write_tokenizer_files(
                 "use_default_system_prompt": False,
             }
         )
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    write_json(out / "tokenizer_config.json", cfg)
     special = {
         "additional_special_tokens": additional,
         "bos_token": info.bos_token,
@@ -384,7 +385,7 @@ def write_tokenizer_files(
     }
     if info.unk_token is not None:
         special["unk_token"] = info.unk_token
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, sort_keys=True) + "\n")
+    write_json(out / "special_tokens_map.json", special, ensure_ascii=True)
 
 
 def image_processor_config(preprocessor: dict, where: str) -> dict:
@@ -432,7 +433,6 @@ def processor_config(patch_size: int) -> dict:
 def write_processor_files(
     out: Path, preprocessor: dict, patch_size: int, where: str, backbone: Backbone = VICUNA
 ) -> None:
-    dump = lambda obj: json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"  # noqa: E731
-    (out / "preprocessor_config.json").write_text(dump(image_processor_config(preprocessor, where)))
-    (out / "processor_config.json").write_text(dump(processor_config(patch_size)))
-    (out / "chat_template.json").write_text(dump({"chat_template": backbone.chat_template}))
+    write_json(out / "preprocessor_config.json", image_processor_config(preprocessor, where))
+    write_json(out / "processor_config.json", processor_config(patch_size))
+    write_json(out / "chat_template.json", {"chat_template": backbone.chat_template})

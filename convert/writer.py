@@ -98,5 +98,12 @@ def write_shard(
     return h.hexdigest()  # no fsync here: the caller flushes finished shards in the background (DropBehind.close)
 
 
-def write_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+def json_text(obj: object, *, sort_keys: bool = True, ensure_ascii: bool = False) -> str:
+    """Every JSON file the converter writes: indented by 2, keys sorted (unless an order is part of the format, as in
+    tokenizer.json), one newline at the end."""
+    return json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=ensure_ascii) + "\n"
+
+
+def write_json(path: Path, obj: object, *, sort_keys: bool = True, ensure_ascii: bool = False) -> None:
+    """:func:`json_text` written as UTF-8, whatever the locale."""
+    path.write_bytes(json_text(obj, sort_keys=sort_keys, ensure_ascii=ensure_ascii).encode("utf-8"))

@@ -18,6 +18,7 @@ from .errors import OriginalLoadError
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; a missing file is ``{}``, anything but an object is an error."""
     if not path.is_file():
         return {}
     try:
@@ -30,6 +31,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def token_content(value: Any) -> str | None:
+    """The text of a special-token entry: a plain string, an ``AddedToken`` object's ``content``, or None."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, dict) and "content" in value:

@@ -1,4 +1,4 @@
-"""Tests of verify/original.py, the independent re-implementation of the ORIGINAL ViP-LLaVA.
+"""Tests of verify/original/, the independent re-implementation of the ORIGINAL ViP-LLaVA.
 
 Everything is built here, from scratch, on tiny shapes: a sentencepiece model trained on an
 inline corpus with Llama-2 settings, a tiny Llama and a tiny 12-layer CLIP tower with random

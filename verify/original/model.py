@@ -1,0 +1,430 @@
+"""The original ViP-LLaVA model, restated: load, preprocess, tokenize, forward, extend and greedy generation.
+
+* :meth:`OriginalVipLlava.from_dirs`: the model ``llava/model/builder.py`` loaded, built from the original
+  checkpoint (:mod:`verify.original.checkpoint`), its configs (:mod:`verify.original.configs`), the base model's
+  tokenizer (:mod:`verify.original.backbones`) and the vision model's preprocessing settings.
+* :meth:`OriginalVipLlava.preprocess` / :meth:`OriginalVipLlava.tokenize`: ``llava/mm_utils.py`` ``process_images``
+  (:mod:`verify.original.preprocess`) and ``tokenizer_image_token`` (:mod:`verify.original.image_token`).
+* :meth:`OriginalVipLlava.image_features`: the multilayer CLIP features and the projector
+  (:mod:`verify.original.vision`).
+* :meth:`OriginalVipLlava.forward`: ``llava/model/llava_arch.py`` ``prepare_inputs_labels_for_multimodal`` (embed
+  the non-image ids, replace every -200 by the next image's features, truncate to ``tokenizer_model_max_length``,
+  positions 0..T-1 over the spliced sequence) followed by the text model.  Cross-checked during development
+  against transformers 4.31.0: the whole forward on a tiny checkpoint matches a 4.31 Llama + CLIP run of the
+  original pipeline to ~3e-6 in fp32 logits.
+* :meth:`OriginalVipLlava.generate_greedy`: ``generate`` with ``do_sample=False`` (greedy) and the eval scripts'
+  terminators (:func:`verify.original.terminator_ids`).  Like the original (``llava_llama.py`` ``generate``: the
+  spliced ``inputs_embeds`` are built once, then transformers' ``generate`` continues with the key/value cache),
+  one forward over the prompt is followed by one cached text-model step per new token (``continue_greedy``; each
+  new id embedded at the next position).  ``incremental=False`` re-runs the whole forward per token, the yardstick
+  the cached path is tested against.  ``builder.py`` resized the embeddings to ``len(tokenizer)`` before
+  generating, so the original could only emit ids below ``min(len(tokenizer), rows)``; the argmax is taken over
+  those.
+* :meth:`OriginalVipLlava.extend`: ``forward`` of a longer prompt computed from a shorter one's key/value cache (a
+  shortcut for prompts that share a prefix; the function is the same).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import PIL.Image
+import torch
+from transformers import CLIPVisionModel, LlamaForCausalLM, Phi3ForCausalLM
+
+from .backbones import BACKBONES, Backbone, detect_backbone, terminator_ids
+from .checkpoint import load_original_state_dict, place_original, split_original_state
+from .configs import check_vip_config, clip_vision_config_from_dir, multimodal_hidden_size
+from .conversation import render_prompt
+from .errors import OriginalLoadError
+from .fast_tokenizer import FastTokenizer
+from .image_token import IMAGE_SENTINEL
+from .preprocess import ClipPreprocessSettings, process_image
+from .slow_tokenizer import LlamaSlowTokenizer
+from .vision import FEATURE_LAYERS, PROJECTOR_EPS, select_and_project, vision_hidden_states
+
+
+def _cache_argument(llm: torch.nn.Module) -> str:
+    """The text model's keyword for the key/value cache: ``cache`` (transformers >= 5.2x), ``past_key_values``
+    before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+@dataclass
+class ReferenceOutput:
+    logits: torch.Tensor
+    input_positions: list[int]
+    trace: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the text model's key/value cache after the sequence (``forward(keep_cache=True)``), for greedy continuation
+    cache: Any = None
+
+
+class OriginalVipLlava:
+    """The original ViP-LLaVA (Vicuna, Llama-3 or Phi-3 backbone, ``clip_4layers_336`` tower), restated."""
+
+    feature_layers: tuple[int, ...] = FEATURE_LAYERS
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        llm: LlamaForCausalLM | Phi3ForCausalLM,
+        vision: CLIPVisionModel,
+        projector: dict[str, torch.Tensor],
+        tokenizer: LlamaSlowTokenizer | FastTokenizer,
+        image_settings: ClipPreprocessSettings,
+        dtype: torch.dtype,
+        backbone: Backbone = BACKBONES["vicuna"],
+    ):
+        self.config = config
+        self.backbone = backbone
+        self.llm = llm
+        self.vision = vision
+        self.projector = projector
+        self.tokenizer = tokenizer
+        self.sp = getattr(tokenizer, "sp", None)
+        self.image_settings = image_settings
+        self.dtype = dtype
+        self.image_aspect_ratio = config.get("image_aspect_ratio", "square")
+        self.max_length = config.get("tokenizer_model_max_length")
+        self.projector_eps = PROJECTOR_EPS
+        self.terminators = terminator_ids(backbone.name, tokenizer)
+        self.eos_token_ids = set(self.terminators.values())
+        # builder.py: model.resize_token_embeddings(len(tokenizer)) before generating
+        self.emit_limit = min(len(tokenizer), llm.config.vocab_size)
+
+    @property
+    def conv_mode(self) -> str:
+        return self.backbone.conv_mode
+
+    @property
+    def base_tokens(self) -> int:
+        """T = len(base tokenizer), for the converted layout (``expected_layout``)."""
+        return len(self.tokenizer)
+
+    def render(self, turns: Sequence[Any]) -> str:
+        """The original prompt string for ``turns`` in this backbone's conversation mode."""
+        return render_prompt(turns, self.backbone.conv_mode)
+
+    # ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_dirs(
+        cls, original: Path, text_model: Path, vision_model: Path, dtype: torch.dtype = torch.float32
+    ) -> "OriginalVipLlava":
+        """The original model from its checkpoint folder, the base text model folder (tokenizer) and the vision model
+        folder (CLIP config, preprocessing), every input checked at load time."""
+        original, text_model, vision_model = Path(original), Path(text_model), Path(vision_model)
+        backbone = BACKBONES[detect_backbone(original, text_model)]
+        config = json.loads((original / "config.json").read_text())
+        check_vip_config(config)
+        lcfg = backbone.text_config(config)
+        vcfg = clip_vision_config_from_dir(vision_model)
+        mm_hidden = multimodal_hidden_size(config, vcfg)
+        with torch.device("meta"):
+            llm = backbone.text_model(lcfg)
+            vision = CLIPVisionModel(vcfg)
+        parts = split_original_state(load_original_state_dict(original), set(vision.state_dict()), dtype)
+        place_original(llm, vision, parts, lcfg, mm_hidden)
+        tokenizer = _base_tokenizer(backbone, text_model, lcfg.vocab_size)
+        settings = ClipPreprocessSettings.from_file(vision_model / "preprocessor_config.json")
+        return cls(config, llm, vision, parts[2], tokenizer, settings, dtype, backbone)
+
+    # ---------------------------------------------------------------------------------------
+    @property
+    def num_patches(self) -> int:
+        c = self.vision.config
+        # transformers types CLIP's image_size and patch_size as int | list | tuple | None; they are ints here
+        return (c.image_size // c.patch_size) ** 2  # type: ignore[operator]
+
+    def preprocess(self, image: PIL.Image.Image) -> torch.Tensor:
+        """llava/mm_utils.py process_images for one image -> [3, crop_h, crop_w] float32."""
+        return process_image(image, self.image_settings, self.image_aspect_ratio)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """llava/mm_utils.py tokenizer_image_token: ids with IMAGE_SENTINEL for each <image>."""
+        return self.tokenizer.encode_with_images(prompt)
+
+    # ---------------------------------------------------------------------------------------
+    def _project_images(self, images: Sequence[PIL.Image.Image]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The projected features of ``images`` and the tower's hidden states behind them."""
+        hs = vision_hidden_states(self.vision, torch.stack([self.preprocess(im) for im in images]))
+        return select_and_project(hs, self.projector, self.projector_eps), hs
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> projected features [B, num_patches, text_hidden] (model dtype)."""
+        if pixel_values.ndim == 3:
+            pixel_values = pixel_values[None]
+        return select_and_project(vision_hidden_states(self.vision, pixel_values), self.projector, self.projector_eps)
+
+    # ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Sequence[int],
+        images: Sequence[PIL.Image.Image] | None = None,
+        capture: bool = False,
+        features: torch.Tensor | None = None,
+        last_only: bool = False,
+        keep_cache: bool = False,
+    ) -> ReferenceOutput:
+        """Logits of the original model over the spliced sequence.
+
+        ``input_ids`` may hold ``IMAGE_SENTINEL``; ``images`` (PIL) are consumed in order, one per
+        sentinel.  Returns float32 logits ``[T, vocab]`` with ``T = len(input_ids) +
+        n_images * (num_patches - 1)`` (capped at ``tokenizer_model_max_length``) and, per spliced
+        position, the index into ``input_ids`` it came from.
+
+        ``last_only=True`` (greedy decoding): the logits of the last position only, ``[1, vocab]``.
+        ``features``: the images' projected features, computed before (the vision side does not depend on the text).
+
+        ``capture=True`` also records float32 intermediates in ``trace``:
+        ``vision.embeddings`` (CLIP hidden state 0, after ``pre_layrnorm``) and
+        ``vision.layer.{i}`` (output of encoder layer i), both ``[n_images, 1 + num_patches,
+        vision_hidden]``; ``projector`` ``[n_images, num_patches, hidden]``;
+        ``decoder.embeddings`` (the spliced input embeddings) ``[T, hidden]``;
+        ``decoder.layer.{i}`` (output of decoder layer i; the last one before the final norm)
+        ``[T, hidden]``; ``decoder.norm`` ``[T, hidden]``; ``logits`` ``[T, vocab]``.
+
+        ``keep_cache=True`` keeps the text model's key/value cache in ``cache`` (the state the original's
+        ``generate`` continued from after its first step); :meth:`continue_greedy` consumes it.
+        """
+        ids = [int(i) for i in input_ids]
+        images = list(images or [])
+        self._check_inputs(ids, images)
+        trace: dict[str, torch.Tensor] = {}
+        features = self._features_for(images, features, capture, last_only, trace)
+        inputs_embeds, positions = self._splice(ids, features)
+        if capture:
+            trace["decoder.embeddings"] = inputs_embeds.float().clone()
+        out = self._run_text_model(inputs_embeds, trace if capture else None, last_only, keep_cache)
+        logits = out.logits[0].float()
+        if capture:
+            trace["logits"] = logits.clone()
+        cache = _returned_cache(out) if keep_cache else None
+        return ReferenceOutput(logits=logits, input_positions=positions, trace=trace, cache=cache)
+
+    __call__ = forward
+
+    def _check_inputs(self, ids: list[int], images: list[PIL.Image.Image]) -> None:
+        """Every id is a row of the embedding or the image sentinel, one image per sentinel, at least one id."""
+        vocab = self.llm.config.vocab_size
+        bad = [i for i in ids if i != IMAGE_SENTINEL and not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"token ids outside [0, {vocab}) other than {IMAGE_SENTINEL}: {bad[:5]}")
+        n_sentinels = ids.count(IMAGE_SENTINEL)
+        if n_sentinels != len(images):
+            raise ValueError(f"{n_sentinels} image sentinel(s) in input_ids but {len(images)} image(s) given")
+        if not ids:
+            raise ValueError("empty input_ids")
+
+    def _features_for(
+        self,
+        images: list[PIL.Image.Image],
+        features: torch.Tensor | None,
+        capture: bool,
+        last_only: bool,
+        trace: dict[str, torch.Tensor],
+    ) -> torch.Tensor | None:
+        """The projected features of ``images``: ``features`` when computed before (``generate_greedy``), else the
+        tower and the projector run now (their outputs recorded in ``trace`` when ``capture``); None without
+        images."""
+        if capture and last_only:
+            raise ValueError("capture needs the logits of every position (last_only=False)")
+        if features is not None:
+            if capture or features.shape[0] != len(images):
+                raise ValueError("precomputed features need one entry per image and capture=False")
+            return features
+        if not images:
+            return None
+        features, hs = self._project_images(images)
+        if capture:
+            trace["vision.embeddings"] = hs[0].float().clone()
+            for i in range(1, len(hs)):
+                trace[f"vision.layer.{i - 1}"] = hs[i].float().clone()
+            trace["projector"] = features.float().clone()
+        return features
+
+    def _splice(self, ids: list[int], features: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
+        """``prepare_inputs_labels_for_multimodal``: the text ids embedded, each sentinel replaced by the next image's
+        features, truncated to ``tokenizer_model_max_length``; with, per spliced position, its index in ``ids``."""
+        embed = self.llm.get_input_embeddings()
+        text_ids = torch.tensor([i for i in ids if i != IMAGE_SENTINEL], dtype=torch.long)
+        text_emb = embed(text_ids)
+        pieces: list[torch.Tensor] = []
+        positions: list[int] = []
+        t = 0
+        img = 0
+        for pos, tok in enumerate(ids):
+            if tok == IMAGE_SENTINEL:
+                assert features is not None  # computed whenever the prompt has images
+                feat = features[img]
+                pieces.append(feat)
+                positions.extend([pos] * feat.shape[0])
+                img += 1
+            else:
+                pieces.append(text_emb[t : t + 1])
+                positions.append(pos)
+                t += 1
+        inputs_embeds = torch.cat(pieces, dim=0)
+        if self.max_length is not None and inputs_embeds.shape[0] > self.max_length:
+            # prepare_inputs_labels_for_multimodal truncates to tokenizer_model_max_length.
+            inputs_embeds = inputs_embeds[: self.max_length]
+            positions = positions[: self.max_length]
+        return inputs_embeds, positions
+
+    def _run_text_model(
+        self, inputs_embeds: torch.Tensor, trace: dict[str, torch.Tensor] | None, last_only: bool, keep_cache: bool
+    ) -> Any:
+        """The text model over the spliced embeddings at positions 0..T-1; with ``trace``, each decoder layer's
+        output and the final norm's are recorded in it."""
+        T = inputs_embeds.shape[0]
+        hooks = self._capture_hooks(trace) if trace is not None else []
+        try:
+            return self.llm(
+                inputs_embeds=inputs_embeds[None],
+                position_ids=torch.arange(T, dtype=torch.long)[None],
+                use_cache=keep_cache,
+                # last_only: the lm_head on the last position alone (what greedy decoding reads)
+                **({"logits_to_keep": 1} if last_only else {}),
+            )
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _capture_hooks(self, trace: dict[str, torch.Tensor]) -> list[Any]:
+        def make_hook(name):
+            def hook(_module, _inputs, output):
+                out = output[0] if isinstance(output, (tuple, list)) else output
+                trace[name] = out[0].float().clone()
+
+            return hook
+
+        hooks = []
+        for i, layer in enumerate(self.llm.model.layers):
+            hooks.append(layer.register_forward_hook(make_hook(f"decoder.layer.{i}")))
+        hooks.append(self.llm.model.norm.register_forward_hook(make_hook("decoder.norm")))
+        return hooks
+
+    @torch.no_grad()
+    def extend(self, prefix: ReferenceOutput, more_ids: Sequence[int], keep_cache: bool = False) -> ReferenceOutput:
+        """``forward(ids + more_ids)`` computed from ``forward(ids, keep_cache=True)`` = ``prefix``: the text ids
+        ``more_ids`` (no image sentinel) are embedded at the positions after the prefix's spliced sequence and attend
+        to a copy of its key/value cache (``prefix`` stays usable for the next extension). The logits are the
+        prefix's followed by the new positions'. Prompts that share a prefix (system text and image) compute it once;
+        the original's ``generate`` ran each prompt whole, and the function is the same."""
+        ids = [int(i) for i in more_ids]
+        vocab = self.llm.config.vocab_size
+        if not ids or any(not 0 <= i < vocab for i in ids):
+            raise ValueError(f"extend needs text ids in [0, {vocab}), got {ids[:5]}")
+        if prefix.cache is None:
+            raise ValueError("extend needs forward(..., keep_cache=True)")
+        start = len(prefix.input_positions)
+        if self.max_length is not None and start + len(ids) > self.max_length:
+            raise ValueError(f"prefix + {len(ids)} ids exceed tokenizer_model_max_length {self.max_length}")
+        first_id = (prefix.input_positions[-1] + 1) if prefix.input_positions else 0
+        cache = copy.deepcopy(prefix.cache)
+        out = self.llm(
+            inputs_embeds=self.llm.get_input_embeddings()(torch.tensor([ids], dtype=torch.long)),
+            position_ids=torch.arange(start, start + len(ids), dtype=torch.long)[None],
+            use_cache=True,
+            **{_cache_argument(self.llm): cache},
+        )
+        logits = torch.cat([prefix.logits, out.logits[0].float()], dim=0)
+        positions = list(prefix.input_positions) + list(range(first_id, first_id + len(ids)))
+        return ReferenceOutput(
+            logits=logits, input_positions=positions, cache=_returned_cache(out) if keep_cache else None
+        )
+
+    def _pick(self, logits_row: torch.Tensor) -> int:
+        """The greedy choice among the ids the original could emit (``builder.py`` had resized the embeddings to
+        ``len(tokenizer)``: ``self.emit_limit``)."""
+        return int(torch.argmax(logits_row[: self.emit_limit]).item())
+
+    @torch.no_grad()
+    def continue_greedy(self, out: ReferenceOutput, max_new_tokens: int = 8) -> tuple[list[int], list[torch.Tensor]]:
+        """Greedy continuation of a ``forward(..., keep_cache=True)`` result, one token per step through the text
+        model with its key/value cache, as the original's ``generate`` ran after its first step: each new id is
+        embedded, placed at the next position (``T``, ``T + 1``, ... over the spliced sequence) and attends to the
+        cached keys/values.  Returns the new ids (a terminator included when produced) and the float32 logits row
+        each was picked from.  The cache is consumed (``out.cache`` is set to None)."""
+        if out.cache is None:
+            raise ValueError("continue_greedy needs forward(..., keep_cache=True)")
+        cache, out.cache = out.cache, None
+        embed = self.llm.get_input_embeddings()
+        position = len(out.input_positions)  # T, the spliced length (out.logits may hold the last row only)
+        row = out.logits[-1]
+        new: list[int] = []
+        rows: list[torch.Tensor] = []
+        for step in range(max_new_tokens):
+            nxt = self._pick(row)
+            new.append(nxt)
+            rows.append(row)
+            if nxt in self.eos_token_ids or step == max_new_tokens - 1:
+                break
+            step_out = self.llm(
+                inputs_embeds=embed(torch.tensor([[nxt]], dtype=torch.long)),
+                position_ids=torch.tensor([[position]], dtype=torch.long),
+                use_cache=True,
+                **{_cache_argument(self.llm): cache},
+            )
+            cache = _returned_cache(step_out)
+            row = step_out.logits[0, -1].float()
+            position += 1
+        return new, rows
+
+    @torch.no_grad()
+    def generate_greedy(
+        self,
+        input_ids: Sequence[int],
+        images: Sequence[PIL.Image.Image] | None = None,
+        max_new_tokens: int = 8,
+        incremental: bool = True,
+        return_logits: bool = False,
+    ):
+        """Greedy continuation (new ids only; a terminator is included when it is produced).
+
+        Stops on the original eval's terminators (``self.terminators``); the argmax runs over the
+        ids the original could emit after ``builder.py`` resized the embeddings to
+        ``len(tokenizer)`` (``self.emit_limit``).  ``incremental`` (default): one forward over the prompt,
+        then one cached step per token (:meth:`continue_greedy`).  ``incremental=False`` re-runs the whole
+        forward for every new token (slow; the yardstick the cached path is tested against).
+        ``return_logits``: also return the float32 logits row behind each new id."""
+        ids = [int(i) for i in input_ids]
+        features = None
+        if images:  # the vision tower and projector do not depend on the text: run them once
+            features, _ = self._project_images(images)
+        if incremental:
+            new, rows = self.continue_greedy(
+                self.forward(ids, images, features=features, keep_cache=True, last_only=True), max_new_tokens
+            )
+            return (new, rows) if return_logits else new
+        new, rows = [], []
+        for _ in range(max_new_tokens):
+            row = self.forward(ids + new, images, features=features, last_only=True).logits[-1]
+            nxt = self._pick(row)
+            new.append(nxt)
+            rows.append(row)
+            if nxt in self.eos_token_ids:
+                break
+        return (new, rows) if return_logits else new
+
+
+def _base_tokenizer(backbone: Backbone, text_model: Path, rows: int) -> LlamaSlowTokenizer | FastTokenizer:
+    """The tokenizer the original inference loaded for ``backbone``; it must fit the original embedding's rows."""
+    tokenizer = backbone.tokenizer(text_model)
+    if len(tokenizer) > rows:
+        raise OriginalLoadError(
+            f"{text_model}: the tokenizer has {len(tokenizer)} tokens, the original model only {rows} rows"
+        )
+    return tokenizer

@@ -153,10 +153,9 @@ def publish(
 
     ``verify(folder) -> Report`` defaults to the full verification (``verify_repo`` with its default prompts and
     images). ``api``: the Hub client, ``huggingface_hub.HfApi()`` when None (made only once verification passed).
-    ``private``:
-    create the repo private (``None``: the Hub's default; an existing repo keeps its visibility, and ``True`` on an
-    existing public repo is refused before uploading). ``revision``: the branch to push to, created from the
-    default branch when missing. Returns a :class:`PublishResult` (``pushed`` False when verification failed).
+    ``private``: create the repo private (``None``: the Hub's default; an existing repo keeps its visibility, and
+    ``True`` on an existing public repo is refused before uploading). ``revision``: the branch to push to, created
+    from the default branch when missing. Returns a :class:`PublishResult` (``pushed`` False when verification failed).
     Raises :class:`PublishError` when the folder cannot be verified or the Hub refuses (one-line message)."""
     folder = Path(folder).expanduser().absolute()
     if verify is None:

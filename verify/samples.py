@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import verify.fixtures as _bundled  # the data folder only: its __init__ at most says where the folder is
+from . import fixtures as _bundled  # the data folder only: its __init__ at most says where the folder is
 
 DATA = Path(next(iter(_bundled.__path__)))
 PROMPTS_JSON = DATA / "prompts.json"

@@ -3,8 +3,8 @@
 
     python -m bench.push --json OUT.json -- <python -m convert arguments, without --push-to-hub>
 
-Runs the converter's CLI in this process with ``--push-to-hub someone/vip-llava-bench`` and the stand-in installed
-through ``convert.publish.HUB_API_FACTORY``: conversion, the full default verification the push gate runs, the
+Runs the converter's CLI in this process with ``--push-to-hub someone/vip-llava-bench`` and the stand-in passed as
+``convert.cli.main(..., hub_api=...)``: conversion, the full default verification the push gate runs, the
 model card and the commit. The stand-in is ``tests.recording_hub.RecordingHubApi``, the one the publishing tests
 use; it hashes each committed file in 16 MiB chunks (a 5 GB shard never counts as 5 GB of this process's memory).
 The JSON says what the commit held and whether every pushed file's sha256 is the one the
@@ -29,14 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     conv_args = [a for a in args.convert_args if a != "--"]
 
-    import convert.publish as publish_mod
     from convert.cli import main as convert_main
     from tests.recording_hub import RecordingHubApi
 
     api = RecordingHubApi()
-    publish_mod.HUB_API_FACTORY = lambda: api
     t = time.perf_counter()
-    code = convert_main([*conv_args, "--push-to-hub", REPO_ID])
+    code = convert_main([*conv_args, "--push-to-hub", REPO_ID], hub_api=api)
     seconds = time.perf_counter() - t
     out_dir = Path(conv_args[conv_args.index("--output") + 1])
     result: dict = {

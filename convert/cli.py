@@ -1,5 +1,9 @@
 """``python -m convert`` (``vipllava-convert``): the command line around :func:`convert.pipeline.convert`.
 
+The one module of ``convert`` above every package of the project (docs/architecture.md, Layers): besides the
+converter it reaches the bundled fixtures (``--demo``) and the ``publish`` package (``--push-to-hub``), each
+imported only when its option is given.
+
 Every option is checked before any heavy import (torch, transformers) and before any work: a bad option is
 refused in a fraction of a second with one line and exit 2. Ctrl-C at any moment ends with one line and exit 130.
 """
@@ -11,6 +15,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import ConversionError
@@ -123,10 +128,12 @@ def console() -> None:
     exit_process(main())
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None, *, hub_api: Any | None = None) -> int:
+    """Run the command line; the exit code. ``hub_api``: the Hub client ``--push-to-hub`` talks to
+    (``huggingface_hub.HfApi()`` when None; tests and ``bench/push.py`` pass a recording stand-in)."""
     with OnInterrupt("error: interrupted; no output was written") as interrupt:
         try:
-            return _main(argv, prog, interrupt)
+            return _main(argv, prog, interrupt, hub_api)
         except KeyboardInterrupt:
             print(interrupt.message, file=sys.stderr)
             return 130
@@ -175,7 +182,7 @@ def _flag_combination_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt) -> int:
+def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt, hub_api: Any | None) -> int:
     parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
@@ -208,9 +215,9 @@ def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt) -> i
         if problem:
             raise ConversionError(problem)
         if args.push_to_hub:
-            from .publish import preflight
+            from publish import preflight
 
-            problem = preflight(args.push_to_hub)
+            problem = preflight(args.push_to_hub, api=hub_api)
             if problem:
                 raise ConversionError(problem)
     except ConversionError as e:
@@ -269,7 +276,14 @@ def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt) -> i
             )
             return 2
     if args.push_to_hub:
-        from .publish import run
+        from publish import run
 
-        return run(summary.output, args.push_to_hub, private=args.private, revision=args.push_branch, progress=progress)
+        return run(
+            summary.output,
+            args.push_to_hub,
+            private=args.private,
+            revision=args.push_branch,
+            progress=progress,
+            api=hub_api,
+        )
     return 0

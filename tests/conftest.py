@@ -43,8 +43,9 @@ def converted(tiny, tmp_path_factory) -> Path:
     return out
 
 
-def run_convert(tiny, output: Path, *extra: str) -> int:
-    """Run the CLI in-process on the tiny fixture (or on what ``extra`` overrides)."""
+def run_convert(tiny, output: Path, *extra: str, hub_api=None) -> int:
+    """Run the CLI in-process on the tiny fixture (or on what ``extra`` overrides); ``hub_api``: the Hub client
+    ``--push-to-hub`` uses (``convert.cli.main``'s parameter)."""
     from convert.cli import main
 
     args = [
@@ -59,7 +60,7 @@ def run_convert(tiny, output: Path, *extra: str) -> int:
         "--quiet",
         *extra,
     ]
-    return main(args)
+    return main(args, hub_api=hub_api)
 
 
 @pytest.fixture(scope="session")

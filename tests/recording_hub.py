@@ -1,7 +1,7 @@
 """The recording Hub stand-in: the few ``HfApi`` methods publishing uses, recorded, never touching the network.
 
-Installed through ``convert.publish.HUB_API_FACTORY`` (or passed as ``api=``) by ``tests/test_publish.py`` and by
-``bench/push.py``; one class for both, so the tests and the benchmark exercise the same boundary.
+Passed as ``api=`` to ``publish.publish`` or as ``hub_api=`` to ``convert.cli.main`` by ``tests/test_publish.py``
+and by ``bench/push.py``; one class for both, so the tests and the benchmark exercise the same boundary.
 """
 
 from __future__ import annotations

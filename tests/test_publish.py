@@ -1,9 +1,9 @@
-"""Publishing (``python -m convert --push-to-hub``, ``convert.publish``): a repo that fails verification is never
-sent; a verified one goes up complete, in one commit, with its model card and report; Hub errors are one line.
+"""Publishing (``python -m convert --push-to-hub``, the ``publish`` package): a repo that fails verification is
+never sent; a verified one goes up complete, in one commit, with its model card and report; Hub errors are one line.
 
-The ONLY thing replaced is the object that talks to the Hub: :class:`tests.recording_hub.RecordingHubApi`, injected
-as ``api=`` or through the ``convert.publish.HUB_API_FACTORY`` hook. Conversions, verification, the commit's
-operations and the card are real.
+The ONLY thing replaced is the object that talks to the Hub: :class:`tests.recording_hub.RecordingHubApi`, passed
+as ``api=`` to the library or as ``hub_api=`` to the command line (``convert.cli.main``). Conversions,
+verification, the commit's operations and the card are real.
 The CLI tests run the full default verification (as ``--push-to-hub`` does); the library tests pass the real
 ``verify_repo`` with four of the sample prompts and 4 greedy tokens, to stay fast.
 """
@@ -22,13 +22,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import convert
-import convert.publish as publish_mod
+import publish as publish_mod
 from convert.model_card import model_card
-from convert.publish import PublishError, publish
-from fixtures.build import sample_images, sample_prompts
+from publish import PublishError, publish
 from tests.conftest import run_convert
 from tests.recording_hub import RecordingHubApi
 from verify.api import verify_repo
+from verify.samples import sample_images, sample_prompts
 
 REPO_ID = "someone/vip-llava-tiny-hf"
 PROMPTS = [p for p in sample_prompts() if p["name"] in ("wide_colour", "text_only", "two_turn", "image_then_space")]
@@ -52,11 +52,9 @@ def repo(converted, tmp_path) -> Path:
 
 
 @pytest.fixture()
-def hub(monkeypatch) -> RecordingHubApi:
-    """The recording API, installed through the documented hook the CLI path uses."""
-    api = RecordingHubApi()
-    monkeypatch.setattr(publish_mod, "HUB_API_FACTORY", lambda: api)
-    return api
+def hub() -> RecordingHubApi:
+    """The recording API; each test passes it on (``api=`` or ``hub_api=``)."""
+    return RecordingHubApi()
 
 
 def _local_state(folder: Path) -> dict[str, str]:
@@ -128,7 +126,7 @@ def test_private_on_an_existing_public_repo_is_refused_before_uploading(repo):
 
 def test_http_error_exits_2_with_one_line(repo, hub, capsys):
     hub.fail_at = "create_commit"
-    code = publish_mod.run(repo, REPO_ID, private=False, revision=None, progress=False, verify=fast_verify)
+    code = publish_mod.run(repo, REPO_ID, private=False, revision=None, progress=False, verify=fast_verify, api=hub)
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err, err
     assert (
@@ -138,7 +136,7 @@ def test_http_error_exits_2_with_one_line(repo, hub, capsys):
     hub.calls.clear()
     hub.fail_at = "create_repo"
     with pytest.raises(PublishError, match="failed at create_repo: 401.*nothing was uploaded"):
-        publish(repo, REPO_ID, verify=fast_verify)
+        publish(repo, REPO_ID, verify=fast_verify, api=hub)
     assert [name for name, _ in hub.calls] == ["create_repo"]
 
 
@@ -155,7 +153,7 @@ def test_cli_refuses_to_push_a_conversion_that_fails_verification(tiny, hub, tmp
         lambda embed, count, generator, scale=resize_module.SCALE: real(embed, count, generator, scale * 1e4),
     )
     out = tmp_path / "out"
-    code = run_convert(tiny, out, "--push-to-hub", REPO_ID)
+    code = run_convert(tiny, out, "--push-to-hub", REPO_ID, hub_api=hub)
     captured = capsys.readouterr()
     assert code == 1, captured.err
     assert hub.calls == [] and hub.commits == []
@@ -166,7 +164,7 @@ def test_cli_refuses_to_push_a_conversion_that_fails_verification(tiny, hub, tmp
 
 def test_cli_pushes_a_verified_conversion_to_a_new_private_branch(tiny, hub, tmp_path, capsys):
     out = tmp_path / "out"
-    code = run_convert(tiny, out, "--push-to-hub", REPO_ID, "--private", "--push-branch", "conversion-v1")
+    code = run_convert(tiny, out, "--push-to-hub", REPO_ID, "--private", "--push-branch", "conversion-v1", hub_api=hub)
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert [name for name, _ in hub.calls] == [
@@ -206,18 +204,24 @@ def test_cli_pushes_a_verified_conversion_to_a_new_private_branch(tiny, hub, tmp
 )
 def test_cli_push_usage_errors_stop_before_converting(tiny, hub, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
-    assert run_convert(tiny, out, *extra) == 2
+    assert run_convert(tiny, out, *extra, hub_api=hub) == 2
     assert message in capsys.readouterr().err and not out.exists() and hub.calls == []
 
 
 def test_cli_push_while_offline_stops_before_converting(tiny, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
     import huggingface_hub.constants as c
 
-    monkeypatch.setattr(publish_mod, "HUB_API_FACTORY", None)  # the real HfApi would be used: it must not be reached
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the real HfApi was reached")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", unreachable)
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     out = tmp_path / "out"
-    assert run_convert(tiny, out, "--push-to-hub", REPO_ID) == 2
+    assert run_convert(tiny, out, "--push-to-hub", REPO_ID) == 2  # no hub_api: the real HfApi would be used
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err and not out.exists()
+    # the check is about the real client only: an injected one is used offline as it is
+    assert publish_mod.preflight(REPO_ID) is not None and publish_mod.preflight(REPO_ID, api=RecordingHubApi()) is None
 
 
 # --- the model card -------------------------------------------------------------------------------------------------

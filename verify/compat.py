@@ -1239,7 +1239,7 @@ def run_matrix(
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
     if prompts is None or images is None:
-        from verify.fixtures.build import sample_images, sample_prompts
+        from .samples import sample_images, sample_prompts
 
         prompts = sample_prompts() if prompts is None else prompts
         images = sample_images() if images is None else images

@@ -98,9 +98,8 @@ def _resolve(source: str, what: str) -> Path:
 def default_prompts(backbone: str) -> list[dict]:
     """The bundled samples: ``prompts.json`` holds prompt strings written in the llava_v1 format, so a backbone of that
     mode (Vicuna) gets them; the others get the sample conversations (rendered later in the backbone's mode)."""
-    from verify.fixtures.build import sample_conversations, sample_prompts
-
     from .original import BACKBONES
+    from .samples import sample_conversations, sample_prompts
 
     return sample_prompts() if BACKBONES[backbone].conv_mode == "llava_v1" else sample_conversations()
 
@@ -446,7 +445,7 @@ class Context:
         if prompts is None:
             prompts = default_prompts(self.backbone)
         if images is None:
-            from verify.fixtures.build import sample_images
+            from .samples import sample_images
 
             images = sample_images()
         self.prompts = [prepare_prompt(p, self.conv_mode, i) for i, p in enumerate(prompts)]
@@ -659,7 +658,7 @@ class Context:
         given = [p for p in self.prompts if p.get("turns") is not None]
         if given:
             return "prompts", given
-        from verify.fixtures.build import sample_conversations
+        from .samples import sample_conversations
 
         return "bundled", [prepare_prompt(c, self.conv_mode, i) for i, c in enumerate(sample_conversations())]
 

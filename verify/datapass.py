@@ -3,7 +3,7 @@ bit-identical to its converted counterpart) and ``resize`` (the original rows of
 rows' distance from the original embedding's mean) read each byte of the converted repo and of the original once,
 at disk speed, in bounded memory.
 
-- The converted shards are read whole, in order, by the converter's :class:`~convert.writer.InputStream` (buffer
+- The converted shards are read whole, in order, by the converter's :class:`~convert.stream.InputStream` (buffer
   pool on a thread; sha256 per file on a second thread). Their pages stay in the page cache: the model load that
   follows reads them again.
 - The original tensors that have a converted counterpart are read by a second stream, as byte ranges, in the

@@ -1,5 +1,9 @@
 """Publish a converted repo to the Hugging Face Hub, and only a proven one.
 
+This package sits above both ``convert`` and ``verify`` (it needs the converter's manifest and model card, and the
+verifier's full verification): neither of them imports it, so the packages form no cycle. The converter's command
+line (``python -m convert --push-to-hub``) calls :func:`preflight` and :func:`run`; see docs/architecture.md, Layers.
+
 :func:`publish` runs the FULL verification on the folder first (``verify.api.verify_repo`` with its default
 prompts) and refuses when any check fails: nothing is sent, not even the repo creation. Otherwise it pushes the
 folder plus the model card (``README.md``) and the report (``verification.json``) in ONE commit whose message
@@ -14,10 +18,12 @@ ONE commit by construction: ``HfApi.create_commit`` with one add operation per f
 the obvious call, but with ``hf_xet`` installed huggingface_hub >= 2 may split a large folder into several commits,
 "(part N)", the first of which carries the deletions.)
 
-The network boundary is ONE object, the Hub client ``api`` (``huggingface_hub.HfApi()`` unless given; tests inject
-a recording stand-in): ``create_repo``, ``repo_info`` (only with ``private``), ``create_branch`` (only with a
-``revision`` other than main), ``list_repo_files`` and ``create_commit`` are all that is called on it. The token
-comes from where ``HfApi`` looks (``HF_TOKEN``, the stored login).
+The network boundary is ONE object, the Hub client ``api``, a parameter of :func:`publish`, :func:`run` and
+:func:`preflight` (``huggingface_hub.HfApi()`` when not given; ``tests/test_publish.py`` and ``bench/push.py`` pass a
+recording stand-in, through ``convert.cli.main(..., hub_api=...)`` for the command line). ``create_repo``,
+``repo_info`` (only with ``private``), ``create_branch`` (only with a ``revision`` other than main),
+``list_repo_files`` and ``create_commit`` are all that is called on it. The token comes from where ``HfApi`` looks
+(``HF_TOKEN``, the stored login).
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import MANIFEST, __version__
-from .model_card import model_card
+from convert import MANIFEST, __version__
+from convert.model_card import model_card
 
 if TYPE_CHECKING:
     from verify.report import Report
@@ -40,12 +46,6 @@ if TYPE_CHECKING:
 TOOL = "vipllava-harness"
 CARD = "README.md"
 REPORT = "verification.json"
-PUBLICATION_FILES = (CARD, REPORT)
-
-HUB_API_FACTORY: Callable[[], Any] | None = None
-"""Test hook: when set, :func:`publish` (and so ``python -m convert --push-to-hub``) builds its Hub client by
-calling this instead of ``huggingface_hub.HfApi``. Tests set it to a recording stand-in that never touches the
-network; nothing else in the publishing path is replaced."""
 
 
 class PublishError(Exception):
@@ -102,7 +102,7 @@ def _operations(folder: Path, manifest: dict, extra: dict[str, bytes]) -> list:
     goes up is what verify passed) and per publication file (from memory): the local folder is never written."""
     from huggingface_hub import CommitOperationAdd
 
-    from .sources import sha256_file
+    from convert.sources import sha256_file
 
     outputs: dict = manifest.get("outputs", {})
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
@@ -152,10 +152,10 @@ def publish(
     """Verify ``folder`` and, only if every check passes, push it to ``repo_id`` in one commit.
 
     ``verify(folder) -> Report`` defaults to the full verification (``verify_repo`` with its default prompts and
-    images). ``api`` defaults to ``HUB_API_FACTORY()`` if set, else ``huggingface_hub.HfApi()``. ``private``:
-    create the repo private (``None``: the Hub's default; an existing repo keeps its visibility, and ``True`` on an
-    existing public repo is refused before uploading). ``revision``: the branch to push to, created from the
-    default branch when missing. Returns a :class:`PublishResult` (``pushed`` False when verification failed).
+    images). ``api``: the Hub client, ``huggingface_hub.HfApi()`` when None (made only once verification passed).
+    ``private``: create the repo private (``None``: the Hub's default; an existing repo keeps its visibility, and
+    ``True`` on an existing public repo is refused before uploading). ``revision``: the branch to push to, created
+    from the default branch when missing. Returns a :class:`PublishResult` (``pushed`` False when verification failed).
     Raises :class:`PublishError` when the folder cannot be verified or the Hub refuses (one-line message)."""
     folder = Path(folder).expanduser().absolute()
     if verify is None:
@@ -188,12 +188,9 @@ def publish(
     operations = _operations(folder, manifest, extra)
     files = sorted(op.path_in_repo for op in operations)
     if api is None:
-        if HUB_API_FACTORY is not None:
-            api = HUB_API_FACTORY()
-        else:
-            from huggingface_hub import HfApi
+        from huggingface_hub import HfApi
 
-            api = HfApi()
+        api = HfApi()
     stage = "create_repo"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -250,11 +247,14 @@ def run(
     revision: str | None,
     progress: bool,
     verify: Callable[[Path], Report] | None = None,
+    api: Any | None = None,
 ) -> int:
     """The CLI step after a successful conversion: 0 pushed, 1 refused (verification failed), 2 push failed.
-    ``verify`` as in :func:`publish` (the CLI passes none: the full verification)."""
+    ``verify`` and ``api`` as in :func:`publish` (the CLI passes no ``verify``: the full verification)."""
     try:
-        result = publish(folder, repo_id, private=private or None, revision=revision, progress=progress, verify=verify)
+        result = publish(
+            folder, repo_id, private=private or None, revision=revision, progress=progress, verify=verify, api=api
+        )
     except PublishError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -278,8 +278,9 @@ def run(
     return 0
 
 
-def preflight(repo_id: str) -> str | None:
-    """Before a long conversion: a one-line reason why ``--push-to-hub repo_id`` cannot work, or None."""
+def preflight(repo_id: str, api: Any | None = None) -> str | None:
+    """Before a long conversion: a one-line reason why ``--push-to-hub repo_id`` cannot work, or None. ``api`` as in
+    :func:`publish`: offline mode (``HF_HUB_OFFLINE``) is refused only when the real client would be used."""
     from huggingface_hub import constants
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -288,7 +289,7 @@ def preflight(repo_id: str) -> str | None:
         validate_repo_id(repo_id)
     except HFValidationError as e:
         return f"--push-to-hub {repo_id!r}: not a valid repo id ({str(e).splitlines()[0]})"
-    if HUB_API_FACTORY is None and constants.HF_HUB_OFFLINE:
+    if api is None and constants.HF_HUB_OFFLINE:
         return (
             "--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set; unset it (inputs still come from the cache when "
             "present)"

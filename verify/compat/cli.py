@@ -16,7 +16,7 @@ from .matrix import DEFAULT_JOBS, run_matrix
 from .releases import VERSIONS, CompatUsageError, check_version
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m verify.compat",
         description=(_package_doc or "").split("\n\n")[0],
@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         "one CPU)",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     log = (
         (lambda msg: None) if args.quiet else (lambda msg: (sys.stderr.write(msg + "\n"), sys.stderr.flush()))
     )  # one write: threads

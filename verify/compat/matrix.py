@@ -39,7 +39,10 @@ class Matrix:
         rows = [self.reference, *self.rows]
         cells = [_cells(row, row is self.reference) for row in rows]
         widths = [max(len(str(c)) for c in col) for col in zip(HEAD, *cells, strict=True)]
-        fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+
+        def fmt(cells: list[str]) -> str:
+            return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
         out = [
             f"compat {self.repo}  (reference: this environment; logits tolerance {self.tolerance:g} fp32)",

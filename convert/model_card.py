@@ -139,8 +139,8 @@ print(processor.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_to
 
 
 # Measured by the harness's version matrix (``python -m verify.compat``, 2026-11-29, tiny conversions of every
-# backbone); verify/compat.py holds the same thresholds for the matrix's verdicts (kept apart on purpose: the card
-# is built from data, the matrix measures).
+# backbone); verify/compat/releases.py holds the same thresholds for the matrix's verdicts (kept apart on purpose:
+# the card is built from data, the matrix measures).
 PROCESSOR_FROM = "4.49"  # LlavaImageProcessor (do_pad): AutoProcessor pads to square
 EXPANDED_FROM = (4, 48)  # before: one <image> per image, the model expands it
 RECIPE_VERSIONS = ("4.37.2", "4.41.2", "4.44.2", "4.45.2", "4.48.3")

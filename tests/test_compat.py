@@ -23,8 +23,9 @@ import pytest
 from convert.processor import tokenizer_json
 from fixtures.build import sample_images, sample_prompts
 from verify import compat
-from verify.compat import Probe, judge
-from verify.compat_probe import _collapse
+from verify.compat import LOGITS_TOL, PIXEL_TOL, Probe, judge, judges
+from verify.compat.judges import expand
+from verify.compat.probe import _collapse
 
 IMAGE = 997
 SEQ = 9
@@ -313,6 +314,58 @@ def test_a_dropped_ignore_merges_is_said():
     )
     p.result["tokenizer"]["bpe_options"]["ignore_merges"] = True
     assert not any("ignore_merges" in c for c in judge(p, ref, expected, PROMPTS).cannot)
+
+
+def _failing_aspects(edit, version: str) -> set[str]:
+    """The aspects whose own judge function (verify/compat/judges.py) fails on a probe with ``edit`` planted."""
+    ref = _reference()
+    p = Probe(version, result=copy.deepcopy(ref.result), tensors={k: v.copy() for k, v in ref.tensors.items()})
+    p.result["versions"]["transformers"] = version
+    if compat.capabilities(version).collapse:
+        p.tensors["recipe_ids_0"] = _collapse(p.tensors["recipe_ids_0"], IMAGE)
+    edit(p)
+    cap = compat.capabilities(version)
+    load = judges.judge_load(p)
+    processor = judges.judge_processor(p, ref, EXPECTED, PROMPTS, cap, version, PIXEL_TOL)
+    findings = {
+        "run": judges.judge_run(p, cap),
+        "load": load,
+        "settings": judges.judge_settings(p, ref, EXPECTED),
+        "tokenizer": judges.judge_tokenizer(p, ref),
+        "bpe_options": judges.judge_bpe_options(p, EXPECTED),
+        "logits": judges.judge_logits(p, ref, PROMPTS, load.loaded, LOGITS_TOL),
+        "greedy": judges.judge_greedy(p, ref, PROMPTS, load.loaded),
+        "recipe": judges.judge_recipe(p, ref, EXPECTED, PROMPTS, cap, version, LOGITS_TOL, PIXEL_TOL),
+        "attention": judges.judge_attention(p, load.loaded),
+    }
+    failing = {name for name, f in findings.items() if not f.ok}
+    return failing | ({"processor"} if not (processor.ok and processor.image_tokens_ok) else set())
+
+
+@pytest.mark.parametrize(
+    "edit, version, aspects",
+    [
+        (_nothing, "4.57.6", set()),
+        (_nothing, "4.37.2", set()),
+        (_missing_keys, "4.57.6", {"load"}),
+        (_load_error, "4.57.6", {"load", "logits", "greedy"}),  # no model: nothing to run either
+        (_setting_ignored, "4.57.6", {"settings"}),
+        (_dummy_prefix_dropped, "4.57.6", {"tokenizer"}),
+        (_tokenizer_fails, "4.57.6", {"tokenizer"}),
+        (_image_tokens_short, "4.57.6", {"processor"}),
+        (_pixels_off, "4.57.6", {"processor"}),
+        (_processor_refused, "4.49.0", {"processor"}),
+        (_logits_off, "4.57.6", {"logits"}),
+        (_greedy_off, "4.57.6", {"greedy"}),
+        (_recipe_pixels_off, "4.37.2", {"recipe"}),
+        (_recipe_logits_off, "4.45.2", {"recipe"}),
+        (_recipe_one_token_on_new, "4.48.3", {"recipe"}),
+    ],
+    ids=lambda x: x.__name__.strip("_") if callable(x) else None,
+)
+def test_each_defect_fails_its_own_aspect_only(edit, version, aspects):
+    """One judge function per aspect: a planted defect fails the function of its aspect and no other."""
+    assert _failing_aspects(edit, version) == aspects
 
 
 def test_a_probe_that_could_not_run_fails():
@@ -645,7 +698,7 @@ def test_the_cards_recipe_gives_the_processors_inputs_and_tokens(converted, tmp_
         [str(python), "-I", "-c", f"OUT = {str(out)!r}\n" + code],
         capture_output=True,
         text=True,
-        env=compat._probe_env(),
+        env=compat.probe_env(),
         timeout=600,
     )
     assert p.returncode == 0, p.stderr[-3000:]
@@ -664,7 +717,7 @@ def test_the_cards_recipe_gives_the_processors_inputs_and_tokens(converted, tmp_
     ids = got["ids"]
     if compat.capabilities(version).collapse:
         assert (ids == cfg["image_token_index"]).sum() == 1
-        ids = compat._expand(ids, cfg["image_token_index"], cfg["image_seq_length"])
+        ids = expand(ids, cfg["image_token_index"], cfg["image_seq_length"])
     assert ids.tolist() == enc["input_ids"][0].tolist()
     assert float(np.abs(got["pixels"] - enc["pixel_values"].numpy()).max()) <= compat.PIXEL_TOL
     assert got["new"].tolist() == want.tolist()

@@ -1148,6 +1148,7 @@ def test_verify_original_loaders_refuse_escaping_index_entries_before_opening(tm
     assert all(p.endswith("pytorch_model.bin.index.json") for p in opened), opened
 
 
+@pytest.mark.slow  # SIGKILLs converter runs (CI runs the slow tier)
 @pytest.mark.parametrize("point", ["tensor_write", "before_fsync", "before_rename", "after_exchange"])
 def test_inputs_byte_identical_after_a_killed_force_run(point, tmp_path, templates, runner):
     """SIGKILLed at each named point while replacing an existing output (--force): the inputs are untouched."""

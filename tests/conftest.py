@@ -1,5 +1,6 @@
-"""Shared test fixtures: the tiny original checkpoint is built once per session (seeded, offline) and converted
-once; tests that need a variation build their own into ``tmp_path``."""
+"""Shared test fixtures: each backbone's tiny original checkpoint is built once per session (seeded, offline) and
+converted once (``tiny_fixture``, ``backbone_pair``; ``tiny`` and ``converted`` are Vicuna's); tests that need a
+variation, or files they may change, build their own into ``tmp_path``."""
 
 from __future__ import annotations
 
@@ -18,29 +19,51 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """The tiny original fixture (bf16 .bin shards + index, text model, vision model)."""
+def tiny_fixture(tmp_path_factory):
+    """``tiny_fixture(name)`` -> the tiny ORIGINAL fixture of backbone ``name`` (vicuna, llama3, phi3: bf16 .bin
+    shards + index, text model, vision model), built by ``fixtures.build`` with its defaults once per session.
+    Shared by every test: a test that changes files copies them first (or builds its own into ``tmp_path``)."""
     from fixtures.build import build
 
-    return build(tmp_path_factory.mktemp("fixture") / "tiny")
+    made: dict = {}
+
+    def get(backbone: str):
+        if backbone not in made:
+            made[backbone] = build(tmp_path_factory.mktemp(f"fixture-{backbone}") / "tiny", backbone=backbone)
+        return made[backbone]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def converted(tiny, tmp_path_factory) -> Path:
-    """The tiny fixture converted with default settings (seed 0, dtype auto)."""
-    from convert.pipeline import Options, convert
+def backbone_pair(tiny_fixture, tmp_path_factory):
+    """``backbone_pair(name)`` -> (fixture paths, converted repo): ``tiny_fixture(name)`` converted once per session
+    by the CLI (in-process) with default settings (seed 0, dtype auto, backbone auto-detected). The same bytes as
+    ``convert.pipeline.convert(Options(...))`` with defaults."""
+    made: dict = {}
 
-    out = tmp_path_factory.mktemp("converted") / "repo"
-    convert(
-        Options(
-            original=str(tiny.original),
-            text_model=str(tiny.text_model),
-            vision_model=str(tiny.vision_model),
-            output=out,
-            progress=False,
-        )
-    )
-    return out
+    def get(backbone: str):
+        if backbone not in made:
+            paths = tiny_fixture(backbone)
+            out = tmp_path_factory.mktemp(f"converted-{backbone}") / "repo"
+            code = run_convert(paths, out)
+            assert code == 0, f"converting the tiny {backbone} fixture exited {code}"
+            made[backbone] = (paths, out)
+        return made[backbone]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_fixture):
+    """The tiny Vicuna fixture: ``tiny_fixture("vicuna")``."""
+    return tiny_fixture("vicuna")
+
+
+@pytest.fixture(scope="session")
+def converted(backbone_pair) -> Path:
+    """The tiny Vicuna fixture converted with default settings: ``backbone_pair("vicuna")[1]``."""
+    return backbone_pair("vicuna")[1]
 
 
 def run_convert(tiny, output: Path, *extra: str, hub_api=None) -> int:
@@ -77,32 +100,3 @@ def realvocab():
     except rv.RealVocabUnavailable as e:
         pytest.skip(f"real vocabularies unavailable: {e}")
     return rv
-
-
-@pytest.fixture(scope="session")
-def backbone_pair(tmp_path_factory):
-    """``backbone_pair(name)`` -> (fixture paths, converted repo) of the tiny fixture of backbone ``name`` (vicuna,
-    llama3, phi3), built and converted with defaults once per session."""
-    from convert.pipeline import Options, convert
-    from fixtures.build import build
-
-    made: dict[str, tuple] = {}
-
-    def get(backbone: str):
-        if backbone not in made:
-            root = tmp_path_factory.mktemp(f"pair-{backbone}")
-            paths = build(root / "tiny", backbone=backbone)
-            out = root / "repo"
-            convert(
-                Options(
-                    original=str(paths.original),
-                    text_model=str(paths.text_model),
-                    vision_model=str(paths.vision_model),
-                    output=out,
-                    progress=False,
-                )
-            )
-            made[backbone] = (paths, out)
-        return made[backbone]
-
-    return get

@@ -17,8 +17,10 @@ Hidden sizes are kept small on purpose: the meta-device model transformers build
 costs time per MODULE, not per parameter, so layer counts and vocab sizes span the full range while widths stay
 small.
 
-Phi-3 based checkpoints (``mucai/vip-llava-phi-3-mini-3.8B``: fused ``qkv_proj`` / ``gate_up_proj``) are NOT
-generated here; their mapping is tested on the Phi-3 fixture in tests/test_backbones.py.
+Every backbone is generated: a ``Checkpoint`` is drawn once and put on a backbone with :meth:`Checkpoint.on`
+(Vicuna and Llama-3: Llama decoder layers; Phi-3, ``mucai/vip-llava-phi-3-mini-3.8B``: fused ``qkv_proj`` /
+``gate_up_proj``; only Vicuna's old saves carry the rotary ``inv_freq`` buffer), so the property tests run the
+same draws and the same pinned edge cases on each backbone's table.
 
 Independent oracle: :func:`documented_original_keys` writes the original key layout out by hand (the original
 code's state dict and CLIP's 4.x module names), sharing nothing with the rule table or with ``verify.tiny``; it
@@ -28,7 +30,7 @@ is used to check the generator itself and to decide that a mutated key is really
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import pytest
@@ -71,7 +73,9 @@ MIN_VISION_LAYERS = VISION_LAYER_CHOICES[0]
 # the hand-written original layout (independent oracle)
 # ------------------------------------------------------------------------------------------
 
-_TEXT_LAYER_PARTS = (
+#: every backbone's tests run on these (the names of convert.backbones.BACKBONES and verify.tiny.BACKBONES)
+BACKBONE_NAMES = ("vicuna", "llama3", "phi3")
+_LLAMA_LAYER_PARTS = (
     "self_attn.q_proj.weight",
     "self_attn.k_proj.weight",
     "self_attn.v_proj.weight",
@@ -82,6 +86,17 @@ _TEXT_LAYER_PARTS = (
     "input_layernorm.weight",
     "post_attention_layernorm.weight",
 )
+_PHI3_LAYER_PARTS = (
+    "self_attn.qkv_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_up_proj.weight",
+    "mlp.down_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+)
+_TEXT_LAYER_PARTS = {"vicuna": _LLAMA_LAYER_PARTS, "llama3": _LLAMA_LAYER_PARTS, "phi3": _PHI3_LAYER_PARTS}
+#: the backbones whose original saves carry ``rotary_emb.inv_freq`` (transformers <= 4.31: the Vicuna release)
+_ROTARY_BUFFER_BACKBONES = frozenset({"vicuna"})
 _CLIP_LAYER_PARTS = tuple(
     f"{m}.{wb}"
     for m in (
@@ -101,10 +116,13 @@ ORIGINAL_EMBED = "model.embed_tokens.weight"
 ORIGINAL_LM_HEAD = "lm_head.weight"
 
 
-def documented_original_keys(text_layers: int, vision_layers: int, legacy_buffers: bool) -> frozenset[str]:
-    """The original key set, written out by hand from the original layout, without the rule table."""
+def documented_original_keys(
+    text_layers: int, vision_layers: int, legacy_buffers: bool, backbone: str = "vicuna"
+) -> frozenset[str]:
+    """The original key set of ``backbone``, written out by hand from the original layout, without the rule
+    table."""
     keys = {ORIGINAL_EMBED, "model.norm.weight", ORIGINAL_LM_HEAD}
-    keys |= {f"model.layers.{i}.{p}" for i in range(text_layers) for p in _TEXT_LAYER_PARTS}
+    keys |= {f"model.layers.{i}.{p}" for i in range(text_layers) for p in _TEXT_LAYER_PARTS[backbone]}
     v = ORIGINAL_VISION
     keys |= {
         v + "embeddings.class_embedding",
@@ -122,20 +140,26 @@ def documented_original_keys(text_layers: int, vision_layers: int, legacy_buffer
         for wb in ("weight", "bias")
     }
     if legacy_buffers:
-        keys |= {f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(text_layers)}
+        if backbone in _ROTARY_BUFFER_BACKBONES:
+            keys |= {f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(text_layers)}
         keys.add(v + "embeddings.position_ids")
     return frozenset(keys)
 
 
-def legacy_buffer_keys(text_layers: int) -> frozenset[str]:
+def legacy_buffer_keys(text_layers: int, backbone: str = "vicuna") -> frozenset[str]:
     """The keys dropped on purpose: the legacy buffers (``rotary_emb.inv_freq``, CLIP ``embeddings.position_ids``)."""
-    return documented_original_keys(text_layers, 0, True) - documented_original_keys(text_layers, 0, False)
+    return documented_original_keys(text_layers, 0, True, backbone) - documented_original_keys(
+        text_layers, 0, False, backbone
+    )
 
 
-@lru_cache(maxsize=1)
-def _any_depth_layout() -> frozenset[str]:
-    """Every documented key for up to 100 text and vision layers (a superset for the mutations below)."""
-    return documented_original_keys(100, 100, True)
+@lru_cache(maxsize=None)
+def _any_depth_layout(backbone: str) -> frozenset[str]:
+    """Every documented key of ``backbone`` for up to 100 text and vision layers (a superset for the mutations
+    below), with Vicuna's ``rotary_emb.inv_freq`` keys for every backbone: the table drops them whatever the
+    backbone, which is not wrong, so they are not "outside the layout" either."""
+    inv_freq = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(100)}
+    return documented_original_keys(100, 100, True, backbone) | inv_freq
 
 
 # ------------------------------------------------------------------------------------------
@@ -153,6 +177,15 @@ class Checkpoint:
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return shuffled_shapes(self.spec, self.order_seed)
+
+    def on(self, backbone: str) -> "Checkpoint":
+        """The same sizes, depths, buffers and key order on ``backbone``'s layout. The special-token ids of the
+        backbone's tiny fixture are kept when they fit the vocabulary, else taken modulo its size (they name no
+        tensor; torch refuses an embedding whose padding index is out of range)."""
+        ids = TinySpec(backbone=backbone).special_ids
+        v = self.spec.vocab_size
+        token_ids = None if all(i is None or i < v for i in ids) else tuple(None if i is None else i % v for i in ids)
+        return Checkpoint(replace(self.spec, backbone=backbone, token_ids=token_ids), self.order_seed)
 
 
 @lru_cache(maxsize=64)
@@ -257,8 +290,8 @@ _IDENT = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12
 
 
 @st.composite
-def foreign_keys(draw, shapes: dict[str, tuple[int, ...]]) -> str:
-    """A key near (or far from) the original layout that is NOT in it, for any layer count < 100."""
+def foreign_keys(draw, shapes: dict[str, tuple[int, ...]], backbone: str = "vicuna") -> str:
+    """A key near (or far from) ``backbone``'s original layout that is NOT in it, for any layer count < 100."""
     keys = sorted(shapes)
     layered = [k for k in keys if ".layers." in k]
     kind = draw(
@@ -316,7 +349,7 @@ def foreign_keys(draw, shapes: dict[str, tuple[int, ...]]) -> str:
     # the hand-written layout (any depth < 100, with legacy buffers) is the oracle for "outside the layout"
     from hypothesis import assume
 
-    assume(key not in _any_depth_layout())
+    assume(key not in _any_depth_layout(backbone))
     return key
 
 
@@ -376,10 +409,15 @@ def embed_specs(draw, max_n: int = 3000, max_h: int = 256) -> EmbedSpec:
 # ------------------------------------------------------------------------------------------
 
 
-def slow_tier(test):
+def slow_tier(test=None, *, max_examples: int | None = None):
     """The slow tier of a property test: the "slow" hypothesis profile (more examples), marked ``slow`` (run with
-    ``pytest -m slow``). Goes above ``@given``."""
-    return pytest.mark.slow(settings(settings.get_profile("slow"))(test))
+    ``pytest -m slow``). Goes above ``@given``. ``@slow_tier(max_examples=N)`` takes N examples instead of the
+    profile's (the per-backbone mapping properties: N per backbone)."""
+    if test is None:
+        return lambda t: slow_tier(t, max_examples=max_examples)
+    profile = settings.get_profile("slow")
+    chosen = profile if max_examples is None else settings(profile, max_examples=max_examples)
+    return pytest.mark.slow(settings(chosen)(test))
 
 
 def edge_examples(fn=None, **other):

@@ -131,6 +131,7 @@ def _temporaries(parent: Path) -> list[Path]:
     return sorted(parent.glob(f"{TMP_PREFIX}*"))
 
 
+@pytest.mark.slow  # SIGKILLs converter runs (CI runs the slow tier)
 @pytest.mark.parametrize("point", ["tensor_write", "before_fsync", "before_rename"])
 def test_kill_at_named_point_fresh_output(tiny, tmp_path, zygote, work_seconds, point):
     out = tmp_path / "out"
@@ -143,6 +144,7 @@ def test_kill_at_named_point_fresh_output(tiny, tmp_path, zygote, work_seconds, 
     _complete(out)
 
 
+@pytest.mark.slow  # SIGKILLs converter runs (CI runs the slow tier)
 @pytest.mark.parametrize("point", ["tensor_write", "before_rename", "after_exchange"])
 def test_kill_at_named_point_with_force(tiny, converted, tmp_path, zygote, work_seconds, point):
     import shutil
@@ -160,6 +162,7 @@ def test_kill_at_named_point_with_force(tiny, converted, tmp_path, zygote, work_
     assert run_convert(tiny, out, "--force") == 0 and _temporaries(tmp_path) == []
 
 
+@pytest.mark.slow  # SIGKILLs converter runs (CI runs the slow tier)
 def test_sigkill_at_20_random_moments(tiny, converted, tmp_path, zygote, work_seconds):
     """Seeded random kill times over the conversion's work (after imports); half of the runs replace an existing
     output with --force. Every outcome must be one of: nothing, the previous output, the complete new output."""
@@ -214,6 +217,7 @@ def test_out_of_space_is_a_clean_error(tiny, converted, tmp_path, capsys, existi
         assert not out.exists()
 
 
+@pytest.mark.slow  # SIGKILLs converter runs (CI runs the slow tier)
 def test_same_inputs_same_seed_byte_identical_after_a_killed_run(tiny, converted, tmp_path, zygote, work_seconds):
     out = tmp_path / "out"
     assert _run_child(tiny, out, [], zygote, fault="before_rename")[0] == -signal.SIGKILL

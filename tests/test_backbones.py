@@ -111,14 +111,10 @@ def test_backbone_tables_differ_only_in_the_decoder_projections():
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["llama3", "phi3"])
-def variant(request, tmp_path_factory):
-    from fixtures.build import build
-    from tests.conftest import run_convert
-
-    fx = build(tmp_path_factory.mktemp(f"fx-{request.param}") / "tiny", backbone=request.param)
-    out = tmp_path_factory.mktemp(f"out-{request.param}") / "repo"
-    assert run_convert(fx, out) == 0
+@pytest.fixture(params=["llama3", "phi3"])
+def variant(request, backbone_pair):
+    """(name, fixture paths, repo): the session's tiny fixture of the backbone, converted by the CLI (auto-detected)."""
+    fx, out = backbone_pair(request.param)
     return request.param, fx, out
 
 

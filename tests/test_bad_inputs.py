@@ -922,25 +922,12 @@ MEASURED: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="module")
-def templates(tmp_path_factory):
-    """The fixtures every row copies from, built once: vicuna .bin, vicuna safetensors, Phi-3, a converted repo."""
-    from convert.pipeline import Options, convert
-
-    root = tmp_path_factory.mktemp("templates")
-    TEMPLATES["bin"] = build(root / "bin")
-    TEMPLATES["st"] = build(root / "st", fmt="safetensors")
-    TEMPLATES["phi3"] = build(root / "phi3", backbone="phi3")
-    b = TEMPLATES["bin"]
-    convert(
-        Options(
-            original=str(b.original),
-            text_model=str(b.text_model),
-            vision_model=str(b.vision_model),
-            output=root / "repo",
-            progress=False,
-        )
-    )
-    TEMPLATES["repo"] = root / "repo"
+def templates(tiny_fixture, backbone_pair, tmp_path_factory):
+    """The fixtures every row copies from (never changes): the session's Vicuna .bin fixture and its converted repo,
+    the session's Phi-3 fixture, and a Vicuna safetensors fixture built here (no other test uses that format)."""
+    TEMPLATES["bin"], TEMPLATES["repo"] = backbone_pair("vicuna")
+    TEMPLATES["phi3"] = tiny_fixture("phi3")
+    TEMPLATES["st"] = build(tmp_path_factory.mktemp("templates") / "st", fmt="safetensors")
     yield TEMPLATES
 
 
@@ -1080,7 +1067,7 @@ def test_negative_bit_tensor_is_resolved(tmp_path, templates, runner):
     the values torch loads, not the raw bytes."""
     from safetensors.torch import load_file
 
-    fx = build(tmp_path / "fx")
+    fx = build(tmp_path / "fx")  # its own: the shards are rewritten below
     shard = fx.original / "pytorch_model-00001-of-00002.bin"
     sd = torch.load(shard, weights_only=True)
     key = next(k for k in sd if k.endswith("mlp.up_proj.weight"))
@@ -1099,7 +1086,7 @@ def test_lm_head_keeps_its_dtype(tmp_path, templates, runner):
     """An fp16 embedding and a bf16 lm_head holding 1e38: --dtype auto keeps the head in bf16, 1e38 stays finite."""
     from safetensors.torch import load_file
 
-    fx = build(tmp_path / "fx")
+    fx = build(tmp_path / "fx")  # its own: the shards are rewritten below
 
     def m(sd):
         sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"].to(torch.float16)
@@ -1161,6 +1148,7 @@ def test_verify_original_loaders_refuse_escaping_index_entries_before_opening(tm
     assert all(p.endswith("pytorch_model.bin.index.json") for p in opened), opened
 
 
+@pytest.mark.slow  # SIGKILLs converter runs (CI runs the slow tier)
 @pytest.mark.parametrize("point", ["tensor_write", "before_fsync", "before_rename", "after_exchange"])
 def test_inputs_byte_identical_after_a_killed_force_run(point, tmp_path, templates, runner):
     """SIGKILLed at each named point while replacing an existing output (--force): the inputs are untouched."""
@@ -1241,8 +1229,8 @@ def test_safetensors_preferred_when_both_formats_are_present(tmp_path):
     """A folder holding both: the safetensors are read and the pickles never opened (a hostile .bin is ignored)."""
     from tests.conftest import run_convert
 
-    fx = build(tmp_path / "fx")
-    st = build(tmp_path / "st", fmt="safetensors")
+    fx = build(tmp_path / "fx")  # its own: the shards are rewritten below
+    st = build(tmp_path / "st", fmt="safetensors")  # its own: copied into fx, which is changed
     for p in st.original.glob("model*.safetensors*"):
         shutil.copy(p, fx.original / p.name)
     _malicious_pickle(fx, tmp_path)
@@ -1257,7 +1245,7 @@ def test_bin_input_refused_on_torch_before_2_6(tmp_path, monkeypatch, capsys):
     import convert.sources as sources
     from tests.conftest import run_convert
 
-    fx = build(tmp_path / "fx")
+    fx = build(tmp_path / "fx")  # its own: the shards are rewritten below
     _malicious_pickle(fx, tmp_path)
     MARKER.unlink(missing_ok=True)
     monkeypatch.setattr(sources, "_torch_version", lambda: (2, 5))

@@ -424,6 +424,7 @@ def _show(m) -> None:
     print("\n" + m.table())
 
 
+@pytest.mark.slow  # needs (or builds) the transformers-version venvs (CI runs the slow tier)
 def test_matrix_passes_on_the_converted_tiny_repo(converted, all_envs):
     """Acceptance: every listed version loads the converted repo with 0 missing / unexpected / mismatched keys,
     reads every setting, tokenizes and processes like this environment, expands <image> to image_seq_length (9)
@@ -448,6 +449,7 @@ def test_matrix_passes_on_the_converted_tiny_repo(converted, all_envs):
     assert m.passed
 
 
+@pytest.mark.slow  # needs (or builds) the transformers-version venvs (CI runs the slow tier)
 def test_every_version_reads_non_default_settings(converted, tmp_path, all_envs):
     """The settings are READ, not defaulted: with vision_feature_layers, the processor's strategy / extra-token count
     and the image processor's do_pad changed away from their defaults (the expansion stays 9 tokens), the 4.x
@@ -519,6 +521,7 @@ def _vision_keys(converted: Path) -> int:
         return sum(k.startswith("vision_tower.") for k in h.keys())
 
 
+@pytest.mark.slow  # needs (or builds) the transformers-version venvs (CI runs the slow tier)
 def test_matrix_catches_5x_save_pretrained_repo(converted, tmp_path):
     """The measured trap. The converted repo loaded in this environment (transformers 5.x) and written back with
     plain ``save_pretrained`` (model + processor) FAILS the 4.57.6 row: its tokenizer files name
@@ -537,6 +540,7 @@ def test_matrix_catches_5x_save_pretrained_repo(converted, tmp_path):
     assert (row["missing"], row["unexpected"], row["mismatched"]) == (0, 0, 0)
 
 
+@pytest.mark.slow  # needs (or builds) the transformers-version venvs (CI runs the slow tier)
 def test_matrix_catches_5x_layout_from_a_fresh_model(converted, tmp_path):
     """The 199-missing-keys trap: a model BUILT in 5.x (from the config, weights loaded in memory) is saved with the
     vision tower as ``vision_tower.*`` (no ``vision_model.``); 4.57.6 then reports every vision key missing
@@ -608,6 +612,7 @@ def test_tokenizer_json_keeps_pairs_when_a_piece_has_a_space():
     assert Tokenizer.from_str(text).encode("a ab").ids == tok.encode("a ab").ids == [3, 4]
 
 
+@pytest.mark.slow  # needs (or builds) the transformers-version venvs (CI runs the slow tier)
 def test_tokenizers_0_15_reads_the_tokenizer_json_with_the_same_ids(converted, tmp_path):
     """The original's pin (transformers 4.37.2 + tokenizers 0.15.x), in its environment: it reads the converted
     tokenizer.json of every backbone and gives tokenizers 0.23's ids; the pairs form (what tokenizers 0.23 itself
@@ -677,6 +682,7 @@ def _recipe_snippet(repo: Path, image: Path) -> str:
     return code
 
 
+@pytest.mark.slow  # needs (or builds) the transformers-version venvs (CI runs the slow tier)
 @pytest.mark.parametrize("version", ["4.37.2", "4.48.3"])
 def test_the_cards_recipe_gives_the_processors_inputs_and_tokens(converted, tmp_path, version):
     """The recipe on the model card, run as printed (fp32, 4 tokens) in the 4.37.2 environment (one <image>, the

@@ -118,7 +118,7 @@ def test_small_shards_get_a_sorted_index_and_load(tiny, tmp_path):
 def test_safetensors_single_file_input(tmp_path):
     from fixtures.build import build
 
-    fx = build(tmp_path / "fx", shards=1, fmt="safetensors")
+    fx = build(tmp_path / "fx", shards=1, fmt="safetensors")  # its own: one safetensors shard
     assert (fx.original / "model.safetensors").is_file()
     out = tmp_path / "out"
     assert run_convert(fx, out) == 0
@@ -172,7 +172,7 @@ def test_non_legacy_base_tokenizer_is_reproduced_and_the_4_31_era_difference_rep
     from fixtures.build import build, sample_images, sample_prompts
     from verify.api import verify_repo
 
-    fx = build(tmp_path / "fx")
+    fx = build(tmp_path / "fx")  # its own: its tokenizer_config.json is changed below
     cfg_path = fx.text_model / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["legacy"] = False

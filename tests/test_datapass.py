@@ -27,7 +27,7 @@ def _raw(t: torch.Tensor) -> bytes:
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
 def test_located_bytes_are_the_tensors_torch_reads(tmp_path, fmt):
-    paths = build(tmp_path / "fx", fmt=fmt, shards=2)
+    paths = build(tmp_path / "fx", fmt=fmt, shards=2)  # its own: each format, two shards
     files = sorted(paths.original.glob(f"*.{fmt}"))
     assert len(files) == 2
     for f in files:

@@ -46,8 +46,9 @@ def _load_original(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> fb.FixturePaths:
-    return fb.build(tmp_path_factory.mktemp("fx") / "a")
+def built(tiny_fixture) -> fb.FixturePaths:
+    """The session's tiny Vicuna fixture (``fb.build`` with its defaults)."""
+    return tiny_fixture("vicuna")
 
 
 @pytest.fixture(scope="module")
@@ -465,9 +466,9 @@ LLAMA3_SYSTEM = (
 
 
 @pytest.fixture(scope="module")
-def backbone_fixtures(tmp_path_factory) -> dict[str, fb.FixturePaths]:
-    root = tmp_path_factory.mktemp("backbones")
-    return {name: fb.build(root / name, backbone=name) for name in NEW_BACKBONES}
+def backbone_fixtures(tiny_fixture) -> dict[str, fb.FixturePaths]:
+    """The session's tiny Llama-3 and Phi-3 fixtures (``fb.build(root, backbone=name)``)."""
+    return {name: tiny_fixture(name) for name in NEW_BACKBONES}
 
 
 def _text_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ def _files(tmp_path: Path, sizes: list[int]) -> list[Path]:
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
 def test_locations_point_at_the_tensor_bytes(tmp_path, fmt):
-    paths = build(tmp_path / "fx", fmt=fmt, shards=2)
+    paths = build(tmp_path / "fx", fmt=fmt, shards=2)  # its own: each format, two shards (not the session's)
     ckpt = open_checkpoint(paths.original)
     data = {f: f.read_bytes() for f in ckpt.files}
     assert len(ckpt.files) == 2
@@ -131,7 +131,7 @@ def test_shards_are_planned_in_input_order():
 def test_conversion_copies_from_the_stream_and_reads_the_input_once(tmp_path, monkeypatch, fmt):
     """Every input byte passes through the stream exactly once, every tensor but the two resized ones is copied
     from it, in input order; the manifest's hashes are the files'."""
-    paths = build(tmp_path / "fx", shards=3, fmt=fmt)
+    paths = build(tmp_path / "fx", shards=3, fmt=fmt)  # its own: three shards of each format
     monkeypatch.setattr(InputStream, "CHUNK", 4096)
     monkeypatch.setattr(InputStream, "BUFFERS", 4)
     streams: list[InputStream] = []
@@ -175,8 +175,8 @@ def test_conversion_copies_from_the_stream_and_reads_the_input_once(tmp_path, mo
         assert digest == _sha(paths.original / name), name
 
 
-def test_a_wrong_offset_is_caught_and_nothing_is_written(tmp_path, monkeypatch):
-    paths = build(tmp_path / "fx")
+def test_a_wrong_offset_is_caught_and_nothing_is_written(tiny, tmp_path, monkeypatch):
+    paths = tiny
     real = Checkpoint.location
 
     def shifted(self, key):
@@ -233,11 +233,11 @@ def test_output_is_flushed_and_dropped_behind_the_writer(tmp_path, monkeypatch):
     assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
-def test_an_error_at_fsync_fails_the_run_and_leaves_nothing(tmp_path, monkeypatch):
+def test_an_error_at_fsync_fails_the_run_and_leaves_nothing(tiny, tmp_path, monkeypatch):
     import errno
     import os
 
-    paths = build(tmp_path / "fx")
+    paths = tiny
 
     def broken_fsync(fd):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
@@ -298,7 +298,7 @@ def test_a_file_system_without_o_direct_falls_back_to_the_page_cache(tmp_path, m
 
 def test_an_input_changed_under_the_converter_fails_cleanly(tmp_path, monkeypatch):
     """A weight file truncated after the checkpoint was opened: one error naming it, nothing left behind."""
-    paths = build(tmp_path / "fx", shards=2)
+    paths = build(tmp_path / "fx", shards=2)  # its own: the shards are changed below
 
     class Truncating(InputStream):
         def start(self):

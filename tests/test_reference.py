@@ -906,13 +906,11 @@ def test_detect_backbone_from_model_type_and_tokenizer(world, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def backbone_fixtures(tmp_path_factory):
-    from fixtures.build import build
-
-    root = tmp_path_factory.mktemp("backbones")
+def backbone_fixtures(tiny_fixture):
+    """The session's tiny Llama-3 and Phi-3 fixtures (read only) and the reference model loaded from each."""
     out = {}
     for name in ("llama3", "phi3"):
-        paths = build(root / name, backbone=name)
+        paths = tiny_fixture(name)
         out[name] = {
             "paths": paths,
             "model": OriginalVipLlava.from_dirs(paths.original, paths.text_model, paths.vision_model),

@@ -238,19 +238,9 @@ def test_publication_files_are_allowed_but_other_unlisted_files_fail(repo):
 
 # --- the Llama-3 and Phi-3 backbones ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def backbone_repos(tmp_path_factory) -> dict:
-    """The tiny Llama-3 and Phi-3 fixtures (fixtures.build, shared contract), converted once per module."""
-    from fixtures.build import build
-    from tests.conftest import run_convert
-
-    root = tmp_path_factory.mktemp("backbone_repos")
-    out = {}
-    for name in ("llama3", "phi3"):
-        paths = build(root / f"{name}-fixture", backbone=name)
-        repo = root / f"{name}-repo"
-        assert run_convert(paths, repo, "--backbone", name) == 0
-        out[name] = repo
-    return out
+def backbone_repos(backbone_pair) -> dict:
+    """The session's converted tiny Llama-3 and Phi-3 repos (read only: a test that edits one copies it first)."""
+    return {name: backbone_pair(name)[1] for name in ("llama3", "phi3")}
 
 
 def _verify_backbone(repo: Path, **kw):

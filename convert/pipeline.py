@@ -197,16 +197,17 @@ def convert(opts: Options, fault: Fault = no_fault) -> Summary:
         def input_records() -> dict:
             return _input_records(inputs, {**small_digests.result(), **reader.finish()})
 
-        _write(
-            inputs.output,
-            opts,
-            shards,
-            lambda folder: _write_text_files(folder, inputs, model),
-            manifest,
-            reader,
-            input_records,
-            fault,
-        )
+        with _write_errors(inputs.output, reader):
+            _write_repo(
+                inputs.output,
+                opts,
+                shards,
+                lambda folder: _write_text_files(folder, inputs, model),
+                manifest,
+                reader,
+                input_records,
+                fault,
+            )
     return Summary(
         output=inputs.output,
         mapped=len(model.mapping.mapped),
@@ -465,19 +466,11 @@ def _write_text_files(folder: Path, inputs: _Inputs, model: _Model) -> None:
     )
 
 
-def _write(
-    output: Path,
-    opts: Options,
-    shards: list[list[OutTensor]],
-    write_text_files: Callable[[Path], None],
-    manifest: dict,
-    reader: InputStream,
-    input_records: Callable[[], dict],
-    fault: Fault,
-) -> None:
-    """Stage "write", with a failed write turned into one line naming where."""
+@contextmanager
+def _write_errors(output: Path, reader: InputStream):
+    """Stage "write": a failed write becomes one line naming where; whatever stops it stops the input reader."""
     try:
-        _write_repo(output, opts, shards, write_text_files, manifest, reader, input_records, fault)
+        yield
     except OSError as e:
         where = e.filename or output
         hint = (

@@ -2,7 +2,7 @@
 since VipLlava exists (4.37.2, the original ViP-LLaVA code's pin) up to 5.x?
 
 For every transformers version in :data:`VERSIONS` an isolated virtual environment is created (or reused) and
-:mod:`verify.compat_probe` runs INSIDE it: it loads the repo with ``VipLlavaForConditionalGeneration``,
+:mod:`verify.compat.probe` runs INSIDE it: it loads the repo with ``VipLlavaForConditionalGeneration``,
 ``AutoTokenizer`` and ``AutoProcessor``, records what that version actually read, runs its processor and the
 no-processor recipe on the sample prompts and images, and runs the model (logits and greedy tokens) on the CURRENT
 environment's processor output. The current environment runs the same probe first and is the reference. A row

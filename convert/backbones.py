@@ -15,8 +15,10 @@ from .errors import ConversionError
 
 _LM = "language_model.model.layers.{}."
 
+LayerRules = tuple[tuple[str, str, str | None], ...]
 
-def _layer_rules(parts: dict[str, str]) -> tuple[tuple[str, str, str | None], ...]:
+
+def _layer_rules(parts: dict[str, str]) -> LayerRules:
     """Rules for decoder-layer projections kept under the same name: {rule name: module path}."""
     return tuple((f"text.{name}", f"model.layers.{{}}.{p}.weight", f"{_LM}{p}.weight") for name, p in parts.items())
 
@@ -131,7 +133,7 @@ class Backbone:
     marker_token: str | None  # a token only this backbone's tokenizer has (tells apart backbones sharing a model_type)
     text_model_type: str  # the converted text_config's model_type
     text_architecture: str
-    layer_rules: tuple[tuple[str, str, str | None], ...]
+    layer_rules: LayerRules
     text_fields: tuple[tuple[str, object], ...]  # backbone-only text_config keys copied from the original (default)
     tokenizer_kind: str  # "sentencepiece": legacy dummy prefix on every segment | "byte_level": kept as is
     tokenizer_class: str  # tokenizer_class written to tokenizer_config.json
@@ -261,3 +263,15 @@ def detect(original_cfg: dict, vocab: Mapping[str, int], where: str, forced: str
         return marked[0]
     plain = [b for b in candidates if b.marker_token is None]
     return plain[0]
+
+
+def shared_layer_rules(original_cfg: dict, forced: str | None = None) -> LayerRules | None:
+    """The decoder-layer rules of the backbone :func:`detect` will choose, known before the tokenizer is read: the
+    rules every backbone the config's model_type (or ``forced``) allows has in common; None where they differ, or
+    where :func:`detect` will refuse the config."""
+    mt = original_cfg.get("model_type")
+    if forced is not None and forced != "auto":
+        chosen = BACKBONES.get(forced)
+        return chosen.layer_rules if chosen is not None and chosen.original_model_type == mt else None
+    rules = {b.layer_rules for b in BACKBONES.values() if b.original_model_type == mt}
+    return rules.pop() if len(rules) == 1 else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -59,10 +59,20 @@ def plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor
     """Filled greedily in input order (by name where any input position is unknown), ``late`` tensors last; a
     tensor larger than the limit gets a shard of its own. Input order keeps each shard's sources in one window of
     the input; ``late`` ones last let their computation overlap the writing of every shard before theirs."""
+    return pack_shards(shard_plan_order(tensors), max_bytes)
+
+
+def shard_plan_order(tensors: list[OutTensor]) -> list[OutTensor]:
+    """The order :func:`plan_shards` fills shards in. It depends on no tensor's size, so the order of tensors whose
+    shapes are still unknown (the resized matrices, before the tokenizer is read) is already final."""
     if all(t.source is not None for t in tensors):
-        order = sorted(tensors, key=lambda t: (t.late, t.source, t.name))
-    else:
-        order = sorted(tensors, key=lambda t: (t.late, t.name))
+        return sorted(tensors, key=lambda t: (t.late, t.source, t.name))
+    return sorted(tensors, key=lambda t: (t.late, t.name))
+
+
+def pack_shards(order: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    """Greedy: each tensor joins the open shard unless it would pass ``max_bytes``. Nothing looks ahead, so the
+    shards closed before a prefix's last one are the same whatever follows the prefix."""
     shards: list[list[OutTensor]] = [[]]
     size = 0
     for t in order:
@@ -72,6 +82,36 @@ def plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor
         shards[-1].append(t)
         size += t.nbytes
     return shards
+
+
+class ShardPlan:
+    """The shards of :func:`plan_shards`, in write order, for a plan whose ``late`` tensors are not known at first
+    (the resized matrices need the tokenizer's row count). ``provisional`` holds every tensor, the late ones as
+    placeholders of any size; ``late`` blocks until the real late tensors are known and returns them (or, when
+    ``provisional`` is empty, every tensor).
+
+    Iterating yields each shard as soon as it is fixed: the shards that close before the last one holding only
+    known tensors come at once (:func:`pack_shards` never looks ahead, and :func:`shard_plan_order` depends on no
+    size), the rest after ``late`` returns. The result is exactly ``plan_shards`` of the final tensors, then held in
+    :attr:`shards`; :attr:`total` is the byte count, provisional until then."""
+
+    def __init__(self, provisional: list[OutTensor], max_bytes: int, late: Callable[[], list[OutTensor]]):
+        self._early = [t for t in shard_plan_order(provisional) if not t.late]
+        self._late = late
+        self._max_bytes = max_bytes
+        self.total = sum(t.nbytes for t in provisional)
+        self.shards: list[list[OutTensor]] = []
+
+    def __iter__(self) -> Iterator[list[OutTensor]]:
+        head = pack_shards(self._early, self._max_bytes) if self._early else [[]]
+        yield from head[:-1]
+        order = shard_plan_order(self._early + self._late())
+        kept = order[: len(self._early)]
+        if len(kept) != len(self._early) or any(a is not b for a, b in zip(kept, self._early, strict=True)):
+            raise AssertionError("the late tensors changed the order of the early ones; this is a converter bug")
+        self.shards = head[:-1] + pack_shards(head[-1] + order[len(self._early) :], self._max_bytes)
+        self.total = sum(t.nbytes for shard in self.shards for t in shard)
+        yield from self.shards[len(head) - 1 :]
 
 
 def shard_names(count: int) -> list[str]:

@@ -21,7 +21,7 @@ import torch
 
 from . import MANIFEST, __version__
 from .atomic import atomic_directory
-from .backbones import Backbone, detect
+from .backbones import Backbone, LayerRules, detect, shared_layer_rules
 from .config import (
     build_config,
     check_original_config,
@@ -32,7 +32,7 @@ from .config import (
 )
 from .errors import ConversionError
 from .faults import Fault, no_fault
-from .format import OutTensor, index_json, plan_shards, shard_names
+from .format import OutTensor, ShardPlan, index_json, shard_names
 from .layout import expected_shapes
 from .mapping import EMBED_KEY, LM_HEAD_KEY, KeyMapping, RuleTable, table_for
 from .plan import DTYPE_NAME, DTYPES, ORIGINAL_EMBED, ORIGINAL_LM_HEAD, DtypeChoice, TensorPlan, choose_dtypes, plan
@@ -181,18 +181,37 @@ def convert(opts: Options, fault: Fault = no_fault) -> Summary:
     # and plan are built); whatever stops the run stops the reader too.
     reader = InputStream(inputs.ckpt.files).start()
     with _cancelled_at_exit(reader):
-        model = _read_model(opts, inputs)
+        layout = _read_layout(opts, inputs)
+        # The tokenizer, the configs and the shape check (seconds of imports and tokenizer conversion) are read on
+        # a thread while the shards that need none of them are written.
+        model_job = _start_read_model(opts, inputs, layout)
         small_digests = _hash_small_inputs(inputs, reader)
-        tensors = plan(
-            model.mapping,
-            _infos(inputs.ckpt, model.mapping),
-            _spans(inputs.ckpt, model.mapping, reader),
-            model.dtypes,
-            model.rows,
-        )
-        resize_job = _start_resize(inputs.ckpt, model, opts.seed)
-        shards = plan_shards(_out_tensors(tensors, inputs.ckpt, resize_job), inputs.max_bytes)
-        manifest = _manifest(opts, inputs, model)
+        ckpt = inputs.ckpt
+        provisional = []
+        if layout.mapping is not None:  # the resized matrices as placeholders of the original row count
+            provisional = plan(
+                layout.mapping,
+                _infos(ckpt, layout.mapping),
+                _spans(ckpt, layout.mapping, reader),
+                layout.dtypes,
+                layout.vocab,
+            )
+
+        def late_tensors() -> list[OutTensor]:
+            """Once the tokenizer is read: the resized matrices (everything, where no mapping was known early)."""
+            model = model_job.result()
+            final = plan(
+                model.mapping,
+                _infos(ckpt, model.mapping),
+                _spans(ckpt, model.mapping, reader),
+                model.dtypes,
+                model.rows,
+            )
+            if provisional:
+                final = [t for t in final if t.how == "resized"]
+            return _out_tensors(final, ckpt, _start_resize(ckpt, model, opts.seed))
+
+        shards = ShardPlan(_out_tensors(provisional, ckpt, None), inputs.max_bytes, late_tensors)
 
         def input_records() -> dict:
             return _input_records(inputs, {**small_digests.result(), **reader.finish()})
@@ -202,12 +221,14 @@ def convert(opts: Options, fault: Fault = no_fault) -> Summary:
                 inputs.output,
                 opts,
                 shards,
-                lambda folder: _write_text_files(folder, inputs, model),
-                manifest,
+                lambda folder: _write_text_files(folder, inputs, model_job.result()),
+                lambda: _manifest(opts, inputs, model_job.result()),
                 reader,
                 input_records,
                 fault,
+                watch=lambda: _raise_if_failed(model_job),
             )
+    model = model_job.result()
     return Summary(
         output=inputs.output,
         mapped=len(model.mapping.mapped),
@@ -215,7 +236,7 @@ def convert(opts: Options, fault: Fault = no_fault) -> Summary:
         rows_added=model.rows - model.vocab,
         rows=model.rows,
         original_rows=model.vocab,
-        shards=len(shards),
+        shards=len(shards.shards),
         output_bytes=sum(p.stat().st_size for p in inputs.output.iterdir()),
         seconds=time.perf_counter() - start,
         dtype=DTYPE_NAME[model.dtypes.embed],
@@ -287,9 +308,24 @@ def _open_inputs(opts: Options) -> _Inputs:
 
 
 @dataclass
+class _Layout:
+    """Stage "read", part 2: what the weights, the config and the cheap checks of the small files fix without the
+    tokenizer: the embedding's size, the key mapping (where every backbone the config's model_type allows maps keys
+    the same way; else None) and the output dtypes."""
+
+    vocab: int
+    hidden: int
+    rules: LayerRules | None
+    mapping: KeyMapping | None
+    dtypes: DtypeChoice
+    vision_cfg: dict
+    preprocessor: dict
+
+
+@dataclass
 class _Model:
-    """Stage "read", part 2: what the small files say (tokenizer, backbone, configs) and what follows from them
-    (the key mapping, the token layout, the output dtypes and config)."""
+    """Stage "read", part 3: what the tokenizer says and what follows from it (the backbone, the token layout, the
+    output config), checked against the shapes transformers' VipLlava expects."""
 
     vocab: int
     hidden: int
@@ -308,7 +344,7 @@ class _Model:
         return self.tinfo.ids.rows
 
 
-def _read_model(opts: Options, inputs: _Inputs) -> _Model:
+def _read_layout(opts: Options, inputs: _Inputs) -> _Layout:
     ckpt, orig_dir, text = inputs.ckpt, inputs.orig.directory, inputs.text
     vocab, hidden = ckpt.info(ORIGINAL_EMBED).shape
     if inputs.original_cfg.get("vocab_size") != vocab:
@@ -326,24 +362,52 @@ def _read_model(opts: Options, inputs: _Inputs) -> _Model:
     preprocessor = _read_json(preprocessor_file, "--vision-model (image preprocessing)")
     check_preprocessor(preprocessor, str(preprocessor_file), vision_cfg["num_channels"])
 
+    rules = shared_layer_rules(inputs.original_cfg, opts.backbone)
+    mapping = table_for(rules).map_keys(ckpt.keys()) if rules is not None else None
+    dtypes = choose_dtypes(opts.dtype, ckpt.info(ORIGINAL_EMBED), ckpt.info(ORIGINAL_LM_HEAD))
+    return _Layout(vocab, hidden, rules, mapping, dtypes, vision_cfg, preprocessor)
+
+
+def _start_read_model(opts: Options, inputs: _Inputs, layout: _Layout) -> Future[_Model]:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+    job = pool.submit(_read_model, opts, inputs, layout)
+    pool.shutdown(wait=False)
+    return job
+
+
+def _read_model(opts: Options, inputs: _Inputs, layout: _Layout) -> _Model:
+    ckpt, orig_dir, text = inputs.ckpt, inputs.orig.directory, inputs.text
     base_tok = load_base_tokenizer(text.directory)
     backbone = detect(inputs.original_cfg, base_tok.get_vocab(), str(orig_dir / "config.json"), opts.backbone)
     table = table_for(backbone.layer_rules)
-    mapping = table.map_keys(ckpt.keys())
-    tok, tinfo = build_tokenizer(base_tok, text.directory, vocab, backbone)
+    if layout.rules is not None and backbone.layer_rules != layout.rules:
+        raise AssertionError(f"{backbone.name}: maps keys unlike the early plan; this is a converter bug")
+    mapping = layout.mapping if layout.mapping is not None else table.map_keys(ckpt.keys())
+    tok, tinfo = build_tokenizer(base_tok, text.directory, layout.vocab, backbone)
     notes = _tokenizer_notes(text.directory) if backbone.original_tokenizer == "slow" else []
 
-    dtypes = choose_dtypes(opts.dtype, ckpt.info(ORIGINAL_EMBED), ckpt.info(ORIGINAL_LM_HEAD))
     cfg = build_config(
         inputs.original_cfg,
-        vision_cfg,
+        layout.vision_cfg,
         tinfo.ids,
-        DTYPE_NAME[dtypes.embed],
+        DTYPE_NAME[layout.dtypes.embed],
         str(orig_dir / "config.json"),
         backbone,
     )
-    _check_shapes(ckpt, mapping, expected_shapes(load_vipllava_config(cfg)), vocab, table)
-    return _Model(vocab, hidden, backbone, mapping, tok, tinfo, notes, vision_cfg, preprocessor, dtypes, cfg)
+    _check_shapes(ckpt, mapping, expected_shapes(load_vipllava_config(cfg)), layout.vocab, table)
+    return _Model(
+        layout.vocab,
+        layout.hidden,
+        backbone,
+        mapping,
+        tok,
+        tinfo,
+        notes,
+        layout.vision_cfg,
+        layout.preprocessor,
+        layout.dtypes,
+        cfg,
+    )
 
 
 def _hash_small_inputs(inputs: _Inputs, reader: InputStream) -> Future[dict[Path, str]]:
@@ -390,17 +454,33 @@ def _start_resize(ckpt: Checkpoint, model: _Model, seed: int) -> Future[ResizeRe
     return job
 
 
-def _out_tensors(tensors: list[TensorPlan], ckpt: Checkpoint, resized: Future[ResizeResult]) -> list[OutTensor]:
+def _out_tensors(tensors: list[TensorPlan], ckpt: Checkpoint, resized: Future[ResizeResult] | None) -> list[OutTensor]:
     """Stage "assemble": each planned tensor with the code that produces its values. The stream copies verbatim
-    ones from its buffers; the loader stays as the fallback and as the check of the copied bytes."""
+    ones from its buffers; the loader stays as the fallback and as the check of the copied bytes. Without a resize
+    job (the plan made before the tokenizer is read) the resized matrices are placeholders that only take their
+    place in the shard order (see :class:`convert.format.ShardPlan`)."""
     out = []
     for t in tensors:
         if t.how == "resized":
-            out.append(OutTensor(t.target, t.dtype, t.shape, _resized_loader(resized, t.target), t.span, late=True))
+            load = _resized_loader(resized, t.target) if resized is not None else _placeholder(t.target)
+            out.append(OutTensor(t.target, t.dtype, t.shape, load, t.span, late=True))
         else:
             loader = _cast_loader(ckpt, t.source, t.dtype)
             out.append(OutTensor(t.target, t.dtype, t.shape, loader, t.span, verbatim=t.how == "verbatim"))
     return out
+
+
+def _placeholder(key: str) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        raise AssertionError(f"{key}: a placeholder of the early plan was written; this is a converter bug")
+
+    return load
+
+
+def _raise_if_failed(job: Future) -> None:
+    """Between tensors: a failed read of the tokenizer/config stops the writing at once, not when it is needed."""
+    if job.done() and job.exception() is not None:
+        job.result()
 
 
 def _manifest(opts: Options, inputs: _Inputs, model: _Model) -> dict:
@@ -588,21 +668,22 @@ def _resized_loader(job: Future[ResizeResult], key: str) -> Callable[[], torch.T
 def _write_repo(
     output: Path,
     opts: Options,
-    shards: list[list[OutTensor]],
+    shards: ShardPlan,
     write_text_files: Callable[[Path], None],
-    manifest: dict,
+    manifest: Callable[[], dict],
     reader: InputStream,
     input_records: Callable[[], dict],
     fault: Fault = no_fault,
+    watch: Callable[[], None] = lambda: None,
 ) -> None:
-    """The only place that writes: shards (streamed), index, text files, then the manifest with every hash."""
+    """The only place that writes: shards (streamed), index, text files, then the manifest with every hash.
+
+    Shards are written under provisional names (their count is known only once the late tensors are planned) and
+    renamed at the end; ``watch`` runs after every tensor (it raises to stop the run)."""
     from tqdm.auto import tqdm
 
-    names = shard_names(len(shards))
-    total = sum(t.nbytes for shard in shards for t in shard)
-
     with atomic_directory(output, opts.force, fault) as tmp:
-        outputs: dict[str, str] = {}
+        digests: list[tuple[Path, str]] = []
         flusher = DropBehind()
         # The small files (config, tokenizer, processor) are written on a thread while the shards stream; leaving
         # this block waits for it, so an error never leaves it writing into a folder being removed.
@@ -610,25 +691,38 @@ def _write_repo(
             text_files = side.submit(write_text_files, tmp)
             try:
                 with tqdm(
-                    total=total, unit="B", unit_scale=True, desc="writing shards", disable=not opts.progress
+                    total=shards.total, unit="B", unit_scale=True, desc="writing shards", disable=not opts.progress
                 ) as bar:
+
+                    def written(n: int) -> None:
+                        bar.update(n)
+                        watch()
+
                     flushed = []
-                    for shard, name in zip(shards, names, strict=True):
-                        outputs[name] = write_shard(
-                            tmp / name, shard, on_bytes=bar.update, stream=reader, flusher=flusher, fault=fault
-                        )
-                        flushed.append(flusher.close(tmp / name))
+                    for shard in shards:
+                        path = tmp / f"shard-{len(digests) + 1:05d}.partial"
+                        digest = write_shard(path, shard, on_bytes=written, stream=reader, flusher=flusher, fault=fault)
+                        digests.append((path, digest))
+                        flushed.append(flusher.close(path))
+                        if bar.total != shards.total:
+                            bar.total = shards.total
+                            bar.refresh()
                     for f in flushed:
                         f.result()  # a write error surfacing at fsync (EIO, ENOSPC) stops the run here
             finally:
                 flusher.shutdown()
             text_files.result()
-        if len(shards) > 1:
-            write_json(tmp / "model.safetensors.index.json", index_json(shards, names))
+        names = shard_names(len(shards.shards))
+        outputs: dict[str, str] = {}
+        for (path, digest), name in zip(digests, names, strict=True):
+            path.rename(tmp / name)
+            outputs[name] = digest
+        if len(names) > 1:
+            write_json(tmp / "model.safetensors.index.json", index_json(shards.shards, names))
         for p in sorted(tmp.iterdir()):
             if p.name not in outputs:
                 outputs[p.name] = sha256_file(p)
-        write_json(tmp / MANIFEST, {**manifest, "inputs": input_records(), "outputs": dict(sorted(outputs.items()))})
+        write_json(tmp / MANIFEST, {**manifest(), "inputs": input_records(), "outputs": dict(sorted(outputs.items()))})
 
 
 def _index_files(directory: Path) -> list[Path]:

@@ -184,7 +184,7 @@ def convert(opts: Options, fault: Fault = no_fault) -> Summary:
         layout = _read_layout(opts, inputs)
         # The tokenizer, the configs and the shape check (seconds of imports and tokenizer conversion) are read on
         # a thread while the shards that need none of them are written.
-        model_job = _start_read_model(opts, inputs, layout)
+        model_job, resize_job = _start_read_model(opts, inputs, layout)
         small_digests = _hash_small_inputs(inputs, reader)
         ckpt = inputs.ckpt
         provisional = []
@@ -209,7 +209,7 @@ def convert(opts: Options, fault: Fault = no_fault) -> Summary:
             )
             if provisional:
                 final = [t for t in final if t.how == "resized"]
-            return _out_tensors(final, ckpt, _start_resize(ckpt, model, opts.seed))
+            return _out_tensors(final, ckpt, resize_job)
 
         shards = ShardPlan(_out_tensors(provisional, ckpt, None), inputs.max_bytes, late_tensors)
 
@@ -226,7 +226,7 @@ def convert(opts: Options, fault: Fault = no_fault) -> Summary:
                 reader,
                 input_records,
                 fault,
-                watch=lambda: _raise_if_failed(model_job),
+                watch=lambda: _raise_if_failed(model_job, resize_job),
             )
     model = model_job.result()
     return Summary(
@@ -368,11 +368,15 @@ def _read_layout(opts: Options, inputs: _Inputs) -> _Layout:
     return _Layout(vocab, hidden, rules, mapping, dtypes, vision_cfg, preprocessor)
 
 
-def _start_read_model(opts: Options, inputs: _Inputs, layout: _Layout) -> Future[_Model]:
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
-    job = pool.submit(_read_model, opts, inputs, layout)
+def _start_read_model(opts: Options, inputs: _Inputs, layout: _Layout) -> tuple[Future[_Model], Future[ResizeResult]]:
+    """Stage "read", part 3, then stage "resize", on one thread while the shards are written: the resize needs the
+    row count the tokenizer gives and starts the moment it is known. Errors (a bad tokenizer, a non-finite
+    embedding) surface at the writer's next tensor, and the output is then discarded."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-model")
+    model = pool.submit(_read_model, opts, inputs, layout)
+    resized = pool.submit(lambda: _resize(inputs.ckpt, model.result(), opts.seed))
     pool.shutdown(wait=False)
-    return job
+    return model, resized
 
 
 def _read_model(opts: Options, inputs: _Inputs, layout: _Layout) -> _Model:
@@ -437,12 +441,8 @@ def _spans(ckpt: Checkpoint, mapping: KeyMapping, reader: InputStream) -> dict[s
     return spans
 
 
-def _start_resize(ckpt: Checkpoint, model: _Model, seed: int) -> Future[ResizeResult]:
-    """Stage "resize": on a thread while the other shards are written (the two matrices are planned last); its
-    errors (a non-finite embedding) surface when the writer reaches them, and the output is then discarded."""
-    resizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resize")
-    job = resizer.submit(
-        resize,
+def _resize(ckpt: Checkpoint, model: _Model, seed: int) -> ResizeResult:
+    return resize(
         ckpt.get(ORIGINAL_EMBED),
         ckpt.get(ORIGINAL_LM_HEAD),
         model.rows,
@@ -450,8 +450,6 @@ def _start_resize(ckpt: Checkpoint, model: _Model, seed: int) -> Future[ResizeRe
         model.dtypes.embed,
         head_dtype=model.dtypes.head,
     )
-    resizer.shutdown(wait=False)
-    return job
 
 
 def _out_tensors(tensors: list[TensorPlan], ckpt: Checkpoint, resized: Future[ResizeResult] | None) -> list[OutTensor]:
@@ -477,10 +475,12 @@ def _placeholder(key: str) -> Callable[[], torch.Tensor]:
     return load
 
 
-def _raise_if_failed(job: Future) -> None:
-    """Between tensors: a failed read of the tokenizer/config stops the writing at once, not when it is needed."""
-    if job.done() and job.exception() is not None:
-        job.result()
+def _raise_if_failed(*jobs: Future) -> None:
+    """Between tensors: a failed read of the tokenizer/config, or resize, stops the writing at once, not when its
+    result is needed."""
+    for job in jobs:
+        if job.done() and job.exception() is not None:
+            job.result()
 
 
 def _manifest(opts: Options, inputs: _Inputs, model: _Model) -> dict:

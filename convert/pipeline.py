@@ -179,12 +179,13 @@ def convert(opts: Options, fault: Fault = no_fault) -> Summary:
     inputs = _open_inputs(opts)
     # The input weight files are read from here on (the disk starts on the first ones while the tokenizer, config
     # and plan are built); whatever stops the run stops the reader too.
-    reader = InputStream(inputs.ckpt.files).start()
+    reader = InputStream(inputs.ckpt.files)
+    reader.keep(_resize_sources(inputs.ckpt, reader)).start()
     with _cancelled_at_exit(reader):
         layout = _read_layout(opts, inputs)
         # The tokenizer, the configs and the shape check (seconds of imports and tokenizer conversion) are read on
         # a thread while the shards that need none of them are written.
-        model_job, resize_job = _start_read_model(opts, inputs, layout)
+        tokens_job, resize_job, model_job = _start_read_model(opts, inputs, layout)
         small_digests = _hash_small_inputs(inputs, reader)
         ckpt = inputs.ckpt
         provisional = []
@@ -199,14 +200,9 @@ def convert(opts: Options, fault: Fault = no_fault) -> Summary:
 
         def late_tensors() -> list[OutTensor]:
             """Once the tokenizer is read: the resized matrices (everything, where no mapping was known early)."""
-            model = model_job.result()
-            final = plan(
-                model.mapping,
-                _infos(ckpt, model.mapping),
-                _spans(ckpt, model.mapping, reader),
-                model.dtypes,
-                model.rows,
-            )
+            rows = tokens_job.result().rows
+            mapping = layout.mapping if layout.mapping is not None else model_job.result().mapping
+            final = plan(mapping, _infos(ckpt, mapping), _spans(ckpt, mapping, reader), layout.dtypes, rows)
             if provisional:
                 final = [t for t in final if t.how == "resized"]
             return _out_tensors(final, ckpt, resize_job)
@@ -226,7 +222,7 @@ def convert(opts: Options, fault: Fault = no_fault) -> Summary:
                 reader,
                 input_records,
                 fault,
-                watch=lambda: _raise_if_failed(model_job, resize_job),
+                watch=lambda: _raise_if_failed(tokens_job, resize_job, model_job),
             )
     model = model_job.result()
     return Summary(
@@ -323,9 +319,25 @@ class _Layout:
 
 
 @dataclass
+class _Tokens:
+    """Stage "read", part 3: the tokenizer and what follows from it alone (the backbone, the token layout and the
+    row count the resize needs)."""
+
+    backbone: Backbone
+    mapping: KeyMapping
+    tok: Any  # a tokenizers.Tokenizer
+    tinfo: TokenizerInfo
+    notes: list[str]
+
+    @property
+    def rows(self) -> int:
+        return self.tinfo.ids.rows
+
+
+@dataclass
 class _Model:
-    """Stage "read", part 3: what the tokenizer says and what follows from it (the backbone, the token layout, the
-    output config), checked against the shapes transformers' VipLlava expects."""
+    """Stage "read", part 4: everything, with the output config, checked against the shapes transformers'
+    VipLlava expects."""
 
     vocab: int
     hidden: int
@@ -368,45 +380,53 @@ def _read_layout(opts: Options, inputs: _Inputs) -> _Layout:
     return _Layout(vocab, hidden, rules, mapping, dtypes, vision_cfg, preprocessor)
 
 
-def _start_read_model(opts: Options, inputs: _Inputs, layout: _Layout) -> tuple[Future[_Model], Future[ResizeResult]]:
-    """Stage "read", part 3, then stage "resize", on one thread while the shards are written: the resize needs the
-    row count the tokenizer gives and starts the moment it is known. Errors (a bad tokenizer, a non-finite
-    embedding) surface at the writer's next tensor, and the output is then discarded."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-model")
-    model = pool.submit(_read_model, opts, inputs, layout)
-    resized = pool.submit(lambda: _resize(inputs.ckpt, model.result(), opts.seed))
+def _start_read_model(
+    opts: Options, inputs: _Inputs, layout: _Layout
+) -> tuple[Future[_Tokens], Future[ResizeResult], Future[_Model]]:
+    """Stages "read" (parts 3 and 4) and "resize", on threads while the shards are written: the resize needs only
+    the row count the tokenizer gives and starts the moment it is known, next to the config and shape check.
+    Errors (a bad tokenizer, a non-finite embedding, a shape the config does not imply) surface at the writer's
+    next tensor, and the output is then discarded."""
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="read-model")
+    tokens = pool.submit(_read_tokenizer, opts, inputs, layout)
+    resized = pool.submit(lambda: _resize(inputs.ckpt, layout, tokens.result().rows, opts.seed))
+    model = pool.submit(lambda: _read_model(inputs, layout, tokens.result()))
     pool.shutdown(wait=False)
-    return model, resized
+    return tokens, resized, model
 
 
-def _read_model(opts: Options, inputs: _Inputs, layout: _Layout) -> _Model:
+def _read_tokenizer(opts: Options, inputs: _Inputs, layout: _Layout) -> _Tokens:
     ckpt, orig_dir, text = inputs.ckpt, inputs.orig.directory, inputs.text
     base_tok = load_base_tokenizer(text.directory)
     backbone = detect(inputs.original_cfg, base_tok.get_vocab(), str(orig_dir / "config.json"), opts.backbone)
-    table = table_for(backbone.layer_rules)
     if layout.rules is not None and backbone.layer_rules != layout.rules:
         raise AssertionError(f"{backbone.name}: maps keys unlike the early plan; this is a converter bug")
-    mapping = layout.mapping if layout.mapping is not None else table.map_keys(ckpt.keys())
+    mapping = layout.mapping if layout.mapping is not None else table_for(backbone.layer_rules).map_keys(ckpt.keys())
     tok, tinfo = build_tokenizer(base_tok, text.directory, layout.vocab, backbone)
     notes = _tokenizer_notes(text.directory) if backbone.original_tokenizer == "slow" else []
+    return _Tokens(backbone, mapping, tok, tinfo, notes)
 
+
+def _read_model(inputs: _Inputs, layout: _Layout, tokens: _Tokens) -> _Model:
+    orig_dir = inputs.orig.directory
     cfg = build_config(
         inputs.original_cfg,
         layout.vision_cfg,
-        tinfo.ids,
+        tokens.tinfo.ids,
         DTYPE_NAME[layout.dtypes.embed],
         str(orig_dir / "config.json"),
-        backbone,
+        tokens.backbone,
     )
-    _check_shapes(ckpt, mapping, expected_shapes(load_vipllava_config(cfg)), layout.vocab, table)
+    table = table_for(tokens.backbone.layer_rules)
+    _check_shapes(inputs.ckpt, tokens.mapping, expected_shapes(load_vipllava_config(cfg)), layout.vocab, table)
     return _Model(
         layout.vocab,
         layout.hidden,
-        backbone,
-        mapping,
-        tok,
-        tinfo,
-        notes,
+        tokens.backbone,
+        tokens.mapping,
+        tokens.tok,
+        tokens.tinfo,
+        tokens.notes,
         layout.vision_cfg,
         layout.preprocessor,
         layout.dtypes,
@@ -441,15 +461,27 @@ def _spans(ckpt: Checkpoint, mapping: KeyMapping, reader: InputStream) -> dict[s
     return spans
 
 
-def _resize(ckpt: Checkpoint, model: _Model, seed: int) -> ResizeResult:
+def _resize(ckpt: Checkpoint, layout: _Layout, rows: int, seed: int) -> ResizeResult:
     return resize(
         ckpt.get(ORIGINAL_EMBED),
         ckpt.get(ORIGINAL_LM_HEAD),
-        model.rows,
+        rows,
         seed,
-        model.dtypes.embed,
-        head_dtype=model.dtypes.head,
+        layout.dtypes.embed,
+        head_dtype=layout.dtypes.head,
     )
+
+
+def _resize_sources(ckpt: Checkpoint, reader: InputStream) -> list[tuple[int, int]]:
+    """Where the two resized matrices lie in the input stream (where known): the reader leaves them in the page
+    cache, so the resize, which loads them through torch later, does not read them from disk again."""
+    ranges = []
+    for key in (ORIGINAL_EMBED, ORIGINAL_LM_HEAD):
+        loc = ckpt.location(key)
+        if loc is not None:
+            first = reader.position(*loc)
+            ranges.append((first, first + ckpt.info(key).nbytes))
+    return ranges
 
 
 def _out_tensors(tensors: list[TensorPlan], ckpt: Checkpoint, resized: Future[ResizeResult] | None) -> list[OutTensor]:

@@ -146,27 +146,27 @@ def prog_name(module: str, script: str) -> str:
 
 
 def exit_process(code: int):
-    """End the process with ``code`` (the ``python -m`` and console-script entry points call this).
+    """End the process with ``code`` (the ``python -m`` and console-script entry points call this), streams
+    flushed, without the interpreter's teardown.
 
-    After Ctrl-C the code is 130, and the process must end with it: CPython kills itself with SIGINT at exit when a
-    KeyboardInterrupt ever left code run from a string (``exec`` of source text, as ``dataclasses`` does while
-    modules import), even if the program caught it later. So 130 ends the process here, streams flushed.
-
-    The command's outcome is decided and printed by now: a Ctrl-C arriving during the interpreter's own shutdown is
-    ignored rather than turned into a death by SIGINT (the work it would interrupt is done)."""
+    The command's outcome is decided, printed and on disk by now (every output file is closed and fsynced before
+    its folder appears), so nothing is lost by skipping the teardown: after a full-size conversion it measured
+    0.9 s of freeing ~2000 imported modules, and after an early error it would wait for worker threads (a
+    tokenizer still importing, an input hash) whose work no longer matters. It also settles Ctrl-C: CPython kills
+    itself with SIGINT at exit when a KeyboardInterrupt ever left code run from a string (``exec`` of source text,
+    as ``dataclasses`` does while modules import), even if the program caught it later, so 130 must end the
+    process here; and a Ctrl-C arriving now is ignored rather than turned into a death by SIGINT."""
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if code == 130:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(130)
-    raise SystemExit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 class OnInterrupt:

@@ -38,30 +38,34 @@ class _BufferedSink:
 
 
 class _DirectSink:
-    """Writes that bypass the page cache (``O_DIRECT``): bytes gather in one of two page-aligned staging buffers,
-    a full one goes to the disk on a thread while the other fills, the last one is padded to a block and the file
-    truncated to its true size. Measured here: the kernel's part of writing a 9 GB shard falls from ~0.6 s to
+    """Writes that bypass the page cache (``O_DIRECT``): bytes gather in page-aligned staging buffers; a full one
+    is queued for the disk on a thread (in order, one write at a time) while the next fills, so a hiccup of the
+    producer (``DEPTH - 1`` buffers' worth) does not leave the disk idle. The last one is padded to a block and the
+    file truncated to its true size. Measured here: the kernel's part of writing a 9 GB shard falls from ~0.6 s to
     ~0.1 s of CPU per GB, because no page is allocated, charged, written back and reclaimed."""
 
     BLOCK = 4096
     STAGE = 1 << 24
+    DEPTH = 6
 
     def __init__(self, path: Path):
         self.fd = os.open(
             path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666
         )  # then the umask, like open()
-        self.bufs = [mmap.mmap(-1, self.STAGE), mmap.mmap(-1, self.STAGE)]
+        self.bufs = [mmap.mmap(-1, self.STAGE) for _ in range(max(2, self.DEPTH))]
         self.views = [memoryview(b) for b in self.bufs]
+        self.pending: list[Future | None] = [None] * len(self.bufs)  # each buffer's write, while queued
         self.turn = 0
         self.fill = 0
         self.size = 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
-        self.pending: Future | None = None
 
     def write(self, buf: memoryview) -> None:
         view = memoryview(buf)
         self.size += len(view)
         while view:
+            if self.fill == 0:
+                self._wait(self.turn)  # this buffer's last write is on disk: it may be refilled
             n = min(len(view), self.STAGE - self.fill)
             self.views[self.turn][self.fill : self.fill + n] = view[:n]
             self.fill += n
@@ -69,11 +73,15 @@ class _DirectSink:
             if self.fill == self.STAGE:
                 self._submit(self.STAGE)
 
+    def _wait(self, i: int) -> None:
+        job = self.pending[i]
+        if job is not None:
+            job.result()
+            self.pending[i] = None
+
     def _submit(self, length: int) -> None:
-        if self.pending is not None:
-            self.pending.result()  # the other buffer is on disk: it may be refilled
-        self.pending = self.pool.submit(self._write_all, self.views[self.turn][:length])
-        self.turn ^= 1
+        self.pending[self.turn] = self.pool.submit(self._write_all, self.views[self.turn][:length])
+        self.turn = (self.turn + 1) % len(self.bufs)
         self.fill = 0
 
     def _write_all(self, view: memoryview) -> None:
@@ -89,14 +97,14 @@ class _DirectSink:
             padded = -(-tail // self.BLOCK) * self.BLOCK
             self.views[self.turn][tail:padded] = bytes(padded - tail)
             self._submit(padded)
-        if self.pending is not None:
-            self.pending.result()
+        for job in self.pending:
+            if job is not None:
+                job.result()  # in order: the first write error surfaces
         os.ftruncate(self.fd, self.size)
         self._release()
 
     def abort(self) -> None:
-        if self.pending is not None:
-            wait_futures([self.pending])
+        wait_futures([job for job in self.pending if job is not None])
         self._release()
 
     def _release(self) -> None:

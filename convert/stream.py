@@ -74,7 +74,8 @@ class InputStream:
 
     :meth:`ranges` streams chosen byte ranges of files instead of whole files, in a given order (``verify`` reads
     an original's tensors in the order the converted repo holds them); ``hashing`` and ``drop`` turn the per-file
-    sha256 and the dropping of read pages off."""
+    sha256 and the dropping of read pages off. :meth:`keep` names ranges whose pages stay cached (the converter's
+    resize reads the two matrices again later, through torch)."""
 
     CHUNK = 1 << 22
     BUFFERS = 16
@@ -130,6 +131,7 @@ class InputStream:
         self._thread = threading.Thread(target=self._run, name="input-reader", daemon=True)
         self._warmer = threading.Thread(target=self._warm, name="input-warm", daemon=True)
         self._read_pos = 0  # stream position the reader has read up to
+        self._keep: list[tuple[int, int]] = []  # stream positions whose pages are not dropped
 
     @classmethod
     def ranges(cls, spans: list[tuple[Path, int, int]], *, drop: bool = True) -> "InputStream":
@@ -139,6 +141,23 @@ class InputStream:
 
     def position(self, path: Path, offset: int) -> int:
         return self.starts[path] + offset
+
+    def keep(self, ranges: list[tuple[int, int]]) -> "InputStream":
+        """Leave the pages of these stream ranges in the page cache when they are read (call before start)."""
+        self._keep = sorted(ranges)
+        return self
+
+    def _drop(self, fd: int, file_offset: int, n: int, pos: int) -> None:
+        """Drop the pages of the n bytes just read at ``file_offset`` (stream position ``pos``), but the kept ones."""
+        start, end = pos, pos + n
+        for a, b in self._keep:
+            if b <= start or a >= end:
+                continue
+            if a > start:
+                drop_cached(fd, file_offset + (start - pos), a - start)
+            start = max(start, b)
+        if start < end:
+            drop_cached(fd, file_offset + (start - pos), end - start)
 
     def start(self) -> "InputStream":
         if self.hashing:
@@ -365,7 +384,7 @@ class InputStream:
                         "program writing it?"
                     )
                 if self.drop:
-                    drop_cached(fd, first + offset, n)  # the bytes are in our buffer now
+                    self._drop(fd, first + offset, n, base + offset)  # the bytes are in our buffer now
                 chunk = _Chunk(base + offset, n, buf, None if hashed_before else threading.Event())
                 offset += n
                 self.bytes_read += n

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -319,3 +320,31 @@ def test_an_input_changed_under_the_converter_fails_cleanly(tmp_path, monkeypatc
             )
         )
     assert not out.exists() and not list(tmp_path.glob(".vipllava-tmp-*"))
+
+
+def test_kept_ranges_stay_cached_and_the_rest_is_dropped(tmp_path, monkeypatch):
+    """The resize reads the two matrices again through torch: the reader drops every page it has read except
+    theirs (ranges across chunk and file boundaries)."""
+    from convert import stream as stream_mod
+
+    monkeypatch.setattr(InputStream, "CHUNK", 4096)
+    files = _files(tmp_path, [3 * 4096 + 100, 2 * 4096])
+    total = sum(f.stat().st_size for f in files)
+    keep = [(1000, 5000), (3 * 4096 + 50, 3 * 4096 + 100 + 4096 + 10)]  # the second spans both files
+    dropped: list[tuple[int, int]] = []
+    starts = {files[0]: 0, files[1]: files[0].stat().st_size}
+
+    def record(fd, start=0, length=0):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        dropped.append((starts[path] + start, starts[path] + start + length))
+
+    monkeypatch.setattr(stream_mod, "drop_cached", record)
+    s = InputStream(files)
+    s.keep(keep).start()
+    s.finish()
+    covered = [False] * total
+    for a, b in dropped:
+        for i in range(a, b):
+            assert not any(ka <= i < kb for ka, kb in keep), f"byte {i} of a kept range was dropped"
+            covered[i] = True
+    assert all(covered[i] or any(ka <= i < kb for ka, kb in keep) for i in range(total))

@@ -16,7 +16,15 @@ from safetensors.torch import load_file, save_file
 
 from fixtures.build import sample_images, sample_prompts
 from verify.api import verify_repo
-from verify.context import Context, GiB, ModelShape, VerifyUsageError, estimate_memory
+from verify.context import (
+    DECODE_BATCH_BYTES,
+    Context,
+    GiB,
+    ModelShape,
+    VerifyUsageError,
+    estimate_memory,
+    largest_decode_batch,
+)
 
 PROMPTS = [p for p in sample_prompts() if p["name"] in ("wide_colour", "text_only", "two_turn")]
 T = 997  # len(base tokenizer) of the tiny Vicuna fixture; rows [T, 1024) are <image>, <pad> and padding
@@ -190,11 +198,16 @@ def test_full_size_estimate_fp32_exceeds_24_gb_and_the_default_fits_8_gib(tiny, 
     low = estimate_memory(shape, torch.bfloat16, bf16, seqs, images, 8)
     assert fp32["total"] > 24e9 and fp32["parts"]["weights"] == 2 * shape.parameters * 4
     assert low["total"] < 8 * GiB and low["parts"]["weights"] == 0
-    blocks = estimate_memory(shape, torch.bfloat16, bf16, seqs, images, 8, arithmetic=torch.float32)
+    # the default: float32 blocks, and the lock-step batches' bf16 caches (the 13B prompts take two batches)
+    names = [p["image"] if n else None for p, n in zip(sample_prompts(), images, strict=True)]
+    held = largest_decode_batch(shape, ids, names, seqs, 8, torch.bfloat16)
+    assert 2 * GiB < held <= DECODE_BATCH_BYTES
+    blocks = estimate_memory(shape, torch.bfloat16, bf16, seqs, images, 8, arithmetic=torch.float32, decode_caches=held)
     assert (
         blocks["total"] < 8 * GiB
         and blocks["parts"]["weights"] == 0
         and 1 * GiB < blocks["parts"]["float32_blocks"] < 3 * GiB
+        and blocks["parts"]["decode_caches"] == held
     )
     # a bf16 run of a repo converted to fp32 copies one model
     assert (

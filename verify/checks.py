@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .context import MANIFEST, Context, ConvertedTensors, OriginalTensors
+from .context import MANIFEST, Context, ConvertedTensors, OriginalTensors, id_set
 from .report import FAIL, NA, PASS, WARN, Check, first_difference_index
 
 # max |logits diff| per verify --dtype: float32 arithmetic (float32-blocks computes the prompt in float32 over bf16
@@ -259,13 +259,6 @@ def check_mapping(ctx: Context) -> Check:
 
 
 # ------------------------------------------------------------------------------------------------------------
-def _id_set(value) -> set:
-    """An id or a list of ids (generation_config's eos_token_id may be either) as a set; None -> empty."""
-    if value is None:
-        return set()
-    return set(value) if isinstance(value, (list, tuple)) else {value}
-
-
 def _special_id_problems(ctx: Context, tok: Any, gen: dict) -> tuple[list[str], dict[str, Any]]:
     """Tokenizer, config, text config and generation config agree on the pad, bos and eos ids; pad is T + 1.
     Returns the problems and the pad ids found."""
@@ -290,8 +283,8 @@ def _special_id_problems(ctx: Context, tok: Any, gen: dict) -> tuple[list[str], 
     if len({json.dumps(v) for v in norm.values()}) != 1:
         problems.append("bos ids disagree: " + ", ".join(f"{k}={v}" for k, v in bos.items()))
     # eos: generation_config may list several stop ids; the tokenizer's and the text config's must be among them
-    gen_eos = _id_set(gen.get("eos_token_id"))
-    text_eos = _id_set(ctx.config_dict.get("text_config", {}).get("eos_token_id"))
+    gen_eos = id_set(gen.get("eos_token_id"))
+    text_eos = id_set(ctx.config_dict.get("text_config", {}).get("eos_token_id"))
     if tok.eos_token_id is None or tok.eos_token_id not in gen_eos:
         problems.append(
             f"eos ids disagree: tokenizer eos {tok.eos_token_id} is not in generation_config eos_token_id "
@@ -844,7 +837,7 @@ def check_generation(ctx: Context) -> Check:
     problems, total = [], 0
     n = ctx.max_new_tokens
     gen = ctx.generation_config
-    gen_eos = _id_set(gen.get("eos_token_id"))
+    gen_eos = id_set(gen.get("eos_token_id"))
     terminators = ctx.terminators
     T = ctx.layout["base_tokens"]
     for token, tid in terminators.items():
@@ -872,7 +865,7 @@ def check_generation(ctx: Context) -> Check:
             problems.append(f"prompt {x['name']}: converted {got} vs original {list(ref)}{note}")
     stops = ", ".join(f"{t} {i}" for t, i in terminators.items())
     n_bad = sum(1 for q in problems if q.startswith("prompt "))
-    suppressed = _id_set(gen.get("suppress_tokens"))
+    suppressed = id_set(gen.get("suppress_tokens"))
     numbers = {
         "prompts": len(ctx.parity_inputs),
         "max_new_tokens": n,

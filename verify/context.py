@@ -172,6 +172,26 @@ class ModelShape:
         """Spliced length of a prompt with ``text_ids`` non-image ids and ``images`` image sentinels."""
         return text_ids + images * self.image_tokens
 
+    def cache_bytes(self, positions: int, element: int) -> int:
+        """The key/value cache of one sequence of ``positions`` with ``element``-byte entries."""
+        return 2 * self.layers * positions * self.kv_dim * element
+
+
+def largest_decode_batch(
+    shape: ModelShape,
+    ids: list[list[int]],
+    images: list[str | None],
+    sequences: list[int],
+    max_new_tokens: int,
+    dtype: torch.dtype,
+) -> int:
+    """Bytes of key/value cache the largest lock-step batch holds: the prompts (``ids`` with image sentinels, image
+    names, spliced lengths) grouped by shared prefix and packed as verify runs them (:func:`pack_decode_batches`)."""
+    w = torch.empty((), dtype=dtype).element_size()
+    held = [shape.cache_bytes(s + max_new_tokens, w) for s in sequences]
+    batches = pack_decode_batches(prefix_groups(list(zip(ids, images, strict=True))), held, DECODE_BATCH_BYTES)
+    return max(sum(held[i] for _, members in b for i in members) for b in batches)
+
 
 def estimate_memory(
     shape: ModelShape,
@@ -181,6 +201,7 @@ def estimate_memory(
     images: list[int],
     max_new_tokens: int,
     arithmetic: torch.dtype | None = None,
+    decode_caches: int = 0,
 ) -> dict:
     """Peak anonymous memory (bytes) of a verify run, by part.
 
@@ -193,8 +214,11 @@ def estimate_memory(
       scores of one layer (float32 softmax + the cast), the MLP and residual activations, the last logits, the vision
       tower's hidden states (all layers are kept for the feature selection) and its attention scores.
     * float32 blocks (``arithmetic`` float32 over weights held in a smaller ``dtype``): one float32 buffer per
-      distinct parameter shape (counted as a whole text layer, a vision layer, the projector, the embedding and the
-      head: an upper bound); activations, key/value cache and attention in float32.
+      distinct parameter shape (the text layer's, a vision layer's, the projector's, the embedding's, which the head
+      shares; the small norm and CLIP embedding shapes are left to the runtime's margin); activations, key/value
+      cache and attention in float32.
+    * the lock-step decoding (:func:`pack_decode_batches`): the key/value caches of the largest batch's prompts in
+      the weights' dtype, ``decode_caches`` bytes, held while its prompts' forwards run.
     * the runtime: python, torch, transformers (``RUNTIME_BYTES``).
     """
     arithmetic = arithmetic or dtype
@@ -206,10 +230,12 @@ def estimate_memory(
     upcast = 0
     if arithmetic != dtype:
         h, vh = shape.hidden, shape.vision_hidden
-        layer = 2 * h * h + 2 * h * shape.kv_dim + 3 * h * shape.intermediate
-        vision = 4 * vh * vh + 2 * vh * shape.vision_intermediate
+        # one buffer per distinct shape (blocks run one at a time): q/o [h, h], k/v [kv, h] when that differs,
+        # gate/up [i, h], down [h, i], the embedding and the head [vocab, h] (one shape); the same for a vision layer
+        layer = h * h + (h * shape.kv_dim if shape.kv_dim != h else 0) + 2 * h * shape.intermediate
+        vision = vh * vh + 2 * vh * shape.vision_intermediate
         projector = 5 * vh * h + h * h
-        upcast = b * (layer + vision + projector + 2 * shape.vocab * h)
+        upcast = b * (layer + vision + projector + shape.vocab * h)
     parts = {
         "weights": copies * shape.parameters * w,
         "float32_blocks": upcast,
@@ -223,6 +249,7 @@ def estimate_memory(
             + shape.vision_heads * shape.vision_tokens**2 * (4 + b)
             + shape.vision_tokens * shape.vision_intermediate * b
         ),
+        "decode_caches": decode_caches,
         "runtime": RUNTIME_BYTES,
     }
     return {
@@ -233,6 +260,82 @@ def estimate_memory(
         "parts": parts,
         "total": sum(parts.values()),
     }
+
+
+DECODE_BATCH_BYTES = 3 * GiB  # the key/value caches one lock-step batch of prompts may hold, in the weights' dtype
+
+
+def prefix_groups(prompts: list[tuple[list[int], str | None]]) -> list[tuple[int, list[int]]]:
+    """How the prompts' forwards are scheduled, from each prompt's (ids with image sentinels, image name):
+    ``(k, members)`` per group, in order of first appearance. Prompts whose ids agree up to and including their last
+    image (the system text and the same image) form a group that computes those ``k`` ids once and extends them per
+    prompt (each side with its own model and its own key/value cache); ``k`` 0: one prompt, run whole. The same
+    schedule serves both sides, so their logits are computed alike; a prompt that ends at its image runs whole."""
+    groups: dict[tuple, list[int]] = {}
+    order: list[tuple] = []
+    for i, (ids, image) in enumerate(prompts):
+        last = max((j for j, t in enumerate(ids) if t < 0), default=None)
+        key: tuple = ("whole", i) if last is None or last == len(ids) - 1 else (image, tuple(ids[: last + 1]))
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(i)
+    plan: list[tuple[int, list[int]]] = []
+    for key in order:
+        members = groups[key]
+        if key[0] == "whole" or len(members) == 1:
+            plan.extend((0, [i]) for i in members)
+        else:
+            plan.append((len(key[1]), members))
+    return plan
+
+
+def pack_decode_batches(
+    groups: list[tuple[int, list[int]]], cache_bytes: list[int], limit: int
+) -> list[list[tuple[int, list[int]]]]:
+    """``groups`` (:func:`prefix_groups`), in order, packed into lock-step batches: a batch takes whole groups while
+    the key/value caches of its prompts (``cache_bytes[i]`` for prompt ``i``) stay within ``limit``; a group over the
+    limit alone is a batch of its own. Every decoding step of a batch reads the weights once for all its prompts."""
+    batches: list[list[tuple[int, list[int]]]] = []
+    held = 0
+    for group in groups:
+        size = sum(cache_bytes[i] for i in group[1])
+        if not batches or held + size > limit:
+            batches.append([])
+            held = 0
+        batches[-1].append(group)
+        held += size
+    return batches
+
+
+def id_set(value) -> set:
+    """An id or a list of ids (generation_config's eos_token_id may be either) as a set; None -> empty."""
+    if value is None:
+        return set()
+    return set(value) if isinstance(value, (list, tuple)) else {value}
+
+
+def _left_padded_cache(caches: list, lengths: list[int]):
+    """One ``DynamicCache`` for a batch from per-prompt caches (batch 1 each, ``lengths[i]`` positions): each layer's
+    keys and values zero-padded on the left to the longest and concatenated on the batch axis. The per-prompt
+    tensors are released layer by layer."""
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+
+    longest = max(lengths)
+    layers = [cache.layers for cache in caches]
+    stacked = []
+    for j in range(len(layers[0])):
+        keys, values = [], []
+        for per, n in zip(layers, lengths, strict=True):
+            layer = per[j]
+            if layer.keys.shape[-2] != n:
+                raise RuntimeError(f"a prompt cache holds {layer.keys.shape[-2]} positions, expected {n}")
+            keys.append(F.pad(layer.keys, (0, 0, longest - n, 0)))
+            values.append(F.pad(layer.values, (0, 0, longest - n, 0)))
+            layer.keys = layer.values = None
+        stacked.append((torch.cat(keys), torch.cat(values)))
+    return DynamicCache(ddp_cache_data=stacked)
 
 
 class OriginalTensors:
@@ -514,6 +617,10 @@ class Context:
         images = [x.count(IMAGE_SENTINEL) for x in ids]
         sequences = [shape.sequence(len(x) - n, n) for x, n in zip(ids, images, strict=True)]
         generating = self.only is None or "generation" in self.only
+        decode_caches = 0
+        if generating and self.max_new_tokens > 0:
+            names = [p.get("image") if n else None for p, n in zip(self.prompts, images, strict=True)]
+            decode_caches = largest_decode_batch(shape, ids, names, sequences, self.max_new_tokens, self.dtype)
         est = estimate_memory(
             shape,
             self.dtype,
@@ -522,6 +629,7 @@ class Context:
             images,
             self.max_new_tokens if generating else 0,
             arithmetic=self.arithmetic,
+            decode_caches=decode_caches,
         )
         source = "given" if limit is not None else "MemAvailable"
         limit = limit if limit is not None else available_memory()
@@ -712,8 +820,8 @@ class Context:
         """Per prompt: (ReferenceOutput, greedy ids or None). One forward per prompt gives the logits AND the
         key/value cache the greedy continuation steps from; all prompts run before the converted model is touched
         (the two models are never used in turns, so a full-size pair does not fight over the page cache).
-        The prompt forward runs in ``self.arithmetic`` (float32 blocks by default), the greedy steps in the weights'
-        dtype (the cache is cast to it in between)."""
+        The prompt forwards run in ``self.arithmetic`` (float32 blocks by default); their caches are cast to the
+        weights' dtype and the greedy steps of each batch (:attr:`decode_batches`) run in lock step in that dtype."""
         import time
 
         from .compute import cast_cache
@@ -721,63 +829,54 @@ class Context:
         ref = self.reference
         inputs = self.parity_inputs
         out: list = [None] * len(inputs)
-        with self.arithmetic_context(ref.llm, ref.vision) as f32:
-            for k, members in self.shared_prefixes:
-                t0 = time.perf_counter()
-                if f32 is not None:
-                    f32.enabled = True
-                pre = None
-                if k:  # the shared prefix: system text and image, once for the group
-                    x = inputs[members[0]]
-                    pre = ref.forward(x["ids"][:k], x["images"], keep_cache=True)
-                    self._time("reference_forward", t0)
-                for i in members:
-                    x = inputs[i]
+        for batch in self.decode_batches:
+            fwds: dict[int, object] = {}
+            with self.arithmetic_context(ref.llm, ref.vision):
+                for k, members in batch:
                     t0 = time.perf_counter()
-                    if f32 is not None:
-                        f32.enabled = True
-                    if pre is None:
-                        fwd = ref.forward(x["ids"], x["images"] or None, keep_cache=self.generating)
-                    else:
-                        fwd = ref.extend(pre, x["ids"][k:], keep_cache=self.generating)
-                    self._time("reference_forward", t0)
-                    tokens = None
-                    if self.generating:
-                        t0 = time.perf_counter()
-                        if f32 is not None:
-                            f32.enabled = False
+                    pre = None
+                    if k:  # the shared prefix: system text and image, once for the group
+                        x = inputs[members[0]]
+                        pre = ref.forward(x["ids"][:k], x["images"], keep_cache=True)
+                    for i in members:
+                        x = inputs[i]
+                        if pre is None:
+                            fwd = ref.forward(x["ids"], x["images"] or None, keep_cache=self.generating)
+                        else:
+                            fwd = ref.extend(pre, x["ids"][k:], keep_cache=self.generating)
+                        if self.generating:
                             cast_cache(fwd.cache, self.dtype)
-                        tokens, _ = ref.continue_greedy(fwd, self.max_new_tokens)
-                        self._time("reference_decode", t0)
-                    out[i] = (fwd, tokens)
-                del pre
+                        fwds[i] = fwd
+                    del pre
+                    self._time("reference_forward", t0)
+            order = [i for _, members in batch for i in members]
+            tokens: list = [None] * len(order)
+            if self.generating:
+                t0 = time.perf_counter()
+                tokens = ref.continue_greedy_batch([fwds[i] for i in order], self.max_new_tokens)
+                self._time("reference_decode", t0)
+            for i, ids in zip(order, tokens, strict=True):
+                out[i] = (fwds[i], ids)
         return out
 
     @cached_property
     def shared_prefixes(self) -> list[tuple[int, list[int]]]:
-        """How the prompts' forwards are scheduled: ``(k, members)`` per group, in order of first appearance. Prompts
-        whose ids agree up to and including their last image (the system text and the same image) form a group that
-        computes those ``k`` ids once and extends them per prompt (each side with its own model and its own key/value
-        cache); ``k`` 0: one prompt, run whole. The same schedule serves both sides, so their logits are computed
-        alike; a prompt that ends at its image runs whole."""
-        groups: dict[tuple, list[int]] = {}
-        order: list[tuple] = []
-        for i, x in enumerate(self.parity_inputs):
-            ids = x["ids"]
-            last = max((j for j, t in enumerate(ids) if t < 0), default=None)
-            key: tuple = ("whole", i) if last is None or last == len(ids) - 1 else (x["image"], tuple(ids[: last + 1]))
-            if key not in groups:
-                groups[key] = []
-                order.append(key)
-            groups[key].append(i)
-        plan: list[tuple[int, list[int]]] = []
-        for key in order:
-            members = groups[key]
-            if key[0] == "whole" or len(members) == 1:
-                plan.extend((0, [i]) for i in members)
-            else:
-                plan.append((len(key[1]), members))
-        return plan
+        """How the prompts' forwards are scheduled (:func:`prefix_groups` of the prompts' ids and images)."""
+        return prefix_groups([(x["ids"], x["image"]) for x in self.parity_inputs])
+
+    @cached_property
+    def decode_batches(self) -> list[list[tuple[int, list[int]]]]:
+        """The groups of :attr:`shared_prefixes` packed into lock-step batches (:func:`pack_decode_batches`): each
+        batch runs its prompt forwards, then decodes its prompts together. One batch when not generating."""
+        if not self.generating:
+            return [self.shared_prefixes]
+        w = torch.empty((), dtype=self.dtype).element_size()
+        shape = self.model_shape
+        return pack_decode_batches(
+            self.shared_prefixes,
+            [shape.cache_bytes(len(x["expanded"]) + self.max_new_tokens, w) for x in self.parity_inputs],
+            DECODE_BATCH_BYTES,
+        )
 
     def arithmetic_context(self, *models):
         """A context in which ``models`` compute their prompt forwards in ``self.arithmetic``: Float32Blocks when
@@ -805,12 +904,12 @@ class Context:
     def converted_runs(self) -> list[tuple[torch.Tensor, list[int] | None]]:
         """Per prompt: (float32 logits over every position, generated ids or None).
 
-        When generating, one ``model.generate`` call per prompt, exactly as a user runs the converted repo: its
-        ``generation_config.json`` (stop ids, ``suppress_tokens``, ...) as loaded by ``from_pretrained``, greedy,
-        ``max_new_tokens``. ``logits_to_keep=0`` keeps the prompt forward's logits at every position, taken from
-        that first forward for the logits check (no second prompt forward). The prompt forward runs in
-        ``self.arithmetic`` (float32 blocks by default) and the greedy steps in the weights' dtype, as the
-        reference's do: the first call of the model is the prompt, its cache is cast before the next."""
+        Generation runs through ``model.generate`` as a user runs the converted repo: its ``generation_config.json``
+        (stop ids, ``suppress_tokens``, ...) as loaded by ``from_pretrained``, greedy. Per prompt, ``generate`` with
+        one new token runs the prompt forward (in ``self.arithmetic``, float32 blocks by default; ``logits_to_keep=0``
+        keeps its logits at every position for the logits check) and picks the first id; its cache, cast to the
+        weights' dtype, is kept. Then each batch of :attr:`decode_batches` continues in ONE ``generate`` call over the
+        left-padded batch (:meth:`_generate_batch`), in the weights' dtype, as the reference's steps run."""
         import copy
         import time
 
@@ -820,84 +919,129 @@ class Context:
         inputs = self.parity_inputs
         seq = self.config_dict.get("image_seq_length", 576)
         out: list = [None] * len(inputs)
-        with self.arithmetic_context(model) as f32:
-            for k, members in self.shared_prefixes:
-                t0 = time.perf_counter()
-                if f32 is not None:
-                    f32.enabled = True
-                pre, pre_logits, P = None, None, 0
-                if k:  # the shared prefix (system text and image), once for the group: its logits and its cache
-                    x = inputs[members[0]]
-                    P = sum(seq if t < 0 else 1 for t in x["ids"][:k])
-                    with torch.no_grad():
-                        res = model(
-                            input_ids=torch.tensor([x["expanded"][:P]]),
-                            pixel_values=x["pixels"],
-                            use_cache=True,
-                            logits_to_keep=0,
-                        )
-                    pre, pre_logits = output_cache(res), res.logits[0].float()
-                    del res
-                    self._time("converted_forward", t0)
-                for i in members:
-                    x = inputs[i]
-                    ids = torch.tensor([x["expanded"]])
-                    # with a shared prefix, the cache holds the image: no pixels (generate runs only the rest)
-                    kw: dict = {"pixel_values": x["pixels"]} if x["pixels"] is not None and pre is None else {}
-                    if pre is not None:
-                        kw["cache"] = copy.deepcopy(pre)
+        for batch in self.decode_batches:
+            started: dict[int, tuple] = {}  # prompt -> (cache, first id)
+            with self.arithmetic_context(model) as f32:
+                for k, members in batch:
                     t0 = time.perf_counter()
                     if f32 is not None:
                         f32.enabled = True
-                    if not self.generating:
+                    pre, pre_logits, P = None, None, 0
+                    if k:  # the shared prefix (system text and image), once for the group: its logits and its cache
+                        x = inputs[members[0]]
+                        P = sum(seq if t < 0 else 1 for t in x["ids"][:k])
                         with torch.no_grad():
-                            logits = (
-                                model(
-                                    input_ids=ids[:, P:],
-                                    **({"pixel_values": kw["pixel_values"]} if "pixel_values" in kw else {}),
-                                    **({"cache": kw["cache"], "use_cache": True} if "cache" in kw else {}),
-                                )
-                                .logits[0]
-                                .float()
-                            )
-                        self._time("converted_forward", t0)
-                        out[i] = (logits if pre_logits is None else torch.cat([pre_logits, logits]), None)
-                        continue
-                    first: list = []
-
-                    def hook(_module, _args, result, first=first):
-                        if not first:
-                            first.append((result.logits[0].float(), time.perf_counter()))
-                            if f32 is not None:  # the greedy steps run in the weights' dtype
-                                f32.enabled = False
-                                cast_cache(output_cache(result), self.dtype)
-
-                    handle = model.register_forward_hook(hook)
-                    try:
-                        with torch.no_grad():
-                            gen = model.generate(
-                                input_ids=ids,
-                                attention_mask=torch.ones_like(ids),
-                                max_new_tokens=self.max_new_tokens,
-                                do_sample=False,
+                            res = model(
+                                input_ids=torch.tensor([x["expanded"][:P]]),
+                                pixel_values=x["pixels"],
+                                use_cache=True,
                                 logits_to_keep=0,
-                                **kw,
                             )
-                    finally:
-                        handle.remove()
-                    logits, t1 = first[0]
-                    if pre_logits is not None:
-                        if logits.shape[0] != ids.shape[1] - P:
-                            raise RuntimeError(
-                                f"generate recomputed {logits.shape[0]} positions after a cached prefix of "
-                                f"{P}, expected {ids.shape[1] - P}"
-                            )
-                        logits = torch.cat([pre_logits, logits])
-                    self.timings["converted_forward"] = self.timings.get("converted_forward", 0.0) + t1 - t0
-                    self._time("converted_decode", t1)
-                    out[i] = (logits, gen[0, ids.shape[1] :].tolist())
-                del pre, pre_logits
+                        pre, pre_logits = output_cache(res), res.logits[0].float()
+                        del res
+                    for i in members:
+                        x = inputs[i]
+                        ids = torch.tensor([x["expanded"]])
+                        # with a shared prefix, the cache holds the image: no pixels (generate runs only the rest)
+                        kw: dict = {"pixel_values": x["pixels"]} if x["pixels"] is not None and pre is None else {}
+                        if pre is not None:
+                            kw["cache"] = copy.deepcopy(pre)
+                        if f32 is not None:
+                            f32.enabled = True
+                        if not self.generating:
+                            with torch.no_grad():
+                                logits = (
+                                    model(
+                                        input_ids=ids[:, P:],
+                                        **({"pixel_values": kw["pixel_values"]} if "pixel_values" in kw else {}),
+                                        **({"cache": kw["cache"], "use_cache": True} if "cache" in kw else {}),
+                                    )
+                                    .logits[0]
+                                    .float()
+                                )
+                            out[i] = (logits if pre_logits is None else torch.cat([pre_logits, logits]), None)
+                            continue
+                        first: list = []
+
+                        def hook(_module, _args, result, first=first):
+                            first.append(result.logits[0].float())
+
+                        handle = model.register_forward_hook(hook)
+                        try:
+                            with torch.no_grad():
+                                res = model.generate(
+                                    input_ids=ids,
+                                    attention_mask=torch.ones_like(ids),
+                                    max_new_tokens=1,
+                                    do_sample=False,
+                                    logits_to_keep=0,
+                                    return_dict_in_generate=True,
+                                    **kw,
+                                )
+                        finally:
+                            handle.remove()
+                        if len(first) != 1:
+                            raise RuntimeError(f"generate of one new id ran the model {len(first)} times")
+                        logits = first[0]
+                        if pre_logits is not None:
+                            if logits.shape[0] != ids.shape[1] - P:
+                                raise RuntimeError(
+                                    f"generate recomputed {logits.shape[0]} positions after a cached prefix of "
+                                    f"{P}, expected {ids.shape[1] - P}"
+                                )
+                            logits = torch.cat([pre_logits, logits])
+                        cache = output_cache(res)
+                        cast_cache(cache, self.dtype)  # the greedy steps run in the weights' dtype
+                        started[i] = (cache, int(res.sequences[0, -1]))
+                        out[i] = (logits, None)
+                        del res
+                    del pre, pre_logits
+                    self._time("converted_forward", t0)
+            if self.generating:
+                t0 = time.perf_counter()
+                order = [i for _, members in batch for i in members]
+                rows = [(inputs[i]["expanded"], *started.pop(i)) for i in order]
+                for i, new_ids in zip(order, self._generate_batch(rows), strict=True):
+                    out[i] = (out[i][0], new_ids)
+                self._time("converted_decode", t0)
         return out
+
+    def _generate_batch(self, rows: list[tuple[list[int], object, int]]) -> list[list[int]]:
+        """The greedy continuation of prompts whose forward ran: ``rows`` of (expanded ids, their key/value cache in
+        the weights' dtype, the first new id). One ``model.generate`` call continues them all: the ids and caches
+        left-padded to the longest (``attention_mask`` 0 on the pad, so each prompt attends to its own positions and
+        its positions count from its own start), each prompt's first id as the one new input. Per prompt: the first
+        id and what followed, up to the generation config's first stop id (included) or ``max_new_tokens``."""
+        model = self.model
+        n = self.max_new_tokens
+        gen = model.generation_config
+        stops = id_set(gen.eos_token_id)
+        new = [[first] for _, _, first in rows]
+        if n <= 1 or all(first in stops for _, _, first in rows):
+            return new
+        lengths = [len(ids) for ids, _, _ in rows]
+        longest = max(lengths)
+        pad = gen.pad_token_id if isinstance(gen.pad_token_id, int) else 0
+        input_ids = torch.full((len(rows), longest + 1), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest + 1), dtype=torch.long)
+        for r, (ids, _, first) in enumerate(rows):
+            input_ids[r, longest - len(ids) : longest] = torch.tensor(ids)
+            input_ids[r, longest] = first
+            mask[r, longest - len(ids) :] = 1
+        cache = _left_padded_cache([cache for _, cache, _ in rows], lengths)
+        del rows
+        with torch.no_grad():
+            res = model.generate(
+                input_ids=input_ids, attention_mask=mask, cache=cache, max_new_tokens=n - 1, do_sample=False
+            )
+        for r, ids in enumerate(new):
+            if ids[0] in stops:
+                continue
+            for t in res[r, longest + 1 :].tolist():
+                ids.append(t)
+                if t in stops or len(ids) >= n:
+                    break
+        return new
 
     @property
     def converted_logits(self) -> list[torch.Tensor]:

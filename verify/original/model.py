@@ -61,6 +61,27 @@ def _returned_cache(out: Any) -> Any:
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
+def _layer_tensors(cache: Any) -> list[list[Any]]:
+    """A key/value cache as ``[[keys, values], ...]`` per layer, each ``[batch, heads, positions, head_dim]``:
+    transformers 5.x (``.layers``), 4.36-4.4x (``.key_cache`` / ``.value_cache``) or the legacy tuples."""
+    if hasattr(cache, "layers"):
+        return [[layer.keys, layer.values] for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return [[k, v] for k, v in zip(cache.key_cache, cache.value_cache, strict=True)]
+    return [[k, v] for k, v in cache]
+
+
+def _cache_from_layers(pairs: list[tuple[torch.Tensor, ...]]) -> Any:
+    """A transformers ``DynamicCache`` holding ``pairs`` (keys, values) per layer."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    if "ddp_cache_data" in inspect.signature(DynamicCache.__init__).parameters:
+        return DynamicCache(ddp_cache_data=pairs)
+    return DynamicCache.from_legacy_cache(tuple(pairs))  # type: ignore[attr-defined]  # transformers < 5
+
+
 @dataclass
 class ReferenceOutput:
     logits: torch.Tensor
@@ -382,6 +403,67 @@ class OriginalVipLlava:
             row = step_out.logits[0, -1].float()
             position += 1
         return new, rows
+
+    @torch.no_grad()
+    def continue_greedy_batch(self, outs: Sequence[ReferenceOutput], max_new_tokens: int = 8) -> list[list[int]]:
+        """:meth:`continue_greedy` of several prompts in lock step: each step runs the text model once for all of
+        them, so a model whose weights are read from disk reads them once per step, not once per prompt and step.
+
+        The prompts' caches (``forward(..., keep_cache=True)``, all in one dtype) are stacked left-padded: prompt
+        ``i`` of spliced length ``T_i`` occupies the last ``T_i`` of ``max T`` slots, the pad slots are zeros that the
+        attention mask hides, and its new ids go at positions ``T_i``, ``T_i + 1``, ... as alone. Each prompt's ids
+        end at its first terminator (included) or after ``max_new_tokens``; a finished prompt keeps stepping with
+        the others and what it computes is dropped. The caches are consumed (``out.cache`` is set to None)."""
+        if any(o.cache is None for o in outs):
+            raise ValueError("continue_greedy_batch needs forward(..., keep_cache=True) for every prompt")
+        new: list[list[int]] = [[self._pick(o.logits[-1])] for o in outs]
+        done = [ids[0] in self.eos_token_ids or max_new_tokens <= 1 for ids in new]
+        lengths = [len(o.input_positions) for o in outs]
+        caches = [o.cache for o in outs]
+        for o in outs:
+            o.cache = None
+        if all(done):
+            return new
+        longest = max(lengths)
+        pairs = []
+        per_prompt = [_layer_tensors(c) for c in caches]
+        del caches
+        for layer in range(len(per_prompt[0])):
+            stacked = []
+            for part in (0, 1):
+                rows: list[torch.Tensor] = [p[layer][part] for p in per_prompt]
+                first = rows[0]
+                padded = first.new_zeros((len(rows), *first.shape[1:-2], longest, first.shape[-1]))
+                for i, t in enumerate(rows):
+                    padded[i, ..., longest - t.shape[-2] :, :] = t[0]
+                stacked.append(padded)
+            for p in per_prompt:  # free each prompt's layer as soon as it is stacked
+                p[layer] = []
+            pairs.append(tuple(stacked))
+        cache = _cache_from_layers(pairs)
+        del pairs, per_prompt
+        embed = self.llm.get_input_embeddings()
+        visible = torch.zeros((len(outs), longest), dtype=torch.long)
+        for i, n in enumerate(lengths):
+            visible[i, longest - n :] = 1
+        for step in range(1, max_new_tokens):
+            visible = torch.cat([visible, torch.ones((len(outs), 1), dtype=torch.long)], dim=1)
+            step_out = self.llm(
+                inputs_embeds=embed(torch.tensor([[ids[-1]] for ids in new], dtype=torch.long)),
+                position_ids=torch.tensor([[n + step - 1] for n in lengths], dtype=torch.long),
+                attention_mask=visible,
+                use_cache=True,
+                **{_cache_argument(self.llm): cache},
+            )
+            cache = _returned_cache(step_out)
+            for i in range(len(outs)):
+                if not done[i]:
+                    nxt = self._pick(step_out.logits[i, -1].float())
+                    new[i].append(nxt)
+                    done[i] = nxt in self.eos_token_ids or len(new[i]) >= max_new_tokens
+            if all(done):
+                break
+        return new
 
     @torch.no_grad()
     def generate_greedy(

@@ -47,6 +47,10 @@ def verify_repo(
     check_vipllava_repo(folder)
     from tqdm.auto import tqdm
 
+    from .compute import return_large_buffers_to_the_system
+
+    heap = return_large_buffers_to_the_system()
+
     ctx = Context(
         folder,
         original=original,
@@ -71,6 +75,7 @@ def verify_repo(
         "conv_mode": ctx.conv_mode,
         "prompts": [p["name"] for p in ctx.prompts],
         "max_new_tokens": max_new_tokens,
+        "large_buffers_mapped": heap,
     }
     if str(folder) != str(repo):
         settings.update(repo_path=str(folder), repo_revision=commit)
@@ -103,6 +108,8 @@ def verify_repo(
             report.checks.append(result)
             bar.update(1)
     report.settings["phase_seconds"] = {k: round(v, 3) for k, v in sorted(ctx.timings.items())}
+    if ctx.page_cache:
+        report.settings["page_cache"] = ctx.page_cache
     return report
 
 

@@ -128,3 +128,29 @@ def output_cache(out: Any) -> Any:
     """The key/value cache a transformers forward returned (``cache`` in 5.2x, ``past_key_values`` before)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+HEAP_MMAP_THRESHOLD = 4 << 20
+
+
+def return_large_buffers_to_the_system() -> bool:
+    """glibc only: every allocation of 4 MiB or more gets its own mapping, unmapped when freed.
+
+    A verify run keeps many key/value caches alive (a lock-step batch holds every prompt's) while larger transient
+    buffers come and go around them (a float32 prompt forward's activations and cache). glibc's default raises its
+    mmap threshold to the largest buffer freed (up to 32 MiB), after which such buffers come from the heap, where the
+    long-lived caches pin the freed space between them: measured on a 7B default run, 9.4 GB of anonymous memory at
+    the peak against 6.9 GiB estimated. A fixed threshold keeps the heap to small objects. Process-wide and
+    idempotent; returns whether it applied (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False

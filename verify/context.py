@@ -512,6 +512,7 @@ class Context:
         # which of the data checks will run: what the one pass over the bytes must serve
         self.data_checks = set(DATA_CHECKS) if self.only is None else DATA_CHECKS & self.only
         self.timings: dict[str, float] = {}  # seconds per phase of the model runs (load, forward, decode), per side
+        self.page_cache: dict[str, dict] = {}  # per side: which weights stayed in the page cache (WeightStream)
         mf = self.repo / MANIFEST
         self.manifest: dict | None = None
         if mf.is_file():
@@ -822,42 +823,64 @@ class Context:
         (the two models are never used in turns, so a full-size pair does not fight over the page cache).
         The prompt forwards run in ``self.arithmetic`` (float32 blocks by default); their caches are cast to the
         weights' dtype and the greedy steps of each batch (:attr:`decode_batches`) run in lock step in that dtype."""
+        ref = self.reference
+        inputs = self.parity_inputs
+        out: list = [None] * len(inputs)
+        with self.weight_stream("reference", ref.vision, ref.llm):
+            for batch in self.decode_batches:
+                self._reference_batch(batch, out)
+        return out
+
+    def _reference_batch(self, batch: list[tuple[int, list[int]]], out: list) -> None:
         import time
 
         from .compute import cast_cache
 
         ref = self.reference
         inputs = self.parity_inputs
-        out: list = [None] * len(inputs)
-        for batch in self.decode_batches:
-            fwds: dict[int, object] = {}
-            with self.arithmetic_context(ref.llm, ref.vision):
-                for k, members in batch:
-                    t0 = time.perf_counter()
-                    pre = None
-                    if k:  # the shared prefix: system text and image, once for the group
-                        x = inputs[members[0]]
-                        pre = ref.forward(x["ids"][:k], x["images"], keep_cache=True)
-                    for i in members:
-                        x = inputs[i]
-                        if pre is None:
-                            fwd = ref.forward(x["ids"], x["images"] or None, keep_cache=self.generating)
-                        else:
-                            fwd = ref.extend(pre, x["ids"][k:], keep_cache=self.generating)
-                        if self.generating:
-                            cast_cache(fwd.cache, self.dtype)
-                        fwds[i] = fwd
-                    del pre
-                    self._time("reference_forward", t0)
-            order = [i for _, members in batch for i in members]
-            tokens: list = [None] * len(order)
-            if self.generating:
+        fwds: dict[int, object] = {}
+        with self.arithmetic_context(ref.llm, ref.vision):
+            for k, members in batch:
                 t0 = time.perf_counter()
-                tokens = ref.continue_greedy_batch([fwds[i] for i in order], self.max_new_tokens)
-                self._time("reference_decode", t0)
-            for i, ids in zip(order, tokens, strict=True):
-                out[i] = (fwds[i], ids)
-        return out
+                pre = None
+                if k:  # the shared prefix: system text and image, once for the group
+                    x = inputs[members[0]]
+                    pre = ref.forward(x["ids"][:k], x["images"], keep_cache=True)
+                for i in members:
+                    x = inputs[i]
+                    if pre is None:
+                        fwd = ref.forward(x["ids"], x["images"] or None, keep_cache=self.generating)
+                    else:
+                        fwd = ref.extend(pre, x["ids"][k:], keep_cache=self.generating)
+                    if self.generating:
+                        cast_cache(fwd.cache, self.dtype)
+                    fwds[i] = fwd
+                del pre
+                self._time("reference_forward", t0)
+        order = [i for _, members in batch for i in members]
+        tokens: list = [None] * len(order)
+        if self.generating:
+            t0 = time.perf_counter()
+            tokens = ref.continue_greedy_batch([fwds[i] for i in order], self.max_new_tokens)
+            self._time("reference_decode", t0)
+        for i, ids in zip(order, tokens, strict=True):
+            out[i] = (fwds[i], ids)
+
+    def weight_stream(self, side: str, *models):
+        """:class:`verify.residency.WeightStream` over ``models`` with the page-cache budget left after the run's
+        estimated anonymous memory; its summary goes to ``self.page_cache[side]`` on exit."""
+        import contextlib
+
+        from .residency import WeightStream, page_cache_budget
+
+        @contextlib.contextmanager
+        def run():
+            ws = WeightStream(*models, budget=page_cache_budget((self.memory or {}).get("total", 0)))
+            with ws:
+                yield ws
+            self.page_cache[side] = ws.summary()
+
+        return run()
 
     @cached_property
     def shared_prefixes(self) -> list[tuple[int, list[int]]]:
@@ -910,6 +933,13 @@ class Context:
         keeps its logits at every position for the logits check) and picks the first id; its cache, cast to the
         weights' dtype, is kept. Then each batch of :attr:`decode_batches` continues in ONE ``generate`` call over the
         left-padded batch (:meth:`_generate_batch`), in the weights' dtype, as the reference's steps run."""
+        out: list = [None] * len(self.parity_inputs)
+        with self.weight_stream("converted", self.model):
+            for batch in self.decode_batches:
+                self._converted_batch(batch, out)
+        return out
+
+    def _converted_batch(self, batch: list[tuple[int, list[int]]], out: list) -> None:
         import copy
         import time
 
@@ -918,93 +948,90 @@ class Context:
         model = self.model
         inputs = self.parity_inputs
         seq = self.config_dict.get("image_seq_length", 576)
-        out: list = [None] * len(inputs)
-        for batch in self.decode_batches:
-            started: dict[int, tuple] = {}  # prompt -> (cache, first id)
-            with self.arithmetic_context(model) as f32:
-                for k, members in batch:
-                    t0 = time.perf_counter()
+        started: dict[int, tuple] = {}  # prompt -> (cache, first id)
+        with self.arithmetic_context(model) as f32:
+            for k, members in batch:
+                t0 = time.perf_counter()
+                if f32 is not None:
+                    f32.enabled = True
+                pre, pre_logits, P = None, None, 0
+                if k:  # the shared prefix (system text and image), once for the group: its logits and its cache
+                    x = inputs[members[0]]
+                    P = sum(seq if t < 0 else 1 for t in x["ids"][:k])
+                    with torch.no_grad():
+                        res = model(
+                            input_ids=torch.tensor([x["expanded"][:P]]),
+                            pixel_values=x["pixels"],
+                            use_cache=True,
+                            logits_to_keep=0,
+                        )
+                    pre, pre_logits = output_cache(res), res.logits[0].float()
+                    del res
+                for i in members:
+                    x = inputs[i]
+                    ids = torch.tensor([x["expanded"]])
+                    # with a shared prefix, the cache holds the image: no pixels (generate runs only the rest)
+                    kw: dict = {"pixel_values": x["pixels"]} if x["pixels"] is not None and pre is None else {}
+                    if pre is not None:
+                        kw["cache"] = copy.deepcopy(pre)
                     if f32 is not None:
                         f32.enabled = True
-                    pre, pre_logits, P = None, None, 0
-                    if k:  # the shared prefix (system text and image), once for the group: its logits and its cache
-                        x = inputs[members[0]]
-                        P = sum(seq if t < 0 else 1 for t in x["ids"][:k])
+                    if not self.generating:
                         with torch.no_grad():
-                            res = model(
-                                input_ids=torch.tensor([x["expanded"][:P]]),
-                                pixel_values=x["pixels"],
-                                use_cache=True,
-                                logits_to_keep=0,
+                            logits = (
+                                model(
+                                    input_ids=ids[:, P:],
+                                    **({"pixel_values": kw["pixel_values"]} if "pixel_values" in kw else {}),
+                                    **({"cache": kw["cache"], "use_cache": True} if "cache" in kw else {}),
+                                )
+                                .logits[0]
+                                .float()
                             )
-                        pre, pre_logits = output_cache(res), res.logits[0].float()
-                        del res
-                    for i in members:
-                        x = inputs[i]
-                        ids = torch.tensor([x["expanded"]])
-                        # with a shared prefix, the cache holds the image: no pixels (generate runs only the rest)
-                        kw: dict = {"pixel_values": x["pixels"]} if x["pixels"] is not None and pre is None else {}
-                        if pre is not None:
-                            kw["cache"] = copy.deepcopy(pre)
-                        if f32 is not None:
-                            f32.enabled = True
-                        if not self.generating:
-                            with torch.no_grad():
-                                logits = (
-                                    model(
-                                        input_ids=ids[:, P:],
-                                        **({"pixel_values": kw["pixel_values"]} if "pixel_values" in kw else {}),
-                                        **({"cache": kw["cache"], "use_cache": True} if "cache" in kw else {}),
-                                    )
-                                    .logits[0]
-                                    .float()
-                                )
-                            out[i] = (logits if pre_logits is None else torch.cat([pre_logits, logits]), None)
-                            continue
-                        first: list = []
+                        out[i] = (logits if pre_logits is None else torch.cat([pre_logits, logits]), None)
+                        continue
+                    first: list = []
 
-                        def hook(_module, _args, result, first=first):
-                            first.append(result.logits[0].float())
+                    def hook(_module, _args, result, first=first):
+                        first.append(result.logits[0].float())
 
-                        handle = model.register_forward_hook(hook)
-                        try:
-                            with torch.no_grad():
-                                res = model.generate(
-                                    input_ids=ids,
-                                    attention_mask=torch.ones_like(ids),
-                                    max_new_tokens=1,
-                                    do_sample=False,
-                                    logits_to_keep=0,
-                                    return_dict_in_generate=True,
-                                    **kw,
-                                )
-                        finally:
-                            handle.remove()
-                        if len(first) != 1:
-                            raise RuntimeError(f"generate of one new id ran the model {len(first)} times")
-                        logits = first[0]
-                        if pre_logits is not None:
-                            if logits.shape[0] != ids.shape[1] - P:
-                                raise RuntimeError(
-                                    f"generate recomputed {logits.shape[0]} positions after a cached prefix of "
-                                    f"{P}, expected {ids.shape[1] - P}"
-                                )
-                            logits = torch.cat([pre_logits, logits])
-                        cache = output_cache(res)
-                        cast_cache(cache, self.dtype)  # the greedy steps run in the weights' dtype
-                        started[i] = (cache, int(res.sequences[0, -1]))
-                        out[i] = (logits, None)
-                        del res
-                    del pre, pre_logits
-                    self._time("converted_forward", t0)
-            if self.generating:
-                t0 = time.perf_counter()
-                order = [i for _, members in batch for i in members]
-                rows = [(inputs[i]["expanded"], *started.pop(i)) for i in order]
-                for i, new_ids in zip(order, self._generate_batch(rows), strict=True):
-                    out[i] = (out[i][0], new_ids)
-                self._time("converted_decode", t0)
-        return out
+                    handle = model.register_forward_hook(hook)
+                    try:
+                        with torch.no_grad():
+                            res = model.generate(
+                                input_ids=ids,
+                                attention_mask=torch.ones_like(ids),
+                                max_new_tokens=1,
+                                do_sample=False,
+                                logits_to_keep=0,
+                                return_dict_in_generate=True,
+                                **kw,
+                            )
+                    finally:
+                        handle.remove()
+                    if len(first) != 1:
+                        raise RuntimeError(f"generate of one new id ran the model {len(first)} times")
+                    logits = first[0]
+                    if pre_logits is not None:
+                        if logits.shape[0] != ids.shape[1] - P:
+                            raise RuntimeError(
+                                f"generate recomputed {logits.shape[0]} positions after a cached prefix of "
+                                f"{P}, expected {ids.shape[1] - P}"
+                            )
+                        logits = torch.cat([pre_logits, logits])
+                    cache = output_cache(res)
+                    cast_cache(cache, self.dtype)  # the greedy steps run in the weights' dtype
+                    started[i] = (cache, int(res.sequences[0, -1]))
+                    out[i] = (logits, None)
+                    del res
+                del pre, pre_logits
+                self._time("converted_forward", t0)
+        if self.generating:
+            t0 = time.perf_counter()
+            order = [i for _, members in batch for i in members]
+            rows = [(inputs[i]["expanded"], *started.pop(i)) for i in order]
+            for i, new_ids in zip(order, self._generate_batch(rows), strict=True):
+                out[i] = (out[i][0], new_ids)
+            self._time("converted_decode", t0)
 
     def _generate_batch(self, rows: list[tuple[list[int], object, int]]) -> list[list[int]]:
         """The greedy continuation of prompts whose forward ran: ``rows`` of (expanded ids, their key/value cache in

@@ -117,3 +117,16 @@ def test_streaming_everything_changes_no_logit_and_no_token(converted, monkeypat
         assert a[1] == b[1] and torch.equal(a[0].logits, b[0].logits)
     for a, b in zip(kept.converted_runs, streamed.converted_runs, strict=True):
         assert a[1] == b[1] and torch.equal(a[0], b[0])
+
+
+def test_release_hands_every_weight_back_when_the_run_is_done(tmp_path):
+    """verify is done with a model after its side ran: its pages (mapped, so the last the kernel would evict) must
+    not crowd the other model out of the page cache."""
+    model = _mapped_model(tmp_path)
+    x = torch.randn(3, SIDE)
+    full = SIDE * SIDE * 4 // PAGE
+    with WeightStream(model, budget=10 * SIDE * SIDE * 4, release=True) as ws:
+        model(x)
+        assert all(_resident_pages(lin.weight) >= full - 2 for lin in model)  # all of it fits: nothing streamed
+    assert ws.streamed_bytes == 0 and ws.released_bytes == ws.resident_bytes > 0
+    assert all(_resident_pages(lin.weight) < full // 3 for lin in model)

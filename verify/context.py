@@ -868,14 +868,15 @@ class Context:
 
     def weight_stream(self, side: str, *models):
         """:class:`verify.residency.WeightStream` over ``models`` with the page-cache budget left after the run's
-        estimated anonymous memory; its summary goes to ``self.page_cache[side]`` on exit."""
+        estimated anonymous memory, releasing their pages at the end (each side's runs happen once: the other side's
+        model then gets the page cache); its summary goes to ``self.page_cache[side]`` on exit."""
         import contextlib
 
         from .residency import WeightStream, page_cache_budget
 
         @contextlib.contextmanager
         def run():
-            ws = WeightStream(*models, budget=page_cache_budget((self.memory or {}).get("total", 0)))
+            ws = WeightStream(*models, budget=page_cache_budget((self.memory or {}).get("total", 0)), release=True)
             with ws:
                 yield ws
             self.page_cache[side] = ws.summary()

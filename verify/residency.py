@@ -103,14 +103,24 @@ def page_cache_budget(anonymous_needed: int, margin: int = 1 << 30) -> int:
 class WeightStream:
     """Context manager: while active, the models' blocks beyond ``budget`` bytes of file-backed weights (in order of
     registration) are streamed: paged out after each forward, read ahead before it. ``ahead``: how many of the
-    blocks that followed a block last time are requested when it starts.
+    blocks that followed a block last time are requested when it starts. ``release``: on exit, page out every
+    weight (the run is done with the models).
 
     Counters (for the report): ``resident_bytes``, ``streamed_bytes``, ``pageouts``, ``readaheads``, ``failed``."""
 
-    def __init__(self, *models: torch.nn.Module, budget: int, ahead: int = 2, enabled: bool | None = None):
+    def __init__(
+        self,
+        *models: torch.nn.Module,
+        budget: int,
+        ahead: int = 2,
+        release: bool = False,
+        enabled: bool | None = None,
+    ):
         self.models = models
         self.budget = budget
         self.ahead = ahead
+        self.release = release
+        self.released_bytes = 0
         self.enabled = (os.name == "posix" and os.path.exists("/proc/self/maps")) if enabled is None else enabled
         self.resident_bytes = self.streamed_bytes = 0
         self.pageouts = self.readaheads = self.failed = 0
@@ -179,6 +189,12 @@ class WeightStream:
         if self._reader is not None:
             self._reader.shutdown(wait=True, cancel_futures=True)
             self._reader = None
+        if self.release:
+            # done with these weights: their pages must not crowd the next model's out of the page cache (mapped
+            # pages are the last the kernel evicts, and the model object may live on)
+            for ranges in self._ranges.values():
+                self.failed += _madvise(ranges, MADV_PAGEOUT)
+            self.released_bytes = self.resident_bytes + self.streamed_bytes
 
     def summary(self) -> dict[str, int]:
         return {
@@ -187,5 +203,6 @@ class WeightStream:
             "streamed_bytes": self.streamed_bytes,
             "pageouts": self.pageouts,
             "readaheads": self.readaheads,
+            "released_bytes": self.released_bytes,
             "failed_advice": self.failed,
         }

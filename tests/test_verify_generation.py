@@ -181,7 +181,7 @@ def _full_size_shape(size: str) -> ModelShape:
 
 
 @pytest.mark.parametrize("size", ["7b", "13b"])
-def test_full_size_estimate_fp32_exceeds_24_gb_and_the_default_fits_8_gib(tiny, size):
+def test_full_size_estimate_fp32_exceeds_24_gb_and_the_default_fits(tiny, size):
     """The real 7B/13B shapes with the bundled default prompts (counted with the tiny tokenizer, which splits finer
     than the real one: longer sequences, a larger estimate), 8 new tokens."""
     from verify.original import IMAGE_SENTINEL, load_base_tokenizer
@@ -202,9 +202,14 @@ def test_full_size_estimate_fp32_exceeds_24_gb_and_the_default_fits_8_gib(tiny, 
     names = [p["image"] if n else None for p, n in zip(sample_prompts(), images, strict=True)]
     held = largest_decode_batch(shape, ids, names, seqs, 8, torch.bfloat16)
     assert 2 * GiB < held <= DECODE_BATCH_BYTES
-    blocks = estimate_memory(shape, torch.bfloat16, bf16, seqs, images, 8, arithmetic=torch.float32, decode_caches=held)
+    blocks = estimate_memory(
+        shape, torch.bfloat16, bf16, seqs, images, 8, arithmetic=torch.float32, decode_caches=held, shared_prefix=True
+    )
+    # an upper bound (measured peaks, BENCHMARKS.md session 8: 7.58 GiB at 7B, 6.33 GiB at 13B) that leaves a 24 GB
+    # machine half of its memory for the page cache
     assert (
-        blocks["total"] < 8 * GiB
+        blocks["total"] < 12 * GiB
+        and blocks["parts"]["kv_cache"] == 3 * shape.cache_bytes(max(seqs) + 8, 4)
         and blocks["parts"]["weights"] == 0
         and 1 * GiB < blocks["parts"]["float32_blocks"] < 3 * GiB
         and blocks["parts"]["decode_caches"] == held

@@ -202,6 +202,7 @@ def estimate_memory(
     max_new_tokens: int,
     arithmetic: torch.dtype | None = None,
     decode_caches: int = 0,
+    shared_prefix: bool = False,
 ) -> dict:
     """Peak anonymous memory (bytes) of a verify run, by part.
 
@@ -210,7 +211,8 @@ def estimate_memory(
       ``dtype`` is copied: parameters x element size, each (``stored`` = (original, converted); None = unknown,
       counted as a copy).
     * held logits: the float32 logits of every prompt, both sides (the checks compare them after both ran).
-    * one prompt in flight (one model at a time): the key/value cache over prompt + new tokens, eager attention
+    * one prompt in flight (one model at a time): the key/value cache over prompt + new tokens (three of them when
+      prompts share a prefix: the prefix's, the copy a prompt extends, and the extended one), eager attention
       scores of one layer (float32 softmax + the cast), the MLP and residual activations, the last logits, the vision
       tower's hidden states (all layers are kept for the feature selection) and its attention scores.
     * float32 blocks (``arithmetic`` float32 over weights held in a smaller ``dtype``): one float32 buffer per
@@ -240,7 +242,7 @@ def estimate_memory(
         "weights": copies * shape.parameters * w,
         "float32_blocks": upcast,
         "held_logits": 2 * sum(sequences) * shape.vocab * 4,
-        "kv_cache": 2 * shape.layers * S * shape.kv_dim * b,
+        "kv_cache": (3 if shared_prefix else 1) * shape.cache_bytes(S, b),
         "attention": shape.heads * S * S * (4 + b),
         "activations": S * (3 * shape.intermediate + 6 * shape.hidden) * b + S * shape.vocab * (4 + b),
         "vision": n_img
@@ -619,8 +621,8 @@ class Context:
         sequences = [shape.sequence(len(x) - n, n) for x, n in zip(ids, images, strict=True)]
         generating = self.only is None or "generation" in self.only
         decode_caches = 0
+        names = [p.get("image") if n else None for p, n in zip(self.prompts, images, strict=True)]
         if generating and self.max_new_tokens > 0:
-            names = [p.get("image") if n else None for p, n in zip(self.prompts, images, strict=True)]
             decode_caches = largest_decode_batch(shape, ids, names, sequences, self.max_new_tokens, self.dtype)
         est = estimate_memory(
             shape,
@@ -631,6 +633,7 @@ class Context:
             self.max_new_tokens if generating else 0,
             arithmetic=self.arithmetic,
             decode_caches=decode_caches,
+            shared_prefix=any(k for k, _ in prefix_groups(list(zip(ids, names, strict=True)))),
         )
         source = "given" if limit is not None else "MemAvailable"
         limit = limit if limit is not None else available_memory()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fixtures.build import sample_images, sample_prompts
 from verify.compute import Float32Blocks, blocks, cast_cache
@@ -171,3 +173,98 @@ def test_extend_refuses_an_image_and_keeps_the_prefix_reusable(converted):
         ref.extend(pre, [-200])
     one, two = ref.extend(pre, x["ids"][k:]), ref.extend(pre, x["ids"][k:])
     assert torch.equal(one.logits, two.logits) and one.logits.shape[0] == len(one.input_positions)
+
+
+# --- the greedy steps: float32 products over the stored weights, a slab at a time ------------------------------------
+
+
+@given(
+    rows=st.integers(1, 300),
+    width=st.integers(1, 96),
+    lead=st.lists(st.integers(1, 3), min_size=1, max_size=2),
+    bias=st.booleans(),
+    slab=st.sampled_from([64, 256, 4096]),
+)
+@settings(max_examples=40, deadline=None)
+def test_slab_linear_is_the_float32_product_rounded_once(rows, width, lead, bias, slab):
+    """Every slab boundary (rows not a multiple of the slab, a slab larger than the weight): the same values as the
+    float32 product of the upcast weight, rounded once to the input's dtype."""
+    import verify.compute as compute
+
+    g = torch.Generator().manual_seed(rows * 1000 + width)
+    w = torch.randn(rows, width, generator=g).bfloat16()
+    b = torch.randn(rows, generator=g).bfloat16() if bias else None
+    x = torch.randn(*lead, width, generator=g).bfloat16()
+    old = compute.SLAB_BYTES
+    compute.SLAB_BYTES = slab
+    try:
+        got = compute.slab_linear(x, w, b, x.dtype)
+    finally:
+        compute.SLAB_BYTES = old
+    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+    assert got.dtype == x.dtype and got.shape == (*lead, rows)
+    assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    # equal to the last bit except where float32 sums in another order straddle a bf16 rounding boundary
+    assert (got != want).float().mean().item() <= 0.02
+
+
+def test_float32_products_patch_only_while_active_and_take_the_stored_path_for_long_inputs(converted):
+    from verify.compute import Float32Products
+
+    ctx = _ctx(converted, "bfloat16")
+    model = ctx.model
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    calls = []
+    import verify.compute as compute
+
+    real = compute.slab_linear
+
+    def counting(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    compute.slab_linear = counting
+    try:
+        lin = linears[0]
+        x_short = torch.randn(3, lin.in_features).bfloat16()
+        x_long = torch.randn(65, lin.in_features).bfloat16()
+        with torch.no_grad(), Float32Products(model, max_rows=64):
+            assert "forward" in vars(lin)
+            short, long = lin(x_short), lin(x_long)
+        assert all("forward" not in vars(m) for m in linears)  # restored
+    finally:
+        compute.slab_linear = real
+    assert calls == [x_short.shape]
+    assert short.dtype == long.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(long, torch.nn.functional.linear(x_long, lin.weight, lin.bias))
+
+
+def test_greedy_steps_of_both_sides_run_through_float32_products(converted, monkeypatch):
+    """verify's default (bf16 weights) decodes with float32 products on both sides, and both sides still produce
+    each prompt's ids; with the products planted wrong on one side only, the generation check fails."""
+    import verify.compute as compute
+    from verify.api import verify_repo
+
+    real = compute.slab_linear
+    seen = []
+
+    def counting(x, *a, **k):
+        seen.append(x.shape[0] if x.dim() == 2 else x.shape[:-1].numel())
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(compute, "slab_linear", counting)
+    report = verify_repo(converted, images=sample_images(), max_new_tokens=4, progress=False, only=["generation"])
+    assert report.passed, report.table()
+    assert seen and max(seen) > 1  # the batched steps went through it
+
+    import inspect
+
+    def wrong_on_the_reference(x, w, b, dtype):
+        out = real(x, w, b, dtype)
+        in_reference = any(f.function == "continue_greedy_batch" for f in inspect.stack(0))
+        return -out if in_reference else out
+
+    monkeypatch.setattr(compute, "slab_linear", wrong_on_the_reference)
+    report = verify_repo(converted, images=sample_images(), max_new_tokens=4, progress=False, only=["generation"])
+    assert not report.passed

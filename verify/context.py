@@ -864,7 +864,8 @@ class Context:
         tokens: list = [None] * len(order)
         if self.generating:
             t0 = time.perf_counter()
-            tokens = ref.continue_greedy_batch([fwds[i] for i in order], self.max_new_tokens)
+            with self.decode_context(ref.llm):
+                tokens = ref.continue_greedy_batch([fwds[i] for i in order], self.max_new_tokens)
             self._time("reference_decode", t0)
         for i, ids in zip(order, tokens, strict=True):
             out[i] = (fwds[i], ids)
@@ -915,6 +916,18 @@ class Context:
         if self.arithmetic == self.dtype:
             return contextlib.nullcontext(None)
         return Float32Blocks(*models)
+
+    def decode_context(self, *models):
+        """A context for the greedy steps of ``models``: their linear layers compute float32 products over the
+        stored low-precision weights (:class:`verify.compute.Float32Products`), everything else runs in the weights'
+        dtype; a no-op for float32 weights."""
+        import contextlib
+
+        from .compute import Float32Products
+
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext(None)
+        return Float32Products(*models)
 
     @property
     def reference_outputs(self) -> list:
@@ -1033,7 +1046,9 @@ class Context:
             t0 = time.perf_counter()
             order = [i for _, members in batch for i in members]
             rows = [(inputs[i]["expanded"], *started.pop(i)) for i in order]
-            for i, new_ids in zip(order, self._generate_batch(rows), strict=True):
+            with self.decode_context(model):
+                generated = self._generate_batch(rows)
+            for i, new_ids in zip(order, generated, strict=True):
                 out[i] = (out[i][0], new_ids)
             self._time("converted_decode", t0)
 

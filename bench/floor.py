@@ -6,8 +6,10 @@ The same inputs verify would build for REPO (its default prompts unless ``--prom
 reference's tokenizer and preprocessing, not timed): the reference of the original is loaded and run once on every
 prompt, then dropped; then the converted model (``from_pretrained``, as verify loads it) is loaded and run once on
 every prompt. Loads and forwards are timed separately; the floor is the sum of the forward passes, each in the
-arithmetic verify uses for the same ``--dtype`` (default: verify's default for the repo). ``bench.run``
-runs it beside verify, in the same session, so ``verify wall / floor`` compares like with like.
+arithmetic verify uses for the same ``--dtype`` (default: verify's default for the repo), with the page cache
+managed as verify manages it (``Context.weight_stream``: a model larger than the page cache keeps a head of its
+blocks resident and streams the rest). ``bench.run`` runs it beside verify, in the same session, so
+``verify wall / floor`` compares like with like.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = ctx.parity_inputs  # tokenization and preprocessing (not timed as forward)
     out["tokens"] = [len(x["expanded"]) for x in inputs]
     times = []
-    with ctx.arithmetic_context(ref.llm, ref.vision):
+    with ctx.weight_stream("reference", ref.vision, ref.llm), ctx.arithmetic_context(ref.llm, ref.vision):
         for x in inputs:
             t = time.perf_counter()
             ref.forward(x["ids"], x["images"] or None)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     model = ctx.model
     out["converted_load_s"] = round(time.perf_counter() - t, 2)
     times = []
-    with ctx.arithmetic_context(model):
+    with ctx.weight_stream("converted", model), ctx.arithmetic_context(model):
         for x in inputs:
             kw = {"pixel_values": x["pixels"]} if x["pixels"] is not None else {}
             t = time.perf_counter()
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             times.append(round(time.perf_counter() - t, 2))
             print(f"converted {x['name']}: {times[-1]:.1f} s", flush=True)
     out["converted_forward_s"] = times
+    out["page_cache"] = ctx.page_cache
     out["floor_s"] = round(sum(out["reference_forward_s"]) + sum(out["converted_forward_s"]), 2)
     print(
         f"floor: {out['floor_s']:.1f} s of forward passes ({len(inputs)} prompts x 2 models); loads "

@@ -203,6 +203,9 @@ def test_slab_linear_is_the_float32_product_rounded_once(rows, width, lead, bias
         compute.SLAB_BYTES = old
     want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
     assert got.dtype == x.dtype and got.shape == (*lead, rows)
+    assert (
+        got.is_contiguous()
+    )  # row-major like a linear layer's output: attention kernels are slow on transposed strides
     assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2)
     # equal to the last bit except where float32 sums in another order straddle a bf16 rounding boundary
     assert (got != want).float().mean().item() <= 0.02

@@ -123,10 +123,12 @@ def slab_linear(
     xt = x2.t()
     for r in range(0, rows, step):
         torch.mm(weight[r : r + step].to(torch.float32), xt, out=out_t[r : r + step])
-    out = out_t.t()
     if bias is not None:
-        out = out + bias.to(torch.float32)
-    return out.to(out_dtype).reshape(*x.shape[:-1], rows)
+        out_t += bias.to(torch.float32)[:, None]
+    # row-major, as a linear layer's output is (attention kernels take a slower path on transposed strides)
+    out = torch.empty((x2.shape[0], rows), dtype=out_dtype)
+    out.copy_(out_t.t())
+    return out.reshape(*x.shape[:-1], rows)
 
 
 class Float32Products:

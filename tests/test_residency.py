@@ -13,7 +13,8 @@ import torch
 
 import verify.residency as residency
 from fixtures.build import sample_images
-from verify.context import Context
+from verify.compute import blocks
+from verify.context import Context, vision_modules
 from verify.residency import PAGE, WeightStream, block_ranges, file_mappings
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page-cache advice")
@@ -79,17 +80,48 @@ def test_without_the_advice_the_tail_stays_and_the_measurement_says_so(tmp_path,
     assert _resident_pages(model[3].weight) >= SIDE * SIDE * 4 // PAGE - 1
 
 
-def test_read_ahead_follows_the_order_blocks_ran_in(tmp_path):
+def test_a_new_split_pages_out_what_leaves_the_head_and_keeps_what_joins_it(tmp_path):
     model = _mapped_model(tmp_path)
     x = torch.randn(3, SIDE)
-    with WeightStream(model, budget=0, ahead=2) as ws:
-        model(x)  # learns the order
-        assert ws.readaheads == 0
+    want = model(x)
+    weights = [lin.weight for lin in model]
+    full = SIDE * SIDE * 4 // PAGE
+    size = SIDE * SIDE * 4
+    with WeightStream(model, budget=2 * size) as ws:
         model(x)
-    # second pass: each block asks for the two that followed it (the last ones for the first: the next pass), each
-    # block once until it has run
-    assert ws._next == {id(model[i]): id(model[(i + 1) % LAYERS]) for i in range(LAYERS)}
-    assert ws.readaheads == LAYERS + 1 and ws.pageouts == 2 * LAYERS and ws.failed == 0
+        assert [_resident_pages(w) >= full - 2 for w in weights] == [True, True, False, False]
+        ws.set_budget(4 * size)  # the head grows: the tail is read at its next use and stays
+        assert torch.equal(model(x), want)
+        assert all(_resident_pages(w) >= full - 2 for w in weights)
+        pageouts = ws.pageouts
+        ws.set_budget(size)  # the head shrinks: what left it leaves the page cache at once
+        assert [_resident_pages(w) >= full - 2 for w in weights] == [True, False, False, False]
+        assert all(_resident_pages(w) < full // 3 for w in weights[1:])
+        assert ws.pageouts == pageouts  # paged out by the split, not by a forward
+    b = [ws._sizes[id(lin)] for lin in model]  # whole pages of each weight
+    assert [(s["budget"], s["resident_bytes"], s["streamed_bytes"]) for s in ws.splits] == [
+        (2 * size, b[0] + b[1], b[2] + b[3]),
+        (4 * size, sum(b), 0),
+        (size, b[0], sum(b[1:])),
+    ]
+    assert ws.summary()["resident_bytes"] == b[0] + b[1]  # the report's counters are the first split's
+
+
+def test_skipped_modules_leave_the_head_to_the_blocks_that_follow(tmp_path):
+    model = _mapped_model(tmp_path)
+    x = torch.randn(3, SIDE)
+    weights = [lin.weight for lin in model]
+    full = SIDE * SIDE * 4 // PAGE
+    size = SIDE * SIDE * 4
+    model(x)
+    with WeightStream(model, budget=2 * size) as ws:
+        ws.set_budget(2 * size, skip=(model[0],))  # the first layer will not run: layers 1 and 2 are the head
+        assert _resident_pages(weights[0]) < full // 3
+        model[1:](x)
+        assert [_resident_pages(w) >= full - 2 for w in weights] == [False, True, True, False]
+        ws.set_budget(ws.budget)  # back: layers 0 and 1, and layer 2 leaves
+        assert _resident_pages(weights[2]) < full // 3
+    assert ws.splits[-1]["resident_bytes"] == ws._sizes[id(model[0])] + ws._sizes[id(model[1])]
 
 
 def test_anonymous_parameters_are_never_advised():
@@ -130,3 +162,37 @@ def test_release_hands_every_weight_back_when_the_run_is_done(tmp_path):
         assert all(_resident_pages(lin.weight) >= full - 2 for lin in model)  # all of it fits: nothing streamed
     assert ws.streamed_bytes == 0 and ws.released_bytes == ws.resident_bytes > 0
     assert all(_resident_pages(lin.weight) < full // 3 for lin in model)
+
+
+def test_greedy_steps_split_again_without_the_vision_weights(converted, monkeypatch):
+    """While a batch's greedy steps run, each side's stream splits for the memory the steps add (the batch's caches
+    stacked and grown), with the vision tower and projector out of the head; then back for the next forwards."""
+    asked: list[int] = []
+
+    def budget(needed: int, **_kw) -> int:
+        asked.append(needed)
+        return 1 << 40  # everything fits: only what is skipped streams
+
+    monkeypatch.setattr(residency, "page_cache_budget", budget)
+    ctx = Context(converted, images=sample_images(), max_new_tokens=4)
+    ctx.reference_runs, ctx.converted_runs  # noqa: B018 (run both sides)
+    batches = ctx.decode_batches
+    lengths = [[len(ctx.parity_inputs[i]["expanded"]) for _, m in b for i in m] for b in batches]
+    growth = [ctx.decode_growth(x) for x in lengths]
+    assert asked == [ctx.memory["total"], *growth, ctx.memory["total"], *growth]
+    mappings = file_mappings()
+    vision = {
+        "reference": (ctx.reference.vision,),
+        "converted": vision_modules(ctx.model),
+    }
+    for side, modules in vision.items():
+        skipped = sum(n for m in modules for b in blocks(m) for _, n in block_ranges(b, mappings))
+        assert skipped > 0
+        splits = ctx.page_cache[side]["splits"]
+        assert len(splits) == 1 + 2 * len(batches)
+        forward = splits[0]
+        assert forward["streamed_bytes"] == 0
+        for decode, back in zip(splits[1::2], splits[2::2], strict=True):
+            assert decode["streamed_bytes"] == skipped
+            assert decode["resident_bytes"] == forward["resident_bytes"] - skipped
+            assert back == forward

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -265,6 +265,7 @@ def estimate_memory(
 
 
 DECODE_BATCH_BYTES = 3 * GiB  # the key/value caches one lock-step batch of prompts may hold, in the weights' dtype
+DECODE_STEP_BYTES = 256 << 20  # a greedy step's activations, logits and float32 product slabs, with room to spare
 
 
 def prefix_groups(prompts: list[tuple[list[int], str | None]]) -> list[tuple[int, list[int]]]:
@@ -308,6 +309,18 @@ def pack_decode_batches(
         batches[-1].append(group)
         held += size
     return batches
+
+
+def vision_modules(model: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    """The converted model's vision tower and projector (the outermost modules so named), which greedy steps
+    after the prompt forward do not run."""
+    found: dict[str, torch.nn.Module] = {}
+    for name, m in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("vision_tower", "multi_modal_projector") and not any(
+            name.startswith(f"{n}.") for n in found
+        ):
+            found[name] = m
+    return tuple(found.values())
 
 
 def id_set(value) -> set:
@@ -515,6 +528,7 @@ class Context:
         self.data_checks = set(DATA_CHECKS) if self.only is None else DATA_CHECKS & self.only
         self.timings: dict[str, float] = {}  # seconds per phase of the model runs (load, forward, decode), per side
         self.page_cache: dict[str, dict] = {}  # per side: which weights stayed in the page cache (WeightStream)
+        self._streams: dict[str, Any] = {}  # per side: the WeightStream while it is active
         mf = self.repo / MANIFEST
         self.manifest: dict | None = None
         if mf.is_file():
@@ -841,7 +855,7 @@ class Context:
 
         ref = self.reference
         inputs = self.parity_inputs
-        fwds: dict[int, object] = {}
+        fwds: dict[int, Any] = {}
         with self.arithmetic_context(ref.llm, ref.vision):
             for k, members in batch:
                 t0 = time.perf_counter()
@@ -864,7 +878,8 @@ class Context:
         tokens: list = [None] * len(order)
         if self.generating:
             t0 = time.perf_counter()
-            with self.decode_context(ref.llm):
+            lengths = [len(fwds[i].input_positions) for i in order]
+            with self.decode_residency("reference", lengths, skip=(ref.vision,)), self.decode_context(ref.llm):
                 tokens = ref.continue_greedy_batch([fwds[i] for i in order], self.max_new_tokens)
             self._time("reference_decode", t0)
         for i, ids in zip(order, tokens, strict=True):
@@ -881,11 +896,49 @@ class Context:
         @contextlib.contextmanager
         def run():
             ws = WeightStream(*models, budget=page_cache_budget((self.memory or {}).get("total", 0)), release=True)
-            with ws:
-                yield ws
+            self._streams[side] = ws
+            try:
+                with ws:
+                    yield ws
+            finally:
+                self._streams.pop(side, None)
             self.page_cache[side] = ws.summary()
 
         return run()
+
+    def decode_residency(self, side: str, lengths: list[int], skip: tuple = ()):
+        """A context for the greedy steps of one lock-step batch (spliced prompt ``lengths``): the side's weight
+        stream (:meth:`weight_stream`) splits again with the page-cache budget the steps leave (they hold the
+        batch's caches, already allocated, plus what the steps add: :meth:`decode_growth`), the modules in ``skip``
+        (the vision tower and projector: the steps do not use them) out of the head; on exit, back to the stream's
+        own budget for the prompt forwards that follow. A no-op outside a weight stream."""
+        import contextlib
+
+        from .residency import page_cache_budget
+
+        @contextlib.contextmanager
+        def run():
+            ws = self._streams.get(side)
+            if ws is None:
+                yield None
+                return
+            ws.set_budget(page_cache_budget(self.decode_growth(lengths)), skip=skip)
+            try:
+                yield ws
+            finally:
+                ws.set_budget(ws.budget)
+
+        return run()
+
+    def decode_growth(self, lengths: list[int]) -> int:
+        """Bytes of anonymous memory the greedy steps of a batch add to the caches its prompts already hold (in the
+        weights' dtype): the caches stacked left-padded to the longest plus ``max_new_tokens`` positions, less what
+        the prompts hold; one padded layer twice (a step's concatenation); ``DECODE_STEP_BYTES`` for the rest."""
+        w = torch.empty((), dtype=self.dtype).element_size()
+        shape = self.model_shape
+        padded = len(lengths) * shape.cache_bytes(max(lengths) + self.max_new_tokens, w)
+        held = sum(shape.cache_bytes(n, w) for n in lengths)
+        return max(0, padded - held) + 2 * padded // max(1, shape.layers) + DECODE_STEP_BYTES
 
     @cached_property
     def shared_prefixes(self) -> list[tuple[int, list[int]]]:
@@ -1046,7 +1099,8 @@ class Context:
             t0 = time.perf_counter()
             order = [i for _, members in batch for i in members]
             rows = [(inputs[i]["expanded"], *started.pop(i)) for i in order]
-            with self.decode_context(model):
+            lengths = [len(ids) for ids, _, _ in rows]
+            with self.decode_residency("converted", lengths, skip=vision_modules(model)), self.decode_context(model):
                 generated = self._generate_batch(rows)
             for i, new_ids in zip(order, generated, strict=True):
                 out[i] = (out[i][0], new_ids)

@@ -198,7 +198,7 @@ def test_full_size_estimate_fp32_exceeds_24_gb_and_the_default_fits(tiny, size):
     low = estimate_memory(shape, torch.bfloat16, bf16, seqs, images, 8)
     assert fp32["total"] > 24e9 and fp32["parts"]["weights"] == 2 * shape.parameters * 4
     assert low["total"] < 8 * GiB and low["parts"]["weights"] == 0
-    # the default: float32 blocks, and the lock-step batches' bf16 caches (the 13B prompts take one batch)
+    # the default: float32 blocks, and the lock-step batches' bf16 caches (the 13B prompts take two batches)
     names = [p["image"] if n else None for p, n in zip(sample_prompts(), images, strict=True)]
     held = largest_decode_batch(shape, ids, names, seqs, 8, torch.bfloat16)
     assert 2 * GiB < held <= DECODE_BATCH_BYTES
@@ -211,7 +211,7 @@ def test_full_size_estimate_fp32_exceeds_24_gb_and_the_default_fits(tiny, size):
         blocks["total"] < 12 * GiB
         and blocks["parts"]["kv_cache"] == 3 * shape.cache_bytes(max(seqs) + 8, 4)
         and blocks["parts"]["weights"] == 0
-        and 0.25 * GiB < blocks["parts"]["float32_blocks"] < 1.5 * GiB  # the layers' shapes; the head by slabs
+        and 1 * GiB < blocks["parts"]["float32_blocks"] < 3 * GiB
         and blocks["parts"]["decode_caches"] == held
     )
     # a bf16 run of a repo converted to fp32 copies one model

@@ -3,22 +3,14 @@
 A 7B model held in float32 needs 27 GB; held as stored (bf16, memory-mapped from its files) it needs no anonymous
 memory at all, but bf16 matrix products run 7x slower than float32 ones on a CPU without bf16 units (measured on
 the CI machine: 22 vs 161 GFLOPS for a 640 x 4096 x 11008 product). :class:`Float32Blocks` gets both: the model
-keeps its bf16 parameters, and each *block* (a linear layer, a norm, the embedding ...) computes in float32:
+keeps its bf16 parameters, and each *block* (a linear layer, a norm, the embedding ...) has its parameters
+copied into float32 buffers just before its forward runs and put back right after it. Blocks run one after the
+other, so the buffers of one block serve the next one of the same shapes: the float32 memory is one block of each
+kind, about 3 GiB for a 7B pair of models, whatever the depth.
 
-* a linear layer fed a few rows (up to ``FEW_ROWS``: a prompt's tail after a shared prefix) multiplies its weight
-  upcast one slab of rows at a time (:func:`slab_linear`), so nothing the size of the weight is written; fed many
-  rows, it upcasts its weight whole into a float32 buffer of its shape (one per shape, reused by every layer) and
-  runs one matrix product, except a weight larger than ``POOLED_WEIGHT_BYTES`` in float32 (the LM head), which
-  goes by slabs (measured on this machine, 3 layers of a 7B-shaped model and its head over 620 rows: 5.7 s with
-  every weight upcast whole, 6.8 s with every weight by slabs; over 20 rows: 0.72 s and 0.44 s);
-* an embedding looks its rows up and upcasts them;
-* any other block has its parameters copied into float32 buffers just before its forward runs and put back right
-  after it (norms, CLIP's embeddings): small, and the buffers of one block serve the next of the same shapes.
-
-Every bf16 value is a float32 value, so a forward under :class:`Float32Blocks` computes the model's function in
-float32 arithmetic on its stored weights (products summed in float32, in whatever order the matrix kernel takes).
-Nothing here knows which model it runs; the reference and the converted model use it alike, and it changes
-precision only, never what is computed.
+The copies are exact (every bf16 value is a float32 value), so a forward under :class:`Float32Blocks` computes the
+model's function in float32 arithmetic on its stored weights. Nothing here knows which model it runs; the
+reference and the converted model use it alike, and it changes precision only, never what is computed.
 """
 
 from __future__ import annotations
@@ -61,36 +53,6 @@ class Float32Blocks:
         self._saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self._active: torch.nn.Module | None = None
         self._handles: list[Any] = []
-        self._patched: list[torch.nn.Module] = []
-
-    def _linear(self, module: torch.nn.Linear):
-        stored = torch.nn.Linear.forward.__get__(module)
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            if not self.enabled:
-                return stored(x)
-            weight = module.weight
-            if x.numel() // x.shape[-1] <= FEW_ROWS or weight.numel() * 4 > POOLED_WEIGHT_BYTES:
-                return slab_linear(x, weight, module.bias, torch.float32)
-            # many rows: the weight upcast whole into its shape's buffer, one matrix product at full speed
-            pool = self._pool.setdefault(tuple(weight.shape), [])
-            if not pool:
-                pool.append(torch.empty(weight.shape, dtype=torch.float32))
-            pool[0].copy_(weight)
-            bias = module.bias.to(torch.float32) if module.bias is not None else None
-            return torch.nn.functional.linear(x.to(torch.float32), pool[0], bias)
-
-        return forward
-
-    def _embedding(self, module: torch.nn.Embedding):
-        stored = torch.nn.Embedding.forward.__get__(module)
-
-        def forward(ids: torch.Tensor) -> torch.Tensor:
-            if not self.enabled:
-                return stored(ids)
-            return stored(ids).to(torch.float32)  # the rows looked up, then upcast: exact
-
-        return forward
 
     def _buffers(self, params: list[torch.nn.Parameter]) -> Iterator[torch.Tensor]:
         seen: dict[tuple[int, ...], int] = {}
@@ -128,25 +90,14 @@ class Float32Blocks:
     def __enter__(self) -> "Float32Blocks":
         for model in self.models:
             for b in blocks(model):
-                low = [p for p in b.parameters(recurse=False) if p.is_floating_point() and p.dtype != torch.float32]
-                if type(b) is torch.nn.Linear and low:
-                    b.forward = self._linear(b)  # type: ignore[method-assign]
-                    self._patched.append(b)
-                elif type(b) is torch.nn.Embedding and low and b.max_norm is None:
-                    b.forward = self._embedding(b)  # type: ignore[method-assign]
-                    self._patched.append(b)
-                else:
-                    self._handles.append(b.register_forward_pre_hook(self._enter_block))
-                    self._handles.append(b.register_forward_hook(self._leave_block, always_call=True))
+                self._handles.append(b.register_forward_pre_hook(self._enter_block))
+                self._handles.append(b.register_forward_hook(self._leave_block, always_call=True))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for m in self._patched:
-            del m.forward
-        self._patched.clear()
         if self._active is not None:
             self._leave_block(self._active, None, None)
         self._pool.clear()
@@ -156,26 +107,19 @@ class Float32Blocks:
         return sum(t.numel() * 4 for ts in self._pool.values() for t in ts)
 
 
-SLAB_BYTES = 2 << 20  # float32 bytes of one weight slab for a few rows (greedy steps): a few stay in the core's cache
-WIDE_SLAB_BYTES = (
-    32 << 20
-)  # for many rows (prompt forwards): the matrix kernel's own blocking then runs near full speed
-FEW_ROWS = 64
-POOLED_WEIGHT_BYTES = 384 << 20  # a linear weight up to this size in float32 is upcast whole for many rows
+SLAB_BYTES = 2 << 20  # float32 bytes of one weight slab in Float32Products: a few stay in the core's cache
 
 
 def slab_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a low-precision ``weight``: float32 products and sums, the result rounded
-    once to ``out_dtype``. The weight is upcast (exactly) one slab of output rows at a time, each slab multiplied
-    while it is still in the core's cache, so nothing the size of the weight is written. Slabs of ``SLAB_BYTES``
-    for up to ``FEW_ROWS`` rows of ``x``, of ``WIDE_SLAB_BYTES`` beyond (measured on the CI machine, 620 x 5120 x
-    13824: 553 ms for the upcast weight's product, 572 ms in 32 MiB slabs, 680 ms in 2 MiB slabs)."""
+    """``F.linear(x, weight, bias)`` for a few rows ``x`` and a low-precision ``weight``: float32 products and sums,
+    the result rounded once to ``out_dtype``. The weight is upcast (exactly) one slab of output rows at a time,
+    each slab multiplied while it is still in the core's cache, so nothing the size of the weight is written."""
     rows, width = weight.shape
     x2 = x.reshape(-1, width).to(torch.float32)
     out_t = torch.empty((rows, x2.shape[0]), dtype=torch.float32)
-    step = max(16, (SLAB_BYTES if x2.shape[0] <= FEW_ROWS else WIDE_SLAB_BYTES) // (4 * width))
+    step = max(16, SLAB_BYTES // (4 * width))
     xt = x2.t()
     for r in range(0, rows, step):
         torch.mm(weight[r : r + step].to(torch.float32), xt, out=out_t[r : r + step])
@@ -197,7 +141,7 @@ class Float32Products:
     product with float32 accumulation, the summation order aside. Model-agnostic: the reference and the converted
     model use it alike. Large inputs (more rows than ``max_rows``) and calls with autograd on take the stored path."""
 
-    def __init__(self, *models: torch.nn.Module, max_rows: int = FEW_ROWS):
+    def __init__(self, *models: torch.nn.Module, max_rows: int = 64):
         self.models = models
         self.max_rows = max_rows
         self._patched: list[torch.nn.Linear] = []

@@ -215,11 +215,10 @@ def estimate_memory(
       prompts share a prefix: the prefix's, the copy a prompt extends, and the extended one), eager attention
       scores of one layer (float32 softmax + the cast), the MLP and residual activations, the last logits, the vision
       tower's hidden states (all layers are kept for the feature selection) and its attention scores.
-    * float32 blocks (``arithmetic`` float32 over weights held in a smaller ``dtype``, :class:`verify.compute.
-      Float32Blocks`): one float32 buffer per distinct linear shape upcast whole (the text layer's, a vision layer's,
-      the projector's; the head's only when it is at most ``POOLED_WEIGHT_BYTES``, else it goes by slabs, as the
-      embedding upcasts only the rows it looks up), CLIP's embeddings; activations, key/value cache and attention in
-      float32.
+    * float32 blocks (``arithmetic`` float32 over weights held in a smaller ``dtype``): one float32 buffer per
+      distinct parameter shape (the text layer's, a vision layer's, the projector's, the embedding's, which the head
+      shares; the small norm and CLIP embedding shapes are left to the runtime's margin); activations, key/value
+      cache and attention in float32.
     * the lock-step decoding (:func:`pack_decode_batches`): the key/value caches of the largest batch's prompts in
       the weights' dtype, ``decode_caches`` bytes, held while its prompts' forwards run.
     * the runtime: python, torch, transformers (``RUNTIME_BYTES``).
@@ -232,18 +231,13 @@ def estimate_memory(
     n_img = max(images, default=0)
     upcast = 0
     if arithmetic != dtype:
-        from .compute import POOLED_WEIGHT_BYTES, WIDE_SLAB_BYTES
-
         h, vh = shape.hidden, shape.vision_hidden
-        # one buffer per distinct linear shape (layers run one at a time): q/o [h, h], k/v [kv, h] when that
-        # differs, gate/up [i, h], down [h, i]; a vision layer's; the projector's; the head [vocab, h] only when it is
-        # upcast whole; CLIP's embeddings (a vision-hidden square for the patch weights and the position table); one
-        # slab of the weights that go by slabs
+        # one buffer per distinct shape (blocks run one at a time): q/o [h, h], k/v [kv, h] when that differs,
+        # gate/up [i, h], down [h, i], the embedding and the head [vocab, h] (one shape); the same for a vision layer
         layer = h * h + (h * shape.kv_dim if shape.kv_dim != h else 0) + 2 * h * shape.intermediate
-        vision = vh * vh + 2 * vh * shape.vision_intermediate + vh * vh + shape.vision_tokens * vh
+        vision = vh * vh + 2 * vh * shape.vision_intermediate
         projector = 5 * vh * h + h * h
-        head = shape.vocab * h if shape.vocab * h * 4 <= POOLED_WEIGHT_BYTES else 0
-        upcast = b * (layer + vision + projector + head) + WIDE_SLAB_BYTES
+        upcast = b * (layer + vision + projector + shape.vocab * h)
     parts = {
         "weights": copies * shape.parameters * w,
         "float32_blocks": upcast,
@@ -270,9 +264,7 @@ def estimate_memory(
     }
 
 
-# the key/value caches one lock-step batch of prompts may hold, in the weights' dtype: the 9 default prompts take one
-# batch at 13B (4.9 GB), so a model streamed from disk is re-read once per step for all of them
-DECODE_BATCH_BYTES = 5 * GiB
+DECODE_BATCH_BYTES = 3 * GiB  # the key/value caches one lock-step batch of prompts may hold, in the weights' dtype
 DECODE_STEP_BYTES = 256 << 20  # a greedy step's activations, logits and float32 product slabs, with room to spare
 
 

@@ -353,6 +353,19 @@ def _left_padded_cache(caches: list, lengths: list[int]):
     return DynamicCache(ddp_cache_data=stacked)
 
 
+def _cut_cache(cache, positions: int):
+    """A new ``DynamicCache`` holding copies of the first ``positions`` keys and values of every layer of ``cache``
+    (the shared prefix of a group, cut from its first prompt's cache; attention is causal)."""
+    from transformers import DynamicCache
+
+    pairs = []
+    for layer in cache.layers:
+        if layer.keys.shape[-2] < positions:
+            raise RuntimeError(f"a prompt cache holds {layer.keys.shape[-2]} positions, cut at {positions}")
+        pairs.append((layer.keys[..., :positions, :].clone(), layer.values[..., :positions, :].clone()))
+    return DynamicCache(ddp_cache_data=pairs)
+
+
 class OriginalTensors:
     """Lazy name -> tensor access to an original checkpoint folder (bin or safetensors, single or sharded)."""
 
@@ -860,13 +873,14 @@ class Context:
             for k, members in batch:
                 t0 = time.perf_counter()
                 pre = None
-                if k:  # the shared prefix: system text and image, once for the group
-                    x = inputs[members[0]]
-                    pre = ref.forward(x["ids"][:k], x["images"], keep_cache=True)
                 for i in members:
                     x = inputs[i]
                     if pre is None:
-                        fwd = ref.forward(x["ids"], x["images"] or None, keep_cache=self.generating)
+                        fwd = ref.forward(x["ids"], x["images"] or None, keep_cache=self.generating or k > 0)
+                        if k:  # the shared prefix (system text and image), cut from the group's first prompt
+                            pre = ref.prefix(fwd, k)
+                            if not self.generating:
+                                fwd.cache = None
                     else:
                         fwd = ref.extend(pre, x["ids"][k:], keep_cache=self.generating)
                     if self.generating:
@@ -1025,18 +1039,6 @@ class Context:
                 if f32 is not None:
                     f32.enabled = True
                 pre, pre_logits, P = None, None, 0
-                if k:  # the shared prefix (system text and image), once for the group: its logits and its cache
-                    x = inputs[members[0]]
-                    P = sum(seq if t < 0 else 1 for t in x["ids"][:k])
-                    with torch.no_grad():
-                        res = model(
-                            input_ids=torch.tensor([x["expanded"][:P]]),
-                            pixel_values=x["pixels"],
-                            use_cache=True,
-                            logits_to_keep=0,
-                        )
-                    pre, pre_logits = output_cache(res), res.logits[0].float()
-                    del res
                 for i in members:
                     x = inputs[i]
                     ids = torch.tensor([x["expanded"]])
@@ -1048,51 +1050,48 @@ class Context:
                         f32.enabled = True
                     if not self.generating:
                         with torch.no_grad():
-                            logits = (
-                                model(
-                                    input_ids=ids[:, P:],
-                                    **({"pixel_values": kw["pixel_values"]} if "pixel_values" in kw else {}),
-                                    **({"cache": kw["cache"], "use_cache": True} if "cache" in kw else {}),
+                            res = model(input_ids=ids[:, P:], use_cache=k > 0, **kw)
+                        logits, cache = res.logits[0].float(), output_cache(res)
+                        del res
+                    else:
+                        first: list = []
+
+                        def hook(_module, _args, result, first=first):
+                            first.append(result.logits[0].float())
+
+                        handle = model.register_forward_hook(hook)
+                        try:
+                            with torch.no_grad():
+                                res = model.generate(
+                                    input_ids=ids,
+                                    attention_mask=torch.ones_like(ids),
+                                    max_new_tokens=1,
+                                    do_sample=False,
+                                    logits_to_keep=0,
+                                    return_dict_in_generate=True,
+                                    **kw,
                                 )
-                                .logits[0]
-                                .float()
-                            )
-                        out[i] = (logits if pre_logits is None else torch.cat([pre_logits, logits]), None)
-                        continue
-                    first: list = []
-
-                    def hook(_module, _args, result, first=first):
-                        first.append(result.logits[0].float())
-
-                    handle = model.register_forward_hook(hook)
-                    try:
-                        with torch.no_grad():
-                            res = model.generate(
-                                input_ids=ids,
-                                attention_mask=torch.ones_like(ids),
-                                max_new_tokens=1,
-                                do_sample=False,
-                                logits_to_keep=0,
-                                return_dict_in_generate=True,
-                                **kw,
-                            )
-                    finally:
-                        handle.remove()
-                    if len(first) != 1:
-                        raise RuntimeError(f"generate of one new id ran the model {len(first)} times")
-                    logits = first[0]
-                    if pre_logits is not None:
-                        if logits.shape[0] != ids.shape[1] - P:
+                        finally:
+                            handle.remove()
+                        if len(first) != 1:
+                            raise RuntimeError(f"generate of one new id ran the model {len(first)} times")
+                        logits, cache = first[0], output_cache(res)
+                        if pre_logits is not None and logits.shape[0] != ids.shape[1] - P:
                             raise RuntimeError(
                                 f"generate recomputed {logits.shape[0]} positions after a cached prefix of "
                                 f"{P}, expected {ids.shape[1] - P}"
                             )
+                        started[i] = (cache, int(res.sequences[0, -1]))
+                        del res
+                    if pre_logits is not None:
                         logits = torch.cat([pre_logits, logits])
-                    cache = output_cache(res)
-                    cast_cache(cache, self.dtype)  # the greedy steps run in the weights' dtype
-                    started[i] = (cache, int(res.sequences[0, -1]))
+                    elif k:  # the shared prefix (system text and image), cut from the group's first prompt
+                        P = sum(seq if t < 0 else 1 for t in x["ids"][:k])
+                        pre, pre_logits = _cut_cache(cache, P), logits[:P].clone()
+                    if self.generating:
+                        cast_cache(cache, self.dtype)  # the greedy steps run in the weights' dtype
                     out[i] = (logits, None)
-                    del res
+                    del cache
                 del pre, pre_logits
                 self._time("converted_forward", t0)
         if self.generating:

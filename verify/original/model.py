@@ -367,6 +367,22 @@ class OriginalVipLlava:
             logits=logits, input_positions=positions, cache=_returned_cache(out) if keep_cache else None
         )
 
+    def prefix(self, out: ReferenceOutput, n_ids: int) -> ReferenceOutput:
+        """``forward(ids[:n_ids], keep_cache=True)`` cut from ``out`` = ``forward(ids, keep_cache=True)``: attention
+        is causal, so the first positions' logits and keys/values do not depend on the ids after them (the group of
+        prompts that share a prefix computes it within its first prompt's forward, then :meth:`extend` the cut for
+        the others). The logits and the cache are copies: ``out`` stays as it was."""
+        if out.cache is None:
+            raise ValueError("prefix needs forward(..., keep_cache=True)")
+        positions = [p for p in out.input_positions if p < n_ids]
+        if not positions or n_ids <= 0:
+            raise ValueError(f"prefix of {n_ids} ids: the output has no position before id {n_ids}")
+        n = len(positions)
+        pairs = [tuple(t[:, :, :n].clone() for t in layer) for layer in _layer_tensors(out.cache)]
+        return ReferenceOutput(
+            logits=out.logits[:n].clone(), input_positions=positions, cache=_cache_from_layers(pairs)
+        )
+
     def _pick(self, logits_row: torch.Tensor) -> int:
         """The greedy choice among the ids the original could emit (``builder.py`` had resized the embeddings to
         ``len(tokenizer)``: ``self.emit_limit``)."""

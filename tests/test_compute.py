@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fixtures.build import sample_images, sample_prompts
-from verify.compute import Float32Blocks, blocks, cast_cache
+from verify.compute import Float32Blocks, blocks, cast_cache, reserved_cache
 from verify.context import Context
 
 BACKBONES = ("vicuna", "llama3", "phi3")
@@ -201,15 +201,68 @@ def test_a_shared_prefix_gives_the_logits_and_tokens_of_whole_prompts(backbone_p
         assert (a[0] - b[0]).abs().max().item() <= 1e-5
 
 
-def test_extend_refuses_an_image_and_keeps_the_prefix_reusable(converted):
+def test_extend_splices_images_and_keeps_the_prefix_reusable(converted):
+    """``extend`` of a prefix by ids that hold an image is the whole prompt's forward (the system text shared by
+    every unit: the image comes after it); a sentinel without its image is refused; the prefix stays reusable."""
     ctx = _ctx(converted, "float32-blocks")
     ref, x = ctx.reference, ctx.parity_inputs[0]
+    first_image = min(j for j, t in enumerate(x["ids"]) if t < 0)
     k = max(j for j, t in enumerate(x["ids"]) if t < 0) + 1
     pre = ref.forward(x["ids"][:k], x["images"], keep_cache=True)
-    with pytest.raises(ValueError, match="text ids"):
+    with pytest.raises(ValueError, match="image sentinel"):
         ref.extend(pre, [-200])
     one, two = ref.extend(pre, x["ids"][k:]), ref.extend(pre, x["ids"][k:])
     assert torch.equal(one.logits, two.logits) and one.logits.shape[0] == len(one.input_positions)
+    system = ref.forward(x["ids"][:first_image], keep_cache=True)
+    whole = ref.forward(x["ids"], x["images"])
+    with pytest.raises(ValueError, match="image sentinel"):
+        ref.extend(system, x["ids"][first_image:])
+    got = ref.extend(system, x["ids"][first_image:], images=x["images"])
+    assert got.input_positions == whole.input_positions
+    assert (got.logits - whole.logits).abs().max().item() <= 1e-5
+    again = ref.extend(system, x["ids"][first_image:], images=x["images"])
+    assert torch.equal(got.logits, again.logits)
+
+
+def test_every_unit_shares_the_system_text_and_it_is_computed_once_per_side(converted, monkeypatch):
+    """The default prompts' units (5 images and a text-only prompt) all begin with the system text: the root prefix
+    holds those ids (no image), each side runs it once, within its first unit, and the other units extend a copy.
+    On the converted side, one forward only runs from position 0; every other unit's computes its ids after the
+    root."""
+    ctx = _ctx(converted, "float32-blocks")
+    R = ctx.root_prefix
+    xs = ctx.parity_inputs
+    units = [members[0] for _, members in ctx.shared_prefixes]
+    assert len(units) == 6 and R > 10
+    assert all(t >= 0 for t in xs[units[0]]["ids"][:R]) and all(
+        xs[u]["ids"][:R] == xs[units[0]]["ids"][:R] for u in units
+    )
+    assert any(xs[u]["ids"][R] != xs[units[0]]["ids"][R] or xs[u]["ids"][R] < 0 for u in units)
+    ref = ctx.reference
+    whole, extended = [], []
+    real_forward, real_extend = ref.forward, ref.extend
+    monkeypatch.setattr(ref, "forward", lambda ids, *a, **k: whole.append(len(ids)) or real_forward(ids, *a, **k))
+    monkeypatch.setattr(
+        ref,
+        "extend",
+        lambda p, ids, *a, **k: extended.append((len(p.input_positions), len(ids))) or real_extend(p, ids, *a, **k),
+    )
+    assert len(ctx.reference_runs) == len(xs)
+    assert whole == [len(xs[units[0]]["ids"])]  # only the first unit runs from position 0
+    # every other unit extends the root by the rest of its ids (its image included), the group members their groups
+    assert sorted(n for p, n in extended if p == R) == sorted(len(xs[u]["ids"]) - R for u in units[1:])
+    assert len(extended) == len(xs) - 1 and all(p > R for p, _ in extended if p != R)
+    model = ctx.model
+    rows: list = []
+    hook = model.register_forward_hook(lambda _m, _a, out: rows.append(out.logits.shape[1]))
+    try:
+        assert len(ctx.converted_runs) == len(xs)
+    finally:
+        hook.remove()
+    longest = max(len(x["expanded"]) for x in xs)
+    assert [n for n in rows if n > longest - R] == [len(xs[units[0]]["expanded"])]  # one forward from position 0
+    for u in units[1:]:
+        assert len(xs[u]["expanded"]) - R in rows
 
 
 def test_a_prefix_cut_from_a_whole_forward_is_the_prefix_forward(converted):
@@ -333,3 +386,69 @@ def test_greedy_steps_of_both_sides_run_through_float32_products(converted, monk
     monkeypatch.setattr(compute, "slab_linear", wrong_on_the_reference)
     report = verify_repo(converted, images=sample_images(), max_new_tokens=4, progress=False, only=["generation"])
     assert not report.passed
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    filled=st.integers(0, 6),
+    room=st.integers(0, 4),
+    steps=st.lists(st.integers(1, 3), min_size=1, max_size=5),
+    reorder_at=st.one_of(st.none(), st.integers(0, 4)),
+)
+def test_a_reserved_cache_holds_what_concatenation_holds(filled, room, steps, reorder_at):
+    """Each update of a reserved layer returns exactly what DynamicLayer's concatenation returns; while the room
+    lasts it writes in place (the keys stay views of the buffer), past it or after a reorder it concatenates."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(filled * 100 + room)
+    buf_k = torch.randn(2, 3, filled + room, 4, generator=g)
+    buf_v = torch.randn(2, 3, filled + room, 4, generator=g)
+    plain = DynamicCache(ddp_cache_data=[(buf_k[..., :filled, :].clone(), buf_v[..., :filled, :].clone())])
+    ours = reserved_cache([(buf_k, buf_v)], filled)
+    assert ours.get_seq_length() == plain.get_seq_length() == filled
+    n = filled
+    for i, m in enumerate(steps):
+        if reorder_at == i:
+            order = torch.tensor([1, 0])
+            plain.layers[0].keys, plain.layers[0].values = plain.layers[0].keys[order], plain.layers[0].values[order]
+            ours.layers[0].keys, ours.layers[0].values = ours.layers[0].keys[order], ours.layers[0].values[order]
+            reordered = True
+        else:
+            reordered = reorder_at is not None and reorder_at < i
+        k, v = torch.randn(2, 3, m, 4, generator=g), torch.randn(2, 3, m, 4, generator=g)
+        want = plain.layers[0].update(k, v)
+        got = ours.layers[0].update(k, v)
+        n += m
+        for w, t in zip(want, got, strict=True):
+            assert t.shape[-2] == n and torch.equal(w, t)
+        in_place = not reordered and n <= filled + room
+        assert (got[0].data_ptr() == buf_k.data_ptr()) == in_place
+        assert ours.get_seq_length() == n
+
+
+def test_a_reserved_cache_writing_at_the_wrong_place_is_caught(converted, monkeypatch):
+    """Planted: the room is written one position too late (the steps attend to a zero slot and miss their own key);
+    the lock-step ids then differ from the prompts' ids alone, on the reference as on the converted side."""
+    import verify.compute as vcompute
+
+    ctx = Context(converted, images=sample_images(), dtype="float32", max_new_tokens=6)
+    ref = ctx.reference
+    outs = [ref.forward(x["ids"], x["images"] or None, keep_cache=True) for x in ctx.parity_inputs]
+    want = ref.continue_greedy_batch(outs, 6, reserved=reserved_cache)
+    layer_class = vcompute._reserved_layer_class()
+    real = layer_class.update
+
+    def late(self, key_states, value_states, *args, **kwargs):
+        if self._room is not None:
+            kb, vb = self._room
+            n = self.keys.shape[-2]
+            if n + 2 <= kb.shape[-2]:
+                kb[..., n + 1 : n + 2, :] = key_states
+                vb[..., n + 1 : n + 2, :] = value_states
+                self.keys, self.values = kb[..., : n + 1, :], vb[..., : n + 1, :]
+                return self.keys, self.values
+        return real(self, key_states, value_states, *args, **kwargs)
+
+    monkeypatch.setattr(layer_class, "update", late)
+    outs = [ref.forward(x["ids"], x["images"] or None, keep_cache=True) for x in ctx.parity_inputs]
+    assert ref.continue_greedy_batch(outs, 6, reserved=reserved_cache) != want

@@ -18,6 +18,7 @@ from transformers import DynamicCache
 import verify.context as vctx
 import verify.original.model as refmodel
 from fixtures.build import sample_images
+from verify.compute import reserved_cache
 from verify.context import Context, pack_decode_batches
 
 BACKBONES = ("vicuna", "llama3", "phi3")
@@ -57,8 +58,12 @@ def test_reference_lock_step_gives_each_prompt_its_own_ids(backbone_pair, backbo
     outs = [ref.forward(x["ids"], x["images"] or None, keep_cache=True) for x in ctx.parity_inputs]
     assert len({len(o.input_positions) for o in outs}) > 2  # prompts of several lengths: the padding is exercised
     got = ref.continue_greedy_batch(outs, N)
-    assert got == _alone_reference(ctx)
+    want = _alone_reference(ctx)
+    assert got == want
     assert all(o.cache is None for o in outs)  # consumed
+    # as verify runs it: the steps write into buffers with room for them (verify.compute.reserved_cache)
+    outs = [ref.forward(x["ids"], x["images"] or None, keep_cache=True) for x in ctx.parity_inputs]
+    assert ref.continue_greedy_batch(outs, N, reserved=reserved_cache) == want
 
 
 def test_reference_lock_step_with_its_pad_visible_fails(converted, monkeypatch):
@@ -115,7 +120,7 @@ def test_converted_lock_step_with_right_padded_caches_fails(converted, monkeypat
     ctx = _ctx(converted)
     want = _alone_converted(ctx)
 
-    def right_padded(caches, lengths):
+    def right_padded(caches, lengths, room=0):
         longest = max(lengths)
         stacked = []
         for j in range(len(caches[0].layers)):

@@ -293,6 +293,21 @@ def prefix_groups(prompts: list[tuple[list[int], str | None]]) -> list[tuple[int
     return plan
 
 
+def root_prefix(prompts: list[tuple[list[int], str | None]], plan: list[tuple[int, list[int]]]) -> int:
+    """How many ids the first prompts of the :func:`prefix_groups` plan (``plan``) all begin with before any image
+    (the system text of a conversation mode): 0 when fewer than two units share it. Each side computes these ids
+    within the first unit's forward and every other unit extends a copy of them (images included), so the system
+    text runs once per side instead of once per image. Each unit keeps at least one id of its own."""
+    firsts = [prompts[members[0]][0] for _, members in plan]
+    if len(firsts) < 2:
+        return 0
+    head, most = firsts[0], min(len(ids) for ids in firsts) - 1
+    n = 0
+    while n < most and head[n] >= 0 and all(ids[n] == head[n] for ids in firsts):
+        n += 1
+    return n
+
+
 def pack_decode_batches(
     groups: list[tuple[int, list[int]]], cache_bytes: list[int], limit: int
 ) -> list[list[tuple[int, list[int]]]]:
@@ -330,27 +345,30 @@ def id_set(value) -> set:
     return set(value) if isinstance(value, (list, tuple)) else {value}
 
 
-def _left_padded_cache(caches: list, lengths: list[int]):
-    """One ``DynamicCache`` for a batch from per-prompt caches (batch 1 each, ``lengths[i]`` positions): each layer's
-    keys and values zero-padded on the left to the longest and concatenated on the batch axis. The per-prompt
-    tensors are released layer by layer."""
-    import torch.nn.functional as F
-    from transformers import DynamicCache
+def _left_padded_cache(caches: list, lengths: list[int], room: int = 0):
+    """One cache for a batch from per-prompt caches (batch 1 each, ``lengths[i]`` positions): each layer's keys and
+    values zero-padded on the left to the longest and stacked on the batch axis, in buffers with ``room`` more
+    positions that the greedy steps write into (:func:`verify.compute.reserved_cache`). The per-prompt tensors are
+    released layer by layer."""
+    from .compute import reserved_cache
 
     longest = max(lengths)
     layers = [cache.layers for cache in caches]
     stacked = []
     for j in range(len(layers[0])):
-        keys, values = [], []
-        for per, n in zip(layers, lengths, strict=True):
-            layer = per[j]
-            if layer.keys.shape[-2] != n:
-                raise RuntimeError(f"a prompt cache holds {layer.keys.shape[-2]} positions, expected {n}")
-            keys.append(F.pad(layer.keys, (0, 0, longest - n, 0)))
-            values.append(F.pad(layer.values, (0, 0, longest - n, 0)))
-            layer.keys = layer.values = None
-        stacked.append((torch.cat(keys), torch.cat(values)))
-    return DynamicCache(ddp_cache_data=stacked)
+        buffers = []
+        for part in ("keys", "values"):
+            first = getattr(layers[0][j], part)
+            buf = first.new_zeros((len(caches), *first.shape[1:-2], longest + room, first.shape[-1]))
+            for r, (per, n) in enumerate(zip(layers, lengths, strict=True)):
+                t = getattr(per[j], part)
+                if t.shape[-2] != n:
+                    raise RuntimeError(f"a prompt cache holds {t.shape[-2]} positions, expected {n}")
+                buf[r, ..., longest - n : longest, :] = t[0]
+                setattr(per[j], part, None)
+            buffers.append(buf)
+        stacked.append((buffers[0], buffers[1]))
+    return reserved_cache(stacked, longest)
 
 
 def _cut_cache(cache, positions: int):
@@ -607,6 +625,16 @@ class Context:
         return original, _safetensors_dtype(self.repo, CONVERTED_EMBED)
 
     @cached_property
+    def text_attention(self) -> str:
+        """The text model's attention as the original ran it (``verify.original.configs.TEXT_ATTENTION``: sdpa for
+        Llama, eager for the vendored Phi-3), told from the original config.json; the vision tower runs eager on
+        both sides, as the original's CLIP did. Both sides compute alike, so their logits compare like with like."""
+        from .original import BACKBONES
+
+        cfg = json.loads((self.original_dir / "config.json").read_text())
+        return str(BACKBONES[self.backbone].text_config(cfg)._attn_implementation)
+
+    @cached_property
     def model_shape(self) -> ModelShape:
         from .original import BACKBONES, clip_vision_config_from_dir
 
@@ -711,8 +739,9 @@ class Context:
         from transformers import VipLlavaForConditionalGeneration
 
         t0 = time.perf_counter()
+        attention = {"text_config": self.text_attention, "vision_config": "eager"}
         model, info = VipLlavaForConditionalGeneration.from_pretrained(
-            str(self.repo), output_loading_info=True, dtype=self.dtype, attn_implementation="eager"
+            str(self.repo), output_loading_info=True, dtype=self.dtype, attn_implementation=attention
         )
         model.eval()
         self.timings["converted_load"] = time.perf_counter() - t0
@@ -856,18 +885,20 @@ class Context:
         ref = self.reference
         inputs = self.parity_inputs
         out: list = [None] * len(inputs)
+        root: dict = {}  # the system text all units begin with (root_prefix), cut from the first unit's forward
         with self.weight_stream("reference", ref.vision, ref.llm):
             for batch in self.decode_batches:
-                self._reference_batch(batch, out)
+                self._reference_batch(batch, out, root)
         return out
 
-    def _reference_batch(self, batch: list[tuple[int, list[int]]], out: list) -> None:
+    def _reference_batch(self, batch: list[tuple[int, list[int]]], out: list, root: dict) -> None:
         import time
 
-        from .compute import cast_cache
+        from .compute import cast_cache, reserved_cache
 
         ref = self.reference
         inputs = self.parity_inputs
+        R = self.root_prefix
         fwds: dict[int, Any] = {}
         with self.arithmetic_context(ref.llm, ref.vision):
             for k, members in batch:
@@ -876,11 +907,17 @@ class Context:
                 for i in members:
                     x = inputs[i]
                     if pre is None:
-                        fwd = ref.forward(x["ids"], x["images"] or None, keep_cache=self.generating or k > 0)
-                        if k:  # the shared prefix (system text and image), cut from the group's first prompt
+                        keep = self.generating or k > 0 or (R > 0 and "out" not in root)
+                        if "out" in root:  # the system text computed by the first unit: extend a copy of it
+                            fwd = ref.extend(root["out"], x["ids"][R:], keep_cache=keep, images=x["images"])
+                        else:
+                            fwd = ref.forward(x["ids"], x["images"] or None, keep_cache=keep)
+                            if R:
+                                root["out"] = ref.prefix(fwd, R)
+                        if k:  # the group's prefix (system text and image), cut from its first prompt
                             pre = ref.prefix(fwd, k)
-                            if not self.generating:
-                                fwd.cache = None
+                        if not self.generating:
+                            fwd.cache = None
                     else:
                         fwd = ref.extend(pre, x["ids"][k:], keep_cache=self.generating)
                     if self.generating:
@@ -894,22 +931,28 @@ class Context:
             t0 = time.perf_counter()
             lengths = [len(fwds[i].input_positions) for i in order]
             with self.decode_residency("reference", lengths, skip=(ref.vision,)), self.decode_context(ref.llm):
-                tokens = ref.continue_greedy_batch([fwds[i] for i in order], self.max_new_tokens)
+                tokens = ref.continue_greedy_batch(
+                    [fwds[i] for i in order], self.max_new_tokens, reserved=reserved_cache
+                )
             self._time("reference_decode", t0)
         for i, ids in zip(order, tokens, strict=True):
             out[i] = (fwds[i], ids)
 
     def weight_stream(self, side: str, *models):
         """:class:`verify.residency.WeightStream` over ``models`` with the page-cache budget left after the run's
-        estimated anonymous memory, releasing their pages at the end (each side's runs happen once: the other side's
-        model then gets the page cache); its summary goes to ``self.page_cache[side]`` on exit."""
+        estimated anonymous memory, releasing their pages at the end when the other side has yet to run (each
+        side's runs happen once: the other side's model then gets the page cache). The side that runs last leaves
+        its files cached: a gated push hashes them right after. Its summary goes to ``self.page_cache[side]``."""
         import contextlib
 
         from .residency import WeightStream, page_cache_budget
 
+        others_ran = bool(set(self.page_cache) - {side})
+
         @contextlib.contextmanager
         def run():
-            ws = WeightStream(*models, budget=page_cache_budget((self.memory or {}).get("total", 0)), release=True)
+            budget = page_cache_budget((self.memory or {}).get("total", 0))
+            ws = WeightStream(*models, budget=budget, release=not others_ran)
             self._streams[side] = ws
             try:
                 with ws:
@@ -958,6 +1001,11 @@ class Context:
     def shared_prefixes(self) -> list[tuple[int, list[int]]]:
         """How the prompts' forwards are scheduled (:func:`prefix_groups` of the prompts' ids and images)."""
         return prefix_groups([(x["ids"], x["image"]) for x in self.parity_inputs])
+
+    @cached_property
+    def root_prefix(self) -> int:
+        """The ids every unit of :attr:`shared_prefixes` begins with before its image (:func:`root_prefix`)."""
+        return root_prefix([(x["ids"], x["image"]) for x in self.parity_inputs], self.shared_prefixes)
 
     @cached_property
     def decode_batches(self) -> list[list[tuple[int, list[int]]]]:
@@ -1018,12 +1066,13 @@ class Context:
         weights' dtype, is kept. Then each batch of :attr:`decode_batches` continues in ONE ``generate`` call over the
         left-padded batch (:meth:`_generate_batch`), in the weights' dtype, as the reference's steps run."""
         out: list = [None] * len(self.parity_inputs)
+        root: dict = {}  # the system text all units begin with (root_prefix), cut from the first unit's cache
         with self.weight_stream("converted", self.model):
             for batch in self.decode_batches:
-                self._converted_batch(batch, out)
+                self._converted_batch(batch, out, root)
         return out
 
-    def _converted_batch(self, batch: list[tuple[int, list[int]]], out: list) -> None:
+    def _converted_batch(self, batch: list[tuple[int, list[int]]], out: list, root: dict) -> None:
         import copy
         import time
 
@@ -1032,6 +1081,7 @@ class Context:
         model = self.model
         inputs = self.parity_inputs
         seq = self.config_dict.get("image_seq_length", 576)
+        R = self.root_prefix  # ids; the root holds no image, so as many positions
         started: dict[int, tuple] = {}  # prompt -> (cache, first id)
         with self.arithmetic_context(model) as f32:
             for k, members in batch:
@@ -1042,50 +1092,30 @@ class Context:
                 for i in members:
                     x = inputs[i]
                     ids = torch.tensor([x["expanded"]])
-                    # with a shared prefix, the cache holds the image: no pixels (generate runs only the rest)
-                    kw: dict = {"pixel_values": x["pixels"]} if x["pixels"] is not None and pre is None else {}
-                    if pre is not None:
-                        kw["cache"] = copy.deepcopy(pre)
+                    kw: dict = {}
+                    if pre is not None:  # a group member: the group's cache holds the image, generate runs the rest
+                        kw["cache"], done, done_logits = copy.deepcopy(pre), P, pre_logits
+                    elif "cache" in root:  # a unit's first prompt after the first: the system text is cached
+                        kw["cache"], done, done_logits = copy.deepcopy(root["cache"]), R, root["logits"]
+                    else:
+                        done, done_logits = 0, None
+                    if x["pixels"] is not None and pre is None:
+                        kw["pixel_values"] = x["pixels"]
                     if f32 is not None:
                         f32.enabled = True
                     if not self.generating:
+                        use = "cache" in kw or k > 0 or (R > 0 and "cache" not in root)
                         with torch.no_grad():
-                            res = model(input_ids=ids[:, P:], use_cache=k > 0, **kw)
+                            res = model(input_ids=ids[:, done:], use_cache=use, **kw)
                         logits, cache = res.logits[0].float(), output_cache(res)
                         del res
                     else:
-                        first: list = []
-
-                        def hook(_module, _args, result, first=first):
-                            first.append(result.logits[0].float())
-
-                        handle = model.register_forward_hook(hook)
-                        try:
-                            with torch.no_grad():
-                                res = model.generate(
-                                    input_ids=ids,
-                                    attention_mask=torch.ones_like(ids),
-                                    max_new_tokens=1,
-                                    do_sample=False,
-                                    logits_to_keep=0,
-                                    return_dict_in_generate=True,
-                                    **kw,
-                                )
-                        finally:
-                            handle.remove()
-                        if len(first) != 1:
-                            raise RuntimeError(f"generate of one new id ran the model {len(first)} times")
-                        logits, cache = first[0], output_cache(res)
-                        if pre_logits is not None and logits.shape[0] != ids.shape[1] - P:
-                            raise RuntimeError(
-                                f"generate recomputed {logits.shape[0]} positions after a cached prefix of "
-                                f"{P}, expected {ids.shape[1] - P}"
-                            )
-                        started[i] = (cache, int(res.sequences[0, -1]))
-                        del res
-                    if pre_logits is not None:
-                        logits = torch.cat([pre_logits, logits])
-                    elif k:  # the shared prefix (system text and image), cut from the group's first prompt
+                        logits, cache, started[i] = self._first_step(ids, done, kw)
+                    if done_logits is not None:
+                        logits = torch.cat([done_logits, logits])
+                    if pre is None and R and "cache" not in root:  # the system text, cut from the first unit
+                        root["cache"], root["logits"] = _cut_cache(cache, R), logits[:R].clone()
+                    if pre is None and k:  # the group's prefix (system text and image), cut from its first prompt
                         P = sum(seq if t < 0 else 1 for t in x["ids"][:k])
                         pre, pre_logits = _cut_cache(cache, P), logits[:P].clone()
                     if self.generating:
@@ -1104,6 +1134,53 @@ class Context:
             for i, new_ids in zip(order, generated, strict=True):
                 out[i] = (out[i][0], new_ids)
             self._time("converted_decode", t0)
+
+    def _first_step(self, ids: torch.Tensor, done: int, kw: dict) -> tuple[torch.Tensor, Any, tuple]:
+        """``generate`` of one new id for a prompt (``ids`` [1, T]) whose first ``done`` positions are in
+        ``kw["cache"]`` (0: none): the float32 logits of the positions it computed (``logits_to_keep=0``, caught by a
+        forward hook), the cache after the prompt, and (that cache, the new id). It must have run the model once, over
+        the ``T - done`` positions, and the projector once exactly when ``kw`` holds pixel values (the image is after
+        the cached positions): a release that dropped them after a cached prefix, or recomputed the prefix, is
+        refused here rather than compared."""
+        from .compute import output_cache
+
+        model = self.model
+        first: list = []
+        projected: list = []
+        handles = [
+            model.register_forward_hook(lambda _m, _a, result: first.append(result.logits[0].float())),
+            next(m for n, m in model.named_modules() if n.endswith("multi_modal_projector")).register_forward_hook(
+                lambda *_: projected.append(1)
+            ),
+        ]
+        try:
+            with torch.no_grad():
+                res = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=1,
+                    do_sample=False,
+                    logits_to_keep=0,
+                    return_dict_in_generate=True,
+                    **kw,
+                )
+        finally:
+            for h in handles:
+                h.remove()
+        if len(first) != 1:
+            raise RuntimeError(f"generate of one new id ran the model {len(first)} times")
+        logits, cache, saw_pixels = first[0], output_cache(res), len(projected) == 1
+        if logits.shape[0] != ids.shape[1] - done:
+            raise RuntimeError(
+                f"generate recomputed {logits.shape[0]} positions after a cached prefix of {done}, "
+                f"expected {ids.shape[1] - done}"
+            )
+        if saw_pixels != ("pixel_values" in kw) or len(projected) > 1:
+            raise RuntimeError(
+                f"generate projected {len(projected)} image(s) for a prompt whose ids after the {done} cached "
+                f"positions hold {int('pixel_values' in kw)}"
+            )
+        return logits, cache, (cache, int(res.sequences[0, -1]))
 
     def _generate_batch(self, rows: list[tuple[list[int], object, int]]) -> list[list[int]]:
         """The greedy continuation of prompts whose forward ran: ``rows`` of (expanded ids, their key/value cache in
@@ -1127,7 +1204,7 @@ class Context:
             input_ids[r, longest - len(ids) : longest] = torch.tensor(ids)
             input_ids[r, longest] = first
             mask[r, longest - len(ids) :] = 1
-        cache = _left_padded_cache([cache for _, cache, _ in rows], lengths)
+        cache = _left_padded_cache([cache for _, cache, _ in rows], lengths, room=n - 1)
         del rows
         with torch.no_grad():
             res = model.generate(

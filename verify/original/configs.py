@@ -7,8 +7,10 @@ model's).  The vision config is transformers 4.31's ``CLIPVisionConfig.from_pret
 :func:`check_vip_config` and :func:`multimodal_hidden_size` refuse the multimodal settings this reference does not
 restate (``llava/model/llava_arch.py`` and ``multimodal_projector/builder.py`` read them).
 
-Both models run with ``attn_implementation="eager"``: plain matmul/softmax attention is deterministic on CPU and
-does not depend on which fused SDPA kernel a torch build selects.
+Attention as the original's pin (transformers 4.37.2) chose it when ``from_pretrained`` was not told: Llama (Vicuna,
+Llama-3) runs ``"sdpa"`` (4.37.2 loads ``LlamaSdpaAttention``); the vendored Phi-3 (``_supports_sdpa = False``) and
+CLIP (no SDPA class in 4.37.2) run ``"eager"``. Measured 2026-11-30 in the 4.37.2 environment: ``from_pretrained``
+of a Llama gives ``sdpa``, of a CLIP vision model ``eager``. :data:`TEXT_ATTENTION` states it per text model type.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from transformers import CLIPVisionConfig, LlamaConfig, Phi3Config
 
 from .errors import OriginalLoadError
 from .vision import FEATURE_LAYERS
+
+# the text attention the original ran, by the text config's model_type (see the module docstring)
+TEXT_ATTENTION = {"llama": "sdpa", "phi3": "eager"}
 
 _LLAMA_KEYS = {
     "vocab_size",
@@ -95,7 +100,7 @@ def llama_config_from_original(cfg: dict[str, Any]) -> LlamaConfig:
         raise OriginalLoadError(f"original config.json has model_type {mt!r}; a Llama backbone needs 'llava_llama'")
     kwargs = {k: v for k, v in cfg.items() if k in _LLAMA_KEYS}
     lc = LlamaConfig(**kwargs)
-    lc._attn_implementation = "eager"
+    lc._attn_implementation = TEXT_ATTENTION["llama"]
     return lc
 
 
@@ -114,7 +119,7 @@ def phi3_config_from_original(cfg: dict[str, Any]) -> Phi3Config:
         )
     kwargs = {k: v for k, v in cfg.items() if k in _PHI3_KEYS}
     pc = Phi3Config(**kwargs)
-    pc._attn_implementation = "eager"
+    pc._attn_implementation = TEXT_ATTENTION["phi3"]
     return pc
 
 

@@ -276,9 +276,12 @@ class OriginalVipLlava:
             trace["projector"] = features.float().clone()
         return features
 
-    def _splice(self, ids: list[int], features: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
+    def _splice(
+        self, ids: list[int], features: torch.Tensor | None, limit: bool = True
+    ) -> tuple[torch.Tensor, list[int]]:
         """``prepare_inputs_labels_for_multimodal``: the text ids embedded, each sentinel replaced by the next image's
-        features, truncated to ``tokenizer_model_max_length``; with, per spliced position, its index in ``ids``."""
+        features, truncated to ``tokenizer_model_max_length`` (``limit``; :meth:`extend` checks the whole length
+        itself); with, per spliced position, its index in ``ids``."""
         embed = self.llm.get_input_embeddings()
         text_ids = torch.tensor([i for i in ids if i != IMAGE_SENTINEL], dtype=torch.long)
         text_emb = embed(text_ids)
@@ -298,7 +301,7 @@ class OriginalVipLlava:
                 positions.append(pos)
                 t += 1
         inputs_embeds = torch.cat(pieces, dim=0)
-        if self.max_length is not None and inputs_embeds.shape[0] > self.max_length:
+        if limit and self.max_length is not None and inputs_embeds.shape[0] > self.max_length:
             # prepare_inputs_labels_for_multimodal truncates to tokenizer_model_max_length.
             inputs_embeds = inputs_embeds[: self.max_length]
             positions = positions[: self.max_length]
@@ -338,31 +341,43 @@ class OriginalVipLlava:
         return hooks
 
     @torch.no_grad()
-    def extend(self, prefix: ReferenceOutput, more_ids: Sequence[int], keep_cache: bool = False) -> ReferenceOutput:
-        """``forward(ids + more_ids)`` computed from ``forward(ids, keep_cache=True)`` = ``prefix``: the text ids
-        ``more_ids`` (no image sentinel) are embedded at the positions after the prefix's spliced sequence and attend
-        to a copy of its key/value cache (``prefix`` stays usable for the next extension). The logits are the
-        prefix's followed by the new positions'. Prompts that share a prefix (system text and image) compute it once;
+    def extend(
+        self,
+        prefix: ReferenceOutput,
+        more_ids: Sequence[int],
+        keep_cache: bool = False,
+        images: Sequence[PIL.Image.Image] | None = None,
+    ) -> ReferenceOutput:
+        """``forward(ids + more_ids)`` computed from ``forward(ids, keep_cache=True)`` = ``prefix``: ``more_ids`` are
+        spliced as :meth:`forward` splices a prompt (each ``IMAGE_SENTINEL`` replaced by the next of ``images``'
+        features) at the positions after the prefix's spliced sequence, and attend to a copy of its key/value cache
+        (``prefix`` stays usable for the next extension). The logits are the prefix's followed by the new
+        positions'. Prompts that share a prefix (the system text; the system text and an image) compute it once;
         the original's ``generate`` ran each prompt whole, and the function is the same."""
         ids = [int(i) for i in more_ids]
-        vocab = self.llm.config.vocab_size
-        if not ids or any(not 0 <= i < vocab for i in ids):
-            raise ValueError(f"extend needs text ids in [0, {vocab}), got {ids[:5]}")
+        images = list(images or [])
+        if not ids:
+            raise ValueError("extend needs at least one id")
+        self._check_inputs(ids, images)
         if prefix.cache is None:
             raise ValueError("extend needs forward(..., keep_cache=True)")
+        features = self._project_images(images)[0] if images else None
         start = len(prefix.input_positions)
-        if self.max_length is not None and start + len(ids) > self.max_length:
-            raise ValueError(f"prefix + {len(ids)} ids exceed tokenizer_model_max_length {self.max_length}")
+        spliced, offsets = self._splice(ids, features, limit=False)
+        if self.max_length is not None and start + spliced.shape[0] > self.max_length:
+            raise ValueError(
+                f"prefix + {spliced.shape[0]} spliced positions exceed tokenizer_model_max_length {self.max_length}"
+            )
         first_id = (prefix.input_positions[-1] + 1) if prefix.input_positions else 0
         cache = copy.deepcopy(prefix.cache)
         out = self.llm(
-            inputs_embeds=self.llm.get_input_embeddings()(torch.tensor([ids], dtype=torch.long)),
-            position_ids=torch.arange(start, start + len(ids), dtype=torch.long)[None],
+            inputs_embeds=spliced[None],
+            position_ids=torch.arange(start, start + spliced.shape[0], dtype=torch.long)[None],
             use_cache=True,
             **{_cache_argument(self.llm): cache},
         )
         logits = torch.cat([prefix.logits, out.logits[0].float()], dim=0)
-        positions = list(prefix.input_positions) + list(range(first_id, first_id + len(ids)))
+        positions = list(prefix.input_positions) + [first_id + o for o in offsets]
         return ReferenceOutput(
             logits=logits, input_positions=positions, cache=_returned_cache(out) if keep_cache else None
         )
@@ -421,7 +436,9 @@ class OriginalVipLlava:
         return new, rows
 
     @torch.no_grad()
-    def continue_greedy_batch(self, outs: Sequence[ReferenceOutput], max_new_tokens: int = 8) -> list[list[int]]:
+    def continue_greedy_batch(
+        self, outs: Sequence[ReferenceOutput], max_new_tokens: int = 8, reserved: Any = None
+    ) -> list[list[int]]:
         """:meth:`continue_greedy` of several prompts in lock step: each step runs the text model once for all of
         them, so a model whose weights are read from disk reads them once per step, not once per prompt and step.
 
@@ -429,7 +446,11 @@ class OriginalVipLlava:
         ``i`` of spliced length ``T_i`` occupies the last ``T_i`` of ``max T`` slots, the pad slots are zeros that the
         attention mask hides, and its new ids go at positions ``T_i``, ``T_i + 1``, ... as alone. Each prompt's ids
         end at its first terminator (included) or after ``max_new_tokens``; a finished prompt keeps stepping with
-        the others and what it computes is dropped. The caches are consumed (``out.cache`` is set to None)."""
+        the others and what it computes is dropped. The caches are consumed (``out.cache`` is set to None).
+
+        ``reserved(pairs, filled)``, when given, makes the steps' cache from per-layer (keys, values) buffers that
+        have room for the steps' positions after the first ``filled`` (``verify.compute.reserved_cache``: the steps
+        write into the room instead of concatenating); by default a ``DynamicCache`` of the stacked caches."""
         if any(o.cache is None for o in outs):
             raise ValueError("continue_greedy_batch needs forward(..., keep_cache=True) for every prompt")
         new: list[list[int]] = [[self._pick(o.logits[-1])] for o in outs]
@@ -441,6 +462,7 @@ class OriginalVipLlava:
         if all(done):
             return new
         longest = max(lengths)
+        room = max_new_tokens - 1 if reserved is not None else 0
         pairs = []
         per_prompt = [_layer_tensors(c) for c in caches]
         del caches
@@ -449,14 +471,14 @@ class OriginalVipLlava:
             for part in (0, 1):
                 rows: list[torch.Tensor] = [p[layer][part] for p in per_prompt]
                 first = rows[0]
-                padded = first.new_zeros((len(rows), *first.shape[1:-2], longest, first.shape[-1]))
+                padded = first.new_zeros((len(rows), *first.shape[1:-2], longest + room, first.shape[-1]))
                 for i, t in enumerate(rows):
-                    padded[i, ..., longest - t.shape[-2] :, :] = t[0]
+                    padded[i, ..., longest - t.shape[-2] : longest, :] = t[0]
                 stacked.append(padded)
             for p in per_prompt:  # free each prompt's layer as soon as it is stacked
                 p[layer] = []
             pairs.append(tuple(stacked))
-        cache = _cache_from_layers(pairs)
+        cache = _cache_from_layers(pairs) if reserved is None else reserved(pairs, longest)
         del pairs, per_prompt
         embed = self.llm.get_input_embeddings()
         visible = torch.zeros((len(outs), longest), dtype=torch.long)

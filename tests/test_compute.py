@@ -452,3 +452,26 @@ def test_a_reserved_cache_writing_at_the_wrong_place_is_caught(converted, monkey
     monkeypatch.setattr(layer_class, "update", late)
     outs = [ref.forward(x["ids"], x["images"] or None, keep_cache=True) for x in ctx.parity_inputs]
     assert ref.continue_greedy_batch(outs, 6, reserved=reserved_cache) != want
+
+
+@pytest.mark.parametrize("plant", ["drop_pixels", "drop_cache"])
+def test_a_generate_that_drops_the_image_or_the_cached_prefix_is_refused(converted, plant, monkeypatch):
+    """The converted side's first step hands ``generate`` a cached prefix (the system text, or a group's prefix) and,
+    for a unit's first prompt, the pixels of the image that follows it. Planted: a ``generate`` that drops the pixel
+    values when a cache is given (as releases before 5.x's multimodal prefill did), or that drops the cache and
+    recomputes the prompt whole: verify refuses the run with a RuntimeError, before any logits are compared."""
+    ctx = _ctx(converted, "float32-blocks")
+    model = ctx.model
+    real = model.generate
+
+    def planted(*args, **kw):
+        if kw.get("cache") is not None:
+            if plant == "drop_pixels":
+                kw.pop("pixel_values", None)
+            else:
+                kw.pop("cache")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model, "generate", planted)
+    with pytest.raises(RuntimeError, match="projected 0 image" if plant == "drop_pixels" else "recomputed"):
+        _ = ctx.converted_runs

@@ -212,9 +212,11 @@ def estimate_memory(
       counted as a copy).
     * held logits: the float32 logits of every prompt, both sides (the checks compare them after both ran).
     * one prompt in flight (one model at a time): the key/value cache over prompt + new tokens (three of them when
-      prompts share a prefix: the prefix's, the copy a prompt extends, and the extended one), eager attention
-      scores of one layer (float32 softmax + the cast), the MLP and residual activations, the last logits, the vision
-      tower's hidden states (all layers are kept for the feature selection) and its attention scores.
+      prompts share a prefix: the prefix's, the copy a prompt extends, and the extended one; the system text all
+      units share, tens of positions, is left to the runtime's margin), the attention scores of one layer as eager
+      attention holds them (float32 softmax + the cast; SDPA, which the Llama backbones run, holds less), the MLP
+      and residual activations, the last logits, the vision tower's hidden states (all layers are kept for the
+      feature selection) and its attention scores.
     * float32 blocks (``arithmetic`` float32 over weights held in a smaller ``dtype``): one float32 buffer per
       distinct parameter shape (the text layer's, a vision layer's, the projector's, the embedding's, which the head
       shares; the small norm and CLIP embedding shapes are left to the runtime's margin); activations, key/value

@@ -48,7 +48,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 STEPS = ("cp", "baseline", "ours", "verify", "verify-short", "floor", "push")
+# The short form of issue 14: one image prompt, two tokens, --dtype bfloat16 (--short-dtype changes the dtype).
 SHORT_VERIFY = ["--prompts", str(Path(__file__).resolve().parent / "prompts-fullsize.json"), "--max-new-tokens", "2"]
+# A matrix product of a 7B layer's shape over a 619-token prompt, timed per dtype: it says whether this CPU's bf16 is
+# fast (bf16 units: avx512_bf16 / amx_bf16) or slow (emulated), which decides what the short form can reach.
+GEMM_PROBE = r"""
+import json, time, torch
+out = {}
+for name in ("float32", "bfloat16"):
+    dt = getattr(torch, name)
+    x, w = torch.randn(619, 4096).to(dt), torch.randn(11008, 4096).to(dt)
+    torch.nn.functional.linear(x, w)
+    n, t = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t < 1.0:
+        torch.nn.functional.linear(x, w)
+        n += 1
+    out[name] = round(2 * 619 * 4096 * 11008 * n / (time.perf_counter() - t) / 1e9, 1)
+print(json.dumps(out))
+"""
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -403,7 +420,17 @@ def _sh(cmd: str) -> str:
         return f"({e})"
 
 
+def _gemm_gflops() -> dict:
+    try:
+        run = subprocess.run([sys.executable, "-c", GEMM_PROBE], capture_output=True, text=True, timeout=120)
+        return json.loads(run.stdout.strip().rpartition("\n")[2])
+    except Exception as e:  # noqa: BLE001 (machine facts are best effort)
+        return {"error": str(e)}
+
+
 def machine(workdir: Path) -> dict:
+    info = Path("/proc/cpuinfo").read_text().splitlines()
+    flags = next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), [])
     cpu = next(
         (
             ln.split(":", 1)[1].strip()
@@ -421,10 +448,24 @@ def machine(workdir: Path) -> dict:
         "python": platform.python_version(),
         "torch": _sh(f"{shlex.quote(sys.executable)} -c 'import torch; print(torch.__version__)'"),
         "transformers": _sh(f"{shlex.quote(sys.executable)} -c 'import transformers; print(transformers.__version__)'"),
+        "bf16_units": [f for f in flags if f in ("avx512_bf16", "amx_bf16")],
+        "gemm_gflops": _gemm_gflops(),
         "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
         "git_head": _sh(f"git -C {shlex.quote(str(REPO))} rev-parse --short HEAD"),
         "git_dirty": _sh(f"git -C {shlex.quote(str(REPO))} status --short -- convert verify").split("\n"),
     }
+
+
+def _gemm_line(m: dict) -> list[str]:
+    g = m["gemm_gflops"]
+    units = ", ".join(m.get("bf16_units") or []) or "none"
+    if "error" in g:
+        return ["", f"bf16 units: {units}; GEMM probe failed: {g['error']}."]
+    return [
+        "",
+        f"bf16 units: {units}. A 619 x 4096 x 11008 matrix product (`torch.nn.functional.linear`, all cores) ran at "
+        f"{g.get('float32')} GFLOPS in float32 and {g.get('bfloat16')} GFLOPS in bfloat16 at the start.",
+    ]
 
 
 def markdown(report: dict) -> str:
@@ -444,6 +485,7 @@ def markdown(report: dict) -> str:
         f"Machine: {m['nproc']} cores ({m['cpu']}), kernel {m['kernel']}, Python {m['python']}, torch {m['torch']}, "
         f"transformers {m['transformers']}; disk `{m['disk']}`; load average at start {' '.join(m['loadavg_start'])}, "
         f"at end {' '.join(report.get('loadavg_end', []))}.",
+        *(_gemm_line(m) if "gemm_gflops" in m else []),
         "",
         "```",
         m["free_g"],
@@ -700,6 +742,12 @@ def _parser() -> argparse.ArgumentParser:
         "--mem-limit-gb", type=float, default=20.0, help="kill a step whose tree exceeds this much anonymous memory"
     )
     ap.add_argument("--verify-timeout", type=float, default=1800.0)
+    ap.add_argument(
+        "--short-dtype",
+        default="bfloat16",
+        choices=["float32-blocks", "bfloat16", "float32"],
+        help="--dtype of the verify-short step (default bfloat16: the short form as issue 14 states it)",
+    )
     ap.add_argument("--verify-args", default="", help="extra arguments for python -m verify (e.g. '--dtype bfloat16')")
     ap.add_argument(
         "--repeat",
@@ -833,7 +881,7 @@ def _step_verify(b: _Bench, step: str) -> None:
         return
     vjson = b.workdir / f"{step}-report.json"
     vjson.unlink(missing_ok=True)
-    extra_args = shlex.split(b.args.verify_args) if step == "verify" else SHORT_VERIFY
+    extra_args = shlex.split(b.args.verify_args) if step == "verify" else [*SHORT_VERIFY, "--dtype", b.args.short_dtype]
     cmd = [sys.executable, "-m", "verify", str(b.ours_out), "--json", str(vjson), "--quiet", *extra_args]
     r = run_step(step, cmd, b.limit, b.args.verify_timeout, b.drop, b.workdir / f"{step}.log")
     if vjson.is_file():

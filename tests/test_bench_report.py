@@ -157,3 +157,15 @@ def test_verify_rows_state_the_forward_passes_timed_inside_the_run():
     line = _step_notes(verify, [verify])[1]
     assert "took 100.0 s (reference 60.0, converted 40.0); wall / forward passes = 3.00" in line
     assert "28.00 GB" not in line and "14.00 GB converted + 14.00 GB original in 40.0 s (0.70 GB/s" in line
+
+
+def test_the_machine_line_states_the_bf16_units_and_the_measured_products():
+    """What the short form can reach depends on the CPU's bf16 arithmetic: the report says which units it has and
+    what the matrix-product probe measured, or that the probe failed."""
+    from bench.run import _gemm_line
+
+    line = "\n".join(_gemm_line({"bf16_units": ["avx512_bf16"], "gemm_gflops": {"float32": 192.5, "bfloat16": 794.7}}))
+    assert "bf16 units: avx512_bf16" in line
+    assert "192.5 GFLOPS in float32" in line and "794.7 GFLOPS in bfloat16" in line
+    line = "\n".join(_gemm_line({"bf16_units": [], "gemm_gflops": {"error": "timed out"}}))
+    assert "bf16 units: none" in line and "probe failed: timed out" in line

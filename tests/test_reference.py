@@ -1160,16 +1160,14 @@ def test_incremental_generation_on_the_tiny_fixtures(tiny, backbone_fixtures):
 
 # ------------------------------------------------------------------------------------------
 # 7. the tokenizers, measured against the real transformers releases on the real vocabularies
-#    (skipped unless VIPLLAVA_TF437_PYTHON / VIPLLAVA_TF431_PYTHON name a Python with that release, e.g.
-#    python -m venv --system-site-packages /tmp/tf437 && /tmp/tf437/bin/pip install transformers==4.37.2
-#    tokenizers==0.15.1 sentencepiece; then VIPLLAVA_TF437_PYTHON=/tmp/tf437/bin/python)
+#    (each release's Python: tests/era.py; skipped when there is none)
 # ------------------------------------------------------------------------------------------
 
-import os  # noqa: E402
 import random  # noqa: E402
 import subprocess  # noqa: E402
 
-ERA_PYTHONS = {"4.37.2": "VIPLLAVA_TF437_PYTHON", "4.31.0": "VIPLLAVA_TF431_PYTHON"}
+from tests.era import ERA_VARS, era_python  # noqa: E402
+
 HF_TOKENIZE = Path(__file__).with_name("hf_tokenize.py")
 
 
@@ -1214,9 +1212,7 @@ def random_prompts(n: int, specials: Sequence[str], seed: int = 0) -> list[str]:
 
 
 def transformers_ids(era: str, folder: Path, use_fast: bool, prompts: list[str]) -> dict:
-    python = os.environ.get(ERA_PYTHONS[era])
-    if not python or not Path(python).is_file():
-        pytest.skip(f"{ERA_PYTHONS[era]} does not name a Python with transformers {era}")
+    python = era_python(era)
     run = subprocess.run(
         [python, str(HF_TOKENIZE)],
         input=json.dumps({"folder": str(folder), "use_fast": use_fast, "prompts": prompts}),
@@ -1227,7 +1223,7 @@ def transformers_ids(era: str, folder: Path, use_fast: bool, prompts: list[str])
     last = run.stdout.rstrip("\n").rpartition("\n")[2]  # libraries may print lines of their own before it
     assert run.returncode == 0 and last.startswith("{"), f"{folder}: {run.stdout[:300]!r} {run.stderr[-2000:]}"
     got = json.loads(last)
-    assert got["version"] == era, f"{ERA_PYTHONS[era]} runs transformers {got['version']}, not {era}"
+    assert got["version"] == era, f"{python} runs transformers {got['version']}, not {era}"
     return got
 
 
@@ -1274,7 +1270,7 @@ def _vicuna_variants(base: Path, tmp_path: Path) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.parametrize("era", list(ERA_PYTHONS))
+@pytest.mark.parametrize("era", list(ERA_VARS))
 def test_slow_tokenizer_equals_transformers_on_the_real_vocabulary(era, realvocab, tmp_path):
     """Each era's LlamaSlowTokenizer gives that transformers release's ids (use_fast=False) on the real Llama-2
     vocabulary, for Vicuna v1.5's tokenizer config and seven variants, over 400 random prompts each."""

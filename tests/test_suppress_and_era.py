@@ -118,24 +118,23 @@ def test_tokenizer_era_passes_when_the_eras_agree(converted):
 HF_GENERATE = Path(__file__).with_name("hf_generate_suppressed.py")
 
 
-@pytest.mark.parametrize("python_var", [None, "VIPLLAVA_TF437_PYTHON"], ids=["installed", "4.37.2"])
-def test_generate_honours_suppress_tokens_from_the_generation_config(converted, python_var):
+@pytest.mark.parametrize("era", [None, "4.37.2"], ids=["installed", "4.37.2"])
+def test_generate_honours_suppress_tokens_from_the_generation_config(converted, era):
     """transformers' generate reads suppress_tokens from the repo's generation_config.json: with rows >= T made to
     win, they are emitted without it and never with it. On the installed release, and on 4.37.2 (the original
-    code's pin) when VIPLLAVA_TF437_PYTHON names a Python with it."""
-    import os
+    code's pin) in its own Python (tests/era.py)."""
     import subprocess
     import sys
 
-    python = sys.executable if python_var is None else os.environ.get(python_var)
-    if not python or not Path(python).is_file():
-        pytest.skip(f"{python_var} does not name a Python with transformers 4.37.2")
+    from tests.era import era_python
+
+    python = sys.executable if era is None else era_python(era)
     run = subprocess.run([python, str(HF_GENERATE), str(converted)], capture_output=True, text=True, timeout=600)
     last = run.stdout.rstrip("\n").rpartition("\n")[2]
     assert run.returncode == 0 and last.startswith("{"), run.stderr[-2000:]
     got = json.loads(last)
-    if python_var is not None:
-        assert got["version"] == "4.37.2"
+    if era is not None:
+        assert got["version"] == era
     assert got["loaded_suppress"] == list(range(got["T"], got["rows"]))
     assert any(t >= got["T"] for t in got["free"]), got
     assert got["configured"] and all(t < got["T"] for t in got["configured"]), got

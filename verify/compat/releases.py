@@ -24,6 +24,9 @@ VERSIONS = ("4.37.2", "4.41.2", "4.44.2", "4.45.2", "4.48.3", "4.49.0", "4.51.3"
 PINS = {
     "4.37.2": ("tokenizers==0.15.1", "sentencepiece==0.1.99"),  # as the original's requirements pin them
     "4.42.4": ("numpy==1.26.4",),  # 4.42.x requires numpy < 2 (the only release line that does)
+    # Not in the matrix (no VipLlava before 4.37): the LLaVA-1.5 code's pin, whose tokenizer the reference's 4.31.0
+    # era reproduces. The tests measure it there (tests/era.py); tokenizers 0.13.3 is the newest its range allows.
+    "4.31.0": ("tokenizers==0.13.3", "sentencepiece==0.1.99"),
 }
 # What each release can do, by version (measured 2026-11-29 on the three tiny conversions, see README):
 PROCESSOR_FROM = (4, 49)  # LlavaImageProcessor (do_pad): AutoProcessor pads to square with the mean colour

@@ -8,8 +8,8 @@ dummy prefix disabled and the unk-prefix trick; ``PreTrainedTokenizer.tokenize``
 (the Vicuna 7B/13B release pin) is kept as ``era="4.31.0"``: it differs in non-legacy mode after a special token,
 and plain-string special tokens strip both sides there.
 
-Cross-checked against the real libraries on the real Llama-2 vocabulary (``tests/test_reference.py``, skipped
-unless ``VIPLLAVA_TF437_PYTHON`` / ``VIPLLAVA_TF431_PYTHON`` name a Python with that transformers): each era's slow
+Cross-checked against the real libraries on the real Llama-2 vocabulary (``tests/test_reference.py``, in each
+release's own Python, see ``tests/era.py``; CI makes both environments before pytest): each era's slow
 tokenizer gives transformers' ids on 2012 of 2012 random prompts for eight configs (Vicuna v1.5's, legacy true /
 absent / null, plain-string special tokens, lstrip/rstrip flags, an ``added_tokens_decoder``).
 """

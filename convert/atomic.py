@@ -48,6 +48,28 @@ def _tmp_stem(output: Path) -> str:
     return f"{TMP_PREFIX}{name}-"
 
 
+# (st_dev, st_ino) of the folder this process is writing: a rename keeps it, so after the rename (or swap) it is
+# what ``output`` is. Read by :func:`own_output_in_place` when an interrupt asks what is on disk.
+_own_folder: tuple[int, int] | None = None
+
+
+def own_output_in_place(output: Path) -> bool:
+    """Whether ``output`` is the folder this process wrote (renamed or swapped into place), not a previous one."""
+    try:
+        st = os.stat(output)
+    except OSError:
+        return False
+    return _own_folder == (st.st_dev, st.st_ino)
+
+
+def remove_own_temporaries(output: Path) -> None:
+    """This process's temporary folder for ``output`` (after a swap: the previous output it replaced). Not a
+    ``-old`` one: that may hold the previous output mid-swap, which the next run puts back."""
+    for p in output.parent.glob(f"{glob.escape(_tmp_stem(output))}{os.getpid()}-*"):
+        if not p.name.endswith("-old"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def remove_stale_temporaries(output: Path) -> list[Path]:
     """Delete temporary folders that earlier, killed runs left beside ``output`` (their process is gone)."""
     removed = []
@@ -95,7 +117,10 @@ def atomic_directory(output: Path, force: bool, fault: Fault = no_fault) -> Iter
     """
     check_output(output, force)
     remove_stale_temporaries(output)
+    global _own_folder
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_stem(output)}{os.getpid()}-", dir=output.parent))
+    st = os.stat(tmp)
+    _own_folder = (st.st_dev, st.st_ino)
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; the output folder follows the umask
         yield tmp

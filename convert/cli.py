@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from typing import Any
 from . import __version__
 from .errors import ConversionError
 from .preflight import (
-    TMP_PREFIX,
     OneLineParser,
     OnInterrupt,
     check_no_overlap,
@@ -139,14 +137,15 @@ def main(argv: list[str] | None = None, prog: str | None = None, *, hub_api: Any
             return 130
 
 
-def _remove_own_temporaries(output: Path) -> None:
-    """This process's temporary output folder (not a ``-old`` one: that may hold the previous output mid-swap,
-    which the next run puts back)."""
-    import shutil
+def _on_interrupt(output: Path) -> str | None:
+    """Ctrl-C before the conversion returned: remove this run's temporary folder, and say what is at ``output``
+    (this run's complete conversion once the rename or swap happened; else nothing of this run)."""
+    from .atomic import own_output_in_place, remove_own_temporaries
 
-    for p in output.parent.glob(f"{TMP_PREFIX}{output.name}-{os.getpid()}-*"):
-        if not p.name.endswith("-old"):
-            shutil.rmtree(p, ignore_errors=True)
+    remove_own_temporaries(output)
+    if own_output_in_place(output):
+        return f"error: interrupted; the converted repo is complete at {output}"
+    return None
 
 
 def _flag_combination_problem(args: argparse.Namespace) -> str | None:
@@ -223,9 +222,11 @@ def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt, hub_
     except ConversionError as e:
         return _usage_error(parser, str(e))
 
-    interrupt.cleanup = lambda: _remove_own_temporaries(output)
+    interrupt.cleanup = lambda: _on_interrupt(output)
     from . import faults
     from .pipeline import Options, convert
+
+    fault = faults.from_env()  # the kill/ENOSPC/Ctrl-C test hook, read once per run
 
     progress = not args.quiet
     try:
@@ -253,7 +254,7 @@ def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt, hub_
             force=args.force,
             progress=progress,
         )
-        summary = convert(opts, fault=faults.from_env())  # the kill/ENOSPC test hook, read once per run
+        summary = convert(opts, fault=fault)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -263,6 +264,7 @@ def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt, hub_
         if args.push_to_hub
         else f"error: interrupted; the converted repo is complete at {summary.output}"
     )
+    fault("converted")
     print(summary.table())
     if args.json:
         data = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(summary).items()}

@@ -174,22 +174,24 @@ class OnInterrupt:
 
     A KeyboardInterrupt raised inside a third-party import can be turned into another error (a half-initialised numpy
     surfaces as a RecursionError, transformers reports a ModuleNotFoundError), so the command lines do not rely on
-    it: while this context is active (main thread only), SIGINT runs ``cleanup()`` (if set), writes ``message`` and
-    ends the process like a kill, which the converter's output is built to survive (an interrupted run leaves no
-    output, or the previous one; its temporary folder is removed by ``cleanup`` or by the next run). The previous
-    handler is restored on exit, so calling ``main()`` in-process leaves the caller's Ctrl-C alone."""
+    it: while this context is active (main thread only), SIGINT runs ``cleanup()`` (if set), writes ``message`` (or
+    the line ``cleanup`` returns, saying what it found on disk) and ends the process like a kill, which the
+    converter's output is built to survive (an interrupted run leaves no output, or the previous one, or its own
+    complete one; its temporary folder is removed by ``cleanup`` or by the next run). The previous handler is
+    restored on exit, so calling ``main()`` in-process leaves the caller's Ctrl-C alone."""
 
     def __init__(self, message: str):
         self.message = message
-        self.cleanup: Callable[[], None] | None = None
+        self.cleanup: Callable[[], str | None] | None = None
         self._previous: Callable[[int, FrameType | None], Any] | int | None = None
 
     def _handler(self, signum, frame):  # noqa: ARG002 (signal handler signature)
+        message = self.message
         try:
             if self.cleanup is not None:
-                self.cleanup()
+                message = self.cleanup() or message
         finally:
-            os.write(2, (self.message + "\n").encode())  # not print(): the main thread may be inside a write to stderr
+            os.write(2, (message + "\n").encode())  # not print(): the main thread may be inside a write to stderr
             os._exit(130)
 
     def __enter__(self) -> "OnInterrupt":

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -488,40 +486,76 @@ def test_verify_progress_names_the_check_and_shows_no_foreign_bar_nor_estimate(c
     assert not re.search(r"\d\d:\d\d<", err) and "?it/s" not in err and "it/s]" not in err  # no remaining-time estimate
 
 
-def _interrupt(argv: list[str], after: float, tmp_path: Path) -> subprocess.CompletedProcess:
-    p = subprocess.Popen(
-        [sys.executable, "-m", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(VIPLLAVA_HARNESS_CACHE=str(tmp_path / "cache")),
-        cwd=tmp_path,
-    )
-    time.sleep(after)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
-    return subprocess.CompletedProcess(argv, p.returncode, out, err)
+# Ctrl-C at known moments of the work: VIPLLAVA_FAULT="<point>:sigint" makes the process send itself a SIGINT
+# there (convert/faults.py), the same signal and handler a terminal's Ctrl-C reaches, so every moment is hit on
+# every machine, however fast.
+def _interrupted(argv: list[str], point: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    env = _env(VIPLLAVA_HARNESS_CACHE=str(cache), VIPLLAVA_FAULT=f"{point}:sigint" if point else "")
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
-@pytest.mark.parametrize("after", [0.8, 2.5, 5.0])
-def test_ctrl_c_during_convert_is_one_line_and_130(tmp_path, after):
-    done = _interrupt(["convert", "--demo", str(tmp_path / "out"), "--quiet"], after, tmp_path)
-    if done.returncode == 0:
-        pytest.skip(f"the demo finished before {after} s")
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory) -> Path:
+    """One fixture cache for the interrupted demos (the first run builds the tiny fixture into it)."""
+    return tmp_path_factory.mktemp("demo-cache")
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith((".vipllava-tmp-", ".vipllava-report-")))
+
+
+@pytest.mark.parametrize("point", ["tensor_write", "before_fsync", "before_rename", "converted"])
+def test_ctrl_c_during_convert_is_one_line_and_130(tmp_path, demo_cache, point):
+    """Before the rename nothing of the run is left and the line says so; once the output is in place the line
+    says the repo is complete, and it is."""
+    out = tmp_path / "out"
+    done = _interrupted(["convert", "--demo", str(out), "--quiet"], point, tmp_path, demo_cache)
     assert done.returncode == 130, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and "interrupted" in done.stderr, done.stderr
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".vipllava-tmp-")]
-    if "the converted repo is complete" in done.stderr:  # interrupted after the rename: the output is whole
-        assert (tmp_path / "out" / "conversion.json").is_file(), done.stderr
+    assert not _temporaries(tmp_path)
+    if point == "converted":
+        assert done.stderr == f"error: interrupted; the converted repo is complete at {out}\n"
+        assert json.loads((out / "conversion.json").read_text())
     else:
-        assert not (tmp_path / "out").exists(), done.stderr
+        assert done.stderr == "error: interrupted; no output was written\n"
+        assert not out.exists()
 
 
-@pytest.mark.parametrize("after", [1.0, 2.5, 4.0, 6.0, 9.0])
-def test_ctrl_c_during_verify_is_one_line_and_130(converted, tmp_path, after):
-    done = _interrupt(["verify", str(converted), "--quiet", "--json", str(tmp_path / "r.json")], after, tmp_path)
-    if done.returncode == 0:  # on a quiet machine the tiny verify can end before the later moments
-        pytest.skip(f"verify finished before {after} s")
-    assert done.returncode == 130, done.stderr
-    assert done.stderr.strip() in ("error: interrupted; nothing was written", "error: interrupted"), done.stderr
-    assert not (tmp_path / "r.json").exists()
+def test_ctrl_c_while_replacing_keeps_the_previous_output_or_says_the_new_one_is_whole(tmp_path, demo_cache):
+    """--force over a previous conversion: a Ctrl-C before the swap leaves the previous folder as it was; one right
+    after the swap leaves the new one, says so, and removes the previous one (now at the temporary name)."""
+    out = tmp_path / "out"
+    assert _interrupted(["convert", "--demo", str(out), "--quiet"], "", tmp_path, demo_cache).returncode == 0
+    previous = out.stat().st_ino
+    argv = ["convert", "--demo", str(out), "--quiet", "--force"]
+    done = _interrupted(argv, "before_rename", tmp_path, demo_cache)
+    assert (done.returncode, done.stderr) == (130, "error: interrupted; no output was written\n")
+    assert out.stat().st_ino == previous and (out / "conversion.json").is_file() and not _temporaries(tmp_path)
+    done = _interrupted(argv, "after_exchange", tmp_path, demo_cache)
+    assert (done.returncode, done.stderr) == (130, f"error: interrupted; the converted repo is complete at {out}\n")
+    assert out.stat().st_ino != previous and (out / "conversion.json").is_file() and not _temporaries(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "point, only",
+    [("check:files", ["files"]), ("check:generation", ["logits", "generation"]), ("report_json", ["files"])],
+    ids=["first-check", "after-the-models-ran", "json-written-not-renamed"],
+)
+def test_ctrl_c_during_verify_is_one_line_and_130(converted, tmp_path, demo_cache, point, only):
+    """At the first check, after the models have run, and with the JSON report written but not yet in place: one
+    line, exit 130, and no report nor temporary file behind."""
+    argv = ["verify", str(converted), "--quiet", "--json", str(tmp_path / "r.json")]
+    done = _interrupted([*argv, *(a for c in only for a in ("--only", c))], point, tmp_path, demo_cache)
+    assert (done.returncode, done.stderr) == (130, "error: interrupted; nothing was written\n")
+    assert not (tmp_path / "r.json").exists() and not _temporaries(tmp_path)
+    done = _interrupted([*argv, "--only", "files"], "", tmp_path, demo_cache)  # the same run, not interrupted
+    assert done.returncode == 0 and json.loads((tmp_path / "r.json").read_text())["passed"] is True
+    assert not _temporaries(tmp_path)
+
+
+def test_ctrl_c_removes_the_temporary_folder_of_a_long_output_name(tmp_path, demo_cache):
+    """A name too long to carry in the temporary folder's name is replaced there by a digest: the interrupt's
+    cleanup finds that folder too, and nothing is left for the next run to sweep."""
+    out = tmp_path / ("o" * 200)
+    done = _interrupted(["convert", "--demo", str(out), "--quiet"], "tensor_write", tmp_path, demo_cache)
+    assert (done.returncode, done.stderr) == (130, "error: interrupted; no output was written\n")
+    assert not out.exists() and not _temporaries(tmp_path)

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from convert.faults import Fault, no_fault
+
 from .checks import ALL_CHECKS
 from .context import Context
 from .preflight import check_max_new_tokens, check_only, check_source, check_vipllava_repo, resolve_repo
@@ -29,6 +31,7 @@ def verify_repo(
     only: list[str] | None = None,
     progress: bool = True,
     memory_limit: int | None = None,
+    fault: Fault = no_fault,
 ) -> Report:
     """Verify a converted repo against the independent reference of the original.
 
@@ -38,7 +41,8 @@ def verify_repo(
     says it was an audit. ``only``: a non-empty list of check names (``verify.preflight.CHECK_NAMES``).
     ``dtype`` None: the checkpoint's own (bf16 for the released checkpoints). Raises
     :class:`~verify.preflight.VerifyUsageError` for bad usage or unreadable input, and when the run's estimated
-    memory exceeds ``memory_limit`` (default: MemAvailable)."""
+    memory exceeds ``memory_limit`` (default: MemAvailable). ``fault``: the test hook of :mod:`convert.faults`,
+    called as each check starts (``check:<name>``)."""
     only = check_only(only)
     check_max_new_tokens(max_new_tokens)
     for value, flag in ((original, "--original"), (text_model, "--text-model"), (vision_model, "--vision-model")):
@@ -95,6 +99,7 @@ def verify_repo(
     ):
         for name, fn in selected:
             bar.set_description_str(name)
+            fault(f"check:{name}")
             t0 = time.perf_counter()
             try:
                 result = fn(ctx)

@@ -7,6 +7,7 @@ imported and before any weight is read."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -136,13 +137,39 @@ def console() -> None:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     with OnInterrupt("error: interrupted; nothing was written") as interrupt:
         try:
-            return _main(argv, prog)
+            return _main(argv, prog, interrupt)
         except KeyboardInterrupt:
             print(interrupt.message, file=sys.stderr)
             return 130
 
 
-def _main(argv: list[str] | None, prog: str | None) -> int:
+def _write_json(path: Path, text: str, interrupt: OnInterrupt, fault) -> None:
+    """``--json``: written beside its destination, then renamed over it, so an interrupted or failed write leaves
+    no partial report (a Ctrl-C meanwhile removes the temporary file)."""
+    import tempfile
+
+    from convert.preflight import current_umask
+
+    fd, name = tempfile.mkstemp(prefix=".vipllava-report-", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+
+    def remove_tmp() -> None:
+        tmp.unlink(missing_ok=True)
+
+    interrupt.cleanup = remove_tmp
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())  # as a plain write would make it (mkstemp makes 0600)
+        fault("report_json")
+        os.replace(tmp, path)
+        interrupt.message = f"error: interrupted; the report is complete at {path}"
+    finally:
+        remove_tmp()
+        interrupt.cleanup = None
+
+
+def _main(argv: list[str] | None, prog: str | None, interrupt: OnInterrupt) -> int:
     parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
@@ -169,8 +196,11 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
     except VerifyUsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from convert import faults
+
     from .api import verify_repo
 
+    fault = faults.from_env()  # the Ctrl-C test hook (convert/faults.py), read once per run
     try:
         report = verify_repo(
             args.repo,
@@ -183,6 +213,7 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
             max_new_tokens=args.max_new_tokens,
             only=args.only,
             progress=not args.quiet,
+            fault=fault,
         )
     except VerifyUsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -190,7 +221,7 @@ def _main(argv: list[str] | None, prog: str | None) -> int:
     print(report.table())
     if args.json:
         try:
-            Path(args.json).expanduser().write_text(report.to_json())
+            _write_json(Path(args.json).expanduser(), report.to_json(), interrupt, fault)
         except OSError as e:
             print(f"error: --json {args.json}: writing failed ({e.strerror or e})", file=sys.stderr)
             return 2

@@ -559,3 +559,19 @@ def test_ctrl_c_removes_the_temporary_folder_of_a_long_output_name(tmp_path, dem
     done = _interrupted(["convert", "--demo", str(out), "--quiet"], "tensor_write", tmp_path, demo_cache)
     assert (done.returncode, done.stderr) == (130, "error: interrupted; no output was written\n")
     assert not out.exists() and not _temporaries(tmp_path)
+
+
+def test_verify_json_writes_through_a_symlink_and_to_stdout(converted, tmp_path, demo_cache):
+    """--json is renamed into place only over a regular file: a symlink stays a link (its target gets the report),
+    and /dev/stdout is written to, not replaced."""
+    target = tmp_path / "target.json"
+    target.write_text("{}")
+    (tmp_path / "link.json").symlink_to(target)
+    argv = ["verify", str(converted), "--quiet", "--only", "files"]
+    done = _interrupted([*argv, "--json", str(tmp_path / "link.json")], "", tmp_path, demo_cache)
+    assert done.returncode == 0 and (tmp_path / "link.json").is_symlink(), done.stderr
+    assert json.loads(target.read_text())["passed"] is True and not _temporaries(tmp_path)
+    was_link = os.path.islink("/dev/stdout")
+    done = _interrupted([*argv, "--json", "/dev/stdout"], "", tmp_path, demo_cache)
+    assert done.returncode == 0 and os.path.islink("/dev/stdout") == was_link, done.stderr
+    assert '"passed": true' in done.stdout

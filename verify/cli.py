@@ -145,11 +145,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 def _write_json(path: Path, text: str, interrupt: OnInterrupt, fault) -> None:
     """``--json``: written beside its destination, then renamed over it, so an interrupted or failed write leaves
-    no partial report (a Ctrl-C meanwhile removes the temporary file)."""
+    no partial report (a Ctrl-C meanwhile removes the temporary file). A destination that is a symlink or not a
+    regular file (``/dev/stdout``, a pipe) is written through instead: renaming over it would replace it."""
     import tempfile
 
     from convert.preflight import current_umask
 
+    if path.is_symlink() or (path.exists() and not path.is_file()):  # a link, /dev/stdout, a pipe: write through
+        path.write_text(text)
+        return
     fd, name = tempfile.mkstemp(prefix=".vipllava-report-", suffix=".tmp", dir=path.parent)
     tmp = Path(name)
 

@@ -166,6 +166,27 @@ def test_planted_defect_fails_the_right_check(repo, defect, must_fail, divergenc
         assert first.startswith(f"first divergence: {divergence} "), report.table()
 
 
+MODEL_PATH_MUTATIONS = [m for m in MUTATIONS if m[2]]
+
+
+@pytest.mark.parametrize(
+    "defect,must_fail,divergence", MODEL_PATH_MUTATIONS, ids=[m[0].__name__ for m in MODEL_PATH_MUTATIONS]
+)
+def test_planted_model_defect_fails_at_the_bfloat16_tolerance(repo, defect, must_fail, divergence):
+    """The short form (--dtype bfloat16, issue 14) compares logits at 0.05, not 1e-4: a defect in the model's path
+    still fails logits there, and the first diverging module is still named."""
+    defect(repo)
+    report = _verify(repo, dtype="bfloat16", only=["logits", "generation"])
+    assert not report.passed and "logits" in report.failed_checks, report.table()
+    assert report.get("logits").numbers["tolerance"] == 5e-2, report.table()
+    assert report.get("logits").details[0].startswith(f"first divergence: {divergence} "), report.table()
+
+
+def test_clean_repo_passes_in_bfloat16(converted):
+    report = _verify(converted, dtype="bfloat16", only=["logits", "generation"])
+    assert report.passed, report.table()
+
+
 def test_clean_repo_passes_with_measured_numbers(converted):
     report = _verify(converted, dtype="float32")  # the default (the checkpoint's bf16): tests/test_verify_generation.py
     assert report.passed, report.table()
